@@ -1,0 +1,103 @@
+"""Scheduler scenarios with a fake runner: budget, chunked prefill, preemption, aborts."""
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.engine.kv_cache import KVCacheManager
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.sampling_params import SamplingParams
+
+BS = 4
+
+
+def make(rid: str, num_prompt: int, max_tokens: int = 4) -> Request:
+    return Request(rid, list(range(1, num_prompt + 1)), SamplingParams(max_tokens=max_tokens), frozenset({0}), 10_000)
+
+
+def run_step(s: Scheduler, token: int = 7):
+    out = s.schedule()
+    sampled = {x.request.request_id: token for x in out.scheduled if x.samples}
+    s.update(out, sampled)
+    return out
+
+
+def test_decodes_first_then_prefill_chunks_within_budget():
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), KVCacheManager(64, BS))
+    a, b = make("a", 6), make("b", 9)
+    s.add(a)
+    s.add(b)
+    out = run_step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 6), ("b", 4)]
+    assert a.num_output_tokens == 1 and b.num_output_tokens == 0  # b's prompt is chunked
+    out = run_step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 5)]
+    assert b.num_output_tokens == 1
+
+
+def test_max_num_seqs_caps_running():
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), KVCacheManager(64, BS))
+    for i in range(3):
+        s.add(make(str(i), 3))
+    out = run_step(s)
+    assert len(out.scheduled) == 2 and len(s.waiting) == 1
+
+
+def test_finished_requests_free_blocks():
+    kv = KVCacheManager(16, BS)
+    s = Scheduler(SchedulerConfig(), kv)
+    r = make("a", 5, max_tokens=3)
+    s.add(r)
+    while s.has_unfinished:
+        run_step(s)
+    assert r.finish_reason == "length" and r.num_output_tokens == 3
+    assert kv.pool.num_free_blocks == 16
+
+
+def test_eos_stops_and_min_tokens_delays_it():
+    s = Scheduler(SchedulerConfig(), KVCacheManager(16, BS))
+    r = make("a", 3, max_tokens=10)
+    s.add(r)
+    run_step(s, token=0)
+    assert r.finish_reason == "stop" and r.num_output_tokens == 1
+
+
+def test_preemption_recomputes_newest_and_everything_completes():
+    kv = KVCacheManager(6, BS)  # 24 token slots for two requests that want 2 x 16
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64), kv)
+    a, b = make("a", 8, max_tokens=8), make("b", 8, max_tokens=8)
+    s.add(a)
+    s.add(b)
+    preempted = []
+    for _ in range(100):
+        if not s.has_unfinished:
+            break
+        preempted += [r.request_id for r in run_step(s).preempted]
+    assert preempted and preempted[0] == "b"  # the newest goes first
+    assert a.num_output_tokens == b.num_output_tokens == 8
+    assert s.num_preemptions >= 1
+    assert kv.pool.num_free_blocks == 6
+
+
+def test_abort_while_waiting_and_running_frees_blocks():
+    kv = KVCacheManager(16, BS)
+    s = Scheduler(SchedulerConfig(max_num_seqs=1), kv)
+    a, b = make("a", 5), make("b", 5)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    s.finish(b, "abort")
+    s.finish(a, "abort")
+    assert a.status is RequestStatus.FINISHED and b.finish_reason == "abort"
+    assert not s.has_unfinished and kv.pool.num_free_blocks == 16
+
+
+def test_prefix_hit_skips_cached_tokens():
+    kv = KVCacheManager(32, BS)
+    s = Scheduler(SchedulerConfig(), kv)
+    a = make("a", 13, max_tokens=1)
+    s.add(a)
+    while s.has_unfinished:
+        run_step(s)
+    b = make("b", 13, max_tokens=1)
+    s.add(b)
+    out = run_step(s)
+    assert b.num_cached_tokens == 12 and out.scheduled[0].num_new_tokens == 1

@@ -1,0 +1,62 @@
+"""The configuration tree: model, cache, scheduler, device; built once by the CLI or LLM()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """What to load and how."""
+
+    model: str | None = None  # local HF dir, .gguf file, or cached hub name; None = bundled default
+    dtype: DType = "auto"
+    device: Device = "auto"
+    max_model_len: int | None = None  # tokens; None = the model's own context length
+    chat_template: str | None = None  # a file path or the template text; overrides the model's
+    seed: int = 0  # seed for requests that give none
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: int | None = None  # bytes; None = sized to the machine
+    gpu_memory_utilization: float = 0.9  # CUDA only: share of GPU memory tokenmill may use
+    enable_prefix_caching: bool = True
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """The continuous-batching scheduler."""
+
+    max_num_seqs: int = 256  # running requests per step
+    max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """The whole engine's configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build from flat keyword arguments (LLM(...) and the CLI); unknown keys raise."""
+        config = cls()
+        sections = (config.model, config.cache, config.scheduler)
+        for key, value in kwargs.items():
+            for section in sections:
+                if key in {f.name for f in fields(section)}:
+                    setattr(section, key, value)
+                    break
+            else:
+                raise TypeError(f"unknown engine option {key!r}")
+        return config

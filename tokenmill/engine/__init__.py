@@ -1,0 +1,1 @@
+"""The engine: requests, KV cache, scheduler, the step loop and its async front."""

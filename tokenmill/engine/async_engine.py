@@ -1,0 +1,180 @@
+"""AsyncEngine: the asyncio front of the engine; the step loop runs in its own thread.
+
+The event loop never runs the model: requests and aborts are posted to the
+engine thread through a queue, and each step's outputs come back to per-request
+asyncio queues with `call_soon_threadsafe`. Outputs are cumulative snapshots,
+so a slow reader skips to the newest one instead of stalling the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.errors import ServiceUnavailableError
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.tokenizer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.5  # how long the idle engine thread sleeps between checks for shutdown
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A point-in-time view of the engine for /metrics and /health."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # share of KV blocks in use, 0..1
+    num_preemptions: int  # total since start
+    num_aborted: int  # total since start
+
+
+class EngineDeadError(ServiceUnavailableError):
+    """The engine loop died; the process should be restarted."""
+
+
+class AsyncEngine:
+    """Async generate()/abort() over an LLMEngine stepped by a background thread."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer: Tokenizer = engine.tokenizer
+        self.model_name = engine.core.source.name
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.core.vocab_size
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+        self._num_aborted = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine(config))
+
+    async def start(self) -> None:
+        """Start the step loop (call from the running event loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._error is None and self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        scheduler = self.engine.core.scheduler
+        return EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_cache_usage=self.engine.core.kv_cache.pool.usage,
+            num_preemptions=scheduler.num_preemptions,
+            num_aborted=self._num_aborted,
+        )
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, cache_salt: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield a cumulative RequestOutput after every step that changed the request.
+
+        The last one has finished=True. Closing the iterator early (client gone)
+        aborts the request and frees its KV blocks.
+        """
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = outputs
+        finished = False
+        try:
+            immediate = await self._call(lambda: self.engine.add_request(request_id, prompt_token_ids, params, cache_salt))
+            if immediate is not None:
+                finished = True
+                yield immediate
+                return
+            while not finished:
+                output = await self._next(outputs)
+                finished = output.finished
+                yield output
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._num_aborted += 1
+                self._commands.put(lambda: self.engine.abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(lambda: self.engine.abort(request_id))
+
+    @staticmethod
+    async def _next(outputs: asyncio.Queue[RequestOutput | BaseException]) -> RequestOutput:
+        item = await outputs.get()
+        while not outputs.empty() and isinstance(item, RequestOutput) and not item.finished:
+            item = outputs.get_nowait()  # a newer cumulative snapshot supersedes this one
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def _call(self, fn: Callable[[], RequestOutput | None]) -> RequestOutput | None:
+        """Run fn on the engine thread (between steps) and await its result."""
+        future: concurrent.futures.Future[RequestOutput | None] = concurrent.futures.Future()
+
+        def command() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting caller
+                future.set_exception(e)
+
+        self._commands.put(command)
+        return await asyncio.wrap_future(future)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._run_commands(block=not self.engine.has_unfinished)
+                if self.engine.has_unfinished:
+                    self._dispatch(self.engine.step())
+        except BaseException as e:
+            logger.exception("engine loop died")
+            self._error = e
+            self._fail_all(EngineDeadError(f"the engine loop died: {e}"))
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        command()
+        while True:
+            try:
+                self._commands.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        assert self._loop is not None
+        for output in outputs:
+            target = self._queues.get(output.request_id)
+            if target is not None:
+                self._loop.call_soon_threadsafe(target.put_nowait, output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        if self._loop is None:
+            return
+        for target in list(self._queues.values()):
+            self._loop.call_soon_threadsafe(target.put_nowait, error)

@@ -1,0 +1,117 @@
+"""EngineCore: the step loop of one model — schedule, run the model, update requests."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.kv_cache import KVCacheManager
+from tokenmill.engine.outputs import FinishReason
+from tokenmill.engine.request import Request
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.errors import InvalidRequestError, ModelLoadError
+from tokenmill.model.loader import ModelSource, load_model_source
+from tokenmill.model.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Holds the model, KV cache and scheduler; `step()` advances every running request."""
+
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None):
+        started = time.perf_counter()
+        self.config = config
+        self.source = source or load_model_source(config.model.model)
+        self.runner = ModelRunner(config.model, config.cache, self.source)
+        self.max_model_len = self._resolve_max_model_len()
+        self.kv_cache = KVCacheManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.requests: dict[str, Request] = {}
+        self._log_summary(time.perf_counter() - started)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.model.config.vocab_size
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def add_request(self, request: Request) -> None:
+        """Admit a request to the waiting queue; raise InvalidRequestError if it cannot run."""
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if num_prompt >= self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; "
+                f"your prompt has {num_prompt} tokens, leaving no room to generate",
+                param="prompt",
+            )
+        if not all(0 <= t < self.vocab_size for t in request.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        request.max_model_len = self.max_model_len
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+
+    def finish(self, request_id: str, reason: FinishReason) -> None:
+        """End a request now (abort, or a stop string found after detokenizing)."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.finish(request, reason)
+            self.runner.sampler.forget(request_id)
+
+    def step(self) -> list[Request]:
+        """One engine step; returns the requests that got a token (finished ones included)."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        block_tables = {s.request.request_id: self.kv_cache.block_ids(s.request) for s in out.scheduled}
+        sampled = self.runner.execute(out, block_tables)
+        changed = self.scheduler.update(out, sampled)
+        for request in changed:
+            if request.is_finished:
+                self.requests.pop(request.request_id, None)
+                self.runner.sampler.forget(request.request_id)
+        return changed
+
+    def _resolve_max_model_len(self) -> int:
+        cfg = self.runner.model.config
+        limit = cfg.max_position_embeddings
+        window = self.source.hf_config.get("sliding_window")
+        if window and self.source.hf_config.get("use_sliding_window", True):
+            limit = min(limit, int(window))  # full attention is exact up to the window
+        wanted = self.config.model.max_model_len
+        if wanted is not None and wanted > limit:
+            raise ModelLoadError(f"max_model_len {wanted} exceeds the model's context length {limit}")
+        capacity = self.runner.num_blocks * self.config.cache.block_size
+        if wanted is not None and wanted > capacity:
+            raise ModelLoadError(
+                f"the KV cache holds {capacity} tokens, fewer than max_model_len {wanted}; "
+                "give it more memory (kv_cache_memory) or lower max_model_len"
+            )
+        if wanted is None and capacity < limit:
+            logger.warning("KV cache holds %d tokens; capping max_model_len from %d", capacity, limit)
+            limit = capacity
+        return wanted or limit
+
+    def _log_summary(self, seconds: float) -> None:
+        runner = self.runner
+        logger.info(
+            "Loaded %s: %s, %.1fM parameters, %s on %s, max_model_len %d, "
+            "KV cache %d blocks x %d tokens (%.1f MiB), in %.1f s",
+            self.source.name,
+            (self.source.hf_config.get("architectures") or ["?"])[0],
+            runner.num_parameters / 1e6,
+            str(runner.dtype).removeprefix("torch."),
+            runner.device,
+            self.max_model_len,
+            runner.num_blocks,
+            self.config.cache.block_size,
+            runner.kv_cache_bytes / 2**20,
+            seconds,
+        )

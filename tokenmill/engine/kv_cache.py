@@ -1,0 +1,172 @@
+"""KV cache bookkeeping: the block pool, per-request block tables and prefix hashes (no torch).
+
+The KV tensors themselves live in the model runner; this module only decides
+which block holds which tokens.
+
+    request tokens:  [t0 .. t15][t16 .. t31][t32 .. t40 ....]
+    block table:      block 7    block 2    block 9 (partial)
+    block hashes:     h0=H(salt, t0..t15)   h1=H(h0, t16..t31)   (full blocks only)
+
+A full block is registered under its chained hash, so a later request whose
+prompt starts with the same tokens reuses it (prefix caching). Freed blocks keep
+their hash in an LRU free queue and are evicted only when a new block is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from tokenmill.engine.request import Request
+
+BlockHash = bytes
+
+
+def hash_block(parent: BlockHash | None, token_ids: list[int], salt: str | None = None) -> BlockHash:
+    """SHA-256 over the parent hash and the block's token ids: collisions are infeasible."""
+    digest = hashlib.sha256(parent or (salt or "").encode())
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
+
+
+@dataclass(slots=True, eq=False)
+class KVBlock:
+    block_id: int
+    ref_count: int = 0
+    block_hash: BlockHash | None = None  # set once the block is full and registered
+
+
+class BlockPool:
+    """All blocks; free ones in LRU order (evict from the front), full ones findable by hash."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True):
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached: dict[BlockHash, KVBlock] = {}
+        self.enable_caching = enable_caching
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def allocate(self, num_blocks: int) -> list[KVBlock]:
+        """Take blocks from the LRU front, evicting their cached hashes."""
+        if num_blocks > len(self.free_queue):
+            raise RuntimeError("allocate() beyond the free blocks; check num_free_blocks first")
+        taken = []
+        for _ in range(num_blocks):
+            _, block = self.free_queue.popitem(last=False)
+            if block.block_hash is not None:
+                if self.cached.get(block.block_hash) is block:
+                    del self.cached[block.block_hash]
+                block.block_hash = None
+            block.ref_count = 1
+            taken.append(block)
+        return taken
+
+    def touch(self, blocks: list[KVBlock]) -> None:
+        """Take a reference on cached blocks (removing free ones from the free queue)."""
+        for block in blocks:
+            if block.ref_count == 0:
+                del self.free_queue[block.block_id]
+            block.ref_count += 1
+
+    def free(self, blocks: list[KVBlock]) -> None:
+        """Drop a reference; blocks nobody holds go to the back of the free queue.
+
+        Callers pass a request's blocks in reverse so its tail is evicted before its
+        prefix, which is the part other requests are likely to share.
+        """
+        for block in blocks:
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block.block_id] = block
+
+    def lookup(self, block_hash: BlockHash) -> KVBlock | None:
+        return self.cached.get(block_hash) if self.enable_caching else None
+
+    def register(self, block: KVBlock, block_hash: BlockHash) -> None:
+        if self.enable_caching and block.block_hash is None:
+            block.block_hash = block_hash
+            self.cached.setdefault(block_hash, block)
+
+
+@dataclass(slots=True)
+class _RequestBlocks:
+    blocks: list[KVBlock] = field(default_factory=list)
+    hashes: list[BlockHash] = field(default_factory=list)  # of the full blocks, in order
+
+
+class KVCacheManager:
+    """Gives each request the blocks its tokens need and shares full prefix blocks."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self._requests: dict[str, _RequestBlocks] = {}
+
+    def block_ids(self, request: Request) -> list[int]:
+        return [b.block_id for b in self._requests[request.request_id].blocks]
+
+    def find_cached_prefix(self, request: Request) -> list[KVBlock]:
+        """Longest run of cached full blocks at the start of the request's tokens.
+
+        At least one token is always left to compute, so the last prompt token's
+        logits exist to sample from.
+        """
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        found: list[KVBlock] = []
+        parent: BlockHash | None = None
+        for i in range(max_blocks):
+            tokens = request.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            parent = hash_block(parent, tokens, request.cache_salt)
+            block = self.pool.lookup(parent)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def allocate(self, request: Request, num_new_tokens: int, cached: list[KVBlock] | None = None) -> bool:
+        """Make room for num_new_tokens more tokens; False (and no change) when blocks run out."""
+        entry = self._requests.get(request.request_id)
+        cached = cached or []
+        num_held = len(entry.blocks) if entry else len(cached)
+        num_cached_tokens = len(cached) * self.block_size
+        num_needed = -(-(request.num_computed_tokens + num_cached_tokens + num_new_tokens) // self.block_size)
+        num_new_blocks = max(0, num_needed - num_held)
+        evictable_cached = sum(1 for b in cached if b.ref_count == 0)
+        if num_new_blocks + evictable_cached > self.pool.num_free_blocks:
+            return False
+        if entry is None:
+            entry = self._requests[request.request_id] = _RequestBlocks()
+            self.pool.touch(cached)
+            entry.blocks.extend(cached)
+            entry.hashes.extend(b.block_hash for b in cached if b.block_hash is not None)
+        entry.blocks.extend(self.pool.allocate(num_new_blocks))
+        return True
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's newly completed blocks under their chained hashes."""
+        entry = self._requests[request.request_id]
+        num_full = request.num_computed_tokens // self.block_size
+        for i in range(len(entry.hashes), num_full):
+            parent = entry.hashes[-1] if entry.hashes else None
+            tokens = request.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            block_hash = hash_block(parent, tokens, request.cache_salt)
+            entry.hashes.append(block_hash)
+            self.pool.register(entry.blocks[i], block_hash)
+
+    def free(self, request: Request) -> None:
+        entry = self._requests.pop(request.request_id, None)
+        if entry is not None:
+            self.pool.free(list(reversed(entry.blocks)))

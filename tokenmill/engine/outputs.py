@@ -1,0 +1,35 @@
+"""What the engine hands back to its clients after each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One sampled sequence of a request (index i of n)."""
+
+    index: int
+    text: str = ""  # all text so far (stop string and what follows removed)
+    token_ids: list[int] = field(default_factory=list)  # all generated ids so far
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop id or stop string that ended it
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A snapshot of one request after a step: cumulative text and ids of each sequence."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt: str | None = None  # the prompt text, when the client gave text

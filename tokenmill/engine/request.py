@@ -1,0 +1,85 @@
+"""Request: one sequence the engine generates for, with its tokens and progress."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from tokenmill.engine.outputs import FinishReason
+from tokenmill.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One sequence: prompt plus generated tokens, and how many of them the KV cache holds.
+
+    There is no prefill or decode phase: `num_computed_tokens` catches up with
+    `num_tokens` under the scheduler's token budget; when it does, a token is sampled.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+    cache_salt: str | None = None  # isolates this tenant's prefix-cache entries
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def max_output_tokens(self) -> int:
+        """Tokens this request may still generate in total (max_tokens and the context)."""
+        room = self.max_model_len - self.num_prompt_tokens
+        max_tokens = self.params.max_tokens
+        return room if max_tokens is None else min(room, max_tokens)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def check_stop(self) -> bool:
+        """Set finish_reason from the last token (EOS, stop ids, length); True when done."""
+        token_id = self.token_ids[-1]
+        enough = self.num_output_tokens >= self.params.min_tokens
+        if enough and not self.params.ignore_eos and token_id in self.eos_token_ids:
+            self.finish_reason = "stop"
+        elif enough and token_id in self.params.stop_token_ids:
+            self.finish_reason, self.stop_reason = "stop", token_id
+        elif self.num_output_tokens >= self.max_output_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None

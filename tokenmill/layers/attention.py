@@ -1,0 +1,73 @@
+"""Paged attention over the KV cache with torch's scaled_dot_product_attention.
+
+The runner lays out the flattened batch as [decode rows | prefill chunks]:
+decode rows (one query each) are attended in one padded, masked SDPA call;
+each prefill chunk gets its own causal call (against the new keys directly when
+the chunk starts at position 0, else against its cached keys gathered through
+its block table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    q_start: int  # first row of this chunk in the flattened batch
+    q_len: int  # new tokens in the chunk
+    slots: torch.Tensor | None  # [ctx] cache slots of all its keys; None when the chunk starts at 0
+    mask: torch.Tensor | None  # [q_len, ctx] bool, True = may attend; None when slots is None
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Per-step layout, built once by the runner and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token's K/V
+    num_decodes: int  # rows [0, num_decodes) are single-token decodes
+    decode_slots: torch.Tensor | None  # [Bd, L] cache slots of each decode's keys (padded)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, False on padding
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [S, Hkv, D], S = num_blocks * block_size
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:  # [T, H, D]
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    n = meta.num_decodes
+    if n:
+        assert meta.decode_slots is not None
+        keys = k_cache[meta.decode_slots].transpose(1, 2)  # [Bd, Hkv, L, D]
+        values = v_cache[meta.decode_slots].transpose(1, 2)
+        attn = F.scaled_dot_product_attention(
+            q[:n].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=True
+        )  # [Bd, H, 1, D]
+        out[:n] = attn.squeeze(2)
+    for chunk in meta.prefills:
+        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+        query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+        if chunk.slots is None:
+            keys, values = k[rows], v[rows]
+        else:
+            keys, values = k_cache[chunk.slots], v_cache[chunk.slots]
+        attn = F.scaled_dot_product_attention(
+            query,
+            keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0),
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None,
+            enable_gqa=True,
+        )  # [1, H, q_len, D]
+        out[rows] = attn.squeeze(0).transpose(0, 1)
+    return out

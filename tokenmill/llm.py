@@ -1,0 +1,121 @@
+"""The offline API, shaped like vLLM's: LLM(...).generate() and .chat()."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict[str, Any]
+Message = dict[str, Any]
+
+
+class LLM:
+    """Generate for many prompts at once on one engine (continuous batching underneath).
+
+    `model` is a local HF directory, a .gguf file, a cached hub id, or None for the
+    bundled SmolLM2-135M-Instruct. Other keyword arguments are EngineConfig fields
+    (dtype, device, max_model_len, kv_cache_memory, max_num_seqs, ...).
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+        self._prompts: dict[str, str | None] = {}  # request id -> prompt text, while generating
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in input order.
+
+        A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
+        """
+        batch = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(batch))
+        request_ids = []
+        results: dict[str, RequestOutput] = {}
+        for prompt, p in zip(batch, params, strict=True):
+            text, token_ids = self._tokenize(prompt)
+            request_id = str(next(self._ids))
+            request_ids.append(request_id)
+            immediate = self.engine.add_request(request_id, token_ids, p)
+            if immediate is not None:
+                results[request_id] = immediate
+            self._prompts[request_id] = text
+        progress = tqdm(total=len(batch), desc="Generating", disable=not use_tqdm)
+        while self.engine.has_unfinished:
+            for output in self.engine.step():
+                if output.finished:
+                    results[output.request_id] = output
+                    progress.update(1)
+        progress.close()
+        outputs = [results[r] for r in request_ids]
+        for output in outputs:
+            output.prompt = self._prompts.pop(output.request_id, None)
+        return outputs
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the chat template, then generate for all of them."""
+        from tokenmill.tokenizer.chat_template import render_chat
+
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[Prompt] = []
+        for conversation in conversations:
+            text = render_chat(
+                self.tokenizer,
+                conversation,  # type: ignore[arg-type]
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                chat_template_kwargs=chat_template_kwargs,
+            )
+            prompts.append({"prompt": text, "add_special_tokens": False})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            text = prompt["prompt"]
+            return text, self.tokenizer.encode(text, add_special_tokens=prompt.get("add_special_tokens", True))
+        return None, list(prompt)
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str | dict):
+        return [prompts]
+    if prompts and isinstance(prompts[0], int):
+        return [list(prompts)]  # type: ignore[arg-type]
+    return list(prompts)  # type: ignore[arg-type]
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(count)]
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling params for {count} prompts")
+    return list(params)

@@ -1,0 +1,61 @@
+"""Device and dtype choice, and how much memory the KV cache gets."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from tokenmill.config import CacheConfig
+from tokenmill.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CPU_KV_SHARE = 0.10  # of physical RAM, by default, on CPU
+_CPU_KV_CAP = 8 << 30  # bytes; more rarely helps a CPU, which is compute-bound long before
+_CUDA_ACTIVATION_RESERVE = 1 << 30  # bytes left free on the GPU for activations
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was requested but PyTorch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on GPUs that have it (else float16); float32 on CPU.
+
+    On CPU float32 is what measured fastest for decode (PyTorch's bfloat16 GEMV is
+    slow on CPUs) and it matches the reference exactly; see README.
+    """
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if dtype != "auto":
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def kv_cache_bytes(config: CacheConfig, device: torch.device, model: torch.nn.Module) -> int:
+    """The KV cache budget: as configured, else a share of the machine."""
+    if config.kv_cache_memory is not None:
+        return int(config.kv_cache_memory)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        budget = int(config.gpu_memory_utilization * total) - used - _CUDA_ACTIVATION_RESERVE
+        if budget <= 0:
+            raise ModelLoadError(
+                f"no GPU memory left for the KV cache: {used / 2**30:.1f} GiB of {total / 2**30:.1f} GiB "
+                f"in use, gpu_memory_utilization={config.gpu_memory_utilization}"
+            )
+        return budget
+    total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(total_ram * _CPU_KV_SHARE, _CPU_KV_CAP))

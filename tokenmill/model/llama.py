@@ -1,0 +1,204 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral), also the base of Qwen2 and Qwen3."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.layers.attention import AttentionMetadata, paged_attention
+from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding
+
+
+@dataclass(slots=True)
+class ArchConfig:
+    """The hyperparameters the forward pass needs, read from an HF config dict."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], *, attention_bias: bool = False, qk_norm: bool = False) -> ArchConfig:
+        try:
+            num_heads = hf["num_attention_heads"]
+            rope = hf.get("rope_parameters") or {}
+            scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            return cls(
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=num_heads,
+                num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
+                rope_scaling=scaling,
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                attention_bias=hf.get("attention_bias", attention_bias),
+                qk_norm=qk_norm,
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"model config is missing {e.args[0]!r}") from None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArchConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, C]
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArchConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, rotary, kv_cache, meta):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# Checkpoint projections that are stored apart and fused here: name -> (fused name, shard index).
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only transformer over a flattened batch of tokens from many requests."""
+
+    attention_bias = False
+    qk_norm = False
+
+    def __init__(self, hf_config: dict[str, Any]):
+        super().__init__()
+        cfg = self.config = ArchConfig.from_hf(hf_config, attention_bias=self.attention_bias, qk_norm=self.qk_norm)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, C]
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, positions, self.rotary, kv_cache, meta)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, C] of the rows that sample -> float32 logits [N, V]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(hidden), weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (HF names) into the fused parameters; all must be covered."""
+        params = dict(self.named_parameters())
+        missing = set(params)
+        for name, tensor in weights:
+            target, shard = self._param_name(name)
+            if target is None:
+                continue
+            if target not in params:
+                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            self._copy(target, params[target], tensor, shard)
+            missing.discard(target)
+        if missing:
+            raise ModelLoadError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:5])}")
+
+    def _param_name(self, name: str) -> tuple[str | None, int | None]:
+        if name.startswith("lm_head.") and self.lm_head is None:
+            return None, None  # tied: the embedding serves as the output projection
+        if "rotary_emb" in name:
+            return None, None
+        name = name.removeprefix("model.")
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in _FUSED:
+            fused, shard = _FUSED[parts[-2]]
+            return ".".join([*parts[:-2], fused, parts[-1]]), shard
+        return name, None
+
+    def _copy(self, name: str, param: torch.Tensor, tensor: torch.Tensor, shard: int | None) -> None:
+        with torch.no_grad():
+            dst = param
+            if shard is not None:
+                sizes = self._shard_sizes(name)
+                dst = param.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if dst.shape != tensor.shape:
+                raise ModelLoadError(
+                    f"weight {name} shard {shard}: shape {tuple(tensor.shape)} does not fit {tuple(dst.shape)}"
+                )
+            dst.copy_(tensor)
+
+    def _shard_sizes(self, fused_name: str) -> list[int]:
+        cfg = self.config
+        if "gate_up_proj" in fused_name:
+            return [cfg.intermediate_size] * 2
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return [q, kv, kv]

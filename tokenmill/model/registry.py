@@ -1,0 +1,28 @@
+"""Which model class serves which Hugging Face `architectures` name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.qwen2 import Qwen2ForCausalLM
+from tokenmill.model.qwen3 import Qwen3ForCausalLM
+
+MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,  # sliding window: the runner caps the context at it
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def model_class(hf_config: dict[str, Any]) -> type[LlamaForCausalLM]:
+    names = hf_config.get("architectures") or []
+    for name in names:
+        if name in MODEL_CLASSES:
+            return MODEL_CLASSES[name]
+    raise ModelLoadError(
+        f"unsupported architecture {', '.join(names) or '(none given)'}; "
+        f"tokenmill supports {', '.join(MODEL_CLASSES)}"
+    )

@@ -1,0 +1,144 @@
+"""ModelRunner: owns the model and the KV tensors; flattens a step's batch, runs it, samples."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.engine.request import Request
+from tokenmill.engine.scheduler import ScheduledRequest, SchedulerOutput
+from tokenmill.layers.attention import AttentionMetadata, PrefillChunk
+from tokenmill.model.device import kv_cache_bytes, resolve_device, resolve_dtype
+from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.loader import ModelSource
+from tokenmill.model.registry import model_class
+from tokenmill.model.weights import load_model
+from tokenmill.sample.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class BatchInputs:
+    """The flattened step: [decode rows | prefill chunks]."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # [N] rows whose hidden state is turned into logits
+    sampling_requests: list[Request]  # the N requests, in sample_rows order
+
+
+class ModelRunner:
+    """Runs a SchedulerOutput through the model and returns the sampled token of each request."""
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, source: ModelSource):
+        self.device = resolve_device(model_config.device)
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.block_size = cache_config.block_size
+        started = time.perf_counter()
+        self.model: LlamaForCausalLM = load_model(model_class(source.hf_config), source, self.device, self.dtype)
+        self.load_seconds = time.perf_counter() - started
+        cfg = self.model.config
+        bytes_per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        budget = kv_cache_bytes(cache_config, self.device, self.model)
+        self.num_blocks = max(1, budget // bytes_per_block)
+        self.kv_cache_bytes = self.num_blocks * bytes_per_block
+        shape = (self.num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(cfg.num_layers)
+        ]
+        self.sampler = Sampler(cfg.vocab_size, self.device, model_config.seed)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> dict[str, int]:
+        """Forward every scheduled token; sample for the requests that reached their end."""
+        batch = self._prepare(out.scheduled, block_tables)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        if not batch.sampling_requests:
+            return {}
+        logits = self.model.compute_logits(hidden[batch.sample_rows])
+        token_ids = self.sampler(logits, batch.sampling_requests)
+        return {r.request_id: t for r, t in zip(batch.sampling_requests, token_ids, strict=True)}
+
+    @torch.inference_mode()
+    def logits_for(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> torch.Tensor:
+        """The float32 logits [N, V] the sampler would see (for parity tests)."""
+        batch = self._prepare(out.scheduled, block_tables)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        return self.model.compute_logits(hidden[batch.sample_rows])
+
+    def _prepare(self, scheduled: list[ScheduledRequest], block_tables: dict[str, list[int]]) -> BatchInputs:
+        decodes = [s for s in scheduled if s.num_new_tokens == 1 and s.start > 0]
+        prefills = [s for s in scheduled if not (s.num_new_tokens == 1 and s.start > 0)]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        sampling: list[Request] = []
+        chunks: list[PrefillChunk] = []
+        bs = self.block_size
+        for is_prefill, item in [(False, d) for d in decodes] + [(True, p) for p in prefills]:
+            request, start, n = item.request, item.start, item.num_new_tokens
+            table = torch.tensor(block_tables[request.request_id], dtype=torch.long)
+            ctx_slots = (table[:, None] * bs + torch.arange(bs)).flatten()[: start + n]
+            row = len(ids)
+            ids.extend(request.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.append(ctx_slots[start:])
+            if is_prefill:
+                chunks.append(self._prefill_chunk(row, start, n, ctx_slots))
+            if item.samples:
+                sample_rows.append(row + n - 1)
+                sampling.append(request)
+        decode_slots, decode_mask = self._decode_layout(decodes, block_tables)
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(device),
+            num_decodes=len(decodes),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=chunks,
+        )
+        return BatchInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            meta=meta,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+            sampling_requests=sampling,
+        )
+
+    def _prefill_chunk(self, row: int, start: int, n: int, ctx_slots: torch.Tensor) -> PrefillChunk:
+        if start == 0:
+            return PrefillChunk(row, n, None, None)
+        query_pos = torch.arange(start, start + n)[:, None]
+        mask = torch.arange(start + n)[None, :] <= query_pos  # [n, ctx] causal with offset
+        return PrefillChunk(row, n, ctx_slots.to(self.device), mask.to(self.device))
+
+    def _decode_layout(
+        self, decodes: list[ScheduledRequest], block_tables: dict[str, list[int]]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Padded cache slots [Bd, L] of every decode's keys and the mask of real ones."""
+        if not decodes:
+            return None, None
+        bs = self.block_size
+        lengths = torch.tensor([s.start + 1 for s in decodes])
+        max_blocks = -(-int(lengths.max()) // bs)
+        tables = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+        for i, item in enumerate(decodes):
+            table = block_tables[item.request.request_id][:max_blocks]
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+        slots = (tables[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)
+        max_len = int(lengths.max())
+        mask = torch.arange(max_len)[None, :] < lengths[:, None]
+        return slots[:, :max_len].to(self.device), mask[:, None, None, :].to(self.device)

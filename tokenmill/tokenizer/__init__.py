@@ -1,0 +1,1 @@
+"""Tokenizer loading, sandboxed chat templates and incremental detokenization."""
