@@ -99,7 +99,9 @@ class LLM:
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             text = prompt["prompt"]
-            return text, self.tokenizer.encode(text, add_special_tokens=prompt.get("add_special_tokens", True))
+            return text, self.tokenizer.encode(
+                text, add_special_tokens=prompt.get("add_special_tokens", True)
+            )
         return None, list(prompt)
 
 
@@ -111,7 +113,9 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return list(prompts)  # type: ignore[arg-type]
 
 
-def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
     if params is None:
         return [SamplingParams() for _ in range(count)]
     if isinstance(params, SamplingParams):

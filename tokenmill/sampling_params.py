@@ -56,34 +56,70 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first parameter out of range."""
         _check(self.n >= 1, "n", f"n must be at least 1, got {self.n}")
-        _check(_finite(self.temperature) and self.temperature >= 0, "temperature",
-               f"temperature must be non-negative, got {self.temperature}")
-        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p",
-               f"top_p must be in (0, 1], got {self.top_p}")
-        _check(self.top_k >= -1, "top_k", f"top_k must be -1 (disable) or at least 1, got {self.top_k}")
-        _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p",
-               f"min_p must be in [0, 1], got {self.min_p}")
+        _check(
+            _finite(self.temperature) and self.temperature >= 0,
+            "temperature",
+            f"temperature must be non-negative, got {self.temperature}",
+        )
+        _check(
+            _finite(self.top_p) and 0 < self.top_p <= 1,
+            "top_p",
+            f"top_p must be in (0, 1], got {self.top_p}",
+        )
+        _check(
+            self.top_k >= -1, "top_k", f"top_k must be -1 (disable) or at least 1, got {self.top_k}"
+        )
+        _check(
+            _finite(self.min_p) and 0 <= self.min_p <= 1,
+            "min_p",
+            f"min_p must be in [0, 1], got {self.min_p}",
+        )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_finite(value) and -2 <= value <= 2, name, f"{name} must be in [-2, 2], got {value}")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-               f"repetition_penalty must be greater than 0, got {self.repetition_penalty}")
+            _check(
+                _finite(value) and -2 <= value <= 2, name, f"{name} must be in [-2, 2], got {value}"
+            )
+        _check(
+            _finite(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            f"repetition_penalty must be greater than 0, got {self.repetition_penalty}",
+        )
         for token_id, bias in self.logit_bias.items():
-            _check(_finite(bias) and -100 <= bias <= 100, "logit_bias",
-                   f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}")
-        _check(self.max_tokens is None or self.max_tokens >= 0, "max_tokens",
-               f"max_tokens must be at least 0, got {self.max_tokens}")
-        _check(self.min_tokens >= 0, "min_tokens", f"min_tokens must be at least 0, got {self.min_tokens}")
-        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
-               f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
-               "stop must be a non-empty string or a list of non-empty strings")
+            _check(
+                _finite(bias) and -100 <= bias <= 100,
+                "logit_bias",
+                f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}",
+            )
+        _check(
+            self.max_tokens is None or self.max_tokens >= 0,
+            "max_tokens",
+            f"max_tokens must be at least 0, got {self.max_tokens}",
+        )
+        _check(
+            self.min_tokens >= 0,
+            "min_tokens",
+            f"min_tokens must be at least 0, got {self.min_tokens}",
+        )
+        _check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            "stop",
+            "stop must be a non-empty string or a list of non-empty strings",
+        )
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids named by the request must exist in the vocabulary."""
         for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
             bad = [t for t in ids if not 0 <= t < vocab_size]
-            _check(not bad, name, f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+            _check(
+                not bad,
+                name,
+                f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}",
+            )
 
 
 def _finite(value: float) -> bool:

@@ -10,7 +10,13 @@ BS = 4
 
 
 def make(rid: str, num_prompt: int, max_tokens: int = 4) -> Request:
-    return Request(rid, list(range(1, num_prompt + 1)), SamplingParams(max_tokens=max_tokens), frozenset({0}), 10_000)
+    return Request(
+        rid,
+        list(range(1, num_prompt + 1)),
+        SamplingParams(max_tokens=max_tokens),
+        frozenset({0}),
+        10_000,
+    )
 
 
 def run_step(s: Scheduler, token: int = 7):
@@ -21,7 +27,9 @@ def run_step(s: Scheduler, token: int = 7):
 
 
 def test_decodes_first_then_prefill_chunks_within_budget():
-    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), KVCacheManager(64, BS))
+    s = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), KVCacheManager(64, BS)
+    )
     a, b = make("a", 6), make("b", 9)
     s.add(a)
     s.add(b)
@@ -34,7 +42,9 @@ def test_decodes_first_then_prefill_chunks_within_budget():
 
 
 def test_max_num_seqs_caps_running():
-    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), KVCacheManager(64, BS))
+    s = Scheduler(
+        SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), KVCacheManager(64, BS)
+    )
     for i in range(3):
         s.add(make(str(i), 3))
     out = run_step(s)

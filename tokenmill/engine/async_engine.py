@@ -90,7 +90,11 @@ class AsyncEngine:
         )
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, cache_salt: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield a cumulative RequestOutput after every step that changed the request.
 
@@ -103,7 +107,9 @@ class AsyncEngine:
         self._queues[request_id] = outputs
         finished = False
         try:
-            immediate = await self._call(lambda: self.engine.add_request(request_id, prompt_token_ids, params, cache_salt))
+            immediate = await self._call(
+                lambda: self.engine.add_request(request_id, prompt_token_ids, params, cache_salt)
+            )
             if immediate is not None:
                 finished = True
                 yield immediate
@@ -156,7 +162,9 @@ class AsyncEngine:
 
     def _run_commands(self, block: bool) -> None:
         try:
-            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+            command = (
+                self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+            )
         except queue.Empty:
             return
         command()

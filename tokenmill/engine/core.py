@@ -53,7 +53,9 @@ class EngineCore:
                 param="prompt",
             )
         if not all(0 <= t < self.vocab_size for t in request.prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {self.vocab_size})", param="prompt"
+            )
         request.max_model_len = self.max_model_len
         self.requests[request.request_id] = request
         self.scheduler.add(request)
@@ -70,7 +72,9 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        block_tables = {s.request.request_id: self.kv_cache.block_ids(s.request) for s in out.scheduled}
+        block_tables = {
+            s.request.request_id: self.kv_cache.block_ids(s.request) for s in out.scheduled
+        }
         sampled = self.runner.execute(out, block_tables)
         changed = self.scheduler.update(out, sampled)
         for request in changed:
@@ -87,7 +91,9 @@ class EngineCore:
             limit = min(limit, int(window))  # full attention is exact up to the window
         wanted = self.config.model.max_model_len
         if wanted is not None and wanted > limit:
-            raise ModelLoadError(f"max_model_len {wanted} exceeds the model's context length {limit}")
+            raise ModelLoadError(
+                f"max_model_len {wanted} exceeds the model's context length {limit}"
+            )
         capacity = self.runner.num_blocks * self.config.cache.block_size
         if wanted is not None and wanted > capacity:
             raise ModelLoadError(
@@ -95,7 +101,9 @@ class EngineCore:
                 "give it more memory (kv_cache_memory) or lower max_model_len"
             )
         if wanted is None and capacity < limit:
-            logger.warning("KV cache holds %d tokens; capping max_model_len from %d", capacity, limit)
+            logger.warning(
+                "KV cache holds %d tokens; capping max_model_len from %d", capacity, limit
+            )
             limit = capacity
         return wanted or limit
 

@@ -24,7 +24,9 @@ from tokenmill.engine.request import Request
 BlockHash = bytes
 
 
-def hash_block(parent: BlockHash | None, token_ids: list[int], salt: str | None = None) -> BlockHash:
+def hash_block(
+    parent: BlockHash | None, token_ids: list[int], salt: str | None = None
+) -> BlockHash:
     """SHA-256 over the parent hash and the block's token ids: collisions are infeasible."""
     digest = hashlib.sha256(parent or (salt or "").encode())
     digest.update(array("q", token_ids).tobytes())
@@ -43,7 +45,9 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, enable_caching: bool = True):
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.free_queue: OrderedDict[int, KVBlock] = OrderedDict(
+            (b.block_id, b) for b in self.blocks
+        )
         self.cached: dict[BlockHash, KVBlock] = {}
         self.enable_caching = enable_caching
 
@@ -136,13 +140,17 @@ class KVCacheManager:
             found.append(block)
         return found
 
-    def allocate(self, request: Request, num_new_tokens: int, cached: list[KVBlock] | None = None) -> bool:
+    def allocate(
+        self, request: Request, num_new_tokens: int, cached: list[KVBlock] | None = None
+    ) -> bool:
         """Make room for num_new_tokens more tokens; False (and no change) when blocks run out."""
         entry = self._requests.get(request.request_id)
         cached = cached or []
         num_held = len(entry.blocks) if entry else len(cached)
         num_cached_tokens = len(cached) * self.block_size
-        num_needed = -(-(request.num_computed_tokens + num_cached_tokens + num_new_tokens) // self.block_size)
+        num_needed = -(
+            -(request.num_computed_tokens + num_cached_tokens + num_new_tokens) // self.block_size
+        )
         num_new_blocks = max(0, num_needed - num_held)
         evictable_cached = sum(1 for b in cached if b.ref_count == 0)
         if num_new_blocks + evictable_cached > self.pool.num_free_blocks:

@@ -9,7 +9,9 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.engine.request import Request
+from tokenmill.errors import ModelLoadError
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.tokenizer.chat_template import resolve_chat_template
 from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
@@ -34,7 +36,10 @@ class _ParentRequest:
         return all(s.output.is_finished for s in self.sequences)
 
     def snapshot(self) -> RequestOutput:
-        outputs = [dataclasses.replace(s.output, token_ids=list(s.output.token_ids)) for s in self.sequences]
+        outputs = [
+            dataclasses.replace(s.output, token_ids=list(s.output.token_ids))
+            for s in self.sequences
+        ]
         cached = min(s.request.num_cached_tokens for s in self.sequences)
         return RequestOutput(self.request_id, self.prompt_token_ids, outputs, self.finished, cached)
 
@@ -44,8 +49,11 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        template = config.model.chat_template and _chat_template_text(config.model.chat_template)
         self.core = EngineCore(config)
         self.tokenizer: Tokenizer = self.core.source.tokenizer
+        if template:
+            self.tokenizer.chat_template = template
         self._parents: dict[str, _ParentRequest] = {}
         self._parent_of: dict[str, _ParentRequest] = {}  # child request id -> parent
 
@@ -58,13 +66,20 @@ class LLMEngine:
         return bool(self._parents)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
     ) -> RequestOutput | None:
         """Queue n sequences for a prompt; returns a finished output at once when max_tokens is 0."""
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already running")
         params.check_vocab(self.core.vocab_size)
-        sequences = [self._make_sequence(request_id, i, prompt_token_ids, params, cache_salt) for i in range(params.n)]
+        sequences = [
+            self._make_sequence(request_id, i, prompt_token_ids, params, cache_salt)
+            for i in range(params.n)
+        ]
         parent = _ParentRequest(request_id, list(prompt_token_ids), sequences)
         if params.max_tokens == 0:
             for seq in sequences:
@@ -85,7 +100,12 @@ class LLMEngine:
         return None
 
     def _make_sequence(
-        self, request_id: str, index: int, prompt: list[int], params: SamplingParams, cache_salt: str | None
+        self,
+        request_id: str,
+        index: int,
+        prompt: list[int],
+        params: SamplingParams,
+        cache_salt: str | None,
     ) -> _Sequence:
         child_params = params
         if params.n > 1:
@@ -154,3 +174,11 @@ class LLMEngine:
         self._parents.pop(parent.request_id, None)
         for seq in parent.sequences:
             self._parent_of.pop(seq.request.request_id, None)
+
+
+def _chat_template_text(value: str) -> str:
+    """The --chat-template / chat_template= value (a file path or the template) as text."""
+    try:
+        return resolve_chat_template(value)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None

@@ -21,7 +21,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
         return (inv_freq / scaling["factor"]).float()
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling).float()
-    raise ModelLoadError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+    raise ModelLoadError(
+        f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)"
+    )
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -38,7 +40,9 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 class RotaryEmbedding(torch.nn.Module):
     """Precomputed cos/sin for every position up to max_positions."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None):
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
+    ):
         super().__init__()
         self.head_dim = head_dim
         self.max_positions = max_positions

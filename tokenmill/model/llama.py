@@ -32,15 +32,26 @@ class ArchConfig:
     rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # biases on q/k/v
+    o_proj_bias: bool
     qk_norm: bool
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], *, attention_bias: bool = False, qk_norm: bool = False) -> ArchConfig:
+    def from_hf(
+        cls,
+        hf: dict[str, Any],
+        *,
+        attention_bias: bool = False,
+        o_proj_bias: bool | None = None,
+        qk_norm: bool = False,
+    ) -> ArchConfig:
+        bias = hf.get("attention_bias", attention_bias)
         try:
             num_heads = hf["num_attention_heads"]
             rope = hf.get("rope_parameters") or {}
-            scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            scaling = hf.get("rope_scaling") or (
+                rope if rope.get("rope_type", "default") != "default" else None
+            )
             return cls(
                 vocab_size=hf["vocab_size"],
                 hidden_size=hf["hidden_size"],
@@ -54,7 +65,8 @@ class ArchConfig:
                 rope_scaling=scaling,
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
                 tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                attention_bias=hf.get("attention_bias", attention_bias),
+                attention_bias=bias,
+                o_proj_bias=bias if o_proj_bias is None else o_proj_bias,
                 qk_norm=qk_norm,
             )
         except KeyError as e:
@@ -64,10 +76,16 @@ class ArchConfig:
 class Attention(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -110,7 +128,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, kv_cache, meta):  # type: ignore[no-untyped-def]
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, C]
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -129,16 +154,28 @@ class LlamaForCausalLM(nn.Module):
     """Decoder-only transformer over a flattened batch of tokens from many requests."""
 
     attention_bias = False
+    o_proj_bias: bool | None = None  # None: same as attention_bias (Llama's convention)
     qk_norm = False
 
     def __init__(self, hf_config: dict[str, Any]):
         super().__init__()
-        cfg = self.config = ArchConfig.from_hf(hf_config, attention_bias=self.attention_bias, qk_norm=self.qk_norm)
+        cfg = self.config = ArchConfig.from_hf(
+            hf_config,
+            attention_bias=self.attention_bias,
+            o_proj_bias=self.o_proj_bias,
+            qk_norm=self.qk_norm,
+        )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        )
 
     def forward(
         self,
@@ -166,7 +203,9 @@ class LlamaForCausalLM(nn.Module):
             if target is None:
                 continue
             if target not in params:
-                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                raise ModelLoadError(
+                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
+                )
             self._copy(target, params[target], tensor, shard)
             missing.discard(target)
         if missing:
@@ -184,7 +223,9 @@ class LlamaForCausalLM(nn.Module):
             return ".".join([*parts[:-2], fused, parts[-1]]), shard
         return name, None
 
-    def _copy(self, name: str, param: torch.Tensor, tensor: torch.Tensor, shard: int | None) -> None:
+    def _copy(
+        self, name: str, param: torch.Tensor, tensor: torch.Tensor, shard: int | None
+    ) -> None:
         with torch.no_grad():
             dst = param
             if shard is not None:

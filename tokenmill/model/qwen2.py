@@ -5,3 +5,4 @@ from tokenmill.model.llama import LlamaForCausalLM
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     attention_bias = True
+    o_proj_bias = False

@@ -41,17 +41,28 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.block_size = cache_config.block_size
         started = time.perf_counter()
-        self.model: LlamaForCausalLM = load_model(model_class(source.hf_config), source, self.device, self.dtype)
+        self.model: LlamaForCausalLM = load_model(
+            model_class(source.hf_config), source, self.device, self.dtype
+        )
         self.load_seconds = time.perf_counter() - started
         cfg = self.model.config
-        bytes_per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        bytes_per_block = (
+            2
+            * cfg.num_layers
+            * self.block_size
+            * cfg.num_kv_heads
+            * cfg.head_dim
+            * self.dtype.itemsize
+        )
         budget = kv_cache_bytes(cache_config, self.device, self.model)
         self.num_blocks = max(1, budget // bytes_per_block)
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
         shape = (self.num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler(cfg.vocab_size, self.device, model_config.seed)
@@ -78,7 +89,9 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         return self.model.compute_logits(hidden[batch.sample_rows])
 
-    def _prepare(self, scheduled: list[ScheduledRequest], block_tables: dict[str, list[int]]) -> BatchInputs:
+    def _prepare(
+        self, scheduled: list[ScheduledRequest], block_tables: dict[str, list[int]]
+    ) -> BatchInputs:
         decodes = [s for s in scheduled if s.num_new_tokens == 1 and s.start > 0]
         prefills = [s for s in scheduled if not (s.num_new_tokens == 1 and s.start > 0)]
         ids: list[int] = []

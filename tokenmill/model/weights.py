@@ -23,8 +23,15 @@ def load_model(
     return model.eval()
 
 
-def _converted(source: ModelSource, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    weights = tqdm(source.iter_weights(), total=source.num_weights, desc="Loading weights", unit="tensor",
-                   leave=False)
+def _converted(
+    source: ModelSource, device: torch.device, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    weights = tqdm(
+        source.iter_weights(),
+        total=source.num_weights,
+        desc="Loading weights",
+        unit="tensor",
+        leave=False,
+    )
     for name, tensor in weights:
         yield name, tensor.to(device=device, dtype=dtype)

@@ -58,7 +58,8 @@ class Sampler:
 
     def _apply_min_tokens(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """Until min_tokens are out, EOS and stop ids cannot be drawn."""
-        rows, cols = [], []
+        rows: list[int] = []
+        cols: list[int] = []
         for i, request in enumerate(requests):
             params = request.params
             if request.num_output_tokens < params.min_tokens:
@@ -78,11 +79,21 @@ class Sampler:
         if not any(r.params.has_penalties for r in requests):
             return logits
         device = logits.device
-        output_counts = _token_counts([r.output_token_ids for r in requests], self.vocab_size, device)
-        prompt_seen = _token_counts([r.prompt_token_ids for r in requests], self.vocab_size, device) > 0
-        repetition = torch.tensor([r.params.repetition_penalty for r in requests], device=device)[:, None]
-        frequency = torch.tensor([r.params.frequency_penalty for r in requests], device=device)[:, None]
-        presence = torch.tensor([r.params.presence_penalty for r in requests], device=device)[:, None]
+        output_counts = _token_counts(
+            [r.output_token_ids for r in requests], self.vocab_size, device
+        )
+        prompt_seen = (
+            _token_counts([r.prompt_token_ids for r in requests], self.vocab_size, device) > 0
+        )
+        repetition = torch.tensor([r.params.repetition_penalty for r in requests], device=device)[
+            :, None
+        ]
+        frequency = torch.tensor([r.params.frequency_penalty for r in requests], device=device)[
+            :, None
+        ]
+        presence = torch.tensor([r.params.presence_penalty for r in requests], device=device)[
+            :, None
+        ]
         seen = prompt_seen | (output_counts > 0)
         penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
         logits = torch.where(seen, penalized, logits)
@@ -91,7 +102,8 @@ class Sampler:
     def _sample_random(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         device = logits.device
         temperature = torch.tensor(
-            [r.params.temperature if not r.params.is_greedy else 1.0 for r in requests], device=device
+            [r.params.temperature if not r.params.is_greedy else 1.0 for r in requests],
+            device=device,
         )[:, None]
         probs = torch.softmax(logits / temperature, dim=-1)
         probs = _apply_min_p(probs, requests)
@@ -108,12 +120,16 @@ class Sampler:
                 continue
             generator = self.generators.get(request.request_id)
             if generator is None:
-                generator = self.generators[request.request_id] = torch.Generator(probs.device).manual_seed(seed)
+                generator = self.generators[request.request_id] = torch.Generator(
+                    probs.device
+                ).manual_seed(seed)
             noise[i].exponential_(generator=generator)
         return noise
 
 
-def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+def _token_counts(
+    token_lists: list[list[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor:
     """Occurrences of each token per row [N, V] (float32)."""
     width = max((len(t) for t in token_lists), default=0)
     counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
@@ -134,12 +150,16 @@ def _apply_min_p(probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tens
     return probs.masked_fill(probs < threshold, 0.0)
 
 
-def _sample_top_k_top_p(probs: torch.Tensor, requests: Sequence[Request], noise: torch.Tensor) -> torch.Tensor:
+def _sample_top_k_top_p(
+    probs: torch.Tensor, requests: Sequence[Request], noise: torch.Tensor
+) -> torch.Tensor:
     """Sort once; mask ranks beyond top_k, then the tail beyond top_p mass; draw in sorted order."""
     device = probs.device
     vocab = probs.shape[-1]
     sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in requests], device=device)
+    top_k = torch.tensor(
+        [r.params.top_k if r.params.top_k > 0 else vocab for r in requests], device=device
+    )
     ranks = torch.arange(vocab, device=device)[None, :]
     sorted_probs = sorted_probs.masked_fill(ranks >= top_k[:, None], 0.0)
     sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)

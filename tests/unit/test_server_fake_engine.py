@@ -1,0 +1,633 @@
+"""The HTTP server against a fake engine: routes, envelopes, auth, SSE, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tokenmill.engine.async_engine import EngineStats
+from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.errors import InvalidRequestError
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.app import ServerSettings, build_app
+from tokenmill.tokenizer.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.anyio
+
+CHATML = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if documents %}{% for d in documents %}[doc:{{ d['title'] }}:{{ d['text'] }}]{% endfor %}"
+    "{% endif %}{% if greeting is defined %}[{{ greeting }}]{% endif %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+MODEL = "fake-model"
+KEY = "sk-test-123"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class ByteTokenizer:
+    """A byte-level stand-in for a HF tokenizer: id = byte + 2; 0 is BOS, 1 is EOS."""
+
+    all_special_ids = [0, 1]
+
+    def __len__(self) -> int:
+        return 258
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([0] if add_special_tokens else []) + [b + 2 for b in text.encode()]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(i - 2 for i in ids if i >= 2).decode(errors="replace")
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self.decode([i]) or f"<{i}>" for i in ids]
+
+
+class FakeAsyncEngine:
+    """Same interface as AsyncEngine; sequence k writes the alphabet from letter k, one per step."""
+
+    model_name = "fake/model-dir"
+    max_model_len = 64
+    vocab_size = 258
+
+    def __init__(self, chat_template: str | None = CHATML, delay: float = 0.0):
+        self.tokenizer = Tokenizer(ByteTokenizer(), [1], chat_template, "<s>", "</s>")
+        self.delay = delay
+        self.alive = True
+        self.requests: list[tuple[list[int], SamplingParams, str]] = []
+        self.aborted: set[str] = set()
+        self.running: set[str] = set()
+
+    async def start(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+    @property
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.running), 0, 0.25, 0, len(self.aborted))
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        self.requests.append((prompt_token_ids, params, request_id))
+        self.running.add(request_id)
+        seqs = [CompletionOutput(index=k) for k in range(params.n)]
+        try:
+            assert params.max_tokens is not None
+            for step in range(params.max_tokens):
+                await asyncio.sleep(self.delay)
+                if b"FAIL" in bytes(i - 2 for i in prompt_token_ids if i >= 2) and step == 2:
+                    raise InvalidRequestError("the fake engine failed", param="prompt")
+                for k, seq in enumerate(seqs):
+                    self._append(seq, ALPHABET[(step + k) % 26], params, step + 1)
+                finished = all(s.finish_reason for s in seqs)
+                yield RequestOutput(request_id, prompt_token_ids, _copy(seqs), finished=finished)
+                if finished:
+                    return
+        finally:
+            self.running.discard(request_id)
+            if not all(s.finish_reason for s in seqs):
+                self.aborted.add(request_id)
+
+    @staticmethod
+    def _append(seq: CompletionOutput, letter: str, params: SamplingParams, num: int) -> None:
+        if seq.finish_reason:
+            return
+        seq.token_ids.append(ord(letter) + 2)
+        seq.text += letter
+        for stop in params.stop:
+            if stop in seq.text:
+                seq.text = seq.text[: seq.text.index(stop)]
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                return
+        if num == params.max_tokens:
+            seq.finish_reason = "length"
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.add(request_id)
+
+
+def _copy(seqs: list[CompletionOutput]) -> list[CompletionOutput]:
+    return [
+        CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason, s.stop_reason)
+        for s in seqs
+    ]
+
+
+def make_app(engine: FakeAsyncEngine | None = None, **settings: Any) -> Any:
+    engine = engine or FakeAsyncEngine()
+    return build_app(engine, ServerSettings(served_model_names=[MODEL, "alias"], **settings))  # type: ignore[arg-type]
+
+
+def client_for(app: Any, **kwargs: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, **kwargs)
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+@pytest.fixture
+def engine() -> FakeAsyncEngine:
+    return FakeAsyncEngine()
+
+
+@pytest.fixture
+async def client(engine: FakeAsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(make_app(engine)) as c:
+        yield c
+
+
+def sse_events(body: str) -> list[str]:
+    """The data payloads of an SSE body, checking the framing on the way."""
+    assert body.endswith("data: [DONE]\n\n")
+    events = body.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") for e in events), events
+    return [e.removeprefix("data: ") for e in events]
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert error["param"] == param
+    return str(error["message"])
+
+
+# --- Completions ---------------------------------------------------------------------
+
+
+async def test_completion_response_shape(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
+    assert body["model"] == MODEL and isinstance(body["created"], int)
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "text": "abcde",
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+        }
+    ]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+
+
+async def test_completion_prompt_forms_and_choice_indexes(
+    client: httpx.AsyncClient, engine: FakeAsyncEngine
+) -> None:
+    r = await client.post("/v1/completions", json={"prompt": ["a", "bb"], "n": 2, "max_tokens": 2})
+    assert [(c["index"], c["text"]) for c in r.json()["choices"]] == [
+        (0, "ab"), (1, "bc"), (2, "ab"), (3, "bc")
+    ]  # fmt: skip
+    assert r.json()["usage"]["prompt_tokens"] == 2 + 3  # BOS each, counted once per prompt
+    await client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 1})
+    assert engine.requests[-1][0] == [5, 6, 7]
+    r = await client.post("/v1/completions", json={"prompt": [[5], [6, 7]], "max_tokens": 1})
+    assert len(r.json()["choices"]) == 2 and engine.requests[-1][0] == [6, 7]
+
+
+async def test_completion_echo_stop_and_params(
+    client: httpx.AsyncClient, engine: FakeAsyncEngine
+) -> None:
+    body = {"prompt": "xy", "max_tokens": 6, "echo": True, "stop": "d", "seed": 7}
+    r = await client.post("/v1/completions", json=body | {"logit_bias": {"5": 3}})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == "xyabc"
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "d")
+    params = engine.requests[-1][1]
+    assert params.stop == ["d"] and params.seed == 7 and params.logit_bias == {5: 3.0}
+    r = await client.post(
+        "/v1/completions", json={"prompt": [72, 73], "echo": True, "max_tokens": 0}
+    )
+    assert r.json()["choices"][0] == {
+        "index": 0, "text": "FG", "logprobs": None, "finish_reason": "length", "stop_reason": None
+    }  # fmt: skip
+
+
+async def test_max_tokens_none_fills_the_context(
+    client: httpx.AsyncClient, engine: FakeAsyncEngine
+) -> None:
+    await client.post("/v1/completions", json={"prompt": "abc", "max_tokens": None})
+    assert engine.requests[-1][1].max_tokens == 64 - 4
+
+
+async def test_context_overflow_names_both_numbers(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/completions", json={"prompt": "x" * 10, "max_tokens": 60})
+    message = assert_error(r, 400, "max_tokens")
+    assert "64" in message and "71" in message and "11" in message
+
+
+async def test_completion_stream(client: httpx.AsyncClient) -> None:
+    body = {"prompt": "hi", "max_tokens": 4, "stream": True}
+    r = await client.post("/v1/completions", json=body)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "abcd"
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert all("usage" not in c for c in chunks)
+    r = await client.post(
+        "/v1/completions", json=body | {"stream_options": {"include_usage": True}}
+    )
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+async def test_stream_n_interleaves_by_index(client: httpx.AsyncClient) -> None:
+    body = {"prompt": "hi", "max_tokens": 3, "n": 2, "stream": True}
+    chunks = [
+        json.loads(e)
+        for e in sse_events((await client.post("/v1/completions", json=body)).text)[:-1]
+    ]
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {0: "abc", 1: "bcd"}
+
+
+async def test_error_after_stream_started(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/v1/completions", json={"prompt": "FAIL", "max_tokens": 5, "stream": True}
+    )
+    events = sse_events(r.text)
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["message"] == "the fake engine failed"
+
+
+# --- Chat ----------------------------------------------------------------------------
+
+
+async def test_chat_response_and_template(
+    client: httpx.AsyncClient, engine: FakeAsyncEngine
+) -> None:
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}],
+        },
+    ]
+    r = await client.post(
+        "/v1/chat/completions",
+        json={"messages": messages, "max_completion_tokens": 3, "max_tokens": 9},
+    )
+    body = r.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["message"]["content"] == "abc"
+    prompt = engine.tokenizer.decode(engine.requests[-1][0])
+    assert prompt == "<|system|>be brief<|end|><|user|>one\ntwo<|end|><|assistant|>"
+    assert engine.requests[-1][1].max_tokens == 3  # max_completion_tokens wins
+
+
+async def test_chat_template_options(client: httpx.AsyncClient, engine: FakeAsyncEngine) -> None:
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Ans"}]
+    body = {
+        "messages": messages, "max_tokens": 2, "echo": True,
+        "add_generation_prompt": False, "continue_final_message": True,
+    }  # fmt: skip
+    r = await client.post("/v1/chat/completions", json=body)
+    assert engine.tokenizer.decode(engine.requests[-1][0]) == "<|user|>q<|end|><|assistant|>Ans"
+    assert r.json()["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "Ansab",
+        "tool_calls": [],
+    }
+    body = {
+        "messages": messages[:1], "max_tokens": 1, "documents": [{"title": "T", "text": "body"}],
+        "chat_template_kwargs": {"greeting": "hey"},
+    }  # fmt: skip
+    await client.post("/v1/chat/completions", json=body)
+    prompt = engine.tokenizer.decode(engine.requests[-1][0])
+    assert prompt == "<|user|>q<|end|>[doc:T:body][hey]<|assistant|>"
+    body = {
+        "messages": messages[:1],
+        "max_tokens": 1,
+        "chat_template": "{{ messages[0].content }}!",
+    }
+    await client.post("/v1/chat/completions", json=body)
+    assert engine.tokenizer.decode(engine.requests[-1][0]) == "q!"
+
+
+async def test_chat_stream(client: httpx.AsyncClient) -> None:
+    body = {"messages": [{"role": "user", "content": "q"}], "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    r = await client.post("/v1/chat/completions", json=body)
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:-1])
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    assert content == "abc"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 29, "completion_tokens": 3, "total_tokens": 32}
+
+
+async def test_chat_without_template_is_400_but_completions_work() -> None:
+    async with client_for(make_app(FakeAsyncEngine(chat_template=None))) as c:
+        r = await c.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "q"}]}
+        )
+        assert "no chat template" in assert_error(r, 400)
+        assert (await c.post("/v1/completions", json={"prompt": "q"})).status_code == 200
+        body = {
+            "messages": [{"role": "user", "content": "q"}],
+            "chat_template": "{{ messages[0]['content'] }}",
+        }
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+
+
+async def test_chat_input_errors(client: httpx.AsyncClient) -> None:
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    r = await client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": [image]}]}
+    )
+    assert "does not accept images" in assert_error(r, 400, "messages.0.content")
+    bad = {
+        "messages": [{"role": "user", "content": "q"}],
+        "chat_template": "{{ raise_exception('nope') }}",
+    }
+    assert "nope" in assert_error(await client.post("/v1/chat/completions", json=bad), 400)
+    both = {"messages": [{"role": "user", "content": "q"}], "continue_final_message": True}
+    assert_error(
+        await client.post("/v1/chat/completions", json=both), 400, "continue_final_message"
+    )
+    empty = {"messages": []}
+    assert_error(await client.post("/v1/chat/completions", json=empty), 400, "messages")
+    role = {"messages": [{"role": "wizard", "content": "q"}]}
+    assert_error(await client.post("/v1/chat/completions", json=role), 400, "messages.0.role")
+
+
+# --- Errors and validation -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "n": "many"}, "n"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"9999": 1}}, "logit_bias"),
+        ({"prompt": [1, 999]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"prompt": "x", "guided_regex": "a+"}, "guided_regex"),
+        ({"prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "suffix": "end"}, "suffix"),
+    ],
+)
+async def test_bad_completion_requests_are_400(
+    client: httpx.AsyncClient, body: dict[str, Any], param: str | None
+) -> None:
+    assert_error(await client.post("/v1/completions", json=body), 400, param)
+    assert (await client.post("/v1/completions", json={"prompt": "ok"})).status_code == 200
+
+
+async def test_malformed_bodies_are_400(client: httpx.AsyncClient) -> None:
+    headers = {"content-type": "application/json"}
+    for content in ('{"prompt": "x"', '{"prompt": "x", "temperature": NaN}', "[1, 2]", ""):
+        r = await client.post("/v1/completions", content=content, headers=headers)
+        assert_error(r, 400)
+
+
+async def test_unknown_fields_accepted_and_text_format_works(client: httpx.AsyncClient) -> None:
+    body = {
+        "prompt": "x",
+        "max_tokens": 1,
+        "some_future_field": {"a": 1},
+        "response_format": {"type": "text"},
+    }
+    assert (await client.post("/v1/completions", json=body)).status_code == 200
+
+
+async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})
+    assert "gpt-4" in assert_error(r, 404, "model")
+    r = await client.post(
+        "/v1/completions", json={"model": "alias", "prompt": "x", "max_tokens": 1}
+    )
+    assert r.json()["model"] == "alias"
+
+
+async def test_unexpected_errors_are_generic_500(engine: FakeAsyncEngine) -> None:
+    def broken() -> EngineStats:
+        raise RuntimeError("secret internals")
+
+    engine.stats = broken  # type: ignore[method-assign]
+    app = make_app(engine)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    async with client_for(app, raise_app_exceptions=False) as c:
+        r = await c.get("/boom")
+        assert r.status_code == 500 and "secret" not in r.text
+        assert r.json()["error"]["message"] == "internal server error"
+        assert (await c.get("/metrics")).status_code == 200  # a broken engine does not break it
+
+
+async def test_engine_down_is_503(engine: FakeAsyncEngine, client: httpx.AsyncClient) -> None:
+    engine.alive = False
+    assert_error(await client.get("/health"), 503)
+    assert_error(await client.post("/v1/completions", json={"prompt": "x"}), 503)
+
+
+# --- Auth, CORS, operational routes -------------------------------------------------
+
+
+async def test_api_key() -> None:
+    async with client_for(make_app(api_key=KEY)) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = await c.post("/v1/completions", json={"prompt": "x"}, headers=headers)
+            assert_error(r, 401)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+        r = await c.post(
+            "/v1/completions", content="{bad json", headers={"content-type": "application/json"}
+        )
+        assert_error(r, 401)  # no validation details before auth
+        assert_error(await c.get("/v1/models"), 401)
+        good = {"Authorization": f"Bearer {KEY}"}
+        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=good)
+        assert r.status_code == 200
+        assert [m["id"] for m in (await c.get("/v1/models", headers=good)).json()["data"]] == [
+            MODEL,
+            "alias",
+        ]
+        for path in ("/health", "/version", "/metrics"):
+            assert (await c.get(path)).status_code == 200
+        assert (await c.post("/tokenize", json={"prompt": "ab"})).status_code == 200
+
+
+async def test_cors_only_when_origins_given() -> None:
+    preflight = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST"}
+    async with client_for(make_app(allowed_origins=["http://ui.example"])) as c:
+        r = await c.options("/v1/completions", headers=preflight)
+        assert r.headers["access-control-allow-origin"] == "http://ui.example"
+    async with client_for(make_app()) as c:
+        r = await c.get("/v1/models", headers={"Origin": "http://ui.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+async def test_root_path_behind_a_proxy() -> None:
+    app = make_app(api_key=KEY)
+    async with client_for(app, root_path="/api") as c:
+        r = await c.get("/api/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200
+        assert_error(
+            await c.post(
+                "/api/v1/completions", content="{", headers={"content-type": "application/json"}
+            ),
+            401,
+        )
+        assert 'endpoint="/v1/models",status="200"' in (await c.get("/api/metrics")).text
+
+
+async def test_tokenize_detokenize_version(client: httpx.AsyncClient) -> None:
+    r = await client.post("/tokenize", json={"prompt": "AB", "return_token_strs": True})
+    assert r.json() == {
+        "count": 3,
+        "max_model_len": 64,
+        "tokens": [0, 67, 68],
+        "token_strs": ["<0>", "A", "B"],
+    }
+    r = await client.post("/tokenize", json={"messages": [{"role": "user", "content": "q"}]})
+    assert r.json()["tokens"] == ByteTokenizer().encode("<|user|>q<|end|><|assistant|>", False)
+    assert (await client.post("/detokenize", json={"tokens": [67, 68]})).json() == {"prompt": "AB"}
+    assert_error(await client.post("/detokenize", json={"tokens": [-1]}), 400, "tokens")
+    assert_error(await client.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404)
+    assert isinstance((await client.get("/version")).json()["version"], str)
+
+
+async def test_metrics(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+    await client.post("/v1/completions", json={"prompt": "hi", "temperature": -1})
+    text = (await client.get("/metrics")).text
+    assert 'tokenmill:http_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
+    assert 'tokenmill:http_requests_total{endpoint="/v1/completions",status="400"} 1.0' in text
+    assert "tokenmill:generation_tokens_total 3.0" in text
+    assert "tokenmill:prompt_tokens_total 3.0" in text
+    assert "tokenmill:time_to_first_token_seconds_count 1.0" in text
+    assert "tokenmill:inter_token_latency_seconds_count 2.0" in text
+    assert "tokenmill:kv_cache_usage_perc 0.25" in text
+
+
+# --- Cancellation --------------------------------------------------------------------
+
+
+async def _call_and_disconnect(
+    app: Any, body: dict[str, Any], disconnect_after: float
+) -> list[dict[str, Any]]:
+    """Drive the ASGI app directly; the client goes away after `disconnect_after` seconds."""
+    raw = json.dumps(body).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+        "root_path": "", "query_string": b"", "server": ("test", 80), "client": ("test", 1),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+    }  # fmt: skip
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(disconnect_after)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    return sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_disconnect_aborts_the_request(stream: bool) -> None:
+    engine = FakeAsyncEngine(delay=0.02)
+    app = make_app(engine)
+    body = {"prompt": ["a", "b"], "max_tokens": 50, "stream": stream}
+    await _call_and_disconnect(app, body, disconnect_after=0.1)
+    await asyncio.sleep(0.05)
+    assert {r[2] for r in engine.requests} == engine.aborted and len(engine.aborted) == 2
+    assert not engine.running
+    async with client_for(app) as c:
+        assert "tokenmill:request_aborted_total 2.0" in (await c.get("/metrics")).text
+        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.json()["choices"][0]["text"] == "ab"
+
+
+# --- CLI -----------------------------------------------------------------------------
+
+
+def test_cli_value_parsers() -> None:
+    from tokenmill.server.cli import parse_bytes, parse_dtype, parse_list, parse_tokens
+
+    assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("512MB") == 512 * 10**6
+    assert parse_bytes("1e9") == 10**9 and parse_bytes("4096") == 4096
+    assert parse_tokens("4k") == 4096 and parse_tokens("2048") == 2048
+    assert parse_list('["http://a", "http://b"]') == ["http://a", "http://b"]
+    assert parse_list("http://a, http://b") == ["http://a", "http://b"]
+    assert parse_dtype("half") == "float16" and parse_dtype("auto") == "auto"
+    for parser, value in (
+        (parse_bytes, "2 parsecs"),
+        (parse_tokens, "many"),
+        (parse_dtype, "int3"),
+    ):
+        with pytest.raises(Exception, match="not a|unknown"):
+            parser(value)
+
+
+def test_cli_flags_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenmill.server import cli
+
+    seen = {}
+
+    def fake_load(args: Any) -> Any:
+        seen["args"] = args
+        raise cli.StartupError("stop here")
+
+    monkeypatch.setattr(cli, "_load_engine", fake_load)
+    monkeypatch.setenv("TOKENMILL_API_KEY", "from-env")
+    argv = ["serve", "m.gguf", "--kv-cache-memory", "1GiB", "--allowed-origins", "a,b",
+            "--served-model-name", "x", "y", "--max-model-len", "2k"]  # fmt: skip
+    assert cli.main(argv) == 1
+    args = seen["args"]
+    assert (args.kv_cache_memory, args.allowed_origins, args.max_model_len) == (
+        2**30,
+        ["a", "b"],
+        2048,
+    )
+    assert args.served_model_name == ["x", "y"] and args.api_key == "from-env"
+
+
+def test_cli_startup_failure_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenmill.server.cli import main
+
+    assert main(["serve", "--chat-template", "/no/such/template.jinja"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokenmill serve: error:") and "\n" not in err

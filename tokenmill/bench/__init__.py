@@ -1,0 +1,1 @@
+"""Benchmarks: offline engine throughput and an HTTP load generator."""

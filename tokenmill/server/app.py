@@ -1,0 +1,325 @@
+"""The FastAPI app: routes, API-key auth, OpenAI error envelopes, CORS and request metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.errors import AuthenticationError, InvalidRequestError, TokenmillError
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from tokenmill.server.serving_base import ServerSettings
+from tokenmill.server.serving_chat import ChatServer
+from tokenmill.server.serving_completion import CompletionServer
+from tokenmill.server.sse import error_body
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ServerSettings", "build_app"]
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    """The whole HTTP server around one engine; the app starts and stops the engine."""
+    app = FastAPI(title="tokenmill", version=server_version(), lifespan=_lifespan)
+    metrics = ServerMetrics(engine.stats)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-tokenizer")
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.state.executor = executor
+    app.state.completion = CompletionServer(engine, settings, metrics, executor)
+    app.state.chat = ChatServer(engine, settings, metrics, executor)
+    app.include_router(v1)
+    app.include_router(ops)
+    app.add_exception_handler(TokenmillError, _tokenmill_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected_error)
+    if settings.allowed_origins is not None:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_credentials=settings.allow_credentials,
+            allow_methods=settings.allowed_methods,
+            allow_headers=settings.allowed_headers,
+        )
+    paths = frozenset(getattr(r, "path", "") for router in (v1, ops) for r in router.routes)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, paths=paths)
+    return app
+
+
+def server_version() -> str:
+    import tokenmill
+
+    version = getattr(tokenmill, "__version__", None)
+    if version is None:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
+
+        with contextlib.suppress(PackageNotFoundError):
+            version = package_version("tokenmill")
+    return str(version or "0+unknown")
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    engine: AsyncEngine = app.state.engine
+    settings: ServerSettings = app.state.settings
+    await engine.start()
+    logger.info(
+        "tokenmill ready on %s: model %s, served as %s",
+        settings.address, engine.model_name, ", ".join(settings.served_model_names),
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        await engine.shutdown()
+        app.state.executor.shutdown(wait=False)
+
+
+# --------------------------------------------------------------------------------------
+# Auth and dependencies
+# --------------------------------------------------------------------------------------
+
+
+def check_api_key(request: Request) -> None:
+    """401 unless the request carries `Authorization: Bearer <key>` (when a key is set)."""
+    key: str | None = request.app.state.settings.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise AuthenticationError(
+            "invalid or missing API key; send it as `Authorization: Bearer <key>`",
+            code="invalid_api_key",
+        )
+
+
+def _completion_server(request: Request) -> CompletionServer:
+    return request.app.state.completion
+
+
+def _chat_server(request: Request) -> ChatServer:
+    return request.app.state.chat
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+ops = APIRouter()
+
+
+# --------------------------------------------------------------------------------------
+# OpenAI routes
+# --------------------------------------------------------------------------------------
+
+
+@v1.get("/models")
+async def list_models(request: Request) -> ModelList:
+    engine: AsyncEngine = request.app.state.engine
+    names = request.app.state.settings.served_model_names
+    cards = [
+        ModelCard(id=name, root=engine.model_name, max_model_len=engine.max_model_len)
+        for name in names
+    ]
+    return ModelList(data=cards)
+
+
+@v1.post("/completions")
+async def create_completion(
+    body: CompletionRequest,
+    request: Request,
+    server: Annotated[CompletionServer, Depends(_completion_server)],
+) -> Response:
+    return await until_disconnect(request, server.create(body))
+
+
+@v1.post("/chat/completions")
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    server: Annotated[ChatServer, Depends(_chat_server)],
+) -> Response:
+    return await until_disconnect(request, server.create(body))
+
+
+async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Run a handler, cancelling it (which aborts its engine requests) if the client leaves.
+
+    A streaming handler returns at once; its stream then watches the connection itself.
+    """
+    handler = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not handler.done():
+            handler.cancel()
+    if handler in done:
+        return handler.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await handler
+    logger.info("client disconnected; request cancelled")
+    return Response(status_code=499)  # nobody is listening; the status only shows in logs
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# Operational routes (no API key: health checks and scrapers)
+# --------------------------------------------------------------------------------------
+
+
+@ops.get("/health")
+async def health(request: Request) -> Response:
+    if request.app.state.engine.is_alive:
+        return Response(status_code=200)
+    return _error_response(503, "ServiceUnavailableError", "the engine is not running")
+
+
+@ops.get("/version")
+async def version() -> VersionResponse:
+    return VersionResponse(version=server_version())
+
+
+@ops.get("/metrics")
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@ops.post("/tokenize")
+async def tokenize(
+    body: TokenizeRequest,
+    server: Annotated[ChatServer, Depends(_chat_server)],
+) -> TokenizeResponse:
+    server.check_model(body.model)
+    tokenizer = server.engine.tokenizer
+    if isinstance(body, TokenizeChatRequest):
+        token_ids = await server.prompt_token_ids(body)
+    else:
+        token_ids = await server.run_blocking(
+            tokenizer.encode, body.prompt, body.add_special_tokens
+        )
+    strs = tokenizer.convert_ids_to_tokens(token_ids) if body.return_token_strs else None
+    return TokenizeResponse(
+        count=len(token_ids),
+        max_model_len=server.engine.max_model_len,
+        tokens=token_ids,
+        token_strs=strs,
+    )
+
+
+@ops.post("/detokenize")
+async def detokenize(
+    body: DetokenizeRequest,
+    server: Annotated[ChatServer, Depends(_chat_server)],
+) -> DetokenizeResponse:
+    server.check_model(body.model)
+    server.check_token_ids(body.tokens, "tokens")
+    text = await server.run_blocking(server.engine.tokenizer.decode, body.tokens)
+    return DetokenizeResponse(prompt=text)
+
+
+# --------------------------------------------------------------------------------------
+# Errors: everything leaves as OpenAI's envelope
+# --------------------------------------------------------------------------------------
+
+
+def _error_response(
+    status: int, error_type: str, message: str, param: str | None = None
+) -> JSONResponse:
+    info = ErrorInfo(message=message, type=error_type, param=param, code=status)
+    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status)
+
+
+async def _tokenmill_error(request: Request, exc: TokenmillError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
+    return JSONResponse(error_body(exc).model_dump(), exc.status_code, headers=headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 becomes OpenAI's 400, naming the first offending field."""
+    if request.url.path.startswith(f"{request.scope.get('root_path', '')}/v1"):
+        try:
+            check_api_key(request)  # an unauthenticated client learns nothing about the API
+        except AuthenticationError as auth:
+            return await _tokenmill_error(request, auth)
+    errors = exc.errors()
+    params = [".".join(str(p) for p in e.get("loc", ())[1:]) or None for e in errors]
+    messages = [
+        f"{p}: {e.get('msg')}" if p else str(e.get("msg"))
+        for p, e in zip(params, errors, strict=True)
+    ]
+    error = InvalidRequestError(
+        "; ".join(messages) or "invalid request", param=params[0] if params else None
+    )
+    return await _tokenmill_error(request, error)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    names = {404: "NotFoundError", 405: "MethodNotAllowedError"}
+    return _error_response(exc.status_code, names.get(exc.status_code, "Error"), str(exc.detail))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error serving %s %s", request.method, request.url.path)
+    return JSONResponse(error_body(exc).model_dump(), status_code=500)
+
+
+# --------------------------------------------------------------------------------------
+# Request metrics
+# --------------------------------------------------------------------------------------
+
+
+class HTTPMetricsMiddleware:
+    """Counts requests by endpoint (route path, or 'other') and response status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, paths: frozenset[str]):
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            endpoint = path if path in self.paths else "other"
+            self.metrics.http_requests.labels(endpoint=endpoint, status=str(status)).inc()

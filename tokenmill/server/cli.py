@@ -1,0 +1,313 @@
+"""The `tokenmill` command: `tokenmill serve [MODEL]` (vLLM's flags) and other subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from tokenmill.config import EngineConfig
+
+if TYPE_CHECKING:  # imported lazily at run time: `tokenmill --help` stays fast
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.server.serving_base import ServerSettings
+
+logger = logging.getLogger("tokenmill.server.cli")
+_DEFAULTS = EngineConfig()  # flag defaults come from the config tree (one source of truth)
+
+Subparsers = Any  # argparse._SubParsersAction (private type)
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    return int(args.run(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenmill", description="An LLM inference engine with an OpenAI-compatible server."
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for register in SUBCOMMANDS:
+        register(subparsers)
+    return parser
+
+
+# --------------------------------------------------------------------------------------
+# tokenmill serve
+# --------------------------------------------------------------------------------------
+
+
+def register_serve(subparsers: Subparsers) -> None:
+    """Add `serve`, with vLLM's flag names, to the command line."""
+    p = subparsers.add_parser(
+        "serve",
+        help="start the OpenAI-compatible HTTP server",
+        description="Start the OpenAI-compatible HTTP server (a drop-in for `vllm serve`).",
+    )
+    p.set_defaults(run=run_serve)
+    p.add_argument(
+        "model", nargs="?", default=None, metavar="MODEL",
+        help="local Hugging Face model directory, .gguf file, or a name in the local HF cache "
+        "(default: the bundled SmolLM2-135M-Instruct)",
+    )  # fmt: skip
+    _add_server_flags(p.add_argument_group("server"))
+    _add_engine_flags(p.add_argument_group("engine"))
+
+
+def _add_server_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    g.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    g.add_argument(
+        "--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+        help="require `Authorization: Bearer <key>` on /v1/* routes "
+        "(default: env TOKENMILL_API_KEY; unset = no auth)",
+    )  # fmt: skip
+    g.add_argument(
+        "--served-model-name", nargs="+", default=None, metavar="NAME",
+        help="name(s) clients send as `model`; the first is reported in responses "
+        "(default: the MODEL argument)",
+    )  # fmt: skip
+    g.add_argument(
+        "--chat-template", default=None, metavar="TEMPLATE",
+        help="chat template instead of the model's: a file path or the template text",
+    )  # fmt: skip
+    g.add_argument(
+        "--allowed-origins", type=parse_list, default=None, metavar="LIST",
+        help='enable CORS for these origins: a JSON list (\'["*"]\') or a comma list '
+        "(default: CORS off)",
+    )  # fmt: skip
+    g.add_argument(
+        "--allowed-methods", type=parse_list, default=["*"], metavar="LIST",
+        help="CORS: allowed methods, JSON or comma list (default: all)",
+    )  # fmt: skip
+    g.add_argument(
+        "--allowed-headers", type=parse_list, default=["*"], metavar="LIST",
+        help="CORS: allowed headers, JSON or comma list (default: all)",
+    )  # fmt: skip
+    g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    g.add_argument(
+        "--uvicorn-log-level", default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's log level; debug and trace also turn on tokenmill's debug logs "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--disable-log-requests", action="store_true",
+        help="no log line per request (prompt text is never logged)",
+    )  # fmt: skip
+    g.add_argument(
+        "--root-path", default="",
+        help="path prefix when behind a path-based proxy (the ASGI root_path)",
+    )  # fmt: skip
+
+
+def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--dtype", type=parse_dtype, default=_DEFAULTS.model.dtype,
+        help="auto (the checkpoint's), float32 (float), bfloat16, float16 (half) "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default=_DEFAULTS.model.device,
+        help="where to run the model; auto = cuda when available (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-model-len", type=parse_tokens, default=None, metavar="TOKENS",
+        help="context length, prompt + output, e.g. 4096 or 4k (default: the model's)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-num-seqs", type=int, default=_DEFAULTS.scheduler.max_num_seqs,
+        help="most requests in the running batch (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-num-batched-tokens", type=int,
+        default=_DEFAULTS.scheduler.max_num_batched_tokens,
+        help="token budget of one engine step: prefill chunks + decodes (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-cache-memory", type=parse_bytes, default=None, metavar="BYTES",
+        help="KV cache size, e.g. 2GiB, 512MiB, 1e9 (default: sized to the machine)",
+    )  # fmt: skip
+    g.add_argument(
+        "--gpu-memory-utilization", type=float, default=_DEFAULTS.cache.gpu_memory_utilization,
+        help="CUDA only: share of GPU memory tokenmill may use (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--block-size", type=int, default=_DEFAULTS.cache.block_size,
+        help="tokens per KV cache block (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS.cache.enable_prefix_caching,
+        help="reuse the KV cache of shared prompt prefixes (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--seed", type=int, default=_DEFAULTS.model.seed,
+        help="seed for requests that give none (default: %(default)s)",
+    )  # fmt: skip
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model, bind the port, serve until interrupted; a startup failure is one line."""
+    _configure_logging(args.uvicorn_log_level)
+    try:
+        return _serve(args)
+    except StartupError as exc:
+        print(f"tokenmill serve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        return 0
+
+
+class StartupError(Exception):
+    """A reason the server cannot start, said in one line."""
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tokenmill.server.app import build_app
+
+    settings = _server_settings(args)  # first: a bad flag or a taken port should not wait
+    sock = _bind(args.host, args.port)  # for the model to load
+    engine = _load_engine(args)
+    settings.served_model_names = args.served_model_name or [args.model or engine.model_name]
+    app = build_app(engine, settings)
+    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, root_path=args.root_path)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _server_settings(args: argparse.Namespace) -> ServerSettings:
+    from tokenmill.server.app import ServerSettings
+
+    return ServerSettings(
+        served_model_names=[],
+        api_key=args.api_key or None,
+        allowed_origins=args.allowed_origins,
+        allowed_methods=args.allowed_methods,
+        allowed_headers=args.allowed_headers,
+        allow_credentials=args.allow_credentials,
+        disable_log_requests=args.disable_log_requests,
+        address=f"http://{_url_host(args.host)}:{args.port}{args.root_path}",
+    )
+
+
+def _load_engine(args: argparse.Namespace) -> AsyncEngine:
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.errors import TokenmillError
+
+    config = EngineConfig.from_kwargs(
+        model=args.model, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, chat_template=args.chat_template, seed=args.seed,
+        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+        block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    )  # fmt: skip
+    logger.info("loading %s", args.model or "the bundled default model")
+    try:
+        return AsyncEngine.from_config(config)
+    except TokenmillError as exc:
+        raise StartupError(exc.message) from None
+    except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
+        logger.debug("model load failed", exc_info=True)
+        raise StartupError(f"cannot load the model: {type(exc).__name__}: {exc}") from None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before serving so a taken port is a clean one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _configure_logging(uvicorn_level: str) -> None:
+    level = logging.DEBUG if uvicorn_level in ("debug", "trace") else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Flag value parsers
+# --------------------------------------------------------------------------------------
+
+
+def parse_bytes(value: str) -> int:
+    """'2GiB' -> 2147483648; '1e9', '512MB', '1024' also work."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", value)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _BYTE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {value!r} (e.g. 2GiB, 512MiB)")
+    try:
+        return int(float(match.group(1)) * _BYTE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {value!r}") from None
+
+
+def parse_tokens(value: str) -> int:
+    """'4096', '4k' (= 4096) or '1m' (= 1048576) tokens."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", value)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a token count: {value!r} (e.g. 4096 or 4k)")
+    scale = {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
+    return int(match.group(1)) * scale
+
+
+def parse_list(value: str) -> list[str]:
+    """A JSON list of strings, or a comma-separated list."""
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {value!r} ({exc})") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise argparse.ArgumentTypeError(f"not a JSON list of strings: {value!r}")
+        return items
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_dtype(value: str) -> str:
+    aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    dtype = aliases.get(value, value)
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {value!r}: auto, float32 (float), bfloat16, float16 (half)"
+        )
+    return dtype
+
+
+# Each subcommand is a function that adds its parser and sets `run`; add new ones here.
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [register_serve]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

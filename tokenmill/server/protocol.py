@@ -1,0 +1,353 @@
+"""Pydantic models of the HTTP API: OpenAI's request/response types plus vLLM's extras."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
+
+logger = logging.getLogger(__name__)
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+Seed = Annotated[int, Field(ge=_INT64_MIN, le=_INT64_MAX)]
+NumChoices = Annotated[int, Field(le=128)]  # OpenAI's own cap on n; SamplingParams checks >= 1
+
+
+class OpenAIBaseModel(BaseModel):
+    """A request body: unknown fields are accepted (OpenAI clients send them) and ignored."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        result = handler(data)
+        if result.model_extra:
+            logger.debug("%s: ignoring unknown fields %s", cls.__name__, sorted(result.model_extra))
+        return result
+
+
+class ResponseModel(BaseModel):
+    """A response body: exactly the declared fields."""
+
+
+# ---------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool | None = False  # send a final chunk with usage (choices empty)
+
+
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class UsageInfo(ResponseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(ResponseModel):
+    """OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
+
+    error: ErrorInfo
+
+
+# ---------------------------------------------------------------------------------------
+# vLLM extras (not in OpenAI's API; clients send them with extra_body). Each is a mixin so
+# a request model lists OpenAI's fields itself and inherits the extras it accepts.
+# ---------------------------------------------------------------------------------------
+
+
+class SamplingExtras(OpenAIBaseModel):
+    """vLLM's extra sampling parameters, shared by Completions and Chat."""
+
+    best_of: int | None = None  # not supported yet beyond best_of == n
+    use_beam_search: bool = False  # not supported yet
+    top_k: int = -1  # -1 = all tokens
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0  # beam search only; not supported yet
+    early_stopping: bool = False  # beam search only; not supported yet
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None  # keep the last k tokens
+    prompt_logprobs: int | None = None  # not supported yet
+
+
+class StructuredOutputExtras(OpenAIBaseModel):
+    """vLLM's guided-decoding fields (structured outputs: not supported yet)."""
+
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Completions
+# ---------------------------------------------------------------------------------------
+
+Prompt = list[int] | list[list[int]] | str | list[str]
+
+
+class CompletionRequest(SamplingExtras, StructuredOutputExtras):
+    """POST /v1/completions (fields in the order of OpenAI's reference)."""
+
+    model: str | None = None  # None = the first served model name
+    prompt: Prompt
+    echo: bool = False
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = None  # not supported yet
+    max_tokens: int | None = 16
+    n: NumChoices = 1
+    presence_penalty: float = 0.0
+    seed: Seed | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None  # not supported yet
+    temperature: float | None = None  # None = 1.0
+    top_p: float | None = None  # None = 1.0
+    user: str | None = None
+
+    # vLLM extras specific to Completions
+    allowed_token_ids: list[int] | None = None  # not supported yet
+    add_special_tokens: bool = True  # e.g. BOS on top of the prompt
+    response_format: ResponseFormat | None = None
+
+
+class CompletionResponseChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM: the stop id or string that ended it
+
+
+class CompletionResponse(ResponseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamResponse(ResponseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Chat
+# ---------------------------------------------------------------------------------------
+
+
+class ChatContentPart(OpenAIBaseModel):
+    """One part of an array content: {"type": "text", "text": ...}, image_url, input_audio, ..."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(OpenAIBaseModel):
+    """One message of the conversation; extra keys (e.g. tool_calls) reach the template."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ChatContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatDocument(OpenAIBaseModel):
+    title: str | None = None
+    text: str
+
+
+class ChatCompletionRequest(SamplingExtras, StructuredOutputExtras):
+    """POST /v1/chat/completions (fields in the order of OpenAI's reference)."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    model: str | None = None  # None = the first served model name
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = False  # not supported yet
+    top_logprobs: int | None = None  # not supported yet
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None  # None = fill the context
+    n: NumChoices = 1
+    presence_penalty: float = 0.0
+    response_format: ResponseFormat | None = None
+    seed: Seed | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None  # None = 1.0
+    top_p: float | None = None  # None = 1.0
+    tools: list[dict[str, Any]] | None = None  # not supported yet
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+
+    # vLLM extras specific to Chat
+    echo: bool = False  # prepend the last message if it has the response's role
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # continue the last message instead of a new one
+    add_special_tokens: bool = False  # on top of what the template adds
+    documents: list[ChatDocument] | None = None
+    chat_template: str | None = None  # template text for this request
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatResponseMessage(ResponseModel):
+    role: str
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatCompletionResponseChoice(ResponseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(ResponseModel):
+    """A streamed piece of a message; unset (None) keys are left out as OpenAI does."""
+
+    role: str | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatCompletionStreamChoice(ResponseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Models, tokenize, detokenize, version
+# ---------------------------------------------------------------------------------------
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "tokenmill"
+    root: str | None = None  # what was loaded
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(OpenAIBaseModel):
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[ChatDocument] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+
+
+class TokenizeResponse(ResponseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(ResponseModel):
+    prompt: str
+
+
+class VersionResponse(ResponseModel):
+    version: str

@@ -1,0 +1,200 @@
+"""POST /v1/chat/completions: messages through the chat template, outputs to chat responses."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+    ChatResponseMessage,
+    DeltaMessage,
+    TokenizeChatRequest,
+)
+from tokenmill.server.serving_base import ChoiceDelta, ChoiceTracker, EngineInput, ServingBase
+from tokenmill.server.sse import EventStreamResponse, sse_event
+from tokenmill.tokenizer.chat_template import render_chat
+
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+_AUDIO_PARTS = frozenset({"input_audio", "audio_url", "audio"})
+
+ChatPromptRequest = ChatCompletionRequest | TokenizeChatRequest
+
+
+class ChatServer(ServingBase):
+    """Serves the Chat Completions API."""
+
+    async def create(self, request: ChatCompletionRequest) -> Response:
+        model = self.check_model(request.model)
+        self.check_alive()
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        inputs = await self.to_engine_inputs(request)
+        self.log_request(request_id, inputs)
+        if request.stream:
+            return EventStreamResponse(self._stream(request, request_id, model, inputs))
+        response = await self._collect(request, request_id, model, inputs)
+        return JSONResponse(response.model_dump(mode="json"))
+
+    async def to_engine_inputs(self, request: ChatCompletionRequest) -> list[EngineInput]:
+        """The request as one engine input: rendered, tokenized, with its SamplingParams."""
+        _check_chat_options(request)
+        max_tokens = request.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = request.max_tokens
+        params = self.sampling_params(request, max_tokens)
+        prompt_token_ids = await self.prompt_token_ids(request)
+        return [self.fit_to_context(prompt_token_ids, params, "messages")]
+
+    async def prompt_token_ids(self, request: ChatPromptRequest) -> list[int]:
+        """Render the conversation and tokenize it, in the tokenizer thread."""
+        if request.continue_final_message and request.add_generation_prompt:
+            raise InvalidRequestError(
+                "cannot set both continue_final_message and add_generation_prompt to true",
+                param="continue_final_message",
+            )
+        return await self.run_blocking(self._render_and_encode, request)
+
+    def _render_and_encode(self, request: ChatPromptRequest) -> list[int]:
+        tokenizer, documents = self.engine.tokenizer, request.documents
+        prompt = render_chat(
+            tokenizer,
+            to_template_messages(request.messages),
+            chat_template=request.chat_template,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            chat_template_kwargs=request.chat_template_kwargs,
+            documents=[d.model_dump(exclude_none=True) for d in documents] if documents else None,
+        )
+        return tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
+
+    async def _collect(
+        self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
+    ) -> ChatCompletionResponse:
+        role, echo = _response_role(request), _echo_text(request)
+        tracker = ChoiceTracker(inputs)
+        texts: dict[int, str] = {}
+        choices: dict[int, ChatCompletionResponseChoice] = {}
+        async with aclosing(self.generate(inputs, request_id)) as outputs:
+            async for i, output in outputs:
+                for delta in tracker.update(i, output):
+                    texts[delta.index] = texts.get(delta.index, echo) + delta.text
+                    choices[delta.index] = ChatCompletionResponseChoice(
+                        index=delta.index,
+                        message=ChatResponseMessage(role=role, content=texts[delta.index]),
+                        finish_reason=delta.finish_reason,
+                        stop_reason=delta.stop_reason,
+                    )
+        return ChatCompletionResponse(
+            id=request_id,
+            model=model,
+            choices=[choices[i] for i in sorted(choices)],
+            usage=tracker.usage(),
+        )
+
+    async def _stream(
+        self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        exclude = None if include_usage else {"usage"}
+
+        def chunk(choices: list[ChatCompletionStreamChoice]) -> str:
+            response = ChatCompletionStreamResponse(
+                id=request_id, created=created, model=model, choices=choices
+            )
+            return sse_event(response, exclude=exclude)
+
+        role, echo = _response_role(request), _echo_text(request)
+        for index in range(request.n):  # the first delta of each choice carries the role
+            yield chunk([_stream_choice(index, DeltaMessage(role=role, content=echo))])
+        tracker = ChoiceTracker(inputs)
+        async with aclosing(self.generate(inputs, request_id)) as outputs:
+            async for i, output in outputs:
+                for delta in tracker.update(i, output):
+                    if delta.text or delta.finish_reason:
+                        content = DeltaMessage(content=delta.text or None)
+                        yield chunk([_stream_choice(delta.index, content, delta)])
+        if include_usage:
+            usage_chunk = ChatCompletionStreamResponse(
+                id=request_id, created=created, model=model, choices=[], usage=tracker.usage()
+            )
+            yield sse_event(usage_chunk)
+
+
+def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the plain dicts chat templates expect (content always a string)."""
+    result = []
+    for i, message in enumerate(messages):
+        item = {k: v for k, v in message.model_dump(exclude={"content"}).items() if v is not None}
+        item["content"] = _content_text(message.content, i)
+        if item["role"] == "developer":  # OpenAI's newer name for system; templates know system
+            item["role"] = "system"
+        result.append(item)
+    return result
+
+
+def _content_text(content: Any, message_index: int) -> str:
+    """A message's text: a string as is, text parts joined by newlines (as vLLM does)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    param = f"messages.{message_index}.content"
+    texts = []
+    for part in content:
+        if part.type in _IMAGE_PARTS:
+            raise InvalidRequestError("this model does not accept images", param=param)
+        if part.type in _AUDIO_PARTS:
+            raise InvalidRequestError("this model does not accept audio", param=param)
+        if part.type != "text" or part.text is None:
+            raise InvalidRequestError(
+                f"unsupported content part type {part.type!r} (expected 'text' with a 'text' field)",
+                param=param,
+            )
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def _check_chat_options(request: ChatCompletionRequest) -> None:
+    """400 for chat options whose feature has not landed yet."""
+    if request.tools:
+        raise InvalidRequestError("tools are not supported yet", param="tools")
+    if request.tool_choice not in (None, "none", "auto"):
+        raise InvalidRequestError("tool_choice is not supported yet", param="tool_choice")
+    if request.logprobs or request.top_logprobs:
+        raise InvalidRequestError("logprobs are not supported yet", param="logprobs")
+
+
+def _response_role(request: ChatCompletionRequest) -> str:
+    """A new assistant message, or (continuing) the role of the last message (as vLLM does)."""
+    return "assistant" if request.add_generation_prompt else request.messages[-1].role
+
+
+def _echo_text(request: ChatCompletionRequest) -> str:
+    """With echo, the last message's text when it has the response's role."""
+    last = request.messages[-1]
+    if not request.echo or last.role != _response_role(request):
+        return ""
+    return _content_text(last.content, len(request.messages) - 1)
+
+
+def _stream_choice(
+    index: int, delta: DeltaMessage, finish: ChoiceDelta | None = None
+) -> ChatCompletionStreamChoice:
+    return ChatCompletionStreamChoice(
+        index=index,
+        delta=delta,
+        finish_reason=finish.finish_reason if finish else None,
+        stop_reason=finish.stop_reason if finish else None,
+    )
