@@ -6,10 +6,12 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tokenmill.llm import LLM
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # imported when the benchmark runs: `tokenmill --help` stays fast
+    from tokenmill.llm import LLM
 
 _WORDS = [
     "the",
@@ -56,6 +58,11 @@ def run(llm: LLM, num_prompts: int, prompt_words: int, output_len: int) -> dict[
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tokenmill bench offline", description=__doc__)
+    add_arguments(parser)
+    run_command(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model", nargs="?", default=None, help="model (default: the bundled SmolLM2)"
     )
@@ -66,7 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs of each measurement; medians reported"
     )
-    args = parser.parse_args(argv)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`tokenmill bench offline`: print the JSON report."""
+    from tokenmill.llm import LLM
 
     llm = LLM(args.model, dtype=args.dtype)
     run(llm, 2, args.prompt_words, 8)  # warm-up
@@ -91,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             indent=2,
         )
     )
+    return 0
 
 
 if __name__ == "__main__":

@@ -256,6 +256,30 @@ def _configure_logging(uvicorn_level: str) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# tokenmill bench
+# --------------------------------------------------------------------------------------
+
+
+def register_bench(subparsers: Subparsers) -> None:
+    """Add `bench serve` (HTTP load generator) and `bench offline` (engine throughput)."""
+    from tokenmill.bench import offline, serve
+
+    p = subparsers.add_parser("bench", help="benchmark a server or the engine")
+    p.set_defaults(run=lambda _: p.print_help() or 2)  # `tokenmill bench` alone: help, exit 2
+    commands = p.add_subparsers(title="benchmarks", metavar="BENCHMARK")
+    for name, module, help_text in [
+        ("serve", serve, "load-test an OpenAI-compatible server (tokenmill, vLLM, llama-server)"),
+        ("offline", offline, "single-request and batched throughput of the engine, no HTTP"),
+    ]:
+        sub = commands.add_parser(
+            name, help=help_text, description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run_command)
+
+
+# --------------------------------------------------------------------------------------
 # Flag value parsers
 # --------------------------------------------------------------------------------------
 
@@ -306,7 +330,7 @@ def parse_dtype(value: str) -> str:
 
 
 # Each subcommand is a function that adds its parser and sets `run`; add new ones here.
-SUBCOMMANDS: list[Callable[[Subparsers], None]] = [register_serve]
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [register_serve, register_bench]
 
 
 if __name__ == "__main__":
