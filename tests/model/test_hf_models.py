@@ -11,8 +11,15 @@ CASES = {
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
     "llama3-rope": (
         "llama",
-        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
     ),
     "mistral": ("mistral", {"sliding_window": 256}),
     "qwen2": ("qwen2", {}),
@@ -39,7 +46,9 @@ def test_prefill_logits_and_greedy_tokens_match(tiny_hf_model_dir, case):
     from tokenmill.engine.request import Request
 
     full = ids + generated[:-1]
-    core.add_request(Request("probe", full, SamplingParams(max_tokens=1), frozenset(), core.max_model_len))
+    core.add_request(
+        Request("probe", full, SamplingParams(max_tokens=1), frozenset(), core.max_model_len)
+    )
     out_step = scheduler.schedule()
     tables = {s.request.request_id: core.kv_cache.block_ids(s.request) for s in out_step.scheduled}
     last = core.runner.logits_for(out_step, tables)[0]
