@@ -13,25 +13,7 @@ from tokenmill.sampling_params import SamplingParams
 if TYPE_CHECKING:  # imported when the benchmark runs: `tokenmill --help` stays fast
     from tokenmill.llm import LLM
 
-_WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "seven",
-    "wizards",
-    "quietly",
-    "hex",
-    "bold",
-    "jumbo",
-    "kites",
-]
+_WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jumbo kites".split()
 
 
 def synthetic_prompt(index: int, num_words: int) -> str:
@@ -53,6 +35,32 @@ def run(llm: LLM, num_prompts: int, prompt_words: int, output_len: int) -> dict[
         "output_tokens": num_out,
         "seconds": round(seconds, 3),
         "output_tokens_per_s": round(num_out / seconds, 1),
+    }
+
+
+def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best-of-N bytes/s of reading a large float32 tensor (sum) with torch's threads."""
+    import torch
+
+    data = torch.ones(num_bytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return num_bytes / best
+
+
+def decode_roofline(model: Any, measured_tokens_per_s: float) -> dict[str, float]:
+    """A batch-1 decode step reads every weight once: steps/s <= bandwidth / weight bytes."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = measure_read_bandwidth()
+    ceiling = bandwidth / weight_bytes
+    return {
+        "weight_bytes": weight_bytes,
+        "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "batch1_ceiling_steps_per_s": round(ceiling, 1),
+        "batch1_share_of_ceiling": round(measured_tokens_per_s / ceiling, 2),
     }
 
 
@@ -88,6 +96,7 @@ def run_command(args: argparse.Namespace) -> int:
     single_tps = statistics.median(r["output_tokens_per_s"] for r in single)
     batched_tps = statistics.median(r["output_tokens_per_s"] for r in batched)
     runner = llm.engine.core.runner
+    roofline = decode_roofline(runner.model, single_tps)
     print(
         json.dumps(
             {
@@ -97,6 +106,7 @@ def run_command(args: argparse.Namespace) -> int:
                 "single_request_tokens_per_s": single_tps,
                 "batched_tokens_per_s": batched_tps,
                 "batching_speedup": round(batched_tps / single_tps, 2),
+                "roofline": roofline,
                 "runs": {"single": single, "batched": batched},
             },
             indent=2,
