@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from tokenmill.errors import InvalidRequestError
 
 _GREEDY_EPSILON = 1e-5  # temperatures below this sample greedily, as in vLLM
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs: most top logprobs a request may ask for
+
+EarlyStopping = bool | Literal["never"]
 
 
 @dataclass(slots=True)
@@ -32,6 +36,14 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop ids are masked until this many tokens
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    best_of: int | None = None  # sequences generated; the n with the best cumulative logprob return
+    logprobs: int | None = None  # top logprobs per output token (0 = the chosen token's only)
+    prompt_logprobs: int | None = None  # top logprobs per prompt token
+    allowed_token_ids: list[int] | None = None  # only these tokens may be generated
+    truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
+    use_beam_search: bool = False  # beam width = best_of (or n); returns the n best beams
+    length_penalty: float = 1.0  # beam score = cumulative logprob / length ** length_penalty
+    early_stopping: EarlyStopping = False  # beam search: True, False (heuristic) or "never"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,9 +65,25 @@ class SamplingParams:
             or self.repetition_penalty != 1.0
         )
 
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated for the request: best_of when set, else n."""
+        return self.n if self.best_of is None else self.best_of
+
+    def truncate_prompt(self, prompt_token_ids: list[int]) -> list[int]:
+        """The prompt as the engine runs it: its last truncate_prompt_tokens tokens, if set."""
+        if self.truncate_prompt_tokens is None:
+            return prompt_token_ids
+        return prompt_token_ids[-self.truncate_prompt_tokens :]
+
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first parameter out of range."""
-        _check(self.n >= 1, "n", f"n must be at least 1, got {self.n}")
+        self._validate_sampling()
+        self._validate_lengths()
+        self._validate_outputs()
+        self._validate_beam_search()
+
+    def _validate_sampling(self) -> None:
         _check(
             _finite(self.temperature) and self.temperature >= 0,
             "temperature",
@@ -91,6 +119,13 @@ class SamplingParams:
                 f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}",
             )
         _check(
+            self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+            "allowed_token_ids",
+            "allowed_token_ids must not be empty",
+        )
+
+    def _validate_lengths(self) -> None:
+        _check(
             self.max_tokens is None or self.max_tokens >= 0,
             "max_tokens",
             f"max_tokens must be at least 0, got {self.max_tokens}",
@@ -110,15 +145,74 @@ class SamplingParams:
             "stop",
             "stop must be a non-empty string or a list of non-empty strings",
         )
+        _check(
+            self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1,
+            "truncate_prompt_tokens",
+            f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}",
+        )
+
+    def _validate_outputs(self) -> None:
+        _check(self.n >= 1, "n", f"n must be at least 1, got {self.n}")
+        if self.best_of is not None:
+            _check(
+                self.best_of >= self.n,
+                "best_of",
+                f"best_of must be greater than or equal to n, got n={self.n} and "
+                f"best_of={self.best_of}",
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, name, f"{name} must be non-negative, got {value}")
+
+    def _validate_beam_search(self) -> None:
+        _check(
+            self.early_stopping in (True, False, "never"),
+            "early_stopping",
+            f"early_stopping must be true, false or 'never', got {self.early_stopping!r}",
+        )
+        _check(
+            _finite(self.length_penalty),
+            "length_penalty",
+            f"length_penalty must be finite, got {self.length_penalty}",
+        )
+        if self.use_beam_search:
+            return
+        _check(
+            self.early_stopping is False,
+            "early_stopping",
+            "early_stopping is not effective and must be false when not using beam search",
+        )
+        _check(
+            abs(self.length_penalty - 1.0) < _GREEDY_EPSILON,
+            "length_penalty",
+            "length_penalty is not effective and must be the default value of 1.0 when not "
+            "using beam search",
+        )
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids named by the request must exist in the vocabulary."""
-        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+        named = (
+            ("logit_bias", self.logit_bias),
+            ("stop_token_ids", self.stop_token_ids),
+            ("allowed_token_ids", self.allowed_token_ids or []),
+        )
+        for name, ids in named:
             bad = [t for t in ids if not 0 <= t < vocab_size]
             _check(
                 not bad,
                 name,
                 f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}",
+            )
+
+    def check_max_logprobs(self, max_logprobs: int = MAX_LOGPROBS) -> None:
+        """The engine computes at most max_logprobs alternatives per position."""
+        for name, kind in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
+            value = getattr(self, name)
+            _check(
+                value is None or value <= max_logprobs,
+                name,
+                f"Requested {kind} logprobs of {value}, which is greater than max allowed: "
+                f"{max_logprobs}",
             )
 
 

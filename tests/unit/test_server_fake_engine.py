@@ -396,7 +396,7 @@ async def test_chat_input_errors(client: httpx.AsyncClient) -> None:
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
         ({"prompt": "x", "guided_regex": "a+"}, "guided_regex"),
-        ({"prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "suffix": "end"}, "suffix"),
     ],
 )

@@ -1,47 +1,23 @@
-"""LLMEngine: EngineCore plus the tokenizer side — n-way fan-out, detokenizing, stop strings."""
+"""LLMEngine: EngineCore plus the request side — n/best_of fan-out, beam search, detokenizing."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
-from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.groups import BeamGroup, RequestGroup, Sequence
+from tokenmill.engine.outputs import PositionLogprobs, PromptLogprobs, RequestOutput
 from tokenmill.engine.request import Request
 from tokenmill.errors import ModelLoadError
+from tokenmill.sample.beam_search import BeamSearch
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer.chat_template import resolve_chat_template
-from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer
+from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
-
-@dataclass(slots=True, eq=False)
-class _Sequence:
-    """One of a request's n sequences: the engine request and its text."""
-
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    output: CompletionOutput
-
-
-@dataclass(slots=True, eq=False)
-class _ParentRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    sequences: list[_Sequence]
-
-    @property
-    def finished(self) -> bool:
-        return all(s.output.is_finished for s in self.sequences)
-
-    def snapshot(self) -> RequestOutput:
-        outputs = [
-            dataclasses.replace(s.output, token_ids=list(s.output.token_ids))
-            for s in self.sequences
-        ]
-        cached = min(s.request.num_cached_tokens for s in self.sequences)
-        return RequestOutput(self.request_id, self.prompt_token_ids, outputs, self.finished, cached)
+Group = RequestGroup | BeamGroup
 
 
 class LLMEngine:
@@ -54,8 +30,9 @@ class LLMEngine:
         self.tokenizer: Tokenizer = self.core.source.tokenizer
         if template:
             self.tokenizer.chat_template = template
-        self._parents: dict[str, _ParentRequest] = {}
-        self._parent_of: dict[str, _ParentRequest] = {}  # child request id -> parent
+        self.token_texts = TokenTexts(self.tokenizer)
+        self._groups: dict[str, Group] = {}
+        self._group_of: dict[str, Group] = {}  # engine request id -> its group
 
     @property
     def max_model_len(self) -> int:
@@ -63,7 +40,7 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self._parents)
+        return bool(self._groups)
 
     def add_request(
         self,
@@ -72,97 +49,148 @@ class LLMEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
     ) -> RequestOutput | None:
-        """Queue n sequences for a prompt; returns a finished output at once when max_tokens is 0."""
-        if request_id in self._parents:
+        """Queue a request; returns a finished output at once when there is nothing to run."""
+        if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already running")
         params.check_vocab(self.core.vocab_size)
-        sequences = [
-            self._make_sequence(request_id, i, prompt_token_ids, params, cache_salt)
-            for i in range(params.n)
-        ]
-        parent = _ParentRequest(request_id, list(prompt_token_ids), sequences)
-        if params.max_tokens == 0:
-            for seq in sequences:
-                seq.output.finish_reason = "length"
-            return parent.snapshot()
-        added = []
-        try:
-            for seq in sequences:
-                self.core.add_request(seq.request)
-                added.append(seq.request.request_id)
-        except Exception:
-            for child_id in added:
-                self.core.finish(child_id, "abort")
-            raise
-        self._parents[request_id] = parent
-        for seq in sequences:
-            self._parent_of[seq.request.request_id] = parent
+        params.check_max_logprobs()
+        prompt = params.truncate_prompt(list(prompt_token_ids))
+        if params.max_tokens == 0 and params.prompt_logprobs is None:
+            return RequestGroup(request_id, prompt, params, []).snapshot()
+        group: Group
+        if params.use_beam_search and params.max_tokens != 0:
+            group = self._make_beam_group(request_id, prompt, params, cache_salt)
+        else:
+            group = self._make_request_group(request_id, prompt, params, cache_salt)
+        self._groups[request_id] = group
         return None
 
-    def _make_sequence(
-        self,
-        request_id: str,
-        index: int,
-        prompt: list[int],
-        params: SamplingParams,
-        cache_salt: str | None,
-    ) -> _Sequence:
-        child_params = params
-        if params.n > 1:
-            seed = None if params.seed is None else params.seed + index
-            child_params = dataclasses.replace(params, n=1, seed=seed)
-        request = Request(
-            request_id=f"{request_id}#{index}" if params.n > 1 else request_id,
+    def _make_request_group(
+        self, request_id: str, prompt: list[int], params: SamplingParams, cache_salt: str | None
+    ) -> RequestGroup:
+        """n sequences (best_of when larger); only the first scores the prompt."""
+        num = 1 if params.max_tokens == 0 else params.num_sequences
+        sequences = []
+        for index in range(num):
+            child_params = _child_params(params, index)
+            child_id = f"{request_id}#{index}" if num > 1 else request_id
+            salt = cache_salt
+            if child_params.prompt_logprobs is not None:  # every position must be computed
+                salt = f"{cache_salt or ''}\0prompt-logprobs\0{child_id}"
+            request = self._new_request(child_id, prompt, child_params, salt)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, child_params, prompt)
+            sequences.append(Sequence(request, detokenizer, index))
+        group = RequestGroup(request_id, prompt, params, sequences)
+        self._submit(group, [s.request for s in sequences])
+        return group
+
+    def _make_beam_group(
+        self, request_id: str, prompt: list[int], params: SamplingParams, cache_salt: str | None
+    ) -> BeamGroup:
+        room = self.core.max_model_len - len(prompt)
+        max_tokens = room if params.max_tokens is None else min(room, params.max_tokens)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= set(self.tokenizer.eos_token_ids)
+        search = BeamSearch(
+            params.num_sequences,
+            max_tokens,
+            stop_ids,
+            params.length_penalty,
+            params.early_stopping,
+            params.min_tokens,
+        )
+        group = BeamGroup(request_id, prompt, params, search, cache_salt)
+        self._submit_beam_step(group)
+        return group
+
+    def _new_request(
+        self, request_id: str, prompt: list[int], params: SamplingParams, salt: str | None
+    ) -> Request:
+        return Request(
+            request_id=request_id,
             prompt_token_ids=list(prompt),
-            params=child_params,
+            params=params,
             eos_token_ids=frozenset(self.tokenizer.eos_token_ids),
             max_model_len=self.core.max_model_len,
-            cache_salt=cache_salt,
+            cache_salt=salt,
         )
-        detokenizer = IncrementalDetokenizer(self.tokenizer, child_params, prompt)
-        return _Sequence(request, detokenizer, CompletionOutput(index=index))
+
+    def _submit(self, group: Group, requests: list[Request]) -> None:
+        """Add engine requests of a group; on failure none of them stays behind."""
+        added = []
+        try:
+            for request in requests:
+                self.core.add_request(request)
+                added.append(request.request_id)
+                self._group_of[request.request_id] = group
+        except Exception:
+            for child_id in added:
+                self._group_of.pop(child_id, None)
+                self.core.finish(child_id, "abort")
+            raise
+
+    def _submit_beam_step(self, group: BeamGroup) -> None:
+        """One single-token request per running beam, asking for the candidates' logprobs."""
+        search = group.search
+        num_top = max(search.num_candidates, group.params.logprobs or 0)
+        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=num_top)
+        group.step += 1
+        requests = []
+        for i, beam in enumerate(search.running):
+            child_id = f"{group.request_id}#beam{group.step}.{i}"
+            prompt = group.prompt_token_ids + beam.token_ids
+            requests.append(self._new_request(child_id, prompt, params, group.cache_salt))
+            group.pending[child_id] = i
+        self._submit(group, requests)
 
     def abort(self, request_id: str) -> None:
-        parent = self._parents.pop(request_id, None)
-        if parent is None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
             return
-        for seq in parent.sequences:
-            self._parent_of.pop(seq.request.request_id, None)
-            if not seq.output.is_finished:
-                seq.output.finish_reason = "abort"
-            self.core.finish(seq.request.request_id, "abort")
+        for child_id in group.engine_request_ids():
+            self._group_of.pop(child_id, None)
+            self.core.finish(child_id, "abort")
+        group.abort()
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; one RequestOutput per request that changed."""
-        changed: dict[str, _ParentRequest] = {}
+        changed: dict[str, Group] = {}
         for request in self.core.step():
-            parent = self._parent_of.get(request.request_id)
-            if parent is None:
+            group = self._group_of.get(request.request_id)
+            if group is None:
                 continue
-            seq = parent.sequences[0] if len(parent.sequences) == 1 else self._find(parent, request)
-            self._update_sequence(seq)
-            changed[parent.request_id] = parent
+            if isinstance(group, BeamGroup):
+                self._on_beam_token(group, request)
+            else:
+                self._on_token(group.sequence_of(request))
+                if group.prompt_logprobs is None and request.params.prompt_logprobs is not None:
+                    group.prompt_logprobs = self._named(request.prompt_logprobs)
+            changed[group.request_id] = group
         outputs = []
-        for parent in changed.values():
-            outputs.append(parent.snapshot())
-            if parent.finished:
-                self._release(parent)
+        for group in changed.values():
+            if isinstance(group, BeamGroup) and not group.pending:
+                self._advance_beams(group)
+            snapshot = group.snapshot()
+            if snapshot is not None:
+                outputs.append(snapshot)
+            if group.finished:
+                self._release(group)
         return outputs
 
-    @staticmethod
-    def _find(parent: _ParentRequest, request: Request) -> _Sequence:
-        return next(s for s in parent.sequences if s.request is request)
-
-    def _update_sequence(self, seq: _Sequence) -> None:
+    def _on_token(self, seq: Sequence) -> None:
         request, detok, output = seq.request, seq.detokenizer, seq.output
         token_id = request.token_ids[-1]
-        ends_on_token = request.finish_reason == "stop" and request.stop_reason is None  # EOS
-        hide_token = ends_on_token or (
-            request.stop_reason is not None and not request.params.include_stop_str_in_output
-        )
-        if not hide_token:
+        ends_on_stop_token = request.finish_reason == "stop" and not isinstance(
+            request.stop_reason, str
+        )  # EOS or a stop id
+        if not (ends_on_stop_token and not request.params.include_stop_str_in_output):
             detok.add_token(token_id)
         output.token_ids.append(token_id)
+        if request.logprobs:
+            output.logprobs = request.logprobs
+            output.cumulative_logprob = request.cumulative_logprob
+            self._name_tokens(request.logprobs[-1])
         if detok.stop_string is not None and not request.is_finished:
             request.stop_reason = detok.stop_string
             self.core.finish(request.request_id, "stop")
@@ -170,10 +198,70 @@ class LLMEngine:
         output.stop_reason = request.stop_reason
         output.text = detok.visible_text(request.is_finished)
 
-    def _release(self, parent: _ParentRequest) -> None:
-        self._parents.pop(parent.request_id, None)
-        for seq in parent.sequences:
-            self._parent_of.pop(seq.request.request_id, None)
+    def _on_beam_token(self, group: BeamGroup, request: Request) -> None:
+        beam = group.pending.pop(request.request_id)
+        self._group_of.pop(request.request_id, None)
+        group.results[beam] = request.logprobs[0]
+
+    def _advance_beams(self, group: BeamGroup) -> None:
+        """All beams of this step are scored: move the search on, then finish or go on."""
+        num_top = group.params.logprobs
+        candidates = []
+        for i in range(len(group.search.running)):
+            entry = group.results.pop(i)
+            if num_top is not None:
+                self._name_tokens(entry)
+            candidates.append(_beam_candidates(entry, num_top))
+        group.search.step(candidates)
+        if group.search.is_done:
+            group.finish(self.tokenizer)
+        else:
+            self._submit_beam_step(group)
+
+    def _name_tokens(self, entry: PositionLogprobs) -> None:
+        for token_id, logprob in entry.items():
+            if logprob.decoded_token is None:
+                logprob.decoded_token = self.token_texts.text(token_id)
+
+    def _named(self, prompt_logprobs: PromptLogprobs) -> PromptLogprobs:
+        for entry in prompt_logprobs:
+            if entry is not None:
+                self._name_tokens(entry)
+        return prompt_logprobs
+
+    def _release(self, group: Group) -> None:
+        self._groups.pop(group.request_id, None)
+        for child_id in group.engine_request_ids():
+            self._group_of.pop(child_id, None)
+
+
+def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """One sequence's params: n=1, its own seed, prompt logprobs only on the first."""
+    changes: dict[str, Any] = {"n": 1, "best_of": None}
+    if params.seed is not None:
+        changes["seed"] = params.seed + index
+    if index > 0:
+        changes["prompt_logprobs"] = None
+    if params.num_sequences > params.n and params.logprobs is None:
+        changes["logprobs"] = 0  # best_of ranks by cumulative logprob
+    if params.max_tokens == 0:
+        changes["max_tokens"] = 1  # prompt logprobs only; the token is dropped
+    return dataclasses.replace(params, **changes)
+
+
+def _beam_candidates(
+    entry: PositionLogprobs, num_top: int | None
+) -> list[tuple[int, float, PositionLogprobs]]:
+    """A beam's next-token candidates from its step's logprobs, each with its own entry."""
+    ranked = sorted(entry.items(), key=lambda item: item[1].rank or 0)
+    top = dict(ranked[:num_top]) if num_top else {}
+    result = []
+    for token_id, logprob in ranked:
+        own: PositionLogprobs = {}
+        if num_top is not None:
+            own = {token_id: logprob, **{t: lp for t, lp in top.items() if t != token_id}}
+        result.append((token_id, logprob.logprob, own))
+    return result
 
 
 def _chat_template_text(value: str) -> str:

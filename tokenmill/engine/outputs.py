@@ -9,6 +9,21 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass(slots=True)
+class Logprob:
+    """One token's log-probability at one position (vLLM's `Logprob`)."""
+
+    logprob: float  # natural log, of the raw model distribution (see docs/sampling.md)
+    rank: int | None = None  # 1 = the most likely token at this position
+    decoded_token: str | None = None  # the token's own text
+
+
+# token id -> Logprob at one position: the chosen token first, then the top-k in rank order.
+PositionLogprobs = dict[int, Logprob]
+SampleLogprobs = list[PositionLogprobs]  # one per generated token
+PromptLogprobs = list[PositionLogprobs | None]  # one per prompt token; None for the first
+
+
+@dataclass(slots=True)
 class CompletionOutput:
     """One sampled sequence of a request (index i of n)."""
 
@@ -17,6 +32,8 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)  # all generated ids so far
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop id or stop string that ended it
+    cumulative_logprob: float | None = None  # sum of the tokens' logprobs, when computed
+    logprobs: SampleLogprobs | None = None  # per token, when the request asked for logprobs
 
     @property
     def is_finished(self) -> bool:
@@ -33,3 +50,4 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt: str | None = None  # the prompt text, when the client gave text
+    prompt_logprobs: PromptLogprobs | None = None  # when the request asked for them

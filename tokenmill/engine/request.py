@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from tokenmill.engine.outputs import FinishReason
+from tokenmill.engine.outputs import FinishReason, PositionLogprobs
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -38,9 +38,15 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    logprobs: list[PositionLogprobs] = field(default_factory=list)  # per output token, if asked
+    cumulative_logprob: float = 0.0  # of the output tokens, when logprobs are computed
+    # Entry i is prompt token i's; filled as prefill chunks run (entry 0 is always None).
+    prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -68,6 +74,17 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    def prompt_logprob_positions(self, start: int, num_tokens: int) -> range:
+        """Positions of a chunk [start, start + num_tokens) whose logits give prompt logprobs.
+
+        The logits at position p score prompt token p + 1; positions already scored
+        (before a preemption) are not scored again.
+        """
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        first = max(start, len(self.prompt_logprobs) - 1)
+        return range(first, min(start + num_tokens, self.num_prompt_tokens - 1))
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

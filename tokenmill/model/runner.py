@@ -17,6 +17,7 @@ from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.loader import ModelSource
 from tokenmill.model.registry import model_class
 from tokenmill.model.weights import load_model
+from tokenmill.sample.logprobs import PromptChunk, record_prompt_logprobs
 from tokenmill.sample.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class BatchInputs:
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # [N] rows whose hidden state is turned into logits
     sampling_requests: list[Request]  # the N requests, in sample_rows order
+    prompt_chunks: list[PromptChunk]  # prefill chunks of requests that want prompt logprobs
 
 
 class ModelRunner:
@@ -76,6 +78,11 @@ class ModelRunner:
         """Forward every scheduled token; sample for the requests that reached their end."""
         batch = self._prepare(out.scheduled, block_tables)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        if batch.prompt_chunks:
+            vocab_size = self.sampler.vocab_size
+            record_prompt_logprobs(
+                self.model.compute_logits, hidden, batch.prompt_chunks, vocab_size
+            )
         if not batch.sampling_requests:
             return {}
         logits = self.model.compute_logits(hidden[batch.sample_rows])
@@ -100,6 +107,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         sampling: list[Request] = []
         chunks: list[PrefillChunk] = []
+        prompt_chunks: list[PromptChunk] = []
         bs = self.block_size
         for is_prefill, item in [(False, d) for d in decodes] + [(True, p) for p in prefills]:
             request, start, n = item.request, item.start, item.num_new_tokens
@@ -111,6 +119,8 @@ class ModelRunner:
             slots.append(ctx_slots[start:])
             if is_prefill:
                 chunks.append(self._prefill_chunk(row, start, n, ctx_slots))
+            if request.params.prompt_logprobs is not None:
+                prompt_chunks.append(PromptChunk(request, row, start, n))
             if item.samples:
                 sample_rows.append(row + n - 1)
                 sampling.append(request)
@@ -129,6 +139,7 @@ class ModelRunner:
             meta=meta,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sampling_requests=sampling,
+            prompt_chunks=prompt_chunks,
         )
 
     def _prefill_chunk(self, row: int, start: int, n: int, ctx_slots: torch.Tensor) -> PrefillChunk:

@@ -3,169 +3,190 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from tokenmill.engine.request import Request
+from tokenmill.sample.draw import apply_min_p, draw_full, draw_truncated
+from tokenmill.sample.logprobs import record_sample_logprobs
+from tokenmill.sample.penalties import PenaltyState
 
 _NEG_INF = float("-inf")
+
+
+@dataclass(slots=True)
+class _BatchFlags:
+    """Which processing steps this batch needs at all (each is skipped when no row uses it)."""
+
+    greedy: list[bool]
+    logprob_rows: list[int]
+    penalty_rows: list[int]
+    has_logit_bias: bool
+    has_allowed: bool
+    has_min_tokens: bool
+
+    @classmethod
+    def of(cls, requests: Sequence[Request]) -> _BatchFlags:
+        params = [r.params for r in requests]
+        return cls(
+            greedy=[p.is_greedy for p in params],
+            logprob_rows=[i for i, p in enumerate(params) if p.logprobs is not None],
+            penalty_rows=[i for i, p in enumerate(params) if p.has_penalties],
+            has_logit_bias=any(p.logit_bias for p in params),
+            has_allowed=any(p.allowed_token_ids is not None for p in params),
+            has_min_tokens=any(r.num_output_tokens < r.params.min_tokens for r in requests),
+        )
 
 
 class Sampler:
     """Applies every request's sampling parameters to its row, then draws.
 
-    Seeded requests draw from their own torch.Generator, so their output does not
-    depend on what else is in the batch; the others share one generator.
+    Order (vLLM v1's): allowed-token mask, logit bias, min_tokens, penalties; then
+    greedy rows take the argmax and the others get temperature, min-p, top-k and
+    top-p before the draw. Logprobs, when asked for, come from the raw logits.
+    Random draws use one uniform per row from a CPU generator: seeded requests
+    have their own, so their output does not depend on what else is in the batch.
     """
 
     def __init__(self, vocab_size: int, device: torch.device, seed: int = 0):
         self.vocab_size = vocab_size
         self.device = device
-        self.shared_generator = torch.Generator(device).manual_seed(seed)
+        self.shared_generator = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
+        self.penalties = PenaltyState(device)
+        self._allowed: dict[str, torch.Tensor] = {}  # request id -> [V] bool mask, built once
 
     def forget(self, request_id: str) -> None:
+        """Drop what the sampler keeps for a request that ended."""
         self.generators.pop(request_id, None)
+        self._allowed.pop(request_id, None)
+        self.penalties.forget(request_id)
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
-        """logits [N, V] float32 for the N requests that sample this step -> N token ids."""
-        logits = logits[:, : self.vocab_size]
-        logits = self._apply_logit_bias(logits, requests)
-        logits = self._apply_min_tokens(logits, requests)
-        logits = self._apply_penalties(logits, requests)
-        greedy = [r.params.is_greedy for r in requests]
-        if all(greedy):
-            return logits.argmax(dim=-1).tolist()
-        sampled = self._sample_random(logits, requests)
-        if any(greedy):
-            is_greedy = torch.tensor(greedy, device=logits.device)
-            sampled = torch.where(is_greedy, logits.argmax(dim=-1), sampled)
+        """logits [N, V] float32 for the N requests that sample this step -> N token ids.
+
+        Requests that asked for logprobs get this position's entry appended.
+        """
+        logits = logits[:, : self.vocab_size].float()  # penalties edit it in place
+        flags = _BatchFlags.of(requests)
+        raw_logprobs = self._raw_logprobs(logits, flags.logprob_rows)
+        logits = self._process(logits, requests, flags)
+        if all(flags.greedy):
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = self._sample(logits, requests, flags.greedy)
+        if raw_logprobs is not None:
+            rows = flags.logprob_rows
+            chosen = sampled if len(rows) == len(requests) else sampled[rows]
+            record_sample_logprobs([requests[i] for i in rows], raw_logprobs, chosen)
         return sampled.tolist()
 
-    def _apply_logit_bias(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        rows, cols, values = [], [], []
-        for i, request in enumerate(requests):
-            for token_id, bias in request.params.logit_bias.items():
-                rows.append(i)
-                cols.append(token_id)
-                values.append(bias)
+    def _raw_logprobs(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
         if not rows:
-            return logits
-        logits = logits.clone()
-        index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-        logits.index_put_(index, torch.tensor(values, device=logits.device), accumulate=True)
+            return None
+        subset = logits if len(rows) == logits.shape[0] else logits[rows]
+        return torch.log_softmax(subset, dim=-1)
+
+    def _process(
+        self, logits: torch.Tensor, requests: Sequence[Request], flags: _BatchFlags
+    ) -> torch.Tensor:
+        """Masks, bias and penalties: what changes even the greedy choice."""
+        if flags.has_allowed:
+            logits = self._apply_allowed(logits, requests)
+        if flags.has_logit_bias:
+            logits = _apply_logit_bias(logits, requests)
+        if flags.has_min_tokens:
+            logits = _apply_min_tokens(logits, requests)
+        if len(flags.penalty_rows) == len(requests):
+            logits = self.penalties.apply(logits, requests)
+        elif flags.penalty_rows:
+            rows = flags.penalty_rows
+            index = torch.tensor(rows, device=logits.device)
+            penalized = self.penalties.apply(logits[index], [requests[i] for i in rows])
+            logits = logits.index_copy(0, index, penalized)
         return logits
 
-    def _apply_min_tokens(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        """Until min_tokens are out, EOS and stop ids cannot be drawn."""
-        rows: list[int] = []
-        cols: list[int] = []
-        for i, request in enumerate(requests):
-            params = request.params
-            if request.num_output_tokens < params.min_tokens:
-                banned = set(params.stop_token_ids)
-                if not params.ignore_eos:
-                    banned |= request.eos_token_ids
-                rows.extend([i] * len(banned))
-                cols.extend(banned)
-        if not rows:
-            return logits
-        logits = logits.clone()
-        logits[torch.tensor(rows), torch.tensor(cols)] = _NEG_INF
-        return logits
+    def _apply_allowed(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        rows = [i for i, r in enumerate(requests) if r.params.allowed_token_ids is not None]
+        masks = torch.stack([self._allowed_mask(requests[i]) for i in rows])  # [M, V]
+        index = torch.tensor(rows, device=logits.device)
+        masked = logits.index_select(0, index).masked_fill(~masks, _NEG_INF)
+        return logits.index_copy(0, index, masked)
 
-    def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        """vLLM's semantics: repetition over prompt+output; presence/frequency over output only."""
-        if not any(r.params.has_penalties for r in requests):
-            return logits
+    def _allowed_mask(self, request: Request) -> torch.Tensor:
+        mask = self._allowed.get(request.request_id)
+        if mask is None:
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            ids = torch.tensor(request.params.allowed_token_ids or [], dtype=torch.long)
+            mask[ids.to(self.device)] = True
+            self._allowed[request.request_id] = mask
+        return mask
+
+    def _sample(
+        self, logits: torch.Tensor, requests: Sequence[Request], greedy: list[bool]
+    ) -> torch.Tensor:
+        """Greedy rows take the argmax; the others are drawn after temperature and truncation."""
+        rows = [i for i, g in enumerate(greedy) if not g]
+        params = [requests[i].params for i in rows]
         device = logits.device
-        output_counts = _token_counts(
-            [r.output_token_ids for r in requests], self.vocab_size, device
-        )
-        prompt_seen = (
-            _token_counts([r.prompt_token_ids for r in requests], self.vocab_size, device) > 0
-        )
-        repetition = torch.tensor([r.params.repetition_penalty for r in requests], device=device)[
-            :, None
-        ]
-        frequency = torch.tensor([r.params.frequency_penalty for r in requests], device=device)[
-            :, None
-        ]
-        presence = torch.tensor([r.params.presence_penalty for r in requests], device=device)[
-            :, None
-        ]
-        seen = prompt_seen | (output_counts > 0)
-        penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
-        logits = torch.where(seen, penalized, logits)
-        return logits - frequency * output_counts - presence * (output_counts > 0)
+        subset = logits if len(rows) == len(requests) else logits[rows]
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        subset = subset / temperature[:, None]
+        if any(p.min_p > 0 for p in params):
+            subset = apply_min_p(subset, torch.tensor([p.min_p for p in params], device=device))
+        uniforms = self._uniforms([requests[i] for i in rows])
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
+            drawn = draw_truncated(subset, top_k, top_p, uniforms)
+        else:
+            drawn = draw_full(subset, uniforms)
+        if len(rows) == len(requests):
+            return drawn
+        return logits.argmax(dim=-1).index_copy(0, torch.tensor(rows, device=device), drawn)
 
-    def _sample_random(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        device = logits.device
-        temperature = torch.tensor(
-            [r.params.temperature if not r.params.is_greedy else 1.0 for r in requests],
-            device=device,
-        )[:, None]
-        probs = torch.softmax(logits / temperature, dim=-1)
-        probs = _apply_min_p(probs, requests)
-        if any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in requests):
-            return _sample_top_k_top_p(probs, requests, self._exponentials(probs, requests))
-        return (probs / self._exponentials(probs, requests)).argmax(dim=-1)
-
-    def _exponentials(self, probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        """Exp(1) noise [N, V]: argmax(p / noise) draws from p (the exponential race)."""
-        noise = torch.empty_like(probs).exponential_(generator=self.shared_generator)
+    def _uniforms(self, requests: Sequence[Request]) -> torch.Tensor:
+        """One number in [0, 1) per row: from the request's own generator when it has a seed."""
+        values = torch.rand(len(requests), generator=self.shared_generator)
         for i, request in enumerate(requests):
             seed = request.params.seed
-            if seed is None or request.params.is_greedy:
-                continue
-            generator = self.generators.get(request.request_id)
-            if generator is None:
-                generator = self.generators[request.request_id] = torch.Generator(
-                    probs.device
-                ).manual_seed(seed)
-            noise[i].exponential_(generator=generator)
-        return noise
+            if seed is not None:
+                generator = self.generators.get(request.request_id)
+                if generator is None:
+                    generator = torch.Generator().manual_seed(seed)
+                    self.generators[request.request_id] = generator
+                values[i] = torch.rand(1, generator=generator)
+        return values.to(self.device)
 
 
-def _token_counts(
-    token_lists: list[list[int]], vocab_size: int, device: torch.device
-) -> torch.Tensor:
-    """Occurrences of each token per row [N, V] (float32)."""
-    width = max((len(t) for t in token_lists), default=0)
-    counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
-    if width:
-        ids = torch.full((len(token_lists), width), vocab_size, dtype=torch.long)
-        for i, tokens in enumerate(token_lists):
-            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        ids = ids.to(device)
-        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
-    return counts[:, :vocab_size]
+def _apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for i, request in enumerate(requests):
+        bias = request.params.logit_bias
+        rows.extend([i] * len(bias))
+        cols.extend(bias)
+        values.extend(bias.values())
+    device = logits.device
+    index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+    return logits.index_put(index, torch.tensor(values, device=device), accumulate=True)
 
 
-def _apply_min_p(probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-    min_p = [r.params.min_p for r in requests]
-    if not any(min_p):
-        return probs
-    threshold = torch.tensor(min_p, device=probs.device)[:, None] * probs.amax(dim=-1, keepdim=True)
-    return probs.masked_fill(probs < threshold, 0.0)
-
-
-def _sample_top_k_top_p(
-    probs: torch.Tensor, requests: Sequence[Request], noise: torch.Tensor
-) -> torch.Tensor:
-    """Sort once; mask ranks beyond top_k, then the tail beyond top_p mass; draw in sorted order."""
-    device = probs.device
-    vocab = probs.shape[-1]
-    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-    top_k = torch.tensor(
-        [r.params.top_k if r.params.top_k > 0 else vocab for r in requests], device=device
-    )
-    ranks = torch.arange(vocab, device=device)[None, :]
-    sorted_probs = sorted_probs.masked_fill(ranks >= top_k[:, None], 0.0)
-    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-    top_p = torch.tensor([r.params.top_p for r in requests], device=device)[:, None]
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always stays
-    noise = noise.gather(1, sorted_ids)
-    choice = (sorted_probs / noise).argmax(dim=-1, keepdim=True)
-    return sorted_ids.gather(1, choice).squeeze(1)
+def _apply_min_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """Until min_tokens are out, EOS and stop ids cannot be drawn."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, request in enumerate(requests):
+        params = request.params
+        if request.num_output_tokens < params.min_tokens:
+            banned = set(params.stop_token_ids)
+            if not params.ignore_eos:
+                banned |= request.eos_token_ids
+            rows.extend([i] * len(banned))
+            cols.extend(banned)
+    if not rows:
+        return logits
+    device = logits.device
+    index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+    return logits.index_put(index, torch.tensor(_NEG_INF, device=device))

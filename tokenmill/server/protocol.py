@@ -41,6 +41,10 @@ class ResponseModel(BaseModel):
     """A response body: exactly the declared fields."""
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
 # ---------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------
@@ -88,15 +92,15 @@ class ErrorResponse(ResponseModel):
 
 
 class SamplingExtras(OpenAIBaseModel):
-    """vLLM's extra sampling parameters, shared by Completions and Chat."""
+    """vLLM's extra sampling parameters, shared by Completions and Chat (ranges: SamplingParams)."""
 
-    best_of: int | None = None  # not supported yet beyond best_of == n
-    use_beam_search: bool = False  # not supported yet
+    best_of: NumChoices | None = None  # generate best_of, return the n with the best logprob sum
+    use_beam_search: bool = False  # beam width = best_of (or n)
     top_k: int = -1  # -1 = all tokens
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    length_penalty: float = 1.0  # beam search only; not supported yet
-    early_stopping: bool = False  # beam search only; not supported yet
+    length_penalty: float = 1.0  # beam search only
+    early_stopping: bool | Literal["never"] = False  # beam search only
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
@@ -104,7 +108,8 @@ class SamplingExtras(OpenAIBaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None  # keep the last k tokens
-    prompt_logprobs: int | None = None  # not supported yet
+    prompt_logprobs: int | None = None  # top logprobs of every prompt token
+    allowed_token_ids: list[int] | None = None  # only these tokens may be generated
 
 
 class StructuredOutputExtras(OpenAIBaseModel):
@@ -133,7 +138,7 @@ class CompletionRequest(SamplingExtras, StructuredOutputExtras):
     echo: bool = False
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    logprobs: int | None = None  # not supported yet
+    logprobs: int | None = None  # top logprobs per token (0..20); with echo, the prompt's too
     max_tokens: int | None = 16
     n: NumChoices = 1
     presence_penalty: float = 0.0
@@ -147,17 +152,37 @@ class CompletionRequest(SamplingExtras, StructuredOutputExtras):
     user: str | None = None
 
     # vLLM extras specific to Completions
-    allowed_token_ids: list[int] | None = None  # not supported yet
     add_special_tokens: bool = True  # e.g. BOS on top of the prompt
     response_format: ResponseFormat | None = None
+
+
+class PromptLogprob(ResponseModel):
+    """vLLM's prompt_logprobs entry: one token's logprob at one prompt position."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobsList = list[dict[int, PromptLogprob] | None]  # None for the first prompt token
+
+
+class CompletionLogProbs(ResponseModel):
+    """Completions' logprobs: parallel lists, one entry per token."""
+
+    text_offset: list[int] = Field(default_factory=list)  # where each token starts in the text
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: first prompt token
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
 class CompletionResponseChoice(ResponseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM: the stop id or string that ended it
+    prompt_logprobs: PromptLogprobsList | None = Field(default=None, exclude_if=_is_none)
 
 
 class CompletionResponse(ResponseModel):
@@ -212,8 +237,8 @@ class ChatCompletionRequest(SamplingExtras, StructuredOutputExtras):
     model: str | None = None  # None = the first served model name
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = False  # not supported yet
-    top_logprobs: int | None = None  # not supported yet
+    logprobs: bool | None = False  # logprob of each output token
+    top_logprobs: int | None = None  # and this many most likely alternatives (0..20)
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None  # None = fill the context
     n: NumChoices = 1
@@ -246,10 +271,24 @@ class ChatResponseMessage(ResponseModel):
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class ChatCompletionLogProb(ResponseModel):
+    token: str
+    logprob: float = -9999.0
+    bytes: list[int] | None = None  # the token's UTF-8 bytes (part of a character, if split)
+
+
+class ChatCompletionLogProbsContent(ChatCompletionLogProb):
+    top_logprobs: list[ChatCompletionLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(ResponseModel):
+    content: list[ChatCompletionLogProbsContent] | None = None
+
+
 class ChatCompletionResponseChoice(ResponseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -261,6 +300,7 @@ class ChatCompletionResponse(ResponseModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobsList | None = Field(default=None, exclude_if=_is_none)
 
 
 class DeltaMessage(ResponseModel):
@@ -277,7 +317,7 @@ class DeltaMessage(ResponseModel):
 class ChatCompletionStreamChoice(ResponseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 

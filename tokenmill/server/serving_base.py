@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tokenmill.engine.async_engine import AsyncEngine
-from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.logprobs import LogprobFormatter
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo
+from tokenmill.tokenizer.detokenizer import TokenTexts
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +26,7 @@ AnyRequest = CompletionRequest | ChatCompletionRequest
 
 # Fields declared for vLLM compatibility whose feature has not landed: a non-default value is
 # a clear 400 rather than silently different output.
-_NOT_SUPPORTED_YET = (
-    "use_beam_search", "length_penalty", "early_stopping", "prompt_logprobs",
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-)  # fmt: skip
+_NOT_SUPPORTED_YET = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 @dataclass(slots=True)
@@ -66,6 +65,7 @@ class ServingBase:
         self.settings = settings
         self.metrics = metrics
         self.executor = executor  # one thread: tokenizing and templates stay off the event loop
+        self.logprobs = LogprobFormatter(TokenTexts(engine.tokenizer))
 
     def check_model(self, name: str | None) -> str:
         """The served name to report back; 404 for a name this server does not serve."""
@@ -94,8 +94,17 @@ class ServingBase:
                 param=param,
             )
 
-    def sampling_params(self, request: AnyRequest, max_tokens: int | None) -> SamplingParams:
-        """SamplingParams from the fields Completions and Chat share (range checks live there)."""
+    def sampling_params(
+        self,
+        request: AnyRequest,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None,
+    ) -> SamplingParams:
+        """The request as SamplingParams (range checks live there); the one place they are built.
+
+        max_tokens and the logprob counts come from the fields each endpoint names its own way.
+        """
         reject_unsupported(request)
         params = SamplingParams(
             n=request.n,
@@ -116,14 +125,25 @@ class ServingBase:
             min_tokens=request.min_tokens,
             skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
+            best_of=request.best_of,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            allowed_token_ids=request.allowed_token_ids,
+            truncate_prompt_tokens=request.truncate_prompt_tokens,
+            use_beam_search=request.use_beam_search,
+            length_penalty=request.length_penalty,
+            early_stopping=request.early_stopping,
         )
         params.check_vocab(self.engine.vocab_size)
+        params.check_max_logprobs()
+        _check_streaming(request, params)
         return params
 
     def fit_to_context(
         self, prompt_token_ids: list[int], params: SamplingParams, prompt_param: str
     ) -> EngineInput:
         """Check prompt + max_tokens against the context; max_tokens None fills the context."""
+        prompt_token_ids = params.truncate_prompt(prompt_token_ids)
         num_prompt, max_len = len(prompt_token_ids), self.engine.max_model_len
         if num_prompt == 0:
             raise InvalidRequestError(
@@ -172,7 +192,7 @@ class ServingBase:
     ) -> AsyncIterator[RequestOutput]:
         """One engine request with its metrics; leaving early aborts it in the engine."""
         timer = self.metrics.start_request(len(item.prompt_token_ids))
-        if item.params.max_tokens == 0:  # echo only: nothing for the engine to do
+        if item.params.max_tokens == 0 and item.params.prompt_logprobs is None:  # echo only
             yield _empty_output(item, request_id)
             return
         stream = self.engine.generate(item.prompt_token_ids, item.params, request_id)
@@ -200,6 +220,16 @@ class ChoiceDelta:
     finish_reason: str | None
     stop_reason: int | str | None
     is_first: bool  # nothing was sent for this choice before
+    output: CompletionOutput  # the sequence as of this snapshot
+    token_start: int  # output.token_ids[token_start:] are new since the last delta
+
+    @property
+    def new_token_ids(self) -> list[int]:
+        return self.output.token_ids[self.token_start :]
+
+    @property
+    def new_logprobs(self) -> list[PositionLogprobs]:
+        return (self.output.logprobs or [])[self.token_start :]
 
 
 class ChoiceTracker:
@@ -210,6 +240,7 @@ class ChoiceTracker:
         self.num_prompt_tokens = sum(len(item.prompt_token_ids) for item in inputs)
         self._num_chars: dict[int, int] = {}
         self._num_tokens: dict[int, int] = {}
+        self._num_tokens_sent: dict[int, int] = {}
         self._finished: set[int] = set()
 
     @property
@@ -233,10 +264,12 @@ class ChoiceTracker:
             if not text and not is_finishing and sent is not None:
                 continue
             self._num_chars[index] = len(seq.text)
+            token_start = self._num_tokens_sent.get(index, 0)
+            self._num_tokens_sent[index] = len(seq.token_ids)
             if is_finishing:
                 self._finished.add(index)
             reason, stop = (seq.finish_reason, seq.stop_reason) if is_finishing else (None, None)
-            deltas.append(ChoiceDelta(index, text, reason, stop, sent is None))
+            deltas.append(ChoiceDelta(index, text, reason, stop, sent is None, seq, token_start))
         return deltas
 
 
@@ -250,8 +283,6 @@ def reject_unsupported(request: AnyRequest) -> None:
     for name in _NOT_SUPPORTED_YET:
         if getattr(request, name) != type(request).model_fields[name].default:
             _not_supported(name)
-    if request.best_of is not None and request.best_of != request.n:
-        _not_supported("best_of")
     if request.response_format is not None and request.response_format.type != "text":
         raise InvalidRequestError(
             f"response_format {request.response_format.type!r} is not supported yet; "
@@ -266,6 +297,22 @@ def reject_unsupported(request: AnyRequest) -> None:
 
 def _not_supported(name: str) -> None:
     raise InvalidRequestError(f"{name} is not supported yet", param=name)
+
+
+def _check_streaming(request: AnyRequest, params: SamplingParams) -> None:
+    """What vLLM cannot stream: best_of ranking and prompt logprobs need the whole output."""
+    if not request.stream:
+        return
+    if params.num_sequences > params.n and not params.use_beam_search:
+        raise InvalidRequestError(
+            "best_of > n is not supported with streaming: the best sequences are known only at "
+            "the end",
+            param="best_of",
+        )
+    if request.prompt_logprobs is not None:
+        raise InvalidRequestError(
+            "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
+        )
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:

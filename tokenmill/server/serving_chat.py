@@ -10,8 +10,11 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
+from tokenmill.engine.outputs import PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
+from tokenmill.sampling_params import MAX_LOGPROBS
 from tokenmill.server.protocol import (
+    ChatCompletionLogProbs,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionResponseChoice,
@@ -52,7 +55,8 @@ class ChatServer(ServingBase):
         max_tokens = request.max_completion_tokens
         if max_tokens is None:
             max_tokens = request.max_tokens
-        params = self.sampling_params(request, max_tokens)
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
         prompt_token_ids = await self.prompt_token_ids(request)
         return [self.fit_to_context(prompt_token_ids, params, "messages")]
 
@@ -83,24 +87,43 @@ class ChatServer(ServingBase):
     ) -> ChatCompletionResponse:
         role, echo = _response_role(request), _echo_text(request)
         tracker = ChoiceTracker(inputs)
-        texts: dict[int, str] = {}
-        choices: dict[int, ChatCompletionResponseChoice] = {}
+        final: RequestOutput | None = None
         async with aclosing(self.generate(inputs, request_id)) as outputs:
             async for i, output in outputs:
-                for delta in tracker.update(i, output):
-                    texts[delta.index] = texts.get(delta.index, echo) + delta.text
-                    choices[delta.index] = ChatCompletionResponseChoice(
-                        index=delta.index,
-                        message=ChatResponseMessage(role=role, content=texts[delta.index]),
-                        finish_reason=delta.finish_reason,
-                        stop_reason=delta.stop_reason,
-                    )
+                tracker.update(i, output)
+                final = output
+        assert final is not None  # every engine stream ends with its finished output
+        choices = [
+            ChatCompletionResponseChoice(
+                index=seq.index,
+                message=ChatResponseMessage(role=role, content=echo + seq.text),
+                logprobs=self._logprobs(request, seq.token_ids, seq.logprobs),
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for seq in final.outputs
+        ]
         return ChatCompletionResponse(
             id=request_id,
             model=model,
-            choices=[choices[i] for i in sorted(choices)],
+            choices=choices,
             usage=tracker.usage(),
+            prompt_logprobs=(
+                self.logprobs.prompt(final.prompt_logprobs)
+                if request.prompt_logprobs is not None
+                else None
+            ),
         )
+
+    def _logprobs(
+        self,
+        request: ChatCompletionRequest,
+        token_ids: list[int],
+        entries: list[PositionLogprobs] | None,
+    ) -> ChatCompletionLogProbs | None:
+        if not request.logprobs:
+            return None
+        return self.logprobs.chat(token_ids, entries or [], request.top_logprobs or 0)
 
     async def _stream(
         self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
@@ -124,7 +147,8 @@ class ChatServer(ServingBase):
                 for delta in tracker.update(i, output):
                     if delta.text or delta.finish_reason:
                         content = DeltaMessage(content=delta.text or None)
-                        yield chunk([_stream_choice(delta.index, content, delta)])
+                        logprobs = self._logprobs(request, delta.new_token_ids, delta.new_logprobs)
+                        yield chunk([_stream_choice(delta.index, content, delta, logprobs)])
         if include_usage:
             usage_chunk = ChatCompletionStreamResponse(
                 id=request_id, created=created, model=model, choices=[], usage=tracker.usage()
@@ -172,8 +196,16 @@ def _check_chat_options(request: ChatCompletionRequest) -> None:
         raise InvalidRequestError("tools are not supported yet", param="tools")
     if request.tool_choice not in (None, "none", "auto"):
         raise InvalidRequestError("tool_choice is not supported yet", param="tool_choice")
-    if request.logprobs or request.top_logprobs:
-        raise InvalidRequestError("logprobs are not supported yet", param="logprobs")
+    if request.top_logprobs is not None:
+        if not request.logprobs:
+            raise InvalidRequestError(
+                "when using top_logprobs, logprobs must be set to true", param="top_logprobs"
+            )
+        if not 0 <= request.top_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {request.top_logprobs}",
+                param="top_logprobs",
+            )
 
 
 def _response_role(request: ChatCompletionRequest) -> str:
@@ -190,11 +222,15 @@ def _echo_text(request: ChatCompletionRequest) -> str:
 
 
 def _stream_choice(
-    index: int, delta: DeltaMessage, finish: ChoiceDelta | None = None
+    index: int,
+    delta: DeltaMessage,
+    finish: ChoiceDelta | None = None,
+    logprobs: ChatCompletionLogProbs | None = None,
 ) -> ChatCompletionStreamChoice:
     return ChatCompletionStreamChoice(
         index=index,
         delta=delta,
+        logprobs=logprobs,
         finish_reason=finish.finish_reason if finish else None,
         stop_reason=finish.stop_reason if finish else None,
     )

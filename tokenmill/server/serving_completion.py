@@ -9,14 +9,16 @@ from contextlib import aclosing
 
 from starlette.responses import JSONResponse, Response
 
+from tokenmill.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.protocol import (
+    CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
     CompletionStreamResponse,
 )
-from tokenmill.server.serving_base import ChoiceTracker, EngineInput, ServingBase
+from tokenmill.server.serving_base import ChoiceDelta, ChoiceTracker, EngineInput, ServingBase
 from tokenmill.server.sse import EventStreamResponse, sse_event
 
 
@@ -32,7 +34,7 @@ class CompletionServer(ServingBase):
         echoes = prompt_texts if request.echo else [""] * len(inputs)
         if request.stream:
             return EventStreamResponse(self._stream(request, request_id, model, inputs, echoes))
-        response = await self._collect(request_id, model, inputs, echoes)
+        response = await self._collect(request, request_id, model, inputs, echoes)
         return JSONResponse(response.model_dump(mode="json"))
 
     async def to_engine_inputs(
@@ -40,7 +42,12 @@ class CompletionServer(ServingBase):
     ) -> tuple[list[EngineInput], list[str]]:
         """The request as engine inputs (one per prompt) and each prompt's text (for echo)."""
         _check_completion_options(request)
-        params = self.sampling_params(request, request.max_tokens)
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is None and request.echo:
+            prompt_logprobs = request.logprobs  # echo + logprobs scores the prompt too
+        params = self.sampling_params(
+            request, request.max_tokens, request.logprobs, prompt_logprobs
+        )
         prompts = await self.run_blocking(self._tokenize, request)
         inputs = [self.fit_to_context(ids, params, "prompt") for ids, _ in prompts]
         return inputs, [text for _, text in prompts]
@@ -70,26 +77,53 @@ class CompletionServer(ServingBase):
         return result
 
     async def _collect(
-        self, request_id: str, model: str, inputs: list[EngineInput], echoes: list[str]
+        self,
+        request: CompletionRequest,
+        request_id: str,
+        model: str,
+        inputs: list[EngineInput],
+        echoes: list[str],
     ) -> CompletionResponse:
         tracker = ChoiceTracker(inputs)
-        texts: dict[int, str] = {}
-        choices: dict[int, CompletionResponseChoice] = {}
+        finals: dict[int, RequestOutput] = {}
         async with aclosing(self.generate(inputs, request_id)) as outputs:
             async for i, output in outputs:
-                for delta in tracker.update(i, output):
-                    texts[delta.index] = texts.get(delta.index, echoes[i]) + delta.text
-                    choices[delta.index] = CompletionResponseChoice(
-                        index=delta.index,
-                        text=texts[delta.index],
-                        finish_reason=delta.finish_reason,
-                        stop_reason=delta.stop_reason,
-                    )
+                tracker.update(i, output)
+                finals[i] = output
+        choices = [
+            self._choice(request, i * tracker.n + seq.index, echoes[i], finals[i], seq)
+            for i in sorted(finals)
+            for seq in finals[i].outputs
+        ]
         return CompletionResponse(
-            id=request_id,
-            model=model,
-            choices=[choices[i] for i in sorted(choices)],
-            usage=tracker.usage(),
+            id=request_id, model=model, choices=choices, usage=tracker.usage()
+        )
+
+    def _choice(
+        self,
+        request: CompletionRequest,
+        index: int,
+        echo: str,
+        output: RequestOutput,
+        seq: CompletionOutput,
+    ) -> CompletionResponseChoice:
+        logprobs = None
+        if request.logprobs is not None:
+            ids, entries = _prompt_part(output) if request.echo else ([], [])
+            logprobs = self.logprobs.completion(
+                [*ids, *seq.token_ids], [*entries, *(seq.logprobs or [])]
+            )
+        return CompletionResponseChoice(
+            index=index,
+            text=echo + seq.text,
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            prompt_logprobs=(
+                self.logprobs.prompt(output.prompt_logprobs)
+                if request.prompt_logprobs is not None
+                else None
+            ),
         )
 
     async def _stream(
@@ -104,12 +138,17 @@ class CompletionServer(ServingBase):
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         exclude = None if include_usage else {"usage"}
         tracker = ChoiceTracker(inputs)
+        num_chars_sent: dict[int, int] = {}  # per choice, for text_offset
         async with aclosing(self.generate(inputs, request_id)) as outputs:
             async for i, output in outputs:
                 for delta in tracker.update(i, output):
+                    text = (echoes[i] if delta.is_first else "") + delta.text
+                    offset = num_chars_sent.get(delta.index, 0)
+                    num_chars_sent[delta.index] = offset + len(text)
                     choice = CompletionResponseChoice(
                         index=delta.index,
-                        text=(echoes[i] if delta.is_first else "") + delta.text,
+                        text=text,
+                        logprobs=self._delta_logprobs(request, output, delta, offset),
                         finish_reason=delta.finish_reason,
                         stop_reason=delta.stop_reason,
                     )
@@ -123,9 +162,26 @@ class CompletionServer(ServingBase):
             )
             yield sse_event(chunk)
 
+    def _delta_logprobs(
+        self, request: CompletionRequest, output: RequestOutput, delta: ChoiceDelta, offset: int
+    ) -> CompletionLogProbs | None:
+        """Logprobs of the tokens new in this chunk (the prompt's too in the first, with echo)."""
+        if request.logprobs is None:
+            return None
+        ids, entries = _prompt_part(output) if request.echo and delta.is_first else ([], [])
+        return self.logprobs.completion(
+            [*ids, *delta.new_token_ids], [*entries, *delta.new_logprobs], offset
+        )
+
+
+def _prompt_part(output: RequestOutput) -> tuple[list[int], list[PositionLogprobs | None]]:
+    """The prompt's token ids and logprob entries, for echo (the first entry is None)."""
+    ids = list(output.prompt_token_ids)
+    entries = list(output.prompt_logprobs or [None] * len(ids))
+    return ids, entries
+
 
 def _check_completion_options(request: CompletionRequest) -> None:
     """400 for Completions options whose feature has not landed yet."""
-    for name in ("logprobs", "suffix", "allowed_token_ids"):
-        if getattr(request, name) is not None:
-            raise InvalidRequestError(f"{name} is not supported yet", param=name)
+    if request.suffix is not None:
+        raise InvalidRequestError("suffix is not supported yet", param="suffix")

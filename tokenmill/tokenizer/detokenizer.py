@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
+import logging
+import re
+from typing import Any
+
 from tokenizers.decoders import DecodeStream
 
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
+
 _PROMPT_CONTEXT = 6  # prompt tokens the stream starts from, so the first word gets its space
+_INVALID_PREFIX = "Invalid prefix encountered"  # DecodeStream lost its state; start it afresh
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback tokens
 
 
 class IncrementalDetokenizer:
     """Text of one sequence, grown one token at a time; never splits a UTF-8 character.
 
     `text` is everything decoded (cut at a stop string once one is found);
-    `visible_text` withholds a tail that may still turn out to start a stop string.
+    `visible_text` withholds a tail only while it may still turn out to start a
+    stop string. As in vLLM, stop strings count only after min_tokens tokens, and
+    with spaces_between_special_tokens=False no space is put between two
+    consecutive added (special) tokens.
     """
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_token_ids: list[int]):
         self._backend = tokenizer.hf.backend_tokenizer
+        self._skip_special = params.skip_special_tokens
         self._stream = DecodeStream(
-            ids=prompt_token_ids[-_PROMPT_CONTEXT:], skip_special_tokens=params.skip_special_tokens
+            ids=prompt_token_ids[-_PROMPT_CONTEXT:], skip_special_tokens=self._skip_special
         )
+        self._added = _added_tokens(tokenizer, params)
+        self._last_added = False
         self._stops = params.stop
         self._include_stop = params.include_stop_str_in_output
+        self._min_tokens = params.min_tokens
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
+        self.num_tokens = 0
         self.text = ""
         self.stop_string: str | None = None  # the stop string that ended the text, if any
         self._stop_index = -1
@@ -33,11 +49,32 @@ class IncrementalDetokenizer:
         """Decode one more token; afterwards check `stop_string`."""
         if self.stop_string is not None:
             return
-        piece = self._stream.step(self._backend, token_id)
+        self.num_tokens += 1
+        piece = self._decode(token_id)
         if piece:
             start = max(0, len(self.text) - self._max_stop_len + 1)
             self.text += piece
-            self._find_stop(start)
+            if self._stops and self.num_tokens > self._min_tokens:
+                self._find_stop(start)
+
+    def _decode(self, token_id: int) -> str:
+        piece = self._step(token_id)
+        if self._added is not None:
+            content = self._added.get(token_id)
+            if content is not None and self._last_added:
+                piece = content  # the added token alone, without the space the decoder put
+            self._last_added = content is not None
+        return piece or ""
+
+    def _step(self, token_id: int) -> str | None:
+        try:
+            return self._stream.step(self._backend, token_id)
+        except Exception as e:
+            if not str(e).startswith(_INVALID_PREFIX):
+                raise
+            logger.warning("detokenizer state reset after an invalid UTF-8 prefix")
+            self._stream = DecodeStream(skip_special_tokens=self._skip_special)
+            return self._stream.step(self._backend, token_id)
 
     def _find_stop(self, search_from: int) -> None:
         for stop in self._stops:
@@ -63,3 +100,72 @@ class IncrementalDetokenizer:
                     longest = size
                     break
         return longest
+
+
+def detokenize(
+    tokenizer: Tokenizer, params: SamplingParams, prompt_token_ids: list[int], token_ids: list[int]
+) -> IncrementalDetokenizer:
+    """A finished sequence's text (stop strings applied) in one go."""
+    detokenizer = IncrementalDetokenizer(tokenizer, params, prompt_token_ids)
+    for token_id in token_ids:
+        detokenizer.add_token(token_id)
+    return detokenizer
+
+
+def _added_tokens(tokenizer: Tokenizer, params: SamplingParams) -> dict[int, str] | None:
+    """Added tokens by id, when spaces between consecutive ones must be suppressed."""
+    if params.skip_special_tokens or params.spaces_between_special_tokens:
+        return None
+    decoder = getattr(tokenizer.hf, "added_tokens_decoder", None) or {}
+    return {int(i): str(getattr(t, "content", t)) for i, t in decoder.items()} or None
+
+
+class TokenTexts:
+    """Text and bytes of single tokens, for logprobs; cached per token id."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._hf = tokenizer.hf
+        decoder = getattr(getattr(self._hf, "backend_tokenizer", None), "decoder", None)
+        self._is_byte_level = "ByteLevel" in repr(decoder)
+        self._texts: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
+
+    def text(self, token_id: int) -> str:
+        """The token decoded on its own (a split UTF-8 character shows as U+FFFD, as in vLLM)."""
+        text = self._texts.get(token_id)
+        if text is None:
+            token = self._hf.convert_ids_to_tokens(token_id)
+            text = self._texts[token_id] = str(self._hf.convert_tokens_to_string([token]))
+        return text
+
+    def bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes (OpenAI's `bytes`): exact even for part of a UTF-8 character."""
+        value = self._bytes.get(token_id)
+        if value is None:
+            value = self._bytes[token_id] = self._raw_bytes(token_id)
+        return value
+
+    def _raw_bytes(self, token_id: int) -> list[int]:
+        token: Any = self._hf.convert_ids_to_tokens(token_id)
+        if isinstance(token, str):
+            if self._is_byte_level and all(c in _BYTE_DECODER for c in token):
+                return [_BYTE_DECODER[c] for c in token]
+            match = _BYTE_TOKEN.fullmatch(token)
+            if match:
+                return [int(match.group(1), 16)]
+        return list(self.text(token_id).encode("utf-8"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as a printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+_BYTE_DECODER = {char: byte for byte, char in _bytes_to_unicode().items()}

@@ -1,0 +1,169 @@
+"""Request groups: the engine requests behind one client request, and what it gets back.
+
+A `RequestGroup` runs n sequences (best_of when larger, keeping the n with the
+highest cumulative logprob); a `BeamGroup` runs a beam search, one single-token
+engine request per beam and step. Both turn their state into RequestOutputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from tokenmill.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from tokenmill.engine.request import Request
+from tokenmill.sample.beam_search import Beam, BeamSearch
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, detokenize
+from tokenmill.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One sampled sequence: its engine request, its text so far and its output."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    index: int
+    output: CompletionOutput = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.output = CompletionOutput(index=self.index)
+
+
+class RequestGroup:
+    """The n (or best_of) sequences of one prompt."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        sequences: list[Sequence],
+    ):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.sequences = sequences
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = None
+        self._by_id = {s.request.request_id: s for s in sequences}
+
+    @property
+    def finished(self) -> bool:
+        return all(s.output.is_finished for s in self.sequences)
+
+    @property
+    def _is_final_only(self) -> bool:
+        """best_of ranks finished sequences; prompt-only requests drop their one token."""
+        return self.params.num_sequences > self.params.n or self.params.max_tokens == 0
+
+    def sequence_of(self, request: Request) -> Sequence:
+        return self._by_id[request.request_id]
+
+    def engine_request_ids(self) -> list[str]:
+        return list(self._by_id)
+
+    def abort(self) -> None:
+        for seq in self.sequences:
+            if not seq.output.is_finished:
+                seq.output.finish_reason = "abort"
+
+    def snapshot(self) -> RequestOutput | None:
+        """Every sequence so far (None while best_of or prompt-only requests still run)."""
+        finished = self.finished
+        if self._is_final_only and not finished:
+            return None
+        cached = min((s.request.num_cached_tokens for s in self.sequences), default=0)
+        return RequestOutput(
+            self.request_id,
+            self.prompt_token_ids,
+            self._outputs(),
+            finished,
+            cached,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs else None,
+        )
+
+    def _outputs(self) -> list[CompletionOutput]:
+        n = self.params.n
+        if self.params.max_tokens == 0:
+            return [CompletionOutput(index=j, finish_reason="length") for j in range(n)]
+        sequences = self.sequences
+        if len(sequences) > n:
+            sequences = sorted(
+                sequences, key=lambda s: s.output.cumulative_logprob or 0.0, reverse=True
+            )[:n]
+        return [self._public(s.output, j) for j, s in enumerate(sequences)]
+
+    def _public(self, output: CompletionOutput, index: int) -> CompletionOutput:
+        """A copy for the client: logprobs only when it asked for them."""
+        asked = self.params.logprobs is not None
+        return dataclasses.replace(
+            output,
+            index=index,
+            token_ids=list(output.token_ids),
+            logprobs=list(output.logprobs) if asked and output.logprobs is not None else None,
+            cumulative_logprob=output.cumulative_logprob if asked else None,
+        )
+
+
+class BeamGroup:
+    """A beam search: the requests of the current step and, at the end, the n best beams."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        search: BeamSearch,
+        cache_salt: str | None,
+    ):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.search = search
+        self.cache_salt = cache_salt
+        self.step = 0
+        self.pending: dict[str, int] = {}  # engine request id -> beam index, this step
+        self.results: dict[int, PositionLogprobs] = {}  # beam index -> its next-token logprobs
+        self.outputs: list[CompletionOutput] | None = None  # set when the search ends
+
+    @property
+    def finished(self) -> bool:
+        return self.outputs is not None
+
+    def engine_request_ids(self) -> list[str]:
+        return list(self.pending)
+
+    def abort(self) -> None:
+        self.pending.clear()
+        self.outputs = [
+            CompletionOutput(index=j, finish_reason="abort") for j in range(self.params.n)
+        ]
+
+    def finish(self, tokenizer: Tokenizer) -> None:
+        best = self.search.best(self.params.n)
+        self.outputs = [self._output(j, beam, tokenizer) for j, beam in enumerate(best)]
+
+    def snapshot(self) -> RequestOutput | None:
+        if self.outputs is None:
+            return None
+        return RequestOutput(self.request_id, self.prompt_token_ids, self.outputs, finished=True)
+
+    def _output(self, index: int, beam: Beam, tokenizer: Tokenizer) -> CompletionOutput:
+        params, tokens = self.params, beam.token_ids
+        hide_last = beam.is_stopped and not params.include_stop_str_in_output
+        text = detokenize(
+            tokenizer, params, self.prompt_token_ids, tokens[:-1] if hide_last else tokens
+        )
+        stop_reason: int | str | None = text.stop_string
+        if stop_reason is None and beam.is_stopped and tokens[-1] in params.stop_token_ids:
+            stop_reason = tokens[-1]
+        return CompletionOutput(
+            index=index,
+            text=text.text,
+            token_ids=list(tokens),
+            finish_reason="stop" if beam.is_stopped or text.stop_string else "length",
+            stop_reason=stop_reason,
+            cumulative_logprob=beam.cumulative_logprob,
+            logprobs=list(beam.logprobs) if params.logprobs is not None else None,
+        )
