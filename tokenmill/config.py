@@ -1,4 +1,4 @@
-"""The configuration tree: model, cache, scheduler, device; built once by the CLI or LLM()."""
+"""The configuration tree: model, cache, scheduler, structured outputs; built by the CLI or LLM()."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+# the grammar backends of tokenmill/structured (its BACKENDS registry; a unit test keeps them equal)
+GuidedDecodingBackend = Literal["xgrammar", "outlines", "lm-format-enforcer"]
 
 
 @dataclass(slots=True)
@@ -40,18 +42,26 @@ class SchedulerConfig:
 
 
 @dataclass(slots=True)
+class StructuredOutputsConfig:
+    """Structured outputs (guided decoding)."""
+
+    guided_decoding_backend: GuidedDecodingBackend = "xgrammar"  # requests may pick another
+
+
+@dataclass(slots=True)
 class EngineConfig:
     """The whole engine's configuration."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Build from flat keyword arguments (LLM(...) and the CLI); unknown keys raise."""
         config = cls()
-        sections = (config.model, config.cache, config.scheduler)
+        sections = (config.model, config.cache, config.scheduler, config.structured_outputs)
         for key, value in kwargs.items():
             for section in sections:
                 if key in {f.name for f in fields(section)}:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tokenmill.errors import InvalidRequestError
+
+if TYPE_CHECKING:  # tokenmill.structured pulls in torch; `import tokenmill` stays light
+    from tokenmill.structured.spec import StructuredSpec
 
 _GREEDY_EPSILON = 1e-5  # temperatures below this sample greedily, as in vLLM
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs: most top logprobs a request may ask for
@@ -44,10 +48,15 @@ class SamplingParams:
     use_beam_search: bool = False  # beam width = best_of (or n); returns the n best beams
     length_penalty: float = 1.0  # beam score = cumulative logprob / length ** length_penalty
     early_stopping: EarlyStopping = False  # beam search: True, False (heuristic) or "never"
+    # the output must match this constraint (JSON schema, regex, choice, grammar); a dict is
+    # read as vLLM's StructuredOutputsParams fields ({"json": schema}, {"regex": ...}, ...)
+    structured_outputs: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.structured_outputs, Mapping):
+            self.structured_outputs = structured_spec(**self.structured_outputs)
         self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.top_k == 0:
             self.top_k = -1
@@ -176,6 +185,13 @@ class SamplingParams:
             f"length_penalty must be finite, got {self.length_penalty}",
         )
         if self.use_beam_search:
+            spec = self.structured_outputs
+            _check(
+                spec is None,
+                (spec and spec.param) or "use_beam_search",
+                "beam search cannot be combined with structured outputs: the beams would need "
+                "grammar state of their own; use n or best_of instead",
+            )
             return
         _check(
             self.early_stopping is False,
@@ -214,6 +230,22 @@ class SamplingParams:
                 f"Requested {kind} logprobs of {value}, which is greater than max allowed: "
                 f"{max_logprobs}",
             )
+
+
+def structured_spec(backend: str | None = None, **options: Any) -> StructuredSpec:
+    """A constraint from vLLM's StructuredOutputsParams fields, for the offline API.
+
+    structured_spec(json=schema), structured_spec(regex=r"\\d+"), structured_spec(choice=[...]),
+    structured_spec(grammar="root ::= ...", backend="xgrammar"), structured_spec(json_object=True).
+    """
+    from tokenmill.structured.spec import spec_from_request_fields
+
+    spec = spec_from_request_fields(structured_outputs=options, guided_decoding_backend=backend)
+    if spec is None:
+        raise InvalidRequestError(
+            "structured_outputs names no constraint", param="structured_outputs"
+        )
+    return spec
 
 
 def _finite(value: float) -> bool:

@@ -296,8 +296,8 @@ def test_error_classes_with_status_and_envelope(server: Server) -> None:
         ("/v1/chat/completions", {"model": MODEL}, 400, "messages", "required"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [image]}]}, 400,
          "messages.0.content", "does not accept images"),
-        ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "json_object"}},
-         400, "response_format", "not supported yet"),
+        ("/v1/chat/completions", {"messages": QUESTION, "guided_regex": "(a"}, 400,
+         "guided_regex", "invalid regex"),
     ]  # fmt: skip
     for path, body, status, param, fragment in cases:
         r = _post(server, path, json=body)

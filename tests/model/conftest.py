@@ -15,3 +15,11 @@ def hf_reference(bundled_gguf_path):
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     )
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def bundled_llm(bundled_gguf_path):
+    """The bundled model in float32 behind the offline API, shared by the engine-level tests."""
+    from tokenmill import LLM
+
+    return LLM(bundled_gguf_path, dtype="float32", kv_cache_memory=256 << 20)

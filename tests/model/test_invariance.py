@@ -22,8 +22,8 @@ def token_ids(outputs):
 
 
 @pytest.fixture(scope="module")
-def llm(bundled_gguf_path):
-    return LLM(bundled_gguf_path, dtype="float32", kv_cache_memory=256 << 20)
+def llm(bundled_llm):
+    return bundled_llm
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.app import ServerSettings, build_app
+from tokenmill.structured import StructuredOutputManager, StructuredSpec
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.anyio
@@ -53,6 +54,15 @@ class ByteTokenizer:
         return [self.decode([i]) or f"<{i}>" for i in ids]
 
 
+class FakeStructuredOutputs(StructuredOutputManager):
+    """The real boundary checks; "compiling" returns the spec (a byte tokenizer has no
+    grammar vocabulary: real compilation is tested against the real server)."""
+
+    async def compile_async(self, spec: StructuredSpec) -> Any:
+        self.validate(spec)
+        return spec
+
+
 class FakeAsyncEngine:
     """Same interface as AsyncEngine; sequence k writes the alphabet from letter k, one per step."""
 
@@ -62,6 +72,8 @@ class FakeAsyncEngine:
 
     def __init__(self, chat_template: str | None = CHATML, delay: float = 0.0):
         self.tokenizer = Tokenizer(ByteTokenizer(), [1], chat_template, "<s>", "</s>")
+        self.structured_outputs = FakeStructuredOutputs(self.tokenizer, self.vocab_size)
+        self.grammars: list[Any] = []  # the compiled grammar each request was given
         self.delay = delay
         self.alive = True
         self.requests: list[tuple[list[int], SamplingParams, str]] = []
@@ -82,9 +94,14 @@ class FakeAsyncEngine:
         return EngineStats(len(self.running), 0, 0.25, 0, len(self.aborted))
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        grammar: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         self.requests.append((prompt_token_ids, params, request_id))
+        self.grammars.append(grammar)
         self.running.add(request_id)
         seqs = [CompletionOutput(index=k) for k in range(params.n)]
         try:
@@ -394,8 +411,33 @@ async def test_chat_input_errors(client: httpx.AsyncClient) -> None:
         ({"prompt": []}, "prompt"),
         ({}, "prompt"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
-        ({"prompt": "x", "guided_regex": "a+"}, "guided_regex"),
+        ({"prompt": "x", "guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
+        (
+            {"prompt": "x", "guided_json": {}, "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+        (
+            {"prompt": "x", "guided_regex": "a+", "guided_decoding_backend": "nope"},
+            "guided_decoding_backend",
+        ),
+        (
+            {
+                "prompt": "x",
+                "guided_grammar": 'root ::= "a"',
+                "guided_decoding_backend": "outlines",
+            },
+            "guided_grammar",
+        ),
+        ({"prompt": "x", "guided_choice": []}, "guided_choice"),
+        ({"prompt": "x", "structured_outputs": {"regexp": "a"}}, "structured_outputs.regexp"),
+        (
+            {"prompt": "x", "use_beam_search": True, "n": 2, "guided_choice": ["a", "b"]},
+            "guided_choice",
+        ),
+        (
+            {"prompt": "x", "response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+        ),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "suffix": "end"}, "suffix"),
     ],
@@ -422,6 +464,41 @@ async def test_unknown_fields_accepted_and_text_format_works(client: httpx.Async
         "response_format": {"type": "text"},
     }
     assert (await client.post("/v1/completions", json=body)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "constraint", "kind", "param"),
+    [
+        ("/v1/completions", {"guided_regex": "[0-9]+"}, "regex", "guided_regex"),
+        ("/v1/chat/completions", {"guided_choice": ["a", "b"]}, "choice", "guided_choice"),
+        ("/v1/completions", {"response_format": {"type": "json_object"}}, "json_object",
+         "response_format"),
+        ("/v1/chat/completions",
+         {"response_format": {"type": "json_schema",
+                              "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+         "json", "response_format.json_schema.schema"),
+        ("/v1/chat/completions", {"structured_outputs": {"grammar": 'root ::= "a"'}}, "grammar",
+         "structured_outputs.grammar"),
+    ],
+)  # fmt: skip
+async def test_constraints_reach_the_engine_compiled(
+    client: httpx.AsyncClient,
+    engine: FakeAsyncEngine,
+    path: str,
+    constraint: dict[str, Any],
+    kind: str,
+    param: str,
+) -> None:
+    prompt = (
+        {"prompt": "x"}
+        if path == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "q"}]}
+    )
+    r = await client.post(path, json={**prompt, "max_tokens": 1, **constraint})
+    assert r.status_code == 200, r.text
+    spec = engine.requests[-1][1].structured_outputs
+    assert spec is not None and (spec.kind, spec.param) == (kind, param)
+    assert engine.grammars[-1] is spec  # compiled before admission, handed to the engine
 
 
 async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
@@ -613,8 +690,9 @@ def test_cli_flags_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(cli, "_load_engine", fake_load)
     monkeypatch.setenv("TOKENMILL_API_KEY", "from-env")
-    argv = ["serve", "m.gguf", "--kv-cache-memory", "1GiB", "--allowed-origins", "a,b",
-            "--served-model-name", "x", "y", "--max-model-len", "2k"]  # fmt: skip
+    argv = ["serve", "m.gguf", "--port", "0", "--kv-cache-memory", "1GiB", "--allowed-origins",
+            "a,b", "--served-model-name", "x", "y", "--max-model-len", "2k",
+            "--guided-decoding-backend", "outlines"]  # fmt: skip
     assert cli.main(argv) == 1
     args = seen["args"]
     assert (args.kv_cache_memory, args.allowed_origins, args.max_model_len) == (
@@ -623,6 +701,16 @@ def test_cli_flags_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> N
         2048,
     )
     assert args.served_model_name == ["x", "y"] and args.api_key == "from-env"
+    assert args.guided_decoding_backend == "outlines"
+
+
+def test_guided_decoding_backend_flag_names_every_backend() -> None:
+    from typing import get_args
+
+    from tokenmill.config import GuidedDecodingBackend
+    from tokenmill.structured import BACKEND_NAMES
+
+    assert set(get_args(GuidedDecodingBackend)) == set(BACKEND_NAMES)
 
 
 def test_cli_startup_failure_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,6 +21,8 @@ from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import ServiceUnavailableError
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.interface import CompiledGrammar
+from tokenmill.structured.manager import StructuredOutputManager
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class AsyncEngine:
         self.model_name = engine.core.source.name
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.core.vocab_size
+        self.structured_outputs: StructuredOutputManager = engine.structured_outputs
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,6 +77,7 @@ class AsyncEngine:
         self._stopping.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        self.structured_outputs.close()
 
     @property
     def is_alive(self) -> bool:
@@ -95,20 +99,26 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         cache_salt: str | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield a cumulative RequestOutput after every step that changed the request.
 
         The last one has finished=True. Closing the iterator early (client gone)
-        aborts the request and frees its KV blocks.
+        aborts the request and frees its KV blocks. A constrained request's grammar is
+        compiled (or given, already compiled) before it reaches the engine thread.
         """
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
+        if grammar is None and params.structured_outputs is not None:
+            grammar = await self.structured_outputs.compile_async(params.structured_outputs)
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = outputs
         finished = False
         try:
             immediate = await self._call(
-                lambda: self.engine.add_request(request_id, prompt_token_ids, params, cache_salt)
+                lambda: self.engine.add_request(
+                    request_id, prompt_token_ids, params, cache_salt, grammar
+                )
             )
             if immediate is not None:
                 finished = True

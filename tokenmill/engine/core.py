@@ -13,6 +13,7 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.errors import InvalidRequestError, ModelLoadError
 from tokenmill.model.loader import ModelSource, load_model_source
 from tokenmill.model.runner import ModelRunner
+from tokenmill.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,13 @@ class EngineCore:
         self.source = source or load_model_source(config.model.model)
         self.runner = ModelRunner(config.model, config.cache, self.source)
         self.max_model_len = self._resolve_max_model_len()
+        # one per engine: compiled grammars are cached here and shared by every request
+        self.structured_outputs = StructuredOutputManager(
+            self.source.tokenizer,
+            self.vocab_size,
+            config.structured_outputs.guided_decoding_backend,
+        )
+        self.runner.sampler.grammar.manager = self.structured_outputs
         self.kv_cache = KVCacheManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )

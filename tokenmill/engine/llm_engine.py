@@ -13,6 +13,8 @@ from tokenmill.engine.request import Request
 from tokenmill.errors import ModelLoadError
 from tokenmill.sample.beam_search import BeamSearch
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.interface import CompiledGrammar
+from tokenmill.structured.manager import StructuredOutputManager
 from tokenmill.tokenizer.chat_template import resolve_chat_template
 from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
 from tokenmill.tokenizer.tokenizer import Tokenizer
@@ -39,6 +41,10 @@ class LLMEngine:
         return self.core.max_model_len
 
     @property
+    def structured_outputs(self) -> StructuredOutputManager:
+        return self.core.structured_outputs
+
+    @property
     def has_unfinished(self) -> bool:
         return bool(self._groups)
 
@@ -48,8 +54,13 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> RequestOutput | None:
-        """Queue a request; returns a finished output at once when there is nothing to run."""
+        """Queue a request; returns a finished output at once when there is nothing to run.
+
+        `grammar` is params.structured_outputs compiled (AsyncEngine compiles it off the
+        engine thread); without it, a constrained request is compiled here, blocking.
+        """
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already running")
         params.check_vocab(self.core.vocab_size)
@@ -57,18 +68,26 @@ class LLMEngine:
         prompt = params.truncate_prompt(list(prompt_token_ids))
         if params.max_tokens == 0 and params.prompt_logprobs is None:
             return RequestGroup(request_id, prompt, params, []).snapshot()
+        if grammar is None and params.structured_outputs is not None:
+            grammar = self.structured_outputs.compile(params.structured_outputs)
         group: Group
         if params.use_beam_search and params.max_tokens != 0:
             group = self._make_beam_group(request_id, prompt, params, cache_salt)
         else:
-            group = self._make_request_group(request_id, prompt, params, cache_salt)
+            group = self._make_request_group(request_id, prompt, params, cache_salt, grammar)
         self._groups[request_id] = group
         return None
 
     def _make_request_group(
-        self, request_id: str, prompt: list[int], params: SamplingParams, cache_salt: str | None
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        cache_salt: str | None,
+        grammar: CompiledGrammar | None,
     ) -> RequestGroup:
-        """n sequences (best_of when larger); only the first scores the prompt."""
+        """n sequences (best_of when larger), each with its own matcher of `grammar`; only
+        the first scores the prompt."""
         num = 1 if params.max_tokens == 0 else params.num_sequences
         sequences = []
         for index in range(num):
@@ -78,6 +97,8 @@ class LLMEngine:
             if child_params.prompt_logprobs is not None:  # every position must be computed
                 salt = f"{cache_salt or ''}\0prompt-logprobs\0{child_id}"
             request = self._new_request(child_id, prompt, child_params, salt)
+            if grammar is not None:
+                request.matcher = grammar.new_matcher()
             detokenizer = IncrementalDetokenizer(self.tokenizer, child_params, prompt)
             sequences.append(Sequence(request, detokenizer, index))
         group = RequestGroup(request_id, prompt, params, sequences)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tokenmill.engine.outputs import FinishReason, PositionLogprobs
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.structured.interface import GrammarMatcher
+
+logger = logging.getLogger(__name__)
 
 
 class RequestStatus(enum.Enum):
@@ -42,6 +49,9 @@ class Request:
     cumulative_logprob: float = 0.0  # of the output tokens, when logprobs are computed
     # Entry i is prompt token i's; filled as prefill chunks run (entry 0 is always None).
     prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
+    # Structured outputs: this sequence's place in its grammar; it follows the sampled output
+    # tokens (append_token), so recomputing a preempted request does not move it.
+    matcher: GrammarMatcher | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -88,12 +98,24 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.matcher is not None and not self.matcher.accept_token(token_id):
+            # the masks only let allowed tokens through, unless the request's own masks
+            # (allowed_token_ids, min_tokens) left none of the grammar's: end it, do not go on
+            logger.warning("request %s: token %d breaks its grammar", self.request_id, token_id)
+            self.finish_reason = "abort"
 
     def check_stop(self) -> bool:
-        """Set finish_reason from the last token (EOS, stop ids, length); True when done."""
+        """Set finish_reason from the last token (EOS, stop ids, length); True when done.
+
+        With a grammar, EOS is allowed only once the output is complete, so it always ends
+        the request (ignore_eos and min_tokens notwithstanding).
+        """
+        if self.finish_reason is not None:  # the grammar rejected the token
+            return True
         token_id = self.token_ids[-1]
         enough = self.num_output_tokens >= self.params.min_tokens
-        if enough and not self.params.ignore_eos and token_id in self.eos_token_ids:
+        ends_on_eos = self.matcher is not None or (enough and not self.params.ignore_eos)
+        if ends_on_eos and token_id in self.eos_token_ids:
             self.finish_reason = "stop"
         elif enough and token_id in self.params.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token_id

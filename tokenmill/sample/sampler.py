@@ -9,6 +9,7 @@ import torch
 
 from tokenmill.engine.request import Request
 from tokenmill.sample.draw import apply_min_p, draw_full, draw_truncated
+from tokenmill.sample.grammar import GrammarMasks
 from tokenmill.sample.logprobs import record_sample_logprobs
 from tokenmill.sample.penalties import PenaltyState
 
@@ -22,6 +23,7 @@ class _BatchFlags:
     greedy: list[bool]
     logprob_rows: list[int]
     penalty_rows: list[int]
+    grammar_rows: list[int]  # rows with a structured-output constraint
     has_logit_bias: bool
     has_allowed: bool
     has_min_tokens: bool
@@ -33,6 +35,7 @@ class _BatchFlags:
             greedy=[p.is_greedy for p in params],
             logprob_rows=[i for i, p in enumerate(params) if p.logprobs is not None],
             penalty_rows=[i for i, p in enumerate(params) if p.has_penalties],
+            grammar_rows=[i for i, r in enumerate(requests) if r.matcher is not None],
             has_logit_bias=any(p.logit_bias for p in params),
             has_allowed=any(p.allowed_token_ids is not None for p in params),
             has_min_tokens=any(r.num_output_tokens < r.params.min_tokens for r in requests),
@@ -42,9 +45,10 @@ class _BatchFlags:
 class Sampler:
     """Applies every request's sampling parameters to its row, then draws.
 
-    Order (vLLM v1's): allowed-token mask, logit bias, min_tokens, penalties; then
-    greedy rows take the argmax and the others get temperature, min-p, top-k and
-    top-p before the draw. Logprobs, when asked for, come from the raw logits.
+    Order (vLLM v1's): allowed-token mask, logit bias, min_tokens, penalties, grammar
+    bitmask (structured outputs); then greedy rows take the argmax and the others get
+    temperature, min-p, top-k and top-p before the draw. Logprobs, when asked for, come
+    from the raw logits.
     Random draws use one uniform per row from a CPU generator: seeded requests
     have their own, so their output does not depend on what else is in the batch.
     """
@@ -55,6 +59,7 @@ class Sampler:
         self.shared_generator = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
         self.penalties = PenaltyState(device)
+        self.grammar = GrammarMasks(vocab_size, device)  # the engine sets its manager
         self._allowed: dict[str, torch.Tensor] = {}  # request id -> [V] bool mask, built once
 
     def forget(self, request_id: str) -> None:
@@ -105,6 +110,8 @@ class Sampler:
             index = torch.tensor(rows, device=logits.device)
             penalized = self.penalties.apply(logits[index], [requests[i] for i in rows])
             logits = logits.index_copy(0, index, penalized)
+        if flags.grammar_rows:
+            self.grammar.apply(logits, requests, flags.grammar_rows)
         return logits
 
     def _apply_allowed(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
@@ -174,14 +181,20 @@ def _apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> torc
 
 
 def _apply_min_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-    """Until min_tokens are out, EOS and stop ids cannot be drawn."""
+    """Until min_tokens are out, EOS and stop ids cannot be drawn.
+
+    A grammar decides for itself: EOS is banned only while it allows something else (when
+    it is complete and allows nothing more, EOS must come).
+    """
     rows: list[int] = []
     cols: list[int] = []
     for i, request in enumerate(requests):
         params = request.params
         if request.num_output_tokens < params.min_tokens:
             banned = set(params.stop_token_ids)
-            if not params.ignore_eos:
+            matcher = request.matcher
+            hold_eos = not params.ignore_eos if matcher is None else not matcher.is_terminated()
+            if hold_eos:
                 banned |= request.eos_token_ids
             rows.extend([i] * len(banned))
             cols.extend(banned)

@@ -10,9 +10,9 @@ import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, GuidedDecodingBackend
 
 if TYPE_CHECKING:  # imported lazily at run time: `tokenmill --help` stays fast
     from tokenmill.engine.async_engine import AsyncEngine
@@ -161,6 +161,12 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         "--seed", type=int, default=_DEFAULTS.model.seed,
         help="seed for requests that give none (default: %(default)s)",
     )  # fmt: skip
+    g.add_argument(
+        "--guided-decoding-backend", choices=get_args(GuidedDecodingBackend),
+        default=_DEFAULTS.structured_outputs.guided_decoding_backend,
+        help="structured outputs: the grammar backend of requests that name none "
+        "(default: %(default)s)",
+    )  # fmt: skip
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -219,6 +225,7 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        guided_decoding_backend=args.guided_decoding_backend,
     )  # fmt: skip
     logger.info("loading %s", args.model or "the bundled default model")
     try:
@@ -261,8 +268,9 @@ def _configure_logging(uvicorn_level: str) -> None:
 
 
 def register_bench(subparsers: Subparsers) -> None:
-    """Add `bench serve` (HTTP load generator) and `bench offline` (engine throughput)."""
-    from tokenmill.bench import offline, serve
+    """Add `bench serve` (HTTP load generator), `bench offline` (engine throughput) and
+    `bench structured` (structured-output overhead)."""
+    from tokenmill.bench import offline, serve, structured
 
     p = subparsers.add_parser("bench", help="benchmark a server or the engine")
     p.set_defaults(run=lambda _: p.print_help() or 2)  # `tokenmill bench` alone: help, exit 2
@@ -270,6 +278,7 @@ def register_bench(subparsers: Subparsers) -> None:
     for name, module, help_text in [
         ("serve", serve, "load-test an OpenAI-compatible server (tokenmill, vLLM, llama-server)"),
         ("offline", offline, "single-request and batched throughput of the engine, no HTTP"),
+        ("structured", structured, "structured outputs: guided vs free decoding, compile time"),
     ]:
         sub = commands.add_parser(
             name, help=help_text, description=module.__doc__,

@@ -113,14 +113,17 @@ class SamplingExtras(OpenAIBaseModel):
 
 
 class StructuredOutputExtras(OpenAIBaseModel):
-    """vLLM's guided-decoding fields (structured outputs: not supported yet)."""
+    """vLLM's structured-output fields; at most one constraint per request (with
+    response_format), read by tokenmill.structured.spec_from_request_fields."""
 
-    guided_json: str | dict[str, Any] | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    guided_decoding_backend: str | None = None
-    guided_whitespace_pattern: str | None = None
+    guided_json: str | dict[str, Any] | None = None  # a JSON schema (JSON text or object)
+    guided_regex: str | None = None  # the whole output matches it
+    guided_choice: list[str] | None = None  # the output is exactly one of these
+    guided_grammar: str | None = None  # GBNF/EBNF (`root ::= ...`) or Lark (`start: ...`)
+    guided_decoding_backend: str | None = None  # xgrammar, outlines, lm-format-enforcer
+    guided_whitespace_pattern: str | None = None  # whitespace allowed between JSON tokens
+    # current vLLM's spelling: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    structured_outputs: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,16 +17,13 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.logprobs import LogprobFormatter
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo
+from tokenmill.structured import CompiledGrammar, StructuredSpec, spec_from_request_fields
 from tokenmill.tokenizer.detokenizer import TokenTexts
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 AnyRequest = CompletionRequest | ChatCompletionRequest
-
-# Fields declared for vLLM compatibility whose feature has not landed: a non-default value is
-# a clear 400 rather than silently different output.
-_NOT_SUPPORTED_YET = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 @dataclass(slots=True)
@@ -49,6 +46,7 @@ class EngineInput:
 
     prompt_token_ids: list[int]
     params: SamplingParams
+    grammar: CompiledGrammar | None = None  # params.structured_outputs, compiled
 
 
 class ServingBase:
@@ -133,14 +131,25 @@ class ServingBase:
             use_beam_search=request.use_beam_search,
             length_penalty=request.length_penalty,
             early_stopping=request.early_stopping,
+            structured_outputs=structured_spec(request),
         )
         params.check_vocab(self.engine.vocab_size)
         params.check_max_logprobs()
         _check_streaming(request, params)
         return params
 
+    async def compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:
+        """The request's constraint compiled off the event loop (cached; shared with concurrent
+        requests), before it is admitted: an invalid schema, regex or grammar is a 400 here."""
+        spec = params.structured_outputs
+        return None if spec is None else await self.engine.structured_outputs.compile_async(spec)
+
     def fit_to_context(
-        self, prompt_token_ids: list[int], params: SamplingParams, prompt_param: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt_param: str,
+        grammar: CompiledGrammar | None = None,
     ) -> EngineInput:
         """Check prompt + max_tokens against the context; max_tokens None fills the context."""
         prompt_token_ids = params.truncate_prompt(prompt_token_ids)
@@ -156,9 +165,8 @@ class ServingBase:
                     f"{prompt_param} has {num_prompt} tokens, leaving no room for the completion.",
                     param=prompt_param,
                 )
-            return EngineInput(
-                prompt_token_ids, dataclasses.replace(params, max_tokens=max_len - num_prompt)
-            )
+            params = dataclasses.replace(params, max_tokens=max_len - num_prompt)
+            return EngineInput(prompt_token_ids, params, grammar)
         if num_prompt + params.max_tokens > max_len:
             raise InvalidRequestError(
                 f"This model's maximum context length is {max_len} tokens. However, you "
@@ -167,7 +175,7 @@ class ServingBase:
                 f"length of the {prompt_param} or completion.",
                 param="max_tokens",
             )
-        return EngineInput(prompt_token_ids, params)
+        return EngineInput(prompt_token_ids, params, grammar)
 
     def log_request(self, request_id: str, inputs: list[EngineInput]) -> None:
         if self.settings.disable_log_requests:
@@ -195,7 +203,9 @@ class ServingBase:
         if item.params.max_tokens == 0 and item.params.prompt_logprobs is None:  # echo only
             yield _empty_output(item, request_id)
             return
-        stream = self.engine.generate(item.prompt_token_ids, item.params, request_id)
+        stream = self.engine.generate(
+            item.prompt_token_ids, item.params, request_id, grammar=item.grammar
+        )
         finished = False
         try:
             async for output in stream:
@@ -278,25 +288,26 @@ def _empty_output(item: EngineInput, request_id: str) -> RequestOutput:
     return RequestOutput(request_id, item.prompt_token_ids, sequences, finished=True)
 
 
+def structured_spec(request: AnyRequest) -> StructuredSpec | None:
+    """The request's one output constraint (guided_*, response_format or structured_outputs)."""
+    return spec_from_request_fields(
+        guided_json=request.guided_json,
+        guided_regex=request.guided_regex,
+        guided_choice=request.guided_choice,
+        guided_grammar=request.guided_grammar,
+        guided_whitespace_pattern=request.guided_whitespace_pattern,
+        guided_decoding_backend=request.guided_decoding_backend,
+        response_format=request.response_format,
+        structured_outputs=request.structured_outputs,
+    )
+
+
 def reject_unsupported(request: AnyRequest) -> None:
-    """400 for fields whose feature is not implemented yet, when set to a non-default value."""
-    for name in _NOT_SUPPORTED_YET:
-        if getattr(request, name) != type(request).model_fields[name].default:
-            _not_supported(name)
-    if request.response_format is not None and request.response_format.type != "text":
-        raise InvalidRequestError(
-            f"response_format {request.response_format.type!r} is not supported yet; "
-            "only 'text' is",
-            param="response_format",
-        )
+    """400 for option combinations the server cannot serve."""
     if request.stream_options is not None and not request.stream:
         raise InvalidRequestError(
             "stream_options is only allowed when stream is true", param="stream_options"
         )
-
-
-def _not_supported(name: str) -> None:
-    raise InvalidRequestError(f"{name} is not supported yet", param=name)
 
 
 def _check_streaming(request: AnyRequest, params: SamplingParams) -> None:

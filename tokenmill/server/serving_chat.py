@@ -57,8 +57,9 @@ class ChatServer(ServingBase):
             max_tokens = request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
+        grammar = await self.compile_grammar(params)
         prompt_token_ids = await self.prompt_token_ids(request)
-        return [self.fit_to_context(prompt_token_ids, params, "messages")]
+        return [self.fit_to_context(prompt_token_ids, params, "messages", grammar)]
 
     async def prompt_token_ids(self, request: ChatPromptRequest) -> list[int]:
         """Render the conversation and tokenize it, in the tokenizer thread."""

@@ -48,8 +48,9 @@ class CompletionServer(ServingBase):
         params = self.sampling_params(
             request, request.max_tokens, request.logprobs, prompt_logprobs
         )
+        grammar = await self.compile_grammar(params)
         prompts = await self.run_blocking(self._tokenize, request)
-        inputs = [self.fit_to_context(ids, params, "prompt") for ids, _ in prompts]
+        inputs = [self.fit_to_context(ids, params, "prompt", grammar) for ids, _ in prompts]
         return inputs, [text for _, text in prompts]
 
     def _tokenize(self, request: CompletionRequest) -> list[tuple[list[int], str]]:

@@ -169,6 +169,9 @@ class StructuredOutputManager:
 
     def _backend(self, name: str) -> GrammarBackend:
         """The backend `name`, created on first use (with the vocab, built once)."""
+        backend = self._backends.get(name)
+        if backend is not None:  # no lock: the engine step must not wait for another setup
+            return backend
         with self._setup_lock:
             if name not in self._backends:
                 if self._vocab is None:
