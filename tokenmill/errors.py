@@ -44,5 +44,21 @@ class ServiceUnavailableError(TokenmillError):
     error_type = "ServiceUnavailableError"
 
 
+class OverloadedError(ServiceUnavailableError):
+    """Too many requests are waiting; the client should retry later (HTTP 503 + Retry-After)."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message, code="overloaded")
+        self.retry_after_s = retry_after_s
+
+
+class RequestFailedError(TokenmillError):
+    """Serving this one request failed inside the engine (a model or grammar error); the
+    engine goes on serving the others (HTTP 500)."""
+
+    status_code = 500
+    error_type = "InternalServerError"
+
+
 class ModelLoadError(TokenmillError):
     """A model could not be found or loaded; the message names the problem."""

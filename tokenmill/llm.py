@@ -11,6 +11,7 @@ from tqdm import tqdm
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.outputs import RequestOutput
+from tokenmill.errors import RequestFailedError
 from tokenmill.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
@@ -61,6 +62,9 @@ class LLM:
                     progress.update(1)
         progress.close()
         outputs = [results[r] for r in request_ids]
+        failed = [o for o in outputs if o.error is not None]
+        if failed:
+            raise RequestFailedError(f"{len(failed)} request(s) failed: {failed[0].error}")
         for output in outputs:
             output.prompt = self._prompts.pop(output.request_id, None)
         return outputs

@@ -129,6 +129,30 @@ def auth_server(servers: dict[str, Server]) -> Server:
     return servers["auth"]
 
 
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Start extra servers (bundled model) with given flags; all are stopped after the
+    module. Call with a name and flags; several may be started before waiting on any."""
+    tmp = tmp_path_factory.mktemp("extra-servers")
+    started: list[Server] = []
+
+    def start(name: str, *args: str, api_key: str | None = None, wait: bool = True) -> Server:
+        common = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "256MiB"]
+        key_args = ["--api-key", api_key] if api_key else []
+        server = _launch(tmp, name, [*common, *key_args, *args], api_key, None)
+        started.append(server)
+        if wait:
+            _wait_healthy(server)
+        return server
+
+    start.wait_healthy = _wait_healthy  # type: ignore[attr-defined]
+    try:
+        yield start
+    finally:
+        for server in started:
+            _stop(server)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.outputs import RequestOutput
-from tokenmill.errors import ServiceUnavailableError
+from tokenmill.errors import OverloadedError, RequestFailedError, ServiceUnavailableError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.manager import StructuredOutputManager
@@ -46,10 +46,19 @@ class EngineDeadError(ServiceUnavailableError):
 
 
 class AsyncEngine:
-    """Async generate()/abort() over an LLMEngine stepped by a background thread."""
+    """Async generate()/abort() over an LLMEngine stepped by a background thread.
 
-    def __init__(self, engine: LLMEngine):
+    At most `max_waiting_requests` requests wait for a place in the running batch
+    (None: no bound); beyond that generate() raises OverloadedError (HTTP 503).
+    If the step loop dies, every in-flight request gets EngineDeadError and
+    `on_death` is called on the event loop (the server then exits non-zero).
+    """
+
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None):
         self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.on_death: Callable[[], None] | None = None
+        self._num_submitting = 0  # in generate(), not yet handed to the scheduler
         self.tokenizer: Tokenizer = engine.tokenizer
         self.model_name = engine.core.source.name
         self.max_model_len = engine.max_model_len
@@ -64,8 +73,10 @@ class AsyncEngine:
         self._num_aborted = 0
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        return cls(LLMEngine(config))
+    def from_config(
+        cls, config: EngineConfig, max_waiting_requests: int | None = None
+    ) -> AsyncEngine:
+        return cls(LLMEngine(config), max_waiting_requests)
 
     async def start(self) -> None:
         """Start the step loop (call from the running event loop)."""
@@ -80,14 +91,24 @@ class AsyncEngine:
         self.structured_outputs.close()
 
     @property
+    def died(self) -> bool:
+        """True once the step loop has died of an exception (not after a clean shutdown)."""
+        return self._error is not None
+
+    @property
     def is_alive(self) -> bool:
         return self._error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet running: being admitted, or in the scheduler's waiting queue."""
+        return self._num_submitting + len(self.engine.core.scheduler.waiting)
 
     def stats(self) -> EngineStats:
         scheduler = self.engine.core.scheduler
         return EngineStats(
             num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
+            num_waiting=self.num_waiting,
             kv_cache_usage=self.engine.core.kv_cache.pool.usage,
             num_preemptions=scheduler.num_preemptions,
             num_aborted=self._num_aborted,
@@ -109,17 +130,22 @@ class AsyncEngine:
         """
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
-        if grammar is None and params.structured_outputs is not None:
-            grammar = await self.structured_outputs.compile_async(params.structured_outputs)
+        self._check_capacity()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._queues[request_id] = outputs
         finished = False
+        self._num_submitting += 1
         try:
-            immediate = await self._call(
-                lambda: self.engine.add_request(
-                    request_id, prompt_token_ids, params, cache_salt, grammar
+            try:
+                if grammar is None and params.structured_outputs is not None:
+                    grammar = await self.structured_outputs.compile_async(params.structured_outputs)
+                self._queues[request_id] = outputs
+                immediate = await self._call(
+                    lambda: self.engine.add_request(
+                        request_id, prompt_token_ids, params, cache_salt, grammar
+                    )
                 )
-            )
+            finally:
+                self._num_submitting -= 1
             if immediate is not None:
                 finished = True
                 yield immediate
@@ -133,6 +159,14 @@ class AsyncEngine:
             if not finished:
                 self._num_aborted += 1
                 self._commands.put(lambda: self.engine.abort(request_id))
+
+    def _check_capacity(self) -> None:
+        limit = self.max_waiting_requests
+        if limit is not None and self.num_waiting >= limit:
+            raise OverloadedError(
+                f"the server is overloaded: {self.num_waiting} requests are waiting "
+                f"(max_waiting_requests {limit}); retry later"
+            )
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(lambda: self.engine.abort(request_id))
@@ -169,6 +203,8 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self._error = e
             self._fail_all(EngineDeadError(f"the engine loop died: {e}"))
+            if self._loop is not None and self.on_death is not None:
+                self._loop.call_soon_threadsafe(self.on_death)
 
     def _run_commands(self, block: bool) -> None:
         try:
@@ -188,8 +224,12 @@ class AsyncEngine:
         assert self._loop is not None
         for output in outputs:
             target = self._queues.get(output.request_id)
-            if target is not None:
-                self._loop.call_soon_threadsafe(target.put_nowait, output)
+            if target is None:
+                continue
+            item: RequestOutput | BaseException = output
+            if output.error is not None:
+                item = RequestFailedError(f"the engine failed this request: {output.error}")
+            self._loop.call_soon_threadsafe(target.put_nowait, item)
 
     def _fail_all(self, error: BaseException) -> None:
         if self._loop is None:

@@ -9,7 +9,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import FinishReason
 from tokenmill.engine.request import Request
-from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.errors import InvalidRequestError, ModelLoadError
 from tokenmill.model.loader import ModelSource, load_model_source
 from tokenmill.model.runner import ModelRunner
@@ -83,13 +83,44 @@ class EngineCore:
         block_tables = {
             s.request.request_id: self.kv_cache.block_ids(s.request) for s in out.scheduled
         }
-        sampled = self.runner.execute(out, block_tables)
-        changed = self.scheduler.update(out, sampled)
+        try:
+            sampled = self.runner.execute(out, block_tables)
+            failed: list[Request] = []
+        except Exception:
+            logger.exception(
+                "engine step failed; retrying its %d requests one by one", len(out.scheduled)
+            )
+            sampled, failed = self._execute_one_by_one(out, block_tables)
+        changed = self.scheduler.update(out, sampled) + failed
         for request in changed:
             if request.is_finished:
                 self.requests.pop(request.request_id, None)
                 self.runner.sampler.forget(request.request_id)
         return changed
+
+    def _execute_one_by_one(
+        self, out: SchedulerOutput, block_tables: dict[str, list[int]]
+    ) -> tuple[dict[str, int], list[Request]]:
+        """After a failed step: run each request alone, so only the ones that fail again
+        (a poisoned input, a grammar backend error) are ended, with finish_reason "error".
+
+        Re-running is safe: a step writes K/V only into the request's own slots for the
+        same positions, and the scheduler has not advanced anything yet.
+        """
+        sampled: dict[str, int] = {}
+        failed: list[Request] = []
+        for item in list(out.scheduled):
+            request = item.request
+            alone = SchedulerOutput(scheduled=[item])
+            try:
+                sampled.update(self.runner.execute(alone, block_tables))
+            except Exception as exc:
+                logger.exception("request %s failed in the engine", request.request_id)
+                out.scheduled.remove(item)
+                request.error = f"{type(exc).__name__}: {exc}"
+                self.scheduler.finish(request, "error")
+                failed.append(request)
+        return sampled, failed
 
     def _resolve_max_model_len(self) -> int:
         cfg = self.runner.model.config

@@ -177,9 +177,14 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one engine step; one RequestOutput per request that changed."""
         changed: dict[str, Group] = {}
+        failed: list[RequestOutput] = []
         for request in self.core.step():
             group = self._group_of.get(request.request_id)
             if group is None:
+                continue
+            if request.finish_reason == "error":
+                failed.append(self._fail(group, request.error or "the engine failed"))
+                changed.pop(group.request_id, None)
                 continue
             if isinstance(group, BeamGroup):
                 self._on_beam_token(group, request)
@@ -188,7 +193,7 @@ class LLMEngine:
                 if group.prompt_logprobs is None and request.params.prompt_logprobs is not None:
                     group.prompt_logprobs = self._named(request.prompt_logprobs)
             changed[group.request_id] = group
-        outputs = []
+        outputs = failed
         for group in changed.values():
             if isinstance(group, BeamGroup) and not group.pending:
                 self._advance_beams(group)
@@ -198,6 +203,11 @@ class LLMEngine:
             if group.finished:
                 self._release(group)
         return outputs
+
+    def _fail(self, group: Group, error: str) -> RequestOutput:
+        """End a whole group because one of its engine requests failed."""
+        self.abort(group.request_id)
+        return RequestOutput(group.request_id, group.prompt_token_ids, [], True, error=error)
 
     def _on_token(self, seq: Sequence) -> None:
         request, detok, output = seq.request, seq.detokenizer, seq.output

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "abort"]
+# "error": the engine failed this request (its RequestOutput carries the message).
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(slots=True)
@@ -51,3 +52,4 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt: str | None = None  # the prompt text, when the client gave text
     prompt_logprobs: PromptLogprobs | None = None  # when the request asked for them
+    error: str | None = None  # set (with finished=True) when the engine failed this request

@@ -44,6 +44,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    error: str | None = None  # why the engine failed it (finish_reason "error")
     arrival_time: float = field(default_factory=time.monotonic)
     logprobs: list[PositionLogprobs] = field(default_factory=list)  # per output token, if asked
     cumulative_logprob: float = 0.0  # of the output tokens, when logprobs are computed
@@ -98,7 +99,15 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
-        if self.matcher is not None and not self.matcher.accept_token(token_id):
+        if self.matcher is None:
+            return
+        try:
+            accepted = self.matcher.accept_token(token_id)
+        except Exception as exc:  # a grammar backend bug fails this request, not the engine
+            logger.exception("request %s: the grammar backend failed", self.request_id)
+            self.finish_reason, self.error = "error", f"{type(exc).__name__}: {exc}"
+            return
+        if not accepted:
             # the masks only let allowed tokens through, unless the request's own masks
             # (allowed_token_ids, min_tokens) left none of the grammar's: end it, do not go on
             logger.warning("request %s: token %d breaks its grammar", self.request_id, token_id)
@@ -110,7 +119,7 @@ class Request:
         With a grammar, EOS is allowed only once the output is complete, so it always ends
         the request (ignore_eos and min_tokens notwithstanding).
         """
-        if self.finish_reason is not None:  # the grammar rejected the token
+        if self.finish_reason is not None:  # the grammar rejected the token, or failed
             return True
         token_id = self.token_ids[-1]
         enough = self.num_output_tokens >= self.params.min_tokens

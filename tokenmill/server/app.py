@@ -18,7 +18,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.engine.async_engine import AsyncEngine
-from tokenmill.errors import AuthenticationError, InvalidRequestError, TokenmillError
+from tokenmill.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    OverloadedError,
+    TokenmillError,
+)
+from tokenmill.server.cli import DEFAULT_MAX_REQUEST_BODY_BYTES
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
@@ -44,7 +50,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["ServerSettings", "build_app"]
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+def build_app(
+    engine: AsyncEngine,
+    settings: ServerSettings,
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+) -> FastAPI:
     """The whole HTTP server around one engine; the app starts and stops the engine."""
     app = FastAPI(title="tokenmill", version=server_version(), lifespan=_lifespan)
     metrics = ServerMetrics(engine.stats)
@@ -68,6 +78,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             allow_headers=settings.allowed_headers,
         )
     paths = frozenset(getattr(r, "path", "") for router in (v1, ops) for r in router.routes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, paths=paths)
     return app
 
@@ -261,7 +272,13 @@ def _error_response(
 
 
 async def _tokenmill_error(request: Request, exc: TokenmillError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
+    headers = None
+    if isinstance(exc, AuthenticationError):
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, OverloadedError):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    if exc.status_code >= 500:
+        logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
     return JSONResponse(error_body(exc).model_dump(), exc.status_code, headers=headers)
 
 
@@ -323,3 +340,62 @@ class HTTPMetricsMiddleware:
             path = scope["path"].removeprefix(scope.get("root_path", ""))
             endpoint = path if path in self.paths else "other"
             self.metrics.http_requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+
+# --------------------------------------------------------------------------------------
+# Request body limit
+# --------------------------------------------------------------------------------------
+
+
+class BodySizeLimitMiddleware:
+    """413 for a body over `max_bytes`: at once from Content-Length, else while it streams
+    in (chunked uploads). The body is read here, never more than the limit, then handed on."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._reject(scope, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(scope, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks)}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is not None:
+                message, body = body, None
+                return message
+            return await receive()  # after the body: wait for the disconnect
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        response = _error_response(
+            413,
+            "RequestTooLargeError",
+            f"the request body is larger than the server's limit of {self.max_bytes} bytes "
+            "(--max-request-body-bytes)",
+        )
+        await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}

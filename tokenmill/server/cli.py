@@ -22,6 +22,9 @@ logger = logging.getLogger("tokenmill.server.cli")
 _DEFAULTS = EngineConfig()  # flag defaults come from the config tree (one source of truth)
 
 Subparsers = Any  # argparse._SubParsersAction (private type)
+DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 2**20  # far above any sane chat request
+DEFAULT_MAX_WAITING_REQUESTS = 1024  # beyond this the server sheds load with 503s
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # grace period for in-flight requests on SIGTERM
 _BYTE_UNITS = {
     "": 1, "b": 1,
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
@@ -115,6 +118,20 @@ def _add_server_flags(g: argparse._ArgumentGroup) -> None:
         "--root-path", default="",
         help="path prefix when behind a path-based proxy (the ASGI root_path)",
     )  # fmt: skip
+    g.add_argument(
+        "--max-request-body-bytes", type=parse_bytes, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+        metavar="BYTES", help="larger request bodies get a 413 (default: 32MiB)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
+        metavar="N", help="requests that may wait for a place in the running batch; beyond "
+        "them a 503 with Retry-After (default: %(default)s; 0 = no bound)",
+    )  # fmt: skip
+    g.add_argument(
+        "--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long in-flight requests may run before they are cut "
+        "off (default: %(default)s)",
+    )  # fmt: skip
 
 
 def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
@@ -189,15 +206,20 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tokenmill.server.app import build_app
+    from tokenmill.server.lifecycle import serve_app
 
     settings = _server_settings(args)  # first: a bad flag or a taken port should not wait
     sock = _bind(args.host, args.port)  # for the model to load
     engine = _load_engine(args)
     settings.served_model_names = args.served_model_name or [args.model or engine.model_name]
-    app = build_app(engine, settings)
-    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, root_path=args.root_path)
-    uvicorn.Server(config).run(sockets=[sock])
-    return 0
+    app = build_app(engine, settings, max_request_body_bytes=args.max_request_body_bytes)
+    config = uvicorn.Config(
+        app,
+        log_level=args.uvicorn_log_level,
+        root_path=args.root_path,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    return serve_app(config, engine, sock)
 
 
 def _server_settings(args: argparse.Namespace) -> ServerSettings:
@@ -229,7 +251,7 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
     )  # fmt: skip
     logger.info("loading %s", args.model or "the bundled default model")
     try:
-        return AsyncEngine.from_config(config)
+        return AsyncEngine.from_config(config, args.max_waiting_requests or None)
     except TokenmillError as exc:
         raise StartupError(exc.message) from None
     except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
