@@ -108,8 +108,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await engine.shutdown()
-        app.state.executor.shutdown(wait=False)
+        await engine.shutdown()  # the tokenizer executor's idle thread ends with the process
 
 
 # --------------------------------------------------------------------------------------
