@@ -124,9 +124,7 @@ def test_cors_is_off_by_default(server: Server) -> None:
 
 def test_cors_allows_only_the_configured_origin(limited: Server) -> None:
     preflight = {"Access-Control-Request-Method": "POST"}
-    good = httpx.options(
-        f"{limited.url}/v1/completions", headers={**preflight, "Origin": ORIGIN}
-    )
+    good = httpx.options(f"{limited.url}/v1/completions", headers={**preflight, "Origin": ORIGIN})
     assert good.headers.get("access-control-allow-origin") == ORIGIN
     evil = httpx.options(
         f"{limited.url}/v1/completions", headers={**preflight, "Origin": "https://evil.example"}

@@ -64,6 +64,9 @@ def test_unknown_fields_are_kept_aside_and_logged(caplog: pytest.LogCaptureFixtu
         {"prompt": "x", "top_p": math.inf},
         {"prompt": "x", "logit_bias": {"1": -math.inf}},
         {"prompt": "x", "frequency_penalty": "NaN"},
+        {"prompt": "x", "presence_penalty": math.inf},
+        {"prompt": "x", "min_p": -math.inf},
+        {"prompt": "x", "length_penalty": math.nan},
     ],
 )
 def test_non_finite_floats_are_rejected(body: dict[str, object]) -> None:
@@ -76,7 +79,7 @@ def test_non_finite_floats_are_rejected(body: dict[str, object]) -> None:
     [
         {},  # prompt is required
         {"prompt": {"text": "x"}},
-        {"prompt": "x", "n": 129},  # OpenAI's cap
+        {"prompt": "x", "n": 1.5},
         {"prompt": "x", "seed": 2**63},
         {"prompt": "x", "stream_options": {"include_usage": "sometimes"}},
         {"prompt": "x", "response_format": {"type": "xml"}},
@@ -86,6 +89,12 @@ def test_non_finite_floats_are_rejected(body: dict[str, object]) -> None:
 def test_invalid_completion_bodies(body: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate(body)
+
+
+def test_n_is_capped_by_the_server_not_the_schema() -> None:
+    # RequestLimits.max_n is the server's to set; the model only checks the type
+    assert CompletionRequest.model_validate({"prompt": "x", "n": 10**9}).n == 10**9
+    assert ChatCompletionRequest.model_validate({"messages": USER, "best_of": 500}).best_of == 500
 
 
 @pytest.mark.parametrize(

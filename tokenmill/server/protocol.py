@@ -20,7 +20,6 @@ logger = logging.getLogger(__name__)
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 Seed = Annotated[int, Field(ge=_INT64_MIN, le=_INT64_MAX)]
-NumChoices = Annotated[int, Field(le=128)]  # OpenAI's own cap on n; SamplingParams checks >= 1
 
 
 class OpenAIBaseModel(BaseModel):
@@ -92,9 +91,10 @@ class ErrorResponse(ResponseModel):
 
 
 class SamplingExtras(OpenAIBaseModel):
-    """vLLM's extra sampling parameters, shared by Completions and Chat (ranges: SamplingParams)."""
+    """vLLM's extra sampling parameters, shared by Completions and Chat (ranges: SamplingParams;
+    caps: RequestLimits)."""
 
-    best_of: NumChoices | None = None  # generate best_of, return the n with the best logprob sum
+    best_of: int | None = None  # generate best_of, return the n with the best logprob sum
     use_beam_search: bool = False  # beam width = best_of (or n)
     top_k: int = -1  # -1 = all tokens
     min_p: float = 0.0
@@ -143,7 +143,7 @@ class CompletionRequest(SamplingExtras, StructuredOutputExtras):
     logit_bias: dict[str, float] | None = None
     logprobs: int | None = None  # top logprobs per token (0..20); with echo, the prompt's too
     max_tokens: int | None = 16
-    n: NumChoices = 1
+    n: int = 1  # choices per prompt (cap: RequestLimits.max_n)
     presence_penalty: float = 0.0
     seed: Seed | None = None
     stop: str | list[str] | None = None
@@ -244,7 +244,7 @@ class ChatCompletionRequest(SamplingExtras, StructuredOutputExtras):
     top_logprobs: int | None = None  # and this many most likely alternatives (0..20)
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None  # None = fill the context
-    n: NumChoices = 1
+    n: int = 1  # choices per prompt (cap: RequestLimits.max_n)
     presence_penalty: float = 0.0
     response_format: ResponseFormat | None = None
     seed: Seed | None = None

@@ -14,6 +14,7 @@ from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.limits import RequestLimits, check_sampling_limits, check_structured_limits
 from tokenmill.server.logprobs import LogprobFormatter
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo
@@ -38,6 +39,7 @@ class ServerSettings:
     allow_credentials: bool = False
     disable_log_requests: bool = False
     address: str = ""  # where the server listens, for the ready line
+    limits: RequestLimits = RequestLimits()  # caps on one request (each over-cap value is a 400)
 
 
 @dataclass(slots=True)
@@ -103,6 +105,8 @@ class ServingBase:
 
         max_tokens and the logprob counts come from the fields each endpoint names its own way.
         """
+        limits = self.settings.limits
+        check_sampling_limits(request, limits, self.engine.vocab_size)  # first: n may be huge
         reject_unsupported(request)
         params = SamplingParams(
             n=request.n,
@@ -131,10 +135,10 @@ class ServingBase:
             use_beam_search=request.use_beam_search,
             length_penalty=request.length_penalty,
             early_stopping=request.early_stopping,
-            structured_outputs=structured_spec(request),
+            structured_outputs=structured_spec(request, limits),
         )
         params.check_vocab(self.engine.vocab_size)
-        params.check_max_logprobs()
+        params.check_max_logprobs(limits.max_logprobs)
         _check_streaming(request, params)
         return params
 
@@ -288,9 +292,10 @@ def _empty_output(item: EngineInput, request_id: str) -> RequestOutput:
     return RequestOutput(request_id, item.prompt_token_ids, sequences, finished=True)
 
 
-def structured_spec(request: AnyRequest) -> StructuredSpec | None:
-    """The request's one output constraint (guided_*, response_format or structured_outputs)."""
-    return spec_from_request_fields(
+def structured_spec(request: AnyRequest, limits: RequestLimits) -> StructuredSpec | None:
+    """The request's one output constraint (guided_*, response_format or structured_outputs),
+    within the limits on its size and nesting."""
+    spec = spec_from_request_fields(
         guided_json=request.guided_json,
         guided_regex=request.guided_regex,
         guided_choice=request.guided_choice,
@@ -299,7 +304,10 @@ def structured_spec(request: AnyRequest) -> StructuredSpec | None:
         guided_decoding_backend=request.guided_decoding_backend,
         response_format=request.response_format,
         structured_outputs=request.structured_outputs,
+        max_json_depth=limits.max_json_schema_depth,
     )
+    check_structured_limits(spec, limits)
+    return spec
 
 
 def reject_unsupported(request: AnyRequest) -> None:

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from tokenmill.engine.outputs import PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
-from tokenmill.sampling_params import MAX_LOGPROBS
+from tokenmill.server.limits import RequestLimits, check_chat_limits
 from tokenmill.server.protocol import (
     ChatCompletionLogProbs,
     ChatCompletionRequest,
@@ -51,18 +51,19 @@ class ChatServer(ServingBase):
 
     async def to_engine_inputs(self, request: ChatCompletionRequest) -> list[EngineInput]:
         """The request as one engine input: rendered, tokenized, with its SamplingParams."""
-        _check_chat_options(request)
+        _check_chat_options(request, self.settings.limits)
         max_tokens = request.max_completion_tokens
         if max_tokens is None:
             max_tokens = request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
+        prompt_token_ids = await self.prompt_token_ids(request)  # checks the message limits
         grammar = await self.compile_grammar(params)
-        prompt_token_ids = await self.prompt_token_ids(request)
         return [self.fit_to_context(prompt_token_ids, params, "messages", grammar)]
 
     async def prompt_token_ids(self, request: ChatPromptRequest) -> list[int]:
         """Render the conversation and tokenize it, in the tokenizer thread."""
+        check_chat_limits(request, self.settings.limits)
         if request.continue_final_message and request.add_generation_prompt:
             raise InvalidRequestError(
                 "cannot set both continue_final_message and add_generation_prompt to true",
@@ -80,6 +81,7 @@ class ChatServer(ServingBase):
             continue_final_message=request.continue_final_message,
             chat_template_kwargs=request.chat_template_kwargs,
             documents=[d.model_dump(exclude_none=True) for d in documents] if documents else None,
+            budget=self.settings.limits.render_budget,
         )
         return tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
 
@@ -191,8 +193,8 @@ def _content_text(content: Any, message_index: int) -> str:
     return "\n".join(texts)
 
 
-def _check_chat_options(request: ChatCompletionRequest) -> None:
-    """400 for chat options whose feature has not landed yet."""
+def _check_chat_options(request: ChatCompletionRequest, limits: RequestLimits) -> None:
+    """400 for chat options whose feature has not landed yet, and for top_logprobs out of range."""
     if request.tools:
         raise InvalidRequestError("tools are not supported yet", param="tools")
     if request.tool_choice not in (None, "none", "auto"):
@@ -202,9 +204,9 @@ def _check_chat_options(request: ChatCompletionRequest) -> None:
             raise InvalidRequestError(
                 "when using top_logprobs, logprobs must be set to true", param="top_logprobs"
             )
-        if not 0 <= request.top_logprobs <= MAX_LOGPROBS:
+        if not 0 <= request.top_logprobs <= limits.max_logprobs:
             raise InvalidRequestError(
-                f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {request.top_logprobs}",
+                f"top_logprobs must be in [0, {limits.max_logprobs}]; got {request.top_logprobs}",
                 param="top_logprobs",
             )
 

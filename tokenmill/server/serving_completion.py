@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from tokenmill.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.limits import check_prompt_limits
 from tokenmill.server.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -42,6 +43,7 @@ class CompletionServer(ServingBase):
     ) -> tuple[list[EngineInput], list[str]]:
         """The request as engine inputs (one per prompt) and each prompt's text (for echo)."""
         _check_completion_options(request)
+        check_prompt_limits(request.prompt, self.settings.limits)
         prompt_logprobs = request.prompt_logprobs
         if prompt_logprobs is None and request.echo:
             prompt_logprobs = request.logprobs  # echo + logprobs scores the prompt too

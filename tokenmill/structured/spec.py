@@ -28,6 +28,9 @@ _STRUCTURED_OUTPUTS_KINDS: dict[str, StructuredKind] = {
 # keys of `structured_outputs` that tune the constraint or that we accept as no-ops when unset
 _STRUCTURED_OUTPUTS_OPTIONS = {"whitespace_pattern", "disable_any_whitespace", "disable_fallback"}
 _STRUCTURED_OUTPUTS_UNSUPPORTED = {"disable_additional_properties", "structural_tag"}
+# Objects and arrays nested in a JSON schema; checked before anything recursive (json.dumps,
+# a backend's compiler) walks it. Real schemas stay well under a dozen levels.
+MAX_JSON_SCHEMA_DEPTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +70,13 @@ def spec_from_request_fields(
     guided_decoding_backend: Any = None,
     response_format: Any = None,
     structured_outputs: Any = None,
+    max_json_depth: int = MAX_JSON_SCHEMA_DEPTH,
 ) -> StructuredSpec | None:
     """The one constraint a request asks for, or None; InvalidRequestError (400) for bad input.
 
     Accepts vLLM's `guided_*` extras, OpenAI's `response_format` and current vLLM's
     `structured_outputs` dict; more than one constraint in one request is a 400 naming them.
+    A JSON schema nested deeper than max_json_depth is a 400 too.
     """
     guided: list[_Constraint] = [
         ("guided_json", "json", guided_json),
@@ -96,7 +101,7 @@ def spec_from_request_fields(
     whitespace = _whitespace_pattern(guided_whitespace_pattern, options, backend_whitespace)
     return StructuredSpec(
         kind=kind,
-        value=_canonical_value(kind, raw, param),
+        value=_canonical_value(kind, raw, param, max_json_depth),
         whitespace_pattern=whitespace if kind in ("json", "json_object") else None,
         backend=backend,
         param=param,
@@ -210,10 +215,12 @@ def _whitespace_pattern(
     return next(iter(named.values()), None)
 
 
-def _canonical_value(kind: StructuredKind, raw: Any, param: str) -> str:
+def _canonical_value(kind: StructuredKind, raw: Any, param: str, max_json_depth: int) -> str:
     """The canonical text of one constraint (see StructuredSpec.value)."""
     if kind == "json":
-        return json.dumps(_schema_dict(raw, param), ensure_ascii=False, separators=(",", ":"))
+        schema = _schema_dict(raw, param)
+        _check_depth(schema, param, max_json_depth)
+        return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
     if kind == "choice":
         return json.dumps(_choices(raw, param), ensure_ascii=False)
     if kind == "json_object":
@@ -232,11 +239,33 @@ def _schema_dict(raw: Any, param: str) -> dict[str, Any]:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise InvalidRequestError(f"{param} is not valid JSON: {exc}", param=param) from exc
+        except RecursionError:  # the decoder guards its recursion; far deeper than any limit
+            raise InvalidRequestError(f"{param} is nested too deeply", param=param) from None
     if not isinstance(raw, Mapping):
         raise InvalidRequestError(
             f"{param} must be a JSON schema object, got {type(raw).__name__}", param=param
         )
     return dict(raw)
+
+
+def _check_depth(schema: dict[str, Any], param: str, max_depth: int) -> None:
+    """400 if objects/arrays nest deeper than max_depth. An explicit stack, not recursion, that
+    stops at the first level too deep: no input (deep, or cyclic from the offline API) can
+    exhaust the check itself."""
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children: Any = value.values()
+        elif isinstance(value, list | tuple):
+            children = value
+        else:
+            continue
+        if depth > max_depth:
+            raise InvalidRequestError(
+                f"{param} is nested more than {max_depth} levels deep (the limit)", param=param
+            )
+        stack.extend((child, depth + 1) for child in children)
 
 
 def _choices(raw: Any, param: str) -> list[str]:

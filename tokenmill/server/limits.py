@@ -1,0 +1,162 @@
+"""RequestLimits: the most one request may ask for, and the checks of a parsed request against it.
+
+Every limit is checked before the work it bounds (copying n sequences, tokenizing, rendering,
+compiling a grammar) and costs time linear in what the client already sent. A request over a
+limit is a 400 naming the parameter, the limit and the value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.sampling_params import MAX_LOGPROBS
+from tokenmill.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    Prompt,
+    TokenizeChatRequest,
+)
+from tokenmill.structured.spec import MAX_JSON_SCHEMA_DEPTH, StructuredSpec
+from tokenmill.tokenizer.chat_template import (
+    MAX_RENDER_CHARS,
+    MAX_RENDER_MEMORY_MIB,
+    MAX_RENDER_SECONDS,
+    RenderBudget,
+)
+
+AnyRequest = CompletionRequest | ChatCompletionRequest
+ChatInputRequest = ChatCompletionRequest | TokenizeChatRequest
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Caps on one request, part of ServerSettings. Limits that the offline API enforces too
+    take their defaults from the module that enforces them."""
+
+    # -- choices and sampling ----------------------------------------------------------------
+    max_n: int = 128  # n and best_of: sequences per prompt (OpenAI's own cap on n)
+    max_logprobs: int = MAX_LOGPROBS  # logprobs, top_logprobs, prompt_logprobs (vLLM's: 20)
+    max_stop: int = 64  # stop strings in one request
+    max_stop_chars: int = 1024  # characters in one stop string
+    max_stop_token_ids: int = 1024  # stop_token_ids entries
+    # logit_bias entries; vLLM allows one per vocabulary token, but banning or boosting a few
+    # thousand tokens covers real uses and keeps the per-step bias work small
+    max_logit_bias: int = 2048
+    max_allowed_token_ids: int | None = None  # allowed_token_ids entries; None = vocabulary size
+
+    # -- structured outputs (what a grammar compiler is handed) ------------------------------
+    max_json_schema_chars: int = 65_536  # a JSON schema, as compact JSON text
+    max_json_schema_depth: int = MAX_JSON_SCHEMA_DEPTH  # objects/arrays nested in a schema: 64
+    max_regex_chars: int = 16_384  # a guided regex
+    max_grammar_chars: int = 65_536  # a guided grammar (GBNF/EBNF or Lark)
+    max_choices: int = 1024  # guided_choice entries
+    max_choices_chars: int = 65_536  # all guided_choice strings together
+
+    # -- prompts and messages ----------------------------------------------------------------
+    max_prompts: int = 1024  # prompts in one completions request (strings or token arrays)
+    max_messages: int = 2048  # messages in one chat request
+    # characters of text: all prompt strings of a completions request, or all message contents
+    # and documents of a chat request (4 MiB; ~1M tokens, beyond any served context)
+    max_input_chars: int = 4 * 1024 * 1024
+    max_chat_template_chars: int = 262_144  # a request's own chat_template (real ones: < 20k)
+
+    # -- chat template rendering (templates are untrusted code) ------------------------------
+    max_template_seconds: float = MAX_RENDER_SECONDS  # wall time of one render: 2 s
+    max_template_chars: int = MAX_RENDER_CHARS  # rendered prompt characters: 8 MiB
+    max_template_memory_mib: int = MAX_RENDER_MEMORY_MIB  # the renderer process's memory: 1 GiB
+
+    @property
+    def render_budget(self) -> RenderBudget:
+        return RenderBudget(
+            self.max_template_seconds, self.max_template_chars, self.max_template_memory_mib
+        )
+
+
+def check_sampling_limits(request: AnyRequest, limits: RequestLimits, vocab_size: int) -> None:
+    """n, best_of, stop strings and the token-id lists; before anything is built from them."""
+    _check_value("n", request.n, limits.max_n)
+    if request.best_of is not None:
+        _check_value("best_of", request.best_of, limits.max_n)
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    _check_count("stop", len(stop), limits.max_stop, "strings")
+    for i, text in enumerate(stop):
+        _check_count("stop", len(text), limits.max_stop_chars, "characters", f"stop[{i}]")
+    num_stop_ids = len(request.stop_token_ids or [])
+    _check_count("stop_token_ids", num_stop_ids, limits.max_stop_token_ids, "entries")
+    _check_count("logit_bias", len(request.logit_bias or {}), limits.max_logit_bias, "entries")
+    max_allowed = limits.max_allowed_token_ids or vocab_size
+    num_allowed = len(request.allowed_token_ids or [])
+    _check_count("allowed_token_ids", num_allowed, max_allowed, "entries")
+
+
+def check_structured_limits(spec: StructuredSpec | None, limits: RequestLimits) -> None:
+    """The constraint's size, before a backend compiles it (its depth: spec_from_request_fields)."""
+    if spec is None:
+        return
+    param = spec.param or "structured_outputs"
+    if spec.kind == "choice":
+        choices = spec.choices
+        _check_count(param, len(choices), limits.max_choices, "choices")
+        num_chars = sum(len(choice) for choice in choices)
+        _check_count(param, num_chars, limits.max_choices_chars, "characters in all choices")
+        return
+    max_chars = {
+        "json": limits.max_json_schema_chars,
+        "regex": limits.max_regex_chars,
+        "grammar": limits.max_grammar_chars,
+    }.get(spec.kind)
+    if max_chars is not None:
+        noun = "characters (as compact JSON)" if spec.kind == "json" else "characters"
+        _check_count(param, len(spec.value), max_chars, noun)
+
+
+def check_prompt_limits(prompt: Prompt, limits: RequestLimits) -> None:
+    """How many prompts a completions request holds, and how much text, before tokenizing."""
+    if isinstance(prompt, str):
+        _check_count("prompt", len(prompt), limits.max_input_chars, "characters")
+        return
+    if prompt and not isinstance(prompt[0], int):  # a list of strings or of token arrays
+        _check_count("prompt", len(prompt), limits.max_prompts, "prompts")
+    num_chars = sum(len(item) for item in prompt if isinstance(item, str))
+    _check_count("prompt", num_chars, limits.max_input_chars, "characters of text")
+
+
+def check_chat_limits(request: ChatInputRequest, limits: RequestLimits) -> None:
+    """Messages (count and text), documents and the request's own template, before rendering."""
+    _check_count("messages", len(request.messages), limits.max_messages, "messages")
+    num_chars = _message_chars(request.messages)
+    num_chars += sum(len(d.text) + len(d.title or "") for d in request.documents or [])
+    _check_count("messages", num_chars, limits.max_input_chars, "characters of text")
+    if request.chat_template is not None:
+        _check_count(
+            "chat_template",
+            len(request.chat_template),
+            limits.max_chat_template_chars,
+            "characters",
+        )
+
+
+def _message_chars(messages: Sequence[ChatMessage]) -> int:
+    total = 0
+    for message in messages:
+        content = message.content
+        if isinstance(content, str):
+            total += len(content)
+        elif content is not None:
+            total += sum(len(part.text or "") for part in content)
+    return total
+
+
+def _check_value(param: str, value: int, limit: int) -> None:
+    if value > limit:
+        raise InvalidRequestError(f"{param} must be <= {limit}; got {value}", param=param)
+
+
+def _check_count(param: str, count: int, limit: int, noun: str, subject: str | None = None) -> None:
+    if count > limit:
+        raise InvalidRequestError(
+            f"{subject or param} may have at most {limit} {noun}; got {count}", param=param
+        )
