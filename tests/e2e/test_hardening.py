@@ -181,6 +181,43 @@ def test_overload_is_503_with_retry_after_and_recovers(limited: Server) -> None:
     assert completion(limited, prompt=PROMPTS[2], max_tokens=3).status_code == 200
 
 
+# --- Disconnects and slow readers -----------------------------------------------------------
+
+
+def test_slow_reader_does_not_stall_the_engine(server: Server) -> None:
+    """A stream nobody reads: other requests still complete, then closing it aborts it."""
+    body = {"model": _model(server), "prompt": PROMPTS[1], "max_tokens": 400,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    url = f"{server.url}/v1/completions"
+    with httpx.Client(timeout=120) as http, http.stream("POST", url, json=body) as stalled:
+        lines = stalled.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
+        for prompt in PROMPTS[:2]:  # meanwhile, the stalled stream is never read
+            assert _reference(server, prompt, 8)
+    wait_for(lambda: metric(server, "tokenmill:num_requests_running") == 0)
+    wait_for(lambda: metric(server, "tokenmill:kv_cache_usage_perc") == 0)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_leaving_during_prefill_or_grammar_compile_frees_everything(
+    server: Server, structured: bool
+) -> None:
+    body: dict[str, Any] = {"model": _model(server), "prompt": "word " * 480, "max_tokens": 8}
+    if structured:
+        schema = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(40)}}
+        body |= {"prompt": PROMPTS[0], "response_format": {"type": "json_schema",
+                 "json_schema": {"name": "s", "schema": schema}}}  # fmt: skip
+    aborted = metric(server, "tokenmill:request_aborted_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.2)
+    if not structured:  # (a request still compiling never reached the engine)
+        wait_for(lambda: metric(server, "tokenmill:request_aborted_total") >= aborted + 1)
+    wait_for(lambda: metric(server, "tokenmill:num_requests_running") == 0)
+    wait_for(lambda: metric(server, "tokenmill:num_requests_waiting") == 0)
+    wait_for(lambda: metric(server, "tokenmill:kv_cache_usage_perc") == 0)
+    assert _reference(server, PROMPTS[0], 2)
+
+
 # --- Load with disconnects ------------------------------------------------------------------
 
 

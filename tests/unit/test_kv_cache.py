@@ -84,7 +84,7 @@ def test_shared_blocks_are_refcounted_and_evicted_last():
     assert kv.pool.num_free_blocks == 4
     # the freed tail blocks are reused before the shared prefix block
     assert shared not in kv.pool.allocate(2)
-    assert kv.pool.lookup(shared.block_hash) is shared
+    assert kv.pool.lookup(shared.block_hash, [0, 1, 2, 3]) is shared
 
 
 def test_evicted_block_loses_its_hash():
@@ -96,3 +96,20 @@ def test_evicted_block_loses_its_hash():
     kv.free(first)
     kv.pool.allocate(2)
     assert kv.find_cached_prefix(make_request("b", list(range(5)))) == []
+
+
+def test_a_hash_collision_is_never_a_hit(monkeypatch):
+    """Even if two blocks' hashes collided, a hit must hold the request's own tokens."""
+    import tokenmill.engine.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "hash_block", lambda parent, tokens, salt=None: b"same")
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    first = make_request("a", [1, 2, 3, 4, 5])
+    assert kv.allocate(first, 5)
+    first.num_computed_tokens = 5
+    kv.cache_full_blocks(first)
+    kv.free(first)
+    same = make_request("b", [1, 2, 3, 4, 9])
+    assert len(kv.find_cached_prefix(same)) == 1
+    forged = make_request("c", [7, 7, 7, 7, 9])  # same (forged) hash, other tokens
+    assert kv.find_cached_prefix(forged) == []

@@ -288,6 +288,8 @@ async def test_message_count_default_is_2048(client: httpx.AsyncClient) -> None:
         (CHAT, {"messages": USER, "documents": [{"title": "t", "text": "x" * 100}]}, "messages"),
         (COMPLETIONS, {"prompt": "x" * 101}, "prompt"),
         (COMPLETIONS, {"prompt": ["x" * 60, "y" * 60]}, "prompt"),
+        ("/tokenize", {"prompt": "x" * 101}, "prompt"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x" * 101}]}, "messages"),
     ],
 )  # fmt: skip
 async def test_input_text_size(path: str, body: dict[str, Any], param: str) -> None:

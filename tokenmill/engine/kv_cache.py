@@ -38,6 +38,7 @@ class KVBlock:
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None  # set once the block is full and registered
+    token_ids: tuple[int, ...] = ()  # what it holds, once registered: a hit must match them
 
 
 class BlockPool:
@@ -73,7 +74,7 @@ class BlockPool:
             if block.block_hash is not None:
                 if self.cached.get(block.block_hash) is block:
                     del self.cached[block.block_hash]
-                block.block_hash = None
+                block.block_hash, block.token_ids = None, ()
             block.ref_count = 1
             taken.append(block)
         return taken
@@ -96,12 +97,16 @@ class BlockPool:
             if block.ref_count == 0:
                 self.free_queue[block.block_id] = block
 
-    def lookup(self, block_hash: BlockHash) -> KVBlock | None:
-        return self.cached.get(block_hash) if self.enable_caching else None
+    def lookup(self, block_hash: BlockHash, token_ids: list[int]) -> KVBlock | None:
+        """The cached block under this hash, confirmed to hold exactly these tokens."""
+        block = self.cached.get(block_hash) if self.enable_caching else None
+        if block is not None and block.token_ids != tuple(token_ids):
+            return None  # a hash collision (never seen with SHA-256): recompute, never share
+        return block
 
-    def register(self, block: KVBlock, block_hash: BlockHash) -> None:
+    def register(self, block: KVBlock, block_hash: BlockHash, token_ids: list[int]) -> None:
         if self.enable_caching and block.block_hash is None:
-            block.block_hash = block_hash
+            block.block_hash, block.token_ids = block_hash, tuple(token_ids)
             self.cached.setdefault(block_hash, block)
 
 
@@ -134,7 +139,7 @@ class KVCacheManager:
         for i in range(max_blocks):
             tokens = request.token_ids[i * self.block_size : (i + 1) * self.block_size]
             parent = hash_block(parent, tokens, request.cache_salt)
-            block = self.pool.lookup(parent)
+            block = self.pool.lookup(parent, tokens)
             if block is None:
                 break
             found.append(block)
@@ -172,7 +177,7 @@ class KVCacheManager:
             tokens = request.token_ids[i * self.block_size : (i + 1) * self.block_size]
             block_hash = hash_block(parent, tokens, request.cache_salt)
             entry.hashes.append(block_hash)
-            self.pool.register(entry.blocks[i], block_hash)
+            self.pool.register(entry.blocks[i], block_hash, tokens)
 
     def free(self, request: Request) -> None:
         entry = self._requests.pop(request.request_id, None)

@@ -25,6 +25,7 @@ from tokenmill.errors import (
     TokenmillError,
 )
 from tokenmill.server.cli import DEFAULT_MAX_REQUEST_BODY_BYTES
+from tokenmill.server.limits import check_prompt_limits
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
@@ -235,6 +236,7 @@ async def tokenize(
     if isinstance(body, TokenizeChatRequest):
         token_ids = await server.prompt_token_ids(body)
     else:
+        check_prompt_limits(body.prompt, server.settings.limits)
         token_ids = await server.run_blocking(
             tokenizer.encode, body.prompt, body.add_special_tokens
         )

@@ -1,0 +1,130 @@
+"""CUDA check of the engine, for a machine with a GPU: parity with transformers on CUDA,
+batching invariance, and offline throughput of random-weight models (speed only).
+
+    python scripts/cuda_check.py TOKENIZER_DIR OUT.json [--quick]
+
+TOKENIZER_DIR holds a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json), e.g.
+the bundled SmolLM2's, saved with `PreTrainedTokenizerFast.save_pretrained`. Model
+weights are random (made here with transformers), so no checkpoint has to travel.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.bench.offline import run as bench_run
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script
+PROMPTS = ["The capital of France is", "List three colors:", "def add(a, b):", "Once upon a"]
+
+SHAPES = {  # name -> LlamaConfig overrides (vocab of the SmolLM2 tokenizer)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+}  # fmt: skip
+
+
+def make_model(root: Path, tokenizer_dir: Path, shape: str, dtype: torch.dtype) -> Path:
+    """A random Llama of `shape` saved by transformers, with the tokenizer beside it."""
+    directory = root / f"{shape}-{str(dtype).removeprefix('torch.')}"
+    config = LlamaConfig(
+        vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, **SHAPES[shape],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(directory)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy(item, directory / item.name)
+    return directory
+
+
+def parity(directory: Path, dtype: str) -> dict[str, Any]:
+    """Greedy tokens of tokenmill vs transformers on CUDA, and batched vs alone."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    llm = LLM(str(directory), dtype=dtype, device=DEVICE, kv_cache_memory=256 << 20)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    batched = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in PROMPTS]
+    reference = AutoModelForCausalLM.from_pretrained(str(directory), dtype=getattr(torch, dtype))
+    reference = reference.to(DEVICE).eval()
+    expected = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([llm.tokenizer.encode(prompt)], device=DEVICE)
+        out = reference.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+        expected.append(out[0, ids.shape[1] :].tolist())
+    agree = [
+        sum(a == b for a, b in zip(got, want, strict=True)) / len(want)
+        for got, want in zip(batched, expected, strict=True)
+    ]
+    del llm, reference
+    release_memory()
+    return {
+        "dtype": dtype,
+        "greedy_equal_to_transformers": batched == expected,
+        "token_agreement_with_transformers": round(statistics.mean(agree), 3),
+        "batched_equals_alone": batched == alone,
+    }
+
+
+def throughput(directory: Path, quick: bool) -> dict[str, Any]:
+    llm = LLM(str(directory), dtype="bfloat16", device=DEVICE, kv_cache_memory=8 << 30)
+    bench_run(llm, 2, 24, 8)  # warm-up
+    output_len = 8 if quick else 128
+    result: dict[str, Any] = {"kv_cache_blocks": llm.engine.core.runner.num_blocks}
+    for batch in (1, 4) if quick else (1, 64, 256):
+        runs = [bench_run(llm, batch, 24, output_len) for _ in range(1 if quick else 3)]
+        result[f"batch{batch}_tokens_per_s"] = statistics.median(
+            r["output_tokens_per_s"] for r in runs
+        )
+    started = time.perf_counter()
+    bench_run(llm, 1, 100 if quick else 900, 1)  # a ~1,000-token prompt: prefill time
+    result["prefill_1k_tokens_s"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def release_memory() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    tokenizer_dir, out_path = Path(sys.argv[1]), Path(sys.argv[2])
+    quick = "--quick" in sys.argv
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for dtype in ("float32", "bfloat16"):
+            directory = make_model(root, tokenizer_dir, "tiny", getattr(torch, dtype))
+            report[f"parity_tiny_{dtype}"] = parity(directory, dtype)
+            print(json.dumps(report, indent=1), flush=True)
+        for shape in ("smollm2-135m",) if quick else ("smollm2-135m", "llama-1b"):
+            directory = make_model(root, tokenizer_dir, shape, torch.bfloat16)
+            report[f"throughput_{shape}_bf16"] = throughput(directory, quick)
+            print(json.dumps(report, indent=1), flush=True)
+    out_path.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
