@@ -9,11 +9,11 @@ import pytest
 from tokenmill.errors import InvalidRequestError
 from tokenmill.tokenizer.chat_template import (
     RESERVED_VARIABLES,
-    RenderBudget,
     render_chat,
     render_chat_template,
     resolve_chat_template,
 )
+from tokenmill.tokenizer.template_sandbox import RenderBudget
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
 # SmolLM2-135M-Instruct's template, as stored in the bundled GGUF.

@@ -16,7 +16,7 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.server.limits import RequestLimits
 from tokenmill.server.serving_base import ServerSettings
 from tokenmill.structured import spec_from_request_fields
-from tokenmill.tokenizer.chat_template import RenderBudget
+from tokenmill.tokenizer.template_sandbox import RenderBudget
 
 pytestmark = pytest.mark.anyio
 

@@ -30,7 +30,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token's K/V
     num_decodes: int  # rows [0, num_decodes) are single-token decodes
     decode_slots: torch.Tensor | None  # [Bd, L] cache slots of each decode's keys (padded)
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, False on padding
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, False on padding; None if no padding
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -48,8 +48,8 @@ def paged_attention(
     n = meta.num_decodes
     if n:
         assert meta.decode_slots is not None
-        keys = k_cache[meta.decode_slots].transpose(1, 2)  # [Bd, Hkv, L, D]
-        values = v_cache[meta.decode_slots].transpose(1, 2)
+        keys = _gather(k_cache, meta.decode_slots).transpose(1, 2)  # [Bd, Hkv, L, D]
+        values = _gather(v_cache, meta.decode_slots).transpose(1, 2)
         attn = F.scaled_dot_product_attention(
             q[:n].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=True
         )  # [Bd, H, 1, D]
@@ -60,7 +60,7 @@ def paged_attention(
         if chunk.slots is None:
             keys, values = k[rows], v[rows]
         else:
-            keys, values = k_cache[chunk.slots], v_cache[chunk.slots]
+            keys, values = _gather(k_cache, chunk.slots), _gather(v_cache, chunk.slots)
         attn = F.scaled_dot_product_attention(
             query,
             keys.transpose(0, 1).unsqueeze(0),
@@ -71,3 +71,11 @@ def paged_attention(
         )  # [1, H, q_len, D]
         out[rows] = attn.squeeze(0).transpose(0, 1)
     return out
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [S, Hkv, D] rows at slots [...] -> [..., Hkv, D].
+
+    index_select on the flat slots is several times faster on CPU than advanced indexing.
+    """
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -57,17 +57,23 @@ class RotaryEmbedding(torch.nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
         self.cos_sin = torch.stack([emb.cos(), emb.sin()], dim=1).to(device)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, H, D], k [T, Hkv, D] rotated by their token positions [T]."""
+    def cos_sin_for(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+        """The tables of one step's token positions [T]; every layer reuses them."""
         assert self.cos_sin is not None, "RotaryEmbedding.build() not called"
-        cos_sin = self.cos_sin[positions].to(q.dtype)  # [T, 2, D]
+        cos_sin = self.cos_sin[positions].to(dtype)  # [T, 2, D]
         cos, sin = cos_sin[:, 0].unsqueeze(1), cos_sin[:, 1].unsqueeze(1)  # [T, 1, D]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * signed_sin, one op fewer per call
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return RotaryTables(cos, signed_sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+class RotaryTables(NamedTuple):
+    """cos and sign-adjusted sin, [T, 1, D] each, for one step's positions."""
+
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] rotated by its token's position (HF "rotate half" layout)."""
+        return x * self.cos + x.roll(x.shape[-1] // 2, dims=-1) * self.signed_sin

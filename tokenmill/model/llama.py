@@ -13,7 +13,7 @@ from torch import nn
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.layers.rotary import RotaryEmbedding, RotaryTables
 
 
 @dataclass(slots=True)
@@ -92,20 +92,18 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, C]
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rotary: RotaryTables,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * D]
+        qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, D)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)
+            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
+        qk = rotary.rotate(qk)  # q and k in one call: [T, H + Hkv, D]
+        v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, D)
+        out = paged_attention(qk[:, :H], qk[:, H:], v, kv_cache[0], kv_cache[1], meta)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -131,12 +129,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, C]
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rotary: RotaryTables,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -185,8 +182,9 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, C]
         x = self.embed_tokens(input_ids)
+        rotary = self.rotary.cos_sin_for(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rotary, kv_cache, meta)
+            x = layer(x, rotary, kv_cache, meta)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -164,5 +164,8 @@ class ModelRunner:
             tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
         slots = (tables[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)
         max_len = int(lengths.max())
+        slots = slots[:, :max_len].to(self.device)
+        if bool((lengths == max_len).all()):
+            return slots, None  # no padding (always so for one request): SDPA needs no mask
         mask = torch.arange(max_len)[None, :] < lengths[:, None]
-        return slots[:, :max_len].to(self.device), mask[:, None, None, :].to(self.device)
+        return slots, mask[:, None, None, :].to(self.device)

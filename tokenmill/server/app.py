@@ -45,6 +45,7 @@ from tokenmill.server.serving_base import ServerSettings
 from tokenmill.server.serving_chat import ChatServer
 from tokenmill.server.serving_completion import CompletionServer
 from tokenmill.server.sse import error_body
+from tokenmill.tokenizer.template_sandbox import start_renderer
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine: AsyncEngine = app.state.engine
     settings: ServerSettings = app.state.settings
     await engine.start()
+    await asyncio.to_thread(start_renderer)  # the chat-template sandbox process
     logger.info(
         "tokenmill ready on %s: model %s, served as %s",
         settings.address, engine.model_name, ", ".join(settings.served_model_names),

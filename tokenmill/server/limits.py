@@ -20,7 +20,7 @@ from tokenmill.server.protocol import (
     TokenizeChatRequest,
 )
 from tokenmill.structured.spec import MAX_JSON_SCHEMA_DEPTH, StructuredSpec
-from tokenmill.tokenizer.chat_template import (
+from tokenmill.tokenizer.template_sandbox import (
     MAX_RENDER_CHARS,
     MAX_RENDER_MEMORY_MIB,
     MAX_RENDER_SECONDS,
