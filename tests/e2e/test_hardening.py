@@ -346,6 +346,8 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(start_server: Any) -> 
     for thread in threads:
         thread.start()
     wait_for(lambda: metric(server, "tokenmill:num_requests_running") == 3)
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    assert children  # the chat-template sandbox process
     server.process.send_signal(signal.SIGTERM)
     for thread in threads:
         thread.join(timeout=120)
@@ -356,3 +358,5 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(start_server: Any) -> 
         assert result["usage"]["completion_tokens"] == 24
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=5)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, alive  # no orphans
