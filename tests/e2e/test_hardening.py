@@ -333,29 +333,35 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits_0(start_server: Any) -> None:
-    server = start_server("graceful", "--shutdown-timeout", "120")
+def test_sigterm_finishes_in_flight_requests_then_exits_0(limited: Server) -> None:
+    """Last in this module: it stops the `limited` server (one running, one waiting)."""
+    server = limited
     model = _model(server)
     results: list[dict[str, Any]] = []
 
     def run(prompt: str) -> None:
-        response = completion(server, model=model, prompt=prompt, max_tokens=24, ignore_eos=True)
+        response = completion(server, model=model, prompt=prompt, max_tokens=64, ignore_eos=True)
         results.append(response.json())
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS[:3]]
+    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS[:2]]
     for thread in threads:
         thread.start()
-    wait_for(lambda: metric(server, "tokenmill:num_requests_running") == 3)
+    wait_for(
+        lambda: (
+            metric(server, "tokenmill:num_requests_running") == 1
+            and metric(server, "tokenmill:num_requests_waiting") == 1
+        )
+    )
     children = psutil.Process(server.process.pid).children(recursive=True)
     assert children  # the chat-template sandbox process
     server.process.send_signal(signal.SIGTERM)
     for thread in threads:
         thread.join(timeout=120)
     assert server.process.wait(timeout=60) == 0, server.log_text()
-    assert len(results) == 3
+    assert len(results) == 2
     for result in results:
         assert result["choices"][0]["finish_reason"] == "length", result
-        assert result["usage"]["completion_tokens"] == 24
+        assert result["usage"]["completion_tokens"] == 64
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=5)
     _, alive = psutil.wait_procs(children, timeout=10)

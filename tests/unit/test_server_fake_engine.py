@@ -12,7 +12,7 @@ import pytest
 
 from tokenmill.engine.async_engine import EngineStats
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, OverloadedError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.app import ServerSettings, build_app
 from tokenmill.structured import StructuredOutputManager, StructuredSpec
@@ -76,6 +76,8 @@ class FakeAsyncEngine:
         self.grammars: list[Any] = []  # the compiled grammar each request was given
         self.delay = delay
         self.alive = True
+        self.overloaded = False
+        self.cache_salts: list[str | None] = []
         self.requests: list[tuple[list[int], SamplingParams, str]] = []
         self.aborted: set[str] = set()
         self.running: set[str] = set()
@@ -90,6 +92,10 @@ class FakeAsyncEngine:
     def is_alive(self) -> bool:
         return self.alive
 
+    def check_capacity(self) -> None:
+        if self.overloaded:
+            raise OverloadedError("the server is overloaded (fake)")
+
     def stats(self) -> EngineStats:
         return EngineStats(len(self.running), 0, 0.25, 0, len(self.aborted))
 
@@ -98,9 +104,11 @@ class FakeAsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         request_id: str,
+        cache_salt: str | None = None,
         grammar: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         self.requests.append((prompt_token_ids, params, request_id))
+        self.cache_salts.append(cache_salt)
         self.grammars.append(grammar)
         self.running.add(request_id)
         seqs = [CompletionOutput(index=k) for k in range(params.n)]
@@ -534,7 +542,43 @@ async def test_engine_down_is_503(engine: FakeAsyncEngine, client: httpx.AsyncCl
     assert_error(await client.post("/v1/completions", json={"prompt": "x"}), 503)
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_overload_is_503_with_retry_after_streaming_or_not(
+    engine: FakeAsyncEngine, client: httpx.AsyncClient, path: str, stream: bool
+) -> None:
+    engine.overloaded = True
+    body = {"prompt": "x", "messages": [{"role": "user", "content": "x"}], "stream": stream}
+    r = await client.post(path, json=body)
+    assert_error(r, 503)
+    assert r.headers["retry-after"] == "1"
+
+
+async def test_cache_salt_reaches_the_engine(
+    engine: FakeAsyncEngine, client: httpx.AsyncClient
+) -> None:
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    assert (await client.post("/v1/chat/completions", json={**chat, "cache_salt": "t1"})).is_success
+    completion = {"prompt": "x", "max_tokens": 1, "cache_salt": "t2"}
+    assert (await client.post("/v1/completions", json=completion)).is_success
+    assert (await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})).is_success
+    assert engine.cache_salts == ["t1", "t2", None]
+    assert_error(await client.post("/v1/completions", json={**completion, "cache_salt": ""}), 400)
+
+
 # --- Auth, CORS, operational routes -------------------------------------------------
+
+
+async def test_key_is_checked_before_the_body_is_read() -> None:
+    settings = ServerSettings(served_model_names=[MODEL], api_key=KEY)
+    app = build_app(FakeAsyncEngine(), settings, max_request_body_bytes=1000)  # type: ignore[arg-type]
+    body = {"prompt": "x" * 2000}
+    async with client_for(app) as c:
+        assert_error(await c.post("/v1/completions", json=body), 401)
+        good = {"Authorization": f"Bearer {KEY}"}
+        assert_error(await c.post("/v1/completions", json=body, headers=good), 413)
+        preflight = {"Origin": "https://a.example", "Access-Control-Request-Method": "POST"}
+        assert (await c.options("/v1/completions", headers=preflight)).status_code != 401
 
 
 async def test_api_key() -> None:

@@ -130,7 +130,7 @@ class AsyncEngine:
         """
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
-        self._check_capacity()
+        self.check_capacity()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         finished = False
         self._num_submitting += 1
@@ -160,7 +160,9 @@ class AsyncEngine:
                 self._num_aborted += 1
                 self._commands.put(lambda: self.engine.abort(request_id))
 
-    def _check_capacity(self) -> None:
+    def check_capacity(self) -> None:
+        """OverloadedError (503) when max_waiting_requests requests already wait; the server
+        asks before it answers (a stream's 200 cannot turn into a 503 later)."""
         limit = self.max_waiting_requests
         if limit is not None and self.num_waiting >= limit:
             raise OverloadedError(
@@ -228,7 +230,10 @@ class AsyncEngine:
                 continue
             item: RequestOutput | BaseException = output
             if output.error is not None:
-                item = RequestFailedError(f"the engine failed this request: {output.error}")
+                # the details (an exception's text) stay in the server's log, not the client's
+                item = RequestFailedError(
+                    "the engine failed while serving this request; the server log has the details"
+                )
             self._loop.call_soon_threadsafe(target.put_nowait, item)
 
     def _fail_all(self, error: BaseException) -> None:

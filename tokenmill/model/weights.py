@@ -20,6 +20,7 @@ def load_model(
     model.to(dtype)
     model.load_weights(_converted(source, device, dtype))
     model.rotary.build(device)
+    model.prepare_for_decode()
     return model.eval()
 
 

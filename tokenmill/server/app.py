@@ -81,6 +81,8 @@ def build_app(
         )
     paths = frozenset(getattr(r, "path", "") for router in (v1, ops) for r in router.routes)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
+    if settings.api_key is not None:  # outside the body limit: no key, no body read
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, paths=paths)
     return app
 
@@ -120,16 +122,55 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def check_api_key(request: Request) -> None:
-    """401 unless the request carries `Authorization: Bearer <key>` (when a key is set)."""
+    """401 unless the request carries `Authorization: Bearer <key>` (when a key is set).
+
+    APIKeyMiddleware checks the same before the body is read; this route dependency is the
+    second lock, on every route of the /v1 router however its path was spelled."""
     key: str | None = request.app.state.settings.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise AuthenticationError(
-            "invalid or missing API key; send it as `Authorization: Bearer <key>`",
-            code="invalid_api_key",
-        )
+    if key is not None and not key_matches(request.headers.get("authorization"), key):
+        raise _auth_error()
+
+
+def key_matches(authorization: str | None, key: str) -> bool:
+    """Constant-time comparison of `Bearer <token>` with the key."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _auth_error() -> AuthenticationError:
+    return AuthenticationError(
+        "invalid or missing API key; send it as `Authorization: Bearer <key>`",
+        code="invalid_api_key",
+    )
+
+
+class APIKeyMiddleware:
+    """401 for a /v1 request without the key, before its body is read (an unauthenticated
+    client cannot make the server buffer or parse anything). CORS preflights pass."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and _is_v1(scope):
+            headers = dict(scope["headers"])
+            authorization = headers.get(b"authorization", b"").decode("latin-1")
+            if not key_matches(authorization, self.api_key):
+                exc = _auth_error()
+                response = JSONResponse(
+                    error_body(exc).model_dump(), 401, headers={"WWW-Authenticate": "Bearer"}
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _is_v1(scope: Scope) -> bool:
+    """Whether routing would see a /v1 path (the decoded path, less the root path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path == "/v1" or path.startswith("/v1/")
 
 
 def _completion_server(request: Request) -> CompletionServer:
@@ -287,7 +328,7 @@ async def _tokenmill_error(request: Request, exc: TokenmillError) -> JSONRespons
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 becomes OpenAI's 400, naming the first offending field."""
-    if request.url.path.startswith(f"{request.scope.get('root_path', '')}/v1"):
+    if _is_v1(request.scope):
         try:
             check_api_key(request)  # an unauthenticated client learns nothing about the API
         except AuthenticationError as auth:

@@ -110,6 +110,8 @@ class SamplingExtras(OpenAIBaseModel):
     truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None  # keep the last k tokens
     prompt_logprobs: int | None = None  # top logprobs of every prompt token
     allowed_token_ids: list[int] | None = None  # only these tokens may be generated
+    # isolates this tenant's prefix-cache entries: only requests with the same salt share them
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
 
 class StructuredOutputExtras(OpenAIBaseModel):

@@ -49,6 +49,7 @@ class EngineInput:
     prompt_token_ids: list[int]
     params: SamplingParams
     grammar: CompiledGrammar | None = None  # params.structured_outputs, compiled
+    cache_salt: str | None = None  # the request's prefix-cache tenant
 
 
 class ServingBase:
@@ -81,6 +82,11 @@ class ServingBase:
     def check_alive(self) -> None:
         if not self.engine.is_alive:
             raise ServiceUnavailableError("the engine is not running")
+
+    def check_admission(self) -> None:
+        """Right before answering: the engine runs, and has room in its waiting queue."""
+        self.check_alive()
+        self.engine.check_capacity()
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -154,6 +160,7 @@ class ServingBase:
         params: SamplingParams,
         prompt_param: str,
         grammar: CompiledGrammar | None = None,
+        cache_salt: str | None = None,
     ) -> EngineInput:
         """Check prompt + max_tokens against the context; max_tokens None fills the context."""
         prompt_token_ids = params.truncate_prompt(prompt_token_ids)
@@ -170,7 +177,7 @@ class ServingBase:
                     param=prompt_param,
                 )
             params = dataclasses.replace(params, max_tokens=max_len - num_prompt)
-            return EngineInput(prompt_token_ids, params, grammar)
+            return EngineInput(prompt_token_ids, params, grammar, cache_salt)
         if num_prompt + params.max_tokens > max_len:
             raise InvalidRequestError(
                 f"This model's maximum context length is {max_len} tokens. However, you "
@@ -179,7 +186,7 @@ class ServingBase:
                 f"length of the {prompt_param} or completion.",
                 param="max_tokens",
             )
-        return EngineInput(prompt_token_ids, params, grammar)
+        return EngineInput(prompt_token_ids, params, grammar, cache_salt)
 
     def log_request(self, request_id: str, inputs: list[EngineInput]) -> None:
         if self.settings.disable_log_requests:
@@ -208,7 +215,11 @@ class ServingBase:
             yield _empty_output(item, request_id)
             return
         stream = self.engine.generate(
-            item.prompt_token_ids, item.params, request_id, grammar=item.grammar
+            item.prompt_token_ids,
+            item.params,
+            request_id,
+            cache_salt=item.cache_salt,
+            grammar=item.grammar,
         )
         finished = False
         try:

@@ -43,6 +43,7 @@ class ChatServer(ServingBase):
         self.check_alive()
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         inputs = await self.to_engine_inputs(request)
+        self.check_admission()
         self.log_request(request_id, inputs)
         if request.stream:
             return EventStreamResponse(self._stream(request, request_id, model, inputs))
@@ -59,7 +60,9 @@ class ChatServer(ServingBase):
         params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
         prompt_token_ids = await self.prompt_token_ids(request)  # checks the message limits
         grammar = await self.compile_grammar(params)
-        return [self.fit_to_context(prompt_token_ids, params, "messages", grammar)]
+        return [
+            self.fit_to_context(prompt_token_ids, params, "messages", grammar, request.cache_salt)
+        ]
 
     async def prompt_token_ids(self, request: ChatPromptRequest) -> list[int]:
         """Render the conversation and tokenize it, in the tokenizer thread."""

@@ -31,6 +31,7 @@ class CompletionServer(ServingBase):
         self.check_alive()
         request_id = f"cmpl-{uuid.uuid4().hex}"
         inputs, prompt_texts = await self.to_engine_inputs(request)
+        self.check_admission()
         self.log_request(request_id, inputs)
         echoes = prompt_texts if request.echo else [""] * len(inputs)
         if request.stream:
@@ -52,7 +53,8 @@ class CompletionServer(ServingBase):
         )
         grammar = await self.compile_grammar(params)
         prompts = await self.run_blocking(self._tokenize, request)
-        inputs = [self.fit_to_context(ids, params, "prompt", grammar) for ids, _ in prompts]
+        salt = request.cache_salt
+        inputs = [self.fit_to_context(ids, params, "prompt", grammar, salt) for ids, _ in prompts]
         return inputs, [text for _, text in prompts]
 
     def _tokenize(self, request: CompletionRequest) -> list[tuple[list[int], str]]:

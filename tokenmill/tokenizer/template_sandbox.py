@@ -154,7 +154,7 @@ def _spawn_renderer() -> subprocess.Popen[bytes]:
         [sys.executable, "-c", code],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": path},
+        env=_renderer_environment(path),
     )
     assert process.stdout is not None
     try:
@@ -165,6 +165,14 @@ def _spawn_renderer() -> subprocess.Popen[bytes]:
         raise RuntimeError(f"the chat template renderer did not start: {exc!r}") from exc
     logger.debug("chat template renderer started (pid %d)", process.pid)
     return process
+
+
+def _renderer_environment(python_path: str) -> dict[str, str]:
+    """Only what Python and strftime_now need: no API keys or tokens from the server's."""
+    keep = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "SYSTEMROOT", "TMPDIR")
+    return {name: os.environ[name] for name in keep if name in os.environ} | {
+        "PYTHONPATH": python_path
+    }
 
 
 _renderer = _Renderer()
