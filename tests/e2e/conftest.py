@@ -82,13 +82,18 @@ def _wait_healthy(server: Server) -> None:
 
 
 def _stop(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGINT)
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+    """SIGINT, as Ctrl-C: a graceful shutdown that must exit 0."""
+    if server.process.poll() is not None:
+        return
+    server.process.send_signal(signal.SIGINT)
+    try:
+        code = server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+        pytest.fail(f"server did not stop on SIGINT:\n{server.log_text()[-3000:]}")
+    if code != 0:
+        pytest.fail(f"server exited with {code} on SIGINT:\n{server.log_text()[-3000:]}")
 
 
 @pytest.fixture(scope="session")
