@@ -106,7 +106,11 @@ def test_grammar_backend_error_fails_only_that_request(llm: Any, alone: list[lis
     assert_all_blocks_free(llm)
 
 
-def test_async_engine_raises_request_failed_for_the_failed_request(llm: Any) -> None:
+def test_async_engine_raises_request_failed_for_the_failed_request(
+    llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the shared engine outlives this AsyncEngine: its shutdown must not close the grammar pool
+    monkeypatch.setattr(llm.engine.structured_outputs, "close", lambda: None)
     engine = AsyncEngine(llm.engine)
 
     async def main() -> None:

@@ -53,7 +53,9 @@ def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 def decode_roofline(model: Any, measured_tokens_per_s: float) -> dict[str, float]:
     """A batch-1 decode step reads every weight once: steps/s <= bandwidth / weight bytes."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    from tokenmill.layers.linear import weight_bytes as model_weight_bytes
+
+    weight_bytes = model_weight_bytes(model)
     bandwidth = measure_read_bandwidth()
     ceiling = bandwidth / weight_bytes
     return {
@@ -75,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model", nargs="?", default=None, help="model (default: the bundled SmolLM2)"
     )
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantization", choices=["fp16"], default=None)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--output-len", type=int, default=128)
@@ -87,7 +90,7 @@ def run_command(args: argparse.Namespace) -> int:
     """`tokenmill bench offline`: print the JSON report."""
     from tokenmill.llm import LLM
 
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization)
     run(llm, 2, args.prompt_words, 8)  # warm-up
     single = [run(llm, 1, args.prompt_words, args.output_len) for _ in range(args.repeats)]
     batched = [

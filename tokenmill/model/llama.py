@@ -12,6 +12,7 @@ from torch import nn
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
+from tokenmill.layers.linear import PackedLinear, QuantizationMethod, quantize_linears
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, RotaryTables
 
@@ -176,6 +177,7 @@ class LlamaForCausalLM(nn.Module):
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
         self.head_t: torch.Tensor | None = None  # [C, V], see prepare_for_decode
+        self.packed_head: PackedLinear | None = None  # quantized output projection
 
     def forward(
         self,
@@ -193,6 +195,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, C] of the rows that sample -> float32 logits [N, V]."""
         hidden = self.norm(hidden)
+        if self.packed_head is not None:
+            return self.packed_head(hidden)
         if self.head_t is not None and hidden.shape[0] <= _HEAD_T_MAX_ROWS:
             return torch.mm(hidden, self.head_t).float()
         return F.linear(hidden, self.output_weight).float()
@@ -202,14 +206,21 @@ class LlamaForCausalLM(nn.Module):
         """The output projection [V, C]: the embedding when tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def prepare_for_decode(self) -> None:
-        """Once after loading: a [C, V] copy of the output projection for few-row logits on CPU.
+    def prepare_for_decode(self, quantization: QuantizationMethod | None = None) -> None:
+        """Once after loading, on CPU: pack the linear layers (quantization), else keep a
+        [C, V] copy of the output projection for few-row logits.
 
         MKL's GEMV over the [V, C] weight is ~2x slower than a GEMM over its transpose at
-        1-3 rows (bandwidth-bound batch-1 decode), the reverse from 4 rows on; costs V*C more
-        floats of memory (113 MB for SmolLM2-135M).
+        1-3 rows (bandwidth-bound batch-1 decode), the reverse from 4 rows on; the copy costs
+        V*C more floats of memory (113 MB for SmolLM2-135M).
         """
-        if self.output_weight.device.type == "cpu":
+        if self.output_weight.device.type != "cpu":
+            return
+        if quantization is not None:
+            quantize_linears(self.layers, quantization)
+            # the embedding stays float32 for lookups; the head gets its own packed copy
+            self.packed_head = PackedLinear(self.output_weight, None, quantization)
+        else:
             self.head_t = self.output_weight.detach().t().contiguous()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -12,6 +12,7 @@ from tokenmill.config import CacheConfig, ModelConfig
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import ScheduledRequest, SchedulerOutput
 from tokenmill.layers.attention import AttentionMetadata, PrefillChunk
+from tokenmill.layers.linear import PackedLinear
 from tokenmill.model.device import kv_cache_bytes, resolve_device, resolve_dtype
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.loader import ModelSource
@@ -44,7 +45,11 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         started = time.perf_counter()
         self.model: LlamaForCausalLM = load_model(
-            model_class(source.hf_config), source, self.device, self.dtype
+            model_class(source.hf_config),
+            source,
+            self.device,
+            self.dtype,
+            model_config.quantization,
         )
         self.load_seconds = time.perf_counter() - started
         cfg = self.model.config
@@ -71,7 +76,10 @@ class ModelRunner:
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        packed = (m for m in self.model.layers.modules() if isinstance(m, PackedLinear))
+        return sum(p.numel() for p in self.model.parameters()) + sum(
+            m.in_features * m.out_features for m in packed
+        )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> dict[str, int]:

@@ -7,20 +7,28 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
+from tokenmill.errors import ModelLoadError
+from tokenmill.layers.linear import QuantizationMethod
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.loader import ModelSource
 
 
 def load_model(
-    cls: type[LlamaForCausalLM], source: ModelSource, device: torch.device, dtype: torch.dtype
+    cls: type[LlamaForCausalLM],
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: QuantizationMethod | None = None,
 ) -> LlamaForCausalLM:
+    if quantization is not None:
+        _check_quantization(quantization, device, dtype)
     with torch.device("meta"):
         model = cls(source.hf_config)
     model.to_empty(device=device)
     model.to(dtype)
     model.load_weights(_converted(source, device, dtype))
     model.rotary.build(device)
-    model.prepare_for_decode()
+    model.prepare_for_decode(quantization)
     return model.eval()
 
 
@@ -36,3 +44,18 @@ def _converted(
     )
     for name, tensor in weights:
         yield name, tensor.to(device=device, dtype=dtype)
+
+
+def _check_quantization(
+    quantization: QuantizationMethod, device: torch.device, dtype: torch.dtype
+) -> None:
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ModelLoadError(
+            f"quantization {quantization!r} runs on CPU in float32 only "
+            f"(got device {device.type}, dtype {str(dtype).removeprefix('torch.')})"
+        )
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise ModelLoadError(
+            f"quantization {quantization!r} needs PyTorch's fbgemm backend (x86 CPUs); "
+            "this build lacks it"
+        )

@@ -1,0 +1,98 @@
+"""quantization="fp16" (float16 weights, float32 math) against the exact float32 model.
+
+Quality bound, on the bundled SmolLM2-135M (Q4_1 GGUF dequantized): greedy tokens equal
+float32's for the first 32 tokens of every prompt, and teacher-forced logits stay within
+0.1 of float32's at every position (logits are O(10); measured max 0.027-0.038).
+"""
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.engine.core import EngineCore
+from tokenmill.engine.request import Request
+from tokenmill.errors import ModelLoadError
+from tokenmill.layers.linear import PackedLinear
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time, in a land far away, there lived a",
+    "List three colors:",
+    "Q: What is 12 times 7?\nA:",
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+NUM_EQUAL_GREEDY_TOKENS = 32
+LOGITS_ATOL = 0.1
+
+
+def no_prefix_cache_llm(path: str, **kwargs) -> LLM:
+    """all_logits needs every position computed, so no prompt may hit the prefix cache."""
+    return LLM(
+        path, dtype="float32", kv_cache_memory=64 << 20, enable_prefix_caching=False, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def fp16_llm(bundled_gguf_path):
+    return no_prefix_cache_llm(bundled_gguf_path, quantization="fp16")
+
+
+@pytest.fixture(scope="module")
+def fp32_llm(bundled_gguf_path):
+    return no_prefix_cache_llm(bundled_gguf_path)
+
+
+def token_ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def all_logits(core: EngineCore, ids: list[int]) -> torch.Tensor:
+    """Logits [len(ids), V] of one prefill of `ids` (every position, not only the last)."""
+    core.add_request(Request("probe", ids, SamplingParams(max_tokens=1), frozenset(), 4096))
+    out = core.scheduler.schedule()
+    assert [s.num_new_tokens for s in out.scheduled] == [len(ids)]
+    request = out.scheduled[0].request
+    runner = core.runner
+    with torch.inference_mode():
+        batch = runner._prepare(out.scheduled, {"probe": core.kv_cache.block_ids(request)})
+        hidden = runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
+        logits = runner.model.compute_logits(hidden)
+    core.finish("probe", "abort")
+    return logits
+
+
+def test_every_linear_layer_and_the_head_are_packed(fp16_llm):
+    model = fp16_llm.engine.core.runner.model
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 4 * model.config.num_layers + 1  # qkv, o, gate_up, down; head
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert fp16_llm.engine.core.runner.num_parameters == pytest.approx(134.5e6, rel=0.01)
+
+
+def test_greedy_tokens_match_float32(fp16_llm, fp32_llm):
+    ours = token_ids(fp16_llm.generate(PROMPTS, GREEDY))
+    exact = token_ids(fp32_llm.generate(PROMPTS, GREEDY))
+    for i, (a, b) in enumerate(zip(ours, exact, strict=True)):
+        assert a[:NUM_EQUAL_GREEDY_TOKENS] == b[:NUM_EQUAL_GREEDY_TOKENS], f"prompt {i}"
+
+
+def test_teacher_forced_logits_close_to_float32(fp16_llm, fp32_llm):
+    exact = token_ids(fp32_llm.generate(PROMPTS, GREEDY))
+    for prompt, continuation in zip(PROMPTS, exact, strict=True):
+        ids = fp16_llm.tokenizer.encode(prompt) + continuation
+        ours = all_logits(fp16_llm.engine.core, ids)
+        reference = all_logits(fp32_llm.engine.core, ids)
+        assert (ours - reference).abs().max().item() < LOGITS_ATOL
+        assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+def test_batched_equals_alone(fp16_llm):
+    alone = [token_ids(fp16_llm.generate([p], GREEDY))[0] for p in PROMPTS]
+    assert token_ids(fp16_llm.generate(PROMPTS, GREEDY)) == alone
+
+
+def test_rejected_off_cpu_float32(bundled_gguf_path):
+    with pytest.raises(ModelLoadError, match="CPU in float32 only"):
+        LLM(bundled_gguf_path, dtype="bfloat16", kv_cache_memory=16 << 20, quantization="fp16")
