@@ -6,8 +6,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-# weight formats of tokenmill/layers/linear.py (CPU only; None = the dtype's own weights)
+# weight formats of tokenmill/layers/linear.py (CPU only); "none" = the dtype's own weights
 Quantization = Literal["fp16"]
+QuantizationSetting = Literal["fp16", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 # the grammar backends of tokenmill/structured (its BACKENDS registry; a unit test keeps them equal)
 GuidedDecodingBackend = Literal["xgrammar", "outlines", "lm-format-enforcer"]
@@ -23,10 +24,11 @@ class ModelConfig:
     max_model_len: int | None = None  # tokens; None = the model's own context length
     chat_template: str | None = None  # a file path or the template text; overrides the model's
     seed: int = 0  # seed for requests that give none
-    # None: exact weights in `dtype`. "fp16": float16 weights, float32 math (half the weight
-    # bytes, fbgemm GEMMs: ~2x faster decode on CPU; greedy output matched float32 in tests,
-    # logits within 0.1). CPU + float32 only.
-    quantization: Quantization | None = None
+    # "fp16": float16 weights, float32 math (half the weight bytes, fbgemm GEMMs: ~2x faster
+    # decode on CPU; greedy output matched float32 in tests, logits within 0.1); CPU + float32
+    # only. "none": exact weights in `dtype`. None (auto): fp16 when dtype is auto on a CPU
+    # with fbgemm, else none (see model/device.py: resolve_quantization).
+    quantization: QuantizationSetting | None = None
 
 
 @dataclass(slots=True)

@@ -96,3 +96,28 @@ def test_batched_equals_alone(fp16_llm):
 def test_rejected_off_cpu_float32(bundled_gguf_path):
     with pytest.raises(ModelLoadError, match="CPU in float32 only"):
         LLM(bundled_gguf_path, dtype="bfloat16", kv_cache_memory=16 << 20, quantization="fp16")
+
+
+def test_fp16_is_the_cpu_default_only_when_dtype_is_auto():
+    from tokenmill.model.device import resolve_quantization
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+    assert resolve_quantization(None, "auto", cpu) == ("fp16" if fbgemm else None)
+    assert resolve_quantization(None, "float32", cpu) is None  # a pinned dtype stays exact
+    assert resolve_quantization(None, "auto", cuda) is None
+    assert resolve_quantization("none", "auto", cpu) is None
+    assert resolve_quantization("fp16", "float32", cpu) == "fp16"
+    with pytest.raises(ModelLoadError, match="unknown quantization"):
+        resolve_quantization("int3", "auto", cpu)
+
+
+def test_a_weight_past_float16_range_stays_float32():
+    from tokenmill.layers.linear import quantize_linears
+
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        block[1].weight[0, 0] = 1e6
+    quantize_linears(block, "fp16")
+    assert isinstance(block[0], PackedLinear)
+    assert isinstance(block[1], torch.nn.Linear)

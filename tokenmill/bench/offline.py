@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model", nargs="?", default=None, help="model (default: the bundled SmolLM2)"
     )
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--quantization", choices=["fp16"], default=None)
+    parser.add_argument("--quantization", choices=["fp16", "none"], default=None)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--output-len", type=int, default=128)

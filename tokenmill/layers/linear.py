@@ -16,7 +16,7 @@ from torch import nn
 
 from tokenmill.config import Quantization as QuantizationMethod
 
-__all__ = ["PackedLinear", "QuantizationMethod", "quantize_linears", "weight_bytes"]
+__all__ = ["PackedLinear", "QuantizationMethod", "fits", "quantize_linears", "weight_bytes"]
 
 
 class PackedLinear(nn.Module):
@@ -42,11 +42,21 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.method}"
 
 
+_FP16_MAX = 65504.0
+
+
+def fits(weight: torch.Tensor, method: QuantizationMethod) -> bool:
+    """Whether `weight` is representable in `method` (a weight past float16's range stays as
+    it is: its layer is not packed)."""
+    return bool(weight.detach().abs().max() <= _FP16_MAX)
+
+
 def quantize_linears(module: nn.Module, method: QuantizationMethod) -> None:
-    """Replace every nn.Linear under `module` with its PackedLinear, in place."""
+    """Replace every nn.Linear under `module` whose weight fits with its PackedLinear."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child.weight, child.bias, method))
+            if fits(child.weight, method):
+                setattr(module, name, PackedLinear(child.weight, child.bias, method))
         else:
             quantize_linears(child, method)
 

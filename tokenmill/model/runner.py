@@ -13,7 +13,12 @@ from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import ScheduledRequest, SchedulerOutput
 from tokenmill.layers.attention import AttentionMetadata, PrefillChunk
 from tokenmill.layers.linear import PackedLinear
-from tokenmill.model.device import kv_cache_bytes, resolve_device, resolve_dtype
+from tokenmill.model.device import (
+    kv_cache_bytes,
+    resolve_device,
+    resolve_dtype,
+    resolve_quantization,
+)
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.loader import ModelSource
 from tokenmill.model.registry import model_class
@@ -49,7 +54,7 @@ class ModelRunner:
             source,
             self.device,
             self.dtype,
-            model_config.quantization,
+            resolve_quantization(model_config.quantization, model_config.dtype, self.device),
         )
         self.load_seconds = time.perf_counter() - started
         cfg = self.model.config

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, get_args
 
-from tokenmill.config import EngineConfig, GuidedDecodingBackend, Quantization
+from tokenmill.config import EngineConfig, GuidedDecodingBackend, QuantizationSetting
 
 if TYPE_CHECKING:  # imported lazily at run time: `tokenmill --help` stays fast
     from tokenmill.engine.async_engine import AsyncEngine
@@ -141,10 +141,10 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         "(default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
-        "-q", "--quantization", choices=get_args(Quantization), default=None,
-        help="weight format: fp16 = float16 weights with float32 math (CPU, ~2x faster "
-        "decode, greedy output matched float32 in tests; see docs/benchmarks.md) "
-        "(default: the dtype's own weights)",
+        "-q", "--quantization", choices=get_args(QuantizationSetting), default=None,
+        help="weight format: fp16 = float16 weights with float32 math (CPU: ~2x faster "
+        "decode, greedy output matched float32 in tests; see docs/benchmarks.md), none = "
+        "the dtype's own weights (default: fp16 when --dtype is auto on a CPU, else none)",
     )  # fmt: skip
     g.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default=_DEFAULTS.model.device,
