@@ -1,7 +1,7 @@
 """CUDA check of the engine, for a machine with a GPU: parity with transformers on CUDA,
 batching invariance, and offline throughput of random-weight models (speed only).
 
-    python scripts/cuda_check.py TOKENIZER_DIR OUT.json [--quick]
+    python scripts/cuda_check.py TOKENIZER_DIR OUT.json [--quick] [--structured-only]
 
 TOKENIZER_DIR holds a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json), e.g.
 the bundled SmolLM2's, saved with `PreTrainedTokenizerFast.save_pretrained`. Model
@@ -83,6 +83,49 @@ def parity(directory: Path, dtype: str) -> dict[str, Any]:
     }
 
 
+def structured(directory: Path) -> dict[str, Any]:
+    """Constrained decoding on this device (xgrammar's mask on the GPU's logits): every
+    output must satisfy its constraint, whatever the random model prefers."""
+    import re
+
+    llm = LLM(str(directory), dtype="bfloat16", device=DEVICE, kv_cache_memory=256 << 20)
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
+        "required": ["colour", "ok"],
+        "additionalProperties": False,
+    }
+    constraints: dict[str, tuple[dict[str, Any], Any]] = {
+        "json": (
+            {"json": schema, "disable_any_whitespace": True},
+            lambda t: set(json.loads(t)) == {"colour", "ok"},
+        ),
+        "regex": ({"regex": "[ab]{3}-[0-9]"}, lambda t: re.fullmatch("[ab]{3}-[0-9]", t)),
+        "choice": ({"choice": ["up", "down"]}, lambda t: t in ("up", "down")),
+    }
+    result: dict[str, Any] = {}
+    for name, (spec, valid) in constraints.items():
+        params = SamplingParams(temperature=1.0, max_tokens=48, n=4, structured_outputs=spec)
+        outputs = llm.generate(PROMPTS, params)
+        texts = [c.text for o in outputs for c in o.outputs]
+        reasons = [c.finish_reason for o in outputs for c in o.outputs]
+        result[name] = {
+            "all_valid": all(bool(_safe(valid, t)) for t in texts),
+            "finish_reasons": sorted(set(map(str, reasons))),
+            "sample": texts[0],
+        }
+    del llm
+    release_memory()
+    return result
+
+
+def _safe(check: Any, text: str) -> Any:
+    try:
+        return check(text)
+    except ValueError:
+        return False
+
+
 def throughput(directory: Path, quick: bool) -> dict[str, Any]:
     llm = LLM(str(directory), dtype="bfloat16", device=DEVICE, kv_cache_memory=8 << 30)
     bench_run(llm, 2, 24, 8)  # warm-up
@@ -114,10 +157,17 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if "--structured-only" in sys.argv:
+            directory = make_model(root, tokenizer_dir, "tiny", torch.bfloat16)
+            report["structured_tiny_bf16"] = structured(directory)
+            out_path.write_text(json.dumps(report, indent=1))
+            print(json.dumps(report, indent=1), flush=True)
+            return 0
         for dtype in ("float32", "bfloat16"):
             directory = make_model(root, tokenizer_dir, "tiny", getattr(torch, dtype))
             report[f"parity_tiny_{dtype}"] = parity(directory, dtype)
             print(json.dumps(report, indent=1), flush=True)
+        report["structured_tiny_bf16"] = structured(directory)
         for shape in ("smollm2-135m",) if quick else ("smollm2-135m", "llama-1b"):
             directory = make_model(root, tokenizer_dir, shape, torch.bfloat16)
             report[f"throughput_{shape}_bf16"] = throughput(directory, quick)
