@@ -204,7 +204,7 @@ class AsyncEngine:
         except BaseException as e:
             logger.exception("engine loop died")
             self._error = e
-            self._fail_all(EngineDeadError(f"the engine loop died: {e}"))
+            self._fail_all(EngineDeadError("the engine loop died; the server is shutting down"))
             if self._loop is not None and self.on_death is not None:
                 self._loop.call_soon_threadsafe(self.on_death)
 
