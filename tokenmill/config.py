@@ -24,6 +24,7 @@ class ModelConfig:
     max_model_len: int | None = None  # tokens; None = the model's own context length
     chat_template: str | None = None  # a file path or the template text; overrides the model's
     seed: int = 0  # seed for requests that give none
+    max_logprobs: int = 20  # most logprobs/prompt_logprobs a request may ask for (vLLM's default)
     # "fp16": float16 weights, float32 math (half the weight bytes, fbgemm GEMMs: ~2x faster
     # decode on CPU; greedy output matched float32 in tests, logits within 0.1); CPU + float32
     # only. "none": exact weights in `dtype`. None (auto): fp16 when dtype is auto on a CPU

@@ -420,3 +420,13 @@ async def test_chat_template_kwargs_cannot_override_reserved_names(
 ) -> None:
     body = {"messages": USER, "chat_template_kwargs": {key: "x"}}
     await assert_400(client, CHAT, body, "chat_template_kwargs", key)
+
+
+def test_max_logprobs_flag_sets_the_server_and_engine_caps() -> None:
+    from tokenmill.server.cli import _server_settings, build_parser
+
+    args = build_parser().parse_args(["serve", "--max-logprobs", "30"])
+    assert _server_settings(args).limits.max_logprobs == 30
+    assert args.max_logprobs == 30  # passed to EngineConfig as max_logprobs
+    default = build_parser().parse_args(["serve"])
+    assert _server_settings(default).limits.max_logprobs == 20

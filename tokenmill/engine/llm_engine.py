@@ -64,7 +64,7 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already running")
         params.check_vocab(self.core.vocab_size)
-        params.check_max_logprobs()
+        params.check_max_logprobs(self.config.model.max_logprobs)
         prompt = params.truncate_prompt(list(prompt_token_ids))
         if params.max_tokens == 0 and params.prompt_logprobs is None:
             return RequestGroup(request_id, prompt, params, []).snapshot()

@@ -181,6 +181,11 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         help="reuse the KV cache of shared prompt prefixes (default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
+        "--max-logprobs", type=int, default=_DEFAULTS.model.max_logprobs, metavar="N",
+        help="most logprobs / top_logprobs / prompt_logprobs a request may ask for "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--seed", type=int, default=_DEFAULTS.model.seed,
         help="seed for requests that give none (default: %(default)s)",
     )  # fmt: skip
@@ -230,8 +235,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _server_settings(args: argparse.Namespace) -> ServerSettings:
     from tokenmill.server.app import ServerSettings
+    from tokenmill.server.limits import RequestLimits
 
     return ServerSettings(
+        limits=RequestLimits(max_logprobs=args.max_logprobs),
         served_model_names=[],
         api_key=args.api_key or None,
         allowed_origins=args.allowed_origins,
@@ -253,6 +260,7 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_logprobs=args.max_logprobs,
         guided_decoding_backend=args.guided_decoding_backend,
     )  # fmt: skip
     logger.info("loading %s", args.model or "the bundled default model")
