@@ -196,6 +196,26 @@ def test_compilation_runs_off_the_event_loop(manager: StructuredOutputManager) -
     assert asyncio.run(main()) > 1  # the loop kept running while the grammar compiled
 
 
+def test_a_compile_over_the_timeout_is_a_400_and_later_requests_get_the_result(
+    manager: StructuredOutputManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    compile_now = manager._compile_now
+
+    def slow(backend_name: str, s: Any) -> Any:
+        time.sleep(0.5)
+        return compile_now(backend_name, s)
+
+    monkeypatch.setattr(manager, "_compile_now", slow)
+    monkeypatch.setattr(manager, "compile_timeout_s", 0.05)
+    slow_spec = spec(guided_regex=f"slow{next(_unique)}[0-9]+")
+    with pytest.raises(InvalidRequestError, match="did not compile within 0.05 s"):
+        asyncio.run(manager.compile_async(slow_spec))
+    monkeypatch.setattr(manager, "compile_timeout_s", 60.0)
+    assert asyncio.run(manager.compile_async(slow_spec)) is not None  # the same compilation
+
+
 # -- the matcher contract --------------------------------------------------------------------
 
 

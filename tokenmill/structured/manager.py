@@ -47,6 +47,7 @@ class StructuredOutputManager:
         max_workers: int = 1,
         max_cache_entries: int = 256,
         max_spec_chars: int = 1_000_000,
+        compile_timeout_s: float = 60.0,
     ) -> None:
         if default_backend not in BACKENDS:
             raise ValueError(
@@ -58,6 +59,9 @@ class StructuredOutputManager:
         self.default_backend = default_backend
         self.max_cache_entries = max_cache_entries
         self.max_spec_chars = max_spec_chars
+        # a request waits this long for its grammar, then gets a 400 (the compile goes on in
+        # its worker, which cannot be stopped, and its result is cached for the next asker)
+        self.compile_timeout_s = compile_timeout_s
         self.num_compilations = 0  # backend compile calls (cache misses), for tests and metrics
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="tokenmill-grammar")
         self._lock = threading.Lock()  # guards the cache, the pending map and the counters
@@ -107,7 +111,15 @@ class StructuredOutputManager:
         if (hit := self._cached(self._key(spec))) is not None:
             return hit
         # shield: one cancelled waiter must not cancel a compilation others share
-        return await asyncio.shield(asyncio.wrap_future(self._compile_future(spec)))
+        compiling = asyncio.shield(asyncio.wrap_future(self._compile_future(spec)))
+        try:
+            return await asyncio.wait_for(compiling, self.compile_timeout_s)
+        except TimeoutError:
+            raise constraints.invalid(
+                spec,
+                f"the constraint did not compile within {self.compile_timeout_s:g} s; "
+                "it is too complex (try the xgrammar backend or a simpler constraint)",
+            ) from None
 
     def compile(self, spec: StructuredSpec) -> CompiledGrammar:
         """Compile (or fetch from cache), blocking the caller; for the offline API."""
