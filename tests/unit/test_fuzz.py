@@ -13,7 +13,7 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 from starlette.testclient import TestClient
 
-from tests.unit.test_server_fake_engine import MODEL, FakeAsyncEngine, make_app
+from tests.unit.fake_engine import MODEL, FakeAsyncEngine, make_app
 
 _APP = make_app(FakeAsyncEngine())
 _SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", _APP)

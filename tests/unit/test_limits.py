@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.unit.test_server_fake_engine import FakeAsyncEngine, assert_error, client_for, make_app
+from tests.unit.fake_engine import FakeAsyncEngine, assert_error, client_for, make_app
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.limits import RequestLimits
 from tokenmill.server.serving_base import ServerSettings
@@ -24,22 +23,6 @@ USER = [{"role": "user", "content": "q"}]
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 VOCAB = FakeAsyncEngine.vocab_size  # 258
 OK = {"prompt": "ok", "max_tokens": 1}
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def engine() -> FakeAsyncEngine:
-    return FakeAsyncEngine()
-
-
-@pytest.fixture
-async def client(engine: FakeAsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_for(make_app(engine)) as c:
-        yield c
 
 
 async def limited_client(**limits: Any) -> httpx.AsyncClient:
