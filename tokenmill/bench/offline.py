@@ -6,8 +6,9 @@ import argparse
 import json
 import statistics
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
+from tokenmill.config import QuantizationSetting
 from tokenmill.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # imported when the benchmark runs: `tokenmill --help` stays fast
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model", nargs="?", default=None, help="model (default: the bundled SmolLM2)"
     )
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--quantization", choices=["fp16", "none"], default=None)
+    parser.add_argument("--quantization", choices=get_args(QuantizationSetting), default=None)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--output-len", type=int, default=128)

@@ -16,7 +16,7 @@ from torch import nn
 
 from tokenmill.config import Quantization as QuantizationMethod
 
-__all__ = ["PackedLinear", "QuantizationMethod", "fits", "quantize_linears", "weight_bytes"]
+__all__ = ["PackedLinear", "QuantizationMethod", "fits_fp16", "quantize_linears", "weight_bytes"]
 
 
 class PackedLinear(nn.Module):
@@ -45,9 +45,8 @@ class PackedLinear(nn.Module):
 _FP16_MAX = 65504.0
 
 
-def fits(weight: torch.Tensor, method: QuantizationMethod) -> bool:
-    """Whether `weight` is representable in `method` (a weight past float16's range stays as
-    it is: its layer is not packed)."""
+def fits_fp16(weight: torch.Tensor) -> bool:
+    """Whether `weight` is within float16's range (a layer past it is not packed)."""
     return bool(weight.detach().abs().max() <= _FP16_MAX)
 
 
@@ -55,7 +54,7 @@ def quantize_linears(module: nn.Module, method: QuantizationMethod) -> None:
     """Replace every nn.Linear under `module` whose weight fits with its PackedLinear."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            if fits(child.weight, method):
+            if fits_fp16(child.weight):
                 setattr(module, name, PackedLinear(child.weight, child.bias, method))
         else:
             quantize_linears(child, method)

@@ -12,7 +12,7 @@ from torch import nn
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
-from tokenmill.layers.linear import PackedLinear, QuantizationMethod, fits, quantize_linears
+from tokenmill.layers.linear import PackedLinear, QuantizationMethod, fits_fp16, quantize_linears
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, RotaryTables
 
@@ -218,7 +218,7 @@ class LlamaForCausalLM(nn.Module):
             return
         if quantization is not None:
             quantize_linears(self.layers, quantization)
-        if quantization is not None and fits(self.output_weight, quantization):
+        if quantization is not None and fits_fp16(self.output_weight):
             # the embedding stays float32 for lookups; the head gets its own packed copy
             self.packed_head = PackedLinear(self.output_weight, None, quantization)
         else:
