@@ -93,3 +93,14 @@ def test_abort_returns_every_block(llm):
         engine.abort(f"abort-{i}")
     assert not engine.has_unfinished
     assert_all_blocks_free(llm)
+
+
+def test_torch_fallback_decode_attention_equals_native_kernel(llm, alone):
+    runner = llm.engine.core.runner
+    if not runner.native_decode_attention:
+        pytest.skip("the native decode attention kernel is not available here")
+    runner.native_decode_attention = False
+    try:
+        assert token_ids(llm.generate(PROMPTS, GREEDY)) == alone
+    finally:
+        runner.native_decode_attention = True

@@ -1,7 +1,9 @@
-"""Paged attention over the KV cache with torch's scaled_dot_product_attention.
+"""Paged attention over the KV cache.
 
 The runner lays out the flattened batch as [decode rows | prefill chunks]:
-decode rows (one query each) are attended in one padded, masked SDPA call;
+decode rows (one query each) are attended by the native kernel that reads the
+paged cache in place (tokenmill/kernels/paged_attention.c) where it is available
+(CPU, float32), else in one padded, masked SDPA call over gathered keys;
 each prefill chunk gets its own causal call (against the new keys directly when
 the chunk starts at position 0, else against its cached keys gathered through
 its block table).
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from tokenmill.kernels.paged_attention import paged_decode_attention
 
 
 @dataclass(slots=True)
@@ -31,6 +35,10 @@ class AttentionMetadata:
     num_decodes: int  # rows [0, num_decodes) are single-token decodes
     decode_slots: torch.Tensor | None  # [Bd, L] cache slots of each decode's keys (padded)
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, False on padding; None if no padding
+    # for the native kernel, instead of decode_slots/decode_mask:
+    decode_tables: torch.Tensor | None = None  # [Bd, max_blocks] int64 block tables
+    decode_lens: torch.Tensor | None = None  # [Bd] int64 keys per decode
+    block_size: int = 0
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -46,7 +54,12 @@ def paged_attention(
     v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     n = meta.num_decodes
-    if n:
+    if n and meta.decode_tables is not None:
+        assert meta.decode_lens is not None
+        out[:n] = paged_decode_attention(
+            q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_lens, meta.block_size
+        )
+    elif n:
         assert meta.decode_slots is not None
         keys = _gather(k_cache, meta.decode_slots).transpose(1, 2)  # [Bd, Hkv, L, D]
         values = _gather(v_cache, meta.decode_slots).transpose(1, 2)

@@ -11,6 +11,7 @@ import torch
 from tokenmill.config import CacheConfig, ModelConfig
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import ScheduledRequest, SchedulerOutput
+from tokenmill.kernels import paged_attention as paged_attention_kernel
 from tokenmill.layers.attention import AttentionMetadata, PrefillChunk
 from tokenmill.layers.linear import PackedLinear
 from tokenmill.model.device import (
@@ -78,6 +79,14 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler(cfg.vocab_size, self.device, model_config.seed)
+        # decode attention straight from the paged cache (native kernel), else gather + SDPA
+        self.native_decode_attention = paged_attention_kernel.supports(self.kv_caches[0][0])
+        logger.info(
+            "decode attention: %s",
+            "native paged kernel"
+            if self.native_decode_attention
+            else "torch SDPA over gathered keys",
+        )
 
     @property
     def num_parameters(self) -> int:
@@ -137,15 +146,19 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(row + n - 1)
                 sampling.append(request)
-        decode_slots, decode_mask = self._decode_layout(decodes, block_tables)
         device = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(device),
             num_decodes=len(decodes),
-            decode_slots=decode_slots,
-            decode_mask=decode_mask,
+            decode_slots=None,
+            decode_mask=None,
             prefills=chunks,
+            block_size=bs,
         )
+        if decodes and self.native_decode_attention:
+            meta.decode_tables, meta.decode_lens = self._decode_tables(decodes, block_tables)
+        else:
+            meta.decode_slots, meta.decode_mask = self._decode_layout(decodes, block_tables)
         return BatchInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -161,6 +174,18 @@ class ModelRunner:
         query_pos = torch.arange(start, start + n)[:, None]
         mask = torch.arange(start + n)[None, :] <= query_pos  # [n, ctx] causal with offset
         return PrefillChunk(row, n, ctx_slots.to(self.device), mask.to(self.device))
+
+    @staticmethod
+    def _decode_tables(
+        decodes: list[ScheduledRequest], block_tables: dict[str, list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables [Bd, max_blocks] (zero-padded) and key counts [Bd] of the decodes."""
+        tables = [block_tables[item.request.request_id] for item in decodes]
+        width = max(len(t) for t in tables)
+        padded = torch.zeros(len(tables), width, dtype=torch.long)
+        for i, table in enumerate(tables):
+            padded[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+        return padded, torch.tensor([item.start + 1 for item in decodes], dtype=torch.long)
 
     def _decode_layout(
         self, decodes: list[ScheduledRequest], block_tables: dict[str, list[int]]

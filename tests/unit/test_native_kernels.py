@@ -1,0 +1,115 @@
+"""The native CPU kernels: results equal torch's reference, the build is cached, and a
+missing compiler or TOKENMILL_NATIVE_KERNELS=0 falls back instead of failing."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokenmill.kernels as kernels
+from tokenmill.kernels import paged_attention
+
+needs_kernel = pytest.mark.skipif(
+    not paged_attention.available(), reason="no C compiler: the torch fallback is used"
+)
+
+
+def reference(q, k_cache, v_cache, tables, lens, block_size):
+    """SDPA over each sequence's keys, gathered slot by slot."""
+    out = torch.empty_like(q)
+    for b, n in enumerate(lens.tolist()):
+        slots = torch.tensor(
+            [int(tables[b, i // block_size]) * block_size + i % block_size for i in range(n)]
+        )
+        keys, values = k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1)
+        out[b] = F.scaled_dot_product_attention(
+            q[b].unsqueeze(1), keys, values, enable_gqa=True
+        ).squeeze(1)
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "lens"),
+    [
+        (9, 3, 64, [1]),
+        (9, 3, 64, [16, 17, 190, 5]),
+        (4, 4, 48, [33, 2]),  # no GQA, a head size that is not a multiple of 8
+        (8, 2, 128, [300]),
+        (6, 1, 32, [64, 64, 64, 1, 100, 7, 31]),
+    ],
+)
+def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens):
+    torch.manual_seed(0)
+    block_size, num_blocks = 16, 64
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim)
+    width = max(-(-n // block_size) for n in lens)
+    # each sequence gets distinct, scattered blocks; unused table entries stay 0
+    order = torch.randperm(num_blocks)
+    tables = torch.zeros(len(lens), width, dtype=torch.long)
+    used = 0
+    for b, n in enumerate(lens):
+        count = -(-n // block_size)
+        tables[b, :count] = order[used : used + count]
+        used += count
+    lens_t = torch.tensor(lens, dtype=torch.long)
+    q = torch.randn(len(lens), heads, head_dim) * 3  # peaked softmax too
+    got = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens_t, block_size)
+    want = reference(q, k_cache, v_cache, tables, lens_t, block_size)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_each_sequence_is_independent_of_its_batch():
+    torch.manual_seed(1)
+    k_cache, v_cache = torch.randn(512, 2, 64), torch.randn(512, 2, 64)
+    tables = torch.arange(32).view(4, 8)
+    lens = torch.tensor([100, 128, 7, 64])
+    q = torch.randn(4, 6, 64)
+    together = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 16)
+    for b in range(4):
+        alone = paged_attention.paged_decode_attention(
+            q[b : b + 1], k_cache, v_cache, tables[b : b + 1], lens[b : b + 1], 16
+        )
+        assert torch.equal(alone[0], together[b])
+
+
+@needs_kernel
+def test_empty_sequence_is_an_error_not_garbage():
+    k_cache = v_cache = torch.zeros(32, 1, 64)
+    with pytest.raises(RuntimeError):
+        paged_attention.paged_decode_attention(
+            torch.zeros(1, 1, 64),
+            k_cache,
+            v_cache,
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.zeros(1, dtype=torch.long),
+            16,
+        )
+
+
+def test_build_is_cached_and_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path))
+    kernels.load.cache_clear()
+    try:
+        if paged_attention.available():
+            first = kernels._build("paged_attention")
+            assert first.parent == tmp_path / "kernels" and first.exists()
+            assert kernels._build("paged_attention") == first  # no second compile
+        kernels.load.cache_clear()
+        monkeypatch.setattr(kernels, "_compiler", lambda: "/bin/false")
+        monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path / "other"))
+        assert kernels.load("paged_attention") is None
+        assert "using the torch fallback" in caplog.text
+    finally:
+        kernels.load.cache_clear()
+
+
+def test_disabled_by_environment():
+    code = "from tokenmill.kernels import paged_attention as p; print(p.available())"
+    env = {"TOKENMILL_NATIVE_KERNELS": "0", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr

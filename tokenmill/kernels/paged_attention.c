@@ -1,0 +1,156 @@
+/* Decode attention over the paged KV cache, read in place (no gather copy).
+ *
+ * One query row per sequence: out[b, h] = softmax(q[b, h] . K[b]^T * scale) V[b], where the
+ * keys and values of sequence b are the first lens[b] slots named by its block table.
+ * float32 throughout; two passes over the keys (scores, then softmax) and one over the
+ * values. Work items are sequences (or (sequence, kv head) pairs when there are fewer
+ * sequences than threads), split across n_threads threads.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* e^x for x <= 0 (softmax after subtracting the max), written so the compiler vectorizes
+ * it: x = n ln2 + r, e^r by a degree-6 Taylor-Horner polynomial on |r| <= ln2/2 (relative
+ * error < 2e-7, float32's own), times 2^n built in the exponent bits. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = __builtin_roundf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+typedef struct {
+    const float *q;          /* [B, H, D] */
+    const float *k_cache;    /* [S, Hkv, D] */
+    const float *v_cache;    /* [S, Hkv, D] */
+    const int64_t *tables;   /* [B, max_blocks] */
+    const int64_t *lens;     /* [B] */
+    float *out;              /* [B, H, D] */
+    int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+    float scale;
+    int64_t splits;          /* items per sequence: 1, or Hkv (one per kv head) */
+    int64_t begin, end;      /* work items [begin, end) of B * splits */
+    int status;
+} Job;
+
+/* dot(a, b) over n floats; lanes of 8 partial sums keep the compiler's vector FMAs busy */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float lanes[8] = {0};
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        for (int i = 0; i < 8; i++) lanes[i] += a[d + i] * b[d + i];
+    float s = 0.0f;
+    for (; d < n; d++) s += a[d] * b[d];
+    for (int i = 0; i < 8; i++) s += lanes[i];
+    return s;
+}
+
+/* Item = (sequence b, kv heads [h0, h1)): reading every head of a slot together reads
+ * each cache row once, front to back. */
+static int run_item(const Job *j, int64_t b, int64_t h0, int64_t h1, float *scores,
+                    int64_t capacity) {
+    const int64_t Hkv = j->num_kv_heads, D = j->head_dim, bs = j->block_size;
+    const int64_t G = j->num_heads / Hkv, heads = (h1 - h0) * G, L = j->lens[b];
+    if (L <= 0 || heads * L > capacity) return 1;
+    const int64_t *table = j->tables + b * j->max_blocks;
+    const float *q = j->q + (b * j->num_heads + h0 * G) * D;
+    float *out = j->out + (b * j->num_heads + h0 * G) * D;
+    const int64_t row = Hkv * D; /* floats between consecutive slots */
+
+    /* scores[qh * L + l], qh = query head relative to h0 * G */
+    for (int64_t start = 0; start < L; start += bs) {
+        const int64_t n = L - start < bs ? L - start : bs;
+        const float *k = j->k_cache + table[start / bs] * bs * row + h0 * D;
+        for (int64_t i = 0; i < n; i++, k += row)
+            for (int64_t qh = 0; qh < heads; qh++)
+                scores[qh * L + start + i] = dot(q + qh * D, k + (qh / G) * D, D) * j->scale;
+    }
+    for (int64_t qh = 0; qh < heads; qh++) {
+        float *sg = scores + qh * L, m = -INFINITY, sum = 0.0f;
+        for (int64_t l = 0; l < L; l++) m = sg[l] > m ? sg[l] : m;
+        for (int64_t l = 0; l < L; l++) {
+            sg[l] = exp_nonpositive(sg[l] - m);
+            sum += sg[l];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t l = 0; l < L; l++) sg[l] *= inv;
+    }
+    memset(out, 0, sizeof(float) * heads * D);
+    for (int64_t start = 0; start < L; start += bs) {
+        const int64_t n = L - start < bs ? L - start : bs;
+        const float *v = j->v_cache + table[start / bs] * bs * row + h0 * D;
+        for (int64_t i = 0; i < n; i++, v += row)
+            for (int64_t qh = 0; qh < heads; qh++) {
+                const float p = scores[qh * L + start + i], *vh = v + (qh / G) * D;
+                float *o = out + qh * D;
+                for (int64_t d = 0; d < D; d++) o[d] += p * vh[d];
+            }
+    }
+    return 0;
+}
+
+static void *run_job(void *arg) {
+    Job *j = (Job *)arg;
+    const int64_t per_seq = j->num_kv_heads / j->splits; /* kv heads per item */
+    int64_t longest = 0;
+    for (int64_t item = j->begin; item < j->end; item++) {
+        const int64_t L = j->lens[item / j->splits];
+        longest = L > longest ? L : longest;
+    }
+    const int64_t capacity = per_seq * (j->num_heads / j->num_kv_heads) * longest;
+    float *scores = malloc(sizeof(float) * (capacity > 0 ? capacity : 1));
+    j->status = scores == NULL;
+    for (int64_t item = j->begin; item < j->end && !j->status; item++) {
+        const int64_t b = item / j->splits, h0 = (item % j->splits) * per_seq;
+        j->status = run_item(j, b, h0, h0 + per_seq, scores, capacity);
+    }
+    free(scores);
+    return NULL;
+}
+
+/* Returns 0 on success, nonzero if a length was empty or memory ran out. */
+int tm_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                              const int64_t *tables, const int64_t *lens, float *out,
+                              int64_t batch, int64_t num_heads, int64_t num_kv_heads,
+                              int64_t head_dim, int64_t block_size, int64_t max_blocks,
+                              float scale, int64_t n_threads) {
+    enum { MAX_THREADS = 64 };
+    /* whole sequences per item, unless there are fewer sequences than threads */
+    const int64_t splits = batch >= n_threads ? 1 : num_kv_heads;
+    const int64_t items = batch * splits;
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    if (n_threads > items) n_threads = items;
+    Job jobs[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t t = 0; t < n_threads; t++) {
+        jobs[t] = (Job){q, k_cache, v_cache, tables, lens, out, num_heads, num_kv_heads,
+                        head_dim, block_size, max_blocks, scale, splits,
+                        items * t / n_threads, items * (t + 1) / n_threads, 0};
+    }
+    for (int64_t t = 1; t < n_threads; t++)
+        started[t] = pthread_create(&threads[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    int status = jobs[0].status;
+    for (int64_t t = 1; t < n_threads; t++) {
+        if (started[t]) {
+            pthread_join(threads[t], NULL);
+        } else {
+            run_job(&jobs[t]); /* could not start a thread: do its share here */
+        }
+        status |= jobs[t].status;
+    }
+    return status;
+}

@@ -1,0 +1,70 @@
+"""Python side of paged_attention.c: decode attention that reads the paged cache in place."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+
+import torch
+
+from tokenmill.kernels import load
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+# below this many (query head x key) pairs one thread beats starting another
+_MIN_WORK_PER_THREAD = 16384
+
+
+@functools.cache
+def _function() -> Callable[..., int] | None:
+    lib = load("paged_attention")
+    if lib is None:
+        return None
+    fn = lib.tm_paged_decode_attention
+    fn.argtypes = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def available() -> bool:
+    return _function() is not None
+
+
+def supports(cache: torch.Tensor) -> bool:
+    return cache.device.type == "cpu" and cache.dtype == torch.float32 and available()
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, H, D] float32
+    k_cache: torch.Tensor,  # [S, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int64
+    lens: torch.Tensor,  # [B] int64, keys per sequence (>= 1)
+    block_size: int,
+) -> torch.Tensor:  # [B, H, D]
+    fn = _function()
+    assert fn is not None, "check supports() first"
+    q = q.contiguous()
+    batch, num_heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    work = num_heads * int(lens.sum())
+    threads = max(1, min(torch.get_num_threads(), work // _MIN_WORK_PER_THREAD))
+    status = fn(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_tables.data_ptr(),
+        lens.data_ptr(),
+        out.data_ptr(),
+        batch,
+        num_heads,
+        k_cache.shape[1],
+        head_dim,
+        block_size,
+        block_tables.shape[1],
+        head_dim**-0.5,
+        threads,
+    )
+    if status != 0:
+        raise RuntimeError("paged decode attention failed (empty sequence or out of memory)")
+    return out
