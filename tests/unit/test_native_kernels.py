@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenmill.kernels as kernels
-from tokenmill.kernels import paged_attention
+from tokenmill.kernels import layer_ops, paged_attention
 
 needs_kernel = pytest.mark.skipif(
     not paged_attention.available(), reason="no C compiler: the torch fallback is used"
@@ -113,3 +113,70 @@ def test_disabled_by_environment():
     env = {"TOKENMILL_NATIVE_KERNELS": "0", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+needs_layer_ops = pytest.mark.skipif(not layer_ops.available(), reason="no C compiler")
+
+
+@needs_layer_ops
+@pytest.mark.parametrize("add", [True, False])
+def test_add_rms_norm_matches_torch(add):
+    torch.manual_seed(2)
+    x, residual, weight = torch.randn(5, 576), torch.randn(5, 576) * 4, torch.randn(576)
+    want_sum = x + residual if add else residual.clone()
+    want = weight * F.rms_norm(want_sum, (576,), eps=1e-5)
+    got = layer_ops.add_rms_norm(x, residual, weight, 1e-5, add)
+    torch.testing.assert_close(residual, want_sum, atol=0, rtol=0)  # summed in place
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_layer_ops
+def test_silu_mul_matches_torch():
+    gate_up = torch.cat([torch.linspace(-100, 100, 3001), torch.randn(3001) * 3]).view(1, -1)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(layer_ops.silu_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+@needs_layer_ops
+def test_rope_and_cache_matches_torch_and_writes_the_slots():
+    from tokenmill.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(3)
+    heads, kv_heads, dim = 6, 2, 64
+    rotary = RotaryEmbedding(dim, 128, 10000.0, None)
+    rotary.build(torch.device("cpu"))
+    positions, slots = torch.tensor([0, 5, 127]), torch.tensor([3, 40, 7])
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim)
+    k_cache, v_cache = torch.zeros(64, kv_heads, dim), torch.zeros(64, kv_heads, dim)
+    q, k = layer_ops.rope_and_cache(qkv, rotary.cos_sin, positions, slots, k_cache, v_cache, heads)
+    tables = rotary.cos_sin_for(positions, torch.float32)
+    qk = tables.rotate(qkv[:, : (heads + kv_heads) * dim].view(3, heads + kv_heads, dim))
+    torch.testing.assert_close(q, qk[:, :heads], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache[slots], qk[:, heads:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, qk[:, heads:], atol=1e-5, rtol=1e-5)
+    v = qkv[:, (heads + kv_heads) * dim :].view(3, kv_heads, dim)
+    assert torch.equal(v_cache[slots], v)
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
+@needs_layer_ops
+def test_rope_and_cache_rejects_out_of_range_positions_and_slots():
+    from tokenmill.layers.rotary import RotaryEmbedding
+
+    rotary = RotaryEmbedding(64, 16, 10000.0, None)
+    rotary.build(torch.device("cpu"))
+    cache = torch.zeros(8, 1, 64)
+    qkv = torch.zeros(1, 3 * 64)
+    for position, slot in [(16, 0), (0, 8), (-1, 0)]:
+        with pytest.raises(IndexError):
+            layer_ops.rope_and_cache(
+                qkv,
+                rotary.cos_sin,
+                torch.tensor([position]),
+                torch.tensor([slot]),
+                cache,
+                cache.clone(),
+                1,
+            )

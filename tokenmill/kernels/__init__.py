@@ -17,7 +17,9 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,18 @@ def load(name: str) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         logger.warning("native kernel %s unavailable (%s); using the torch fallback", name, e)
         return None
+
+
+@functools.cache
+def function(name: str, symbol: str, *argtypes: Any) -> Callable[..., int] | None:
+    """`symbol` of library `name` with its C argument types (returning int), or None."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _build(name: str) -> Path:

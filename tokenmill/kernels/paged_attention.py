@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Callable
 
 import torch
 
-from tokenmill.kernels import load
+from tokenmill.kernels import function
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 # below this many (query head x key) pairs one thread beats starting another
 _MIN_WORK_PER_THREAD = 16384
 
 
-@functools.cache
 def _function() -> Callable[..., int] | None:
-    lib = load("paged_attention")
-    if lib is None:
-        return None
-    fn = lib.tm_paged_decode_attention
-    fn.argtypes = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64]
-    fn.restype = ctypes.c_int
-    return fn
+    args = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64]
+    return function("paged_attention", "tm_paged_decode_attention", *args)
 
 
 def available() -> bool:

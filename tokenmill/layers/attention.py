@@ -49,9 +49,11 @@ def paged_attention(
     k_cache: torch.Tensor,  # [S, Hkv, D], S = num_blocks * block_size
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
+    cache_written: bool = False,  # k and v are in the cache already (native rope_and_cache)
 ) -> torch.Tensor:  # [T, H, D]
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    if not cache_written:
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     n = meta.num_decodes
     if n and meta.decode_tables is not None:

@@ -65,14 +65,17 @@ class RotaryEmbedding(torch.nn.Module):
         half = self.head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * signed_sin, one op fewer per call
         signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        return RotaryTables(cos, signed_sin)
+        return RotaryTables(cos, signed_sin, self.cos_sin, positions)
 
 
 class RotaryTables(NamedTuple):
-    """cos and sign-adjusted sin, [T, 1, D] each, for one step's positions."""
+    """cos and sign-adjusted sin, [T, 1, D] each, for one step's positions; the whole
+    table and the positions for the native kernel (tokenmill/kernels/layer_ops.c)."""
 
     cos: torch.Tensor
     signed_sin: torch.Tensor
+    table: torch.Tensor  # [P, 2, D] float32
+    positions: torch.Tensor  # [T]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, heads, D] rotated by its token's position (HF "rotate half" layout)."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.kernels import layer_ops
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.layers.linear import PackedLinear, QuantizationMethod, fits_fp16, quantize_linears
 from tokenmill.layers.norm import RMSNorm
@@ -96,14 +97,21 @@ class Attention(nn.Module):
         rotary: RotaryTables,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        native: bool,
     ) -> torch.Tensor:
         T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * D]
+        v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, D)
+        if native and self.q_norm is None:
+            q, k = layer_ops.rope_and_cache(
+                qkv, rotary.table, rotary.positions, meta.slot_mapping, *kv_cache, H
+            )
+            out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, cache_written=True)
+            return self.o_proj(out.view(T, self.q_size))
         qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, D)
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
         qk = rotary.rotate(qk)  # q and k in one call: [T, H + Hkv, D]
-        v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, D)
         out = paged_attention(qk[:, :H], qk[:, H:], v, kv_cache[0], kv_cache[1], meta)
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -114,7 +122,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, native: bool) -> torch.Tensor:
+        if native:
+            return self.down_proj(layer_ops.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -129,13 +139,17 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, C]
+        x: torch.Tensor,  # [T, C] the previous layer's output (the embeddings for layer 0)
+        residual: torch.Tensor | None,  # [T, C] the running sum before x; None at layer 0
         rotary: RotaryTables,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        native: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # this layer's output, the sum before it
+        h, residual = self.input_layernorm.add_and_norm(x, residual, native)
+        x = self.self_attn(h, rotary, kv_cache, meta, native)
+        h, residual = self.post_attention_layernorm.add_and_norm(x, residual, native)
+        return self.mlp(h, native), residual
 
 
 _HEAD_T_MAX_ROWS = 3  # logits rows up to which torch.mm(x, head_t) beats F.linear (measured)
@@ -176,6 +190,8 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
+        # element-wise work in native kernels (tokenmill/kernels/layer_ops.c): CPU float32 only
+        self.native_kernels = False
         self.head_t: torch.Tensor | None = None  # [C, V], see prepare_for_decode
         self.packed_head: PackedLinear | None = None  # quantized output projection
 
@@ -188,9 +204,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, C]
         x = self.embed_tokens(input_ids)
         rotary = self.rotary.cos_sin_for(positions, x.dtype)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rotary, kv_cache, meta)
-        return x
+            x, residual = layer(x, residual, rotary, kv_cache, meta, self.native_kernels)
+        return x if residual is None else x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, C] of the rows that sample -> float32 logits [N, V]."""

@@ -11,6 +11,7 @@ import torch
 from tokenmill.config import CacheConfig, ModelConfig
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import ScheduledRequest, SchedulerOutput
+from tokenmill.kernels import layer_ops
 from tokenmill.kernels import paged_attention as paged_attention_kernel
 from tokenmill.layers.attention import AttentionMetadata, PrefillChunk
 from tokenmill.layers.linear import PackedLinear
@@ -79,14 +80,22 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler(cfg.vocab_size, self.device, model_config.seed)
-        # decode attention straight from the paged cache (native kernel), else gather + SDPA
-        self.native_decode_attention = paged_attention_kernel.supports(self.kv_caches[0][0])
+        self.native_kernels = paged_attention_kernel.supports(self.kv_caches[0][0])
         logger.info(
-            "decode attention: %s",
-            "native paged kernel"
-            if self.native_decode_attention
-            else "torch SDPA over gathered keys",
+            "kernels: %s",
+            "native (element-wise ops, decode attention over the paged cache)"
+            if self.native_kernels
+            else "torch (no C compiler, TOKENMILL_NATIVE_KERNELS=0, or not CPU float32)",
         )
+
+    @property
+    def native_kernels(self) -> bool:
+        """Whether the step uses tokenmill/kernels (CPU float32) instead of torch ops."""
+        return self.model.native_kernels
+
+    @native_kernels.setter
+    def native_kernels(self, enabled: bool) -> None:
+        self.model.native_kernels = enabled and layer_ops.available()
 
     @property
     def num_parameters(self) -> int:
@@ -155,7 +164,7 @@ class ModelRunner:
             prefills=chunks,
             block_size=bs,
         )
-        if decodes and self.native_decode_attention:
+        if decodes and self.native_kernels:
             meta.decode_tables, meta.decode_lens = self._decode_tables(decodes, block_tables)
         else:
             meta.decode_slots, meta.decode_mask = self._decode_layout(decodes, block_tables)
