@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # weight formats of tokenmill/layers/linear.py (CPU only); "none" = the dtype's own weights
-Quantization = Literal["fp16"]
-QuantizationSetting = Literal["fp16", "none"]
+Quantization = Literal["gguf", "fp16"]
+QuantizationSetting = Literal["gguf", "fp16", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 # the grammar backends of tokenmill/structured (its BACKENDS registry; a unit test keeps them equal)
 GuidedDecodingBackend = Literal["xgrammar", "outlines", "lm-format-enforcer"]
@@ -25,6 +25,9 @@ class ModelConfig:
     chat_template: str | None = None  # a file path or the template text; overrides the model's
     seed: int = 0  # seed for requests that give none
     max_logprobs: int = 20  # most logprobs/prompt_logprobs a request may ask for (vLLM's default)
+    # "gguf": a GGUF file's own quantized blocks (Q4_1, Q8_0; other types as fp16) through
+    # the native kernel, float32 math, dequantized exactly as the reference does (a third of
+    # fp16's weight memory; slower than fp16 on AVX2, see docs/benchmarks.md).
     # "fp16": float16 weights, float32 math (half the weight bytes, fbgemm GEMMs: ~2x faster
     # decode on CPU; greedy output matched float32 in tests, logits within 0.1); CPU + float32
     # only. "none": exact weights in `dtype`. None (auto): fp16 when dtype is auto on a CPU

@@ -1,8 +1,10 @@
-"""quantization="fp16" (float16 weights, float32 math) against the exact float32 model.
+"""quantization="fp16" (float16 weights, float32 math) and "gguf" (the GGUF file's own
+Q4_1/Q8_0 blocks through the native kernel) against the exact float32 model.
 
 Quality bound, on the bundled SmolLM2-135M (Q4_1 GGUF dequantized): greedy tokens equal
 float32's for the first 32 tokens of every prompt, and teacher-forced logits stay within
-0.1 of float32's at every position (logits are O(10); measured max 0.027-0.038).
+0.1 of float32's at every position for fp16 (logits are O(10); measured max 0.027-0.038),
+within GGUF_LOGITS_ATOL for gguf (same weights, only the summation order differs).
 """
 
 import pytest
@@ -12,7 +14,8 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.request import Request
 from tokenmill.errors import ModelLoadError
-from tokenmill.layers.linear import PackedLinear
+from tokenmill.kernels import quant_matmul
+from tokenmill.layers.linear import GGUFLinear, PackedLinear
 
 PROMPTS = [
     "The capital of France is",
@@ -25,6 +28,7 @@ PROMPTS = [
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 NUM_EQUAL_GREEDY_TOKENS = 32
 LOGITS_ATOL = 0.1
+GGUF_LOGITS_ATOL = 2e-3
 
 
 def no_prefix_cache_llm(path: str, **kwargs) -> LLM:
@@ -104,6 +108,7 @@ def test_fp16_is_the_cpu_default_only_when_dtype_is_auto():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
     assert resolve_quantization(None, "auto", cpu) == ("fp16" if fbgemm else None)
+    assert resolve_quantization("gguf", "auto", cpu) == "gguf"
     assert resolve_quantization(None, "float32", cpu) is None  # a pinned dtype stays exact
     assert resolve_quantization(None, "auto", cuda) is None
     assert resolve_quantization("none", "auto", cpu) is None
@@ -121,3 +126,39 @@ def test_a_weight_past_float16_range_stays_float32():
     quantize_linears(block, "fp16")
     assert isinstance(block[0], PackedLinear)
     assert isinstance(block[1], torch.nn.Linear)
+
+
+needs_kernel = pytest.mark.skipif(not quant_matmul.available(), reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def gguf_llm(bundled_gguf_path):
+    return no_prefix_cache_llm(bundled_gguf_path, quantization="gguf")
+
+
+@needs_kernel
+def test_gguf_keeps_every_linear_layer_and_the_head_as_blocks(gguf_llm):
+    model = gguf_llm.engine.core.runner.model
+    kept = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert len(kept) == 4 * model.config.num_layers + 1
+    assert {m.ggml_type for m in kept} == {quant_matmul.GGML_Q4_1, quant_matmul.GGML_Q8_0}
+    assert not any(isinstance(m, torch.nn.Linear | PackedLinear) for m in model.modules())
+    assert gguf_llm.engine.core.runner.num_parameters == pytest.approx(134.5e6, rel=0.01)
+
+
+@needs_kernel
+def test_gguf_greedy_tokens_and_logits_match_float32(gguf_llm, fp32_llm):
+    exact = token_ids(fp32_llm.generate(PROMPTS, GREEDY))
+    assert token_ids(gguf_llm.generate(PROMPTS, GREEDY)) == exact
+    for prompt, continuation in zip(PROMPTS, exact, strict=True):
+        ids = gguf_llm.tokenizer.encode(prompt) + continuation
+        ours = all_logits(gguf_llm.engine.core, ids)
+        reference = all_logits(fp32_llm.engine.core, ids)
+        assert (ours - reference).abs().max().item() < GGUF_LOGITS_ATOL
+        assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+@needs_kernel
+def test_gguf_batched_equals_alone(gguf_llm):
+    alone = [token_ids(gguf_llm.generate([p], GREEDY))[0] for p in PROMPTS]
+    assert token_ids(gguf_llm.generate(PROMPTS, GREEDY)) == alone

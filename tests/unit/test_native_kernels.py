@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenmill.kernels as kernels
-from tokenmill.kernels import layer_ops, paged_attention
+from tokenmill.kernels import layer_ops, paged_attention, quant_matmul
 
 needs_kernel = pytest.mark.skipif(
     not paged_attention.available(), reason="no C compiler: the torch fallback is used"
@@ -180,3 +180,50 @@ def test_rope_and_cache_rejects_out_of_range_positions_and_slots():
                 cache.clone(),
                 1,
             )
+
+
+needs_quant = pytest.mark.skipif(not quant_matmul.available(), reason="no C compiler")
+
+
+def gguf_blocks(weight: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    import gguf
+
+    blocks = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType(ggml_type))
+    return torch.from_numpy(blocks).view(weight.shape[0], -1)
+
+
+def dequantized(blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    import gguf
+
+    values = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(ggml_type))
+    return torch.from_numpy(values).float()
+
+
+@needs_quant
+@pytest.mark.parametrize("ggml_type", [quant_matmul.GGML_Q4_1, quant_matmul.GGML_Q8_0])
+@pytest.mark.parametrize(
+    ("rows", "out_features", "in_features"), [(1, 7, 64), (5, 96, 160), (33, 64, 32)]
+)
+def test_quant_matmul_matches_the_dequantized_weights(ggml_type, rows, out_features, in_features):
+    torch.manual_seed(4)
+    blocks = gguf_blocks(torch.randn(out_features, in_features) * 0.1, ggml_type)
+    assert blocks.shape[1] == in_features // 32 * quant_matmul.BLOCK_LAYOUT[ggml_type][1]
+    x, bias = torch.randn(rows, in_features), torch.randn(out_features)
+    want = x @ dequantized(blocks, ggml_type).t() + bias
+    got = quant_matmul.quant_matmul(x, blocks, ggml_type, in_features, bias)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a row gives bit-identical results alone and in any batch
+    for row in range(rows):
+        alone = quant_matmul.quant_matmul(x[row : row + 1], blocks, ggml_type, in_features, bias)
+        assert torch.equal(alone[0], got[row])
+
+
+@needs_quant
+def test_quant_matmul_rejects_what_it_cannot_read():
+    blocks = torch.zeros(4, 18, dtype=torch.uint8)
+    with pytest.raises(ValueError):
+        quant_matmul.quant_matmul(torch.zeros(1, 32), blocks, 2, 32)  # Q4_0: not read
+    with pytest.raises(ValueError):  # rows of the wrong size for Q8_0
+        quant_matmul.quant_matmul(torch.zeros(1, 32), blocks, quant_matmul.GGML_Q8_0, 32)
+    with pytest.raises(ValueError):  # x does not have the weight's features
+        quant_matmul.quant_matmul(torch.zeros(1, 64), blocks, quant_matmul.GGML_Q8_0, 32)

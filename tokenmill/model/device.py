@@ -32,15 +32,16 @@ def resolve_device(device: str) -> torch.device:
 def resolve_quantization(
     quantization: str | None, dtype: str, device: torch.device
 ) -> QuantizationMethod | None:
-    """The weight format: as asked ("fp16", or "none" for the dtype's own weights), else
-    fp16 where `dtype` is auto on an x86 CPU: float32 math over float16 weights decodes
-    ~2x faster than float32 weights (docs/benchmarks.md). A pinned dtype stays exact."""
+    """The weight format: as asked ("gguf", "fp16", or "none" for the dtype's own weights),
+    else fp16 where `dtype` is auto on an x86 CPU: float32 math over float16 weights decodes
+    ~2x faster than float32 weights, and faster than "gguf" on AVX2 (docs/benchmarks.md).
+    A pinned dtype stays exact."""
     if quantization == "none":
         return None
-    if quantization == "fp16":
-        return "fp16"
+    if quantization in ("gguf", "fp16"):
+        return quantization  # type: ignore[return-value]
     if quantization is not None:
-        raise ModelLoadError(f"unknown quantization {quantization!r}; use fp16 or none")
+        raise ModelLoadError(f"unknown quantization {quantization!r}; use gguf, fp16 or none")
     fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
     return "fp16" if dtype == "auto" and device.type == "cpu" and fbgemm else None
 

@@ -64,6 +64,15 @@ def load_gguf(path: str, name: str) -> ModelSource:
             tensor = gguf_file.read_tensor(info)
             yield hf_name, _unpermute_rotary(tensor, num_heads) if num_heads else tensor
 
+    by_name = {hf_name: (info, num_heads) for hf_name, info, num_heads in plan}
+
+    def read_blocks(hf_name: str) -> tuple[int, torch.Tensor] | None:
+        if hf_name not in by_name or len(by_name[hf_name][0].shape) != 2:
+            return None
+        info, num_heads = by_name[hf_name]
+        rows = gguf_file.read_blocks(info)  # quantized rows are independent: permute whole rows
+        return info.ggml_type, _unpermute_rotary(rows, num_heads) if num_heads else rows
+
     return ModelSource(
         name=name,
         path=path,
@@ -72,6 +81,7 @@ def load_gguf(path: str, name: str) -> ModelSource:
         tokenizer=tokenizer,
         num_weights=len(plan),
         read_weights=read_weights,
+        read_blocks=read_blocks,
     )
 
 

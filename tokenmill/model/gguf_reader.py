@@ -204,6 +204,11 @@ class GGUFFile:
             values = values.copy()
         return torch.from_numpy(values).reshape(info.shape)
 
+    def read_blocks(self, info: GGUFTensorInfo) -> torch.Tensor:
+        """A 2-D tensor's stored bytes, one row per output row: [rows, row_bytes] uint8 (a copy)."""
+        raw = np.frombuffer(self._buf, dtype=np.uint8, count=info.num_bytes, offset=info.offset)
+        return torch.from_numpy(raw.copy()).view(info.shape[0], -1)
+
 
 def _sized(info: GGUFTensorInfo) -> GGUFTensorInfo:
     """`info` with its byte size filled in (0 for a type gguf does not know: never read)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,15 @@ from torch import nn
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels import layer_ops
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
-from tokenmill.layers.linear import PackedLinear, QuantizationMethod, fits_fp16, quantize_linears
+from tokenmill.layers.linear import (
+    BlockLookup,
+    GGUFLinear,
+    PackedLinear,
+    QuantizationMethod,
+    fits_fp16,
+    gguf_linear,
+    quantize_linears,
+)
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, RotaryTables
 
@@ -152,6 +161,8 @@ class DecoderLayer(nn.Module):
         return self.mlp(h, native), residual
 
 
+logger = logging.getLogger(__name__)
+
 _HEAD_T_MAX_ROWS = 3  # logits rows up to which torch.mm(x, head_t) beats F.linear (measured)
 
 # Checkpoint projections that are stored apart and fused here: name -> (fused name, shard index).
@@ -193,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
         # element-wise work in native kernels (tokenmill/kernels/layer_ops.c): CPU float32 only
         self.native_kernels = False
         self.head_t: torch.Tensor | None = None  # [C, V], see prepare_for_decode
-        self.packed_head: PackedLinear | None = None  # quantized output projection
+        self.packed_head: PackedLinear | GGUFLinear | None = None  # quantized output projection
 
     def forward(
         self,
@@ -223,23 +234,57 @@ class LlamaForCausalLM(nn.Module):
         """The output projection [V, C]: the embedding when tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def prepare_for_decode(self, quantization: QuantizationMethod | None = None) -> None:
+    def prepare_for_decode(
+        self, quantization: QuantizationMethod | None = None, blocks: BlockLookup | None = None
+    ) -> None:
         """Once after loading, on CPU: pack the linear layers (quantization), else keep a
         [C, V] copy of the output projection for few-row logits.
 
-        MKL's GEMV over the [V, C] weight is ~2x slower than a GEMM over its transpose at
-        1-3 rows (bandwidth-bound batch-1 decode), the reverse from 4 rows on; the copy costs
-        V*C more floats of memory (113 MB for SmolLM2-135M).
+        "gguf" keeps each layer stored as Q4_1/Q8_0 in the checkpoint (`blocks`) in that
+        format, and packs the rest as "fp16". MKL's GEMV over the [V, C] weight is ~2x slower
+        than a GEMM over its transpose at 1-3 rows (bandwidth-bound batch-1 decode), the
+        reverse from 4 rows on; the copy costs V*C more floats (113 MB for SmolLM2-135M).
         """
         if self.output_weight.device.type != "cpu":
             return
+        if quantization == "gguf":
+            kept = self._keep_gguf_blocks(blocks)
+            # whatever was not kept: float16-packed where fbgemm runs, else float32
+            fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+            quantization = "fp16" if fbgemm else None
+            if kept:
+                logger.info("weights: %d linear layers kept as GGUF blocks", kept)
         if quantization is not None:
             quantize_linears(self.layers, quantization)
-        if quantization is not None and fits_fp16(self.output_weight):
+        if self.packed_head is None and quantization is not None and fits_fp16(self.output_weight):
             # the embedding stays float32 for lookups; the head gets its own packed copy
             self.packed_head = PackedLinear(self.output_weight, None, quantization)
-        else:
+        elif self.packed_head is None:
             self.head_t = self.output_weight.detach().t().contiguous()
+
+    def _keep_gguf_blocks(self, blocks: BlockLookup | None) -> int:
+        """Swap in GGUFLinear wherever the checkpoint stores the weights in a type the
+        kernel reads; returns how many layers (the output projection included) it swapped."""
+        if blocks is None:
+            return 0
+        kept = 0
+        for path, module in list(self.layers.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            parent_path, _, name = path.rpartition(".")
+            parts = [
+                n
+                for n, (fused, _) in sorted(_FUSED.items(), key=lambda i: i[1][1])
+                if fused == name
+            ]
+            names = [f"model.layers.{parent_path}.{part}.weight" for part in parts or [name]]
+            replacement = gguf_linear(module, [blocks(n) for n in names])
+            if replacement is not None:
+                setattr(self.layers.get_submodule(parent_path), name, replacement)
+                kept += 1
+        head = "model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
+        self.packed_head = gguf_linear(self.output_weight, [blocks(head)])
+        return kept + (self.packed_head is not None)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into the fused parameters; all must be covered."""

@@ -14,7 +14,7 @@ from tokenmill.engine.scheduler import ScheduledRequest, SchedulerOutput
 from tokenmill.kernels import layer_ops
 from tokenmill.kernels import paged_attention as paged_attention_kernel
 from tokenmill.layers.attention import AttentionMetadata, PrefillChunk
-from tokenmill.layers.linear import PackedLinear
+from tokenmill.layers.linear import GGUFLinear, PackedLinear
 from tokenmill.model.device import (
     kv_cache_bytes,
     resolve_device,
@@ -51,12 +51,11 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.block_size = cache_config.block_size
         started = time.perf_counter()
+        self.quantization = resolve_quantization(
+            model_config.quantization, model_config.dtype, self.device
+        )
         self.model: LlamaForCausalLM = load_model(
-            model_class(source.hf_config),
-            source,
-            self.device,
-            self.dtype,
-            resolve_quantization(model_config.quantization, model_config.dtype, self.device),
+            model_class(source.hf_config), source, self.device, self.dtype, self.quantization
         )
         self.load_seconds = time.perf_counter() - started
         cfg = self.model.config
@@ -99,7 +98,9 @@ class ModelRunner:
 
     @property
     def num_parameters(self) -> int:
-        packed = (m for m in self.model.layers.modules() if isinstance(m, PackedLinear))
+        packed = (
+            m for m in self.model.layers.modules() if isinstance(m, PackedLinear | GGUFLinear)
+        )
         return sum(p.numel() for p in self.model.parameters()) + sum(
             m.in_features * m.out_features for m in packed
         )

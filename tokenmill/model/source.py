@@ -31,6 +31,11 @@ class ModelSource:
     tokenizer: Tokenizer
     num_weights: int  # how many tensors iter_weights yields (for a progress bar)
     read_weights: Callable[[], WeightStream] = field(repr=False)
+    # GGUF: HF weight name -> (GGML type, [N, row_bytes] uint8 blocks as stored, rows in HF
+    # order), for `quantization="gguf"`; None for other formats
+    read_blocks: Callable[[str], tuple[int, torch.Tensor] | None] | None = field(
+        default=None, repr=False
+    )
 
     def iter_weights(self) -> WeightStream:
         """(HF parameter name, CPU tensor) pairs, read lazily one at a time from the mmap.

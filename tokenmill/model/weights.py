@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.kernels import quant_matmul
 from tokenmill.layers.linear import QuantizationMethod
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.loader import ModelSource
@@ -28,7 +29,7 @@ def load_model(
     model.to(dtype)
     model.load_weights(_converted(source, device, dtype))
     model.rotary.build(device)
-    model.prepare_for_decode(quantization)
+    model.prepare_for_decode(quantization, source.read_blocks)
     return model.eval()
 
 
@@ -54,6 +55,13 @@ def _check_quantization(
             f"quantization {quantization!r} runs on CPU in float32 only "
             f"(got device {device.type}, dtype {str(dtype).removeprefix('torch.')})"
         )
+    if quantization == "gguf":
+        if not quant_matmul.available():
+            raise ModelLoadError(
+                "quantization 'gguf' needs the native kernels (a C compiler; "
+                "TOKENMILL_NATIVE_KERNELS not 0)"
+            )
+        return
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         raise ModelLoadError(
             f"quantization {quantization!r} needs PyTorch's fbgemm backend (x86 CPUs); "
