@@ -27,7 +27,7 @@ class ModelConfig:
     max_logprobs: int = 20  # most logprobs/prompt_logprobs a request may ask for (vLLM's default)
     # "gguf": a GGUF file's own quantized blocks (Q4_1, Q8_0; other types as fp16) through
     # the native kernel, float32 math, dequantized exactly as the reference does (a third of
-    # fp16's weight memory; slower than fp16 on AVX2, see docs/benchmarks.md).
+    # fp16's weight memory; about fp16's speed at batch 1, 0.9x at batch 32 on AVX2).
     # "fp16": float16 weights, float32 math (half the weight bytes, fbgemm GEMMs: ~2x faster
     # decode on CPU; greedy output matched float32 in tests, logits within 0.1); CPU + float32
     # only. "none": exact weights in `dtype`. None (auto): fp16 when dtype is auto on a CPU

@@ -14,6 +14,10 @@
 
 enum { TYPE_Q4_1 = 3, TYPE_Q8_0 = 8 }; /* GGML type ids */
 
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#else
 static float half_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
     uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
@@ -35,6 +39,7 @@ static float half_to_float(uint16_t h) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+#endif
 
 static uint16_t read_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 
@@ -262,10 +267,12 @@ static void matmul_job(void *arg, int index, int count) {
 int tm_quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                     int64_t row_bytes, int type, const float *bias, float *y, int n_threads) {
     if ((type != TYPE_Q4_1 && type != TYPE_Q8_0) || K % 32 != 0 || M < 1) return 1;
+    n_threads = n_threads < 1 ? 1 : n_threads;
     Matmul p = {x, w, y, M, K, N, row_bytes, type, 0};
-    parallel(matmul_job, &p, n_threads < 1 ? 1 : n_threads);
-    if (bias != NULL)
+    parallel(matmul_job, &p, n_threads);
+    const int status = p.status;
+    if (bias != NULL && status == 0)
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
-    return p.status;
+    return status;
 }
