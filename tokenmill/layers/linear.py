@@ -2,7 +2,7 @@
 
 `gguf`: a GGUF checkpoint's own quantized blocks (Q4_1, Q8_0), multiplied by the native
 kernel (tokenmill/kernels/quant_matmul.c) that dequantizes them exactly as the reference
-does, float32 math: a quarter of float16's bytes per step, batch-invariant.
+does, float32 math: about a third of float16's bytes per step, batch-invariant.
 `fp16`: float16 weights, float32 activations and accumulation (fbgemm's fp16 GEMM).
 It halves the bytes read per decode step and beats MKL's float32 GEMM at the small
 row counts of decode. (fbgemm's dynamic int8 was measured too: faster still, but its

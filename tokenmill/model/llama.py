@@ -26,6 +26,8 @@ from tokenmill.layers.linear import (
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, RotaryTables
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class ArchConfig:
@@ -161,8 +163,6 @@ class DecoderLayer(nn.Module):
         return self.mlp(h, native), residual
 
 
-logger = logging.getLogger(__name__)
-
 _HEAD_T_MAX_ROWS = 3  # logits rows up to which torch.mm(x, head_t) beats F.linear (measured)
 
 # Checkpoint projections that are stored apart and fused here: name -> (fused name, shard index).
@@ -172,6 +172,11 @@ _FUSED = {
     "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
+}
+# fused name -> its checkpoint projections, in shard order
+_FUSED_PARTS = {
+    fused: [name for name, (f, _) in sorted(_FUSED.items(), key=lambda i: i[1][1]) if f == fused]
+    for fused, _ in _FUSED.values()
 }
 
 
@@ -272,12 +277,8 @@ class LlamaForCausalLM(nn.Module):
             if not isinstance(module, nn.Linear):
                 continue
             parent_path, _, name = path.rpartition(".")
-            parts = [
-                n
-                for n, (fused, _) in sorted(_FUSED.items(), key=lambda i: i[1][1])
-                if fused == name
-            ]
-            names = [f"model.layers.{parent_path}.{part}.weight" for part in parts or [name]]
+            parts = _FUSED_PARTS.get(name, [name])
+            names = [f"model.layers.{parent_path}.{part}.weight" for part in parts]
             replacement = gguf_linear(module, [blocks(n) for n in names])
             if replacement is not None:
                 setattr(self.layers.get_submodule(parent_path), name, replacement)
