@@ -70,8 +70,10 @@ def _build(name: str) -> Path:
     source = Path(__file__).with_name(f"{name}.c")
     compiler = _compiler()
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(), _cpu_id()):
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, " ".join(_FLAGS).encode(), compiler.encode()):
         key.update(part)
+    key.update(_cpu_id())
     target = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target

@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fast_math.h"
+
 /* residual[t] += x[t] (when add), then out[t] = residual[t] / rms(residual[t]) * weight */
 int tm_add_rms_norm(const float *x, float *residual, const float *weight, float *out,
                     int64_t rows, int64_t size, float eps, int add) {
@@ -29,29 +31,12 @@ int tm_add_rms_norm(const float *x, float *residual, const float *weight, float 
     return 0;
 }
 
-/* e^x for any x, vectorizable (see paged_attention.c): x = n ln2 + r, polynomial, 2^n */
-static inline float exp_any(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = __builtin_roundf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
-}
-
 /* out[t, i] = silu(gate_up[t, i]) * gate_up[t, size + i] */
 int tm_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t size) {
     for (int64_t t = 0; t < rows; t++) {
         const float *g = gate_up + t * 2 * size, *u = g + size;
         float *o = out + t * size;
-        for (int64_t i = 0; i < size; i++) o[i] = g[i] / (1.0f + exp_any(-g[i])) * u[i];
+        for (int64_t i = 0; i < size; i++) o[i] = g[i] / (1.0f + tm_exp(-g[i])) * u[i];
     }
     return 0;
 }

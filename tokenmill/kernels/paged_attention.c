@@ -12,23 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* e^x for x <= 0 (softmax after subtracting the max), written so the compiler vectorizes
- * it: x = n ln2 + r, e^r by a degree-6 Taylor-Horner polynomial on |r| <= ln2/2 (relative
- * error < 2e-7, float32's own), times 2^n built in the exponent bits. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = __builtin_roundf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
-}
+#include "fast_math.h"
 
 typedef struct {
     const float *q;          /* [B, H, D] */
@@ -80,7 +64,7 @@ static int run_item(const Job *j, int64_t b, int64_t h0, int64_t h1, float *scor
         float *sg = scores + qh * L, m = -INFINITY, sum = 0.0f;
         for (int64_t l = 0; l < L; l++) m = sg[l] > m ? sg[l] : m;
         for (int64_t l = 0; l < L; l++) {
-            sg[l] = exp_nonpositive(sg[l] - m);
+            sg[l] = tm_exp(sg[l] - m);
             sum += sg[l];
         }
         const float inv = 1.0f / sum;
