@@ -338,14 +338,20 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(limited: Server) -> No
     server = limited
     model = _model(server)
     results: list[dict[str, Any]] = []
+    length = 160  # long enough to see one running and one waiting, even on a loaded machine
 
     def run(prompt: str) -> None:
-        response = completion(server, model=model, prompt=prompt, max_tokens=64, ignore_eos=True)
+        response = completion(
+            server, model=model, prompt=prompt, max_tokens=length, ignore_eos=True
+        )
         results.append(response.json())
 
     threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS[:2]]
-    for thread in threads:
-        thread.start()
+    # one at a time: the second, sent while the first still waited, would be over the
+    # one waiting place (503)
+    threads[0].start()
+    wait_for(lambda: metric(server, "tokenmill:num_requests_running") == 1)
+    threads[1].start()
     wait_for(
         lambda: (
             metric(server, "tokenmill:num_requests_running") == 1
@@ -361,7 +367,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(limited: Server) -> No
     assert len(results) == 2
     for result in results:
         assert result["choices"][0]["finish_reason"] == "length", result
-        assert result["usage"]["completion_tokens"] == 64
+        assert result["usage"]["completion_tokens"] == length
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=5)
     _, alive = psutil.wait_procs(children, timeout=10)
