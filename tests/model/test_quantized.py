@@ -82,14 +82,20 @@ def test_greedy_tokens_match_float32(fp16_llm, fp32_llm):
         assert a[:NUM_EQUAL_GREEDY_TOKENS] == b[:NUM_EQUAL_GREEDY_TOKENS], f"prompt {i}"
 
 
-def test_teacher_forced_logits_close_to_float32(fp16_llm, fp32_llm):
+def assert_teacher_forced_logits_close(llm: LLM, fp32_llm: LLM, atol: float) -> None:
+    """Along float32's greedy continuations, every position's logits within atol and
+    the same argmax."""
     exact = token_ids(fp32_llm.generate(PROMPTS, GREEDY))
     for prompt, continuation in zip(PROMPTS, exact, strict=True):
-        ids = fp16_llm.tokenizer.encode(prompt) + continuation
-        ours = all_logits(fp16_llm.engine.core, ids)
+        ids = llm.tokenizer.encode(prompt) + continuation
+        ours = all_logits(llm.engine.core, ids)
         reference = all_logits(fp32_llm.engine.core, ids)
-        assert (ours - reference).abs().max().item() < LOGITS_ATOL
+        assert (ours - reference).abs().max().item() < atol
         assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+def test_teacher_forced_logits_close_to_float32(fp16_llm, fp32_llm):
+    assert_teacher_forced_logits_close(fp16_llm, fp32_llm, LOGITS_ATOL)
 
 
 def test_batched_equals_alone(fp16_llm):
@@ -150,12 +156,7 @@ def test_gguf_keeps_every_linear_layer_and_the_head_as_blocks(gguf_llm):
 def test_gguf_greedy_tokens_and_logits_match_float32(gguf_llm, fp32_llm):
     exact = token_ids(fp32_llm.generate(PROMPTS, GREEDY))
     assert token_ids(gguf_llm.generate(PROMPTS, GREEDY)) == exact
-    for prompt, continuation in zip(PROMPTS, exact, strict=True):
-        ids = gguf_llm.tokenizer.encode(prompt) + continuation
-        ours = all_logits(gguf_llm.engine.core, ids)
-        reference = all_logits(fp32_llm.engine.core, ids)
-        assert (ours - reference).abs().max().item() < GGUF_LOGITS_ATOL
-        assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+    assert_teacher_forced_logits_close(gguf_llm, fp32_llm, GGUF_LOGITS_ATOL)
 
 
 @needs_kernel

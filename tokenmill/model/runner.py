@@ -79,7 +79,11 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler(cfg.vocab_size, self.device, model_config.seed)
-        self.native_kernels = paged_attention_kernel.supports(self.kv_caches[0][0])
+        # both kernel libraries, for CPU float32; tests switch native_kernels off and on
+        self._native_supported = (
+            paged_attention_kernel.supports(self.kv_caches[0][0]) and layer_ops.available()
+        )
+        self.native_kernels = True
         logger.info(
             "kernels: %s",
             "native (element-wise ops, decode attention over the paged cache)"
@@ -94,7 +98,7 @@ class ModelRunner:
 
     @native_kernels.setter
     def native_kernels(self, enabled: bool) -> None:
-        self.model.native_kernels = enabled and layer_ops.available()
+        self.model.native_kernels = enabled and self._native_supported
 
     @property
     def num_parameters(self) -> int:
@@ -192,9 +196,7 @@ class ModelRunner:
         """Block tables [Bd, max_blocks] (zero-padded) and key counts [Bd] of the decodes."""
         tables = [block_tables[item.request.request_id] for item in decodes]
         width = max(len(t) for t in tables)
-        padded = torch.zeros(len(tables), width, dtype=torch.long)
-        for i, table in enumerate(tables):
-            padded[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         return padded, torch.tensor([item.start + 1 for item in decodes], dtype=torch.long)
 
     def _decode_layout(
