@@ -35,6 +35,9 @@ _FLAGS = (
     "-fPIC",
     "-pthread",
 )
+# parallel.h runs on the OpenMP threads PyTorch uses; a compiler without OpenMP gets a
+# pthread pool instead
+_OPENMP = "-fopenmp"
 _BUILD_TIMEOUT_S = 120
 
 
@@ -71,7 +74,8 @@ def _build(name: str) -> Path:
     compiler = _compiler()
     key = hashlib.sha256()
     headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
-    for part in (source.read_bytes(), *headers, " ".join(_FLAGS).encode(), compiler.encode()):
+    flags = " ".join([*_FLAGS, _OPENMP])
+    for part in (source.read_bytes(), *headers, flags.encode(), compiler.encode()):
         key.update(part)
     key.update(_cpu_id())
     target = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
@@ -82,12 +86,15 @@ def _build(name: str) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run(
-            [compiler, *_FLAGS, "-o", partial, str(source), "-lm"],
-            capture_output=True,
-            text=True,
-            timeout=_BUILD_TIMEOUT_S,
-        )
+        for openmp in ([_OPENMP], []):
+            done = subprocess.run(
+                [compiler, *_FLAGS, *openmp, "-o", partial, str(source), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=_BUILD_TIMEOUT_S,
+            )
+            if done.returncode == 0:
+                break
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         os.replace(partial, target)

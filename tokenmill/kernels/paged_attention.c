@@ -4,15 +4,15 @@
  * keys and values of sequence b are the first lens[b] slots named by its block table.
  * float32 throughout; two passes over the keys (scores, then softmax) and one over the
  * values. Work items are sequences (or (sequence, kv head) pairs when there are fewer
- * sequences than threads), split across n_threads threads.
+ * sequences than threads), split across n_threads threads (parallel.h).
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "fast_math.h"
+#include "parallel.h"
 
 typedef struct {
     const float *q;          /* [B, H, D] */
@@ -24,7 +24,7 @@ typedef struct {
     int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
     float scale;
     int64_t splits;          /* items per sequence: 1, or Hkv (one per kv head) */
-    int64_t begin, end;      /* work items [begin, end) of B * splits */
+    int64_t batch;           /* work items: batch * splits */
     int status;
 } Job;
 
@@ -84,23 +84,25 @@ static int run_item(const Job *j, int64_t b, int64_t h0, int64_t h1, float *scor
     return 0;
 }
 
-static void *run_job(void *arg) {
+static void run_job(void *arg, int index, int count) {
     Job *j = (Job *)arg;
+    const int64_t items = j->batch * j->splits;
+    const int64_t begin = items * index / count, end = items * (index + 1) / count;
     const int64_t per_seq = j->num_kv_heads / j->splits; /* kv heads per item */
     int64_t longest = 0;
-    for (int64_t item = j->begin; item < j->end; item++) {
+    for (int64_t item = begin; item < end; item++) {
         const int64_t L = j->lens[item / j->splits];
         longest = L > longest ? L : longest;
     }
     const int64_t capacity = per_seq * (j->num_heads / j->num_kv_heads) * longest;
     float *scores = malloc(sizeof(float) * (capacity > 0 ? capacity : 1));
-    j->status = scores == NULL;
-    for (int64_t item = j->begin; item < j->end && !j->status; item++) {
+    int status = scores == NULL;
+    for (int64_t item = begin; item < end && !status; item++) {
         const int64_t b = item / j->splits, h0 = (item % j->splits) * per_seq;
-        j->status = run_item(j, b, h0, h0 + per_seq, scores, capacity);
+        status = run_item(j, b, h0, h0 + per_seq, scores, capacity);
     }
     free(scores);
-    return NULL;
+    if (status) __atomic_fetch_or(&j->status, status, __ATOMIC_RELAXED);
 }
 
 /* Returns 0 on success, nonzero if a length was empty or memory ran out. */
@@ -109,32 +111,13 @@ int tm_paged_decode_attention(const float *q, const float *k_cache, const float 
                               int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                               int64_t head_dim, int64_t block_size, int64_t max_blocks,
                               float scale, int64_t n_threads) {
-    enum { MAX_THREADS = 64 };
     /* whole sequences per item, unless there are fewer sequences than threads */
     const int64_t splits = batch >= n_threads ? 1 : num_kv_heads;
     const int64_t items = batch * splits;
     if (n_threads < 1) n_threads = 1;
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     if (n_threads > items) n_threads = items;
-    Job jobs[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int64_t t = 0; t < n_threads; t++) {
-        jobs[t] = (Job){q, k_cache, v_cache, tables, lens, out, num_heads, num_kv_heads,
-                        head_dim, block_size, max_blocks, scale, splits,
-                        items * t / n_threads, items * (t + 1) / n_threads, 0};
-    }
-    for (int64_t t = 1; t < n_threads; t++)
-        started[t] = pthread_create(&threads[t], NULL, run_job, &jobs[t]) == 0;
-    run_job(&jobs[0]);
-    int status = jobs[0].status;
-    for (int64_t t = 1; t < n_threads; t++) {
-        if (started[t]) {
-            pthread_join(threads[t], NULL);
-        } else {
-            run_job(&jobs[t]); /* could not start a thread: do its share here */
-        }
-        status |= jobs[t].status;
-    }
-    return status;
+    Job job = {q, k_cache, v_cache, tables, lens, out, num_heads, num_kv_heads, head_dim,
+               block_size, max_blocks, scale, splits, batch, 0};
+    parallel(run_job, &job, (int)n_threads);
+    return job.status;
 }

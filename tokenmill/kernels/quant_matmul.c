@@ -4,13 +4,13 @@
  * (w = d * q + m per 32-weight block) into a small buffer, then multiplied with the rows
  * of x, four at a time, in 8-lane vector sums. Every output element is summed in the same
  * order whatever the number of rows of x: a row's result never depends on its batch.
- * Work is split over weight rows across a small persistent thread pool.
+ * Work is split over weight rows across threads (parallel.h).
  */
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "parallel.h"
 
 enum { TYPE_Q4_1 = 3, TYPE_Q8_0 = 8 }; /* GGML type ids */
 
@@ -173,81 +173,6 @@ static void matmul_part(const Matmul *p, int64_t n_begin, int64_t n_end, float *
     }
 }
 
-/* ---- a persistent pool: workers spin briefly for the next job, then sleep ---- */
-
-enum { MAX_THREADS = 64, SPINS = 20000 };
-
-typedef void (*job_fn)(void *arg, int index, int count);
-
-static struct {
-    pthread_mutex_t lock, dispatch;
-    pthread_cond_t wake;
-    atomic_uint_fast64_t generation;
-    atomic_int remaining;
-    int started; /* worker threads running */
-    job_fn fn;
-    void *arg;
-    int count; /* parts of the current job */
-} pool = {.lock = PTHREAD_MUTEX_INITIALIZER,
-        .dispatch = PTHREAD_MUTEX_INITIALIZER,
-        .wake = PTHREAD_COND_INITIALIZER};
-
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ volatile("yield");
-#endif
-}
-
-static void *worker(void *arg) {
-    const int index = (int)(intptr_t)arg;
-    uint_fast64_t seen = 0;
-    for (;;) {
-        int spins = 0;
-        while (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen) {
-            if (++spins < SPINS) {
-                cpu_relax();
-                continue;
-            }
-            pthread_mutex_lock(&pool.lock);
-            while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-            pthread_mutex_unlock(&pool.lock);
-        }
-        seen = atomic_load(&pool.generation);
-        if (index < pool.count) pool.fn(pool.arg, index, pool.count);
-        atomic_fetch_sub_explicit(&pool.remaining, 1, memory_order_release);
-    }
-    return NULL;
-}
-
-/* Run fn(arg, i, count) for i < count, on the caller (i = 0) and count - 1 workers. */
-static void parallel(job_fn fn, void *arg, int count) {
-    if (count > MAX_THREADS) count = MAX_THREADS;
-    pthread_mutex_lock(&pool.dispatch);
-    while (pool.started < count - 1) {
-        pthread_t thread;
-        if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)(pool.started + 1)) != 0) break;
-        pthread_detach(thread);
-        pool.started++;
-    }
-    if (count > pool.started + 1) count = pool.started + 1;
-    if (count > 1) {
-        pool.fn = fn;
-        pool.arg = arg;
-        pool.count = count;
-        atomic_store(&pool.remaining, pool.started);
-        pthread_mutex_lock(&pool.lock);
-        atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
-        pthread_cond_broadcast(&pool.wake);
-        pthread_mutex_unlock(&pool.lock);
-    }
-    fn(arg, 0, count);
-    if (count > 1)
-        while (atomic_load_explicit(&pool.remaining, memory_order_acquire) > 0) cpu_relax();
-    pthread_mutex_unlock(&pool.dispatch);
-}
-
 static void matmul_job(void *arg, int index, int count) {
     Matmul *p = arg;
     /* split on even weight rows so pairs stay whole: the same pairs for every M */
@@ -260,6 +185,125 @@ static void matmul_job(void *arg, int index, int count) {
     }
     matmul_part(p, begin, end < p->N ? end : p->N, buf);
     free(buf);
+}
+
+/* ---- float16 weights in panels of 16 output columns: W16 [ceil(N/16)][K][16] ----
+ *
+ * A tile is R rows of x by P panels (16 P columns): R x 2P vector accumulators, each output
+ * summed as acc = fma(w[k], x[k], acc) for k = 0 .. K-1 in order in one lane. Whichever tile
+ * covers an output, its value is the same: no result depends on the batch around its row.
+ * R rows and P panels are compile-time constants, so the accumulators stay in registers.
+ */
+enum { PANEL = 16 };
+
+typedef struct {
+    const float *x;
+    const uint16_t *w;
+    float *y;
+    int64_t M, K, N, panels;
+    int status;
+} F16Matmul;
+
+#if defined(HAVE_AVX2) && defined(__F16C__)
+static inline __attribute__((always_inline)) void f16_tile(const F16Matmul *p, int64_t m,
+                                                           int64_t panel, const int R,
+                                                           const int P) {
+    const int64_t K = p->K;
+    const float *x = p->x + m * K;
+    const uint16_t *w = p->w + panel * K * PANEL;
+    __m256 acc[6][8];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 2 * P; c++) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 wv[8];
+        for (int c = 0; c < 2 * P; c++)
+            wv[c] = _mm256_cvtph_ps(
+                _mm_loadu_si128((const __m128i *)(w + (c / 2) * K * PANEL + k * PANEL + (c % 2) * 8)));
+        for (int r = 0; r < R; r++) {
+            const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+            for (int c = 0; c < 2 * P; c++) acc[r][c] = _mm256_fmadd_ps(wv[c], xb, acc[r][c]);
+        }
+    }
+    const int64_t col = panel * PANEL, valid = p->N - col;
+    for (int r = 0; r < R; r++) {
+        float *y = p->y + (m + r) * p->N + col;
+        if (valid >= PANEL * P) {
+            for (int c = 0; c < 2 * P; c++) _mm256_storeu_ps(y + 8 * c, acc[r][c]);
+        } else {
+            float tmp[8 * 8];
+            for (int c = 0; c < 2 * P; c++) _mm256_storeu_ps(tmp + 8 * c, acc[r][c]);
+            memcpy(y, tmp, sizeof(float) * valid);
+        }
+    }
+}
+#else /* portable: the same per-output order (one fma chain over k) */
+static float half_at(const uint16_t *w) { return half_to_float(*w); }
+
+static void f16_tile(const F16Matmul *p, int64_t m, int64_t panel, const int R, const int P) {
+    const int64_t K = p->K;
+    for (int r = 0; r < R; r++)
+        for (int64_t c = 0; c < PANEL * P && panel * PANEL + c < p->N; c++) {
+            const uint16_t *w = p->w + (panel + c / PANEL) * K * PANEL + c % PANEL;
+            const float *x = p->x + (m + r) * K;
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) acc = __builtin_fmaf(half_at(w + k * PANEL), x[k], acc);
+            p->y[(m + r) * p->N + panel * PANEL + c] = acc;
+        }
+}
+#endif
+
+/* rows [m, m + rows) of x against panels [begin, end): the widest tile that fits */
+static void f16_rows(const F16Matmul *p, int64_t m, int rows, int64_t begin, int64_t end) {
+    int64_t panel = begin;
+    switch (rows) {
+    case 1:
+        for (; panel + 4 <= end; panel += 4) f16_tile(p, m, panel, 1, 4);
+        break;
+    case 2:
+        for (; panel + 2 <= end; panel += 2) f16_tile(p, m, panel, 2, 2);
+        break;
+    }
+    for (; panel < end; panel++) {
+        switch (rows) {
+        case 1: f16_tile(p, m, panel, 1, 1); break;
+        case 2: f16_tile(p, m, panel, 2, 1); break;
+        case 3: f16_tile(p, m, panel, 3, 1); break;
+        case 4: f16_tile(p, m, panel, 4, 1); break;
+        case 5: f16_tile(p, m, panel, 5, 1); break;
+        default: f16_tile(p, m, panel, 6, 1); break;
+        }
+    }
+}
+
+static void f16_job(void *arg, int index, int count) {
+    const F16Matmul *p = arg;
+    enum { ROWS_PER_BLOCK = 48 }; /* a block of x rows stays in L2 while the panels pass */
+    const int64_t begin = p->panels * index / count, end = p->panels * (index + 1) / count;
+    for (int64_t m0 = 0; m0 < p->M; m0 += ROWS_PER_BLOCK) {
+        const int64_t m1 = m0 + ROWS_PER_BLOCK < p->M ? m0 + ROWS_PER_BLOCK : p->M;
+        if (m1 - m0 <= 2) {
+            for (int64_t m = m0; m < m1; m += 2) f16_rows(p, m, m1 - m < 2 ? 1 : 2, begin, end);
+            continue;
+        }
+        for (int64_t panel = begin; panel < end; panel++)
+            for (int64_t m = m0; m < m1; m += 6)
+                f16_rows(p, m, m1 - m < 6 ? (int)(m1 - m) : 6, panel, panel + 1);
+    }
+}
+
+/* y [M, N] = x [M, K] W^T (+ bias [N]); W float16 in panels (see above). Returns 0, or 1
+ * on a bad shape. */
+int tm_f16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N,
+                  const float *bias, float *y, int n_threads) {
+    if (M < 1 || K < 1 || N < 1) return 1;
+    F16Matmul p = {x, w, y, M, K, N, (N + PANEL - 1) / PANEL, 0};
+    n_threads = n_threads < 1 ? 1 : n_threads;
+    if (n_threads > p.panels) n_threads = (int)p.panels;
+    parallel(f16_job, &p, n_threads);
+    if (bias != NULL)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
+    return p.status;
 }
 
 /* y [M, N] = x [M, K] W^T (+ bias [N]); W [N] rows of row_bytes in GGML `type`.

@@ -35,15 +35,21 @@ BlockLookup = Callable[[str], "tuple[int, torch.Tensor] | None"]
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W [N, K] frozen in fbgemm's packed layout (CPU, float32 in and out)."""
+    """y = x W^T + b with W [N, K] frozen as float16 (CPU, float32 in and out): in panels
+    for the native kernel (quant_matmul.c), else in fbgemm's packed layout."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, method: QuantizationMethod):
         super().__init__()
         self.method = method
         self.out_features, self.in_features = weight.shape
         weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
-        with _fbgemm_engine():
-            self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+        self.native = quant_matmul.available()
+        if self.native:
+            self.panels = quant_matmul.pack_f16(weight)
+            self.bias = bias
+        else:
+            with _fbgemm_engine():
+                self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
 
     @property
     def weight_bytes(self) -> int:
@@ -51,10 +57,13 @@ class PackedLinear(nn.Module):
         return self.out_features * self.in_features * 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
+        if self.native:
+            return quant_matmul.f16_matmul(x, self.panels, self.out_features, self.bias)
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.method}"
+        kernel = "native" if self.native else "fbgemm"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.method}, {kernel}"
 
 
 class GGUFLinear(nn.Module):
