@@ -203,31 +203,46 @@ def dequantized(blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
 @needs_quant
 @pytest.mark.parametrize("ggml_type", [quant_matmul.GGML_Q4_1, quant_matmul.GGML_Q8_0])
 @pytest.mark.parametrize(
-    ("rows", "out_features", "in_features"), [(1, 7, 64), (5, 96, 160), (33, 64, 32)]
+    ("rows", "out_features", "in_features"),
+    [(1, 7, 64), (2, 40, 96), (5, 96, 160), (33, 64, 32), (50, 17, 64)],
 )
 def test_quant_matmul_matches_the_dequantized_weights(ggml_type, rows, out_features, in_features):
     torch.manual_seed(4)
     blocks = gguf_blocks(torch.randn(out_features, in_features) * 0.1, ggml_type)
     assert blocks.shape[1] == in_features // 32 * quant_matmul.BLOCK_LAYOUT[ggml_type][1]
+    values, scales = quant_matmul.pack_blocks(blocks, ggml_type, in_features)
     x, bias = torch.randn(rows, in_features), torch.randn(out_features)
     want = x @ dequantized(blocks, ggml_type).t() + bias
-    got = quant_matmul.quant_matmul(x, blocks, ggml_type, in_features, bias)
+    got = quant_matmul.quant_matmul(x, values, scales, ggml_type, out_features, bias)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # a row gives bit-identical results alone and in any batch
-    for row in range(rows):
-        alone = quant_matmul.quant_matmul(x[row : row + 1], blocks, ggml_type, in_features, bias)
-        assert torch.equal(alone[0], got[row])
+    # in registers (1-2 rows) or from an unpacked panel (more), in any tile: a row gives
+    # bit-identical results alone, in any slice of the batch, and on any number of threads
+    for start in range(rows):
+        for size in (1, 2, 3, 4):
+            part = x[start : start + size]
+            alone = quant_matmul.quant_matmul(part, values, scales, ggml_type, out_features, bias)
+            assert torch.equal(alone, got[start : start + size])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = quant_matmul.quant_matmul(x, values, scales, ggml_type, out_features, bias)
+        assert torch.equal(one, got)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_quant
 def test_quant_matmul_rejects_what_it_cannot_read():
     blocks = torch.zeros(4, 18, dtype=torch.uint8)
     with pytest.raises(ValueError):
-        quant_matmul.quant_matmul(torch.zeros(1, 32), blocks, 2, 32)  # Q4_0: not read
+        quant_matmul.pack_blocks(blocks, 2, 32)  # Q4_0: not read
     with pytest.raises(ValueError):  # rows of the wrong size for Q8_0
-        quant_matmul.quant_matmul(torch.zeros(1, 32), blocks, quant_matmul.GGML_Q8_0, 32)
+        quant_matmul.pack_blocks(blocks, quant_matmul.GGML_Q8_0, 32)
+    values, scales = quant_matmul.pack_blocks(
+        torch.zeros(4, 34, dtype=torch.uint8), quant_matmul.GGML_Q8_0, 32
+    )
     with pytest.raises(ValueError):  # x does not have the weight's features
-        quant_matmul.quant_matmul(torch.zeros(1, 64), blocks, quant_matmul.GGML_Q8_0, 32)
+        quant_matmul.quant_matmul(torch.zeros(1, 64), values, scales, quant_matmul.GGML_Q8_0, 4)
 
 
 @needs_quant
@@ -239,9 +254,7 @@ def test_f16_matmul_matches_the_float16_weights(rows, out_features, in_features)
     torch.manual_seed(5)
     weight = torch.randn(out_features, in_features) * 0.1
     panels = quant_matmul.pack_f16(weight)
-    assert (
-        panels.dtype == torch.float16 and panels.shape[0] * quant_matmul.F16_PANEL >= out_features
-    )
+    assert panels.dtype == torch.float16 and panels.shape[0] * quant_matmul.PANEL >= out_features
     x, bias = torch.randn(rows, in_features), torch.randn(out_features)
     want = x @ weight.half().float().t() + bias
     got = quant_matmul.f16_matmul(x, panels, out_features, bias)

@@ -18,7 +18,7 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 def _function() -> Callable[..., int] | None:
-    args = [_ptr, _i64, _i64, _ptr, _i64, _i64, ctypes.c_int, _ptr, _ptr, ctypes.c_int]
+    args = [_ptr, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_int, _ptr, _ptr, ctypes.c_int]
     return function("quant_matmul", "tm_quant_matmul", *args)
 
 
@@ -31,16 +31,16 @@ def available() -> bool:
     return _function() is not None
 
 
-F16_PANEL = 16  # output columns per panel of the float16 layout
+PANEL = 16  # output columns per panel (float16 and GGUF layouts)
 
 
 def pack_f16(weight: torch.Tensor) -> torch.Tensor:
     """W [N, K] -> float16 panels [ceil(N/16), K, 16] (output columns zero-padded)."""
     out_features, in_features = weight.shape
-    panels = -(-out_features // F16_PANEL)
-    padded = weight.new_zeros(panels * F16_PANEL, in_features, dtype=torch.float16)
+    panels = -(-out_features // PANEL)
+    padded = weight.new_zeros(panels * PANEL, in_features, dtype=torch.float16)
     padded[:out_features] = weight
-    return padded.view(panels, F16_PANEL, in_features).transpose(1, 2).contiguous()
+    return padded.view(panels, PANEL, in_features).transpose(1, 2).contiguous()
 
 
 def f16_matmul(
@@ -54,7 +54,7 @@ def f16_matmul(
     fn = _f16_function()
     assert fn is not None, "check available() first"
     in_features = panels.shape[1]
-    if x.shape[-1] != in_features or panels.shape[0] * F16_PANEL < out_features:
+    if x.shape[-1] != in_features or panels.shape[0] * PANEL < out_features:
         raise ValueError(
             f"f16_matmul: x has {x.shape[-1]} features, the weight {in_features} "
             f"by {out_features} in {panels.shape[0]} panels"
@@ -78,36 +78,69 @@ def f16_matmul(
     return y
 
 
+def pack_blocks(
+    blocks: torch.Tensor, ggml_type: int, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF rows [N, row_bytes] -> (values, float16 scales) in the kernel's panels of 16
+    output columns (see quant_matmul.c); output columns zero-padded to a whole panel."""
+    values_per_block, block_bytes = BLOCK_LAYOUT.get(ggml_type, (32, 0))
+    if block_bytes == 0 or in_features % values_per_block:
+        raise ValueError(f"quant_matmul reads Q4_1 and Q8_0 rows, not type {ggml_type}")
+    num_blocks = in_features // values_per_block
+    if blocks.dtype != torch.uint8 or blocks.shape[1] != num_blocks * block_bytes:
+        raise ValueError(
+            f"quant_matmul: rows of {blocks.shape[1]} bytes for {in_features} "
+            f"type-{ggml_type} values"
+        )
+    rows = blocks.shape[0]
+    panels = -(-rows // PANEL)
+    padded = blocks.new_zeros(panels * PANEL, num_blocks, block_bytes)
+    padded[:rows] = blocks.view(rows, num_blocks, block_bytes)
+
+    def halves(start: int) -> torch.Tensor:  # [panels, blocks, 16] float16 at a byte offset
+        half = padded[:, :, start : start + 2].contiguous().view(torch.float16).squeeze(-1)
+        return half.view(panels, PANEL, num_blocks).transpose(1, 2)
+
+    if ggml_type == GGML_Q4_1:
+        packed = padded[:, :, 4:]  # value j: low nibble of byte j, value j + 16: high nibble
+        q = torch.cat([packed & 15, packed >> 4], dim=-1).view(panels, PANEL, in_features)
+        values = (q[:, :8] | (q[:, 8:] << 4)).transpose(1, 2)  # byte j: columns j, j + 8
+        scales = torch.stack([halves(0), halves(2)], dim=2)
+    else:
+        q = padded[:, :, 2:].contiguous().view(torch.int8).view(panels, PANEL, in_features)
+        values = q.transpose(1, 2)
+        scales = halves(0).unsqueeze(2)
+    return values.contiguous(), scales.contiguous()
+
+
 def quant_matmul(
     x: torch.Tensor,  # [M, K] float32
-    blocks: torch.Tensor,  # [N, row_bytes] uint8, GGUF blocks of each weight row
+    values: torch.Tensor,  # from pack_blocks
+    scales: torch.Tensor,
     ggml_type: int,
-    in_features: int,
+    out_features: int,
     bias: torch.Tensor | None = None,  # [N] float32
 ) -> torch.Tensor:  # [M, N]
+    """x W^T (+ bias) with W the GGUF blocks packed by pack_blocks, float32 math."""
     fn = _function()
     assert fn is not None, "check available() first"
-    values_per_block, block_bytes = BLOCK_LAYOUT.get(ggml_type, (32, 0))
-    if (
-        x.shape[-1] != in_features
-        or blocks.shape[1] != in_features // values_per_block * block_bytes
-    ):
+    in_features = values.shape[1]
+    if x.shape[-1] != in_features or scales.shape[0] * PANEL < out_features:
         raise ValueError(
             f"quant_matmul: x has {x.shape[-1]} features, the weight {in_features} "
-            f"in rows of {blocks.shape[1]} bytes (type {ggml_type})"
+            f"by {out_features} in {scales.shape[0]} panels"
         )
     x = x.contiguous()
-    rows, out_features = x.shape[0], blocks.shape[0]
-    y = x.new_empty(rows, out_features)
-    if rows == 0:
+    y = x.new_empty(x.shape[0], out_features)
+    if x.shape[0] == 0:
         return y
     status = fn(
         x.data_ptr(),
-        rows,
+        x.shape[0],
         in_features,
-        blocks.data_ptr(),
+        values.data_ptr(),
+        scales.data_ptr(),
         out_features,
-        blocks.shape[1],
         ggml_type,
         None if bias is None else bias.data_ptr(),
         y.data_ptr(),

@@ -1,12 +1,13 @@
 """Packed linear layers for CPU decode: weights stored once in a compact layout.
 
 `gguf`: a GGUF checkpoint's own quantized blocks (Q4_1, Q8_0), multiplied by the native
-kernel (tokenmill/kernels/quant_matmul.c) that dequantizes them exactly as the reference
-does, float32 math: about a third of float16's bytes per step, batch-invariant.
-`fp16`: float16 weights, float32 activations and accumulation (fbgemm's fp16 GEMM).
-It halves the bytes read per decode step and beats MKL's float32 GEMM at the small
-row counts of decode. (fbgemm's dynamic int8 was measured too: faster still, but its
-per-call activation scale flipped the bundled model's first greedy token.)
+kernel (tokenmill/kernels/quant_matmul.c) in float32 math: about a third of float16's
+bytes per step, batch-invariant.
+`fp16`: float16 weights, float32 activations and accumulation: the native kernel's
+float16 panels, else fbgemm's fp16 GEMM. It halves the bytes read per decode step and
+beats MKL's float32 GEMM at the small row counts of decode. (fbgemm's dynamic int8 was
+measured too: faster still, but its per-call activation scale flipped the bundled model's
+first greedy token.)
 """
 
 from __future__ import annotations
@@ -67,23 +68,24 @@ class PackedLinear(nn.Module):
 
 
 class GGUFLinear(nn.Module):
-    """y = x W^T + b with W [N, K] kept as GGUF blocks (CPU, float32 in and out)."""
+    """y = x W^T + b with W [N, K] kept as GGUF Q4_1/Q8_0 blocks, repacked in the native
+    kernel's panels (CPU, float32 in and out)."""
 
     def __init__(
         self, blocks: torch.Tensor, ggml_type: int, in_features: int, bias: torch.Tensor | None
     ):
         super().__init__()
         self.ggml_type, self.in_features, self.out_features = ggml_type, in_features, len(blocks)
-        self.blocks = blocks.contiguous()
+        self.values, self.scales = quant_matmul.pack_blocks(blocks, ggml_type, in_features)
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     @property
     def weight_bytes(self) -> int:
-        return self.blocks.numel()
+        return self.values.numel() * self.values.element_size() + self.scales.numel() * 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         return quant_matmul.quant_matmul(
-            x, self.blocks, self.ggml_type, self.in_features, self.bias
+            x, self.values, self.scales, self.ggml_type, self.out_features, self.bias
         )
 
     def extra_repr(self) -> str:
