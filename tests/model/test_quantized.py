@@ -108,12 +108,18 @@ def test_rejected_off_cpu_float32(bundled_gguf_path):
         LLM(bundled_gguf_path, dtype="bfloat16", kv_cache_memory=16 << 20, quantization="fp16")
 
 
-def test_fp16_is_the_cpu_default_only_when_dtype_is_auto():
+def test_the_cpu_default_is_gguf_for_gguf_files_and_fp16_else_only_when_dtype_is_auto():
     from tokenmill.model.device import resolve_quantization
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
-    assert resolve_quantization(None, "auto", cpu) == ("fp16" if fbgemm else None)
+    fast_fp16 = fbgemm or quant_matmul.vectorized()
+    assert resolve_quantization(None, "auto", cpu) == ("fp16" if fast_fp16 else None)
+    assert resolve_quantization(None, "auto", cpu, "safetensors") == ("fp16" if fast_fp16 else None)
+    gguf_default = "gguf" if quant_matmul.vectorized() else ("fp16" if fast_fp16 else None)
+    assert resolve_quantization(None, "auto", cpu, "gguf") == gguf_default
+    assert resolve_quantization(None, "float32", cpu, "gguf") is None
+    assert resolve_quantization(None, "auto", cuda, "gguf") is None
     assert resolve_quantization("gguf", "auto", cpu) == "gguf"
     assert resolve_quantization(None, "float32", cpu) is None  # a pinned dtype stays exact
     assert resolve_quantization(None, "auto", cuda) is None

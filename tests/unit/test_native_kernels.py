@@ -4,6 +4,7 @@ missing compiler or TOKENMILL_NATIVE_KERNELS=0 falls back instead of failing."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,3 +301,34 @@ def test_kernels_share_torchs_openmp_threads():
     assert done.returncode == 0, done.stderr
     libraries = json.loads(done.stdout)
     assert len(libraries) <= 1, libraries
+
+
+@needs_quant
+def test_portable_build_computes_the_same_chains(tmp_path):
+    """Built without AVX2 (scalar fallback), the matmuls give bit-identical outputs."""
+    import ctypes
+
+    if not quant_matmul.vectorized():
+        pytest.skip("this machine already runs the portable path")
+    source = Path(kernels.__file__).with_name("quant_matmul.c")
+    target = tmp_path / "portable.so"
+    build = [kernels._compiler(), "-O2", "-shared", "-fPIC", "-o", str(target), str(source), "-lm"]
+    done = subprocess.run(build, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lib = ctypes.CDLL(str(target))
+    assert lib.tm_matmul_vectorized() == 0
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.tm_f16_matmul.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, c_int]
+    lib.tm_quant_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, c_int, ptr, ptr, c_int]
+    torch.manual_seed(6)
+    x, weight = torch.randn(7, 64), torch.randn(40, 64) * 0.1
+    panels, got = quant_matmul.pack_f16(weight), torch.empty(7, 40)
+    assert (
+        lib.tm_f16_matmul(x.data_ptr(), 7, 64, panels.data_ptr(), 40, None, got.data_ptr(), 2) == 0
+    )
+    assert torch.equal(got, quant_matmul.f16_matmul(x, panels, 40))
+    for ggml_type in (quant_matmul.GGML_Q4_1, quant_matmul.GGML_Q8_0):
+        values, scales = quant_matmul.pack_blocks(gguf_blocks(weight, ggml_type), ggml_type, 64)
+        args = (values.data_ptr(), scales.data_ptr(), 40, ggml_type, None, got.data_ptr(), 2)
+        assert lib.tm_quant_matmul(x.data_ptr(), 7, 64, *args) == 0
+        assert torch.equal(got, quant_matmul.quant_matmul(x, values, scales, ggml_type, 40))

@@ -6,11 +6,11 @@
  * A quantized weight is w = fma(d, q, m) (m = 0 for Q8_0) per 32-value block.
  *
  * Every output is ONE chain, y = fma(w_k, x_k, y) over k = 0 .. K-1 in order, whichever
- * tile computes it: small batches (1-2 rows) convert the weights in registers (batch-1
- * decode reads only the compact bytes: it is bandwidth-bound); larger ones convert a panel
- * once into a float buffer that 6-row tiles share. Both produce the same floats, so no
- * result depends on the batch around its row. Work is split over panels across threads
- * (parallel.h).
+ * tile computes it: batches of up to 4 rows convert the weights in registers (batch-1
+ * decode reads only the compact bytes), larger ones convert a panel once into a float
+ * buffer that 6-row tiles share. Both produce the same floats, so no result depends on the
+ * batch around its row (nor on the thread count, nor on the build: the portable scalar
+ * path runs the same chains). Work is split over panels across threads (parallel.h).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -285,4 +285,13 @@ int tm_quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *values,
     const int src = type == TYPE_Q4_1 ? SRC_Q4_1 : SRC_Q8_0;
     Matmul p = {x, values, scales, y, M, K, N, (N + PANEL - 1) / PANEL, src, 0};
     return matmul(&p, bias, n_threads);
+}
+
+/* 1 when built with the AVX2/FMA/F16C tiles; 0 for the portable (slow, scalar) path */
+int tm_matmul_vectorized(void) {
+#if defined(HAVE_AVX2) && defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
 }

@@ -31,6 +31,13 @@ def available() -> bool:
     return _function() is not None
 
 
+def vectorized() -> bool:
+    """Whether the kernels run their vector tiles here (x86 with AVX2, FMA, F16C); elsewhere
+    a portable scalar path computes the same chains, far slower."""
+    fn = function("quant_matmul", "tm_matmul_vectorized")
+    return fn is not None and fn() == 1
+
+
 PANEL = 16  # output columns per panel (float16 and GGUF layouts)
 
 

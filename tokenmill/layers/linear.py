@@ -44,7 +44,9 @@ class PackedLinear(nn.Module):
         self.method = method
         self.out_features, self.in_features = weight.shape
         weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
-        self.native = quant_matmul.available()
+        # the native panels where their vector tiles run, else fbgemm where it exists
+        fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+        self.native = quant_matmul.vectorized() or (quant_matmul.available() and not fbgemm)
         if self.native:
             self.panels = quant_matmul.pack_f16(weight)
             self.bias = bias

@@ -10,6 +10,7 @@ import torch
 from tokenmill.config import CacheConfig
 from tokenmill.config import Quantization as QuantizationMethod
 from tokenmill.errors import ModelLoadError
+from tokenmill.kernels import quant_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -30,20 +31,25 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_quantization(
-    quantization: str | None, dtype: str, device: torch.device
+    quantization: str | None, dtype: str, device: torch.device, file_format: str = "safetensors"
 ) -> QuantizationMethod | None:
     """The weight format: as asked ("gguf", "fp16", or "none" for the dtype's own weights),
-    else fp16 where `dtype` is auto on an x86 CPU: float32 math over float16 weights decodes
-    ~2x faster than float32 weights, and ~1.1x "gguf" at batch 32 (docs/benchmarks.md).
-    A pinned dtype stays exact."""
+    else, where `dtype` is auto on a CPU: "gguf" for a GGUF file when the native kernels'
+    vector tiles run (the file's own blocks: a third of fp16's bytes, 1.4x fp16 at batch 1,
+    ~1.1x at 32), else "fp16" where a fast float16 kernel runs (native or fbgemm: ~2x
+    float32 weights at batch 1; docs/benchmarks.md). A pinned dtype stays exact."""
     if quantization == "none":
         return None
     if quantization in ("gguf", "fp16"):
         return quantization  # type: ignore[return-value]
     if quantization is not None:
         raise ModelLoadError(f"unknown quantization {quantization!r}; use gguf, fp16 or none")
+    if dtype != "auto" or device.type != "cpu":
+        return None
+    if file_format == "gguf" and quant_matmul.vectorized():
+        return "gguf"
     fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
-    return "fp16" if dtype == "auto" and device.type == "cpu" and fbgemm else None
+    return "fp16" if fbgemm or quant_matmul.vectorized() else None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -52,7 +52,7 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         started = time.perf_counter()
         self.quantization = resolve_quantization(
-            model_config.quantization, model_config.dtype, self.device
+            model_config.quantization, model_config.dtype, self.device, source.file_format
         )
         self.model: LlamaForCausalLM = load_model(
             model_class(source.hf_config), source, self.device, self.dtype, self.quantization

@@ -62,8 +62,8 @@ def _check_quantization(
                 "TOKENMILL_NATIVE_KERNELS not 0)"
             )
         return
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
+    if "fbgemm" not in torch.backends.quantized.supported_engines and not quant_matmul.available():
         raise ModelLoadError(
-            f"quantization {quantization!r} needs PyTorch's fbgemm backend (x86 CPUs); "
-            "this build lacks it"
+            f"quantization {quantization!r} needs the native kernels (a C compiler) or "
+            "PyTorch's fbgemm backend (x86 CPUs); neither is here"
         )
