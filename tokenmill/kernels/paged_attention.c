@@ -25,6 +25,8 @@ typedef struct {
     float scale;
     int64_t splits;          /* items per sequence: 1, or Hkv (one per kv head) */
     int64_t batch;           /* work items: batch * splits */
+    int64_t longest;         /* the longest sequence: sizes each thread's score buffer */
+    int64_t next;            /* the first item no thread has taken yet */
     int status;
 } Job;
 
@@ -84,20 +86,19 @@ static int run_item(const Job *j, int64_t b, int64_t h0, int64_t h1, float *scor
     return 0;
 }
 
+/* Threads take items one at a time until none are left: a preempted thread delays the call
+ * by one item, not by its whole share. */
 static void run_job(void *arg, int index, int count) {
     Job *j = (Job *)arg;
+    (void)index, (void)count;
     const int64_t items = j->batch * j->splits;
-    const int64_t begin = items * index / count, end = items * (index + 1) / count;
     const int64_t per_seq = j->num_kv_heads / j->splits; /* kv heads per item */
-    int64_t longest = 0;
-    for (int64_t item = begin; item < end; item++) {
-        const int64_t L = j->lens[item / j->splits];
-        longest = L > longest ? L : longest;
-    }
-    const int64_t capacity = per_seq * (j->num_heads / j->num_kv_heads) * longest;
+    const int64_t capacity = per_seq * (j->num_heads / j->num_kv_heads) * j->longest;
     float *scores = malloc(sizeof(float) * (capacity > 0 ? capacity : 1));
     int status = scores == NULL;
-    for (int64_t item = begin; item < end && !status; item++) {
+    while (!status) {
+        const int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        if (item >= items) break;
         const int64_t b = item / j->splits, h0 = (item % j->splits) * per_seq;
         status = run_item(j, b, h0, h0 + per_seq, scores, capacity);
     }
@@ -116,8 +117,10 @@ int tm_paged_decode_attention(const float *q, const float *k_cache, const float 
     const int64_t items = batch * splits;
     if (n_threads < 1) n_threads = 1;
     if (n_threads > items) n_threads = items;
+    int64_t longest = 0;
+    for (int64_t b = 0; b < batch; b++) longest = lens[b] > longest ? lens[b] : longest;
     Job job = {q, k_cache, v_cache, tables, lens, out, num_heads, num_kv_heads, head_dim,
-               block_size, max_blocks, scale, splits, batch, 0};
+               block_size, max_blocks, scale, splits, batch, longest, 0, 0};
     parallel(run_job, &job, (int)n_threads);
     return job.status;
 }

@@ -64,6 +64,7 @@ typedef struct {
     const uint16_t *scales; /* quantized formats only */
     float *y;
     int64_t M, K, N, panels;
+    int64_t next; /* the first panel no thread has taken yet */
     int src, status;
 } Matmul;
 
@@ -213,18 +214,26 @@ INLINE void run_panels(const Matmul *p, int64_t begin, int64_t end, const int sr
     }
 }
 
+/* Threads take chunks of panels until none are left: a thread the OS preempts (the server's
+ * own threads share these cores) delays the call by one chunk, not by its whole share. */
 static void matmul_job(void *arg, int index, int count) {
     Matmul *p = arg;
-    const int64_t begin = p->panels * index / count, end = p->panels * (index + 1) / count;
+    (void)index, (void)count;
+    const int64_t chunk = p->M > ROWS_PER_BLOCK ? 16 : 4; /* big batches: x stays in L2 longer */
     float *wbuf = NULL;
     if (p->M > IN_REGISTERS && (wbuf = malloc(sizeof(float) * PANEL * p->K)) == NULL) {
         __atomic_fetch_or(&p->status, 1, __ATOMIC_RELAXED);
         return;
     }
-    switch (p->src) {
-    case SRC_F16: run_panels(p, begin, end, SRC_F16, wbuf); break;
-    case SRC_Q4_1: run_panels(p, begin, end, SRC_Q4_1, wbuf); break;
-    default: run_panels(p, begin, end, SRC_Q8_0, wbuf); break;
+    for (;;) {
+        const int64_t begin = __atomic_fetch_add(&p->next, chunk, __ATOMIC_RELAXED);
+        if (begin >= p->panels) break;
+        const int64_t end = begin + chunk < p->panels ? begin + chunk : p->panels;
+        switch (p->src) {
+        case SRC_F16: run_panels(p, begin, end, SRC_F16, wbuf); break;
+        case SRC_Q4_1: run_panels(p, begin, end, SRC_Q4_1, wbuf); break;
+        default: run_panels(p, begin, end, SRC_Q8_0, wbuf); break;
+        }
     }
     free(wbuf);
 }
@@ -271,7 +280,7 @@ static int matmul(Matmul *p, const float *bias, int n_threads) {
 int tm_f16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N,
                   const float *bias, float *y, int n_threads) {
     if (M < 1 || K < 1 || N < 1) return 1;
-    Matmul p = {x, (const uint8_t *)w, NULL, y, M, K, N, (N + PANEL - 1) / PANEL, SRC_F16, 0};
+    Matmul p = {x, (const uint8_t *)w, NULL, y, M, K, N, (N + PANEL - 1) / PANEL, 0, SRC_F16, 0};
     return matmul(&p, bias, n_threads);
 }
 
@@ -283,7 +292,7 @@ int tm_quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *values,
     if ((type != TYPE_Q4_1 && type != TYPE_Q8_0) || K % QBLOCK != 0 || K < 1 || M < 1 || N < 1)
         return 1;
     const int src = type == TYPE_Q4_1 ? SRC_Q4_1 : SRC_Q8_0;
-    Matmul p = {x, values, scales, y, M, K, N, (N + PANEL - 1) / PANEL, src, 0};
+    Matmul p = {x, values, scales, y, M, K, N, (N + PANEL - 1) / PANEL, 0, src, 0};
     return matmul(&p, bias, n_threads);
 }
 
