@@ -140,6 +140,25 @@ def test_silu_mul_matches_torch():
 
 
 @needs_layer_ops
+def test_threaded_element_wise_calls_equal_row_by_row():
+    """Prefill-sized calls split rows over threads; each row's result stays bit-identical."""
+    torch.manual_seed(7)
+    rows = 300  # 300 x 576 and 300 x 1536 values: past the one-thread limit
+    gate_up = torch.randn(rows, 2 * 1536) * 3
+    whole = layer_ops.silu_mul(gate_up)
+    assert all(
+        torch.equal(layer_ops.silu_mul(gate_up[t : t + 1])[0], whole[t]) for t in range(rows)
+    )
+    x, residual, weight = torch.randn(rows, 576), torch.randn(rows, 576), torch.randn(576)
+    each = residual.clone()
+    got = layer_ops.add_rms_norm(x, residual, weight, 1e-5)
+    for t in range(rows):
+        row = each[t : t + 1].clone()
+        assert torch.equal(layer_ops.add_rms_norm(x[t : t + 1], row, weight, 1e-5)[0], got[t])
+        assert torch.equal(row[0], residual[t])
+
+
+@needs_layer_ops
 def test_rope_and_cache_matches_torch_and_writes_the_slots():
     from tokenmill.layers.rotary import RotaryEmbedding
 

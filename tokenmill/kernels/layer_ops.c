@@ -2,7 +2,8 @@
  * dozen small torch ops: residual add + RMSNorm, rotary embedding + KV-cache write, and
  * SiLU(gate) * up. float32, row-major, one row (token) at a time, so a row's result never
  * depends on the other rows of the batch. The arithmetic follows the torch reference
- * (tokenmill/layers/norm.py, rotary.py, llama.py) operation by operation.
+ * (tokenmill/layers/norm.py, rotary.py, llama.py) operation by operation. Big calls (prefill
+ * chunks) split their rows over the OpenMP threads torch uses (see parallel.h).
  */
 #include <math.h>
 #include <stdint.h>
@@ -10,9 +11,12 @@
 
 #include "fast_math.h"
 
+enum { PARALLEL_VALUES = 1 << 16 }; /* fewer values than this: one thread (no fork cost) */
+
 /* residual[t] += x[t] (when add), then out[t] = residual[t] / rms(residual[t]) * weight */
 int tm_add_rms_norm(const float *x, float *residual, const float *weight, float *out,
                     int64_t rows, int64_t size, float eps, int add) {
+#pragma omp parallel for schedule(static) if (rows * size >= PARALLEL_VALUES)
     for (int64_t t = 0; t < rows; t++) {
         const float *xt = x + t * size;
         float *rt = residual + t * size, *ot = out + t * size;
@@ -33,6 +37,7 @@ int tm_add_rms_norm(const float *x, float *residual, const float *weight, float 
 
 /* out[t, i] = silu(gate_up[t, i]) * gate_up[t, size + i] */
 int tm_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t size) {
+#pragma omp parallel for schedule(static) if (rows * size >= PARALLEL_VALUES)
     for (int64_t t = 0; t < rows; t++) {
         const float *g = gate_up + t * 2 * size, *u = g + size;
         float *o = out + t * size;
