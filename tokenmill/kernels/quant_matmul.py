@@ -60,29 +60,7 @@ def f16_matmul(
     multiply-add chain over k in order, so a row's result never depends on its batch."""
     fn = _f16_function()
     assert fn is not None, "check available() first"
-    in_features = panels.shape[1]
-    if x.shape[-1] != in_features or panels.shape[0] * PANEL < out_features:
-        raise ValueError(
-            f"f16_matmul: x has {x.shape[-1]} features, the weight {in_features} "
-            f"by {out_features} in {panels.shape[0]} panels"
-        )
-    x = x.contiguous()
-    y = x.new_empty(x.shape[0], out_features)
-    if x.shape[0] == 0:
-        return y
-    status = fn(
-        x.data_ptr(),
-        x.shape[0],
-        in_features,
-        panels.data_ptr(),
-        out_features,
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if status != 0:
-        raise RuntimeError(f"float16 matmul failed (M {x.shape[0]}, K {in_features})")
-    return y
+    return _run("float16 matmul", fn, x, panels, (panels.data_ptr(),), (), out_features, bias)
 
 
 def pack_blocks(
@@ -131,28 +109,35 @@ def quant_matmul(
     """x W^T (+ bias) with W the GGUF blocks packed by pack_blocks, float32 math."""
     fn = _function()
     assert fn is not None, "check available() first"
-    in_features = values.shape[1]
-    if x.shape[-1] != in_features or scales.shape[0] * PANEL < out_features:
+    weights = (values.data_ptr(), scales.data_ptr())
+    return _run("quantized matmul", fn, x, values, weights, (ggml_type,), out_features, bias)
+
+
+def _run(
+    what: str,
+    fn: Callable[..., int],
+    x: torch.Tensor,
+    panels: torch.Tensor,  # [panels, K, ...]: the weight's shape
+    weights: tuple[int, ...],  # the weight's pointers
+    format_args: tuple[int, ...],
+    out_features: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Check the shapes, then y [M, N] = fn(x [M, K], weights, N, format, bias) on torch's
+    thread count."""
+    in_features = panels.shape[1]
+    if x.shape[-1] != in_features or panels.shape[0] * PANEL < out_features:
         raise ValueError(
-            f"quant_matmul: x has {x.shape[-1]} features, the weight {in_features} "
-            f"by {out_features} in {scales.shape[0]} panels"
+            f"{what}: x has {x.shape[-1]} features, the weight {in_features} "
+            f"by {out_features} in {panels.shape[0]} panels"
         )
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out_features)
     if x.shape[0] == 0:
         return y
-    status = fn(
-        x.data_ptr(),
-        x.shape[0],
-        in_features,
-        values.data_ptr(),
-        scales.data_ptr(),
-        out_features,
-        ggml_type,
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
+    bias_ptr = None if bias is None else bias.data_ptr()
+    rows, threads = x.shape[0], torch.get_num_threads()
+    status = fn(x.data_ptr(), rows, in_features, *weights, out_features, *format_args, bias_ptr, y.data_ptr(), threads)  # fmt: skip
     if status != 0:
-        raise RuntimeError(f"quantized matmul failed (type {ggml_type}, K {in_features})")
+        raise RuntimeError(f"{what} failed (M {rows}, K {in_features}, format {format_args})")
     return y
