@@ -53,7 +53,7 @@ def test_max_num_seqs_caps_running():
 
 def test_finished_requests_free_blocks():
     kv = KVCacheManager(16, BS)
-    s = Scheduler(SchedulerConfig(), kv)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=2048), kv)
     r = make("a", 5, max_tokens=3)
     s.add(r)
     while s.has_unfinished:
@@ -63,7 +63,7 @@ def test_finished_requests_free_blocks():
 
 
 def test_eos_stops_and_min_tokens_delays_it():
-    s = Scheduler(SchedulerConfig(), KVCacheManager(16, BS))
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=2048), KVCacheManager(16, BS))
     r = make("a", 3, max_tokens=10)
     s.add(r)
     run_step(s, token=0)
@@ -89,7 +89,7 @@ def test_preemption_recomputes_newest_and_everything_completes():
 
 def test_abort_while_waiting_and_running_frees_blocks():
     kv = KVCacheManager(16, BS)
-    s = Scheduler(SchedulerConfig(max_num_seqs=1), kv)
+    s = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=2048), kv)
     a, b = make("a", 5), make("b", 5)
     s.add(a)
     s.add(b)
@@ -102,7 +102,7 @@ def test_abort_while_waiting_and_running_frees_blocks():
 
 def test_prefix_hit_skips_cached_tokens():
     kv = KVCacheManager(32, BS)
-    s = Scheduler(SchedulerConfig(), kv)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=2048), kv)
     a = make("a", 13, max_tokens=1)
     s.add(a)
     while s.has_unfinished:
@@ -111,3 +111,11 @@ def test_prefix_hit_skips_cached_tokens():
     s.add(b)
     out = run_step(s)
     assert b.num_cached_tokens == 12 and out.scheduled[0].num_new_tokens == 1
+
+
+def test_the_default_step_budget_depends_on_the_device():
+    from tokenmill.config import default_batched_tokens
+
+    assert SchedulerConfig().max_num_batched_tokens is None  # resolved by the engine
+    assert default_batched_tokens("cpu") == 512
+    assert default_batched_tokens("cuda") == 2048

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, default_batched_tokens
 from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import FinishReason
 from tokenmill.engine.request import Request
@@ -37,7 +38,11 @@ class EngineCore:
         self.kv_cache = KVCacheManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        scheduler_config = config.scheduler
+        if scheduler_config.max_num_batched_tokens is None:
+            budget = default_batched_tokens(self.runner.device.type)
+            scheduler_config = replace(scheduler_config, max_num_batched_tokens=budget)
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache)
         self.requests: dict[str, Request] = {}
         self._log_summary(time.perf_counter() - started)
 

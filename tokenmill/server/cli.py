@@ -163,7 +163,8 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--max-num-batched-tokens", type=int,
         default=_DEFAULTS.scheduler.max_num_batched_tokens,
-        help="token budget of one engine step: prefill chunks + decodes (default: %(default)s)",
+        help="token budget of one engine step: prefill chunks + decodes (default: 512 on a CPU, "
+        "2048 on a GPU)",
     )  # fmt: skip
     g.add_argument(
         "--kv-cache-memory", type=parse_bytes, default=None, metavar="BYTES",
