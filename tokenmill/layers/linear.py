@@ -26,6 +26,8 @@ __all__ = [
     "GGUFLinear",
     "PackedLinear",
     "QuantizationMethod",
+    "fast_fp16",
+    "fbgemm_available",
     "fits_fp16",
     "quantize_linears",
     "weight_bytes",
@@ -45,8 +47,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
         # the native panels where their vector tiles run, else fbgemm where it exists
-        fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
-        self.native = quant_matmul.vectorized() or (quant_matmul.available() and not fbgemm)
+        self.native = quant_matmul.vectorized() or not fbgemm_available()
         if self.native:
             self.panels = quant_matmul.pack_f16(weight)
             self.bias = bias
@@ -113,6 +114,16 @@ def gguf_linear(
 
 
 _FP16_MAX = 65504.0
+
+
+def fbgemm_available() -> bool:
+    """Whether this PyTorch build has fbgemm (x86 CPUs) for its float16 GEMM."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def fast_fp16() -> bool:
+    """Whether a fast float16 matmul runs here: the native vector tiles, or fbgemm."""
+    return quant_matmul.vectorized() or fbgemm_available()
 
 
 def fits_fp16(weight: torch.Tensor) -> bool:

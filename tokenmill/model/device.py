@@ -11,6 +11,7 @@ from tokenmill.config import CacheConfig
 from tokenmill.config import Quantization as QuantizationMethod
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels import quant_matmul
+from tokenmill.layers.linear import fast_fp16
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ def resolve_quantization(
         return None
     if file_format == "gguf" and quant_matmul.vectorized():
         return "gguf"
-    fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
-    return "fp16" if fbgemm or quant_matmul.vectorized() else None
+    return "fp16" if fast_fp16() else None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -19,6 +19,7 @@ from tokenmill.layers.linear import (
     GGUFLinear,
     PackedLinear,
     QuantizationMethod,
+    fast_fp16,
     fits_fp16,
     gguf_linear,
     quantize_linears,
@@ -254,9 +255,8 @@ class LlamaForCausalLM(nn.Module):
             return
         if quantization == "gguf":
             kept = self._keep_gguf_blocks(blocks)
-            # whatever was not kept: float16-packed where fbgemm runs, else float32
-            fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
-            quantization = "fp16" if fbgemm else None
+            # whatever was not kept: float16-packed where a fast kernel runs, else float32
+            quantization = "fp16" if fast_fp16() else None
             if kept:
                 logger.info("weights: %d linear layers kept as GGUF blocks", kept)
         if quantization is not None:

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels import quant_matmul
-from tokenmill.layers.linear import QuantizationMethod
+from tokenmill.layers.linear import QuantizationMethod, fbgemm_available
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.loader import ModelSource
 
@@ -62,7 +62,7 @@ def _check_quantization(
                 "TOKENMILL_NATIVE_KERNELS not 0)"
             )
         return
-    if "fbgemm" not in torch.backends.quantized.supported_engines and not quant_matmul.available():
+    if not (fbgemm_available() or quant_matmul.available()):
         raise ModelLoadError(
             f"quantization {quantization!r} needs the native kernels (a C compiler) or "
             "PyTorch's fbgemm backend (x86 CPUs); neither is here"
