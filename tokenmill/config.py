@@ -26,7 +26,7 @@ class ModelConfig:
     seed: int = 0  # seed for requests that give none
     max_logprobs: int = 20  # most logprobs/prompt_logprobs a request may ask for (vLLM's default)
     # "gguf": a GGUF file's own quantized blocks (Q4_1, Q8_0; other types as fp16) through
-    # the native kernel, float32 math (a third of fp16's weight memory; 1.4x fp16's speed at
+    # the native kernel, float32 math (a third of fp16's weight memory; ~1.35x fp16's speed at
     # batch 1, ~1.1x at batch 32 on AVX2). "fp16": float16 weights, float32 math (half the
     # weight bytes: ~2x faster decode than float32 weights; greedy output matched float32 in
     # tests, logits within 0.1). Both CPU + float32 only. "none": exact weights in `dtype`.

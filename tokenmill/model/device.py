@@ -36,7 +36,7 @@ def resolve_quantization(
 ) -> QuantizationMethod | None:
     """The weight format: as asked ("gguf", "fp16", or "none" for the dtype's own weights),
     else, where `dtype` is auto on a CPU: "gguf" for a GGUF file when the native kernels'
-    vector tiles run (the file's own blocks: a third of fp16's bytes, 1.4x fp16 at batch 1,
+    vector tiles run (the file's own blocks: a third of fp16's bytes, ~1.35x fp16 at batch 1,
     ~1.1x at 32), else "fp16" where a fast float16 kernel runs (native or fbgemm: ~2x
     float32 weights at batch 1; docs/benchmarks.md). A pinned dtype stays exact."""
     if quantization == "none":

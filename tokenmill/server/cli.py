@@ -143,7 +143,7 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "-q", "--quantization", choices=get_args(QuantizationSetting), default=None,
         help="weight format (CPU, float32 math): gguf = a GGUF file's own Q4_1/Q8_0 blocks "
-        "through the native kernel (a third of fp16's weight memory, 1.4x fp16's decode speed "
+        "through the native kernel (a third of fp16's weight memory, ~1.35x fp16's decode speed "
         "at batch 1), fp16 = float16 weights (~2x faster decode than float32; greedy output "
         "matched float32 in tests), none = the dtype's own weights (default, when --dtype is "
         "auto on a CPU: gguf for a .gguf file, else fp16)",
