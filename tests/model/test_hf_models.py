@@ -56,3 +56,24 @@ def test_prefill_logits_and_greedy_tokens_match(tiny_hf_model_dir, case):
     core.finish("probe", "abort")
     if model_type == "mistral":
         assert core.max_model_len == 256  # capped at the sliding window
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3"])
+def test_decode_steps_in_one_native_call_only_where_the_layers_allow(tiny_hf_model_dir, case):
+    """fp16 Llama layers run a decode step in one native call (kernels/decode_step.c), with
+    the layer-by-layer path's exact tokens; Qwen2's biases and Qwen3's q/k norms keep the
+    layer-by-layer path."""
+    from tokenmill.kernels import quant_matmul
+
+    if not quant_matmul.vectorized():
+        pytest.skip("fp16 runs on fbgemm here: no native panels to fuse")
+    model_type, config = CASES[case]
+    directory = tiny_hf_model_dir(model_type, **config)
+    llm = LLM(str(directory), device="cpu", kv_cache_memory=16 << 20, quantization="fp16")
+    model = llm.engine.core.runner.model
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    fused = llm.generate([PROMPT], greedy)[0].outputs[0].token_ids
+    assert model._decode_layers is not None
+    assert (model._decode_layers[1] is not None) == (case == "llama")
+    model.fused_decode = False
+    assert llm.generate([PROMPT], greedy)[0].outputs[0].token_ids == fused

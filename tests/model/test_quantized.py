@@ -169,3 +169,54 @@ def test_gguf_greedy_tokens_and_logits_match_float32(gguf_llm, fp32_llm):
 def test_gguf_batched_equals_alone(gguf_llm):
     alone = [token_ids(gguf_llm.generate([p], GREEDY))[0] for p in PROMPTS]
     assert token_ids(gguf_llm.generate(PROMPTS, GREEDY)) == alone
+
+
+def generate_fused_and_layered(llm: LLM, prompts: list[str], params: SamplingParams):
+    """(outputs with decode steps in one native call, outputs layer by layer, fused calls)."""
+    from tokenmill.kernels import decode_step
+
+    model = llm.engine.core.runner.model
+    calls = 0
+    original = decode_step.DecodeLayers.__call__
+
+    def counted(self, *args):
+        nonlocal calls
+        calls += 1
+        return original(self, *args)
+
+    decode_step.DecodeLayers.__call__ = counted
+    try:
+        fused = llm.generate(prompts, params)
+        model.fused_decode = False
+        layered = llm.generate(prompts, params)
+    finally:
+        model.fused_decode = True
+        decode_step.DecodeLayers.__call__ = original
+    return fused, layered, calls
+
+
+def assert_same_tokens_and_logprobs(a, b) -> None:
+    assert token_ids(a) == token_ids(b)
+    for x, y in zip(a, b, strict=True):
+        for step_x, step_y in zip(x.outputs[0].logprobs, y.outputs[0].logprobs, strict=True):
+            assert {t: p.logprob for t, p in step_x.items()} == {
+                t: p.logprob for t, p in step_y.items()
+            }
+
+
+LOGPROBS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, len(PROMPTS)])
+def test_gguf_decode_step_in_one_call_is_bit_identical_to_layer_by_layer(gguf_llm, batch):
+    fused, layered, calls = generate_fused_and_layered(gguf_llm, PROMPTS[:batch], LOGPROBS)
+    assert calls >= LOGPROBS.max_tokens - 2  # decode-only steps took the native call
+    assert_same_tokens_and_logprobs(fused, layered)
+
+
+@pytest.mark.skipif(not quant_matmul.vectorized(), reason="fp16 runs on fbgemm here")
+def test_fp16_decode_step_in_one_call_is_bit_identical_to_layer_by_layer(fp16_llm):
+    fused, layered, calls = generate_fused_and_layered(fp16_llm, PROMPTS[:3], LOGPROBS)
+    assert calls >= LOGPROBS.max_tokens - 2
+    assert_same_tokens_and_logprobs(fused, layered)

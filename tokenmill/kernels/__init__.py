@@ -73,7 +73,8 @@ def _build(name: str) -> Path:
     source = Path(__file__).with_name(f"{name}.c")
     compiler = _compiler()
     key = hashlib.sha256()
-    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    # every header and source beside it: a kernel may include another's source
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.[ch]")) if h != source]
     flags = " ".join([*_FLAGS, _OPENMP])
     for part in (source.read_bytes(), *headers, flags.encode(), compiler.encode()):
         key.update(part)

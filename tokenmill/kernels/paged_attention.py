@@ -27,6 +27,13 @@ def supports(cache: torch.Tensor) -> bool:
     return cache.device.type == "cpu" and cache.dtype == torch.float32 and available()
 
 
+def attention_threads(num_heads: int, lens: torch.Tensor) -> int:
+    """Threads for one call: one per _MIN_WORK_PER_THREAD (query head x key) pairs, at most
+    torch's thread count."""
+    work = num_heads * int(lens.sum())
+    return max(1, min(torch.get_num_threads(), work // _MIN_WORK_PER_THREAD))
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H, D] float32
     k_cache: torch.Tensor,  # [S, Hkv, D]
@@ -40,8 +47,7 @@ def paged_decode_attention(
     q = q.contiguous()
     batch, num_heads, head_dim = q.shape
     out = torch.empty_like(q)
-    work = num_heads * int(lens.sum())
-    threads = max(1, min(torch.get_num_threads(), work // _MIN_WORK_PER_THREAD))
+    threads = attention_threads(num_heads, lens)
     status = fn(
         q.data_ptr(),
         k_cache.data_ptr(),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.kernels import layer_ops
+from tokenmill.kernels import decode_step, layer_ops
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.layers.linear import (
     BlockLookup,
@@ -164,6 +164,17 @@ class DecoderLayer(nn.Module):
         return self.mlp(h, native), residual
 
 
+def _kernel_projection(linear: nn.Module) -> decode_step.Projection | None:
+    """A bias-free projection in the native kernel's panels, as decode_step reads it."""
+    if isinstance(linear, GGUFLinear) and linear.bias is None:
+        return decode_step.Projection(
+            linear.values, linear.scales, linear.ggml_type, linear.out_features
+        )
+    if isinstance(linear, PackedLinear) and linear.native and linear.bias is None:
+        return decode_step.Projection(linear.panels, None, 0, linear.out_features)
+    return None
+
+
 _HEAD_T_MAX_ROWS = 3  # logits rows up to which torch.mm(x, head_t) beats F.linear (measured)
 
 # Checkpoint projections that are stored apart and fused here: name -> (fused name, shard index).
@@ -209,6 +220,9 @@ class LlamaForCausalLM(nn.Module):
         )
         # element-wise work in native kernels (tokenmill/kernels/layer_ops.c): CPU float32 only
         self.native_kernels = False
+        # decode-only steps in one native call (kernels/decode_step.c) where the layers allow
+        self.fused_decode = True
+        self._decode_layers: tuple[object, decode_step.DecodeLayers | None] | None = None
         self.head_t: torch.Tensor | None = None  # [C, V], see prepare_for_decode
         self.packed_head: PackedLinear | GGUFLinear | None = None  # quantized output projection
 
@@ -220,11 +234,54 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, C]
         x = self.embed_tokens(input_ids)
+        if self.native_kernels and meta.num_decodes == len(x) and meta.decode_lens is not None:
+            decode_layers = self._decode_layers_for(kv_caches, meta.block_size)
+            if decode_layers is not None:
+                assert meta.decode_tables is not None
+                before = decode_layers(
+                    x, positions, meta.slot_mapping, meta.decode_tables, meta.decode_lens
+                )
+                return x + before
         rotary = self.rotary.cos_sin_for(positions, x.dtype)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, rotary, kv_cache, meta, self.native_kernels)
         return x if residual is None else x + residual
+
+    def _decode_layers_for(
+        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int
+    ) -> decode_step.DecodeLayers | None:
+        """The layers as one native call over these caches, or None where it cannot run
+        (switched off, no library, biases, q/k norms, weights not in the kernel's panels)."""
+        if self._decode_layers is None or self._decode_layers[0] is not kv_caches:
+            self._decode_layers = (kv_caches, self._build_decode_layers(kv_caches, block_size))
+        return self._decode_layers[1] if self.fused_decode else None
+
+    def _build_decode_layers(
+        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int
+    ) -> decode_step.DecodeLayers | None:
+        if not decode_step.available() or self.rotary.cos_sin is None:
+            return None
+        weights = []
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, o, gate_up, down = (
+                _kernel_projection(m)
+                for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            )
+            if qkv is None or o is None or gate_up is None or down is None:
+                return None
+            if attn.q_norm is not None:
+                return None
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            weights.append(decode_step.LayerWeights(*norms, qkv, o, gate_up, down))
+        cfg = self.config
+        return decode_step.DecodeLayers(
+            weights, kv_caches, hidden=cfg.hidden_size, num_heads=cfg.num_heads,
+            intermediate=cfg.intermediate_size, eps=cfg.rms_norm_eps,
+            cos_sin=self.rotary.cos_sin, block_size=block_size,
+        )  # fmt: skip
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, C] of the rows that sample -> float32 logits [N, V]."""
