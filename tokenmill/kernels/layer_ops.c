@@ -11,7 +11,7 @@
 
 #include "fast_math.h"
 
-enum { PARALLEL_VALUES = 1 << 16 }; /* fewer values than this: one thread (no fork cost) */
+enum { PARALLEL_VALUES = 1 << 14 }; /* fewer values than this: one thread (no fork cost) */
 
 /* residual[t] += x[t] (when add), then out[t] = residual[t] / rms(residual[t]) * weight */
 int tm_add_rms_norm(const float *x, float *residual, const float *weight, float *out,

@@ -42,6 +42,88 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* each of `rows` rows of L scores -> its softmax, in place */
+static void softmax_rows(float *scores, int64_t rows, int64_t L) {
+    for (int64_t qh = 0; qh < rows; qh++) {
+        float *sg = scores + qh * L, m = -INFINITY, sum = 0.0f;
+        for (int64_t l = 0; l < L; l++) m = sg[l] > m ? sg[l] : m;
+        for (int64_t l = 0; l < L; l++) {
+            sg[l] = tm_exp(sg[l] - m);
+            sum += sg[l];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t l = 0; l < L; l++) sg[l] *= inv;
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VECTOR_HEADS 1 /* head sizes that are a multiple of 8 take the AVX2 loops below */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* scores[l] = q . k[l] * scale for keys k[0..R) of one block (R consecutive slots, `row`
+ * floats apart): one accumulator per key, so a key's score is the same whichever R. */
+INLINE void key_scores(const float *q, const float *k, int64_t row, int64_t D, float scale,
+                       float *scores, const int R) {
+    __m256 acc[8];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qd = _mm256_loadu_ps(q + d);
+        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + r * row + d), acc[r]);
+    }
+    for (int r = 0; r < R; r++) scores[r] = sum8(acc[r]) * scale;
+}
+
+/* out[d0 .. d0 + 8 NV) = sum over the L keys of p[l] v[l] for one head */
+INLINE void weighted_values(const Job *j, const int64_t *table, int64_t L, const float *p,
+                            int64_t offset, float *out, const int NV) {
+    const int64_t bs = j->block_size, row = j->num_kv_heads * j->head_dim;
+    __m256 acc[8];
+    for (int c = 0; c < NV; c++) acc[c] = _mm256_setzero_ps();
+    for (int64_t start = 0; start < L; start += bs) {
+        const int64_t n = L - start < bs ? L - start : bs;
+        const float *v = j->v_cache + table[start / bs] * bs * row + offset;
+        for (int64_t i = 0; i < n; i++, v += row) {
+            const __m256 w = _mm256_broadcast_ss(p + start + i);
+            for (int c = 0; c < NV; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+        }
+    }
+    for (int c = 0; c < NV; c++) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
+/* run_item for a head size that is a multiple of 8: the scores of 8 keys at a time, and
+ * each head's output accumulated in registers over the keys */
+static void vector_item(const Job *j, const int64_t *table, int64_t h0, int64_t heads,
+                        int64_t L, const float *q, float *scores, float *out) {
+    const int64_t Hkv = j->num_kv_heads, D = j->head_dim, bs = j->block_size, row = Hkv * D;
+    const int64_t G = j->num_heads / Hkv;
+    for (int64_t qh = 0; qh < heads; qh++) {
+        const int64_t kv = h0 + qh / G;
+        for (int64_t start = 0; start < L; start += bs) {
+            const int64_t n = L - start < bs ? L - start : bs;
+            const float *k = j->k_cache + table[start / bs] * bs * row + kv * D;
+            float *sc = scores + qh * L + start;
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) key_scores(q + qh * D, k + i * row, row, D, j->scale, sc + i, 8);
+            for (; i < n; i++) key_scores(q + qh * D, k + i * row, row, D, j->scale, sc + i, 1);
+        }
+    }
+    softmax_rows(scores, heads, L);
+    for (int64_t qh = 0; qh < heads; qh++) {
+        const int64_t kv = h0 + qh / G;
+        int64_t d = 0;
+        for (; d + 64 <= D; d += 64) weighted_values(j, table, L, scores + qh * L, kv * D + d, out + qh * D + d, 8);
+        for (; d < D; d += 8) weighted_values(j, table, L, scores + qh * L, kv * D + d, out + qh * D + d, 1);
+    }
+}
+#endif
+
 /* Item = (sequence b, kv heads [h0, h1)): reading every head of a slot together reads
  * each cache row once, front to back. */
 static int run_item(const Job *j, int64_t b, int64_t h0, int64_t h1, float *scores,
@@ -52,6 +134,12 @@ static int run_item(const Job *j, int64_t b, int64_t h0, int64_t h1, float *scor
     const int64_t *table = j->tables + b * j->max_blocks;
     const float *q = j->q + (b * j->num_heads + h0 * G) * D;
     float *out = j->out + (b * j->num_heads + h0 * G) * D;
+#ifdef VECTOR_HEADS
+    if (D % 8 == 0) {
+        vector_item(j, table, h0, heads, L, q, scores, out);
+        return 0;
+    }
+#endif
     const int64_t row = Hkv * D; /* floats between consecutive slots */
 
     /* scores[qh * L + l], qh = query head relative to h0 * G */
@@ -62,16 +150,7 @@ static int run_item(const Job *j, int64_t b, int64_t h0, int64_t h1, float *scor
             for (int64_t qh = 0; qh < heads; qh++)
                 scores[qh * L + start + i] = dot(q + qh * D, k + (qh / G) * D, D) * j->scale;
     }
-    for (int64_t qh = 0; qh < heads; qh++) {
-        float *sg = scores + qh * L, m = -INFINITY, sum = 0.0f;
-        for (int64_t l = 0; l < L; l++) m = sg[l] > m ? sg[l] : m;
-        for (int64_t l = 0; l < L; l++) {
-            sg[l] = tm_exp(sg[l] - m);
-            sum += sg[l];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t l = 0; l < L; l++) sg[l] *= inv;
-    }
+    softmax_rows(scores, heads, L);
     memset(out, 0, sizeof(float) * heads * D);
     for (int64_t start = 0; start < L; start += bs) {
         const int64_t n = L - start < bs ? L - start : bs;

@@ -11,7 +11,7 @@ from tokenmill.kernels import function
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 # below this many (query head x key) pairs one thread beats starting another
-_MIN_WORK_PER_THREAD = 16384
+_MIN_WORK_PER_THREAD = 1024
 
 
 def _function() -> Callable[..., int] | None:

@@ -139,7 +139,7 @@ class ModelRunner:
         prefills = [s for s in scheduled if not (s.num_new_tokens == 1 and s.start > 0)]
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[torch.Tensor] = []
+        slots: list[int] = []  # the cache slot of each new token
         sample_rows: list[int] = []
         sampling: list[Request] = []
         chunks: list[PrefillChunk] = []
@@ -147,14 +147,13 @@ class ModelRunner:
         bs = self.block_size
         for is_prefill, item in [(False, d) for d in decodes] + [(True, p) for p in prefills]:
             request, start, n = item.request, item.start, item.num_new_tokens
-            table = torch.tensor(block_tables[request.request_id], dtype=torch.long)
-            ctx_slots = (table[:, None] * bs + torch.arange(bs)).flatten()[: start + n]
+            table = block_tables[request.request_id]
             row = len(ids)
             ids.extend(request.token_ids[start : start + n])
             positions.extend(range(start, start + n))
-            slots.append(ctx_slots[start:])
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             if is_prefill:
-                chunks.append(self._prefill_chunk(row, start, n, ctx_slots))
+                chunks.append(self._prefill_chunk(row, start, n, table))
             if request.params.prompt_logprobs is not None:
                 prompt_chunks.append(PromptChunk(request, row, start, n))
             if item.samples:
@@ -162,7 +161,7 @@ class ModelRunner:
                 sampling.append(request)
         device = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decodes=len(decodes),
             decode_slots=None,
             decode_mask=None,
@@ -182,9 +181,12 @@ class ModelRunner:
             prompt_chunks=prompt_chunks,
         )
 
-    def _prefill_chunk(self, row: int, start: int, n: int, ctx_slots: torch.Tensor) -> PrefillChunk:
+    def _prefill_chunk(self, row: int, start: int, n: int, table: list[int]) -> PrefillChunk:
         if start == 0:
             return PrefillChunk(row, n, None, None)
+        bs = self.block_size
+        blocks = torch.tensor(table, dtype=torch.long)
+        ctx_slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()[: start + n]
         query_pos = torch.arange(start, start + n)[:, None]
         mask = torch.arange(start + n)[None, :] <= query_pos  # [n, ctx] causal with offset
         return PrefillChunk(row, n, ctx_slots.to(self.device), mask.to(self.device))
