@@ -120,6 +120,21 @@ INLINE void store_tile(const Matmul *p, int64_t m, int64_t panel, const int R, c
     }
 }
 
+/* bytes of one panel's 16 weights at one k */
+INLINE int64_t weight_bytes(const int src) { return src == SRC_F16 ? 32 : src == SRC_Q4_1 ? 8 : 16; }
+
+/* Batches of 1-2 rows read the weights once, faster than the hardware prefetcher fetches
+ * them: ask for the line PREFETCH_BYTES ahead in the panel (and the next block's scales),
+ * measured ~10% off a batch-1 matmul over weights out of cache. */
+enum { PREFETCH_BYTES = 512 };
+INLINE void prefetch(const Matmul *p, int64_t panel, int64_t k, const int src) {
+    _mm_prefetch((const char *)p->w + (panel * p->K + k) * weight_bytes(src) + PREFETCH_BYTES, _MM_HINT_T0);
+    if (src != SRC_F16 && (k & (QBLOCK - 1)) == 0) {
+        const uint16_t *sc = p->scales + (panel * (p->K / QBLOCK) + k / QBLOCK) * scale_rows(src) * PANEL;
+        _mm_prefetch((const char *)sc + PREFETCH_BYTES / 4, _MM_HINT_T0);
+    }
+}
+
 /* R rows (from m) by P panels (from panel), weights converted in registers */
 INLINE void tile_in_registers(const Matmul *p, int64_t m, int64_t panel, const int R,
                               const int P, const int src) {
@@ -134,6 +149,8 @@ INLINE void tile_in_registers(const Matmul *p, int64_t m, int64_t panel, const i
             for (int pp = 0; pp < P; pp++) block_scales(p, panel + pp, k0 / QBLOCK, src, dm[pp]);
         for (int64_t k = k0; k < k0 + step; k++) {
             __m256 w[8];
+            if (R <= 2 && (k & (64 / weight_bytes(src) - 1)) == 0) /* a cache line per panel */
+                for (int pp = 0; pp < P; pp++) prefetch(p, panel + pp, k, src);
             for (int pp = 0; pp < P; pp++)
                 weights_at(p, panel + pp, k, src, dm[pp], &w[2 * pp], &w[2 * pp + 1]);
             for (int r = 0; r < R; r++) {
