@@ -49,16 +49,18 @@ int tm_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t size) {
 /* One step's rows of qkv [T, (H + 2 Hkv) * D] (q | k | v): q and k rotated by their
  * token's position ("rotate half" layout, table cos_sin [P, 2, D]) into q_out [T, H, D]
  * and k_out [T, Hkv, D]; k and v also written to the caches [S, Hkv, D] at slots[t].
- * Returns 1 (writing nothing more) on a position or slot out of range. */
+ * Returns 1 (writing nothing) on a position or slot out of range. */
 int tm_rope_and_cache(const float *qkv, const float *cos_sin, const int64_t *positions,
                       const int64_t *slots, float *q_out, float *k_out, float *k_cache,
                       float *v_cache, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
                       int64_t head_dim, int64_t num_positions, int64_t num_slots) {
     const int64_t D = head_dim, half = D / 2, width = (num_heads + 2 * num_kv_heads) * D;
-    for (int64_t t = 0; t < rows; t++) {
+    for (int64_t t = 0; t < rows; t++)
         if (positions[t] < 0 || positions[t] >= num_positions || slots[t] < 0 ||
             slots[t] >= num_slots)
             return 1;
+#pragma omp parallel for schedule(static) if (rows * width >= PARALLEL_VALUES)
+    for (int64_t t = 0; t < rows; t++) {
         const float *row = qkv + t * width;
         const float *cos = cos_sin + positions[t] * 2 * D, *sin = cos + D;
         for (int64_t h = 0; h < num_heads + num_kv_heads; h++) {
