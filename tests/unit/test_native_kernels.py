@@ -159,6 +159,28 @@ def test_threaded_element_wise_calls_equal_row_by_row():
 
 
 @needs_layer_ops
+def test_threaded_rope_and_cache_equals_row_by_row():
+    from tokenmill.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(8)
+    heads, kv_heads, dim, rows = 9, 3, 64, 200  # 200 x 960 values: past the one-thread limit
+    rotary = RotaryEmbedding(dim, 512, 10000.0, None)
+    rotary.build(torch.device("cpu"))
+    positions, slots = torch.randperm(512)[:rows], torch.randperm(1024)[:rows]
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim)
+    caches = torch.zeros(1024, kv_heads, dim), torch.zeros(1024, kv_heads, dim)
+    q, k = layer_ops.rope_and_cache(qkv, rotary.cos_sin, positions, slots, *caches, heads)
+    alone = torch.zeros(1024, kv_heads, dim), torch.zeros(1024, kv_heads, dim)
+    for t in range(rows):
+        row = slice(t, t + 1)
+        q_t, k_t = layer_ops.rope_and_cache(
+            qkv[row], rotary.cos_sin, positions[row], slots[row], *alone, heads
+        )
+        assert torch.equal(q_t[0], q[t]) and torch.equal(k_t[0], k[t])
+    assert torch.equal(alone[0], caches[0]) and torch.equal(alone[1], caches[1])
+
+
+@needs_layer_ops
 def test_rope_and_cache_matches_torch_and_writes_the_slots():
     from tokenmill.layers.rotary import RotaryEmbedding
 
@@ -189,18 +211,19 @@ def test_rope_and_cache_rejects_out_of_range_positions_and_slots():
     rotary = RotaryEmbedding(64, 16, 10000.0, None)
     rotary.build(torch.device("cpu"))
     cache = torch.zeros(8, 1, 64)
-    qkv = torch.zeros(1, 3 * 64)
+    qkv = torch.ones(2, 3 * 64)
     for position, slot in [(16, 0), (0, 8), (-1, 0)]:
         with pytest.raises(IndexError):
             layer_ops.rope_and_cache(
                 qkv,
                 rotary.cos_sin,
-                torch.tensor([position]),
-                torch.tensor([slot]),
+                torch.tensor([1, position]),  # a good row first: nothing is written at all
+                torch.tensor([1, slot]),
                 cache,
-                cache.clone(),
+                cache,
                 1,
             )
+        assert not cache.any()
 
 
 needs_quant = pytest.mark.skipif(not quant_matmul.available(), reason="no C compiler")
