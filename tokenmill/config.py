@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # weight formats of tokenmill/layers/linear.py (CPU only); "none" = the dtype's own weights
-Quantization = Literal["gguf", "fp16"]
-QuantizationSetting = Literal["gguf", "fp16", "none"]
+Quantization = Literal["gguf", "gguf-float32", "fp16"]
+QuantizationSetting = Literal["gguf", "gguf-float32", "fp16", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 # the grammar backends of tokenmill/structured (its BACKENDS registry; a unit test keeps them equal)
 GuidedDecodingBackend = Literal["xgrammar", "outlines", "lm-format-enforcer"]
@@ -26,10 +26,13 @@ class ModelConfig:
     seed: int = 0  # seed for requests that give none
     max_logprobs: int = 20  # most logprobs/prompt_logprobs a request may ask for (vLLM's default)
     # "gguf": a GGUF file's own quantized blocks (Q4_1, Q8_0; other types as fp16) through
-    # the native kernel, float32 math (a third of fp16's weight memory; ~1.35x fp16's speed at
-    # batch 1, ~1.1x at batch 32 on AVX2). "fp16": float16 weights, float32 math (half the
-    # weight bytes: ~2x faster decode than float32 weights; greedy output matched float32 in
-    # tests, logits within 0.1). Both CPU + float32 only. "none": exact weights in `dtype`.
+    # the native kernel with activations quantized to int8 per 32-value block and integer
+    # dot products (llama.cpp's numerics; a third of fp16's weight memory, matmuls ~1.8x
+    # float32 activations' at batch 32). "gguf-float32": the same blocks, float32
+    # activations (logits equal the dequantized model's within 2e-3). "fp16": float16
+    # weights, float32 math (half the weight bytes: ~2x faster decode than float32 weights;
+    # greedy output matched float32 in tests, logits within 0.1). All CPU + float32 only.
+    # "none": exact weights in `dtype`.
     # None (auto), when dtype is auto on a CPU: gguf for a GGUF file, else fp16 (where the
     # kernels run; see model/device.py: resolve_quantization), else none.
     quantization: QuantizationSetting | None = None

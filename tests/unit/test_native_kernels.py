@@ -274,6 +274,70 @@ def test_quant_matmul_matches_the_dequantized_weights(ggml_type, rows, out_featu
         torch.set_num_threads(threads)
 
 
+def int8_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x quantized to int8 per 32-value block (q = round(x * 127 / max|x|), d = max|x| / 127)
+    and dequantized, times the weight: the int8 kernel's result up to float rounding."""
+    rows, in_features = x.shape
+    blocks = x.view(rows, in_features // 32, 32)
+    top = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
+    q = torch.round(blocks * inv)
+    assert q.abs().max() <= 127
+    return (q * (top / 127)).view(rows, in_features) @ weight.t()
+
+
+@needs_quant
+@pytest.mark.parametrize("ggml_type", [quant_matmul.GGML_Q4_1, quant_matmul.GGML_Q8_0])
+@pytest.mark.parametrize(
+    ("rows", "out_features", "in_features"),
+    [(1, 7, 64), (2, 40, 96), (5, 96, 160), (9, 33, 576), (33, 64, 32), (50, 17, 64)],
+)
+def test_int8_activations_match_the_quantized_reference(ggml_type, rows, out_features, in_features):
+    torch.manual_seed(7)
+    blocks = gguf_blocks(torch.randn(out_features, in_features) * 0.1, ggml_type)
+    values, scales = quant_matmul.pack_blocks(blocks, ggml_type, in_features, True)
+    x, bias = torch.randn(rows, in_features), torch.randn(out_features)
+    weight = dequantized(blocks, ggml_type)
+    got = quant_matmul.quant_matmul(x, values, scales, ggml_type, out_features, bias, True)
+    want = int8_reference(x, weight) + bias
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # and near the float32 product: the activations' rounding is ~0.4% of a block's maximum
+    torch.testing.assert_close(got, x @ weight.t() + bias, atol=0.1, rtol=0.05)
+    # every tile (1 row x 2 panels, 1-4 rows x 1 panel) gives a row the same floats
+    for start in range(rows):
+        for size in (1, 2, 3, 4, 5):
+            part = x[start : start + size]
+            alone = quant_matmul.quant_matmul(part, values, scales, ggml_type, out_features, bias, True)  # fmt: skip
+            assert torch.equal(alone, got[start : start + size])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = quant_matmul.quant_matmul(x, values, scales, ggml_type, out_features, bias, True)
+        assert torch.equal(one, got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_quant
+@pytest.mark.parametrize("ggml_type", [quant_matmul.GGML_Q4_1, quant_matmul.GGML_Q8_0])
+def test_int8_activations_do_not_overflow_at_the_extremes(ggml_type):
+    """Every weight and activation at its largest magnitude, all products of one sign: the
+    16-bit partial sums (Q4_1: 16 products of 15 x 127 per lane; Q8_0: pairs of 127 x 127)
+    stay below 32767, so nothing saturates."""
+    in_features = 128
+    weight = torch.ones(16, in_features)
+    weight[:, ::32] = 0.0  # Q4_1: m = 0, d = 1/15, so the ones are nibbles of 15
+    weight[8:] *= -1.0  # Q8_0: -127
+    blocks = gguf_blocks(weight, ggml_type)
+    values, scales = quant_matmul.pack_blocks(blocks, ggml_type, in_features, True)
+    largest = 15 if ggml_type == quant_matmul.GGML_Q4_1 else 127
+    assert (values.view(torch.int8).abs() if largest == 127 else values & 15).max() == largest
+    x = torch.stack([torch.full((in_features,), 3.0), torch.full((in_features,), -3.0)])
+    got = quant_matmul.quant_matmul(x, values, scales, ggml_type, 16, None, True)
+    want = x @ dequantized(blocks, ggml_type).t()
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-5)
+
+
 @needs_quant
 def test_quant_matmul_rejects_what_it_cannot_read():
     blocks = torch.zeros(4, 18, dtype=torch.uint8)
@@ -370,7 +434,11 @@ def test_portable_build_computes_the_same_chains(tmp_path):
     )
     assert torch.equal(got, quant_matmul.f16_matmul(x, panels, 40))
     for ggml_type in (quant_matmul.GGML_Q4_1, quant_matmul.GGML_Q8_0):
-        values, scales = quant_matmul.pack_blocks(gguf_blocks(weight, ggml_type), ggml_type, 64)
-        args = (values.data_ptr(), scales.data_ptr(), 40, ggml_type, None, got.data_ptr(), 2)
-        assert lib.tm_quant_matmul(x.data_ptr(), 7, 64, *args) == 0
-        assert torch.equal(got, quant_matmul.quant_matmul(x, values, scales, ggml_type, 40))
+        for int8 in (False, True):
+            blocks = gguf_blocks(weight, ggml_type)
+            values, scales = quant_matmul.pack_blocks(blocks, ggml_type, 64, int8)
+            kernel_type = ggml_type | (quant_matmul.INT8_ACTIVATIONS if int8 else 0)
+            args = (values.data_ptr(), scales.data_ptr(), 40, kernel_type, None, got.data_ptr(), 2)
+            assert lib.tm_quant_matmul(x.data_ptr(), 7, 64, *args) == 0
+            want = quant_matmul.quant_matmul(x, values, scales, ggml_type, 40, None, int8)
+            assert torch.equal(got, want)

@@ -11,6 +11,17 @@
  * buffer that 6-row tiles share. Both produce the same floats, so no result depends on the
  * batch around its row (nor on the thread count, nor on the build: the portable scalar
  * path runs the same chains). Work is split over panels across threads (parallel.h).
+ *
+ * With int8 activations (type | DOT, llama.cpp's route), x is quantized per row and
+ * 32-value block, q = nearbyint(x * 127 / max|x|), d = max|x| / 127, s = d * sum(q), and the
+ * weights' values are stored in dot-product order, 8 columns per 32-byte vector:
+ *   Q4_1: [panels][K/32][2][4][32] bytes: in vector v of group g, byte 4c + i holds column
+ *         8g + c's block values 4v + i (low nibble) and 16 + 4v + i (high nibble);
+ *   Q8_0: [panels][K/32][2][8][32] int8: vector j of group g, byte 4c + i = column 8g + c's
+ *         block value 4j + i;
+ *   scales as above. Every output is y = fma(float(sum q_w q_x), d_w * d_x, y), then for
+ * Q4_1 y = fma(m_w, s_x, y), block after block in order; the integer sums are exact, so
+ * again no result depends on the tile, the batch or the build.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -57,6 +68,7 @@ enum { PANEL = 16, QBLOCK = 32 };
  * x stay in L2 while a thread's panels pass */
 enum { IN_REGISTERS = 4, ROWS_PER_BLOCK = 48 };
 enum { SRC_F16, SRC_Q4_1, SRC_Q8_0 };                    /* weight formats */
+enum { DOT = 256 }; /* type flag: int8 activations, values in dot-product order */
 
 typedef struct {
     const float *x;
@@ -66,6 +78,9 @@ typedef struct {
     int64_t M, K, N, panels;
     int64_t next; /* the first panel no thread has taken yet */
     int src, status;
+    /* int8 activations (DOT): x quantized, [M][K] values, [M][K/32] d and s */
+    const int8_t *xq;
+    const float *xd, *xs;
 } Matmul;
 
 static inline int64_t scale_rows(int src) { return src == SRC_Q4_1 ? 2 : 1; }
@@ -231,6 +246,125 @@ INLINE void run_panels(const Matmul *p, int64_t begin, int64_t end, const int sr
     }
 }
 
+/* ---- int8 activations (DOT) ---- */
+
+/* x [blocks][32] -> q, d, s per block (the header's formula; cvtps rounds to nearest even,
+ * as nearbyintf does in the portable path) */
+static void quantize_blocks(const float *x, int64_t blocks, int8_t *q, float *d, float *s) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *v = x + b * QBLOCK;
+        __m256 a[4];
+        for (int i = 0; i < 4; i++) a[i] = _mm256_loadu_ps(v + 8 * i);
+        __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a[0]), _mm256_andnot_ps(sign, a[1])),
+                                    _mm256_max_ps(_mm256_andnot_ps(sign, a[2]), _mm256_andnot_ps(sign, a[3])));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float top = _mm_cvtss_f32(m4);
+        const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+        __m256i n[4];
+        for (int i = 0; i < 4; i++) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], inv));
+        const __m256i total = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+        _mm256_storeu_si256((__m256i *)(q + b * QBLOCK), _mm256_permutevar8x32_epi32(bytes, order));
+        d[b] = top / 127.0f;
+        s[b] = d[b] * (float)_mm_cvtsi128_si32(t4);
+    }
+}
+
+INLINE int32_t load4(const int8_t *x) {
+    int32_t v;
+    memcpy(&v, x, sizeof v);
+    return v;
+}
+
+/* R rows (from m) by P panels (from panel) of Q4_1 or Q8_0 values in dot-product order.
+ * Q4_1: u8 nibbles times s8 activations (maddubs), 16-bit sums over a block (at most
+ * 8 x 2 x 15 x 127 = 30480); Q8_0: |w| times sign(w) x, 32-bit sums. */
+INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, const int P, const int src) {
+    const int64_t K = p->K, blocks = K / QBLOCK;
+    const int vectors = src == SRC_Q4_1 ? 4 : 8; /* per group of 8 columns and block */
+    const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc[6][8];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 2 * P; c++) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i sum[4][4];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < 2 * P; c++) sum[r][c] = _mm256_setzero_si256();
+        for (int v = 0; v < vectors; v++) {
+            __m256i w[4], w2[4];
+            for (int c = 0; c < 2 * P; c++) {
+                const uint8_t *at = p->w + ((panel + c / 2) * blocks + b) * vectors * 64 + (c % 2) * vectors * 32 + v * 32;
+                if (R == 1 && (v & 1) == 0) _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)at);
+                if (src == SRC_Q4_1) {
+                    w[c] = _mm256_and_si256(raw, nibble);
+                    w2[c] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+                } else {
+                    w[c] = _mm256_abs_epi8(raw);
+                    w2[c] = raw;
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                const int8_t *xq = p->xq + (m + r) * K + b * QBLOCK;
+                if (src == SRC_Q4_1) {
+                    const __m256i lo = _mm256_set1_epi32(load4(xq + 4 * v)), hi = _mm256_set1_epi32(load4(xq + 16 + 4 * v));
+                    for (int c = 0; c < 2 * P; c++)
+                        sum[r][c] = _mm256_add_epi16(sum[r][c], _mm256_add_epi16(_mm256_maddubs_epi16(w[c], lo),
+                                                                                 _mm256_maddubs_epi16(w2[c], hi)));
+                } else {
+                    const __m256i a = _mm256_set1_epi32(load4(xq + 4 * v));
+                    for (int c = 0; c < 2 * P; c++) {
+                        const __m256i pairs = _mm256_maddubs_epi16(w[c], _mm256_sign_epi8(a, w2[c]));
+                        sum[r][c] = _mm256_add_epi32(sum[r][c], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+                /* the sums stay in registers: left alone, GCC defers the integer adds and
+                 * spills every product first (measured ~2x slower) */
+                for (int c = 0; c < 2 * P; c++) __asm__("" : "+x"(sum[r][c]));
+            }
+        }
+        float dm[2][2 * PANEL];
+        for (int pp = 0; pp < P; pp++) block_scales(p, panel + pp, b, src, dm[pp]);
+        for (int r = 0; r < R; r++) {
+            const __m256 xd = _mm256_broadcast_ss(p->xd + (m + r) * blocks + b);
+            const __m256 xs = _mm256_broadcast_ss(p->xs + (m + r) * blocks + b);
+            for (int c = 0; c < 2 * P; c++) {
+                const __m256i isum = src == SRC_Q4_1 ? _mm256_madd_epi16(sum[r][c], ones) : sum[r][c];
+                const float *d = dm[c / 2] + 8 * (c % 2);
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(_mm256_loadu_ps(d), xd), acc[r][c]);
+                if (src == SRC_Q4_1) acc[r][c] = _mm256_fmadd_ps(_mm256_loadu_ps(d + PANEL), xs, acc[r][c]);
+            }
+        }
+    }
+    store_tile(p, m, panel, R, P, acc);
+}
+
+/* one row: two panels at a time; more: 4-row tiles while a panel's values stay in L1 */
+INLINE void run_dot_panels(const Matmul *p, int64_t begin, int64_t end, const int src) {
+    for (int64_t m0 = 0; m0 < p->M; m0 += ROWS_PER_BLOCK) {
+        const int64_t m1 = m0 + ROWS_PER_BLOCK < p->M ? m0 + ROWS_PER_BLOCK : p->M;
+        int64_t panel = begin;
+        if (m1 - m0 == 1)
+            for (; panel + 2 <= end; panel += 2) dot_tile(p, m0, panel, 1, 2, src);
+        for (; panel < end; panel++) {
+            int64_t m = m0;
+            for (; m + 4 <= m1; m += 4) dot_tile(p, m, panel, 4, 1, src);
+            switch (m1 - m) {
+            case 3: dot_tile(p, m, panel, 3, 1, src); break;
+            case 2: dot_tile(p, m, panel, 2, 1, src); break;
+            case 1: dot_tile(p, m, panel, 1, 1, src); break;
+            }
+        }
+    }
+}
+
 /* Threads take chunks of panels until none are left: a thread the OS preempts (the server's
  * own threads share these cores) delays the call by one chunk, not by its whole share. */
 static void matmul_job(void *arg, int index, int count) {
@@ -238,7 +372,7 @@ static void matmul_job(void *arg, int index, int count) {
     (void)index, (void)count;
     const int64_t chunk = p->M > ROWS_PER_BLOCK ? 16 : 4; /* big batches: x stays in L2 longer */
     float *wbuf = NULL;
-    if (p->M > IN_REGISTERS && (wbuf = malloc(sizeof(float) * PANEL * p->K)) == NULL) {
+    if (p->xq == NULL && p->M > IN_REGISTERS && (wbuf = malloc(sizeof(float) * PANEL * p->K)) == NULL) {
         __atomic_fetch_or(&p->status, 1, __ATOMIC_RELAXED);
         return;
     }
@@ -246,6 +380,11 @@ static void matmul_job(void *arg, int index, int count) {
         const int64_t begin = __atomic_fetch_add(&p->next, chunk, __ATOMIC_RELAXED);
         if (begin >= p->panels) break;
         const int64_t end = begin + chunk < p->panels ? begin + chunk : p->panels;
+        if (p->xq != NULL) {
+            if (p->src == SRC_Q4_1) run_dot_panels(p, begin, end, SRC_Q4_1);
+            else run_dot_panels(p, begin, end, SRC_Q8_0);
+            continue;
+        }
         switch (p->src) {
         case SRC_F16: run_panels(p, begin, end, SRC_F16, wbuf); break;
         case SRC_Q4_1: run_panels(p, begin, end, SRC_Q4_1, wbuf); break;
@@ -255,6 +394,45 @@ static void matmul_job(void *arg, int index, int count) {
     free(wbuf);
 }
 #else /* portable: the same chain per output, one output at a time */
+static void quantize_blocks(const float *x, int64_t blocks, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *v = x + b * QBLOCK;
+        float top = 0.0f;
+        for (int i = 0; i < QBLOCK; i++) top = __builtin_fmaxf(top, __builtin_fabsf(v[i]));
+        const float inv = top > 0.0f ? 127.0f / top : 0.0f;
+        int32_t total = 0;
+        for (int i = 0; i < QBLOCK; i++) {
+            q[b * QBLOCK + i] = (int8_t)__builtin_nearbyintf(v[i] * inv);
+            total += q[b * QBLOCK + i];
+        }
+        d[b] = top / 127.0f;
+        s[b] = d[b] * (float)total;
+    }
+}
+
+/* the quantized value of column n at k, values in dot-product order */
+static int32_t dot_value_at(const Matmul *p, int64_t n, int64_t k) {
+    const int64_t panel = n / PANEL, group = n % PANEL / 8, c = n % 8, b = k / QBLOCK, i = k % QBLOCK;
+    const int64_t blocks = p->K / QBLOCK, vectors = p->src == SRC_Q4_1 ? 4 : 8;
+    const uint8_t *at = p->w + ((panel * blocks + b) * 2 + group) * vectors * 32;
+    if (p->src == SRC_Q8_0) return ((const int8_t *)at)[i / 4 * 32 + c * 4 + i % 4];
+    const uint8_t byte = at[i % 16 / 4 * 32 + c * 4 + i % 4];
+    return i < 16 ? byte & 15 : byte >> 4;
+}
+
+static float dot_output(const Matmul *p, int64_t m, int64_t n) {
+    const int64_t blocks = p->K / QBLOCK, panel = n / PANEL, j = n % PANEL;
+    float acc = 0.0f;
+    for (int64_t b = 0; b < blocks; b++) {
+        int32_t isum = 0;
+        for (int64_t k = b * QBLOCK; k < (b + 1) * QBLOCK; k++) isum += dot_value_at(p, n, k) * p->xq[m * p->K + k];
+        const uint16_t *sc = p->scales + (panel * blocks + b) * scale_rows(p->src) * PANEL + j;
+        acc = __builtin_fmaf((float)isum, half_to_float(sc[0]) * p->xd[m * blocks + b], acc);
+        if (p->src == SRC_Q4_1) acc = __builtin_fmaf(half_to_float(sc[PANEL]), p->xs[m * blocks + b], acc);
+    }
+    return acc;
+}
+
 static float weight_at(const Matmul *p, int64_t n, int64_t k) {
     const int64_t panel = n / PANEL, j = n % PANEL;
     if (p->src == SRC_F16) return half_to_float(((const uint16_t *)p->w)[(panel * p->K + k) * PANEL + j]);
@@ -274,6 +452,10 @@ static void matmul_job(void *arg, int index, int count) {
     const int64_t end = end_panel < p->N ? end_panel : p->N;
     for (int64_t m = 0; m < p->M; m++)
         for (int64_t n = begin; n < end; n++) {
+            if (p->xq != NULL) {
+                p->y[m * p->N + n] = dot_output(p, m, n);
+                continue;
+            }
             float acc = 0.0f;
             for (int64_t k = 0; k < p->K; k++)
                 acc = __builtin_fmaf(weight_at(p, n, k), p->x[m * p->K + k], acc);
@@ -297,20 +479,32 @@ static int matmul(Matmul *p, const float *bias, int n_threads) {
 int tm_f16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N,
                   const float *bias, float *y, int n_threads) {
     if (M < 1 || K < 1 || N < 1) return 1;
-    Matmul p = {x, (const uint8_t *)w, NULL, y, M, K, N, (N + PANEL - 1) / PANEL, 0, SRC_F16, 0};
+    Matmul p = {x, (const uint8_t *)w, NULL, y, M, K, N, (N + PANEL - 1) / PANEL, 0, SRC_F16, 0, NULL, NULL, NULL};
     return matmul(&p, bias, n_threads);
 }
 
-/* y [M, N] = x [M, K] W^T (+ bias [N]), W repacked GGML `type` blocks. Returns 0, or 1 on
- * an unsupported type or shape, or no memory. */
+/* y [M, N] = x [M, K] W^T (+ bias [N]), W repacked GGML `type` blocks (type | DOT: int8
+ * activations, values in dot-product order). Returns 0, or 1 on an unsupported type or
+ * shape, or no memory. */
 int tm_quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *values,
                     const uint16_t *scales, int64_t N, int type, const float *bias, float *y,
                     int n_threads) {
+    const int dot = (type & DOT) != 0;
+    type &= ~DOT;
     if ((type != TYPE_Q4_1 && type != TYPE_Q8_0) || K % QBLOCK != 0 || K < 1 || M < 1 || N < 1)
         return 1;
     const int src = type == TYPE_Q4_1 ? SRC_Q4_1 : SRC_Q8_0;
-    Matmul p = {x, values, scales, y, M, K, N, (N + PANEL - 1) / PANEL, 0, src, 0};
-    return matmul(&p, bias, n_threads);
+    Matmul p = {x, values, scales, y, M, K, N, (N + PANEL - 1) / PANEL, 0, src, 0, NULL, NULL, NULL};
+    if (!dot) return matmul(&p, bias, n_threads);
+    const int64_t blocks = M * K / QBLOCK;
+    int8_t *xq = malloc(M * K + 2 * sizeof(float) * blocks);
+    if (xq == NULL) return 1;
+    float *xd = (float *)(xq + M * K), *xs = xd + blocks;
+    quantize_blocks(x, blocks, xq, xd, xs);
+    p.xq = xq, p.xd = xd, p.xs = xs;
+    const int status = matmul(&p, bias, n_threads);
+    free(xq);
+    return status;
 }
 
 /* 1 when built with the AVX2/FMA/F16C tiles; 0 for the portable (slow, scalar) path */

@@ -1,5 +1,7 @@
 """Python side of quant_matmul.c: x @ W^T with W kept in a compact format: its GGUF blocks
-(Q4_1, Q8_0), or float16 in panels of 16 output columns."""
+(Q4_1, Q8_0), or float16 in panels of 16 output columns. GGUF blocks multiply float32
+activations, or (int8_activations) activations quantized to int8 per 32-value block with
+integer dot products, as llama.cpp does."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from tokenmill.kernels import function
 # GGML type ids the kernel reads, and (values per block, bytes per block)
 GGML_Q4_1, GGML_Q8_0 = 3, 8
 BLOCK_LAYOUT = {GGML_Q4_1: (32, 20), GGML_Q8_0: (32, 34)}
+INT8_ACTIVATIONS = 256  # type flag: int8 activations, values in dot-product order
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -60,14 +63,25 @@ def f16_matmul(
     multiply-add chain over k in order, so a row's result never depends on its batch."""
     fn = _f16_function()
     assert fn is not None, "check available() first"
-    return _run("float16 matmul", fn, x, panels, (panels.data_ptr(),), (), out_features, bias)
+    return _run(
+        "float16 matmul",
+        fn,
+        x,
+        panels.shape[1],
+        panels.shape[0],
+        (panels.data_ptr(),),
+        (),
+        out_features,
+        bias,
+    )
 
 
 def pack_blocks(
-    blocks: torch.Tensor, ggml_type: int, in_features: int
+    blocks: torch.Tensor, ggml_type: int, in_features: int, int8_activations: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GGUF rows [N, row_bytes] -> (values, float16 scales) in the kernel's panels of 16
-    output columns (see quant_matmul.c); output columns zero-padded to a whole panel."""
+    output columns (see quant_matmul.c; int8_activations: values in dot-product order);
+    output columns zero-padded to a whole panel."""
     values_per_block, block_bytes = BLOCK_LAYOUT.get(ggml_type, (32, 0))
     if block_bytes == 0 or in_features % values_per_block:
         raise ValueError(f"quant_matmul reads Q4_1 and Q8_0 rows, not type {ggml_type}")
@@ -88,12 +102,19 @@ def pack_blocks(
 
     if ggml_type == GGML_Q4_1:
         packed = padded[:, :, 4:]  # value j: low nibble of byte j, value j + 16: high nibble
-        q = torch.cat([packed & 15, packed >> 4], dim=-1).view(panels, PANEL, in_features)
-        values = (q[:, :8] | (q[:, 8:] << 4)).transpose(1, 2)  # byte j: columns j, j + 8
+        if int8_activations:  # [panels, blocks, group, v, column, i]: values 4v+i | 16+4v+i
+            nibbles = packed.reshape(panels, 2, 8, num_blocks, 4, 4)
+            values = nibbles.permute(0, 3, 1, 4, 2, 5)
+        else:
+            q = torch.cat([packed & 15, packed >> 4], dim=-1).view(panels, PANEL, in_features)
+            values = (q[:, :8] | (q[:, 8:] << 4)).transpose(1, 2)  # byte j: columns j, j + 8
         scales = torch.stack([halves(0), halves(2)], dim=2)
     else:
         q = padded[:, :, 2:].contiguous().view(torch.int8).view(panels, PANEL, in_features)
-        values = q.transpose(1, 2)
+        if int8_activations:  # [panels, blocks, group, j, column, i]: value 4j + i
+            values = q.reshape(panels, 2, 8, num_blocks, 8, 4).permute(0, 3, 1, 4, 2, 5)
+        else:
+            values = q.transpose(1, 2)
         scales = halves(0).unsqueeze(2)
     return values.contiguous(), scales.contiguous()
 
@@ -105,19 +126,34 @@ def quant_matmul(
     ggml_type: int,
     out_features: int,
     bias: torch.Tensor | None = None,  # [N] float32
+    int8_activations: bool = False,  # as the values were packed
 ) -> torch.Tensor:  # [M, N]
-    """x W^T (+ bias) with W the GGUF blocks packed by pack_blocks, float32 math."""
+    """x W^T (+ bias) with W the GGUF blocks packed by pack_blocks: float32 math, or x
+    quantized to int8 per 32-value block and integer dot products per block."""
     fn = _function()
     assert fn is not None, "check available() first"
     weights = (values.data_ptr(), scales.data_ptr())
-    return _run("quantized matmul", fn, x, values, weights, (ggml_type,), out_features, bias)
+    kernel_type = ggml_type | (INT8_ACTIVATIONS if int8_activations else 0)
+    in_features = scales.shape[1] * BLOCK_LAYOUT[ggml_type][0]
+    return _run(
+        "quantized matmul",
+        fn,
+        x,
+        in_features,
+        values.shape[0],
+        weights,
+        (kernel_type,),
+        out_features,
+        bias,
+    )
 
 
 def _run(
     what: str,
     fn: Callable[..., int],
     x: torch.Tensor,
-    panels: torch.Tensor,  # [panels, K, ...]: the weight's shape
+    in_features: int,  # the weight's shape: K, and output columns in panels of 16
+    num_panels: int,
     weights: tuple[int, ...],  # the weight's pointers
     format_args: tuple[int, ...],
     out_features: int,
@@ -125,11 +161,10 @@ def _run(
 ) -> torch.Tensor:
     """Check the shapes, then y [M, N] = fn(x [M, K], weights, N, format, bias) on torch's
     thread count."""
-    in_features = panels.shape[1]
-    if x.shape[-1] != in_features or panels.shape[0] * PANEL < out_features:
+    if x.shape[-1] != in_features or num_panels * PANEL < out_features:
         raise ValueError(
             f"{what}: x has {x.shape[-1]} features, the weight {in_features} "
-            f"by {out_features} in {panels.shape[0]} panels"
+            f"by {out_features} in {num_panels} panels"
         )
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out_features)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import get_args
 
 import torch
 
@@ -34,17 +35,18 @@ def resolve_device(device: str) -> torch.device:
 def resolve_quantization(
     quantization: str | None, dtype: str, device: torch.device, file_format: str = "safetensors"
 ) -> QuantizationMethod | None:
-    """The weight format: as asked ("gguf", "fp16", or "none" for the dtype's own weights),
-    else, where `dtype` is auto on a CPU: "gguf" for a GGUF file when the native kernels'
-    vector tiles run (the file's own blocks: a third of fp16's bytes, ~1.35x fp16 at batch 1,
-    ~1.1x at 32), else "fp16" where a fast float16 kernel runs (native or fbgemm: ~2x
-    float32 weights at batch 1; docs/benchmarks.md). A pinned dtype stays exact."""
+    """The weight format: as asked ("gguf", "gguf-float32", "fp16", or "none" for the
+    dtype's own weights), else, where `dtype` is auto on a CPU: "gguf" for a GGUF file when
+    the native kernels' vector tiles run (the file's own blocks, int8 activations: the
+    fastest), else "fp16" where a fast float16 kernel runs (native or fbgemm: ~2x float32
+    weights at batch 1; docs/benchmarks.md). A pinned dtype stays exact."""
     if quantization == "none":
         return None
-    if quantization in ("gguf", "fp16"):
+    if quantization in get_args(QuantizationMethod):
         return quantization  # type: ignore[return-value]
     if quantization is not None:
-        raise ModelLoadError(f"unknown quantization {quantization!r}; use gguf, fp16 or none")
+        choices = ", ".join(get_args(QuantizationMethod))
+        raise ModelLoadError(f"unknown quantization {quantization!r}; use {choices} or none")
     if dtype != "auto" or device.type != "cpu":
         return None
     if file_format == "gguf" and quant_matmul.vectorized():

@@ -168,7 +168,7 @@ def _kernel_projection(linear: nn.Module) -> decode_step.Projection | None:
     """A bias-free projection in the native kernel's panels, as decode_step reads it."""
     if isinstance(linear, GGUFLinear) and linear.bias is None:
         return decode_step.Projection(
-            linear.values, linear.scales, linear.ggml_type, linear.out_features
+            linear.values, linear.scales, linear.kernel_type, linear.out_features
         )
     if isinstance(linear, PackedLinear) and linear.native and linear.bias is None:
         return decode_step.Projection(linear.panels, None, 0, linear.out_features)
@@ -304,14 +304,14 @@ class LlamaForCausalLM(nn.Module):
         [C, V] copy of the output projection for few-row logits.
 
         "gguf" keeps each layer stored as Q4_1/Q8_0 in the checkpoint (`blocks`) in that
-        format, and packs the rest as "fp16". MKL's GEMV over the [V, C] weight is ~2x slower
+        format (int8 activations; "gguf-float32": float32 ones), and packs the rest as "fp16". MKL's GEMV over the [V, C] weight is ~2x slower
         than a GEMM over its transpose at 1-3 rows (bandwidth-bound batch-1 decode), the
         reverse from 4 rows on; the copy costs V*C more floats (113 MB for SmolLM2-135M).
         """
         if self.output_weight.device.type != "cpu":
             return
-        if quantization == "gguf":
-            kept = self._keep_gguf_blocks(blocks)
+        if quantization in ("gguf", "gguf-float32"):
+            kept = self._keep_gguf_blocks(blocks, int8_activations=quantization == "gguf")
             # whatever was not kept: float16-packed where a fast kernel runs, else float32
             quantization = "fp16" if fast_fp16() else None
             if kept:
@@ -324,7 +324,7 @@ class LlamaForCausalLM(nn.Module):
         elif self.packed_head is None:
             self.head_t = self.output_weight.detach().t().contiguous()
 
-    def _keep_gguf_blocks(self, blocks: BlockLookup | None) -> int:
+    def _keep_gguf_blocks(self, blocks: BlockLookup | None, int8_activations: bool) -> int:
         """Swap in GGUFLinear wherever the checkpoint stores the weights in a type the
         kernel reads; returns how many layers (the output projection included) it swapped."""
         if blocks is None:
@@ -336,12 +336,12 @@ class LlamaForCausalLM(nn.Module):
             parent_path, _, name = path.rpartition(".")
             parts = _FUSED_PARTS.get(name, [name])
             names = [f"model.layers.{parent_path}.{part}.weight" for part in parts]
-            replacement = gguf_linear(module, [blocks(n) for n in names])
+            replacement = gguf_linear(module, [blocks(n) for n in names], int8_activations)
             if replacement is not None:
                 setattr(self.layers.get_submodule(parent_path), name, replacement)
                 kept += 1
         head = "model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
-        self.packed_head = gguf_linear(self.output_weight, [blocks(head)])
+        self.packed_head = gguf_linear(self.output_weight, [blocks(head)], int8_activations)
         return kept + (self.packed_head is not None)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -55,10 +55,10 @@ def _check_quantization(
             f"quantization {quantization!r} runs on CPU in float32 only "
             f"(got device {device.type}, dtype {str(dtype).removeprefix('torch.')})"
         )
-    if quantization == "gguf":
+    if quantization in ("gguf", "gguf-float32"):
         if not quant_matmul.available():
             raise ModelLoadError(
-                "quantization 'gguf' needs the native kernels (a C compiler; "
+                f"quantization {quantization!r} needs the native kernels (a C compiler; "
                 "TOKENMILL_NATIVE_KERNELS not 0)"
             )
         return

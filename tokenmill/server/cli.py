@@ -142,11 +142,13 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
     )  # fmt: skip
     g.add_argument(
         "-q", "--quantization", choices=get_args(QuantizationSetting), default=None,
-        help="weight format (CPU, float32 math): gguf = a GGUF file's own Q4_1/Q8_0 blocks "
-        "through the native kernel (a third of fp16's weight memory, ~1.35x fp16's decode speed "
-        "at batch 1), fp16 = float16 weights (~2x faster decode than float32; greedy output "
-        "matched float32 in tests), none = the dtype's own weights (default, when --dtype is "
-        "auto on a CPU: gguf for a .gguf file, else fp16)",
+        help="weight format (CPU): gguf = a GGUF file's own Q4_1/Q8_0 blocks through the "
+        "native kernel, activations quantized to int8 per 32 values (llama.cpp's numerics; a "
+        "third of fp16's weight memory, the fastest), gguf-float32 = the same blocks, float32 "
+        "activations (the dequantized model's logits within 2e-3), fp16 = float16 weights "
+        "(~2x faster decode than float32; greedy output matched float32 in tests), none = the "
+        "dtype's own weights (default, when --dtype is auto on a CPU: gguf for a .gguf file, "
+        "else fp16)",
     )  # fmt: skip
     g.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default=_DEFAULTS.model.device,
