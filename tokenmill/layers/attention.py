@@ -1,12 +1,14 @@
 """Paged attention over the KV cache.
 
-The runner lays out the flattened batch as [decode rows | prefill chunks]:
-decode rows (one query each) are attended by the native kernel that reads the
-paged cache in place (tokenmill/kernels/paged_attention.c) where it is available
-(CPU, float32), else in one padded, masked SDPA call over gathered keys;
-each prefill chunk gets its own causal call (against the new keys directly when
-the chunk starts at position 0, else against its cached keys gathered through
-its block table).
+The runner lays out the flattened batch as [decode rows | prefill chunks].
+Where the native kernel runs (CPU, float32: tokenmill/kernels/paged_attention.c), it
+attends every row, decode or prefill, over the paged cache in place: a prefill row is a
+query over its sequence's first position + 1 keys, computed exactly as that token's
+decode would be. So a token's attention, and with the batch-invariant matmuls its logits,
+never depend on how its prompt was chunked, batched or served from the prefix cache.
+Elsewhere decode rows take one padded, masked SDPA call over gathered keys, and each
+prefill chunk its own causal call (against the new keys directly when the chunk starts at
+position 0, else against its cached keys gathered through its block table).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ class AttentionMetadata:
     num_decodes: int  # rows [0, num_decodes) are single-token decodes
     decode_slots: torch.Tensor | None  # [Bd, L] cache slots of each decode's keys (padded)
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, False on padding; None if no padding
-    # for the native kernel, instead of decode_slots/decode_mask:
-    decode_tables: torch.Tensor | None = None  # [Bd, max_blocks] int64 block tables
-    decode_lens: torch.Tensor | None = None  # [Bd] int64 keys per decode
+    # for the native kernel, instead of decode_slots/decode_mask and prefills: every row's
+    row_tables: torch.Tensor | None = None  # [T, max_blocks] int64 block table
+    row_lens: torch.Tensor | None = None  # [T] int64 keys it attends (its position + 1)
     block_size: int = 0
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -54,14 +56,14 @@ def paged_attention(
     if not cache_written:
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.row_tables is not None:
+        assert meta.row_lens is not None
+        return paged_decode_attention(
+            q, k_cache, v_cache, meta.row_tables, meta.row_lens, meta.block_size
+        )
     out = torch.empty_like(q)
     n = meta.num_decodes
-    if n and meta.decode_tables is not None:
-        assert meta.decode_lens is not None
-        out[:n] = paged_decode_attention(
-            q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_lens, meta.block_size
-        )
-    elif n:
+    if n:
         assert meta.decode_slots is not None
         keys = _gather(k_cache, meta.decode_slots).transpose(1, 2)  # [Bd, Hkv, L, D]
         values = _gather(v_cache, meta.decode_slots).transpose(1, 2)

@@ -234,12 +234,12 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, C]
         x = self.embed_tokens(input_ids)
-        if self.native_kernels and meta.num_decodes == len(x) and meta.decode_lens is not None:
+        if self.native_kernels and meta.num_decodes == len(x) and meta.row_lens is not None:
             decode_layers = self._decode_layers_for(kv_caches, meta.block_size)
             if decode_layers is not None:
-                assert meta.decode_tables is not None
+                assert meta.row_tables is not None
                 before = decode_layers(
-                    x, positions, meta.slot_mapping, meta.decode_tables, meta.decode_lens
+                    x, positions, meta.slot_mapping, meta.row_tables, meta.row_lens
                 )
                 return x + before
         rotary = self.rotary.cos_sin_for(positions, x.dtype)

@@ -144,7 +144,7 @@ class ModelRunner:
         sampling: list[Request] = []
         chunks: list[PrefillChunk] = []
         prompt_chunks: list[PromptChunk] = []
-        bs = self.block_size
+        bs, native = self.block_size, self.native_kernels
         for is_prefill, item in [(False, d) for d in decodes] + [(True, p) for p in prefills]:
             request, start, n = item.request, item.start, item.num_new_tokens
             table = block_tables[request.request_id]
@@ -152,7 +152,7 @@ class ModelRunner:
             ids.extend(request.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if is_prefill:
+            if is_prefill and not native:
                 chunks.append(self._prefill_chunk(row, start, n, table))
             if request.params.prompt_logprobs is not None:
                 prompt_chunks.append(PromptChunk(request, row, start, n))
@@ -168,8 +168,8 @@ class ModelRunner:
             prefills=chunks,
             block_size=bs,
         )
-        if decodes and self.native_kernels:
-            meta.decode_tables, meta.decode_lens = self._decode_tables(decodes, block_tables)
+        if native:
+            meta.row_tables, meta.row_lens = self._row_tables(decodes + prefills, block_tables)
         else:
             meta.decode_slots, meta.decode_mask = self._decode_layout(decodes, block_tables)
         return BatchInputs(
@@ -192,14 +192,21 @@ class ModelRunner:
         return PrefillChunk(row, n, ctx_slots.to(self.device), mask.to(self.device))
 
     @staticmethod
-    def _decode_tables(
-        decodes: list[ScheduledRequest], block_tables: dict[str, list[int]]
+    def _row_tables(
+        items: list[ScheduledRequest], block_tables: dict[str, list[int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block tables [Bd, max_blocks] (zero-padded) and key counts [Bd] of the decodes."""
-        tables = [block_tables[item.request.request_id] for item in decodes]
+        """Every row's block table [T, max_blocks] (zero-padded) and key count [T] (its
+        position + 1), the items' rows in order."""
+        tables = [block_tables[item.request.request_id] for item in items]
         width = max(len(t) for t in tables)
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        return padded, torch.tensor([item.start + 1 for item in decodes], dtype=torch.long)
+        counts = [item.num_new_tokens for item in items]
+        lens = [
+            p + 1 for item in items for p in range(item.start, item.start + item.num_new_tokens)
+        ]
+        if len(lens) > len(items):  # a prefill chunk: its rows share the sequence's table
+            padded = padded.repeat_interleave(torch.tensor(counts), dim=0)
+        return padded, torch.tensor(lens, dtype=torch.long)
 
     def _decode_layout(
         self, decodes: list[ScheduledRequest], block_tables: dict[str, list[int]]
