@@ -1,11 +1,14 @@
-/* Decode attention over the paged KV cache, read in place (no gather copy).
+/* Attention over the paged KV cache, read in place (no gather copy).
  *
- * One query row per sequence: out[b, h] = softmax(q[b, h] . K[b]^T * scale) V[b], where the
- * keys and values of sequence b are the first lens[b] slots named by its block table.
- * float32 throughout; two passes over the keys (scores, then softmax) and one over the
- * values (AVX2 loops for head sizes that are a multiple of 8). Work items are sequences (or
- * (sequence, kv head) pairs when there are fewer sequences than threads), taken from a
- * shared counter by n_threads threads (parallel.h).
+ * One query per row: out[b, h] = softmax(q[b, h] . K[b]^T * scale) V[b], where the keys and
+ * values of row b are the first lens[b] slots named by its block table: a decode, or one
+ * token of a prefill chunk (then lens[b] = its position + 1). float32 throughout; two passes
+ * over the keys (scores, then softmax) and one over the values (AVX2 loops for head sizes
+ * that are a multiple of 8). A row's result depends on its query, keys and values only:
+ * consecutive rows of one sequence (a prefill chunk) form a tile that reads each key and
+ * value once for all its rows, but each row still sums in the same order as alone. Work
+ * items are tiles (or (tile, kv head) pairs when there are fewer tiles than threads), taken
+ * from a shared counter by n_threads threads (parallel.h).
  */
 #include <math.h>
 #include <stdint.h>
@@ -24,9 +27,10 @@ typedef struct {
     float *out;              /* [B, H, D] */
     int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
     float scale;
-    int64_t splits;          /* items per sequence: 1, or Hkv (one per kv head) */
-    int64_t batch;           /* work items: batch * splits */
-    int64_t longest;         /* the longest sequence: sizes each thread's score buffer */
+    int64_t splits;          /* items per tile: 1, or Hkv (one per kv head) */
+    const int64_t *tiles;    /* [num_tiles + 1]: tile t is rows tiles[t] .. tiles[t + 1] - 1 */
+    int64_t num_tiles;       /* work items: num_tiles * splits */
+    int64_t capacity;        /* floats of each thread's score buffer */
     int64_t next;            /* the first item no thread has taken yet */
     int status;
 } Job;
@@ -81,87 +85,140 @@ INLINE void key_scores(const float *q, const float *k, int64_t row, int64_t D, f
     for (int r = 0; r < R; r++) scores[r] = sum8(acc[r]) * scale;
 }
 
-/* out[d0 .. d0 + 8 NV) = sum over the L keys of p[l] v[l] for one head */
-INLINE void weighted_values(const Job *j, const int64_t *table, int64_t L, const float *p,
-                            int64_t offset, float *out, const int NV) {
+/* out[r][d0 .. d0 + 32) = sum over row r's L[r] keys of p[r][l] v[l] for one head, R rows
+ * of one tile at a time (each value row read once for all of them); every output lane is
+ * one fma chain over the keys in order, whatever R */
+INLINE void weighted_values(const Job *j, const int64_t *table, const int64_t *L,
+                            const float *const *p, int64_t offset, float *const *out, const int R) {
     const int64_t bs = j->block_size, row = j->num_kv_heads * j->head_dim;
-    __m256 acc[8];
-    for (int c = 0; c < NV; c++) acc[c] = _mm256_setzero_ps();
+    const int64_t longest = L[R - 1];
+    __m256 acc[3][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t start = 0; start < longest; start += bs) {
+        const int64_t n = longest - start < bs ? longest - start : bs;
+        const float *v = j->v_cache + table[start / bs] * bs * row + offset;
+        for (int64_t i = 0; i < n; i++, v += row) {
+            const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+            const __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+            for (int r = 0; r < R; r++) {
+                if (start + i >= L[r]) continue;
+                const __m256 w = _mm256_broadcast_ss(p[r] + start + i);
+                acc[r][0] = _mm256_fmadd_ps(w, v0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w, v1, acc[r][1]);
+                acc[r][2] = _mm256_fmadd_ps(w, v2, acc[r][2]);
+                acc[r][3] = _mm256_fmadd_ps(w, v3, acc[r][3]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) _mm256_storeu_ps(out[r] + 8 * c, acc[r][c]);
+}
+
+/* The same for an 8-float slice (head sizes that are not a multiple of 32), one row. */
+INLINE void weighted_values8(const Job *j, const int64_t *table, int64_t L, const float *p,
+                             int64_t offset, float *out) {
+    const int64_t bs = j->block_size, row = j->num_kv_heads * j->head_dim;
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t start = 0; start < L; start += bs) {
         const int64_t n = L - start < bs ? L - start : bs;
         const float *v = j->v_cache + table[start / bs] * bs * row + offset;
-        for (int64_t i = 0; i < n; i++, v += row) {
-            const __m256 w = _mm256_broadcast_ss(p + start + i);
-            for (int c = 0; c < NV; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
-        }
+        for (int64_t i = 0; i < n; i++, v += row)
+            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + start + i), _mm256_loadu_ps(v), acc);
     }
-    for (int c = 0; c < NV; c++) _mm256_storeu_ps(out + 8 * c, acc[c]);
+    _mm256_storeu_ps(out, acc);
 }
 
-/* run_item for a head size that is a multiple of 8: the scores of 8 keys at a time, and
- * each head's output accumulated in registers over the keys */
-static void vector_item(const Job *j, const int64_t *table, int64_t h0, int64_t heads,
-                        int64_t L, const float *q, float *scores, float *out) {
+/* run_item for a head size that is a multiple of 8: rows b .. b + R - 1 of one sequence
+ * (lens ascending), query heads [h0 G, h0 G + heads); scores of 8 keys at a time, each key
+ * block read once for every row of the tile */
+static void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R, int64_t h0,
+                        int64_t heads, float *scores) {
     const int64_t Hkv = j->num_kv_heads, D = j->head_dim, bs = j->block_size, row = Hkv * D;
-    const int64_t G = j->num_heads / Hkv;
+    const int64_t G = j->num_heads / Hkv, H = j->num_heads, *lens = j->lens + b;
+    const int64_t longest = lens[R - 1];
     for (int64_t qh = 0; qh < heads; qh++) {
         const int64_t kv = h0 + qh / G;
-        for (int64_t start = 0; start < L; start += bs) {
-            const int64_t n = L - start < bs ? L - start : bs;
+        for (int64_t start = 0; start < longest; start += bs) {
             const float *k = j->k_cache + table[start / bs] * bs * row + kv * D;
-            float *sc = scores + qh * L + start;
-            int64_t i = 0;
-            for (; i + 8 <= n; i += 8) key_scores(q + qh * D, k + i * row, row, D, j->scale, sc + i, 8);
-            for (; i < n; i++) key_scores(q + qh * D, k + i * row, row, D, j->scale, sc + i, 1);
+            for (int64_t r = 0; r < R; r++) {
+                const int64_t n = lens[r] - start < bs ? lens[r] - start : bs;
+                const float *q = j->q + ((b + r) * H + h0 * G + qh) * D;
+                float *sc = scores + (r * heads + qh) * longest + start;
+                int64_t i = 0;
+                for (; i + 8 <= n; i += 8) key_scores(q, k + i * row, row, D, j->scale, sc + i, 8);
+                for (; i < n; i++) key_scores(q, k + i * row, row, D, j->scale, sc + i, 1);
+            }
         }
     }
-    softmax_rows(scores, heads, L);
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t qh = 0; qh < heads; qh++) softmax_rows(scores + (r * heads + qh) * longest, 1, lens[r]);
     for (int64_t qh = 0; qh < heads; qh++) {
         const int64_t kv = h0 + qh / G;
-        int64_t d = 0;
-        for (; d + 64 <= D; d += 64) weighted_values(j, table, L, scores + qh * L, kv * D + d, out + qh * D + d, 8);
-        for (; d < D; d += 8) weighted_values(j, table, L, scores + qh * L, kv * D + d, out + qh * D + d, 1);
+        for (int64_t r0 = 0; r0 < R; r0 += 3) {
+            const int rr = R - r0 < 3 ? (int)(R - r0) : 3;
+            for (int64_t d = 0; d < D; d += 32) {
+                const float *p[3];
+                float *out[3];
+                for (int r = 0; r < rr; r++) {
+                    p[r] = scores + ((r0 + r) * heads + qh) * longest;
+                    out[r] = j->out + ((b + r0 + r) * H + h0 * G + qh) * D + d;
+                }
+                if (d + 32 > D) {
+                    for (int r = 0; r < rr; r++)
+                        for (int64_t e = d; e < D; e += 8)
+                            weighted_values8(j, table, lens[r0 + r], p[r], kv * D + e, out[r] + e - d);
+                    continue;
+                }
+                switch (rr) {
+                case 3: weighted_values(j, table, lens + r0, p, kv * D + d, out, 3); break;
+                case 2: weighted_values(j, table, lens + r0, p, kv * D + d, out, 2); break;
+                default: weighted_values(j, table, lens + r0, p, kv * D + d, out, 1); break;
+                }
+            }
+        }
     }
 }
 #endif
 
-/* Item = (sequence b, kv heads [h0, h1)): reading every head of a slot together reads
- * each cache row once, front to back. */
-static int run_item(const Job *j, int64_t b, int64_t h0, int64_t h1, float *scores,
-                    int64_t capacity) {
+/* Item = (tile rows b .. b + R - 1, kv heads [h0, h1)): reading every head of a slot
+ * together reads each cache row once, front to back. */
+static int run_item(const Job *j, int64_t b, int64_t R, int64_t h0, int64_t h1, float *scores) {
     const int64_t Hkv = j->num_kv_heads, D = j->head_dim, bs = j->block_size;
-    const int64_t G = j->num_heads / Hkv, heads = (h1 - h0) * G, L = j->lens[b];
-    if (L <= 0 || heads * L > capacity) return 1;
+    const int64_t G = j->num_heads / Hkv, heads = (h1 - h0) * G;
     const int64_t *table = j->tables + b * j->max_blocks;
-    const float *q = j->q + (b * j->num_heads + h0 * G) * D;
-    float *out = j->out + (b * j->num_heads + h0 * G) * D;
+    if (j->lens[b] <= 0 || R * heads * j->lens[b + R - 1] > j->capacity) return 1;
 #ifdef VECTOR_HEADS
     if (D % 8 == 0) {
-        vector_item(j, table, h0, heads, L, q, scores, out);
+        vector_item(j, table, b, R, h0, heads, scores);
         return 0;
     }
 #endif
     const int64_t row = Hkv * D; /* floats between consecutive slots */
-
-    /* scores[qh * L + l], qh = query head relative to h0 * G */
-    for (int64_t start = 0; start < L; start += bs) {
-        const int64_t n = L - start < bs ? L - start : bs;
-        const float *k = j->k_cache + table[start / bs] * bs * row + h0 * D;
-        for (int64_t i = 0; i < n; i++, k += row)
-            for (int64_t qh = 0; qh < heads; qh++)
-                scores[qh * L + start + i] = dot(q + qh * D, k + (qh / G) * D, D) * j->scale;
-    }
-    softmax_rows(scores, heads, L);
-    memset(out, 0, sizeof(float) * heads * D);
-    for (int64_t start = 0; start < L; start += bs) {
-        const int64_t n = L - start < bs ? L - start : bs;
-        const float *v = j->v_cache + table[start / bs] * bs * row + h0 * D;
-        for (int64_t i = 0; i < n; i++, v += row)
-            for (int64_t qh = 0; qh < heads; qh++) {
-                const float p = scores[qh * L + start + i], *vh = v + (qh / G) * D;
-                float *o = out + qh * D;
-                for (int64_t d = 0; d < D; d++) o[d] += p * vh[d];
-            }
+    for (int64_t rb = b; rb < b + R; rb++) {
+        const int64_t L = j->lens[rb];
+        const float *q = j->q + (rb * j->num_heads + h0 * G) * D;
+        float *out = j->out + (rb * j->num_heads + h0 * G) * D;
+        /* scores[qh * L + l], qh = query head relative to h0 * G */
+        for (int64_t start = 0; start < L; start += bs) {
+            const int64_t n = L - start < bs ? L - start : bs;
+            const float *k = j->k_cache + table[start / bs] * bs * row + h0 * D;
+            for (int64_t i = 0; i < n; i++, k += row)
+                for (int64_t qh = 0; qh < heads; qh++)
+                    scores[qh * L + start + i] = dot(q + qh * D, k + (qh / G) * D, D) * j->scale;
+        }
+        softmax_rows(scores, heads, L);
+        memset(out, 0, sizeof(float) * heads * D);
+        for (int64_t start = 0; start < L; start += bs) {
+            const int64_t n = L - start < bs ? L - start : bs;
+            const float *v = j->v_cache + table[start / bs] * bs * row + h0 * D;
+            for (int64_t i = 0; i < n; i++, v += row)
+                for (int64_t qh = 0; qh < heads; qh++) {
+                    const float p = scores[qh * L + start + i], *vh = v + (qh / G) * D;
+                    float *o = out + qh * D;
+                    for (int64_t d = 0; d < D; d++) o[d] += p * vh[d];
+                }
+        }
     }
     return 0;
 }
@@ -171,20 +228,21 @@ static int run_item(const Job *j, int64_t b, int64_t h0, int64_t h1, float *scor
 static void run_job(void *arg, int index, int count) {
     Job *j = (Job *)arg;
     (void)index, (void)count;
-    const int64_t items = j->batch * j->splits;
-    const int64_t per_seq = j->num_kv_heads / j->splits; /* kv heads per item */
-    const int64_t capacity = per_seq * (j->num_heads / j->num_kv_heads) * j->longest;
-    float *scores = malloc(sizeof(float) * (capacity > 0 ? capacity : 1));
+    const int64_t items = j->num_tiles * j->splits;
+    const int64_t per_item = j->num_kv_heads / j->splits; /* kv heads per item */
+    float *scores = malloc(sizeof(float) * (j->capacity > 0 ? j->capacity : 1));
     int status = scores == NULL;
     while (!status) {
         const int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (item >= items) break;
-        const int64_t b = item / j->splits, h0 = (item % j->splits) * per_seq;
-        status = run_item(j, b, h0, h0 + per_seq, scores, capacity);
+        const int64_t t = item / j->splits, h0 = (item % j->splits) * per_item;
+        status = run_item(j, j->tiles[t], j->tiles[t + 1] - j->tiles[t], h0, h0 + per_item, scores);
     }
     free(scores);
     if (status) __atomic_fetch_or(&j->status, status, __ATOMIC_RELAXED);
 }
+
+enum { TILE_ROWS = 16 }; /* rows of one sequence that share their key and value reads */
 
 /* Returns 0 on success, nonzero if a length was empty or memory ran out. */
 int tm_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
@@ -192,15 +250,28 @@ int tm_paged_decode_attention(const float *q, const float *k_cache, const float 
                               int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                               int64_t head_dim, int64_t block_size, int64_t max_blocks,
                               float scale, int64_t n_threads) {
-    /* whole sequences per item, unless there are fewer sequences than threads */
-    const int64_t splits = batch >= n_threads ? 1 : num_kv_heads;
-    const int64_t items = batch * splits;
+    /* tiles: runs of rows with one block table and consecutive lengths (a prefill chunk) */
+    int64_t *tiles = malloc(sizeof(int64_t) * (batch + 1)), num_tiles = 0, widest = 0;
+    if (tiles == NULL) return 1;
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t first = num_tiles ? tiles[num_tiles - 1] : 0;
+        const int joins = b > 0 && b - first < TILE_ROWS && lens[b] == lens[b - 1] + 1 &&
+                          memcmp(tables + b * max_blocks, tables + (b - 1) * max_blocks,
+                                 sizeof(int64_t) * max_blocks) == 0;
+        if (!joins) tiles[num_tiles++] = b;
+        const int64_t rows = b - tiles[num_tiles - 1] + 1;
+        widest = rows * lens[b] > widest ? rows * lens[b] : widest;
+    }
+    tiles[num_tiles] = batch;
+    /* whole tiles per item, unless there are fewer tiles than threads */
+    const int64_t splits = num_tiles >= n_threads ? 1 : num_kv_heads;
+    const int64_t items = num_tiles * splits;
     if (n_threads < 1) n_threads = 1;
     if (n_threads > items) n_threads = items;
-    int64_t longest = 0;
-    for (int64_t b = 0; b < batch; b++) longest = lens[b] > longest ? lens[b] : longest;
+    const int64_t capacity = num_kv_heads / splits * (num_heads / num_kv_heads) * widest;
     Job job = {q, k_cache, v_cache, tables, lens, out, num_heads, num_kv_heads, head_dim,
-               block_size, max_blocks, scale, splits, batch, longest, 0, 0};
+               block_size, max_blocks, scale, splits, tiles, num_tiles, capacity, 0, 0};
     parallel(run_job, &job, (int)n_threads);
+    free(tiles);
     return job.status;
 }
