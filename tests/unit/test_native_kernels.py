@@ -38,7 +38,8 @@ def reference(q, k_cache, v_cache, tables, lens, block_size):
     [
         (9, 3, 64, [1]),
         (9, 3, 64, [16, 17, 190, 5]),
-        (4, 4, 48, [33, 2]),  # no GQA, a head size that is not a multiple of 8
+        (4, 4, 48, [33, 2]),  # no GQA, a head size that is not a multiple of 32
+        (2, 1, 20, [5, 40]),  # a head size that is not a multiple of 8 (portable loops)
         (8, 2, 128, [300]),
         (6, 1, 32, [64, 64, 64, 1, 100, 7, 31]),
     ],
@@ -77,6 +78,27 @@ def test_each_sequence_is_independent_of_its_batch():
             q[b : b + 1], k_cache, v_cache, tables[b : b + 1], lens[b : b + 1], 16
         )
         assert torch.equal(alone[0], together[b])
+
+
+@needs_kernel
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 48), (2, 1, 20)])
+def test_prefill_rows_equal_the_same_rows_alone(heads, kv_heads, head_dim):
+    """A prefill chunk's rows (one block table, consecutive lengths) are attended in tiles
+    that share key and value reads; each row still equals its own call, i.e. the decode
+    that token would have had: no result depends on how a prompt was chunked."""
+    torch.manual_seed(2)
+    block_size = 16
+    k_cache, v_cache = torch.randn(512, kv_heads, head_dim), torch.randn(512, kv_heads, head_dim)
+    table = torch.randperm(32)[None]
+    lens = torch.cat([torch.arange(90, 131), torch.tensor([7, 300])])  # a chunk, then 2 decodes
+    tables = torch.cat([table.expand(41, -1), torch.randperm(32)[None], table]).contiguous()
+    q = torch.randn(len(lens), heads, head_dim)
+    together = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size)
+    for b in range(len(lens)):
+        alone = paged_attention.paged_decode_attention(
+            q[b : b + 1], k_cache, v_cache, tables[b : b + 1], lens[b : b + 1], block_size
+        )
+        assert torch.equal(alone[0], together[b]), b
 
 
 @needs_kernel

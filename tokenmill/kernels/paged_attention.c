@@ -72,108 +72,111 @@ INLINE float sum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* scores[l] = q . k[l] * scale for keys k[0..R) of one block (R consecutive slots, `row`
- * floats apart): one accumulator per key, so a key's score is the same whichever R. */
+/* scores[0 .. n) = q . k[l] * scale for 8 keys k[0..8) (consecutive slots, `row` floats
+ * apart; lanes past n are computed and dropped): one accumulator per key, the 8 reduced
+ * together in one tree, so a key's score does not depend on its neighbours. */
 INLINE void key_scores(const float *q, const float *k, int64_t row, int64_t D, float scale,
-                       float *scores, const int R) {
+                       float *scores, int64_t n) {
     __m256 acc[8];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
         const __m256 qd = _mm256_loadu_ps(q + d);
-        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + r * row + d), acc[r]);
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + r * row + d), acc[r]);
     }
-    for (int r = 0; r < R; r++) scores[r] = sum8(acc[r]) * scale;
+    /* lane r of the result: ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) of acc[r] */
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                      _mm256_permute2f128_ps(s0123, s4567, 0x31));
+    const __m256 scaled = _mm256_mul_ps(sums, _mm256_set1_ps(scale));
+    if (n >= 8) {
+        _mm256_storeu_ps(scores, scaled);
+    } else {
+        float all[8];
+        _mm256_storeu_ps(all, scaled);
+        memcpy(scores, all, sizeof(float) * n);
+    }
 }
 
-/* out[r][d0 .. d0 + 32) = sum over row r's L[r] keys of p[r][l] v[l] for one head, R rows
- * of one tile at a time (each value row read once for all of them); every output lane is
- * one fma chain over the keys in order, whatever R */
+/* the scores of keys [0, n) of one block: 8 slots at a time, read in place while 8 fit in
+ * the block, else from a zero-padded copy (block sizes that are not a multiple of 8) */
+INLINE void block_scores(const Job *j, const float *q, const float *k, int64_t n, float *scores) {
+    const int64_t row = j->num_kv_heads * j->head_dim, D = j->head_dim;
+    int64_t i = 0;
+    for (; i < n && i + 8 <= j->block_size; i += 8)
+        key_scores(q, k + i * row, row, D, j->scale, scores + i, n - i);
+    if (i < n) {
+        float copy[8 * 256]; /* D <= 256 */
+        memset(copy, 0, sizeof(float) * 8 * D);
+        for (int64_t r = 0; r < n - i; r++) memcpy(copy + r * D, k + (i + r) * row, sizeof(float) * D);
+        key_scores(q, copy, D, D, j->scale, scores + i, n - i);
+    }
+}
+
+/* out[r][d0 .. d0 + 8 NV) = sum over row r's L[r] keys of p[r][l] v[l] for one head, R
+ * rows of one tile at a time (each value row read once for all of them); every output lane
+ * is one fma chain over the keys in order, whatever R and NV */
 INLINE void weighted_values(const Job *j, const int64_t *table, const int64_t *L,
-                            const float *const *p, int64_t offset, float *const *out, const int R) {
+                            const float *const *p, int64_t offset, float *const *out, const int R,
+                            const int NV) {
     const int64_t bs = j->block_size, row = j->num_kv_heads * j->head_dim;
     const int64_t longest = L[R - 1];
-    __m256 acc[3][4];
+    __m256 acc[2][8];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < 4; c++) acc[r][c] = _mm256_setzero_ps();
+        for (int c = 0; c < NV; c++) acc[r][c] = _mm256_setzero_ps();
     for (int64_t start = 0; start < longest; start += bs) {
         const int64_t n = longest - start < bs ? longest - start : bs;
         const float *v = j->v_cache + table[start / bs] * bs * row + offset;
         for (int64_t i = 0; i < n; i++, v += row) {
-            const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
-            const __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+            __m256 values[8];
+            for (int c = 0; c < NV; c++) values[c] = _mm256_loadu_ps(v + 8 * c);
             for (int r = 0; r < R; r++) {
                 if (start + i >= L[r]) continue;
                 const __m256 w = _mm256_broadcast_ss(p[r] + start + i);
-                acc[r][0] = _mm256_fmadd_ps(w, v0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(w, v1, acc[r][1]);
-                acc[r][2] = _mm256_fmadd_ps(w, v2, acc[r][2]);
-                acc[r][3] = _mm256_fmadd_ps(w, v3, acc[r][3]);
+                for (int c = 0; c < NV; c++) acc[r][c] = _mm256_fmadd_ps(w, values[c], acc[r][c]);
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < 4; c++) _mm256_storeu_ps(out[r] + 8 * c, acc[r][c]);
-}
-
-/* The same for an 8-float slice (head sizes that are not a multiple of 32), one row. */
-INLINE void weighted_values8(const Job *j, const int64_t *table, int64_t L, const float *p,
-                             int64_t offset, float *out) {
-    const int64_t bs = j->block_size, row = j->num_kv_heads * j->head_dim;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t start = 0; start < L; start += bs) {
-        const int64_t n = L - start < bs ? L - start : bs;
-        const float *v = j->v_cache + table[start / bs] * bs * row + offset;
-        for (int64_t i = 0; i < n; i++, v += row)
-            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + start + i), _mm256_loadu_ps(v), acc);
-    }
-    _mm256_storeu_ps(out, acc);
+        for (int c = 0; c < NV; c++) _mm256_storeu_ps(out[r] + 8 * c, acc[r][c]);
 }
 
 /* run_item for a head size that is a multiple of 8: rows b .. b + R - 1 of one sequence
- * (lens ascending), query heads [h0 G, h0 G + heads); scores of 8 keys at a time, each key
- * block read once for every row of the tile */
+ * (lens ascending), query heads [h0 G, h0 G + heads), one head at a time (its R rows of
+ * scores stay in cache); scores of 8 keys at a time, each key block read once for every
+ * row of the tile */
 static void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R, int64_t h0,
                         int64_t heads, float *scores) {
     const int64_t Hkv = j->num_kv_heads, D = j->head_dim, bs = j->block_size, row = Hkv * D;
     const int64_t G = j->num_heads / Hkv, H = j->num_heads, *lens = j->lens + b;
     const int64_t longest = lens[R - 1];
     for (int64_t qh = 0; qh < heads; qh++) {
-        const int64_t kv = h0 + qh / G;
+        const int64_t kv = h0 + qh / G, head = h0 * G + qh;
         for (int64_t start = 0; start < longest; start += bs) {
             const float *k = j->k_cache + table[start / bs] * bs * row + kv * D;
             for (int64_t r = 0; r < R; r++) {
                 const int64_t n = lens[r] - start < bs ? lens[r] - start : bs;
-                const float *q = j->q + ((b + r) * H + h0 * G + qh) * D;
-                float *sc = scores + (r * heads + qh) * longest + start;
-                int64_t i = 0;
-                for (; i + 8 <= n; i += 8) key_scores(q, k + i * row, row, D, j->scale, sc + i, 8);
-                for (; i < n; i++) key_scores(q, k + i * row, row, D, j->scale, sc + i, 1);
+                if (n > 0) block_scores(j, j->q + ((b + r) * H + head) * D, k, n, scores + r * longest + start);
             }
         }
-    }
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t qh = 0; qh < heads; qh++) softmax_rows(scores + (r * heads + qh) * longest, 1, lens[r]);
-    for (int64_t qh = 0; qh < heads; qh++) {
-        const int64_t kv = h0 + qh / G;
-        for (int64_t r0 = 0; r0 < R; r0 += 3) {
-            const int rr = R - r0 < 3 ? (int)(R - r0) : 3;
-            for (int64_t d = 0; d < D; d += 32) {
-                const float *p[3];
-                float *out[3];
-                for (int r = 0; r < rr; r++) {
-                    p[r] = scores + ((r0 + r) * heads + qh) * longest;
-                    out[r] = j->out + ((b + r0 + r) * H + h0 * G + qh) * D + d;
-                }
-                if (d + 32 > D) {
-                    for (int r = 0; r < rr; r++)
-                        for (int64_t e = d; e < D; e += 8)
-                            weighted_values8(j, table, lens[r0 + r], p[r], kv * D + e, out[r] + e - d);
-                    continue;
-                }
-                switch (rr) {
-                case 3: weighted_values(j, table, lens + r0, p, kv * D + d, out, 3); break;
-                case 2: weighted_values(j, table, lens + r0, p, kv * D + d, out, 2); break;
-                default: weighted_values(j, table, lens + r0, p, kv * D + d, out, 1); break;
+        for (int64_t r = 0; r < R; r++) softmax_rows(scores + r * longest, 1, lens[r]);
+        for (int64_t r0 = 0; r0 < R; r0 += 2) {
+            const int two = R - r0 >= 2;
+            const float *p[2] = {scores + r0 * longest, scores + (r0 + two) * longest};
+            const int64_t step = two ? 32 : 64; /* 8 accumulators per row, 16 at most */
+            for (int64_t d = 0; d < D; d += step) {
+                float *out[2] = {j->out + ((b + r0) * H + head) * D + d,
+                                 j->out + ((b + r0 + two) * H + head) * D + d};
+                if (d + step > D) { /* the head's last floats, 8 at a time */
+                    for (int r = 0; r <= two; r++)
+                        for (int64_t e = d; e < D; e += 8) {
+                            float *slice = out[r] + e - d;
+                            weighted_values(j, table, lens + r0 + r, p + r, kv * D + e, &slice, 1, 1);
+                        }
+                } else if (two) {
+                    weighted_values(j, table, lens + r0, p, kv * D + d, out, 2, 4);
+                } else {
+                    weighted_values(j, table, lens + r0, p, kv * D + d, out, 1, 8);
                 }
             }
         }
@@ -187,9 +190,9 @@ static int run_item(const Job *j, int64_t b, int64_t R, int64_t h0, int64_t h1, 
     const int64_t Hkv = j->num_kv_heads, D = j->head_dim, bs = j->block_size;
     const int64_t G = j->num_heads / Hkv, heads = (h1 - h0) * G;
     const int64_t *table = j->tables + b * j->max_blocks;
-    if (j->lens[b] <= 0 || R * heads * j->lens[b + R - 1] > j->capacity) return 1;
+    if (j->lens[b] <= 0 || R * j->lens[b + R - 1] > j->capacity || heads * j->lens[b + R - 1] > j->capacity) return 1;
 #ifdef VECTOR_HEADS
-    if (D % 8 == 0) {
+    if (D % 8 == 0 && D <= 256) {
         vector_item(j, table, b, R, h0, heads, scores);
         return 0;
     }
@@ -268,6 +271,7 @@ int tm_paged_decode_attention(const float *q, const float *k_cache, const float 
     const int64_t items = num_tiles * splits;
     if (n_threads < 1) n_threads = 1;
     if (n_threads > items) n_threads = items;
+    /* scores: the tile's rows of one head (AVX2), or one row's heads (portable) */
     const int64_t capacity = num_kv_heads / splits * (num_heads / num_kv_heads) * widest;
     Job job = {q, k_cache, v_cache, tables, lens, out, num_heads, num_kv_heads, head_dim,
                block_size, max_blocks, scale, splits, tiles, num_tiles, capacity, 0, 0};
