@@ -222,7 +222,10 @@ def test_response_format_and_structured_outputs_spellings(server: Server) -> Non
     object_format = {"type": "json_object"}
     prompt = "Describe a user as JSON."
     schema = in_every_mode(prompt, {"response_format": schema_format}, 96)[1:3]
-    anything = in_every_mode(prompt, {"response_format": object_format}, 96)[2:]
+    # (a prompt the bundled model answers with a short object: on "Describe a user as JSON."
+    # its greedy chat reply under int8 activations counts digits past any max_tokens)
+    short = "Write a JSON object with a name and an age."
+    anything = in_every_mode(short, {"response_format": object_format}, 96)[2:]
     current = [
         Case("Yes or no?", {"structured_outputs": {"choice": ["yes", "no"]}}, "chat"),
         Case("Digits:", {"structured_outputs": {"regex": "[0-9]{3}"}}, "completions", True),
