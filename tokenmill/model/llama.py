@@ -304,18 +304,25 @@ class LlamaForCausalLM(nn.Module):
         [C, V] copy of the output projection for few-row logits.
 
         "gguf" keeps each layer stored as Q4_1/Q8_0 in the checkpoint (`blocks`) in that
-        format (int8 activations; "gguf-float32": float32 ones), and packs the rest as "fp16". MKL's GEMV over the [V, C] weight is ~2x slower
-        than a GEMM over its transpose at 1-3 rows (bandwidth-bound batch-1 decode), the
-        reverse from 4 rows on; the copy costs V*C more floats (113 MB for SmolLM2-135M).
+        format (int8 activations; "gguf-float32": float32 ones), and packs the rest as
+        "fp16". MKL's GEMV over the [V, C] weight is ~2x slower than a GEMM over its
+        transpose at 1-3 rows (bandwidth-bound batch-1 decode), the reverse from 4 rows on;
+        the copy costs V*C more floats (113 MB for SmolLM2-135M).
         """
         if self.output_weight.device.type != "cpu":
             return
         if quantization in ("gguf", "gguf-float32"):
-            kept = self._keep_gguf_blocks(blocks, int8_activations=quantization == "gguf")
+            int8 = quantization == "gguf"
+            kept = self._keep_gguf_blocks(blocks, int8_activations=int8)
             # whatever was not kept: float16-packed where a fast kernel runs, else float32
             quantization = "fp16" if fast_fp16() else None
             if kept:
-                logger.info("weights: %d linear layers kept as GGUF blocks", kept)
+                activations = "int8" if int8 else "float32"
+                logger.info(
+                    "weights: %d linear layers kept as GGUF blocks, %s activations",
+                    kept,
+                    activations,
+                )
         if quantization is not None:
             quantize_linears(self.layers, quantization)
         if self.packed_head is None and quantization is not None and fits_fp16(self.output_weight):
