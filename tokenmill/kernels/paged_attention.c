@@ -63,14 +63,8 @@ static void softmax_rows(float *scores, int64_t rows, int64_t L) {
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#define VECTOR_HEADS 1 /* head sizes that are a multiple of 8 take the AVX2 loops below */
+#define VECTOR_HEADS 1 /* head sizes that are a multiple of 8, up to 256, take the AVX2 loops */
 #define INLINE static inline __attribute__((always_inline))
-
-INLINE float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 /* scores[0 .. n) = q . k[l] * scale for 8 keys k[0..8) (consecutive slots, `row` floats
  * apart; lanes past n are computed and dropped): one accumulator per key, the 8 reduced
