@@ -459,7 +459,7 @@ def test_portable_build_computes_the_same_chains(tmp_path):
         for int8 in (False, True):
             blocks = gguf_blocks(weight, ggml_type)
             values, scales = quant_matmul.pack_blocks(blocks, ggml_type, 64, int8)
-            kernel_type = ggml_type | (quant_matmul.INT8_ACTIVATIONS if int8 else 0)
+            kernel_type = quant_matmul.kernel_type(ggml_type, int8)
             args = (values.data_ptr(), scales.data_ptr(), 40, kernel_type, None, got.data_ptr(), 2)
             assert lib.tm_quant_matmul(x.data_ptr(), 7, 64, *args) == 0
             want = quant_matmul.quant_matmul(x, values, scales, ggml_type, 40, None, int8)

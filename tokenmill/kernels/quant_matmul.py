@@ -17,6 +17,12 @@ GGML_Q4_1, GGML_Q8_0 = 3, 8
 BLOCK_LAYOUT = {GGML_Q4_1: (32, 20), GGML_Q8_0: (32, 34)}
 INT8_ACTIVATIONS = 256  # type flag: int8 activations, values in dot-product order
 
+
+def kernel_type(ggml_type: int, int8_activations: bool) -> int:
+    """The kernel's type argument: the GGML type, flagged when activations are int8."""
+    return ggml_type | (INT8_ACTIVATIONS if int8_activations else 0)
+
+
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -133,7 +139,6 @@ def quant_matmul(
     fn = _function()
     assert fn is not None, "check available() first"
     weights = (values.data_ptr(), scales.data_ptr())
-    kernel_type = ggml_type | (INT8_ACTIVATIONS if int8_activations else 0)
     in_features = scales.shape[1] * BLOCK_LAYOUT[ggml_type][0]
     return _run(
         "quantized matmul",
@@ -142,7 +147,7 @@ def quant_matmul(
         in_features,
         values.shape[0],
         weights,
-        (kernel_type,),
+        (kernel_type(ggml_type, int8_activations),),
         out_features,
         bias,
     )

@@ -101,7 +101,7 @@ class GGUFLinear(nn.Module):
     @property
     def kernel_type(self) -> int:
         """The type argument of the native kernel: the GGML type, with its int8 flag."""
-        return self.ggml_type | (quant_matmul.INT8_ACTIVATIONS if self.int8_activations else 0)
+        return quant_matmul.kernel_type(self.ggml_type, self.int8_activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         return quant_matmul.quant_matmul(

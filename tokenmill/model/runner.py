@@ -160,6 +160,7 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
                 sampling.append(request)
         device = self.device
+        position_ids = torch.tensor(positions, dtype=torch.long, device=device)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decodes=len(decodes),
@@ -168,13 +169,14 @@ class ModelRunner:
             prefills=chunks,
             block_size=bs,
         )
-        if native:
-            meta.row_tables, meta.row_lens = self._row_tables(decodes + prefills, block_tables)
+        if native:  # (native kernels run on CPU: the tensors are there)
+            meta.row_tables = self._row_tables(decodes + prefills, block_tables)
+            meta.row_lens = position_ids + 1  # every row attends its keys up to its own
         else:
             meta.decode_slots, meta.decode_mask = self._decode_layout(decodes, block_tables)
         return BatchInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            positions=position_ids,
             meta=meta,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sampling_requests=sampling,
@@ -194,19 +196,16 @@ class ModelRunner:
     @staticmethod
     def _row_tables(
         items: list[ScheduledRequest], block_tables: dict[str, list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's block table [T, max_blocks] (zero-padded) and key count [T] (its
-        position + 1), the items' rows in order."""
+    ) -> torch.Tensor:
+        """Every row's block table [T, max_blocks] (zero-padded), the items' rows in order:
+        a prefill chunk's rows share their sequence's."""
         tables = [block_tables[item.request.request_id] for item in items]
         width = max(len(t) for t in tables)
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         counts = [item.num_new_tokens for item in items]
-        lens = [
-            p + 1 for item in items for p in range(item.start, item.start + item.num_new_tokens)
-        ]
-        if len(lens) > len(items):  # a prefill chunk: its rows share the sequence's table
-            padded = padded.repeat_interleave(torch.tensor(counts), dim=0)
-        return padded, torch.tensor(lens, dtype=torch.long)
+        if sum(counts) == len(items):  # decodes only: a row per item
+            return padded
+        return padded.repeat_interleave(torch.tensor(counts), dim=0)
 
     def _decode_layout(
         self, decodes: list[ScheduledRequest], block_tables: dict[str, list[int]]
