@@ -464,3 +464,63 @@ def test_portable_build_computes_the_same_chains(tmp_path):
             assert lib.tm_quant_matmul(x.data_ptr(), 7, 64, *args) == 0
             want = quant_matmul.quant_matmul(x, values, scales, ggml_type, 40, None, int8)
             assert torch.equal(got, want)
+
+
+def _torch_draw(logits, temperature, uniforms):
+    """The sampler's torch rule: inverse CDF over softmax(logits / temperature)."""
+    cdf = torch.softmax(logits / temperature[:, None], dim=-1).cumsum(-1)
+    return torch.searchsorted(cdf, (uniforms[:, None] * cdf[:, -1:]), right=True).squeeze(1)
+
+
+@needs_layer_ops
+def test_sample_rows_is_the_inverse_cdf_of_the_softmax():
+    """Each row's token is where its uniform falls in softmax(logits / T)'s CDF: equal to
+    torch's rule except where u lands within rounding of a boundary, and never a token
+    of zero probability; a row's draw does not depend on the rows around it."""
+    torch.manual_seed(11)
+    rows, vocab = 64, 1003  # a vocabulary that is not a multiple of 8
+    logits = torch.randn(rows, vocab) * 3
+    logits[:, 500:700] = float("-inf")  # masked tokens (grammar, logit bias)
+    temperature = torch.rand(rows) + 0.2
+    uniforms = torch.rand(rows)
+    got = layer_ops.sample_rows(logits, temperature, uniforms)
+    assert got is not None
+    want = _torch_draw(logits, temperature, uniforms)
+    assert (got == want).float().mean() >= 0.95, (got != want).nonzero()
+    assert not ((got >= 500) & (got < 700)).any()
+    for t in range(0, rows, 7):
+        alone = layer_ops.sample_rows(
+            logits[t : t + 1], temperature[t : t + 1], uniforms[t : t + 1]
+        )
+        assert alone is not None and alone[0] == got[t]
+
+
+@needs_layer_ops
+def test_sample_rows_frequencies_follow_the_probabilities():
+    torch.manual_seed(12)
+    vocab, draws = 10, 40000
+    logits = torch.randn(1, vocab).expand(draws, vocab).contiguous()
+    logits[:, 3] = float("-inf")
+    temperature = torch.full((draws,), 0.7)
+    got = layer_ops.sample_rows(logits, temperature, torch.rand(draws))
+    assert got is not None
+    counts = torch.bincount(got, minlength=vocab).float() / draws
+    probs = torch.softmax(logits[0] / 0.7, dim=-1)
+    assert counts[3] == 0
+    # binomial standard error at 40,000 draws is <= 0.0025: 5 sigma
+    assert (counts - probs).abs().max() < 0.0125, (counts, probs)
+
+
+@needs_layer_ops
+def test_sample_rows_edges():
+    vocab = 16
+    one_hot = torch.full((2, vocab), float("-inf"))
+    one_hot[0, 15], one_hot[1, 0] = 0.0, 0.0  # a single token with mass, at either end
+    nearly_one = torch.tensor([1.0 - 2**-24, 1.0 - 2**-24])
+    got = layer_ops.sample_rows(one_hot, torch.ones(2), nearly_one)
+    assert got is not None and got.tolist() == [15, 0]
+    assert layer_ops.sample_rows(one_hot, torch.ones(2), torch.zeros(2)).tolist() == [15, 0]
+    no_mass = torch.full((1, vocab), float("-inf"))
+    assert layer_ops.sample_rows(no_mass, torch.ones(1), torch.zeros(1)) is None
+    nan_row = torch.full((1, vocab), float("nan"))
+    assert layer_ops.sample_rows(nan_row, torch.ones(1), torch.zeros(1)) is None

@@ -7,6 +7,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "fast_math.h"
@@ -75,4 +76,78 @@ int tm_rope_and_cache(const float *qkv, const float *cos_sin, const int64_t *pos
         memcpy(v_cache + slots[t] * kv, row + (num_heads + num_kv_heads) * D, sizeof(float) * kv);
     }
     return 0;
+}
+
+/* the fixed sum tree of 8 lanes: ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)) */
+static inline float lane_total(const float *c) {
+    return ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
+}
+
+/* One token per row drawn from softmax(logits[t] / temperature[t]) by inverse CDF with
+ * uniforms[t] in [0, 1): e_i = e^(x_i - max x) (0 below e^-87), then in 8 lanes (lane k sums tokens 8v + k,
+ * v = 0, 1, ...) the CDF after each vector v, F[v] = the lane tree of the lane sums, which
+ * never decreases; the total is the last F. The token is the first whose running mass
+ * passes u * total: its vector by binary search over F, then token by token inside it (a
+ * token of zero mass is never drawn). Rows split over the OpenMP threads; a row's draw
+ * depends on its own inputs only. Returns 1 when a row has no finite maximum or no mass (the
+ * caller then takes the torch path), 2 when memory ran out. */
+int tm_sample_rows(const float *logits, int64_t rows, int64_t vocab, const float *temperature,
+                   const float *uniforms, int64_t *out) {
+    int status = 0;
+#pragma omp parallel if (rows * vocab >= PARALLEL_VALUES)
+    {
+        const int64_t vectors = (vocab + 7) / 8;
+        float *e = malloc(sizeof(float) * 9 * vectors), *cdf = e + 8 * vectors;
+        if (e == NULL) {
+#pragma omp atomic write
+            status = 2;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < rows; t++) {
+            if (e == NULL) continue;
+            const float *l = logits + t * vocab, inv = 1.0f / temperature[t];
+            float top = -INFINITY;
+            for (int64_t i = 0; i < vocab; i++) top = l[i] * inv > top ? l[i] * inv : top;
+            if (!isfinite(top)) {
+#pragma omp atomic write
+                status = 1;
+                continue;
+            }
+            for (int64_t i = 0; i < vocab; i++) { /* below e^-87 (masked tokens: -inf): no mass */
+                const float d = l[i] * inv - top;
+                e[i] = d < -87.0f ? 0.0f : tm_exp(d);
+            }
+            for (int64_t i = vocab; i < 8 * vectors; i++) e[i] = 0.0f;
+            float lanes[8] = {0};
+            for (int64_t v = 0; v < vectors; v++) {
+                for (int k = 0; k < 8; k++) lanes[k] += e[8 * v + k];
+                cdf[v] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+            }
+            const float total = cdf[vectors - 1], target = uniforms[t] * total;
+            if (!(total > 0.0f) || !isfinite(total)) {
+#pragma omp atomic write
+                status = 1;
+                continue;
+            }
+            int64_t lo = 0, hi = vectors - 1; /* the first v with cdf[v] > target, else the last */
+            while (lo < hi) {
+                const int64_t mid = lo + (hi - lo) / 2;
+                if (cdf[mid] > target) hi = mid;
+                else lo = mid + 1;
+            }
+            const float *ev = e + 8 * lo;
+            float running = lo > 0 ? cdf[lo - 1] : 0.0f;
+            int64_t token = -1;
+            for (int k = 0; k < 8 && token < 0; k++)
+                if ((running += ev[k]) > target && ev[k] > 0.0f) token = 8 * lo + k;
+            for (int k = 7; token < 0 && k >= 0; k--) /* rounding: the vector's last with mass */
+                if (ev[k] > 0.0f) token = 8 * lo + k;
+            for (int64_t i = 8 * lo - 1; token < 0; i--) /* (a vector with no mass: before it) */
+                if (e[i] > 0.0f) token = i;
+            out[t] = token;
+        }
+        free(e);
+    }
+    return status;
 }

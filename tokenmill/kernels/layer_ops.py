@@ -81,3 +81,22 @@ def rope_and_cache(
     if status != 0:
         raise IndexError("a token position or cache slot is out of range")
     return q, k
+
+
+def sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor
+) -> torch.Tensor | None:
+    """One token per row of softmax(logits [N, V] / temperature [N]) by inverse CDF at
+    uniforms [N]; None when a row has no finite logit (the caller's torch path decides)."""
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    temperature = temperature.to(torch.float32).contiguous()
+    uniforms = uniforms.to(torch.float32).contiguous()
+    out = torch.empty(rows, dtype=torch.long)
+    fn = _fn("tm_sample_rows", _ptr, _i64, _i64, _ptr, _ptr, _ptr)
+    status = fn(
+        logits.data_ptr(), rows, vocab, temperature.data_ptr(), uniforms.data_ptr(), out.data_ptr()
+    )
+    if status == 2:
+        raise MemoryError("tm_sample_rows: out of memory")
+    return None if status else out

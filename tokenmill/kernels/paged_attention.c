@@ -66,6 +66,46 @@ static void softmax_rows(float *scores, int64_t rows, int64_t L) {
 #define VECTOR_HEADS 1 /* head sizes that are a multiple of 8, up to 256, take the AVX2 loops */
 #define INLINE static inline __attribute__((always_inline))
 
+/* lanes [0, n) of 8 (n <= 8) */
+INLINE __m256i first_lanes(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* softmax_rows for one row, 8 scores at a time (the last few masked): the max, then e^(s -
+ * max) and their sum in 8 lanes, then a multiply by 1 / sum. Every step depends on L only,
+ * so a row's probabilities do not depend on the rows around it. */
+INLINE void softmax_row(float *s, int64_t L) {
+    const int64_t full = L & ~(int64_t)7;
+    const __m256i tail = first_lanes(L - full);
+    const __m256 lowest = _mm256_set1_ps(-INFINITY);
+    __m256 top = lowest;
+    for (int64_t l = 0; l < full; l += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + l));
+    if (full < L)
+        top = _mm256_max_ps(top, _mm256_blendv_ps(lowest, _mm256_maskload_ps(s + full, tail), _mm256_castsi256_ps(tail)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const __m256 m = _mm256_set1_ps(_mm_cvtss_f32(m4));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t l = 0; l < full; l += 8) {
+        const __m256 e = tm_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), m));
+        _mm256_storeu_ps(s + l, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    if (full < L) {
+        const __m256 e = _mm256_and_ps(tm_exp8(_mm256_sub_ps(_mm256_maskload_ps(s + full, tail), m)),
+                                       _mm256_castsi256_ps(tail));
+        _mm256_maskstore_ps(s + full, tail, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    const __m256 inv = _mm256_set1_ps(1.0f / _mm_cvtss_f32(s4));
+    for (int64_t l = 0; l < full; l += 8) _mm256_storeu_ps(s + l, _mm256_mul_ps(_mm256_loadu_ps(s + l), inv));
+    if (full < L) _mm256_maskstore_ps(s + full, tail, _mm256_mul_ps(_mm256_maskload_ps(s + full, tail), inv));
+}
+
 /* scores[0 .. n) = q . k[l] * scale for 8 keys k[0..8) (consecutive slots, `row` floats
  * apart; lanes past n are computed and dropped): one accumulator per key, the 8 reduced
  * together in one tree, so a key's score does not depend on its neighbours. */
@@ -153,7 +193,7 @@ static void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
                 if (n > 0) block_scores(j, j->q + ((b + r) * H + head) * D, k, n, scores + r * longest + start);
             }
         }
-        for (int64_t r = 0; r < R; r++) softmax_rows(scores + r * longest, 1, lens[r]);
+        for (int64_t r = 0; r < R; r++) softmax_row(scores + r * longest, lens[r]);
         for (int64_t r0 = 0; r0 < R; r0 += 2) {
             const int two = R - r0 >= 2;
             const float *p[2] = {scores + r0 * longest, scores + (r0 + two) * longest};

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.kernels import layer_ops
+
 _TOP_P_CANDIDATES = 256  # first candidate pool of a top-p-only row
 _GROWTH = 16  # how much larger the pool gets for rows it did not cover
 _NEG_INF = float("-inf")
@@ -26,9 +28,19 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, _NEG_INF)
 
 
-def draw_full(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row from softmax(logits [N, V]), with uniforms [N] in [0, 1)."""
-    return _inverse_cdf(torch.softmax(logits, dim=-1), uniforms)
+def draw_full(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: torch.Tensor
+) -> torch.Tensor:
+    """One token per row from softmax(logits [N, V] / temperature [N]), uniforms [N] in [0, 1).
+
+    On CPU the native kernel does it in one pass per row without [N, V] temporaries
+    (layer_ops.c `tm_sample_rows`); the same inverse-CDF rule either way.
+    """
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and layer_ops.available():
+        drawn = layer_ops.sample_rows(logits, temperature, uniforms)
+        if drawn is not None:
+            return drawn
+    return _inverse_cdf(torch.softmax(logits / temperature[:, None], dim=-1), uniforms)
 
 
 def draw_truncated(

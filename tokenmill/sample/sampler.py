@@ -139,15 +139,19 @@ class Sampler:
         device = logits.device
         subset = logits if len(rows) == len(requests) else logits[rows]
         temperature = torch.tensor([p.temperature for p in params], device=device)
-        subset = subset / temperature[:, None]
-        if any(p.min_p > 0 for p in params):
-            subset = apply_min_p(subset, torch.tensor([p.min_p for p in params], device=device))
         uniforms = self._uniforms([requests[i] for i in rows])
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        truncated = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
+        if truncated or any(p.min_p > 0 for p in params):
+            subset = subset / temperature[:, None]
+            temperature = torch.ones_like(temperature)
+            if any(p.min_p > 0 for p in params):
+                min_p = torch.tensor([p.min_p for p in params], device=device)
+                subset = apply_min_p(subset, min_p)
+        if truncated:
             top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
             drawn = draw_truncated(subset, top_k, top_p, uniforms)
         else:
-            drawn = draw_full(subset, uniforms)
+            drawn = draw_full(subset, uniforms, temperature)
         if len(rows) == len(requests):
             return drawn
         return logits.argmax(dim=-1).index_copy(0, torch.tensor(rows, device=device), drawn)
