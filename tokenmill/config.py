@@ -9,6 +9,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 # weight formats of tokenmill/layers/linear.py (CPU only); "none" = the dtype's own weights
 Quantization = Literal["gguf", "gguf-float32", "fp16"]
 QuantizationSetting = Literal["gguf", "gguf-float32", "fp16", "none"]
+KVCacheDtype = Literal["auto", "float16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
 # the grammar backends of tokenmill/structured (its BACKENDS registry; a unit test keeps them equal)
 GuidedDecodingBackend = Literal["xgrammar", "outlines", "lm-format-enforcer"]
@@ -44,6 +45,10 @@ class CacheConfig:
 
     block_size: int = 16  # tokens per KV block
     kv_cache_memory: int | None = None  # bytes; None = sized to the machine
+    # "auto": float16 on a CPU with the GGUF default (int8 activations, already approximate;
+    # llama.cpp's default too: half the bytes attention reads per step), else the model's
+    # dtype. model/device.py: resolve_kv_cache_dtype.
+    kv_cache_dtype: KVCacheDtype = "auto"
     gpu_memory_utilization: float = 0.9  # CUDA only: share of GPU memory tokenmill may use
     enable_prefix_caching: bool = True
 

@@ -80,10 +80,11 @@ def test_tiny_token_budget_forces_chunked_prefill(llm, alone):
 
 def test_small_kv_cache_forces_preemption(bundled_gguf_path, llm, alone):
     # 8 x (up to ~45 tokens) need ~24 blocks; 10 blocks of 16 force preemption.
+    itemsize = llm.engine.core.runner.kv_cache_dtype.itemsize  # float16 for the gguf default
     small = LLM(
         bundled_gguf_path,
         dtype=llm.engine.config.model.dtype,
-        kv_cache_memory=10 * 16 * 2 * 30 * 3 * 64 * 4,
+        kv_cache_memory=10 * 16 * 2 * 30 * 3 * 64 * itemsize,
         max_model_len=160,
     )
     assert small.engine.core.runner.num_blocks == 10
@@ -133,3 +134,28 @@ def test_torch_fallback_equals_native_kernels(llm, alone):
         assert tokens == [a[0] if BIT_EXACT else a for a in alone]
     finally:
         runner.native_kernels = True
+
+
+def test_float16_cache_reads_the_same_in_the_kernel_and_the_torch_fallback(bundled_gguf_path):
+    """--kv-cache-dtype float16 (the GGUF default's cache) on exact float32 weights: the
+    native kernels and the torch fallback (SDPA over the cache converted back) attend over
+    the same rounded keys and values, so greedy tokens agree; and they stay close to the
+    float32 cache's (a float16 cache rounds keys and values to 11 significant bits)."""
+    wide = LLM(bundled_gguf_path, dtype="float32", kv_cache_memory=64 << 20)
+    half = LLM(
+        bundled_gguf_path, dtype="float32", kv_cache_dtype="float16", kv_cache_memory=64 << 20
+    )
+    runner = half.engine.core.runner
+    if not runner.native_kernels:
+        pytest.skip("the native kernels (with F16C) are not available here")
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    native = [o.outputs[0].token_ids for o in half.generate(PROMPTS, params)]
+    runner.native_kernels = False
+    try:
+        fallback = [o.outputs[0].token_ids for o in half.generate(PROMPTS, params)]
+    finally:
+        runner.native_kernels = True
+    assert fallback == native
+    exact = [o.outputs[0].token_ids for o in wide.generate(PROMPTS, params)]
+    same = sum(a == b for a, b in zip(exact, native, strict=True))
+    assert same >= len(PROMPTS) - 1, (exact, native)

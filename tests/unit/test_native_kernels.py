@@ -44,11 +44,16 @@ def reference(q, k_cache, v_cache, tables, lens, block_size):
         (6, 1, 32, [64, 64, 64, 1, 100, 7, 31]),
     ],
 )
-def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens, cache_dtype):
     torch.manual_seed(0)
     block_size, num_blocks = 16, 64
-    k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim)
-    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim)
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
+    if not paged_attention.supports(k_cache):
+        pytest.skip(
+            "float16 caches need the F16C vector loops (head sizes that are a multiple of 8)"
+        )
     width = max(-(-n // block_size) for n in lens)
     # each sequence gets distinct, scattered blocks; unused table entries stay 0
     order = torch.randperm(num_blocks)
@@ -61,7 +66,8 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens):
     lens_t = torch.tensor(lens, dtype=torch.long)
     q = torch.randn(len(lens), heads, head_dim) * 3  # peaked softmax too
     got = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens_t, block_size)
-    want = reference(q, k_cache, v_cache, tables, lens_t, block_size)
+    # float16 caches: the same math over the values they hold
+    want = reference(q, k_cache.float(), v_cache.float(), tables, lens_t, block_size)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
@@ -81,14 +87,21 @@ def test_each_sequence_is_independent_of_its_batch():
 
 
 @needs_kernel
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 48), (2, 1, 20)])
-def test_prefill_rows_equal_the_same_rows_alone(heads, kv_heads, head_dim):
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "cache_dtype"),
+    [(9, 3, 64, torch.float32), (4, 4, 48, torch.float32), (2, 1, 20, torch.float32),
+     (9, 3, 64, torch.float16)],
+)  # fmt: skip
+def test_prefill_rows_equal_the_same_rows_alone(heads, kv_heads, head_dim, cache_dtype):
     """A prefill chunk's rows (one block table, consecutive lengths) are attended in tiles
     that share key and value reads; each row still equals its own call, i.e. the decode
     that token would have had: no result depends on how a prompt was chunked."""
     torch.manual_seed(2)
     block_size = 16
-    k_cache, v_cache = torch.randn(512, kv_heads, head_dim), torch.randn(512, kv_heads, head_dim)
+    k_cache = torch.randn(512, kv_heads, head_dim).to(cache_dtype)
+    v_cache = torch.randn(512, kv_heads, head_dim).to(cache_dtype)
+    if not paged_attention.supports(k_cache):
+        pytest.skip("float16 caches need the F16C vector loops")
     table = torch.randperm(32)[None]
     lens = torch.cat([torch.arange(90, 131), torch.tensor([7, 300])])  # a chunk, then 2 decodes
     tables = torch.cat([table.expand(41, -1), torch.randperm(32)[None], table]).contiguous()
@@ -224,6 +237,23 @@ def test_rope_and_cache_matches_torch_and_writes_the_slots():
     untouched = torch.ones(64, dtype=torch.bool)
     untouched[slots] = False
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
+@needs_layer_ops
+def test_rope_and_cache_writes_float16_caches_rounded():
+    if not layer_ops.writes_f16():
+        pytest.skip("no F16C")
+    torch.manual_seed(4)
+    heads, kv_heads, dim = 6, 2, 64
+    cos_sin = torch.randn(16, 2, dim)
+    positions, slots = torch.tensor([0, 5, 15]), torch.tensor([3, 40, 7])
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim) * 100
+    wide = torch.zeros(64, kv_heads, dim), torch.zeros(64, kv_heads, dim)
+    half = torch.zeros(64, kv_heads, dim, dtype=torch.float16), torch.zeros_like(wide[1]).half()
+    q32, k32 = layer_ops.rope_and_cache(qkv, cos_sin, positions, slots, *wide, heads)
+    q16, k16 = layer_ops.rope_and_cache(qkv, cos_sin, positions, slots, *half, heads)
+    assert torch.equal(q16, q32) and torch.equal(k16, k32)  # q and k stay float32
+    assert torch.equal(half[0], wide[0].half()) and torch.equal(half[1], wide[1].half())
 
 
 @needs_layer_ops

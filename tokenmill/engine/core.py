@@ -155,7 +155,7 @@ class EngineCore:
         runner = self.runner
         logger.info(
             "Loaded %s: %s, %.1fM parameters, %s math on %s, weights %s, max_model_len %d, "
-            "KV cache %d blocks x %d tokens (%.1f MiB), in %.1f s",
+            "KV cache %d blocks x %d tokens (%.1f MiB, %s), in %.1f s",
             self.source.name,
             (self.source.hf_config.get("architectures") or ["?"])[0],
             runner.num_parameters / 1e6,
@@ -166,5 +166,6 @@ class EngineCore:
             runner.num_blocks,
             self.config.cache.block_size,
             runner.kv_cache_bytes / 2**20,
+            str(runner.kv_cache_dtype).removeprefix("torch."),
             seconds,
         )

@@ -21,12 +21,12 @@ typedef struct {
 typedef struct {
     const float *input_norm, *post_attention_norm; /* [C] */
     Projection qkv, o, gate_up, down;
-    float *k_cache, *v_cache; /* [S, Hkv, D] */
+    void *k_cache, *v_cache; /* [S, Hkv, D] float32, or float16 when cache_f16 */
 } Layer;
 
 typedef struct {
     int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate;
-    int64_t num_positions, num_slots, block_size;
+    int64_t num_positions, num_slots, block_size, cache_f16;
     float eps, scale;
 } Shape;
 
@@ -65,11 +65,11 @@ int tm_decode_layers(const Layer *layers, int64_t num_layers, const Shape *s, fl
         }
         status |= project(&l->qkv, h, rows, C, qkv, n_threads);
         status |= tm_rope_and_cache(qkv, cos_sin, positions, slots, q, k, l->k_cache, l->v_cache,
-                                    rows, H, Hkv, D, s->num_positions, s->num_slots);
+                                    rows, H, Hkv, D, s->num_positions, s->num_slots, (int)s->cache_f16);
         if (status) break;
         status |= tm_paged_decode_attention(q, l->k_cache, l->v_cache, tables, lens, attn, rows,
                                             H, Hkv, D, s->block_size, max_blocks, s->scale,
-                                            attention_threads);
+                                            attention_threads, (int)s->cache_f16);
         status |= project(&l->o, attn, rows, H * D, x, n_threads);
         tm_add_rms_norm(x, residual, l->post_attention_norm, h, rows, C, s->eps, 1);
         status |= project(&l->gate_up, h, rows, C, gate_up, n_threads);

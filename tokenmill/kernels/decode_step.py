@@ -68,6 +68,7 @@ class _Shape(ctypes.Structure):
             "num_positions",
             "num_slots",
             "block_size",
+            "cache_f16",
         )
     ] + [("eps", _f32), ("scale", _f32)]
 
@@ -125,7 +126,8 @@ class DecodeLayers:
         self._num_layers = len(layers)
         self._shape = _Shape(
             hidden, num_heads, num_kv_heads, head_dim, intermediate,
-            cos_sin.shape[0], num_slots, block_size, eps, head_dim**-0.5,
+            cos_sin.shape[0], num_slots, block_size, k_cache.dtype == torch.float16,
+            eps, head_dim**-0.5,
         )  # fmt: skip
         self._keep = (layers, kv_caches)  # the pointers above stay valid while these live
 

@@ -12,6 +12,10 @@
 
 #include "fast_math.h"
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 enum { PARALLEL_VALUES = 1 << 14 }; /* fewer values than this: one thread (no fork cost) */
 
 /* residual[t] += x[t] (when add), then out[t] = residual[t] / rms(residual[t]) * weight */
@@ -47,15 +51,38 @@ int tm_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t size) {
     return 0;
 }
 
+/* n floats -> float16 (round to nearest even); only built with F16C */
+static inline void store_half(uint16_t *to, const float *from, int64_t n) {
+#if defined(__F16C__)
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(to + i), _mm256_cvtps_ph(_mm256_loadu_ps(from + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) to[i] = _cvtss_sh(from[i], _MM_FROUND_TO_NEAREST_INT);
+#else
+    (void)to, (void)from, (void)n;
+#endif
+}
+
+/* Whether float16 caches can be written (tm_rope_and_cache's f16). */
+int tm_rope_writes_f16(void) {
+#if defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* One step's rows of qkv [T, (H + 2 Hkv) * D] (q | k | v): q and k rotated by their
  * token's position ("rotate half" layout, table cos_sin [P, 2, D]) into q_out [T, H, D]
- * and k_out [T, Hkv, D]; k and v also written to the caches [S, Hkv, D] at slots[t].
- * Returns 1 (writing nothing) on a position or slot out of range. */
+ * and k_out [T, Hkv, D]; k and v also written to the caches [S, Hkv, D] at slots[t]
+ * (float32, or float16 when f16: rounded to nearest). Returns 1 (writing nothing) on a
+ * position or slot out of range, 2 on f16 without tm_rope_writes_f16. */
 int tm_rope_and_cache(const float *qkv, const float *cos_sin, const int64_t *positions,
-                      const int64_t *slots, float *q_out, float *k_out, float *k_cache,
-                      float *v_cache, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
-                      int64_t head_dim, int64_t num_positions, int64_t num_slots) {
+                      const int64_t *slots, float *q_out, float *k_out, void *k_cache,
+                      void *v_cache, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+                      int64_t head_dim, int64_t num_positions, int64_t num_slots, int f16) {
     const int64_t D = head_dim, half = D / 2, width = (num_heads + 2 * num_kv_heads) * D;
+    if (f16 && !tm_rope_writes_f16()) return 2;
     for (int64_t t = 0; t < rows; t++)
         if (positions[t] < 0 || positions[t] >= num_positions || slots[t] < 0 ||
             slots[t] >= num_slots)
@@ -72,8 +99,14 @@ int tm_rope_and_cache(const float *qkv, const float *cos_sin, const int64_t *pos
             for (int64_t d = half; d < D; d++) y[d] = x[d] * cos[d] + x[d - half] * sin[d];
         }
         const int64_t kv = num_kv_heads * D;
-        memcpy(k_cache + slots[t] * kv, k_out + t * kv, sizeof(float) * kv);
-        memcpy(v_cache + slots[t] * kv, row + (num_heads + num_kv_heads) * D, sizeof(float) * kv);
+        const float *k = k_out + t * kv, *v = row + (num_heads + num_kv_heads) * D;
+        if (f16) {
+            store_half((uint16_t *)k_cache + slots[t] * kv, k, kv);
+            store_half((uint16_t *)v_cache + slots[t] * kv, v, kv);
+        } else {
+            memcpy((float *)k_cache + slots[t] * kv, k, sizeof(float) * kv);
+            memcpy((float *)v_cache + slots[t] * kv, v, sizeof(float) * kv);
+        }
     }
     return 0;
 }
@@ -84,8 +117,8 @@ static inline float lane_total(const float *c) {
 }
 
 /* One token per row drawn from softmax(logits[t] / temperature[t]) by inverse CDF with
- * uniforms[t] in [0, 1): e_i = e^(x_i - max x) (0 below e^-87), then in 8 lanes (lane k sums tokens 8v + k,
- * v = 0, 1, ...) the CDF after each vector v, F[v] = the lane tree of the lane sums, which
+ * uniforms[t] in [0, 1): e_i = e^(x_i - max x) (0 below e^-87), then in 8 lanes (lane k
+ * sums tokens 8v + k, v = 0, 1, ...) the CDF after each vector v, F[v] = the lane tree of the lane sums, which
  * never decreases; the total is the last F. The token is the first whose running mass
  * passes u * total: its vector by binary search over F, then token by token inside it (a
  * token of zero mass is never drawn). Rows split over the OpenMP threads; a row's draw

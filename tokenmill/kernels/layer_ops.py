@@ -25,6 +25,12 @@ def available() -> bool:
     return function("layer_ops", "tm_silu_mul", _ptr, _ptr, _i64, _i64) is not None
 
 
+def writes_f16() -> bool:
+    """Whether rope_and_cache can write float16 caches (an F16C build)."""
+    fn = function("layer_ops", "tm_rope_writes_f16")
+    return fn is not None and bool(fn())
+
+
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, add: bool = True
 ) -> torch.Tensor:
@@ -51,7 +57,7 @@ def rope_and_cache(
     cos_sin: torch.Tensor,  # [P, 2, D] float32
     positions: torch.Tensor,  # [T] int64
     slots: torch.Tensor,  # [T] int64
-    k_cache: torch.Tensor,  # [S, Hkv, D]
+    k_cache: torch.Tensor,  # [S, Hkv, D] float32, or float16 (see writes_f16)
     v_cache: torch.Tensor,
     num_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # q [T, H, D], k [T, Hkv, D], rotated
@@ -61,7 +67,7 @@ def rope_and_cache(
     num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
     q = qkv.new_empty(rows, num_heads, head_dim)
     k = qkv.new_empty(rows, num_kv_heads, head_dim)
-    fn = _fn("tm_rope_and_cache", *[_ptr] * 8, *[_i64] * 6)
+    fn = _fn("tm_rope_and_cache", *[_ptr] * 8, *[_i64] * 6, _int)
     status = fn(
         qkv.data_ptr(),
         cos_sin.data_ptr(),
@@ -77,7 +83,10 @@ def rope_and_cache(
         head_dim,
         cos_sin.shape[0],
         k_cache.shape[0],
+        k_cache.dtype == torch.float16,
     )
+    if status == 2:
+        raise ValueError("this build cannot write a float16 KV cache (no F16C)")
     if status != 0:
         raise IndexError("a token position or cache slot is out of range")
     return q, k

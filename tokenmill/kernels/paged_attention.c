@@ -20,13 +20,14 @@
 
 typedef struct {
     const float *q;          /* [B, H, D] */
-    const float *k_cache;    /* [S, Hkv, D] */
-    const float *v_cache;    /* [S, Hkv, D] */
+    const char *k_cache;     /* [S, Hkv, D] float32, or float16 when f16 */
+    const char *v_cache;
     const int64_t *tables;   /* [B, max_blocks] */
     const int64_t *lens;     /* [B] */
     float *out;              /* [B, H, D] */
     int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
     float scale;
+    int f16;                 /* the caches hold float16 (F16C builds only) */
     int64_t splits;          /* items per tile: 1, or Hkv (one per kv head) */
     const int64_t *tiles;    /* [num_tiles + 1]: tile t is rows tiles[t] .. tiles[t + 1] - 1 */
     int64_t num_tiles;       /* work items: num_tiles * splits */
@@ -61,7 +62,7 @@ static void softmax_rows(float *scores, int64_t rows, int64_t L) {
     }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define VECTOR_HEADS 1 /* head sizes that are a multiple of 8, up to 256, take the AVX2 loops */
 #define INLINE static inline __attribute__((always_inline))
@@ -109,13 +110,18 @@ INLINE void softmax_row(float *s, int64_t L) {
 /* scores[0 .. n) = q . k[l] * scale for 8 keys k[0..8) (consecutive slots, `row` floats
  * apart; lanes past n are computed and dropped): one accumulator per key, the 8 reduced
  * together in one tree, so a key's score does not depend on its neighbours. */
-INLINE void key_scores(const float *q, const float *k, int64_t row, int64_t D, float scale,
-                       float *scores, int64_t n) {
+INLINE __m256 load_kv(const char *at, const int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)at)) : _mm256_loadu_ps((const float *)at);
+}
+
+INLINE void key_scores(const float *q, const char *k, int64_t row, int64_t D, float scale,
+                       float *scores, int64_t n, const int f16) {
+    const int64_t size = f16 ? 2 : 4; /* bytes per cache value; `row` is in bytes */
     __m256 acc[8];
     for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
         const __m256 qd = _mm256_loadu_ps(q + d);
-        for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + r * row + d), acc[r]);
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qd, load_kv(k + r * row + d * size, f16), acc[r]);
     }
     /* lane r of the result: ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) of acc[r] */
     const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
@@ -134,16 +140,17 @@ INLINE void key_scores(const float *q, const float *k, int64_t row, int64_t D, f
 
 /* the scores of keys [0, n) of one block: 8 slots at a time, read in place while 8 fit in
  * the block, else from a zero-padded copy (block sizes that are not a multiple of 8) */
-INLINE void block_scores(const Job *j, const float *q, const float *k, int64_t n, float *scores) {
-    const int64_t row = j->num_kv_heads * j->head_dim, D = j->head_dim;
+INLINE void block_scores(const Job *j, const float *q, const char *k, int64_t n, float *scores,
+                         const int f16) {
+    const int64_t D = j->head_dim, size = f16 ? 2 : 4, row = j->num_kv_heads * D * size;
     int64_t i = 0;
     for (; i < n && i + 8 <= j->block_size; i += 8)
-        key_scores(q, k + i * row, row, D, j->scale, scores + i, n - i);
+        key_scores(q, k + i * row, row, D, j->scale, scores + i, n - i, f16);
     if (i < n) {
-        float copy[8 * 256]; /* D <= 256 */
-        memset(copy, 0, sizeof(float) * 8 * D);
-        for (int64_t r = 0; r < n - i; r++) memcpy(copy + r * D, k + (i + r) * row, sizeof(float) * D);
-        key_scores(q, copy, D, D, j->scale, scores + i, n - i);
+        char copy[8 * 256 * 4]; /* D <= 256 */
+        memset(copy, 0, (size_t)(8 * D * size));
+        for (int64_t r = 0; r < n - i; r++) memcpy(copy + r * D * size, k + (i + r) * row, (size_t)(D * size));
+        key_scores(q, copy, D * size, D, j->scale, scores + i, n - i, f16);
     }
 }
 
@@ -152,18 +159,18 @@ INLINE void block_scores(const Job *j, const float *q, const float *k, int64_t n
  * is one fma chain over the keys in order, whatever R and NV */
 INLINE void weighted_values(const Job *j, const int64_t *table, const int64_t *L,
                             const float *const *p, int64_t offset, float *const *out, const int R,
-                            const int NV) {
-    const int64_t bs = j->block_size, row = j->num_kv_heads * j->head_dim;
+                            const int NV, const int f16) {
+    const int64_t bs = j->block_size, size = f16 ? 2 : 4, row = j->num_kv_heads * j->head_dim * size;
     const int64_t longest = L[R - 1];
     __m256 acc[2][8];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < NV; c++) acc[r][c] = _mm256_setzero_ps();
     for (int64_t start = 0; start < longest; start += bs) {
         const int64_t n = longest - start < bs ? longest - start : bs;
-        const float *v = j->v_cache + table[start / bs] * bs * row + offset;
+        const char *v = j->v_cache + table[start / bs] * bs * row + offset * size;
         for (int64_t i = 0; i < n; i++, v += row) {
             __m256 values[8];
-            for (int c = 0; c < NV; c++) values[c] = _mm256_loadu_ps(v + 8 * c);
+            for (int c = 0; c < NV; c++) values[c] = load_kv(v + 8 * c * size, f16);
             for (int r = 0; r < R; r++) {
                 if (start + i >= L[r]) continue;
                 const __m256 w = _mm256_broadcast_ss(p[r] + start + i);
@@ -179,18 +186,19 @@ INLINE void weighted_values(const Job *j, const int64_t *table, const int64_t *L
  * (lens ascending), query heads [h0 G, h0 G + heads), one head at a time (its R rows of
  * scores stay in cache); scores of 8 keys at a time, each key block read once for every
  * row of the tile */
-static void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R, int64_t h0,
-                        int64_t heads, float *scores) {
-    const int64_t Hkv = j->num_kv_heads, D = j->head_dim, bs = j->block_size, row = Hkv * D;
+INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R, int64_t h0,
+                        int64_t heads, float *scores, const int f16) {
+    const int64_t Hkv = j->num_kv_heads, D = j->head_dim, bs = j->block_size;
+    const int64_t size = f16 ? 2 : 4, row = Hkv * D * size; /* bytes between slots */
     const int64_t G = j->num_heads / Hkv, H = j->num_heads, *lens = j->lens + b;
     const int64_t longest = lens[R - 1];
     for (int64_t qh = 0; qh < heads; qh++) {
         const int64_t kv = h0 + qh / G, head = h0 * G + qh;
         for (int64_t start = 0; start < longest; start += bs) {
-            const float *k = j->k_cache + table[start / bs] * bs * row + kv * D;
+            const char *k = j->k_cache + table[start / bs] * bs * row + kv * D * size;
             for (int64_t r = 0; r < R; r++) {
                 const int64_t n = lens[r] - start < bs ? lens[r] - start : bs;
-                if (n > 0) block_scores(j, j->q + ((b + r) * H + head) * D, k, n, scores + r * longest + start);
+                if (n > 0) block_scores(j, j->q + ((b + r) * H + head) * D, k, n, scores + r * longest + start, f16);
             }
         }
         for (int64_t r = 0; r < R; r++) softmax_row(scores + r * longest, lens[r]);
@@ -205,12 +213,12 @@ static void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
                     for (int r = 0; r <= two; r++)
                         for (int64_t e = d; e < D; e += 8) {
                             float *slice = out[r] + e - d;
-                            weighted_values(j, table, lens + r0 + r, p + r, kv * D + e, &slice, 1, 1);
+                            weighted_values(j, table, lens + r0 + r, p + r, kv * D + e, &slice, 1, 1, f16);
                         }
                 } else if (two) {
-                    weighted_values(j, table, lens + r0, p, kv * D + d, out, 2, 4);
+                    weighted_values(j, table, lens + r0, p, kv * D + d, out, 2, 4, f16);
                 } else {
-                    weighted_values(j, table, lens + r0, p, kv * D + d, out, 1, 8);
+                    weighted_values(j, table, lens + r0, p, kv * D + d, out, 1, 8, f16);
                 }
             }
         }
@@ -227,10 +235,12 @@ static int run_item(const Job *j, int64_t b, int64_t R, int64_t h0, int64_t h1, 
     if (j->lens[b] <= 0 || R * j->lens[b + R - 1] > j->capacity || heads * j->lens[b + R - 1] > j->capacity) return 1;
 #ifdef VECTOR_HEADS
     if (D % 8 == 0 && D <= 256) {
-        vector_item(j, table, b, R, h0, heads, scores);
+        if (j->f16) vector_item(j, table, b, R, h0, heads, scores, 1);
+        else vector_item(j, table, b, R, h0, heads, scores, 0);
         return 0;
     }
 #endif
+    if (j->f16) return 1; /* float16 caches need the F16C loops */
     const int64_t row = Hkv * D; /* floats between consecutive slots */
     for (int64_t rb = b; rb < b + R; rb++) {
         const int64_t L = j->lens[rb];
@@ -239,7 +249,7 @@ static int run_item(const Job *j, int64_t b, int64_t R, int64_t h0, int64_t h1, 
         /* scores[qh * L + l], qh = query head relative to h0 * G */
         for (int64_t start = 0; start < L; start += bs) {
             const int64_t n = L - start < bs ? L - start : bs;
-            const float *k = j->k_cache + table[start / bs] * bs * row + h0 * D;
+            const float *k = (const float *)j->k_cache + table[start / bs] * bs * row + h0 * D;
             for (int64_t i = 0; i < n; i++, k += row)
                 for (int64_t qh = 0; qh < heads; qh++)
                     scores[qh * L + start + i] = dot(q + qh * D, k + (qh / G) * D, D) * j->scale;
@@ -248,7 +258,7 @@ static int run_item(const Job *j, int64_t b, int64_t R, int64_t h0, int64_t h1, 
         memset(out, 0, sizeof(float) * heads * D);
         for (int64_t start = 0; start < L; start += bs) {
             const int64_t n = L - start < bs ? L - start : bs;
-            const float *v = j->v_cache + table[start / bs] * bs * row + h0 * D;
+            const float *v = (const float *)j->v_cache + table[start / bs] * bs * row + h0 * D;
             for (int64_t i = 0; i < n; i++, v += row)
                 for (int64_t qh = 0; qh < heads; qh++) {
                     const float p = scores[qh * L + start + i], *vh = v + (qh / G) * D;
@@ -281,12 +291,23 @@ static void run_job(void *arg, int index, int count) {
 
 enum { TILE_ROWS = 16 }; /* rows of one sequence that share their key and value reads */
 
-/* Returns 0 on success, nonzero if a length was empty or memory ran out. */
-int tm_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+/* Whether float16 caches can be read for this head size (the vector loops only). */
+int tm_paged_attention_reads_f16(int64_t head_dim) {
+#ifdef VECTOR_HEADS
+    return head_dim % 8 == 0 && head_dim <= 256;
+#else
+    (void)head_dim;
+    return 0;
+#endif
+}
+
+/* Returns 0 on success, nonzero if a length was empty, memory ran out or the caches are
+ * float16 where tm_paged_attention_reads_f16 says no. */
+int tm_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                               const int64_t *tables, const int64_t *lens, float *out,
                               int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                               int64_t head_dim, int64_t block_size, int64_t max_blocks,
-                              float scale, int64_t n_threads) {
+                              float scale, int64_t n_threads, int f16) {
     /* tiles: runs of rows with one block table and consecutive lengths (a prefill chunk) */
     int64_t *tiles = malloc(sizeof(int64_t) * (batch + 1)), num_tiles = 0, widest = 0;
     if (tiles == NULL) return 1;
@@ -308,7 +329,7 @@ int tm_paged_decode_attention(const float *q, const float *k_cache, const float 
     /* scores: the tile's rows of one head (AVX2), or one row's heads (portable) */
     const int64_t capacity = num_kv_heads / splits * (num_heads / num_kv_heads) * widest;
     Job job = {q, k_cache, v_cache, tables, lens, out, num_heads, num_kv_heads, head_dim,
-               block_size, max_blocks, scale, splits, tiles, num_tiles, capacity, 0, 0};
+               block_size, max_blocks, scale, f16, splits, tiles, num_tiles, capacity, 0, 0};
     parallel(run_job, &job, (int)n_threads);
     free(tiles);
     return job.status;

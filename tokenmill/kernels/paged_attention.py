@@ -16,7 +16,7 @@ _MIN_WORK_PER_THREAD = 1024
 
 
 def _function() -> Callable[..., int] | None:
-    args = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64]
+    args = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64, ctypes.c_int]
     return function("paged_attention", "tm_paged_decode_attention", *args)
 
 
@@ -24,8 +24,19 @@ def available() -> bool:
     return _function() is not None
 
 
+def reads_f16(head_dim: int) -> bool:
+    """Whether float16 caches of this head size can be read (an F16C build's vector loops)."""
+    fn = function("paged_attention", "tm_paged_attention_reads_f16", _i64)
+    return fn is not None and bool(fn(head_dim))
+
+
 def supports(cache: torch.Tensor) -> bool:
-    return cache.device.type == "cpu" and cache.dtype == torch.float32 and available()
+    """Whether the kernel reads this cache [S, Hkv, D]: CPU float32, or float16 where it can."""
+    if cache.device.type != "cpu" or not available():
+        return False
+    return cache.dtype == torch.float32 or (
+        cache.dtype == torch.float16 and reads_f16(cache.shape[-1])
+    )
 
 
 def attention_threads(num_heads: int, lens: torch.Tensor) -> int:
@@ -37,7 +48,7 @@ def attention_threads(num_heads: int, lens: torch.Tensor) -> int:
 
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H, D] float32
-    k_cache: torch.Tensor,  # [S, Hkv, D]
+    k_cache: torch.Tensor,  # [S, Hkv, D] float32 or float16 (see supports)
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [B, max_blocks] int64
     lens: torch.Tensor,  # [B] int64, keys per sequence (>= 1)
@@ -64,6 +75,7 @@ def paged_decode_attention(
         block_tables.shape[1],
         head_dim**-0.5,
         threads,
+        k_cache.dtype == torch.float16,
     )
     if status != 0:
         raise RuntimeError("paged decode attention failed (empty sequence or out of memory)")

@@ -54,8 +54,8 @@ def paged_attention(
     cache_written: bool = False,  # k and v are in the cache already (native rope_and_cache)
 ) -> torch.Tensor:  # [T, H, D]
     if not cache_written:
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     if meta.row_tables is not None:
         assert meta.row_lens is not None
         return paged_decode_attention(
@@ -65,8 +65,8 @@ def paged_attention(
     n = meta.num_decodes
     if n:
         assert meta.decode_slots is not None
-        keys = _gather(k_cache, meta.decode_slots).transpose(1, 2)  # [Bd, Hkv, L, D]
-        values = _gather(v_cache, meta.decode_slots).transpose(1, 2)
+        keys = _gather(k_cache, meta.decode_slots, q.dtype).transpose(1, 2)  # [Bd, Hkv, L, D]
+        values = _gather(v_cache, meta.decode_slots, q.dtype).transpose(1, 2)
         attn = F.scaled_dot_product_attention(
             q[:n].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=True
         )  # [Bd, H, 1, D]
@@ -74,10 +74,12 @@ def paged_attention(
     for chunk in meta.prefills:
         rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-        if chunk.slots is None:
-            keys, values = k[rows], v[rows]
+        if chunk.slots is None:  # as the cache holds them (rounded, if it is narrower)
+            keys = k[rows].to(k_cache.dtype).to(q.dtype)
+            values = v[rows].to(v_cache.dtype).to(q.dtype)
         else:
-            keys, values = _gather(k_cache, chunk.slots), _gather(v_cache, chunk.slots)
+            keys = _gather(k_cache, chunk.slots, q.dtype)
+            values = _gather(v_cache, chunk.slots, q.dtype)
         attn = F.scaled_dot_product_attention(
             query,
             keys.transpose(0, 1).unsqueeze(0),
@@ -90,9 +92,10 @@ def paged_attention(
     return out
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache [S, Hkv, D] rows at slots [...] -> [..., Hkv, D].
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache [S, Hkv, D] rows at slots [...] -> [..., Hkv, D] in dtype.
 
     index_select on the flat slots is several times faster on CPU than advanced indexing.
     """
-    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+    rows = cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+    return rows.to(dtype)

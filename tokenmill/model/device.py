@@ -11,7 +11,7 @@ import torch
 from tokenmill.config import CacheConfig
 from tokenmill.config import Quantization as QuantizationMethod
 from tokenmill.errors import ModelLoadError
-from tokenmill.kernels import quant_matmul
+from tokenmill.kernels import layer_ops, paged_attention, quant_matmul
 from tokenmill.layers.linear import fast_fp16
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,35 @@ def resolve_quantization(
     if file_format == "gguf" and quant_matmul.vectorized():
         return "gguf"
     return "fp16" if fast_fp16() else None
+
+
+def resolve_kv_cache_dtype(
+    setting: str,
+    model_dtype: torch.dtype,
+    device: torch.device,
+    quantization: QuantizationMethod | None,
+    head_dim: int,
+) -> torch.dtype:
+    """The KV cache's element type: as asked, else ("auto") float16 on a CPU running the GGUF
+    default (int8 activations: already approximate, and llama.cpp's default cache type) where
+    the kernels read and write float16, else the model's dtype (exact modes stay exact)."""
+    cpu_f16 = device.type != "cpu" or (
+        layer_ops.writes_f16() and paged_attention.reads_f16(head_dim)
+    )
+    if setting == "float32":
+        return torch.float32
+    if setting == "float16":
+        if not cpu_f16:
+            raise ModelLoadError(
+                "--kv-cache-dtype float16 needs the native kernels' float16 loops (an x86 "
+                "build with F16C) on this CPU; use float32"
+            )
+        return torch.float16
+    if setting != "auto":
+        raise ModelLoadError(f"unknown kv_cache_dtype {setting!r}; use auto, float16 or float32")
+    if device.type == "cpu" and quantization == "gguf" and cpu_f16:
+        return torch.float16
+    return model_dtype
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

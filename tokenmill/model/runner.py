@@ -19,6 +19,7 @@ from tokenmill.model.device import (
     kv_cache_bytes,
     resolve_device,
     resolve_dtype,
+    resolve_kv_cache_dtype,
     resolve_quantization,
 )
 from tokenmill.model.llama import LlamaForCausalLM
@@ -59,13 +60,16 @@ class ModelRunner:
         )
         self.load_seconds = time.perf_counter() - started
         cfg = self.model.config
+        self.kv_cache_dtype = resolve_kv_cache_dtype(
+            cache_config.kv_cache_dtype, self.dtype, self.device, self.quantization, cfg.head_dim
+        )
         bytes_per_block = (
             2
             * cfg.num_layers
             * self.block_size
             * cfg.num_kv_heads
             * cfg.head_dim
-            * self.dtype.itemsize
+            * self.kv_cache_dtype.itemsize
         )
         budget = kv_cache_bytes(cache_config, self.device, self.model)
         self.num_blocks = max(1, budget // bytes_per_block)
@@ -73,8 +77,8 @@ class ModelRunner:
         shape = (self.num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
             )
             for _ in range(cfg.num_layers)
         ]

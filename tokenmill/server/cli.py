@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -12,7 +13,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, get_args
 
-from tokenmill.config import EngineConfig, GuidedDecodingBackend, QuantizationSetting
+from tokenmill.config import (
+    EngineConfig,
+    GuidedDecodingBackend,
+    KVCacheDtype,
+    QuantizationSetting,
+)
 
 if TYPE_CHECKING:  # imported lazily at run time: `tokenmill --help` stays fast
     from tokenmill.engine.async_engine import AsyncEngine
@@ -173,6 +179,11 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         help="KV cache size, e.g. 2GiB, 512MiB, 1e9 (default: sized to the machine)",
     )  # fmt: skip
     g.add_argument(
+        "--kv-cache-dtype", choices=get_args(KVCacheDtype), default=_DEFAULTS.cache.kv_cache_dtype,
+        help="KV cache element type; auto: float16 on a CPU with the GGUF default (int8 "
+        "activations), else the model's dtype (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--gpu-memory-utilization", type=float, default=_DEFAULTS.cache.gpu_memory_utilization,
         help="CUDA only: share of GPU memory tokenmill may use (default: %(default)s)",
     )  # fmt: skip
@@ -229,6 +240,10 @@ def _serve(args: argparse.Namespace) -> int:
     engine = _load_engine(args)
     settings.served_model_names = args.served_model_name or [args.model or engine.model_name]
     app = build_app(engine, settings, max_request_body_bytes=args.max_request_body_bytes)
+    # What is loaded by now (model, tokenizer, app) lives as long as the server: keep it out
+    # of the garbage collector's full passes, which would otherwise walk it while serving.
+    gc.collect()
+    gc.freeze()
     config = uvicorn.Config(
         app,
         log_level=args.uvicorn_log_level,
@@ -262,7 +277,8 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
     config = EngineConfig.from_kwargs(
         model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
         max_model_len=args.max_model_len, chat_template=args.chat_template, seed=args.seed,
-        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_logprobs=args.max_logprobs,
