@@ -117,13 +117,14 @@ static inline float lane_total(const float *c) {
 }
 
 /* One token per row drawn from softmax(logits[t] / temperature[t]) by inverse CDF with
- * uniforms[t] in [0, 1): e_i = e^(x_i - max x) (0 below e^-87), then in 8 lanes (lane k
- * sums tokens 8v + k, v = 0, 1, ...) the CDF after each vector v, F[v] = the lane tree of the lane sums, which
- * never decreases; the total is the last F. The token is the first whose running mass
- * passes u * total: its vector by binary search over F, then token by token inside it (a
- * token of zero mass is never drawn). Rows split over the OpenMP threads; a row's draw
- * depends on its own inputs only. Returns 1 when a row has no finite maximum or no mass (the
- * caller then takes the torch path), 2 when memory ran out. */
+ * uniforms[t] in [0, 1): e_i = e^(x_i - max x) (0 below e^-87: masked tokens have none),
+ * then in 8 lanes (lane k sums tokens 8v + k, v = 0, 1, ...) the CDF after each vector v,
+ * F[v] = lane_total of the lane sums, which never decreases; the total is the last F. The
+ * token is the first whose running mass passes u * total: its vector by binary search over
+ * F, then token by token inside it (a token of zero mass is never drawn). Rows split over
+ * the OpenMP threads; a row's draw depends on its own inputs only. Returns 1 when a row has
+ * no finite maximum or no mass (the caller then takes the torch path), 2 when memory ran
+ * out. */
 int tm_sample_rows(const float *logits, int64_t rows, int64_t vocab, const float *temperature,
                    const float *uniforms, int64_t *out) {
     int status = 0;
@@ -154,8 +155,7 @@ int tm_sample_rows(const float *logits, int64_t rows, int64_t vocab, const float
             float lanes[8] = {0};
             for (int64_t v = 0; v < vectors; v++) {
                 for (int k = 0; k < 8; k++) lanes[k] += e[8 * v + k];
-                cdf[v] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+                cdf[v] = lane_total(lanes);
             }
             const float total = cdf[vectors - 1], target = uniforms[t] * total;
             if (!(total > 0.0f) || !isfinite(total)) {

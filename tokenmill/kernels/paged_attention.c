@@ -2,7 +2,8 @@
  *
  * One query per row: out[b, h] = softmax(q[b, h] . K[b]^T * scale) V[b], where the keys and
  * values of row b are the first lens[b] slots named by its block table: a decode, or one
- * token of a prefill chunk (then lens[b] = its position + 1). float32 throughout; two passes
+ * token of a prefill chunk (then lens[b] = its position + 1). float32 math over a float32
+ * or float16 cache (float16: the AVX2 + F16C loops only, converted on load); two passes
  * over the keys (scores, then softmax) and one over the values (AVX2 loops for head sizes
  * that are a multiple of 8). A row's result depends on its query, keys and values only:
  * consecutive rows of one sequence (a prefill chunk) form a tile that reads each key and
@@ -107,16 +108,17 @@ INLINE void softmax_row(float *s, int64_t L) {
     if (full < L) _mm256_maskstore_ps(s + full, tail, _mm256_mul_ps(_mm256_maskload_ps(s + full, tail), inv));
 }
 
-/* scores[0 .. n) = q . k[l] * scale for 8 keys k[0..8) (consecutive slots, `row` floats
- * apart; lanes past n are computed and dropped): one accumulator per key, the 8 reduced
- * together in one tree, so a key's score does not depend on its neighbours. */
+/* 8 cache values from `at` as floats (float16 converted exactly) */
 INLINE __m256 load_kv(const char *at, const int f16) {
     return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)at)) : _mm256_loadu_ps((const float *)at);
 }
 
+/* scores[0 .. n) = q . k[l] * scale for 8 keys k[0..8) (consecutive slots, `row` bytes
+ * apart; lanes past n are computed and dropped): one accumulator per key, the 8 reduced
+ * together in one tree, so a key's score does not depend on its neighbours. */
 INLINE void key_scores(const float *q, const char *k, int64_t row, int64_t D, float scale,
                        float *scores, int64_t n, const int f16) {
-    const int64_t size = f16 ? 2 : 4; /* bytes per cache value; `row` is in bytes */
+    const int64_t size = f16 ? 2 : 4; /* bytes per cache value */
     __m256 acc[8];
     for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
