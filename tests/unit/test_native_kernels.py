@@ -249,7 +249,7 @@ def test_rope_and_cache_writes_float16_caches_rounded():
     positions, slots = torch.tensor([0, 5, 15]), torch.tensor([3, 40, 7])
     qkv = torch.randn(3, (heads + 2 * kv_heads) * dim) * 100
     wide = torch.zeros(64, kv_heads, dim), torch.zeros(64, kv_heads, dim)
-    half = torch.zeros(64, kv_heads, dim, dtype=torch.float16), torch.zeros_like(wide[1]).half()
+    half = tuple(torch.zeros(64, kv_heads, dim, dtype=torch.float16) for _ in range(2))
     q32, k32 = layer_ops.rope_and_cache(qkv, cos_sin, positions, slots, *wide, heads)
     q16, k16 = layer_ops.rope_and_cache(qkv, cos_sin, positions, slots, *half, heads)
     assert torch.equal(q16, q32) and torch.equal(k16, k32)  # q and k stay float32

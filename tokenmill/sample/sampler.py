@@ -141,12 +141,12 @@ class Sampler:
         temperature = torch.tensor([p.temperature for p in params], device=device)
         uniforms = self._uniforms([requests[i] for i in rows])
         truncated = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
-        if truncated or any(p.min_p > 0 for p in params):
+        has_min_p = any(p.min_p > 0 for p in params)
+        if truncated or has_min_p:  # they look at scaled logits; draw_full scales by itself
             subset = subset / temperature[:, None]
             temperature = torch.ones_like(temperature)
-            if any(p.min_p > 0 for p in params):
-                min_p = torch.tensor([p.min_p for p in params], device=device)
-                subset = apply_min_p(subset, min_p)
+        if has_min_p:
+            subset = apply_min_p(subset, torch.tensor([p.min_p for p in params], device=device))
         if truncated:
             top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
             drawn = draw_truncated(subset, top_k, top_p, uniforms)
