@@ -554,3 +554,22 @@ def test_sample_rows_edges():
     assert layer_ops.sample_rows(no_mass, torch.ones(1), torch.zeros(1)) is None
     nan_row = torch.full((1, vocab), float("nan"))
     assert layer_ops.sample_rows(nan_row, torch.ones(1), torch.zeros(1)) is None
+
+
+@needs_layer_ops
+@pytest.mark.parametrize("vocab", [1, 5, 8, 1003, 49152])
+def test_argmax_rows_is_torch_argmax(vocab):
+    """The first maximum of each row (ties, -inf rows), or its first NaN, as torch.argmax;
+    also over a slice of wider rows."""
+    torch.manual_seed(13)
+    logits = torch.randn(37, vocab + 3)
+    logits[0] = float("-inf")  # nothing allowed: torch says 0
+    logits[1, : vocab // 2 + 1] = 7.0  # a tie: the first one wins
+    logits[2, vocab // 3] = float("nan")
+    logits[2, -4] = float("nan")
+    logits[3, vocab - 1] = 50.0  # the last token, past the vector loop's end
+    logits[4] = 0.0
+    logits[5, vocab // 2] = float("inf")
+    rows = logits[:, :vocab]  # strided rows, as the sampler's slice of a padded vocabulary
+    assert torch.equal(layer_ops.argmax_rows(rows), rows.argmax(dim=-1))
+    assert torch.equal(layer_ops.argmax_rows(rows.contiguous()), rows.argmax(dim=-1))

@@ -184,3 +184,52 @@ int tm_sample_rows(const float *logits, int64_t rows, int64_t vocab, const float
     }
     return status;
 }
+
+/* out[t] = the index of row t's largest value, the first one on a tie, or the first NaN
+ * (torch.argmax's rule); rows `stride` floats apart. Lane k of the vector loop keeps its
+ * first maximum of values 8v + k (only a strictly larger value replaces it); the lanes
+ * holding the row's maximum then give the smallest index. */
+int tm_argmax_rows(const float *logits, int64_t rows, int64_t vocab, int64_t stride,
+                   int64_t *out) {
+    if (rows < 1 || vocab < 1) return 1;
+#pragma omp parallel for schedule(static) if (rows * vocab >= PARALLEL_VALUES)
+    for (int64_t t = 0; t < rows; t++) {
+        const float *l = logits + t * stride;
+        int64_t best = 0, i = 0;
+#if defined(__AVX2__)
+        if (vocab >= 8) {
+            __m256 top = _mm256_loadu_ps(l), nan = _mm256_cmp_ps(top, top, _CMP_UNORD_Q);
+            __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx = at;
+            const __m256i eight = _mm256_set1_epi32(8);
+            for (i = 8; i + 8 <= vocab; i += 8) {
+                const __m256 v = _mm256_loadu_ps(l + i);
+                idx = _mm256_add_epi32(idx, eight);
+                const __m256 larger = _mm256_cmp_ps(v, top, _CMP_GT_OQ);
+                nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                top = _mm256_blendv_ps(top, v, larger);
+                at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(at), _mm256_castsi256_ps(idx), larger));
+            }
+            if (_mm256_movemask_ps(nan) == 0) {
+                float lane_top[8];
+                int32_t lane_at[8];
+                _mm256_storeu_ps(lane_top, top);
+                _mm256_storeu_si256((__m256i *)lane_at, at);
+                best = lane_at[0];
+                for (int k = 1; k < 8; k++)
+                    if (lane_top[k] > l[best] || (lane_top[k] == l[best] && lane_at[k] < best)) best = lane_at[k];
+            } else {
+                i = 0; /* a NaN: the scalar scan below finds the first one */
+            }
+        }
+#endif
+        for (; i < vocab; i++) {
+            if (isnan(l[i])) {
+                best = i;
+                break;
+            }
+            if (l[i] > l[best]) best = i;
+        }
+        out[t] = best;
+    }
+    return 0;
+}

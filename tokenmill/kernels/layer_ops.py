@@ -109,3 +109,16 @@ def sample_rows(
     if status == 2:
         raise MemoryError("tm_sample_rows: out of memory")
     return None if status else out
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits [N, V], dim=-1) for float32 CPU rows (first maximum, or first NaN)
+    in one vectorized pass per row; the rows may be a slice of wider ones."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.long)
+    fn = _fn("tm_argmax_rows", _ptr, _i64, _i64, _i64, _ptr)
+    if fn(logits.data_ptr(), rows, vocab, logits.stride(0), out.data_ptr()) != 0:
+        raise ValueError("argmax_rows: empty logits")
+    return out

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.engine.request import Request
-from tokenmill.sample.draw import apply_min_p, draw_full, draw_truncated
+from tokenmill.sample.draw import apply_min_p, draw_full, draw_truncated, greedy_tokens
 from tokenmill.sample.grammar import GrammarMasks
 from tokenmill.sample.logprobs import record_sample_logprobs
 from tokenmill.sample.penalties import PenaltyState
@@ -78,7 +78,7 @@ class Sampler:
         raw_logprobs = self._raw_logprobs(logits, flags.logprob_rows)
         logits = self._process(logits, requests, flags)
         if all(flags.greedy):
-            sampled = logits.argmax(dim=-1)
+            sampled = greedy_tokens(logits)
         else:
             sampled = self._sample(logits, requests, flags.greedy)
         if raw_logprobs is not None:
@@ -154,7 +154,7 @@ class Sampler:
             drawn = draw_full(subset, uniforms, temperature)
         if len(rows) == len(requests):
             return drawn
-        return logits.argmax(dim=-1).index_copy(0, torch.tensor(rows, device=device), drawn)
+        return greedy_tokens(logits).index_copy(0, torch.tensor(rows, device=device), drawn)
 
     def _uniforms(self, requests: Sequence[Request]) -> torch.Tensor:
         """One number in [0, 1) per row: from the request's own generator when it has a seed."""
