@@ -342,7 +342,16 @@ def int8_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("ggml_type", [quant_matmul.GGML_Q4_1, quant_matmul.GGML_Q8_0])
 @pytest.mark.parametrize(
     ("rows", "out_features", "in_features"),
-    [(1, 7, 64), (2, 40, 96), (5, 96, 160), (9, 33, 576), (33, 64, 32), (50, 17, 64)],
+    # 130 x 576: 2,340 activation blocks, quantized on two threads
+    [
+        (1, 7, 64),
+        (2, 40, 96),
+        (5, 96, 160),
+        (9, 33, 576),
+        (33, 64, 32),
+        (50, 17, 64),
+        (130, 24, 576),
+    ],
 )
 def test_int8_activations_match_the_quantized_reference(ggml_type, rows, out_features, in_features):
     torch.manual_seed(7)

@@ -464,6 +464,22 @@ static void matmul_job(void *arg, int index, int count) {
 }
 #endif
 
+/* Activations to int8 blocks: a prefill chunk's (thousands of blocks) split over threads,
+ * each block on its own, so the result does not depend on the split. */
+enum { QUANTIZE_BLOCKS_PER_THREAD = 1024 };
+typedef struct {
+    const float *x;
+    int64_t blocks;
+    int8_t *q;
+    float *d, *s;
+} Quantize;
+
+static void quantize_job(void *arg, int index, int count) {
+    const Quantize *j = arg;
+    const int64_t begin = j->blocks * index / count, end = j->blocks * (index + 1) / count;
+    quantize_blocks(j->x + begin * QBLOCK, end - begin, j->q + begin * QBLOCK, j->d + begin, j->s + begin);
+}
+
 static int matmul(Matmul *p, const float *bias, int n_threads) {
     n_threads = n_threads < 1 ? 1 : n_threads;
     if (n_threads > p->panels) n_threads = (int)p->panels;
@@ -500,7 +516,9 @@ int tm_quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *values,
     int8_t *xq = malloc(M * K + 2 * sizeof(float) * blocks);
     if (xq == NULL) return 1;
     float *xd = (float *)(xq + M * K), *xs = xd + blocks;
-    quantize_blocks(x, blocks, xq, xd, xs);
+    Quantize job = {x, blocks, xq, xd, xs};
+    const int64_t parts = blocks / QUANTIZE_BLOCKS_PER_THREAD;
+    parallel(quantize_job, &job, (int)(parts < n_threads ? (parts < 1 ? 1 : parts) : n_threads));
     p.xq = xq, p.xd = xd, p.xs = xs;
     const int status = matmul(&p, bias, n_threads);
     free(xq);
