@@ -197,7 +197,7 @@ int tm_argmax_rows(const float *logits, int64_t rows, int64_t vocab, int64_t str
         const float *l = logits + t * stride;
         int64_t best = 0, i = 0;
 #if defined(__AVX2__)
-        if (vocab >= 8) {
+        if (vocab >= 8 && vocab <= INT32_MAX) { /* lane indices are 32-bit */
             __m256 top = _mm256_loadu_ps(l), nan = _mm256_cmp_ps(top, top, _CMP_UNORD_Q);
             __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx = at;
             const __m256i eight = _mm256_set1_epi32(8);
