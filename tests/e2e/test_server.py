@@ -331,9 +331,14 @@ def test_context_overflow_names_both_numbers(server: Server) -> None:
 # --- Cancellation, concurrency, metrics -------------------------------------------------
 
 
+# Sampled at temperature 1, a request may draw EOS early and finish before the client
+# leaves; without EOS it runs ~480 tokens (seconds on CPU), so the disconnect always aborts.
+_RUNS_LONG = {"max_tokens": 480, "ignore_eos": True}
+
+
 def test_stream_disconnect_aborts_and_next_request_works(server: Server) -> None:
     aborted = metric(server, "tokenmill:request_aborted_total")
-    body = {"model": MODEL, "prompt": APPLES, "max_tokens": 300, "stream": True}
+    body = {"model": MODEL, "prompt": APPLES, "stream": True, **_RUNS_LONG}
     url = f"{server.url}/v1/completions"
     with httpx.Client(timeout=60) as http, http.stream("POST", url, json=body) as response:
         lines = response.iter_lines()
@@ -345,7 +350,7 @@ def test_stream_disconnect_aborts_and_next_request_works(server: Server) -> None
 
 def test_non_stream_disconnect_aborts(server: Server) -> None:
     aborted = metric(server, "tokenmill:request_aborted_total")
-    body = {"model": MODEL, "prompt": APPLES, "max_tokens": 300}
+    body = {"model": MODEL, "prompt": APPLES, **_RUNS_LONG}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=1.5)
     wait_for(lambda: metric(server, "tokenmill:request_aborted_total") == aborted + 1)

@@ -1,6 +1,7 @@
 /* The element-wise work between a decoder layer's matmuls, one call each instead of a
  * dozen small torch ops: residual add + RMSNorm, rotary embedding + KV-cache write, and
- * SiLU(gate) * up. float32, row-major, one row (token) at a time, so a row's result never
+ * SiLU(gate) * up; and the sampler's full-vocabulary passes: an inverse-CDF draw and the
+ * greedy argmax. float32, row-major, one row (token) at a time, so a row's result never
  * depends on the other rows of the batch. The arithmetic follows the torch reference
  * (tokenmill/layers/norm.py, rotary.py, llama.py) operation by operation. Big calls (prefill
  * chunks) split their rows over the OpenMP threads torch uses (see parallel.h).
