@@ -532,6 +532,10 @@ def test_sample_rows_is_the_inverse_cdf_of_the_softmax():
             logits[t : t + 1], temperature[t : t + 1], uniforms[t : t + 1]
         )
         assert alone is not None and alone[0] == got[t]
+    # rows of a padded vocabulary, read in place: the same draws
+    padded = torch.cat([logits, torch.full((rows, 5), 9.0)], dim=1)[:, :vocab]
+    assert not padded.is_contiguous()
+    assert torch.equal(layer_ops.sample_rows(padded, temperature, uniforms), got)
 
 
 @needs_layer_ops

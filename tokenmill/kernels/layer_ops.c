@@ -122,12 +122,12 @@ static inline float lane_total(const float *c) {
  * then in 8 lanes (lane k sums tokens 8v + k, v = 0, 1, ...) the CDF after each vector v,
  * F[v] = lane_total of the lane sums, which never decreases; the total is the last F. The
  * token is the first whose running mass passes u * total: its vector by binary search over
- * F, then token by token inside it (a token of zero mass is never drawn). Rows split over
- * the OpenMP threads; a row's draw depends on its own inputs only. Returns 1 when a row has
- * no finite maximum or no mass (the caller then takes the torch path), 2 when memory ran
- * out. */
-int tm_sample_rows(const float *logits, int64_t rows, int64_t vocab, const float *temperature,
-                   const float *uniforms, int64_t *out) {
+ * F, then token by token inside it (a token of zero mass is never drawn). Rows are `stride`
+ * floats apart and split over the OpenMP threads; a row's draw depends on its own inputs
+ * only. Returns 1 when a row has no finite maximum or no mass (the caller then takes the
+ * torch path), 2 when memory ran out. */
+int tm_sample_rows(const float *logits, int64_t rows, int64_t vocab, int64_t stride,
+                   const float *temperature, const float *uniforms, int64_t *out) {
     int status = 0;
 #pragma omp parallel if (rows * vocab >= PARALLEL_VALUES)
     {
@@ -140,7 +140,7 @@ int tm_sample_rows(const float *logits, int64_t rows, int64_t vocab, const float
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < rows; t++) {
             if (e == NULL) continue;
-            const float *l = logits + t * vocab, inv = 1.0f / temperature[t];
+            const float *l = logits + t * stride, inv = 1.0f / temperature[t];
             float top = -INFINITY;
             for (int64_t i = 0; i < vocab; i++) top = l[i] * inv > top ? l[i] * inv : top;
             if (!isfinite(top)) {
