@@ -595,3 +595,23 @@ def test_cli_startup_failure_is_one_line(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["serve", "--chat-template", "/no/such/template.jinja"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tokenmill serve: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize(("host", "warned"), [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_cli_warns_when_serving_beyond_loopback_without_a_key(
+    host: str, warned: bool, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The address is bound before the model loads, so a missing model still shows it."""
+    from tests.e2e.conftest import free_port
+    from tokenmill.server.cli import main
+
+    args = ["serve", "/no/such/model-dir", "--host", host, "--port", str(free_port())]
+    with caplog.at_level("WARNING", logger="tokenmill.server.cli"):
+        assert main(args) == 1
+    warnings = [r.getMessage() for r in caplog.records if "without --api-key" in r.getMessage()]
+    assert bool(warnings) is warned, warnings
+    with caplog.at_level("WARNING", logger="tokenmill.server.cli"):
+        caplog.clear()
+        assert main([*args, "--api-key", "k"]) == 1
+    assert not [r for r in caplog.records if "without --api-key" in r.getMessage()]
+    assert "tokenmill serve: error:" in capsys.readouterr().err

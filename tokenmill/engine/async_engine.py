@@ -98,6 +98,7 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._error: BaseException | None = None
         self._num_aborted = 0
+        self._cut: ServiceUnavailableError | None = None  # set by cut_off(): no more requests
 
     @classmethod
     def from_config(
@@ -116,6 +117,15 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
         self.structured_outputs.close()
+
+    def cut_off(self, error: ServiceUnavailableError) -> int:
+        """End every request in flight with `error`, and refuse new ones with it (call on the
+        event loop). Their streams raise it, which aborts them on the engine thread (their KV
+        blocks are freed). Returns how many requests were cut."""
+        self._cut = error
+        for target in self._queues.values():
+            target.put_nowait(error)
+        return len(self._queues) + self._num_submitting
 
     @property
     def died(self) -> bool:
@@ -157,6 +167,8 @@ class AsyncEngine:
         """
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
+        if self._cut is not None:
+            raise self._cut
         self.check_capacity()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         finished = False
@@ -165,6 +177,8 @@ class AsyncEngine:
             try:
                 if grammar is None and params.structured_outputs is not None:
                     grammar = await self.structured_outputs.compile_async(params.structured_outputs)
+                if self._cut is not None:  # cut off while its grammar compiled
+                    raise self._cut
                 self._queues[request_id] = outputs
                 immediate = await self._call(
                     lambda: self.engine.add_request(
@@ -228,6 +242,13 @@ class AsyncEngine:
                 self._run_commands(block=not self.engine.has_unfinished)
                 if self.engine.has_unfinished:
                     self._dispatch(self.engine.step())
+            self._run_commands(block=False)  # the last aborts (requests cut off at shutdown)
+            pool = self.engine.core.kv_cache.pool
+            logger.info(
+                "engine stopped: %d requests unfinished, KV cache %.0f%% in use",
+                len(self.engine.core.scheduler.running) + len(self.engine.core.scheduler.waiting),
+                100 * pool.usage,
+            )  # fmt: skip
         except BaseException as e:
             logger.exception("engine loop died")
             self._error = e

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -237,6 +238,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _server_settings(args)  # first: a bad flag or a taken port should not wait
     sock = _bind(args.host, args.port)  # for the model to load
+    if settings.api_key is None and not _is_loopback(sock):
+        logger.warning(
+            "serving on %s without --api-key: any client that can reach this address can use "
+            "the model (set --api-key or TOKENMILL_API_KEY, or --host 127.0.0.1)",
+            settings.address,
+        )  # fmt: skip
     engine = _load_engine(args)
     settings.served_model_names = args.served_model_name or [args.model or engine.model_name]
     app = build_app(engine, settings, max_request_body_bytes=args.max_request_body_bytes)
@@ -248,15 +255,16 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         log_level=args.uvicorn_log_level,
         root_path=args.root_path,
-        timeout_graceful_shutdown=args.shutdown_timeout,
     )
-    return serve_app(config, engine, sock)
+    return serve_app(config, engine, sock, args.shutdown_timeout)
 
 
 def _server_settings(args: argparse.Namespace) -> ServerSettings:
     from tokenmill.server.app import ServerSettings
     from tokenmill.server.limits import RequestLimits
 
+    if args.shutdown_timeout < 0:
+        raise StartupError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout:g}")
     return ServerSettings(
         limits=RequestLimits(max_logprobs=args.max_logprobs),
         served_model_names=[],
@@ -306,6 +314,15 @@ def _bind(host: str, port: int) -> socket.socket:
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def _is_loopback(sock: socket.socket) -> bool:
+    """Whether the bound address is reachable from this machine only."""
+    host = sock.getsockname()[0]
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _url_host(host: str) -> str:
