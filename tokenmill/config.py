@@ -22,6 +22,10 @@ class ModelConfig:
     model: str | None = None  # local HF dir, .gguf file, or cached hub name; None = bundled default
     dtype: DType = "auto"
     device: Device = "auto"
+    # CPU: threads for torch and the native kernels; None = torch's default capped at the
+    # cgroup's CPU quota, lowered and raised by the kernels' pool as the CPU time the
+    # process gets changes (kernels/parallel.h); a number pins it
+    cpu_threads: int | None = None
     max_model_len: int | None = None  # tokens; None = the model's own context length
     chat_template: str | None = None  # a file path or the template text; overrides the model's
     seed: int = 0  # seed for requests that give none

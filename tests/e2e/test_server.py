@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -391,6 +392,9 @@ def test_metrics_after_traffic(server: Server) -> None:
         assert metric(server, name) > 0, name
     assert 0 <= metric(server, "tokenmill:kv_cache_usage_perc") <= 1
     assert metric(server, "tokenmill:num_requests_waiting") >= 0
+    # the CPU kernels' thread pool: between one thread and torch's count, never 0
+    assert 1 <= metric(server, "tokenmill:cpu_threads") <= max(1, os.cpu_count() or 1)
+    assert metric(server, "tokenmill:cpu_thread_reductions_total") >= 0
 
 
 # --- Startup ---------------------------------------------------------------------------

@@ -6,13 +6,18 @@ import asyncio
 import functools
 import itertools
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -35,6 +40,7 @@ class FakeServer:
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
+        self.busy_seen: list[int] = []  # busy loops of this process alive at each request
         self.counter = itertools.count()
         self.app = Starlette(
             routes=[
@@ -51,6 +57,7 @@ class FakeServer:
     async def generate(self, request: Request) -> Response:
         mode, body = request.path_params["mode"], await request.json()
         self.bodies.append(body)
+        self.busy_seen.append(len(_busy_children()))
         if mode == "fail" or (mode == "flaky" and next(self.counter) % 2):
             error = {"message": "the fake server is down", "type": "InternalServerError"}
             return JSONResponse({"error": error}, status_code=500)
@@ -75,6 +82,25 @@ class FakeServer:
 
 def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+def _busy_children() -> list[psutil.Process]:
+    """This process's running busy-loop children (a killed one may linger as a zombie)."""
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "while True" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +192,79 @@ def test_request_body_asks_for_exact_lengths_and_distinct_prompts(
     prompts = [body["messages"][0]["content"].split() for body in server.bodies]
     assert len({tuple(p[:12]) for p in prompts}) == 1
     assert len({tuple(p[12:]) for p in prompts}) == 4
+
+
+def test_prompt_seed_changes_every_prompt(fake: tuple[FakeServer, str]) -> None:
+    server, root = fake
+    runs = []
+    for seed in ("", "", "second-run"):
+        server.bodies.clear()
+        _bench(f"{root}/ok/v1", [(2, 4)], prompt_seed=seed)
+        runs.append([tuple(b["messages"][0]["content"].split()[:4]) for b in server.bodies])
+    assert sorted(runs[0]) == sorted(runs[1])  # the same prompts run after run by default
+    assert not set(runs[0]) & set(runs[2])
+
+
+def test_busy_processes_spin_in_sessions_of_their_own_and_are_gone_after() -> None:
+    with serve.busy_processes(2) as processes:
+        pids = [p.pid for p in processes]
+        for pid in pids:
+            os.kill(pid, 0)  # alive
+            assert os.getsid(pid) == pid != os.getsid(0)  # each leads a new session
+            deadline = time.monotonic() + 10
+            while psutil.Process(pid).cpu_times().user < 0.1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert psutil.Process(pid).cpu_times().user >= 0.1  # spinning
+        assert sorted(p.pid for p in _busy_children()) == sorted(pids)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed and reaped
+    assert not _busy_children()
+
+    with pytest.raises(KeyboardInterrupt), serve.busy_processes(1) as processes:
+        raise KeyboardInterrupt
+    assert processes[0].poll() is not None and not _busy_children()
+
+
+def test_busy_processes_die_with_a_killed_benchmark() -> None:
+    code = (
+        "import sys, time\n"
+        "from tokenmill.bench import serve\n"
+        "with serve.busy_processes(1) as ps:\n"
+        "    print(ps[0].pid, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    bench = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert bench.stdout is not None
+        busy = int(bench.stdout.readline())
+        assert not _gone(busy)
+        bench.send_signal(signal.SIGKILL)  # no `finally` runs: PR_SET_PDEATHSIG must end it
+        bench.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not _gone(busy) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(busy)
+    finally:
+        bench.kill()
+        bench.wait()
+
+
+def test_background_load_runs_during_the_measured_requests_only(
+    fake: tuple[FakeServer, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, root = fake
+    server.busy_seen.clear()
+    path = tmp_path / "bench.json"
+    code = serve.main(
+        ["--base-url", f"{root}/ok/v1", "--num-requests", "3", "--output-tokens", "3",
+         "--warmup", "1", "--background-load", "2", "--json", str(path)]
+    )  # fmt: skip
+    assert code == 0
+    assert server.busy_seen == [0, 2, 2, 2]  # none during the warm-up
+    assert not _busy_children()
+    assert "background load: 2 busy processes" in capsys.readouterr().out
+    assert json.loads(path.read_text())["background_load"] == 2
 
 
 def test_completions_endpoint(fake: tuple[FakeServer, str]) -> None:

@@ -1,7 +1,6 @@
 """The native CPU kernels: results equal torch's reference, the build is cached, and a
 missing compiler or TOKENMILL_NATIVE_KERNELS=0 falls back instead of failing."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -133,13 +132,13 @@ def test_build_is_cached_and_a_failed_build_falls_back(tmp_path, monkeypatch, ca
     kernels.load.cache_clear()
     try:
         if paged_attention.available():
-            first = kernels._build("paged_attention")
+            first = kernels._build("all")
             assert first.parent == tmp_path / "kernels" and first.exists()
-            assert kernels._build("paged_attention") == first  # no second compile
+            assert kernels._build("all") == first  # no second compile
         kernels.load.cache_clear()
         monkeypatch.setattr(kernels, "_compiler", lambda: "/bin/false")
         monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path / "other"))
-        assert kernels.load("paged_attention") is None
+        assert kernels.load() is None
         assert "using the torch fallback" in caplog.text
     finally:
         kernels.load.cache_clear()
@@ -451,23 +450,85 @@ def test_f16_matmul_rejects_mismatched_shapes():
     assert quant_matmul.f16_matmul(torch.zeros(0, 32), panels, 20).shape == (0, 20)
 
 
+@pytest.fixture
+def thread_count():
+    """Set the CPU thread count for a test (pinned), and restore the default after it."""
+    before = torch.get_num_threads()
+
+    def set_count(threads: int) -> None:
+        kernels.set_cpu_threads(threads)
+
+    try:
+        yield set_count
+    finally:
+        kernels.set_cpu_threads(before)
+        kernels.set_cpu_threads(None)
+
+
 @needs_quant
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_kernels_share_torchs_openmp_threads():
-    """Kernels and torch's CPU ops run on one set of OpenMP threads: two pools of spinning
-    threads would fight over the cores (measured: a 30-token prefill 2.5x slower)."""
-    code = (
-        "import torch\n"
-        "from tokenmill.kernels import paged_attention, quant_matmul\n"
-        "assert quant_matmul.available() and paged_attention.available()\n"
-        "maps = open('/proc/self/maps').read().splitlines()\n"
-        "import json\n"
-        "print(json.dumps(sorted({l.split()[-1] for l in maps if 'omp' in l.split('/')[-1]})))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    libraries = json.loads(done.stdout)
-    assert len(libraries) <= 1, libraries
+def test_every_thread_count_gives_the_same_bits(thread_count):
+    """The pool hands out parts, not thread ranges: however many threads a call gets (more
+    than the cores included, as when the pool adapts or threads are descheduled), every
+    kernel's result is the same to the bit."""
+    torch.manual_seed(11)
+    weight = torch.randn(200, 576) * 0.1
+    values, scales = quant_matmul.pack_blocks(gguf_blocks(weight, quant_matmul.GGML_Q4_1),
+                                              quant_matmul.GGML_Q4_1, 576, True)  # fmt: skip
+    xs = [torch.randn(rows, 576) for rows in (1, 5, 130)]
+    gate_up, logits = torch.randn(300, 2 * 1536), torch.randn(32, 5003)
+    temperature, uniforms = torch.full((32,), 0.8), torch.rand(32)
+    block_size, heads, kv_heads, head_dim = 16, 9, 3, 64
+    k_cache = torch.randn(64 * block_size, kv_heads, head_dim)
+    v_cache = torch.randn(64 * block_size, kv_heads, head_dim)
+    lens = torch.tensor([16, 17, 150, 5, 1, 64])
+    tables = torch.randperm(64)[: 6 * 10].reshape(6, 10)
+    q = torch.randn(6, heads, head_dim)
+
+    def run() -> list[torch.Tensor]:
+        outs = [
+            quant_matmul.quant_matmul(x, values, scales, quant_matmul.GGML_Q4_1, 200, None, True)
+            for x in xs
+        ]
+        outs.append(layer_ops.silu_mul(gate_up))
+        outs.append(
+            paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size)
+        )
+        outs.append(layer_ops.argmax_rows(logits))
+        outs.append(layer_ops.sample_rows(logits, temperature, uniforms))
+        return outs
+
+    thread_count(1)
+    alone = run()
+    for threads in (2, 3, 8, 32):
+        thread_count(threads)
+        for got, want in zip(run(), alone, strict=True):
+            assert torch.equal(got, want), threads
+
+
+@needs_quant
+def test_the_pool_uses_fewer_threads_while_waiting_for_them_costs_more(thread_count):
+    """Parts that take long on a pool thread (as if it were descheduled in the middle of
+    one) make the pool run calls on one thread fewer; once they do not, a probe brings the
+    thread back. Pinned (--cpu-threads), it never adapts."""
+    import ctypes
+    import time
+
+    lib = kernels.load()
+    lib.tm_pool_selftest.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    kernels.set_cpu_threads(None)  # adaptive, no limit yet
+    lib.tm_pool_selftest(60, 2, 200_000, 2_000_000)
+    stats = kernels.pool_stats()
+    assert stats["limit"] == 1 and stats["reductions"] >= 1, stats
+    deadline = time.monotonic() + 10  # the first probe comes after a 0.25 s back-off
+    while kernels.pool_stats()["limit"] != 0 and time.monotonic() < deadline:
+        lib.tm_pool_selftest(20, 2, 200_000, 0)
+    lib.tm_pool_selftest(200, 2, 200_000, 0)  # the probe's window passes: it held
+    stats = kernels.pool_stats()
+    assert stats["limit"] == 0 and stats["probes"] >= 1, stats
+
+    thread_count(2)  # pinned
+    lib.tm_pool_selftest(60, 2, 200_000, 2_000_000)
+    assert kernels.pool_stats()["limit"] == 0
 
 
 @needs_quant

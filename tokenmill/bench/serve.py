@@ -8,6 +8,12 @@ and every request asks for exactly --output-tokens (max_tokens = min_tokens, ign
 Per request: TTFT = send -> first content chunk; ITL = the gaps between content chunks;
 e2e = send -> end of stream; output tokens = usage.completion_tokens when the server sends
 usage (stream_options.include_usage), else the number of content chunks.
+
+--background-load N runs N pure-Python busy loops (`while True: pass`) during the measured
+requests (after the warm-up), each in a session of its own: with the kernel's autogroup
+scheduling (/proc/sys/kernel/sched_autogroup_enabled) every session is a scheduling group, so
+each loop competes with the server as another service or container would. They are killed when
+the requests are done, on an error or an interrupt, and if the benchmark itself is killed.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Literal
@@ -51,6 +60,7 @@ class Workload:
     output_tokens: int = 128  # exact, when the server honours ignore_eos / min_tokens
     temperature: float = 0.0
     request_timeout: float = 600.0  # seconds; httpx's connect/read/write/pool timeout
+    prompt_seed: str = ""  # other prompts for a second run against the same (caching) server
 
 
 @dataclass(slots=True)
@@ -217,10 +227,13 @@ async def bench_target(
     levels: Sequence[tuple[int, int]],  # (concurrency, num_requests), run in order
     *,
     warmup: int = 2,
+    background_load: int = 0,
     progress: Progress | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> list[LevelReport]:
-    """Warm the server up, then run each level; fills in target.model and target.name."""
+    """Warm the server up, then run each level, with `background_load` busy processes running
+    beside it from the first level's start to the last one's end; fills in target.model and
+    target.name."""
     import httpx
 
     max_concurrency = max(c for c, _ in levels)
@@ -239,16 +252,55 @@ async def bench_target(
         if warmup:
             await _warm_up(client, url, workload, target.model, warmup)
         reports = []
-        for index, (concurrency, num_requests) in enumerate(levels):
-            bodies = [
-                request_body(workload, target.model, _prompt(workload, f"level{index}-{i}"))
-                for i in range(num_requests)
-            ]
-            report = await run_level(client, url, bodies, concurrency)
-            reports.append(report)
-            if progress:
-                progress(f"[{target.name}] {_progress_line(report)}")
+        with busy_processes(background_load):
+            for index, (concurrency, num_requests) in enumerate(levels):
+                bodies = [
+                    request_body(workload, target.model, _prompt(workload, f"level{index}-{i}"))
+                    for i in range(num_requests)
+                ]
+                report = await run_level(client, url, bodies, concurrency)
+                reports.append(report)
+                if progress:
+                    progress(f"[{target.name}] {_progress_line(report)}")
     return reports
+
+
+# A pure-Python busy loop. It first asks the kernel to SIGKILL it when the benchmark's process
+# exits (PR_SET_PDEATHSIG; Linux), so a benchmark killed by a signal leaves no loop behind; then
+# it spins exactly like `python3 -c "while True: pass"`.
+_BUSY_LOOP = """\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+if os.getppid() != {parent}:  # the benchmark exited before prctl took effect
+    sys.exit()
+while True:
+    pass
+"""
+
+
+@contextmanager
+def busy_processes(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`count` busy-loop processes, each in a new session (its own autogroup), for the block."""
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(count):
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _BUSY_LOOP.format(parent=os.getpid())],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        yield processes
+    finally:
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.wait()
 
 
 async def run_level(
@@ -299,6 +351,7 @@ async def _warm_up(
 
 
 def _prompt(workload: Workload, seed: str) -> str:
+    seed = workload.prompt_seed + seed
     return synthetic_prompt(seed, workload.prompt_tokens, workload.shared_prefix_tokens)
 
 
@@ -420,6 +473,11 @@ def _fmt(value: Any, is_ratio: bool) -> str:
 def format_report(result: dict[str, Any]) -> str:
     """The printed report: a table per server, then the ratios when two were compared."""
     parts = []
+    if busy := result.get("background_load"):
+        parts.append(
+            f"background load: {busy} busy process{'es' if busy > 1 else ''} (`while True: pass`,"
+            " each in a session of its own) ran during the measured requests"
+        )
     for run in result["runs"]:
         parts.append(f"{run['name']}: {run['base_url']}  model={run['model']}")
         parts.append(format_table(run["levels"]))
@@ -466,6 +524,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--temperature", type=float, default=0.0, help="(default: 0, greedy)")
     add("--warmup", type=int, default=2, metavar="N", help="untimed requests first (default: 2)")
     add("--request-timeout", type=float, default=600.0, metavar="SECONDS", help="(default: 600)")
+    add("--prompt-seed", default="", metavar="TEXT",
+        help="mixed into every prompt's seed: other prompts than a run without it, so a second "
+        "run against the same server misses its prefix cache (default: none)")  # fmt: skip
+    add("--background-load", type=int, default=0, metavar="N",
+        help="run N pure-Python busy loops, each in a session of its own, during the measured "
+        "requests (after the warm-up), to measure the server sharing the CPU (default: 0)")  # fmt: skip
     add("--json", default=None, metavar="PATH", help="write the results as JSON here ('-': stdout)")
     add("--compare-base-url", default=None, metavar="URL",
         help="then run the same workload against this server and print the ratios")  # fmt: skip
@@ -481,6 +545,9 @@ def run_command(args: argparse.Namespace) -> int:
             "bench serve: error: --shared-prefix-tokens must be in [0, --prompt-tokens)",
             file=sys.stderr,
         )
+        return 2
+    if args.background_load < 0:
+        print("bench serve: error: --background-load must be at least 0", file=sys.stderr)
         return 2
     try:
         result = asyncio.run(_run(args))
@@ -501,6 +568,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         endpoint=args.endpoint, prompt_tokens=args.prompt_tokens,
         shared_prefix_tokens=args.shared_prefix_tokens, output_tokens=args.output_tokens,
         temperature=args.temperature, request_timeout=args.request_timeout,
+        prompt_seed=args.prompt_seed,
     )  # fmt: skip
     levels = [(c, args.num_requests or max(4 * c, 8)) for c in args.concurrency]
     targets = [Target(_api_root(args.base_url), args.model, args.api_key, args.name)]
@@ -514,11 +582,19 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
     reports = [
-        await bench_target(t, workload, levels, warmup=args.warmup, progress=_print_progress)
+        await bench_target(
+            t,
+            workload,
+            levels,
+            warmup=args.warmup,
+            background_load=args.background_load,
+            progress=_print_progress,
+        )
         for t in targets
     ]
     result: dict[str, Any] = {
         "workload": asdict(workload) | {"warmup": args.warmup},
+        "background_load": args.background_load,
         "levels": [{"concurrency": c, "num_requests": n} for c, n in levels],
         "runs": [
             {"name": t.name, "base_url": t.base_url, "model": t.model}

@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from tokenmill import kernels
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.outputs import RequestOutput
@@ -66,6 +67,7 @@ class EngineStats:
     kv_cache_usage: float  # share of KV blocks in use, 0..1
     num_preemptions: int  # total since start
     num_aborted: int  # total since start
+    cpu_threads: tuple[int, int] | None = None  # (in use now, reductions): CPU kernels only
 
 
 class EngineDeadError(ServiceUnavailableError):
@@ -149,6 +151,7 @@ class AsyncEngine:
             kv_cache_usage=self.engine.core.kv_cache.pool.usage,
             num_preemptions=scheduler.num_preemptions,
             num_aborted=self._num_aborted,
+            cpu_threads=kernels.cpu_threads_in_use(),
         )
 
     async def generate(

@@ -154,13 +154,14 @@ class EngineCore:
     def _log_summary(self, seconds: float) -> None:
         runner = self.runner
         logger.info(
-            "Loaded %s: %s, %.1fM parameters, %s math on %s, weights %s, max_model_len %d, "
+            "Loaded %s: %s, %.1fM parameters, %s math on %s%s, weights %s, max_model_len %d, "
             "KV cache %d blocks x %d tokens (%.1f MiB, %s), in %.1f s",
             self.source.name,
             (self.source.hf_config.get("architectures") or ["?"])[0],
             runner.num_parameters / 1e6,
             str(runner.dtype).removeprefix("torch."),
             runner.device,
+            f" ({runner.cpu_threads})" if runner.cpu_threads else "",
             runner.quantization or "unquantized",
             self.max_model_len,
             runner.num_blocks,

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 _FLAGS = (
@@ -35,9 +37,7 @@ _FLAGS = (
     "-fPIC",
     "-pthread",
 )
-# parallel.h runs on the OpenMP threads PyTorch uses; a compiler without OpenMP gets a
-# pthread pool instead
-_OPENMP = "-fopenmp"
+_LIBRARY = "all"  # all.c: every kernel, one library, one thread pool (parallel.h)
 _BUILD_TIMEOUT_S = 120
 
 
@@ -45,22 +45,27 @@ def enabled() -> bool:
     return os.environ.get("TOKENMILL_NATIVE_KERNELS", "1").lower() not in ("0", "false", "no")
 
 
+_pinned_threads: int | None = None  # --cpu-threads: a fixed count, no adaptation
+
+
 @functools.cache
-def load(name: str) -> ctypes.CDLL | None:
-    """The compiled library of `<name>.c`, or None (logged once) when it cannot be had."""
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (logged once) when it cannot be had."""
     if not enabled():
         return None
     try:
-        return ctypes.CDLL(str(_build(name)))
+        lib = ctypes.CDLL(str(_build(_LIBRARY)))
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        logger.warning("native kernel %s unavailable (%s); using the torch fallback", name, e)
+        logger.warning("native kernels unavailable (%s); using the torch fallback", e)
         return None
+    _configure_pool(lib)
+    return lib
 
 
 @functools.cache
-def function(name: str, symbol: str, *argtypes: Any) -> Callable[..., int] | None:
-    """`symbol` of library `name` with its C argument types (returning int), or None."""
-    lib = load(name)
+def function(symbol: str, *argtypes: Any) -> Callable[..., int] | None:
+    """`symbol` of the kernel library with its C argument types (returning int), or None."""
+    lib = load()
     if lib is None:
         return None
     fn = getattr(lib, symbol)
@@ -69,13 +74,53 @@ def function(name: str, symbol: str, *argtypes: Any) -> Callable[..., int] | Non
     return fn
 
 
+def set_cpu_threads(threads: int | None) -> None:
+    """Pin the CPU thread count (torch's and the kernels'), or with None let the kernels'
+    pool adapt it to the CPU time the process gets (the default; parallel.h)."""
+    global _pinned_threads
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"the CPU thread count must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    _pinned_threads = threads
+    if load.cache_info().currsize and (lib := load()) is not None:
+        _configure_pool(lib)
+
+
+def cpu_threads_in_use() -> tuple[int, int] | None:
+    """(threads the kernels' calls get now, times the pool has lowered that), or None while
+    the kernels are not loaded."""
+    stats = pool_stats()
+    if stats is None:
+        return None
+    return stats["limit"] or torch.get_num_threads(), stats["reductions"]
+
+
+def pool_stats() -> dict[str, int] | None:
+    """The thread pool's counters (calls, their time and stall time in ns, reductions,
+    probes, the current thread limit (0: none), threads started), or None while the kernels
+    are not loaded (this never builds them)."""
+    lib = load() if load.cache_info().currsize else None
+    if lib is None:
+        return None
+    out = (ctypes.c_int64 * 7)()
+    lib.tm_pool_stats(out)
+    names = ("calls", "total_ns", "stall_ns", "reductions", "probes", "limit", "threads")
+    return dict(zip(names, out, strict=True))
+
+
+def _configure_pool(lib: ctypes.CDLL) -> None:
+    lib.tm_pool_configure(ctypes.c_int(torch.get_num_threads()))
+    lib.tm_pool_set_adaptive(ctypes.c_int(_pinned_threads is None))
+
+
 def _build(name: str) -> Path:
     source = Path(__file__).with_name(f"{name}.c")
     compiler = _compiler()
     key = hashlib.sha256()
     # every header and source beside it: a kernel may include another's source
     headers = [h.read_bytes() for h in sorted(source.parent.glob("*.[ch]")) if h != source]
-    flags = " ".join([*_FLAGS, _OPENMP])
+    flags = " ".join(_FLAGS)
     for part in (source.read_bytes(), *headers, flags.encode(), compiler.encode()):
         key.update(part)
     key.update(_cpu_id())
@@ -87,15 +132,12 @@ def _build(name: str) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        for openmp in ([_OPENMP], []):
-            done = subprocess.run(
-                [compiler, *_FLAGS, *openmp, "-o", partial, str(source), "-lm"],
-                capture_output=True,
-                text=True,
-                timeout=_BUILD_TIMEOUT_S,
-            )
-            if done.returncode == 0:
-                break
+        done = subprocess.run(
+            [compiler, *_FLAGS, "-o", partial, str(source), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=_BUILD_TIMEOUT_S,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         os.replace(partial, target)

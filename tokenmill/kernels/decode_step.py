@@ -75,7 +75,7 @@ class _Shape(ctypes.Structure):
 
 def _function() -> Callable[..., int] | None:
     args = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, *[_ptr] * 5, _i64, _int, _int]
-    return function("decode_step", "tm_decode_layers", *args)
+    return function("tm_decode_layers", *args)
 
 
 def available() -> bool:

@@ -4,7 +4,8 @@
  * greedy argmax. float32, row-major, one row (token) at a time, so a row's result never
  * depends on the other rows of the batch. The arithmetic follows the torch reference
  * (tokenmill/layers/norm.py, rotary.py, llama.py) operation by operation. Big calls (prefill
- * chunks) split their rows over the OpenMP threads torch uses (see parallel.h).
+ * chunks, the sampler's full-vocabulary rows) split their rows over the thread pool
+ * (parallel.h) in chunks of whole rows.
  */
 #include <math.h>
 #include <stdint.h>
@@ -12,43 +13,81 @@
 #include <string.h>
 
 #include "fast_math.h"
+#include "parallel.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-enum { PARALLEL_VALUES = 1 << 14 }; /* fewer values than this: one thread (no fork cost) */
+enum {
+    PARALLEL_VALUES = 1 << 14, /* fewer values than this: one thread (no hand-off cost) */
+    CHUNK_VALUES = 1 << 12,    /* values per chunk of rows the threads take */
+};
 
-/* residual[t] += x[t] (when add), then out[t] = residual[t] / rms(residual[t]) * weight */
-int tm_add_rms_norm(const float *x, float *residual, const float *weight, float *out,
-                    int64_t rows, int64_t size, float eps, int add) {
-#pragma omp parallel for schedule(static) if (rows * size >= PARALLEL_VALUES)
-    for (int64_t t = 0; t < rows; t++) {
+/* Rows t of a call over rows of `size` values: in parallel when there are enough values. */
+static void for_rows(range_fn fn, void *ctx, int64_t rows, int64_t size) {
+    const int64_t chunk = size >= CHUNK_VALUES ? 1 : CHUNK_VALUES / (size > 0 ? size : 1);
+    parallel_range(fn, ctx, rows, chunk, size > 0 ? (PARALLEL_VALUES + size - 1) / size : rows + 1);
+}
+
+typedef struct {
+    const float *x, *weight;
+    float *residual, *out;
+    int64_t size;
+    float eps;
+    int add;
+} NormRows;
+
+static void norm_rows(void *arg, int64_t begin, int64_t end) {
+    const NormRows *a = arg;
+    const float *x = a->x, *weight = a->weight;
+    float *residual = a->residual, *out = a->out;
+    const int64_t size = a->size;
+    for (int64_t t = begin; t < end; t++) {
         const float *xt = x + t * size;
         float *rt = residual + t * size, *ot = out + t * size;
         float lanes[8] = {0};
         int64_t c = 0;
-        if (add)
+        if (a->add)
             for (int64_t i = 0; i < size; i++) rt[i] = xt[i] + rt[i];
         for (; c + 8 <= size; c += 8)
             for (int i = 0; i < 8; i++) lanes[i] += rt[c + i] * rt[c + i];
         float sum = 0.0f;
         for (; c < size; c++) sum += rt[c] * rt[c];
         for (int i = 0; i < 8; i++) sum += lanes[i];
-        const float inv = 1.0f / sqrtf(sum / (float)size + eps);
+        const float inv = 1.0f / sqrtf(sum / (float)size + a->eps);
         for (int64_t i = 0; i < size; i++) ot[i] = weight[i] * (rt[i] * inv);
     }
+}
+
+/* residual[t] += x[t] (when add), then out[t] = residual[t] / rms(residual[t]) * weight */
+int tm_add_rms_norm(const float *x, float *residual, const float *weight, float *out,
+                    int64_t rows, int64_t size, float eps, int add) {
+    NormRows a = {x, weight, residual, out, size, eps, add};
+    for_rows(norm_rows, &a, rows, size);
     return 0;
+}
+
+typedef struct {
+    const float *gate_up;
+    float *out;
+    int64_t size;
+} SiluRows;
+
+static void silu_rows(void *arg, int64_t begin, int64_t end) {
+    const SiluRows *a = arg;
+    const int64_t size = a->size;
+    for (int64_t t = begin; t < end; t++) {
+        const float *g = a->gate_up + t * 2 * size, *u = g + size;
+        float *o = a->out + t * size;
+        for (int64_t i = 0; i < size; i++) o[i] = g[i] / (1.0f + tm_exp(-g[i])) * u[i];
+    }
 }
 
 /* out[t, i] = silu(gate_up[t, i]) * gate_up[t, size + i] */
 int tm_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t size) {
-#pragma omp parallel for schedule(static) if (rows * size >= PARALLEL_VALUES)
-    for (int64_t t = 0; t < rows; t++) {
-        const float *g = gate_up + t * 2 * size, *u = g + size;
-        float *o = out + t * size;
-        for (int64_t i = 0; i < size; i++) o[i] = g[i] / (1.0f + tm_exp(-g[i])) * u[i];
-    }
+    SiluRows a = {gate_up, out, size};
+    for_rows(silu_rows, &a, rows, size);
     return 0;
 }
 
@@ -73,6 +112,41 @@ int tm_rope_writes_f16(void) {
 #endif
 }
 
+typedef struct {
+    const float *qkv, *cos_sin;
+    const int64_t *positions, *slots;
+    float *q_out, *k_out;
+    void *k_cache, *v_cache;
+    int64_t num_heads, num_kv_heads, head_dim;
+    int f16;
+} RopeRows;
+
+static void rope_rows(void *arg, int64_t begin, int64_t end) {
+    const RopeRows *a = arg;
+    const int64_t num_heads = a->num_heads, num_kv_heads = a->num_kv_heads, D = a->head_dim;
+    const int64_t half = D / 2, width = (num_heads + 2 * num_kv_heads) * D;
+    for (int64_t t = begin; t < end; t++) {
+        const float *row = a->qkv + t * width;
+        const float *cos = a->cos_sin + a->positions[t] * 2 * D, *sin = cos + D;
+        for (int64_t h = 0; h < num_heads + num_kv_heads; h++) {
+            const float *x = row + h * D;
+            float *y = h < num_heads ? a->q_out + (t * num_heads + h) * D
+                                     : a->k_out + (t * num_kv_heads + h - num_heads) * D;
+            for (int64_t d = 0; d < half; d++) y[d] = x[d] * cos[d] + x[d + half] * -sin[d];
+            for (int64_t d = half; d < D; d++) y[d] = x[d] * cos[d] + x[d - half] * sin[d];
+        }
+        const int64_t kv = num_kv_heads * D, slot = a->slots[t];
+        const float *k = a->k_out + t * kv, *v = row + (num_heads + num_kv_heads) * D;
+        if (a->f16) {
+            store_half((uint16_t *)a->k_cache + slot * kv, k, kv);
+            store_half((uint16_t *)a->v_cache + slot * kv, v, kv);
+        } else {
+            memcpy((float *)a->k_cache + slot * kv, k, sizeof(float) * kv);
+            memcpy((float *)a->v_cache + slot * kv, v, sizeof(float) * kv);
+        }
+    }
+}
+
 /* One step's rows of qkv [T, (H + 2 Hkv) * D] (q | k | v): q and k rotated by their
  * token's position ("rotate half" layout, table cos_sin [P, 2, D]) into q_out [T, H, D]
  * and k_out [T, Hkv, D]; k and v also written to the caches [S, Hkv, D] at slots[t]
@@ -82,33 +156,15 @@ int tm_rope_and_cache(const float *qkv, const float *cos_sin, const int64_t *pos
                       const int64_t *slots, float *q_out, float *k_out, void *k_cache,
                       void *v_cache, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
                       int64_t head_dim, int64_t num_positions, int64_t num_slots, int f16) {
-    const int64_t D = head_dim, half = D / 2, width = (num_heads + 2 * num_kv_heads) * D;
+    const int64_t width = (num_heads + 2 * num_kv_heads) * head_dim;
     if (f16 && !tm_rope_writes_f16()) return 2;
     for (int64_t t = 0; t < rows; t++)
         if (positions[t] < 0 || positions[t] >= num_positions || slots[t] < 0 ||
             slots[t] >= num_slots)
             return 1;
-#pragma omp parallel for schedule(static) if (rows * width >= PARALLEL_VALUES)
-    for (int64_t t = 0; t < rows; t++) {
-        const float *row = qkv + t * width;
-        const float *cos = cos_sin + positions[t] * 2 * D, *sin = cos + D;
-        for (int64_t h = 0; h < num_heads + num_kv_heads; h++) {
-            const float *x = row + h * D;
-            float *y = h < num_heads ? q_out + (t * num_heads + h) * D
-                                     : k_out + (t * num_kv_heads + h - num_heads) * D;
-            for (int64_t d = 0; d < half; d++) y[d] = x[d] * cos[d] + x[d + half] * -sin[d];
-            for (int64_t d = half; d < D; d++) y[d] = x[d] * cos[d] + x[d - half] * sin[d];
-        }
-        const int64_t kv = num_kv_heads * D;
-        const float *k = k_out + t * kv, *v = row + (num_heads + num_kv_heads) * D;
-        if (f16) {
-            store_half((uint16_t *)k_cache + slots[t] * kv, k, kv);
-            store_half((uint16_t *)v_cache + slots[t] * kv, v, kv);
-        } else {
-            memcpy((float *)k_cache + slots[t] * kv, k, sizeof(float) * kv);
-            memcpy((float *)v_cache + slots[t] * kv, v, sizeof(float) * kv);
-        }
-    }
+    RopeRows a = {qkv, cos_sin, positions, slots, q_out, k_out, k_cache, v_cache,
+                  num_heads, num_kv_heads, head_dim, f16};
+    for_rows(rope_rows, &a, rows, width);
     return 0;
 }
 
@@ -126,76 +182,88 @@ static inline float lane_total(const float *c) {
  * floats apart and split over the OpenMP threads; a row's draw depends on its own inputs
  * only. Returns 1 when a row has no finite maximum or no mass (the caller then takes the
  * torch path), 2 when memory ran out. */
+typedef struct {
+    const float *logits, *temperature, *uniforms;
+    int64_t rows, vocab, stride, *out;
+    _Atomic int64_t next;
+    _Atomic int status;
+} SampleJob;
+
+/* A part draws rows taken one at a time, with its own scratch of the row's e^x and CDF. */
+static void sample_part(void *arg, int index, int count) {
+    SampleJob *j = arg;
+    (void)index, (void)count;
+    const int64_t vocab = j->vocab, vectors = (vocab + 7) / 8;
+    float *e = malloc(sizeof(float) * 9 * vectors), *cdf = e + 8 * vectors;
+    if (e == NULL) {
+        atomic_store(&j->status, 2);
+        return;
+    }
+    for (int64_t t; (t = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed)) < j->rows;) {
+        const float *l = j->logits + t * j->stride, inv = 1.0f / j->temperature[t];
+        float top = -INFINITY;
+        for (int64_t i = 0; i < vocab; i++) top = l[i] * inv > top ? l[i] * inv : top;
+        if (!isfinite(top)) {
+            atomic_store(&j->status, 1);
+            continue;
+        }
+        for (int64_t i = 0; i < vocab; i++) { /* below e^-87 (masked tokens: -inf): no mass */
+            const float d = l[i] * inv - top;
+            e[i] = d < -87.0f ? 0.0f : tm_exp(d);
+        }
+        for (int64_t i = vocab; i < 8 * vectors; i++) e[i] = 0.0f;
+        float lanes[8] = {0};
+        for (int64_t v = 0; v < vectors; v++) {
+            for (int k = 0; k < 8; k++) lanes[k] += e[8 * v + k];
+            cdf[v] = lane_total(lanes);
+        }
+        const float total = cdf[vectors - 1], target = j->uniforms[t] * total;
+        if (!(total > 0.0f) || !isfinite(total)) {
+            atomic_store(&j->status, 1);
+            continue;
+        }
+        int64_t lo = 0, hi = vectors - 1; /* the first v with cdf[v] > target, else the last */
+        while (lo < hi) {
+            const int64_t mid = lo + (hi - lo) / 2;
+            if (cdf[mid] > target) hi = mid;
+            else lo = mid + 1;
+        }
+        const float *ev = e + 8 * lo;
+        float running = lo > 0 ? cdf[lo - 1] : 0.0f;
+        int64_t token = -1;
+        for (int k = 0; k < 8 && token < 0; k++)
+            if ((running += ev[k]) > target && ev[k] > 0.0f) token = 8 * lo + k;
+        for (int k = 7; token < 0 && k >= 0; k--) /* rounding: the vector's last with mass */
+            if (ev[k] > 0.0f) token = 8 * lo + k;
+        for (int64_t i = 8 * lo - 1; token < 0; i--) /* (a vector with no mass: before it) */
+            if (e[i] > 0.0f) token = i;
+        j->out[t] = token;
+    }
+    free(e);
+}
+
 int tm_sample_rows(const float *logits, int64_t rows, int64_t vocab, int64_t stride,
                    const float *temperature, const float *uniforms, int64_t *out) {
-    int status = 0;
-#pragma omp parallel if (rows * vocab >= PARALLEL_VALUES)
-    {
-        const int64_t vectors = (vocab + 7) / 8;
-        float *e = malloc(sizeof(float) * 9 * vectors), *cdf = e + 8 * vectors;
-        if (e == NULL) {
-#pragma omp atomic write
-            status = 2;
-        }
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < rows; t++) {
-            if (e == NULL) continue;
-            const float *l = logits + t * stride, inv = 1.0f / temperature[t];
-            float top = -INFINITY;
-            for (int64_t i = 0; i < vocab; i++) top = l[i] * inv > top ? l[i] * inv : top;
-            if (!isfinite(top)) {
-#pragma omp atomic write
-                status = 1;
-                continue;
-            }
-            for (int64_t i = 0; i < vocab; i++) { /* below e^-87 (masked tokens: -inf): no mass */
-                const float d = l[i] * inv - top;
-                e[i] = d < -87.0f ? 0.0f : tm_exp(d);
-            }
-            for (int64_t i = vocab; i < 8 * vectors; i++) e[i] = 0.0f;
-            float lanes[8] = {0};
-            for (int64_t v = 0; v < vectors; v++) {
-                for (int k = 0; k < 8; k++) lanes[k] += e[8 * v + k];
-                cdf[v] = lane_total(lanes);
-            }
-            const float total = cdf[vectors - 1], target = uniforms[t] * total;
-            if (!(total > 0.0f) || !isfinite(total)) {
-#pragma omp atomic write
-                status = 1;
-                continue;
-            }
-            int64_t lo = 0, hi = vectors - 1; /* the first v with cdf[v] > target, else the last */
-            while (lo < hi) {
-                const int64_t mid = lo + (hi - lo) / 2;
-                if (cdf[mid] > target) hi = mid;
-                else lo = mid + 1;
-            }
-            const float *ev = e + 8 * lo;
-            float running = lo > 0 ? cdf[lo - 1] : 0.0f;
-            int64_t token = -1;
-            for (int k = 0; k < 8 && token < 0; k++)
-                if ((running += ev[k]) > target && ev[k] > 0.0f) token = 8 * lo + k;
-            for (int k = 7; token < 0 && k >= 0; k--) /* rounding: the vector's last with mass */
-                if (ev[k] > 0.0f) token = 8 * lo + k;
-            for (int64_t i = 8 * lo - 1; token < 0; i--) /* (a vector with no mass: before it) */
-                if (e[i] > 0.0f) token = i;
-            out[t] = token;
-        }
-        free(e);
-    }
-    return status;
+    SampleJob job = {logits, temperature, uniforms, rows, vocab, stride, out, 0, 0};
+    const int64_t threads = rows * vocab >= PARALLEL_VALUES ? atomic_load(&default_threads) : 1;
+    parallel(sample_part, &job, (int)(rows < threads ? rows : threads));
+    return atomic_load(&job.status);
 }
 
 /* out[t] = the index of row t's largest value, the first one on a tie, or the first NaN
  * (torch.argmax's rule); rows `stride` floats apart. Lane k of the vector loop keeps its
  * first maximum of values 8v + k (only a strictly larger value replaces it); the lanes
  * holding the row's maximum then give the smallest index. */
-int tm_argmax_rows(const float *logits, int64_t rows, int64_t vocab, int64_t stride,
-                   int64_t *out) {
-    if (rows < 1 || vocab < 1) return 1;
-#pragma omp parallel for schedule(static) if (rows * vocab >= PARALLEL_VALUES)
-    for (int64_t t = 0; t < rows; t++) {
-        const float *l = logits + t * stride;
+typedef struct {
+    const float *logits;
+    int64_t vocab, stride, *out;
+} ArgmaxRows;
+
+static void argmax_rows(void *arg, int64_t begin, int64_t end) {
+    const ArgmaxRows *a = arg;
+    const int64_t vocab = a->vocab;
+    for (int64_t t = begin; t < end; t++) {
+        const float *l = a->logits + t * a->stride;
         int64_t best = 0, i = 0;
 #if defined(__AVX2__)
         if (vocab >= 8 && vocab <= INT32_MAX) { /* lane indices are 32-bit */
@@ -230,7 +298,14 @@ int tm_argmax_rows(const float *logits, int64_t rows, int64_t vocab, int64_t str
             }
             if (l[i] > l[best]) best = i;
         }
-        out[t] = best;
+        a->out[t] = best;
     }
+}
+
+int tm_argmax_rows(const float *logits, int64_t rows, int64_t vocab, int64_t stride,
+                   int64_t *out) {
+    if (rows < 1 || vocab < 1) return 1;
+    ArgmaxRows a = {logits, vocab, stride, out};
+    for_rows(argmax_rows, &a, rows, vocab);
     return 0;
 }

@@ -16,18 +16,18 @@ _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes
 
 
 def _fn(symbol: str, *argtypes: object) -> Callable[..., int]:
-    fn = function("layer_ops", symbol, *argtypes)
+    fn = function(symbol, *argtypes)
     assert fn is not None, "check available() first"
     return fn
 
 
 def available() -> bool:
-    return function("layer_ops", "tm_silu_mul", _ptr, _ptr, _i64, _i64) is not None
+    return function("tm_silu_mul", _ptr, _ptr, _i64, _i64) is not None
 
 
 def writes_f16() -> bool:
     """Whether rope_and_cache can write float16 caches (an F16C build)."""
-    fn = function("layer_ops", "tm_rope_writes_f16")
+    fn = function("tm_rope_writes_f16")
     return fn is not None and bool(fn())
 
 

@@ -17,7 +17,7 @@ _MIN_WORK_PER_THREAD = 1024
 
 def _function() -> Callable[..., int] | None:
     args = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64, ctypes.c_int]
-    return function("paged_attention", "tm_paged_decode_attention", *args)
+    return function("tm_paged_decode_attention", *args)
 
 
 def available() -> bool:
@@ -26,7 +26,7 @@ def available() -> bool:
 
 def reads_f16(head_dim: int) -> bool:
     """Whether float16 caches of this head size can be read (an F16C build's vector loops)."""
-    fn = function("paged_attention", "tm_paged_attention_reads_f16", _i64)
+    fn = function("tm_paged_attention_reads_f16", _i64)
     return fn is not None and bool(fn(head_dim))
 
 

@@ -28,12 +28,12 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 def _function() -> Callable[..., int] | None:
     args = [_ptr, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_int, _ptr, _ptr, ctypes.c_int]
-    return function("quant_matmul", "tm_quant_matmul", *args)
+    return function("tm_quant_matmul", *args)
 
 
 def _f16_function() -> Callable[..., int] | None:
     args = [_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_int]
-    return function("quant_matmul", "tm_f16_matmul", *args)
+    return function("tm_f16_matmul", *args)
 
 
 def available() -> bool:
@@ -43,7 +43,7 @@ def available() -> bool:
 def vectorized() -> bool:
     """Whether the kernels run their vector tiles here (x86 with AVX2, FMA, F16C); elsewhere
     a portable scalar path computes the same chains, far slower."""
-    fn = function("quant_matmul", "tm_matmul_vectorized")
+    fn = function("tm_matmul_vectorized")
     return fn is not None and fn() == 1
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+from pathlib import Path
 from typing import get_args
 
 import torch
 
+from tokenmill import kernels
 from tokenmill.config import CacheConfig
 from tokenmill.config import Quantization as QuantizationMethod
 from tokenmill.errors import ModelLoadError
@@ -30,6 +33,65 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise ModelLoadError(f"unknown device {device!r}; use auto, cpu or cuda")
     return torch.device(device)
+
+
+def configure_cpu_threads(pinned: int | None) -> str:
+    """Set the CPU thread count (torch's and the native kernels'); says what it chose.
+
+    `pinned` (--cpu-threads) fixes it. Otherwise torch's default, capped at the cgroup's CPU
+    quota (a container limited to 1.5 CPUs gets 2 threads, not one per host core), is where
+    the kernels' pool starts; the pool then runs calls on fewer threads while waiting for
+    descheduled ones costs more than they add, and probes back up (kernels/parallel.h)."""
+    if pinned is not None:
+        kernels.set_cpu_threads(pinned)
+        return f"{pinned} CPU threads (pinned)"
+    threads, quota = torch.get_num_threads(), cgroup_cpu_quota()
+    if quota is not None and math.ceil(quota) < threads:
+        threads = max(1, math.ceil(quota))
+        torch.set_num_threads(threads)
+    kernels.set_cpu_threads(None)
+    where = f", CPU quota {quota:g}" if quota is not None else ""
+    return f"{threads} CPU threads (adaptive{where})"
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time the process's cgroup may use (cgroup v2 cpu.max, or v1 CFS quota,
+    the tightest along the path), or None when unlimited or unknown."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    limits: list[float] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: cpu.max in every directory from ours up to the root
+            here = root / path.lstrip("/")
+            while True:
+                limits += _quota(here / "cpu.max", None)
+                if here == root or root not in here.parents:
+                    break
+                here = here.parent
+        elif "cpu" in controllers.split(","):  # v1
+            for base in (root / "cpu,cpuacct", root / "cpu"):
+                here = base / path.lstrip("/")
+                if here.is_dir():
+                    limits += _quota(here / "cpu.cfs_quota_us", here / "cpu.cfs_period_us")
+                    break
+    return min(limits) if limits else None
+
+
+def _quota(quota_file: Path, period_file: Path | None) -> list[float]:
+    """[quota / period] from "QUOTA PERIOD" (v2) or two files (v1); [] when unlimited."""
+    try:
+        words = quota_file.read_text().split()
+        if period_file is not None:
+            words += period_file.read_text().split()
+        quota, period = words[0], float(words[1])
+    except (OSError, IndexError, ValueError):
+        return []
+    if quota in ("max", "-1") or period <= 0:
+        return []
+    return [float(quota) / period]
 
 
 def resolve_quantization(

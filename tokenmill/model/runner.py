@@ -16,6 +16,7 @@ from tokenmill.kernels import paged_attention as paged_attention_kernel
 from tokenmill.layers.attention import AttentionMetadata, PrefillChunk
 from tokenmill.layers.linear import GGUFLinear, PackedLinear
 from tokenmill.model.device import (
+    configure_cpu_threads,
     kv_cache_bytes,
     resolve_device,
     resolve_dtype,
@@ -49,6 +50,9 @@ class ModelRunner:
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, source: ModelSource):
         self.device = resolve_device(model_config.device)
+        self.cpu_threads = (
+            configure_cpu_threads(model_config.cpu_threads) if self.device.type == "cpu" else ""
+        )
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.block_size = cache_config.block_size
         started = time.perf_counter()

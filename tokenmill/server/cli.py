@@ -180,6 +180,11 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         help="KV cache size, e.g. 2GiB, 512MiB, 1e9 (default: sized to the machine)",
     )  # fmt: skip
     g.add_argument(
+        "--cpu-threads", type=int, default=None, metavar="N",
+        help="CPU: threads for the model's work, pinned (default: torch's, capped at the "
+        "cgroup's CPU quota, and lowered while other processes take the cores)",
+    )  # fmt: skip
+    g.add_argument(
         "--kv-cache-dtype", choices=get_args(KVCacheDtype), default=_DEFAULTS.cache.kv_cache_dtype,
         help="KV cache element type; auto: float16 on a CPU with the GGUF default (int8 "
         "activations), else the model's dtype (default: %(default)s)",
@@ -284,6 +289,7 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
 
     config = EngineConfig.from_kwargs(
         model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+        cpu_threads=args.cpu_threads,
         max_model_len=args.max_model_len, chat_template=args.chat_template, seed=args.seed,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,

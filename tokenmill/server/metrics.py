@@ -116,3 +116,14 @@ class _EngineCollector(Collector):
             "tokenmill:engine_aborted_requests", "Requests the engine aborted since start.",
             stats.num_aborted,
         )  # fmt: skip
+        if stats.cpu_threads is not None:
+            in_use, reductions = stats.cpu_threads
+            yield GaugeMetricFamily(
+                "tokenmill:cpu_threads", "CPU threads the native kernels run on now (fewer "
+                "while other processes take the cores).", in_use,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "tokenmill:cpu_thread_reductions", "Times the kernels' thread pool ran on a "
+                "thread fewer because waiting for descheduled threads cost more than they added.",
+                reductions,
+            )  # fmt: skip
