@@ -179,7 +179,7 @@ static inline float lane_total(const float *c) {
  * F[v] = lane_total of the lane sums, which never decreases; the total is the last F. The
  * token is the first whose running mass passes u * total: its vector by binary search over
  * F, then token by token inside it (a token of zero mass is never drawn). Rows are `stride`
- * floats apart and split over the OpenMP threads; a row's draw depends on its own inputs
+ * floats apart and split over the thread pool; a row's draw depends on its own inputs
  * only. Returns 1 when a row has no finite maximum or no mass (the caller then takes the
  * torch path), 2 when memory ran out. */
 typedef struct {

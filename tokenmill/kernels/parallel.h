@@ -11,7 +11,7 @@
  * costs nothing.
  *
  * The pool measures how long callers wait for parts still running elsewhere (stalls). When
- * stalls take over a quarter of the parallel time in a window, the pool runs calls on one
+ * stalls take over half of the parallel time in a window, the pool runs calls on one
  * thread fewer; it probes one more again after a back-off that doubles while probes fail
  * (0.25 s .. 8 s). Parts compute the same values whichever thread runs them and whatever
  * count a call gets (each job's contract), so the thread count never changes a result.
@@ -39,7 +39,7 @@ enum { POOL_MAX_THREADS = 256 };
 #define WINDOW_NS 20000000LL    /* parallel time per adaptation decision */
 #define PROBE_MIN_NS 250000000LL
 #define PROBE_MAX_NS 8000000000LL
-#define STALL_HIGH 0.25 /* stall share of a window that makes the pool use a thread fewer */
+#define STALL_HIGH 0.5 /* stall share of a window that makes the pool use a thread fewer */
 
 static struct {
     pthread_mutex_t dispatch; /* one call at a time */
