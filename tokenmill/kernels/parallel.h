@@ -274,11 +274,13 @@ void tm_pool_configure(int threads) {
     atomic_store(&default_threads, threads < 1 ? 1 : threads);
 }
 
-/* Pin the thread count to what callers ask (0), or let the pool adapt it (1, the default). */
+/* Pin the thread count to what callers ask (0), or let the pool adapt it (1, the default);
+ * either way the adaptation starts afresh. */
 void tm_pool_set_adaptive(int adaptive) {
     pthread_mutex_lock(&pool.dispatch);
     atomic_store(&pool.adaptive, adaptive != 0);
     atomic_store(&pool.limit, 0);
+    pool.widest = 0;
     pool.window_ns = pool.stall_ns = 0;
     pool.probing = 0;
     pool.backoff_ns = PROBE_MIN_NS;
