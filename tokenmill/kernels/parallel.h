@@ -36,6 +36,7 @@ typedef void (*job_fn)(void *arg, int index, int count);
 enum { POOL_MAX_THREADS = 256 };
 #define SPIN_NS 30000LL         /* a waiting thread spins this long (a decode step's gaps) ... */
 #define YIELD_NS 100000LL       /* ... then yields its core to others this long, then sleeps */
+#define MAX_SPIN_NS 250000LL    /* a caller's spin for parts still running elsewhere, at most */
 #define WINDOW_NS 20000000LL    /* parallel time per adaptation decision */
 #define PROBE_MIN_NS 250000000LL
 #define PROBE_MAX_NS 8000000000LL
@@ -93,14 +94,14 @@ static void futex_wake(_Atomic uint32_t *word, int threads) {
 
 /* Spin, then yield, while `still` holds; returns 1 if it stopped holding, 0 if it is time
  * to sleep. */
-#define SPIN_THEN_YIELD(still)                                                  \
+#define SPIN_THEN_YIELD(still, spin_ns)                                         \
     do {                                                                        \
         const int64_t start_ = now_ns();                                        \
         int64_t spent_ = 0;                                                     \
         for (int i_ = 0; (still); i_++) {                                       \
-            if ((i_ & 63) == 0 && (spent_ = now_ns() - start_) > SPIN_NS + YIELD_NS) \
+            if ((i_ & 63) == 0 && (spent_ = now_ns() - start_) > (spin_ns) + YIELD_NS) \
                 break;                                                          \
-            if (spent_ > SPIN_NS) sched_yield();                                \
+            if (spent_ > (spin_ns)) sched_yield();                              \
             else cpu_relax();                                                   \
         }                                                                       \
     } while (0)
@@ -144,7 +145,7 @@ static void *pool_thread(void *unused) {
     on_pool_thread = 1;
     uint32_t seen = ticket_call(atomic_load(&pool.ticket));
     for (;;) {
-        SPIN_THEN_YIELD(ticket_call(atomic_load(&pool.ticket)) == seen);
+        SPIN_THEN_YIELD(ticket_call(atomic_load(&pool.ticket)) == seen, SPIN_NS);
         uint32_t wake = atomic_load(&pool.wake);
         atomic_fetch_add(&pool.sleepers, 1);
         while (ticket_call(atomic_load(&pool.ticket)) == seen) {
@@ -221,8 +222,11 @@ static void parallel(job_fn fn, void *arg, int count) {
         futex_wake(&pool.wake, count - 1);
     }
     run_parts(call);
-    const int64_t own = now_ns();
-    SPIN_THEN_YIELD((int)atomic_load(&pool.done) < count);
+    /* the last parts elsewhere usually end within one chunk of the work the caller did:
+     * spin for a quarter of it (big batches' chunks take ~100 us) before yielding */
+    const int64_t own = now_ns(), spin = (own - start) / 4;
+    SPIN_THEN_YIELD((int)atomic_load(&pool.done) < count,
+                    spin < SPIN_NS ? SPIN_NS : spin > MAX_SPIN_NS ? MAX_SPIN_NS : spin);
     if ((int)atomic_load(&pool.done) < count) {
         atomic_store(&pool.caller_sleeping, 1);
         for (uint32_t d; (int)(d = atomic_load(&pool.done)) < count;) futex_wait(&pool.done, d);
