@@ -92,8 +92,8 @@ static void futex_wake(_Atomic uint32_t *word, int threads) {
 #endif
 }
 
-/* Spin, then yield, while `still` holds; returns 1 if it stopped holding, 0 if it is time
- * to sleep. */
+/* Spin for spin_ns, then yield for YIELD_NS, while `still` holds; the caller checks it again
+ * afterwards and sleeps if it still holds. */
 #define SPIN_THEN_YIELD(still, spin_ns)                                         \
     do {                                                                        \
         const int64_t start_ = now_ns();                                        \

@@ -54,11 +54,13 @@ def configure_cpu_threads(pinned: int | None) -> str:
     return f"{threads} CPU threads (adaptive{where})"
 
 
-def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+def cgroup_cpu_quota(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> float | None:
     """CPUs' worth of time the process's cgroup may use (cgroup v2 cpu.max, or v1 CFS quota,
     the tightest along the path), or None when unlimited or unknown."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = membership.read_text().splitlines()
     except OSError:
         return None
     limits: list[float] = []

@@ -268,6 +268,8 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
     from tokenmill.server.app import ServerSettings
     from tokenmill.server.limits import RequestLimits
 
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        raise StartupError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
     if args.shutdown_timeout < 0:
         raise StartupError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout:g}")
     return ServerSettings(

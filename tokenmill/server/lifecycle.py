@@ -20,7 +20,7 @@ import math
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import uvicorn
@@ -110,9 +110,9 @@ class GracefulServer(uvicorn.Server):
         why = f"shutdown timeout ({self.shutdown_timeout:g} s) reached"
         self._deadline = self._loop.call_later(self.shutdown_timeout, lambda: self.cut(why))
 
-    def _call_soon(self, callback: object) -> None:
+    def _call_soon(self, callback: Callable[[], None]) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(callback)  # type: ignore[arg-type]
+            self._loop.call_soon_threadsafe(callback)
 
 
 def serve_app(
