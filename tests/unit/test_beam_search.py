@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from tokenmill.engine.beam_search import BeamSearch
 from tokenmill.engine.outputs import Logprob
-from tokenmill.sample.beam_search import BeamSearch
 from tokenmill.sampling_params import EarlyStopping
 
 EOS, A, B, C = 0, 1, 2, 3

@@ -10,16 +10,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from tokenmill.engine.beam_search import Beam, BeamSearch
 from tokenmill.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.engine.request import Request
-from tokenmill.sample.beam_search import Beam, BeamSearch
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, detokenize
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
 
 @dataclass(slots=True, eq=False)
-class Sequence:
+class SequenceState:
     """One sampled sequence: its engine request, its text so far and its output."""
 
     request: Request
@@ -39,7 +39,7 @@ class RequestGroup:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        sequences: list[Sequence],
+        sequences: list[SequenceState],
     ):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -57,7 +57,7 @@ class RequestGroup:
         """best_of ranks finished sequences; prompt-only requests drop their one token."""
         return self.params.num_sequences > self.params.n or self.params.max_tokens == 0
 
-    def sequence_of(self, request: Request) -> Sequence:
+    def sequence_of(self, request: Request) -> SequenceState:
         return self._by_id[request.request_id]
 
     def engine_request_ids(self) -> list[str]:

@@ -6,12 +6,12 @@ import dataclasses
 from typing import Any
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.beam_search import BeamSearch
 from tokenmill.engine.core import EngineCore
-from tokenmill.engine.groups import BeamGroup, RequestGroup, Sequence
+from tokenmill.engine.groups import BeamGroup, RequestGroup, SequenceState
 from tokenmill.engine.outputs import PositionLogprobs, PromptLogprobs, RequestOutput
 from tokenmill.engine.request import Request
 from tokenmill.errors import ModelLoadError
-from tokenmill.sample.beam_search import BeamSearch
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.manager import StructuredOutputManager
@@ -100,7 +100,7 @@ class LLMEngine:
             if grammar is not None:
                 request.matcher = grammar.new_matcher()
             detokenizer = IncrementalDetokenizer(self.tokenizer, child_params, prompt)
-            sequences.append(Sequence(request, detokenizer, index))
+            sequences.append(SequenceState(request, detokenizer, index))
         group = RequestGroup(request_id, prompt, params, sequences)
         self._submit(group, [s.request for s in sequences])
         return group
@@ -209,7 +209,7 @@ class LLMEngine:
         self.abort(group.request_id)
         return RequestOutput(group.request_id, group.prompt_token_ids, [], True, error=error)
 
-    def _on_token(self, seq: Sequence) -> None:
+    def _on_token(self, seq: SequenceState) -> None:
         request, detok, output = seq.request, seq.detokenizer, seq.output
         token_id = request.token_ids[-1]
         ends_on_stop_token = request.finish_reason == "stop" and not isinstance(
