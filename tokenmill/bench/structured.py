@@ -4,7 +4,7 @@ Drives the engine step by step (no HTTP). Every request decodes exactly --output
 free requests ignore EOS, and the JSON schema asks for more records than fit. Time per
 output token is the mean decode step (prefill excluded); free and guided runs alternate so
 that a busy machine slows both alike. Compile times are the medium schema's of
-tokenmill.structured.benchmark, first use (cache miss) vs cached.
+tokenmill.bench.grammar_backends, first use (cache miss) vs cached.
 
 python -m tokenmill.bench.structured [MODEL] [--batch-sizes 1 32] [--output-len 64]
 """
@@ -138,7 +138,7 @@ def compare(
 
 def compile_times(engine: LLMEngine, backends: list[str]) -> list[dict[str, Any]]:
     """Backend setup, first and cached compile of the medium schema, per backend."""
-    from tokenmill.structured.benchmark import bench_backend
+    from tokenmill.bench.grammar_backends import bench_backend
 
     manager = engine.structured_outputs
     return [bench_backend(manager, backend, repeats=1) for backend in backends]

@@ -1,6 +1,9 @@
-"""Structured-output micro-benchmark: compile time (first vs cached) and per-token mask cost.
+"""Grammar backends alone: compile time (first vs cached) and per-token mask cost.
 
-python -m tokenmill.structured.benchmark [--backends xgrammar outlines lm-format-enforcer]
+No engine: the structured-output manager alone, over the model's tokenizer.
+`tokenmill bench structured` reports these compile times too (tokenmill.bench.structured).
+
+python -m tokenmill.bench.grammar_backends [--model PATH] [--backends xgrammar outlines lm-format-enforcer]
 """
 
 from __future__ import annotations
@@ -137,7 +140,11 @@ def bench_apply(manager: StructuredOutputManager, batch_sizes: list[int]) -> lis
 def main(argv: list[str] | None = None) -> None:
     from tokenmill.model.loader import load_model_source
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tokenmill.bench.grammar_backends",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default=None, help="model path (default: the bundled one)")
     parser.add_argument(
         "--backends", nargs="+", default=["xgrammar", "outlines", "lm-format-enforcer"]
