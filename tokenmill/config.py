@@ -11,6 +11,9 @@ Quantization = Literal["gguf", "gguf-float32", "fp16"]
 QuantizationSetting = Literal["gguf", "gguf-float32", "fp16", "none"]
 KVCacheDtype = Literal["auto", "float16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
+# how the model runs (tokenmill/backends): "auto" = the CPU backend (native kernels where
+# they run) on a CPU, torch elsewhere; "torch" = the plain-torch reference anywhere
+Backend = Literal["auto", "cpu", "torch"]
 # the grammar backends of tokenmill/structured (its BACKENDS registry; a unit test keeps them equal)
 GuidedDecodingBackend = Literal["xgrammar", "outlines", "lm-format-enforcer"]
 
@@ -22,6 +25,7 @@ class ModelConfig:
     model: str | None = None  # local HF dir, .gguf file, or cached hub name; None = bundled default
     dtype: DType = "auto"
     device: Device = "auto"
+    backend: Backend = "auto"
     # CPU: threads for torch and the native kernels; None = torch's default capped at the
     # cgroup's CPU quota, lowered and raised by the kernels' pool as the CPU time the
     # process gets changes (kernels/parallel.h); a number pins it

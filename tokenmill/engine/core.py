@@ -12,35 +12,40 @@ from tokenmill.engine.outputs import FinishReason
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.errors import InvalidRequestError, ModelLoadError
+from tokenmill.executor.base import Executor
+from tokenmill.executor.uniproc import UniprocExecutor
 from tokenmill.model.loader import ModelSource, load_model_source
-from tokenmill.model.runner import ModelRunner
 from tokenmill.structured.manager import StructuredOutputManager
+from tokenmill.worker.inputs import ModelOutput, ScheduledSequence
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    """Holds the model, KV cache and scheduler; `step()` advances every running request."""
+    """Holds the scheduler, the KV cache's bookkeeping and the executor that runs the
+    model; `step()` advances every running request."""
 
     def __init__(self, config: EngineConfig, source: ModelSource | None = None):
         started = time.perf_counter()
         self.config = config
         self.source = source or load_model_source(config.model.model)
-        self.runner = ModelRunner(config.model, config.cache, self.source)
-        self.max_model_len = self._resolve_max_model_len()
         # one per engine: compiled grammars are cached here and shared by every request
         self.structured_outputs = StructuredOutputManager(
             self.source.tokenizer,
-            self.vocab_size,
+            int(self.source.hf_config["vocab_size"]),
             config.structured_outputs.guided_decoding_backend,
         )
-        self.runner.sampler.grammar.manager = self.structured_outputs
+        self.executor: Executor = UniprocExecutor(
+            config.model, config.cache, self.source, self.structured_outputs
+        )
+        self.info = self.executor.info
+        self.max_model_len = self._resolve_max_model_len()
         self.kv_cache = KVCacheManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            self.info.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         scheduler_config = config.scheduler
         if scheduler_config.max_num_batched_tokens is None:
-            budget = default_batched_tokens(self.runner.device.type)
+            budget = default_batched_tokens(self.info.device.type)
             scheduler_config = replace(scheduler_config, max_num_batched_tokens=budget)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache)
         self.requests: dict[str, Request] = {}
@@ -48,7 +53,7 @@ class EngineCore:
 
     @property
     def vocab_size(self) -> int:
-        return self.runner.model.config.vocab_size
+        return self.info.arch.vocab_size
 
     @property
     def has_unfinished(self) -> bool:
@@ -78,67 +83,77 @@ class EngineCore:
         request = self.requests.pop(request_id, None)
         if request is not None:
             self.scheduler.finish(request, reason)
-            self.runner.sampler.forget(request_id)
+            self.executor.forget(request_id)
 
     def step(self) -> list[Request]:
         """One engine step; returns the requests that got a token (finished ones included)."""
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        block_tables = {
-            s.request.request_id: self.kv_cache.block_ids(s.request) for s in out.scheduled
-        }
         try:
-            sampled = self.runner.execute(out, block_tables)
+            output = self.executor.execute(self.model_input(out))
             failed: list[Request] = []
         except Exception:
             logger.exception(
                 "engine step failed; retrying its %d requests one by one", len(out.scheduled)
             )
-            sampled, failed = self._execute_one_by_one(out, block_tables)
-        changed = self.scheduler.update(out, sampled) + failed
+            output, failed = self._execute_one_by_one(out)
+        self._record_logprobs(output)
+        changed = self.scheduler.update(out, output.sampled_token_ids) + failed
         for request in changed:
             if request.is_finished:
                 self.requests.pop(request.request_id, None)
-                self.runner.sampler.forget(request.request_id)
+                self.executor.forget(request.request_id)
         return changed
 
-    def _execute_one_by_one(
-        self, out: SchedulerOutput, block_tables: dict[str, list[int]]
-    ) -> tuple[dict[str, int], list[Request]]:
+    def model_input(self, out: SchedulerOutput) -> list[ScheduledSequence]:
+        """The step as the executor takes it: each request's new tokens and KV blocks."""
+        return [
+            ScheduledSequence(
+                s.request, s.start, s.num_new_tokens, s.samples, self.kv_cache.block_ids(s.request)
+            )
+            for s in out.scheduled
+        ]
+
+    def _record_logprobs(self, output: ModelOutput) -> None:
+        """Write the step's prompt and sample logprobs into their requests."""
+        for request_id, entries in output.prompt_logprobs.items():
+            self.requests[request_id].prompt_logprobs.extend(entries)
+        for request_id, entry in output.logprobs.items():
+            request = self.requests[request_id]
+            request.logprobs.append(entry)
+            request.cumulative_logprob += next(iter(entry.values())).logprob
+
+    def _execute_one_by_one(self, out: SchedulerOutput) -> tuple[ModelOutput, list[Request]]:
         """After a failed step: run each request alone, so only the ones that fail again
         (a poisoned input, a grammar backend error) are ended, with finish_reason "error".
 
         Re-running is safe: a step writes K/V only into the request's own slots for the
         same positions, and the scheduler has not advanced anything yet.
         """
-        sampled: dict[str, int] = {}
+        output = ModelOutput()
         failed: list[Request] = []
         for item in list(out.scheduled):
             request = item.request
             alone = SchedulerOutput(scheduled=[item])
             try:
-                sampled.update(self.runner.execute(alone, block_tables))
+                output.update(self.executor.execute(self.model_input(alone)))
             except Exception as exc:
                 logger.exception("request %s failed in the engine", request.request_id)
                 out.scheduled.remove(item)
                 request.error = f"{type(exc).__name__}: {exc}"
                 self.scheduler.finish(request, "error")
                 failed.append(request)
-        return sampled, failed
+        return output, failed
 
     def _resolve_max_model_len(self) -> int:
-        cfg = self.runner.model.config
-        limit = cfg.max_position_embeddings
-        window = self.source.hf_config.get("sliding_window")
-        if window and self.source.hf_config.get("use_sliding_window", True):
-            limit = min(limit, int(window))  # full attention is exact up to the window
+        limit = self.info.arch.max_context
         wanted = self.config.model.max_model_len
         if wanted is not None and wanted > limit:
             raise ModelLoadError(
                 f"max_model_len {wanted} exceeds the model's context length {limit}"
             )
-        capacity = self.runner.num_blocks * self.config.cache.block_size
+        capacity = self.info.num_blocks * self.config.cache.block_size
         if wanted is not None and wanted > capacity:
             raise ModelLoadError(
                 f"the KV cache holds {capacity} tokens, fewer than max_model_len {wanted}; "
@@ -152,21 +167,21 @@ class EngineCore:
         return wanted or limit
 
     def _log_summary(self, seconds: float) -> None:
-        runner = self.runner
+        info = self.info
         logger.info(
             "Loaded %s: %s, %.1fM parameters, %s math on %s%s, weights %s, max_model_len %d, "
             "KV cache %d blocks x %d tokens (%.1f MiB, %s), in %.1f s",
             self.source.name,
             (self.source.hf_config.get("architectures") or ["?"])[0],
-            runner.num_parameters / 1e6,
-            str(runner.dtype).removeprefix("torch."),
-            runner.device,
-            f" ({runner.cpu_threads})" if runner.cpu_threads else "",
-            runner.quantization or "unquantized",
+            info.num_parameters / 1e6,
+            str(info.dtype).removeprefix("torch."),
+            info.device,
+            f" ({info.cpu_threads})" if info.cpu_threads else "",
+            info.quantization or "unquantized",
             self.max_model_len,
-            runner.num_blocks,
+            info.num_blocks,
             self.config.cache.block_size,
-            runner.kv_cache_bytes / 2**20,
-            str(runner.kv_cache_dtype).removeprefix("torch."),
+            info.kv_cache_bytes / 2**20,
+            str(info.kv_cache_dtype).removeprefix("torch."),
             seconds,
         )

@@ -5,21 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tokenmill.sample.logprobs import Logprob as Logprob  # re-exported for clients
+from tokenmill.sample.logprobs import PositionLogprobs
+
 # "error": the engine failed this request (its RequestOutput carries the message).
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
-@dataclass(slots=True)
-class Logprob:
-    """One token's log-probability at one position (vLLM's `Logprob`)."""
-
-    logprob: float  # natural log, of the raw model distribution (see docs/sampling.md)
-    rank: int | None = None  # 1 = the most likely token at this position
-    decoded_token: str | None = None  # the token's own text
-
-
-# token id -> Logprob at one position: the chosen token first, then the top-k in rank order.
-PositionLogprobs = dict[int, Logprob]
 SampleLogprobs = list[PositionLogprobs]  # one per generated token
 PromptLogprobs = list[PositionLogprobs | None]  # one per prompt token; None for the first
 

@@ -1,24 +1,72 @@
-"""Paged attention over the KV cache.
+"""Attention over the paged KV cache: the backend interface and the torch reference.
 
-The runner lays out the flattened batch as [decode rows | prefill chunks].
-Where the native kernel runs (CPU, float32: tokenmill/kernels/paged_attention.c), it
-attends every row, decode or prefill, over the paged cache in place: a prefill row is a
-query over its sequence's first position + 1 keys, computed exactly as that token's
-decode would be. So a token's attention, and with the batch-invariant matmuls its logits,
-never depend on how its prompt was chunked, batched or served from the prefix cache.
-Elsewhere decode rows take one padded, masked SDPA call over gathered keys, and each
-prefill chunk its own causal call (against the new keys directly when the chunk starts at
+The runner lays out a step's tokens as [decode rows | prefill chunks] (a `StepLayout`);
+the attention backend chosen at load turns that into its own metadata once per step,
+and every layer's attention reads it. The reference (`TorchAttention`, any device):
+decode rows take one padded, masked SDPA call over their gathered keys, and each prefill
+chunk its own causal call (against the new keys directly when the chunk starts at
 position 0, else against its cached keys gathered through its block table).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from tokenmill.kernels.paged_attention import paged_decode_attention
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each [S, Hkv, D]
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """One sequence's new tokens in the step: rows [row, row + num_tokens) of the batch,
+    its positions [start, start + num_tokens)."""
+
+    row: int
+    start: int
+    num_tokens: int
+    block_table: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.start > 0
+
+
+@dataclass(slots=True)
+class StepLayout:
+    """A step's tokens as the runner flattened them: decode chunks first."""
+
+    chunks: list[ScheduledChunk]
+    num_decodes: int  # chunks [0, num_decodes) are single-token decodes
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64, the cache slot of each new token's K/V
+    block_size: int
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """What every attention backend's metadata has; backends add their own fields."""
+
+    slot_mapping: torch.Tensor  # [T]
+    num_decodes: int  # rows [0, num_decodes) are single-token decodes
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def build_metadata(self, layout: StepLayout) -> AttentionMetadata: ...
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        cache_written: bool = False,  # k and v are in the cache already (ops.rope_and_cache)
+    ) -> torch.Tensor: ...  # [T, H, D]
 
 
 @dataclass(slots=True)
@@ -30,72 +78,114 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
-class AttentionMetadata:
-    """Per-step layout, built once by the runner and shared by every layer."""
-
-    slot_mapping: torch.Tensor  # [T] cache slot of each new token's K/V
-    num_decodes: int  # rows [0, num_decodes) are single-token decodes
-    decode_slots: torch.Tensor | None  # [Bd, L] cache slots of each decode's keys (padded)
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, False on padding; None if no padding
-    # for the native kernel, instead of decode_slots/decode_mask and prefills: every row's
-    row_tables: torch.Tensor | None = None  # [T, max_blocks] int64 block table
-    row_lens: torch.Tensor | None = None  # [T] int64 keys it attends (its position + 1)
-    block_size: int = 0
+class TorchAttentionMetadata(AttentionMetadata):
+    decode_slots: torch.Tensor | None = None  # [Bd, L] cache slots of each decode's keys
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, L] bool, False on padding; None: none
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
-def paged_attention(
-    q: torch.Tensor,  # [T, H, D]
-    k: torch.Tensor,  # [T, Hkv, D]
-    v: torch.Tensor,  # [T, Hkv, D]
-    k_cache: torch.Tensor,  # [S, Hkv, D], S = num_blocks * block_size
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    cache_written: bool = False,  # k and v are in the cache already (native rope_and_cache)
-) -> torch.Tensor:  # [T, H, D]
-    if not cache_written:
-        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-    if meta.row_tables is not None:
-        assert meta.row_lens is not None
-        return paged_decode_attention(
-            q, k_cache, v_cache, meta.row_tables, meta.row_lens, meta.block_size
+class TorchAttention:
+    """SDPA over keys gathered from the paged cache (the reference; any device)."""
+
+    name = "torch"
+
+    def build_metadata(self, layout: StepLayout) -> TorchAttentionMetadata:
+        device = layout.slot_mapping.device
+        decodes = layout.chunks[: layout.num_decodes]
+        slots, mask = _decode_layout(decodes, layout.block_size, device)
+        prefills = [
+            _prefill_chunk(c, layout.block_size, device)
+            for c in layout.chunks[layout.num_decodes :]
+        ]
+        return TorchAttentionMetadata(
+            layout.slot_mapping, layout.num_decodes, slots, mask, prefills
         )
-    out = torch.empty_like(q)
-    n = meta.num_decodes
-    if n:
-        assert meta.decode_slots is not None
-        keys = _gather(k_cache, meta.decode_slots, q.dtype).transpose(1, 2)  # [Bd, Hkv, L, D]
-        values = _gather(v_cache, meta.decode_slots, q.dtype).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(
-            q[:n].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=True
-        )  # [Bd, H, 1, D]
-        out[:n] = attn.squeeze(2)
-    for chunk in meta.prefills:
-        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-        query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-        if chunk.slots is None:  # as the cache holds them (rounded, if it is narrower)
-            keys = k[rows].to(k_cache.dtype).to(q.dtype)
-            values = v[rows].to(v_cache.dtype).to(q.dtype)
-        else:
-            keys = _gather(k_cache, chunk.slots, q.dtype)
-            values = _gather(v_cache, chunk.slots, q.dtype)
-        attn = F.scaled_dot_product_attention(
-            query,
-            keys.transpose(0, 1).unsqueeze(0),
-            values.transpose(0, 1).unsqueeze(0),
-            attn_mask=chunk.mask,
-            is_causal=chunk.mask is None,
-            enable_gqa=True,
-        )  # [1, H, q_len, D]
-        out[rows] = attn.squeeze(0).transpose(0, 1)
-    return out
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        cache_written: bool = False,
+    ) -> torch.Tensor:
+        assert isinstance(meta, TorchAttentionMetadata)
+        k_cache, v_cache = kv_cache
+        if not cache_written:
+            write_cache(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        n = meta.num_decodes
+        if n:
+            assert meta.decode_slots is not None
+            keys = _gather(k_cache, meta.decode_slots, q.dtype).transpose(1, 2)  # [Bd, Hkv, L, D]
+            values = _gather(v_cache, meta.decode_slots, q.dtype).transpose(1, 2)
+            attn = F.scaled_dot_product_attention(
+                q[:n].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=True
+            )  # [Bd, H, 1, D]
+            out[:n] = attn.squeeze(2)
+        for chunk in meta.prefills:
+            rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+            query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+            if chunk.slots is None:  # as the cache holds them (rounded, if it is narrower)
+                keys = k[rows].to(k_cache.dtype).to(q.dtype)
+                values = v[rows].to(v_cache.dtype).to(q.dtype)
+            else:
+                keys = _gather(k_cache, chunk.slots, q.dtype)
+                values = _gather(v_cache, chunk.slots, q.dtype)
+            attn = F.scaled_dot_product_attention(
+                query,
+                keys.transpose(0, 1).unsqueeze(0),
+                values.transpose(0, 1).unsqueeze(0),
+                attn_mask=chunk.mask,
+                is_causal=chunk.mask is None,
+                enable_gqa=True,
+            )  # [1, H, q_len, D]
+            out[rows] = attn.squeeze(0).transpose(0, 1)
+        return out
+
+
+def write_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slots: torch.Tensor) -> None:
+    """Store the step's keys and values [T, Hkv, D] at their cache slots [T]."""
+    k_cache, v_cache = kv_cache
+    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def _prefill_chunk(chunk: ScheduledChunk, bs: int, device: torch.device) -> PrefillChunk:
+    row, start, n = chunk.row, chunk.start, chunk.num_tokens
+    if start == 0:
+        return PrefillChunk(row, n, None, None)
+    blocks = torch.tensor(chunk.block_table, dtype=torch.long)
+    ctx_slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()[: start + n]
+    query_pos = torch.arange(start, start + n)[:, None]
+    mask = torch.arange(start + n)[None, :] <= query_pos  # [n, ctx] causal with offset
+    return PrefillChunk(row, n, ctx_slots.to(device), mask.to(device))
+
+
+def _decode_layout(
+    decodes: list[ScheduledChunk], bs: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Padded cache slots [Bd, L] of every decode's keys and the mask of real ones."""
+    if not decodes:
+        return None, None
+    lengths = torch.tensor([c.start + 1 for c in decodes])
+    max_len = int(lengths.max())
+    max_blocks = -(-max_len // bs)
+    tables = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+    for i, chunk in enumerate(decodes):
+        table = chunk.block_table[:max_blocks]
+        tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+    slots = (tables[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)
+    slots = slots[:, :max_len].to(device)
+    if bool((lengths == max_len).all()):
+        return slots, None  # no padding (always so for one request): SDPA needs no mask
+    mask = torch.arange(max_len)[None, :] < lengths[:, None]
+    return slots, mask[:, None, None, :].to(device)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """cache [S, Hkv, D] rows at slots [...] -> [..., Hkv, D] in dtype.
-
-    index_select on the flat slots is several times faster on CPU than advanced indexing.
-    """
+    """cache [S, Hkv, D] rows at slots [...] -> [..., Hkv, D] in dtype (index_select on the
+    flat slots: far faster on CPU than advanced indexing)."""
     rows = cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
     return rows.to(dtype)

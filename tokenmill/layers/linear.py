@@ -1,15 +1,11 @@
-"""Packed linear layers for CPU decode: weights stored once in a compact layout.
+"""Linear layers: the ones models build (shard-aware, several checkpoint projections
+fused into one), and the compact forms a backend swaps in at load (tokenmill/backends/
+formats.py says which runs where).
 
-`gguf`: a GGUF checkpoint's own quantized blocks (Q4_1, Q8_0), multiplied by the native
-kernel (tokenmill/kernels/quant_matmul.c) with activations quantized to int8 per 32-value
-block and integer dot products (llama.cpp's numerics): about a third of float16's bytes
-per step, batch-invariant. `gguf-float32`: the same blocks in float32 math (the
-dequantized model's results up to summation order), ~1.8x slower at batch 32.
-`fp16`: float16 weights, float32 activations and accumulation: the native kernel's
-float16 panels, else fbgemm's fp16 GEMM. It halves the bytes read per decode step and
-beats MKL's float32 GEMM at the small row counts of decode. (fbgemm's dynamic int8 was
-measured too: faster still, but its per-call activation scale flipped the bundled model's
-first greedy token.)
+A model's fused projection (q|k|v, gate|up) is a `ColumnLinear` with one output size per
+checkpoint part; its `weight_loader` copies each part into its rows. Both column and row
+layers know their tensor-parallel rank and size: a checkpoint tensor is narrowed to the
+rank's share as it loads (rank 0 of 1 today, so the whole tensor).
 """
 
 from __future__ import annotations
@@ -18,39 +14,118 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.config import Quantization as QuantizationMethod
+from tokenmill.errors import ModelLoadError
 from tokenmill.kernels import quant_matmul
-
-__all__ = [
-    "BlockLookup",
-    "GGUFLinear",
-    "PackedLinear",
-    "QuantizationMethod",
-    "fast_fp16",
-    "fbgemm_available",
-    "fits_fp16",
-    "quantize_linears",
-    "weight_bytes",
-]
 
 # HF weight name -> (GGML type, [N, row_bytes] uint8 blocks), or None when not stored quantized
 BlockLookup = Callable[[str], "tuple[int, torch.Tensor] | None"]
 
 
+def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard: int | None) -> None:
+    """Copy a checkpoint tensor into a parameter of the same shape."""
+    if shard is not None:
+        raise ModelLoadError(f"a shard ({shard}) of a parameter that is not fused")
+    _copy(param, loaded, "")
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if dst.shape != src.shape:
+        raise ModelLoadError(
+            f"weight{what}: shape {tuple(src.shape)} does not fit {tuple(dst.shape)}"
+        )
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+class ColumnLinear(nn.Linear):
+    """y = x W^T + b, W's output rows split across tensor-parallel ranks; the checkpoint
+    may store W as several projections (`output_sizes`, full sizes) fused here in order."""
+
+    def __init__(
+        self,
+        in_features: int,
+        output_sizes: list[int],
+        bias: bool,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ):
+        if any(size % tp_size for size in output_sizes):
+            raise ModelLoadError(f"output sizes {output_sizes} do not split into {tp_size}")
+        self.output_sizes = [size // tp_size for size in output_sizes]  # this rank's
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        super().__init__(in_features, sum(self.output_sizes), bias=bias)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard: int | None) -> None:
+        """Part `shard` (None: the whole fused tensor) of the checkpoint's W or b."""
+        parts = range(len(self.output_sizes)) if shard is None else [shard]
+        sizes = [self.output_sizes[i] for i in parts]
+        if loaded.shape[0] != sum(sizes) * self.tp_size:
+            raise ModelLoadError(
+                f"weight shard {shard}: shape {tuple(loaded.shape)} does not fit "
+                f"{(sum(sizes) * self.tp_size, *param.shape[1:])}"
+            )
+        offset, source = sum(self.output_sizes[: parts[0]]), 0
+        for size in sizes:  # each part's rank-th slice
+            full = size * self.tp_size
+            piece = loaded.narrow(0, source + self.tp_rank * size, size)
+            _copy(param.narrow(0, offset, size), piece, f" shard {shard}")
+            offset, source = offset + size, source + full
+
+
+class RowLinear(nn.Linear):
+    """y = x W^T + b, W's input columns split across tensor-parallel ranks (the layer after
+    a ColumnLinear: o_proj, down_proj); each rank's partial sums are added up."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1
+    ):
+        if in_features % tp_size:
+            raise ModelLoadError(f"input size {in_features} does not split into {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        super().__init__(in_features // tp_size, out_features, bias=bias)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard: int | None) -> None:
+        if shard is not None:
+            raise ModelLoadError(f"a shard ({shard}) of a parameter that is not fused")
+        if param.dim() == 2:  # the weight: this rank's columns; the bias is whole
+            size = param.shape[1]
+            if loaded.dim() == 2 and loaded.shape[1] == size * self.tp_size:
+                loaded = loaded.narrow(1, self.tp_rank * size, size)
+        _copy(param, loaded, "")
+
+
+class TransposedHead(nn.Module):
+    """The output projection W [V, C] with a copy of W^T [C, V] for few rows: a GEMM over
+    W^T beats the GEMV over W at 1-3 rows on CPU BLAS, the reverse from 4 rows on
+    (docs/benchmarks.md, "Weight formats"); costs V*C more floats."""
+
+    max_rows = 3
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight.detach()
+        self.weight_t = weight.detach().t().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, C] -> [T, V]
+        if x.shape[0] <= self.max_rows:
+            return torch.mm(x, self.weight_t)
+        return F.linear(x, self.weight)
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b with W [N, K] frozen as float16 (CPU, float32 in and out): in panels
-    for the native kernel (quant_matmul.c), else in fbgemm's packed layout."""
+    for the native kernel (quant_matmul.c; `native`), else in fbgemm's packed layout."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, method: QuantizationMethod):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native: bool):
         super().__init__()
-        self.method = method
         self.out_features, self.in_features = weight.shape
         weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
-        # the native panels where their vector tiles run, else fbgemm where it exists
-        self.native = quant_matmul.vectorized() or not fbgemm_available()
-        if self.native:
+        self.native = native
+        if native:
             self.panels = quant_matmul.pack_f16(weight)
             self.bias = bias
         else:
@@ -69,14 +144,14 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kernel = "native" if self.native else "fbgemm"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.method}, {kernel}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp16, {kernel}"
 
 
 class GGUFLinear(nn.Module):
     """y = x W^T + b with W [N, K] kept as GGUF Q4_1/Q8_0 blocks, repacked in the native
     kernel's panels (CPU, float32 in and out). int8_activations: x is quantized to int8 per
-    32-value block and each block's dot product is integer (llama.cpp's numerics), ~2x
-    faster; else float32 math over the dequantized weights."""
+    32-value block and each block's dot product is integer (llama.cpp's numerics); else
+    float32 math over the dequantized weights."""
 
     def __init__(
         self,
@@ -137,32 +212,9 @@ def gguf_linear(
     return GGUFLinear(blocks, types.pop(), weight.shape[1], bias, int8_activations)
 
 
-_FP16_MAX = 65504.0
-
-
 def fbgemm_available() -> bool:
     """Whether this PyTorch build has fbgemm (x86 CPUs) for its float16 GEMM."""
     return "fbgemm" in torch.backends.quantized.supported_engines
-
-
-def fast_fp16() -> bool:
-    """Whether a fast float16 matmul runs here: the native vector tiles, or fbgemm."""
-    return quant_matmul.vectorized() or fbgemm_available()
-
-
-def fits_fp16(weight: torch.Tensor) -> bool:
-    """Whether `weight` is within float16's range (a layer past it is not packed)."""
-    return bool(weight.detach().abs().max() <= _FP16_MAX)
-
-
-def quantize_linears(module: nn.Module, method: QuantizationMethod) -> None:
-    """Replace every nn.Linear under `module` whose weight fits with its PackedLinear."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            if fits_fp16(child.weight):
-                setattr(module, name, PackedLinear(child.weight, child.bias, method))
-        else:
-            quantize_linears(child, method)
 
 
 def weight_bytes(module: nn.Module) -> int:

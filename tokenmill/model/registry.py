@@ -5,19 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.model.interface import CausalLM
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.qwen2 import Qwen2ForCausalLM
 from tokenmill.model.qwen3 import Qwen3ForCausalLM
 
-MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
+MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,  # sliding window: the runner caps the context at it
+    "MistralForCausalLM": LlamaForCausalLM,  # sliding window: the context is capped at it
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
 
-def model_class(hf_config: dict[str, Any]) -> type[LlamaForCausalLM]:
+def model_class(hf_config: dict[str, Any]) -> type[CausalLM]:
     names = hf_config.get("architectures") or []
     for name in names:
         if name in MODEL_CLASSES:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tokenmill.engine.request import Request
+from tokenmill.sample.interface import SamplingRequest as Request
 from tokenmill.structured.bitmask import allocate_bitmask, apply_bitmask
 
 if TYPE_CHECKING:
@@ -18,13 +18,15 @@ if TYPE_CHECKING:
 class GrammarMasks:
     """Fills one CPU bitmask row per constrained request, then masks their logits at once.
 
-    Rows without a constraint are neither filled nor masked. With the engine's manager set,
+    Rows without a constraint are neither filled nor masked. With the engine's manager,
     xgrammar's rows are filled together on its C++ threads; without one, row by row.
     """
 
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
+    def __init__(
+        self, vocab_size: int, device: torch.device, manager: StructuredOutputManager | None
+    ) -> None:
         self.vocab_size = vocab_size
-        self.manager: StructuredOutputManager | None = None  # set by the engine that owns it
+        self.manager = manager
         # pinned for CUDA: the copy to the GPU does not wait; the buffer is reused only after
         # the step has read its sampled ids back, so the last copy is done by then
         self._pin = device.type == "cuda"

@@ -14,77 +14,100 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.engine.outputs import Logprob, PositionLogprobs
-from tokenmill.engine.request import Request
-
-_PROMPT_ROWS_PER_CHUNK = (
-    512  # prompt positions turned into logits at once (bounds [rows, V] memory)
-)
+_PROMPT_ROWS_PER_CHUNK = 512  # prompt positions turned into logits at once (bounds [rows, V])
 
 
 @dataclass(slots=True)
-class PromptChunk:
-    """A prefill chunk of a request that wants prompt logprobs: its rows in the flat batch."""
+class Logprob:
+    """One token's log-probability at one position (vLLM's `Logprob`)."""
 
-    request: Request
-    first_row: int  # row of position `start` in the flattened batch
-    start: int  # first position of the chunk
-    num_tokens: int
+    logprob: float  # natural log, of the raw model distribution (see docs/sampling.md)
+    rank: int | None = None  # 1 = the most likely token at this position
+    decoded_token: str | None = None  # the token's own text
+
+
+# token id -> Logprob at one position: the chosen token first, then the top-k in rank order.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass(slots=True)
+class LogprobsTensors:
+    """Per row: the chosen token, its logprob and rank, and the top `num_top[i]`."""
+
+    token_ids: torch.Tensor  # [N]
+    chosen: torch.Tensor  # [N] logprob of the chosen token
+    ranks: torch.Tensor  # [N] int32, 1 = most likely (ties count, as in vLLM)
+    top_values: torch.Tensor  # [N, K], K = max(num_top)
+    top_ids: torch.Tensor  # [N, K]
+    num_top: list[int]
+
+    @classmethod
+    def of(
+        cls, logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]
+    ) -> LogprobsTensors:
+        """From logprobs [N, V] and the chosen token_ids [N]."""
+        chosen = logprobs.gather(1, token_ids[:, None])  # [N, 1]
+        ranks = (logprobs >= chosen).sum(dim=-1, dtype=torch.int32)
+        max_top = max(num_top, default=0)
+        top_values, top_ids = logprobs.topk(max_top, dim=-1) if max_top else (chosen[:, :0],) * 2
+        return cls(token_ids, chosen.squeeze(1), ranks, top_values, top_ids, list(num_top))
+
+    def entries(self) -> list[PositionLogprobs]:
+        """One entry per row (read back to the host at once)."""
+        rows = zip(
+            self.token_ids.tolist(),
+            self.chosen.tolist(),
+            self.ranks.tolist(),
+            self.top_values.tolist(),
+            self.top_ids.tolist(),
+            self.num_top,
+            strict=True,
+        )
+        result = []
+        for token_id, value, rank, values, ids, k in rows:
+            entry = {token_id: Logprob(value, rank)}
+            for j in range(k):
+                if ids[j] not in entry:
+                    entry[ids[j]] = Logprob(values[j], j + 1)
+            result.append(entry)
+        return result
 
 
 def gather_logprobs(
     logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]
 ) -> list[PositionLogprobs]:
     """Per row of logprobs [N, V]: the chosen token's logprob and rank, then its top num_top[i]."""
-    chosen = logprobs.gather(1, token_ids[:, None])  # [N, 1]
-    ranks = (logprobs >= chosen).sum(dim=-1, dtype=torch.int32)  # ties count, as in vLLM
-    max_top = max(num_top, default=0)
-    top_values, top_ids = logprobs.topk(max_top, dim=-1) if max_top else (chosen[:, :0],) * 2
-    rows = zip(
-        token_ids.tolist(),
-        chosen.squeeze(1).tolist(),
-        ranks.tolist(),
-        top_values.tolist(),
-        top_ids.tolist(),
-        num_top,
-        strict=True,
-    )
-    result = []
-    for token_id, value, rank, values, ids, k in rows:
-        entry = {token_id: Logprob(value, rank)}
-        for j in range(k):
-            if ids[j] not in entry:
-                entry[ids[j]] = Logprob(values[j], j + 1)
-        result.append(entry)
-    return result
+    return LogprobsTensors.of(logprobs, token_ids, num_top).entries()
 
 
-def record_sample_logprobs(
-    requests: Sequence[Request], logprobs: torch.Tensor, token_ids: torch.Tensor
-) -> None:
-    """Append each request's entry for its new token (logprobs [N, V] of these requests)."""
-    entries = gather_logprobs(logprobs, token_ids, [r.params.logprobs or 0 for r in requests])
-    for request, entry in zip(requests, entries, strict=True):
-        request.logprobs.append(entry)
-        request.cumulative_logprob += next(iter(entry.values())).logprob
+@dataclass(slots=True)
+class PromptChunk:
+    """The prompt positions a prefill chunk scores for one request: the logits at position
+    p (row first_row + p - start of the flat batch) score prompt token p + 1."""
+
+    request_id: str
+    first_row: int  # row of position `start` in the flattened batch
+    start: int
+    positions: range  # positions to score (already-scored ones excluded)
+    targets: list[int]  # prompt token p + 1 for each position p
+    num_top: int
 
 
-def record_prompt_logprobs(
+def prompt_logprobs(
     compute_logits: Callable[[torch.Tensor], torch.Tensor],
     hidden: torch.Tensor,
     chunks: Sequence[PromptChunk],
     vocab_size: int,
-) -> None:
-    """Score the prompt tokens these chunks predict and append them to their requests."""
+) -> dict[str, list[PositionLogprobs]]:
+    """Each request's entries for the prompt tokens its chunks predict, in order."""
     rows: list[int] = []
     targets: list[int] = []
-    owners: list[Request] = []
+    owners: list[PromptChunk] = []
     for chunk in chunks:
-        request = chunk.request
-        for position in request.prompt_logprob_positions(chunk.start, chunk.num_tokens):
-            rows.append(chunk.first_row + position - chunk.start)
-            targets.append(request.prompt_token_ids[position + 1])
-            owners.append(request)
+        rows.extend(chunk.first_row + p - chunk.start for p in chunk.positions)
+        targets.extend(chunk.targets)
+        owners.extend([chunk] * len(chunk.positions))
+    result: dict[str, list[PositionLogprobs]] = {c.request_id: [] for c in chunks}
     device = hidden.device
     for begin in range(0, len(rows), _PROMPT_ROWS_PER_CHUNK):
         end = begin + _PROMPT_ROWS_PER_CHUNK
@@ -93,7 +116,8 @@ def record_prompt_logprobs(
         entries = gather_logprobs(
             torch.log_softmax(logits, dim=-1),
             torch.tensor(targets[begin:end], device=device),
-            [r.params.prompt_logprobs or 0 for r in owners[begin:end]],
+            [c.num_top for c in owners[begin:end]],
         )
-        for request, entry in zip(owners[begin:end], entries, strict=True):
-            request.prompt_logprobs.append(entry)
+        for chunk, entry in zip(owners[begin:end], entries, strict=True):
+            result[chunk.request_id].append(entry)
+    return result

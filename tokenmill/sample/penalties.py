@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenmill.engine.request import Request
+from tokenmill.sample.interface import SamplingRequest as Request
 
 _INITIAL_ROWS = 8
 _INITIAL_SLOTS = 64

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from tokenmill.engine.request import Request
 from tokenmill.sample.draw import apply_min_p, draw_full, draw_truncated, greedy_tokens
 from tokenmill.sample.grammar import GrammarMasks
-from tokenmill.sample.logprobs import record_sample_logprobs
+from tokenmill.sample.interface import SamplerOutput
+from tokenmill.sample.interface import SamplingRequest as Request
+from tokenmill.sample.logprobs import LogprobsTensors
 from tokenmill.sample.penalties import PenaltyState
+
+if TYPE_CHECKING:
+    from tokenmill.structured.manager import StructuredOutputManager
 
 _NEG_INF = float("-inf")
 
@@ -53,13 +58,19 @@ class Sampler:
     have their own, so their output does not depend on what else is in the batch.
     """
 
-    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0):
+    def __init__(
+        self,
+        vocab_size: int,
+        device: torch.device,
+        seed: int = 0,
+        grammars: StructuredOutputManager | None = None,  # fills grammar rows together
+    ):
         self.vocab_size = vocab_size
         self.device = device
         self.shared_generator = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
         self.penalties = PenaltyState(device)
-        self.grammar = GrammarMasks(vocab_size, device)  # the engine sets its manager
+        self.grammar = GrammarMasks(vocab_size, device, grammars)
         self._allowed: dict[str, torch.Tensor] = {}  # request id -> [V] bool mask, built once
 
     def forget(self, request_id: str) -> None:
@@ -68,11 +79,9 @@ class Sampler:
         self._allowed.pop(request_id, None)
         self.penalties.forget(request_id)
 
-    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
-        """logits [N, V] float32 for the N requests that sample this step -> N token ids.
-
-        Requests that asked for logprobs get this position's entry appended.
-        """
+    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
+        """logits [N, V] float32 for the N requests that sample this step -> N token ids,
+        and the logprobs of the rows that asked for them."""
         logits = logits[:, : self.vocab_size].float()  # penalties edit it in place
         flags = _BatchFlags.of(requests)
         raw_logprobs = self._raw_logprobs(logits, flags.logprob_rows)
@@ -81,11 +90,12 @@ class Sampler:
             sampled = greedy_tokens(logits)
         else:
             sampled = self._sample(logits, requests, flags.greedy)
-        if raw_logprobs is not None:
-            rows = flags.logprob_rows
-            chosen = sampled if len(rows) == len(requests) else sampled[rows]
-            record_sample_logprobs([requests[i] for i in rows], raw_logprobs, chosen)
-        return sampled.tolist()
+        rows = flags.logprob_rows
+        if raw_logprobs is None:
+            return SamplerOutput(sampled, None, rows)
+        chosen = sampled if len(rows) == len(requests) else sampled[rows]
+        num_top = [requests[i].params.logprobs or 0 for i in rows]
+        return SamplerOutput(sampled, LogprobsTensors.of(raw_logprobs, chosen, num_top), rows)
 
     def _raw_logprobs(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
         if not rows:

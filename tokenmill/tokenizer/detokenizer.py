@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, Protocol
 
 from tokenizers.decoders import DecodeStream
 
-from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer.tokenizer import Tokenizer
+
+
+class DetokenizeOptions(Protocol):
+    """The request options detokenizing follows (SamplingParams has them)."""
+
+    @property
+    def skip_special_tokens(self) -> bool: ...
+    @property
+    def spaces_between_special_tokens(self) -> bool: ...
+    @property
+    def stop(self) -> list[str]: ...
+    @property
+    def include_stop_str_in_output(self) -> bool: ...
+    @property
+    def min_tokens(self) -> int: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +43,9 @@ class IncrementalDetokenizer:
     consecutive added (special) tokens.
     """
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_token_ids: list[int]):
+    def __init__(
+        self, tokenizer: Tokenizer, params: DetokenizeOptions, prompt_token_ids: list[int]
+    ):
         self._backend = tokenizer.hf.backend_tokenizer
         self._skip_special = params.skip_special_tokens
         self._stream = DecodeStream(
@@ -103,7 +120,10 @@ class IncrementalDetokenizer:
 
 
 def detokenize(
-    tokenizer: Tokenizer, params: SamplingParams, prompt_token_ids: list[int], token_ids: list[int]
+    tokenizer: Tokenizer,
+    params: DetokenizeOptions,
+    prompt_token_ids: list[int],
+    token_ids: list[int],
 ) -> IncrementalDetokenizer:
     """A finished sequence's text (stop strings applied) in one go."""
     detokenizer = IncrementalDetokenizer(tokenizer, params, prompt_token_ids)
@@ -112,7 +132,7 @@ def detokenize(
     return detokenizer
 
 
-def _added_tokens(tokenizer: Tokenizer, params: SamplingParams) -> dict[int, str] | None:
+def _added_tokens(tokenizer: Tokenizer, params: DetokenizeOptions) -> dict[int, str] | None:
     """Added tokens by id, when spaces between consecutive ones must be suppressed."""
     if params.skip_special_tokens or params.spaces_between_special_tokens:
         return None

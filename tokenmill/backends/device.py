@@ -1,4 +1,4 @@
-"""Device and dtype choice, and how much memory the KV cache gets."""
+"""The machine: device and dtype choice, CPU threads, and how much memory the KV cache gets."""
 
 from __future__ import annotations
 
@@ -6,16 +6,12 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import get_args
 
 import torch
 
 from tokenmill import kernels
 from tokenmill.config import CacheConfig
-from tokenmill.config import Quantization as QuantizationMethod
 from tokenmill.errors import ModelLoadError
-from tokenmill.kernels import layer_ops, paged_attention, quant_matmul
-from tokenmill.layers.linear import fast_fp16
 
 logger = logging.getLogger(__name__)
 
@@ -96,63 +92,10 @@ def _quota(quota_file: Path, period_file: Path | None) -> list[float]:
     return [float(quota) / period]
 
 
-def resolve_quantization(
-    quantization: str | None, dtype: str, device: torch.device, file_format: str = "safetensors"
-) -> QuantizationMethod | None:
-    """The weight format: as asked ("gguf", "gguf-float32", "fp16", or "none" for the
-    dtype's own weights), else, where `dtype` is auto on a CPU: "gguf" for a GGUF file when
-    the native kernels' vector tiles run (the file's own blocks, int8 activations: the
-    fastest), else "fp16" where a fast float16 kernel runs (native or fbgemm: ~2x float32
-    weights at batch 1; docs/benchmarks.md). A pinned dtype stays exact."""
-    if quantization == "none":
-        return None
-    if quantization in get_args(QuantizationMethod):
-        return quantization  # type: ignore[return-value]
-    if quantization is not None:
-        choices = ", ".join(get_args(QuantizationMethod))
-        raise ModelLoadError(f"unknown quantization {quantization!r}; use {choices} or none")
-    if dtype != "auto" or device.type != "cpu":
-        return None
-    if file_format == "gguf" and quant_matmul.vectorized():
-        return "gguf"
-    return "fp16" if fast_fp16() else None
-
-
-def resolve_kv_cache_dtype(
-    setting: str,
-    model_dtype: torch.dtype,
-    device: torch.device,
-    quantization: QuantizationMethod | None,
-    head_dim: int,
-) -> torch.dtype:
-    """The KV cache's element type: as asked, else ("auto") float16 on a CPU running the GGUF
-    default (int8 activations: already approximate, and llama.cpp's default cache type) where
-    the kernels read and write float16, else the model's dtype (exact modes stay exact)."""
-    cpu_f16 = device.type != "cpu" or (
-        layer_ops.writes_f16() and paged_attention.reads_f16(head_dim)
-    )
-    if setting == "float32":
-        return torch.float32
-    if setting == "float16":
-        if not cpu_f16:
-            raise ModelLoadError(
-                "--kv-cache-dtype float16 needs the native kernels' float16 loops (an x86 "
-                "build with F16C) on this CPU; use float32"
-            )
-        return torch.float16
-    if setting != "auto":
-        raise ModelLoadError(f"unknown kv_cache_dtype {setting!r}; use auto, float16 or float32")
-    if device.type == "cpu" and quantization == "gguf" and cpu_f16:
-        return torch.float16
-    return model_dtype
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on GPUs that have it (else float16); float32 on CPU.
-
-    On CPU float32 is what measured fastest for decode (PyTorch's bfloat16 GEMV is
-    slow on CPUs) and it matches the reference exactly; see README.
-    """
+    """`auto`: bfloat16 on GPUs that have it (else float16); float32 on CPU, where
+    PyTorch's bfloat16 GEMV is slow and float32 matches the reference exactly (the weight
+    format, not the dtype, is what makes CPU decode fast: formats.py)."""
     if dtype in _DTYPES:
         return _DTYPES[dtype]
     if dtype != "auto":
@@ -162,7 +105,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def kv_cache_bytes(config: CacheConfig, device: torch.device, model: torch.nn.Module) -> int:
+def kv_cache_bytes(config: CacheConfig, device: torch.device) -> int:
     """The KV cache budget: as configured, else a share of the machine."""
     if config.kv_cache_memory is not None:
         return int(config.kv_cache_memory)

@@ -1,0 +1,45 @@
+"""Backend: how a model runs on a device, chosen once at load.
+
+A backend packs the model's weights into the format it runs (a pass over whatever
+linears the model has), gives the layers their ops and attention, and may run a whole
+step its own way (a fused decode). The reference is plain torch on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.config import Quantization
+from tokenmill.layers.attention import AttentionBackend, TorchAttention
+from tokenmill.layers.linear import BlockLookup
+from tokenmill.layers.ops import ForwardContext, TorchOps
+from tokenmill.model.interface import CausalLM
+
+
+class Backend:
+    """The torch reference: torch ops, SDPA attention, the checkpoint's own weights."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.ops = TorchOps()
+        self.attention: AttentionBackend = TorchAttention()
+
+    @property
+    def description(self) -> str:
+        """One line for the startup log."""
+        return "torch ops, SDPA attention"
+
+    def prepare(
+        self, model: CausalLM, quantization: Quantization | None, blocks: BlockLookup | None
+    ) -> None:
+        """Once after loading: put the weights in the format this backend runs."""
+
+    def forward(
+        self,
+        model: CausalLM,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        ctx: ForwardContext,
+    ) -> torch.Tensor:  # hidden [T, C]
+        return model(input_ids, positions, ctx)

@@ -1,0 +1,267 @@
+"""The CPU backend: tokenmill/kernels where they run (float32 math), torch elsewhere.
+
+- Weights: a pass over the model's linears packs them in the format formats.py chose
+  (GGUF blocks, float16 panels or fbgemm), whatever the architecture.
+- Ops: element-wise work of a layer in one native call each (kernels/layer_ops.c).
+- Attention (`PagedAttention`): every row, decode or prefill, attends over the paged cache
+  in place (kernels/paged_attention.c). A prefill row is a query over its sequence's first
+  position + 1 keys, computed exactly as that token's decode would be: a token's attention,
+  and with the batch-invariant matmuls its logits, never depend on how its prompt was
+  chunked, batched or served from the prefix cache.
+- A decode-only step runs all decoder layers in one native call (kernels/decode_step.c)
+  where the model's layers are PreNormBlocks with projections in the kernels' formats.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokenmill.backends import formats
+from tokenmill.backends.base import Backend
+from tokenmill.config import Quantization
+from tokenmill.kernels import decode_step, layer_ops, paged_attention
+from tokenmill.layers.attention import (
+    AttentionMetadata,
+    ScheduledChunk,
+    StepLayout,
+    write_cache,
+)
+from tokenmill.layers.linear import (
+    BlockLookup,
+    GGUFLinear,
+    PackedLinear,
+    TransposedHead,
+    gguf_linear,
+)
+from tokenmill.layers.ops import ForwardContext, KVCache, TorchOps
+from tokenmill.layers.rotary import RotaryTables
+from tokenmill.model.interface import CausalLM, checkpoint_weight_names
+
+logger = logging.getLogger(__name__)
+
+
+class NativeOps(TorchOps):
+    """layer_ops.c: float32 CPU tensors."""
+
+    name = "native"
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return layer_ops.silu_mul(gate_up)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x.contiguous()
+            return layer_ops.add_rms_norm(residual, residual, weight, eps, False), residual
+        return layer_ops.add_rms_norm(x, residual, weight, eps), residual
+
+    def rope_and_cache(
+        self,
+        qkv: torch.Tensor,
+        rotary: RotaryTables,
+        slots: torch.Tensor,
+        kv_cache: KVCache,
+        num_heads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = kv_cache
+        return layer_ops.rope_and_cache(
+            qkv, rotary.table, rotary.positions, slots, k_cache, v_cache, num_heads
+        )
+
+
+@dataclass(slots=True)
+class PagedMetadata(AttentionMetadata):
+    row_tables: torch.Tensor  # [T, max_blocks] int64, every row's block table
+    row_lens: torch.Tensor  # [T] int64, keys each row attends (its position + 1)
+    block_size: int
+
+
+class PagedAttention:
+    """kernels/paged_attention.c over the cache in place, for every row."""
+
+    name = "paged"
+
+    def build_metadata(self, layout: StepLayout) -> PagedMetadata:
+        return PagedMetadata(
+            layout.slot_mapping,
+            layout.num_decodes,
+            _row_tables(layout.chunks),
+            layout.positions + 1,
+            layout.block_size,
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        cache_written: bool = False,
+    ) -> torch.Tensor:
+        assert isinstance(meta, PagedMetadata)
+        if not cache_written:
+            write_cache(k, v, kv_cache, meta.slot_mapping)
+        k_cache, v_cache = kv_cache
+        return paged_attention.paged_decode_attention(
+            q, k_cache, v_cache, meta.row_tables, meta.row_lens, meta.block_size
+        )
+
+
+def _row_tables(chunks: list[ScheduledChunk]) -> torch.Tensor:
+    """Every row's block table [T, max_blocks] (zero-padded): a chunk's rows share its."""
+    width = max(len(c.block_table) for c in chunks)
+    padded = torch.tensor(
+        [c.block_table + [0] * (width - len(c.block_table)) for c in chunks], dtype=torch.long
+    )
+    counts = [c.num_tokens for c in chunks]
+    if sum(counts) == len(chunks):  # decodes only: a row per chunk
+        return padded
+    return padded.repeat_interleave(torch.tensor(counts), dim=0)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self, dtype: torch.dtype, kv_cache_dtype: torch.dtype, head_dim: int):
+        super().__init__()
+        cache = torch.empty(0, 1, head_dim, dtype=kv_cache_dtype)
+        self.native = (
+            dtype == torch.float32 and layer_ops.available() and paged_attention.supports(cache)
+        )
+        if self.native:
+            self.ops = NativeOps()
+            self.attention = PagedAttention()
+        self.fused_decode = True  # decode-only steps in one native call, where layers allow
+        self._fused: tuple[object, decode_step.DecodeLayers | None] | None = None
+
+    @property
+    def description(self) -> str:
+        if self.native:
+            return "native (element-wise ops, attention over the paged cache)"
+        return "torch (no C compiler, TOKENMILL_NATIVE_KERNELS=0, or not CPU float32)"
+
+    def prepare(
+        self, model: CausalLM, quantization: Quantization | None, blocks: BlockLookup | None
+    ) -> None:
+        """Pack the linears: GGUF blocks where the checkpoint has them in a type the kernel
+        reads ("gguf*"), float16 the rest (where fast), and the output projection too;
+        without packing, a transposed copy of the output projection for few rows."""
+        if quantization in ("gguf", "gguf-float32") and blocks is not None:
+            kept = _keep_gguf_blocks(model, blocks, int8_activations=quantization == "gguf")
+            activations = "int8" if quantization == "gguf" else "float32"
+            logger.info(
+                "weights: %d linear layers kept as GGUF blocks, %s activations", kept, activations
+            )
+        if quantization is not None and formats.fast_fp16():
+            _pack_fp16(model)
+        if isinstance(model.lm_head, GGUFLinear | PackedLinear):
+            return
+        weight = model.output_weight
+        if quantization is not None and formats.fast_fp16() and formats.fits_fp16(weight):
+            model.lm_head = PackedLinear(weight, None, formats.native_fp16_panels())
+        else:
+            model.lm_head = TransposedHead(weight)
+
+    def forward(
+        self, model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        meta = ctx.meta
+        if isinstance(meta, PagedMetadata) and meta.num_decodes == len(input_ids):
+            layers = self._fused_layers(model, ctx.kv_caches, meta.block_size)
+            if layers is not None:
+                x = model.embed_input_ids(input_ids)
+                return x + layers(x, positions, meta.slot_mapping, meta.row_tables, meta.row_lens)
+        return model(input_ids, positions, ctx)
+
+    @property
+    def fused_layers(self) -> decode_step.DecodeLayers | None:
+        """The decoder layers as one native call, once a decode step has built it."""
+        return None if self._fused is None else self._fused[1]
+
+    def _fused_layers(
+        self, model: CausalLM, kv_caches: list[KVCache], block_size: int
+    ) -> decode_step.DecodeLayers | None:
+        if self._fused is None or self._fused[0] is not kv_caches:
+            self._fused = (kv_caches, _build_fused(model, kv_caches, block_size))
+        return self._fused[1] if self.fused_decode else None
+
+
+def _build_fused(
+    model: CausalLM, kv_caches: list[KVCache], block_size: int
+) -> decode_step.DecodeLayers | None:
+    """The layers as one native call, or None where it cannot run (no library, layers not
+    PreNormBlocks, projections not in the kernel's formats)."""
+    decoder = model.pre_norm_decoder()
+    if decoder is None or not decode_step.available():
+        return None
+    weights = []
+    for block in decoder.blocks:
+        projections = [
+            _kernel_projection(m)
+            for m in (block.qkv_proj, block.o_proj, block.gate_up_proj, block.down_proj)
+        ]
+        if any(p is None for p in projections):
+            return None
+        qkv, o, gate_up, down = projections
+        assert qkv is not None and o is not None and gate_up is not None and down is not None
+        weights.append(
+            decode_step.LayerWeights(
+                block.input_norm, block.post_attention_norm, qkv, o, gate_up, down
+            )
+        )
+    return decode_step.DecodeLayers(
+        weights, kv_caches, hidden=model.config.hidden_size, num_heads=decoder.num_heads,
+        intermediate=decoder.intermediate_size, eps=decoder.eps, cos_sin=decoder.cos_sin,
+        block_size=block_size,
+    )  # fmt: skip
+
+
+def _kernel_projection(linear: nn.Module) -> decode_step.Projection | None:
+    """A bias-free projection in the native kernel's panels, as decode_step reads it."""
+    if isinstance(linear, GGUFLinear) and linear.bias is None:
+        return decode_step.Projection(
+            linear.values, linear.scales, linear.kernel_type, linear.out_features
+        )
+    if isinstance(linear, PackedLinear) and linear.native and linear.bias is None:
+        return decode_step.Projection(linear.panels, None, 0, linear.out_features)
+    return None
+
+
+def _linears(model: CausalLM) -> list[tuple[str, nn.Linear]]:
+    """Every nn.Linear of the model with its path, the output projection included."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _replace(model: CausalLM, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)
+
+
+def _keep_gguf_blocks(model: CausalLM, blocks: BlockLookup, int8_activations: bool) -> int:
+    """Swap in GGUFLinear wherever the checkpoint stores a linear's weights (every shard of
+    a fused one) in a type the kernel reads; returns how many it swapped."""
+    kept = 0
+    targets: list[tuple[str, nn.Linear | torch.Tensor]] = list(_linears(model))
+    if model.lm_head is None:  # tied: the output projection is the embedding
+        targets.append(("lm_head", model.output_weight))
+    for path, linear in targets:
+        parts = [blocks(name) for name in checkpoint_weight_names(model, path)]
+        replacement = gguf_linear(linear, parts, int8_activations)
+        if replacement is not None:
+            _replace(model, path, replacement)
+            kept += 1
+    return kept
+
+
+def _pack_fp16(model: CausalLM) -> None:
+    """Every remaining decoder nn.Linear whose weight fits float16, as a PackedLinear."""
+    native = formats.native_fp16_panels()
+    for path, linear in _linears(model):
+        if path != "lm_head" and formats.fits_fp16(linear.weight):
+            _replace(model, path, PackedLinear(linear.weight, linear.bias, native))

@@ -1,0 +1,118 @@
+"""Weight and KV cache formats: which one runs where, decided here and nowhere else.
+
+Weight formats (`--quantization`; CPU, float32 math only):
+- "gguf": a GGUF file's own quantized blocks (Q4_1, Q8_0), multiplied by the native kernel
+  (kernels/quant_matmul.c) with activations quantized to int8 per 32-value block and
+  integer dot products: llama.cpp's numerics, a third of float16's weight bytes,
+  batch-invariant. A layer stored in another type is packed as "fp16" instead.
+- "gguf-float32": the same blocks in float32 math (logits equal the dequantized model's up
+  to summation order); slower than int8 activations.
+- "fp16": float16 weights, float32 activations and accumulation: the native kernel's
+  panels where its vector tiles run, else fbgemm's fp16 GEMM. Half the bytes of float32
+  weights; greedy output matched float32 in tests.
+- "none": the dtype's own weights, exact.
+Default (dtype auto on a CPU): "gguf" for a GGUF file where the vector tiles run, else
+"fp16" where a fast float16 kernel runs, else none. A pinned dtype stays exact; GPUs run
+the dtype's own weights. The measured speed of each is in docs/benchmarks.md ("Weight
+formats").
+
+KV cache (`--kv-cache-dtype`): "auto" is float16 on a CPU running the "gguf" default
+(already approximate; llama.cpp's default cache type; half the bytes attention reads)
+where the kernels read and write float16, else the model's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import torch
+
+from tokenmill.config import Quantization
+from tokenmill.errors import ModelLoadError
+from tokenmill.kernels import layer_ops, paged_attention, quant_matmul
+from tokenmill.layers.linear import fbgemm_available
+
+_FP16_MAX = 65504.0
+
+
+def resolve_quantization(
+    quantization: str | None, dtype: str, device: torch.device, file_format: str = "safetensors"
+) -> Quantization | None:
+    """The weight format: as asked, else the default above; None = the dtype's own."""
+    if quantization == "none":
+        return None
+    if quantization in get_args(Quantization):
+        return quantization  # type: ignore[return-value]
+    if quantization is not None:
+        choices = ", ".join(get_args(Quantization))
+        raise ModelLoadError(f"unknown quantization {quantization!r}; use {choices} or none")
+    if dtype != "auto" or device.type != "cpu":
+        return None
+    if file_format == "gguf" and quant_matmul.vectorized():
+        return "gguf"
+    return "fp16" if fast_fp16() else None
+
+
+def check_quantization(
+    quantization: Quantization, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Raise ModelLoadError when `quantization` cannot run here."""
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ModelLoadError(
+            f"quantization {quantization!r} runs on CPU in float32 only "
+            f"(got device {device.type}, dtype {str(dtype).removeprefix('torch.')})"
+        )
+    if quantization in ("gguf", "gguf-float32"):
+        if not quant_matmul.available():
+            raise ModelLoadError(
+                f"quantization {quantization!r} needs the native kernels (a C compiler; "
+                "TOKENMILL_NATIVE_KERNELS not 0)"
+            )
+        return
+    if not (fbgemm_available() or quant_matmul.available()):
+        raise ModelLoadError(
+            f"quantization {quantization!r} needs the native kernels (a C compiler) or "
+            "PyTorch's fbgemm backend (x86 CPUs); neither is here"
+        )
+
+
+def fast_fp16() -> bool:
+    """Whether a fast float16 matmul runs here: the native vector tiles, or fbgemm."""
+    return quant_matmul.vectorized() or fbgemm_available()
+
+
+def native_fp16_panels() -> bool:
+    """Whether "fp16" weights go into the native kernel's panels (else fbgemm's layout)."""
+    return quant_matmul.vectorized() or not fbgemm_available()
+
+
+def fits_fp16(weight: torch.Tensor) -> bool:
+    """Whether `weight` is within float16's range (a layer past it keeps its own weights)."""
+    return bool(weight.detach().abs().max() <= _FP16_MAX)
+
+
+def resolve_kv_cache_dtype(
+    setting: str,
+    model_dtype: torch.dtype,
+    device: torch.device,
+    quantization: Quantization | None,
+    head_dim: int,
+) -> torch.dtype:
+    """The KV cache's element type: as asked, else the default above."""
+    cpu_f16 = device.type != "cpu" or (
+        layer_ops.writes_f16() and paged_attention.reads_f16(head_dim)
+    )
+    if setting == "float32":
+        return torch.float32
+    if setting == "float16":
+        if not cpu_f16:
+            raise ModelLoadError(
+                "--kv-cache-dtype float16 needs the native kernels' float16 loops (an x86 "
+                "build with F16C) on this CPU; use float32"
+            )
+        return torch.float16
+    if setting != "auto":
+        raise ModelLoadError(f"unknown kv_cache_dtype {setting!r}; use auto, float16 or float32")
+    if device.type == "cpu" and quantization == "gguf" and cpu_f16:
+        return torch.float16
+    return model_dtype

@@ -1,0 +1,50 @@
+"""Executor: the engine's one handle on the devices that run the model.
+
+The engine core schedules; the executor runs each step on its worker(s) and returns one
+ModelOutput. An executor over several processes sends each worker the step (sequences,
+their new tokens and block tables) and gathers the sampled tokens from the worker that
+samples; nothing above this interface knows how many there are.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.config import Quantization
+from tokenmill.model.config import ArchConfig
+from tokenmill.worker.inputs import ModelOutput, ScheduledSequence
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the engine needs to know of the loaded model and its KV cache."""
+
+    arch: ArchConfig
+    num_parameters: int
+    device: torch.device
+    dtype: torch.dtype
+    quantization: Quantization | None
+    cpu_threads: str  # how the CPU threads were chosen ("" off CPU)
+    backend: str
+    num_blocks: int  # KV cache blocks (each worker has this many)
+    kv_cache_bytes: int
+    kv_cache_dtype: torch.dtype
+
+
+class Executor(ABC):
+    info: ModelInfo
+
+    @abstractmethod
+    def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
+        """Run one step: compute the scheduled tokens, sample where asked."""
+
+    @abstractmethod
+    def forget(self, request_id: str) -> None:
+        """Drop what the workers keep for a request that ended."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Release the workers."""

@@ -1,0 +1,43 @@
+"""One worker, in this process."""
+
+from __future__ import annotations
+
+from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.executor.base import Executor, ModelInfo
+from tokenmill.model.source import ModelSource
+from tokenmill.structured.manager import StructuredOutputManager
+from tokenmill.worker.inputs import ModelOutput, ScheduledSequence
+from tokenmill.worker.worker import Worker
+
+
+class UniprocExecutor(Executor):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        source: ModelSource,
+        grammars: StructuredOutputManager | None = None,
+    ):
+        self.worker = Worker(model_config, cache_config, source, grammars)
+        worker = self.worker
+        self.info = ModelInfo(
+            arch=worker.model.config,
+            num_parameters=worker.num_parameters,
+            device=worker.device,
+            dtype=worker.dtype,
+            quantization=worker.quantization,
+            cpu_threads=worker.cpu_threads,
+            backend=f"{worker.backend.name}: {worker.backend.description}",
+            num_blocks=worker.num_blocks,
+            kv_cache_bytes=worker.kv_cache_bytes,
+            kv_cache_dtype=worker.kv_cache_dtype,
+        )
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
+        return self.worker.execute(scheduled)
+
+    def forget(self, request_id: str) -> None:
+        self.worker.forget(request_id)
+
+    def shutdown(self) -> None:
+        """Nothing to release: the worker lives and ends with this process."""

@@ -1,0 +1,77 @@
+"""ArchConfig: one normalised set of hyperparameters, read from an HF config dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.errors import ModelLoadError
+
+
+@dataclass(slots=True)
+class ArchConfig:
+    """The hyperparameters a decoder-only architecture's forward pass needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # biases on q/k/v
+    o_proj_bias: bool
+    qk_norm: bool
+    # tokens one layer's attention sees; None: the whole context
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_hf(
+        cls,
+        hf: dict[str, Any],
+        *,
+        attention_bias: bool = False,
+        o_proj_bias: bool | None = None,
+        qk_norm: bool = False,
+    ) -> ArchConfig:
+        """The architecture's own defaults (keyword arguments) where `hf` is silent."""
+        bias = hf.get("attention_bias", attention_bias)
+        try:
+            num_heads = hf["num_attention_heads"]
+            rope = hf.get("rope_parameters") or {}
+            scaling = hf.get("rope_scaling") or (
+                rope if rope.get("rope_type", "default") != "default" else None
+            )
+            window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+            return cls(
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=num_heads,
+                num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
+                rope_scaling=scaling,
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                attention_bias=bias,
+                o_proj_bias=bias if o_proj_bias is None else o_proj_bias,
+                qk_norm=qk_norm,
+                sliding_window=int(window) if window else None,
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"model config is missing {e.args[0]!r}") from None
+
+    @property
+    def max_context(self) -> int:
+        """Tokens a sequence may hold: full attention is exact up to a sliding window."""
+        if self.sliding_window is None:
+            return self.max_position_embeddings
+        return min(self.max_position_embeddings, self.sliding_window)

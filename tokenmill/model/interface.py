@@ -1,0 +1,115 @@
+"""The interface every architecture implements, and the weight loading they share.
+
+An architecture is one file under model/ with a class that builds its modules on any
+device, maps checkpoint names to its parameters through `packed_modules_mapping` (the
+checkpoint's separate projections -> the fused module that holds them) and computes
+hidden states and logits for a flattened batch of tokens. The registry (registry.py)
+maps Hugging Face `architectures` names to these classes. Nothing else changes to add
+one: backends pack and fuse whatever the model's modules are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.layers.fusion import PreNormDecoder
+from tokenmill.layers.linear import default_weight_loader
+from tokenmill.layers.ops import ForwardContext
+from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.model.config import ArchConfig
+
+
+class CausalLM(Protocol):
+    """A decoder-only language model over a flattened batch of tokens from many requests.
+
+    Module names follow the checkpoint's (transformers') names, except where
+    `packed_modules_mapping` fuses several checkpoint modules into one.
+    """
+
+    config: ArchConfig
+    # fused module name -> the checkpoint's module names it holds, in shard order
+    packed_modules_mapping: ClassVar[dict[str, list[str]]]
+    rotary: RotaryEmbedding
+    lm_head: nn.Module | None  # None: the logits come from the tied embedding
+
+    def __init__(self, hf_config: dict[str, Any]) -> None: ...
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # [T] -> [T, C]
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor: ...  # [T] -> hidden [T, C] before the final norm
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [N, C] -> [N, V] f32
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    @property
+    def output_weight(self) -> torch.Tensor: ...  # [V, C]: what lm_head computes with
+
+    def pre_norm_decoder(self) -> PreNormDecoder | None: ...  # its layers, where fusable
+
+    # nn.Module's
+    def modules(self) -> Iterable[nn.Module]: ...
+    def named_modules(self) -> Iterable[tuple[str, nn.Module]]: ...
+    def parameters(self) -> Iterable[nn.Parameter]: ...
+    def get_submodule(self, target: str) -> nn.Module: ...
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor: ...
+
+
+def unpacked(mapping: dict[str, list[str]]) -> dict[str, tuple[str, int]]:
+    """checkpoint module name -> (fused module name, shard index)."""
+    return {part: (fused, i) for fused, parts in mapping.items() for i, part in enumerate(parts)}
+
+
+def checkpoint_weight_names(model: CausalLM, module_path: str) -> list[str]:
+    """The checkpoint names of the weight a module computes with: one per shard of a fused
+    module ("model.layers.0.self_attn.qkv_proj" -> its q_proj, k_proj, v_proj weights)."""
+    if module_path == "lm_head" and model.config.tie_word_embeddings:
+        return ["model.embed_tokens.weight"]
+    parent, _, name = module_path.rpartition(".")
+    parts = model.packed_modules_mapping.get(name, [name])
+    return [f"{parent}.{part}.weight" if parent else f"{part}.weight" for part in parts]
+
+
+def load_checkpoint(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    packed_modules_mapping: dict[str, list[str]],
+    skip: tuple[str, ...] = (),
+) -> None:
+    """Copy checkpoint tensors (transformers' names) into the model's parameters through
+    each module's `weight_loader` (shard-aware), else a plain copy; every parameter must be
+    covered. Names containing any of `skip` are not the model's (e.g. rotary buffers)."""
+    params = dict(model.named_parameters())
+    missing = set(params)
+    fused_of = unpacked(packed_modules_mapping)
+    for name, tensor in weights:
+        if any(s in name for s in skip):
+            continue
+        module_path, _, leaf = name.rpartition(".")
+        parent, _, module_name = module_path.rpartition(".")
+        shard = None
+        if module_name in fused_of:
+            fused, shard = fused_of[module_name]
+            module_path = f"{parent}.{fused}" if parent else fused
+        target = f"{module_path}.{leaf}"
+        if target not in params:
+            raise ModelLoadError(
+                f"checkpoint tensor {name!r} has no place in {type(model).__name__}"
+            )
+        loader = getattr(model.get_submodule(module_path), "weight_loader", default_weight_loader)
+        try:
+            loader(params[target], tensor, shard)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{target}: {e}") from None
+        missing.discard(target)
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:5])}")

@@ -1,0 +1,47 @@
+"""What the engine sends a worker each step, and what comes back.
+
+A step is a list of ScheduledSequence: which sequence, which of its tokens to compute,
+where their KV blocks are, whether to sample. What comes back is plain data (token ids
+and logprob entries per request id), which the engine writes into its requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tokenmill.sample.interface import SamplingRequest
+from tokenmill.sample.logprobs import PositionLogprobs
+
+
+class SequenceState(SamplingRequest, Protocol):
+    """A sequence as the worker reads it (the engine's Request)."""
+
+    def prompt_logprob_positions(self, start: int, num_tokens: int) -> range: ...
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    request: SequenceState
+    start: int  # first position computed this step (the tokens before it are cached)
+    num_new_tokens: int
+    samples: bool  # the step reaches the sequence's last token: sample the next one
+    block_table: list[int]  # its KV blocks, in position order
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new_tokens == 1 and self.start > 0
+
+
+@dataclass(slots=True)
+class ModelOutput:
+    """One step's results per request id."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)  # for the new token
+    prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+
+    def update(self, other: ModelOutput) -> None:
+        self.sampled_token_ids.update(other.sampled_token_ids)
+        self.logprobs.update(other.logprobs)
+        self.prompt_logprobs.update(other.prompt_logprobs)

@@ -1,0 +1,134 @@
+"""ModelRunner: flattens a step's scheduled sequences into one batch, runs the model
+through its backend, and samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.backends.base import Backend
+from tokenmill.layers.attention import ScheduledChunk, StepLayout
+from tokenmill.layers.ops import ForwardContext, KVCache
+from tokenmill.model.interface import CausalLM
+from tokenmill.sample.logprobs import PromptChunk, prompt_logprobs
+from tokenmill.sample.sampler import Sampler
+from tokenmill.worker.inputs import ModelOutput, ScheduledSequence, SequenceState
+
+
+@dataclass(slots=True)
+class Batch:
+    """The flattened step: [decode rows | prefill chunks]."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    ctx: ForwardContext
+    sample_rows: torch.Tensor  # [N] rows whose hidden state is turned into logits
+    sampling: list[SequenceState]  # the N sequences, in sample_rows order
+    prompt_chunks: list[PromptChunk]  # chunks of sequences that want prompt logprobs
+
+
+class ModelRunner:
+    """Runs a step's ScheduledSequences through the model; returns what it sampled."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        backend: Backend,
+        kv_caches: list[KVCache],
+        sampler: Sampler,
+        block_size: int,
+        device: torch.device,
+    ):
+        self.model, self.backend, self.kv_caches = model, backend, kv_caches
+        self.sampler, self.block_size, self.device = sampler, block_size, device
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
+        """Forward every scheduled token; sample for the sequences that reached their end."""
+        batch = self.prepare(scheduled)
+        hidden = self.backend.forward(self.model, batch.input_ids, batch.positions, batch.ctx)
+        output = ModelOutput()
+        if batch.prompt_chunks:
+            output.prompt_logprobs = prompt_logprobs(
+                self.model.compute_logits, hidden, batch.prompt_chunks, self.sampler.vocab_size
+            )
+        if not batch.sampling:
+            return output
+        logits = self.model.compute_logits(hidden[batch.sample_rows])
+        sampled = self.sampler(logits, batch.sampling)
+        ids = batch.sampling
+        output.sampled_token_ids = {
+            r.request_id: t for r, t in zip(ids, sampled.token_ids.tolist(), strict=True)
+        }
+        if sampled.logprobs is not None:
+            entries = sampled.logprobs.entries()
+            for row, entry in zip(sampled.logprob_rows, entries, strict=True):
+                output.logprobs[ids[row].request_id] = entry
+        return output
+
+    @torch.inference_mode()
+    def logits_for(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+        """The float32 logits [N, V] the sampler would see (for parity tests)."""
+        batch = self.prepare(scheduled)
+        hidden = self.backend.forward(self.model, batch.input_ids, batch.positions, batch.ctx)
+        return self.model.compute_logits(hidden[batch.sample_rows])
+
+    def prepare(self, scheduled: list[ScheduledSequence]) -> Batch:
+        items = [s for s in scheduled if s.is_decode] + [s for s in scheduled if not s.is_decode]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []  # the cache slot of each new token
+        chunks: list[ScheduledChunk] = []
+        sample_rows: list[int] = []
+        sampling: list[SequenceState] = []
+        prompt_chunks: list[PromptChunk] = []
+        bs = self.block_size
+        for item in items:
+            request, start, n, table = (
+                item.request,
+                item.start,
+                item.num_new_tokens,
+                item.block_table,
+            )
+            row = len(ids)
+            ids.extend(request.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            chunks.append(ScheduledChunk(row, start, n, table))
+            if request.params.prompt_logprobs is not None:
+                prompt_chunks.append(_prompt_chunk(request, row, start, n))
+            if item.samples:
+                sample_rows.append(row + n - 1)
+                sampling.append(request)
+        device = self.device
+        position_ids = torch.tensor(positions, dtype=torch.long, device=device)
+        layout = StepLayout(
+            chunks=chunks,
+            num_decodes=sum(1 for s in items if s.is_decode),
+            positions=position_ids,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_size=bs,
+        )
+        ctx = ForwardContext(
+            self.backend.ops,
+            self.backend.attention,
+            self.backend.attention.build_metadata(layout),
+            self.kv_caches,
+        )
+        return Batch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=position_ids,
+            ctx=ctx,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+            sampling=sampling,
+            prompt_chunks=prompt_chunks,
+        )
+
+
+def _prompt_chunk(request: SequenceState, row: int, start: int, n: int) -> PromptChunk:
+    positions = request.prompt_logprob_positions(start, n)
+    targets = [request.prompt_token_ids[p + 1] for p in positions]
+    return PromptChunk(
+        request.request_id, row, start, positions, targets, request.params.prompt_logprobs or 0
+    )

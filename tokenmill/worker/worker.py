@@ -1,0 +1,104 @@
+"""Worker: one device's share of the model — it loads the weights in the format chosen
+for the device, allocates the KV cache tensors, and runs steps."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from tokenmill.backends import formats, select_backend
+from tokenmill.backends.device import (
+    configure_cpu_threads,
+    kv_cache_bytes,
+    resolve_device,
+    resolve_dtype,
+)
+from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.layers.linear import GGUFLinear, PackedLinear, TransposedHead
+from tokenmill.model.interface import CausalLM
+from tokenmill.model.registry import model_class
+from tokenmill.model.source import ModelSource
+from tokenmill.model.weights import load_model
+from tokenmill.sample.sampler import Sampler
+from tokenmill.structured.manager import StructuredOutputManager
+from tokenmill.worker.inputs import ModelOutput, ScheduledSequence
+from tokenmill.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Loads the model on its device and runs steps on it."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        source: ModelSource,
+        grammars: StructuredOutputManager | None = None,
+    ):
+        self.device = resolve_device(model_config.device)
+        self.cpu_threads = (
+            configure_cpu_threads(model_config.cpu_threads) if self.device.type == "cpu" else ""
+        )
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.quantization = formats.resolve_quantization(
+            model_config.quantization, model_config.dtype, self.device, source.file_format
+        )
+        if self.quantization is not None:
+            formats.check_quantization(self.quantization, self.device, self.dtype)
+        started = time.perf_counter()
+        self.model: CausalLM = load_model(
+            model_class(source.hf_config), source, self.device, self.dtype
+        )
+        cfg = self.model.config
+        self.kv_cache_dtype = formats.resolve_kv_cache_dtype(
+            cache_config.kv_cache_dtype, self.dtype, self.device, self.quantization, cfg.head_dim
+        )
+        self.backend = select_backend(
+            model_config.backend, self.device, self.dtype, self.kv_cache_dtype, cfg.head_dim
+        )
+        self.backend.prepare(self.model, self.quantization, source.read_blocks)
+        logger.debug("model loaded in %.1f s", time.perf_counter() - started)
+        self.block_size = cache_config.block_size
+        bytes_per_block = (
+            2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim
+            * self.kv_cache_dtype.itemsize
+        )  # fmt: skip
+        budget = kv_cache_bytes(cache_config, self.device)
+        self.num_blocks = max(1, budget // bytes_per_block)
+        self.kv_cache_bytes = self.num_blocks * bytes_per_block
+        shape = (self.num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+        sampler = Sampler(cfg.vocab_size, self.device, model_config.seed, grammars)
+        self.runner = ModelRunner(
+            self.model, self.backend, self.kv_caches, sampler, self.block_size, self.device
+        )
+        logger.info("backend: %s, kernels: %s", self.backend.name, self.backend.description)
+
+    @property
+    def num_parameters(self) -> int:
+        """The checkpoint's parameter count, whatever format the weights are packed in."""
+        count = sum(p.numel() for p in self.model.parameters())
+        tied = self.model.config.tie_word_embeddings
+        for path, module in self.model.named_modules():
+            if path == "lm_head" and tied:
+                continue  # the embedding, counted already
+            if isinstance(module, PackedLinear | GGUFLinear | TransposedHead):
+                count += module.in_features * module.out_features
+        return count
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
+        return self.runner.execute(scheduled)
+
+    def forget(self, request_id: str) -> None:
+        """Drop what the sampler keeps for a request that ended."""
+        self.runner.sampler.forget(request_id)
