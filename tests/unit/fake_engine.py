@@ -1,19 +1,20 @@
-"""A fake AsyncEngine (byte tokenizer, alphabet output) behind the real HTTP app, for the
-server tests that need no weights; the shared fixtures are in conftest.py."""
+"""A fake engine (an EngineClient: byte tokenizer, alphabet output) behind the real HTTP app,
+for the server tests that need no weights; the shared fixtures are in conftest.py."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 
-from tokenmill.engine.async_engine import EngineStats
+from tokenmill.engine.client import EngineClient, EngineStats
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
-from tokenmill.errors import InvalidRequestError, OverloadedError
+from tokenmill.errors import InvalidRequestError, OverloadedError, ServiceUnavailableError
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.server.app import ServerSettings, build_app
+from tokenmill.server.app import build_app
+from tokenmill.server.settings import ServerSettings
 from tokenmill.structured import StructuredOutputManager, StructuredSpec
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
@@ -56,7 +57,8 @@ class FakeStructuredOutputs(StructuredOutputManager):
 
 
 class FakeAsyncEngine:
-    """Same interface as AsyncEngine; sequence k writes the alphabet from letter k, one per step."""
+    """An EngineClient, like AsyncEngine; sequence k writes the alphabet from letter k, one per
+    step."""
 
     model_name = "fake/model-dir"
     max_model_len = 64
@@ -73,6 +75,7 @@ class FakeAsyncEngine:
         self.requests: list[tuple[list[int], SamplingParams, str]] = []
         self.aborted: set[str] = set()
         self.running: set[str] = set()
+        self.on_death: Callable[[], None] | None = None
 
     async def start(self) -> None:
         pass
@@ -83,6 +86,16 @@ class FakeAsyncEngine:
     @property
     def is_alive(self) -> bool:
         return self.alive
+
+    @property
+    def died(self) -> bool:
+        return not self.alive
+
+    def cut_off(self, error: ServiceUnavailableError) -> int:
+        return 0
+
+    async def compile_grammar(self, spec: StructuredSpec) -> Any:
+        return await self.structured_outputs.compile_async(spec)
 
     def check_capacity(self) -> None:
         if self.overloaded:
@@ -146,9 +159,9 @@ def _copy(seqs: list[CompletionOutput]) -> list[CompletionOutput]:
     ]
 
 
-def make_app(engine: FakeAsyncEngine | None = None, **settings: Any) -> Any:
+def make_app(engine: EngineClient | None = None, **settings: Any) -> Any:
     engine = engine or FakeAsyncEngine()
-    return build_app(engine, ServerSettings(served_model_names=[MODEL, "alias"], **settings))  # type: ignore[arg-type]
+    return build_app(engine, ServerSettings(served_model_names=[MODEL, "alias"], **settings))
 
 
 def client_for(app: Any, **kwargs: Any) -> httpx.AsyncClient:

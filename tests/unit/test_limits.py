@@ -13,7 +13,7 @@ import pytest
 from tests.unit.fake_engine import FakeAsyncEngine, assert_error, client_for, make_app
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.limits import RequestLimits
-from tokenmill.server.serving_base import ServerSettings
+from tokenmill.server.settings import ServerSettings
 from tokenmill.structured import spec_from_request_fields
 from tokenmill.tokenizer.template_sandbox import RenderBudget
 

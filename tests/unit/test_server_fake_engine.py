@@ -19,8 +19,9 @@ from tests.unit.fake_engine import (
     make_app,
     sse_events,
 )
-from tokenmill.engine.async_engine import EngineStats
-from tokenmill.server.app import ServerSettings, build_app
+from tokenmill.engine.client import EngineStats
+from tokenmill.server.app import build_app
+from tokenmill.server.settings import ServerSettings
 
 pytestmark = pytest.mark.anyio
 
@@ -402,8 +403,8 @@ async def test_cache_salt_reaches_the_engine(
 
 
 async def test_key_is_checked_before_the_body_is_read() -> None:
-    settings = ServerSettings(served_model_names=[MODEL], api_key=KEY)
-    app = build_app(FakeAsyncEngine(), settings, max_request_body_bytes=1000)  # type: ignore[arg-type]
+    settings = ServerSettings(served_model_names=[MODEL], api_key=KEY, max_request_body_bytes=1000)
+    app = build_app(FakeAsyncEngine(), settings)
     body = {"prompt": "x" * 2000}
     async with client_for(app) as c:
         assert_error(await c.post("/v1/completions", json=body), 401)

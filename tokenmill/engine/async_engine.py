@@ -3,7 +3,9 @@
 The event loop never runs the model: requests and aborts are posted to the
 engine thread through a queue, and each step's outputs come back to per-request
 asyncio queues with `call_soon_threadsafe`. Outputs are cumulative snapshots,
-so a slow reader skips to the newest one instead of stalling the engine.
+so a slow reader skips to the newest one instead of stalling the engine. The
+event loop never reads the scheduler either: the engine thread publishes a
+frozen snapshot of it after each step, admission and abort.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from dataclasses import dataclass
 
 from tokenmill import kernels
 from tokenmill.config import EngineConfig
+from tokenmill.engine.client import EngineStats
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import OverloadedError, RequestFailedError, ServiceUnavailableError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.manager import StructuredOutputManager
+from tokenmill.structured.spec import StructuredSpec
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -34,13 +38,11 @@ _IDLE_WAIT_S = 0.5  # how long the idle engine thread sleeps between checks for 
 def _load_off_thread(config: EngineConfig) -> LLMEngine:
     """Build the engine on a thread that exits before the step loop starts.
 
-    PyTorch's CPU threads on Linux are libgomp's, and libgomp keeps a team of worker
-    threads for every thread that ever ran a parallel region. Once the process holds
-    more of them than it has CPUs, an idle worker spins only ~1,000 times before it
-    sleeps, and a parallel region may pay a futex wake-up (back-to-back tiny kernel
-    calls measured 28 us instead of 10-12 us; whole decode steps showed no difference
-    beyond noise). Loading on the caller's thread (the server's main thread) would leave
-    its team behind; a thread that exits takes its team with it.
+    PyTorch's CPU threads on Linux are libgomp's, and libgomp keeps a team of worker threads
+    for every thread that ever ran a parallel region. Once the process holds more of them
+    than it has CPUs, idle workers stop spinning sooner and a parallel region may pay a futex
+    wake-up. Loading on the caller's thread (the server's main thread) would leave its team
+    behind for the life of the process; a thread that exits takes its team with it.
     """
     result: list[LLMEngine | BaseException] = []
 
@@ -58,16 +60,26 @@ def _load_off_thread(config: EngineConfig) -> LLMEngine:
     return result[0]
 
 
-@dataclass(slots=True)
-class EngineStats:
-    """A point-in-time view of the engine for /metrics and /health."""
+@dataclass(frozen=True, slots=True)
+class _SchedulerState:
+    """What the engine thread publishes after each step, admission and abort. The event loop
+    reads only the last one published (one attribute read: atomic), never the scheduler."""
 
     num_running: int
-    num_waiting: int
+    num_waiting: int  # in the scheduler's waiting queue
     kv_cache_usage: float  # share of KV blocks in use, 0..1
     num_preemptions: int  # total since start
-    num_aborted: int  # total since start
-    cpu_threads: tuple[int, int] | None = None  # (in use now, reductions): CPU kernels only
+
+    @classmethod
+    def of(cls, engine: LLMEngine) -> _SchedulerState:
+        """Read on the engine thread (or before it starts)."""
+        scheduler = engine.core.scheduler
+        return cls(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_cache_usage=engine.core.kv_cache.pool.usage,
+            num_preemptions=scheduler.num_preemptions,
+        )
 
 
 class EngineDeadError(ServiceUnavailableError):
@@ -75,7 +87,8 @@ class EngineDeadError(ServiceUnavailableError):
 
 
 class AsyncEngine:
-    """Async generate()/abort() over an LLMEngine stepped by a background thread.
+    """Async generate()/abort() over an LLMEngine stepped by a background thread (an
+    EngineClient).
 
     At most `max_waiting_requests` requests wait for a place in the running batch
     (None: no bound); beyond that generate() raises OverloadedError (HTTP 503).
@@ -100,6 +113,7 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._error: BaseException | None = None
         self._num_aborted = 0
+        self._state = _SchedulerState.of(engine)  # replaced, never mutated, by the engine thread
         self._cut: ServiceUnavailableError | None = None  # set by cut_off(): no more requests
 
     @classmethod
@@ -141,18 +155,23 @@ class AsyncEngine:
     @property
     def num_waiting(self) -> int:
         """Requests not yet running: being admitted, or in the scheduler's waiting queue."""
-        return self._num_submitting + len(self.engine.core.scheduler.waiting)
+        return self._num_submitting + self._state.num_waiting
 
     def stats(self) -> EngineStats:
-        scheduler = self.engine.core.scheduler
+        """The engine as of its last step, admission or abort (the kernels' thread pool: now;
+        its counters are the pool's own, safe to read from any thread)."""
+        state = self._state
         return EngineStats(
-            num_running=len(scheduler.running),
-            num_waiting=self.num_waiting,
-            kv_cache_usage=self.engine.core.kv_cache.pool.usage,
-            num_preemptions=scheduler.num_preemptions,
+            num_running=state.num_running,
+            num_waiting=self._num_submitting + state.num_waiting,
+            kv_cache_usage=state.kv_cache_usage,
+            num_preemptions=state.num_preemptions,
             num_aborted=self._num_aborted,
             cpu_threads=kernels.cpu_threads_in_use(),
         )
+
+    async def compile_grammar(self, spec: StructuredSpec) -> CompiledGrammar:
+        return await self.structured_outputs.compile_async(spec)
 
     async def generate(
         self,
@@ -232,9 +251,14 @@ class AsyncEngine:
 
         def command() -> None:
             try:
-                future.set_result(fn())
+                result = fn()
             except BaseException as e:  # noqa: BLE001 - handed to the awaiting caller
                 future.set_exception(e)
+                return
+            # published before the caller resumes: an admitted request is counted as waiting
+            # before it stops being counted as submitting
+            self._publish()
+            future.set_result(result)
 
         self._commands.put(command)
         return await asyncio.wrap_future(future)
@@ -244,13 +268,14 @@ class AsyncEngine:
             while not self._stopping.is_set():
                 self._run_commands(block=not self.engine.has_unfinished)
                 if self.engine.has_unfinished:
-                    self._dispatch(self.engine.step())
+                    outputs = self.engine.step()
+                    self._publish()
+                    self._dispatch(outputs)
             self._run_commands(block=False)  # the last aborts (requests cut off at shutdown)
-            pool = self.engine.core.kv_cache.pool
+            state = _SchedulerState.of(self.engine)
             logger.info(
                 "engine stopped: %d requests unfinished, KV cache %.0f%% in use",
-                len(self.engine.core.scheduler.running) + len(self.engine.core.scheduler.waiting),
-                100 * pool.usage,
+                state.num_running + state.num_waiting, 100 * state.kv_cache_usage,
             )  # fmt: skip
         except BaseException as e:
             logger.exception("engine loop died")
@@ -271,7 +296,12 @@ class AsyncEngine:
             try:
                 self._commands.get_nowait()()
             except queue.Empty:
-                return
+                break
+        self._publish()
+
+    def _publish(self) -> None:
+        """Runs on the engine thread: the scheduler's state for the event loop to read."""
+        self._state = _SchedulerState.of(self.engine)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         assert self._loop is not None

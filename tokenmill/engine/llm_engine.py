@@ -9,6 +9,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.beam_search import BeamSearch
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.groups import BeamGroup, RequestGroup, SequenceState
+from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.outputs import PositionLogprobs, PromptLogprobs, RequestOutput
 from tokenmill.engine.request import Request
 from tokenmill.errors import ModelLoadError
@@ -33,6 +34,9 @@ class LLMEngine:
         if template:
             self.tokenizer.chat_template = template
         self.token_texts = TokenTexts(self.tokenizer)
+        self.input_processor = InputProcessor(
+            self.core.vocab_size, self.core.max_model_len, config.model.max_logprobs
+        )
         self._groups: dict[str, Group] = {}
         self._group_of: dict[str, Group] = {}  # engine request id -> its group
 
@@ -56,16 +60,16 @@ class LLMEngine:
         cache_salt: str | None = None,
         grammar: CompiledGrammar | None = None,
     ) -> RequestOutput | None:
-        """Queue a request; returns a finished output at once when there is nothing to run.
+        """Validate and queue a request; returns a finished output at once when there is
+        nothing to run.
 
         `grammar` is params.structured_outputs compiled (AsyncEngine compiles it off the
         engine thread); without it, a constrained request is compiled here, blocking.
         """
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already running")
-        params.check_vocab(self.core.vocab_size)
-        params.check_max_logprobs(self.config.model.max_logprobs)
-        prompt = params.truncate_prompt(list(prompt_token_ids))
+        item = self.input_processor.validate(prompt_token_ids, params)
+        prompt = item.prompt_token_ids
         if params.max_tokens == 0 and params.prompt_logprobs is None:
             return RequestGroup(request_id, prompt, params, []).snapshot()
         if grammar is None and params.structured_outputs is not None:

@@ -20,16 +20,16 @@ from tokenmill.config import (
     KVCacheDtype,
     QuantizationSetting,
 )
+from tokenmill.server.settings import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 if TYPE_CHECKING:  # imported lazily at run time: `tokenmill --help` stays fast
     from tokenmill.engine.async_engine import AsyncEngine
-    from tokenmill.server.serving_base import ServerSettings
+    from tokenmill.server.settings import ServerSettings
 
 logger = logging.getLogger("tokenmill.server.cli")
 _DEFAULTS = EngineConfig()  # flag defaults come from the config tree (one source of truth)
 
 Subparsers = Any  # argparse._SubParsersAction (private type)
-DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 2**20  # far above any sane chat request
 DEFAULT_MAX_WAITING_REQUESTS = 1024  # beyond this the server sheds load with 503s
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # grace period for in-flight requests on SIGTERM
 _BYTE_UNITS = {
@@ -152,10 +152,10 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         help="weight format (CPU): gguf = a GGUF file's own Q4_1/Q8_0 blocks through the "
         "native kernel, activations quantized to int8 per 32 values (llama.cpp's numerics; a "
         "third of fp16's weight memory, the fastest), gguf-float32 = the same blocks, float32 "
-        "activations (the dequantized model's logits within 2e-3), fp16 = float16 weights "
-        "(~2x faster decode than float32; greedy output matched float32 in tests), none = the "
-        "dtype's own weights (default, when --dtype is auto on a CPU: gguf for a .gguf file, "
-        "else fp16)",
+        "activations (closer to the dequantized model), fp16 = float16 weights, float32 math "
+        "(half of float32's weight memory), none = the dtype's own weights (default, when "
+        "--dtype is auto on a CPU: gguf for a .gguf file, else fp16; speeds: "
+        "docs/benchmarks.md)",
     )  # fmt: skip
     g.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default=_DEFAULTS.model.device,
@@ -251,7 +251,7 @@ def _serve(args: argparse.Namespace) -> int:
         )  # fmt: skip
     engine = _load_engine(args)
     settings.served_model_names = args.served_model_name or [args.model or engine.model_name]
-    app = build_app(engine, settings, max_request_body_bytes=args.max_request_body_bytes)
+    app = build_app(engine, settings)
     # What is loaded by now (model, tokenizer, app) lives as long as the server: keep it out
     # of the garbage collector's full passes, which would otherwise walk it while serving.
     gc.collect()
@@ -265,8 +265,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _server_settings(args: argparse.Namespace) -> ServerSettings:
-    from tokenmill.server.app import ServerSettings
     from tokenmill.server.limits import RequestLimits
+    from tokenmill.server.settings import ServerSettings
 
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise StartupError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
@@ -282,6 +282,7 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
         allow_credentials=args.allow_credentials,
         disable_log_requests=args.disable_log_requests,
         address=f"http://{_url_host(args.host)}:{args.port}{args.root_path}",
+        max_request_body_bytes=args.max_request_body_bytes,
     )
 
 

@@ -25,7 +25,7 @@ from types import FrameType
 
 import uvicorn
 
-from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.client import EngineClient
 from tokenmill.errors import ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class GracefulServer(uvicorn.Server):
     """uvicorn's server with tokenmill's drain: a deadline after which in-flight requests end
     with a proper error instead of uvicorn's task cancellation."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, shutdown_timeout: float):
         config.timeout_graceful_shutdown = math.ceil(shutdown_timeout + _BACKSTOP_S)
         super().__init__(config)
         self.engine = engine
@@ -116,7 +116,7 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve_app(
-    config: uvicorn.Config, engine: AsyncEngine, sock: socket.socket, shutdown_timeout: float
+    config: uvicorn.Config, engine: EngineClient, sock: socket.socket, shutdown_timeout: float
 ) -> int:
     """Serve on `sock` until a signal or the engine's death; returns the exit status."""
     server = GracefulServer(config, engine, shutdown_timeout)

@@ -10,8 +10,10 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
+from tokenmill.engine.input_processor import EngineInput
 from tokenmill.engine.outputs import PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.choices import ChoiceDelta, ChoiceTracker
 from tokenmill.server.limits import RequestLimits, check_chat_limits
 from tokenmill.server.protocol import (
     ChatCompletionLogProbs,
@@ -25,7 +27,7 @@ from tokenmill.server.protocol import (
     DeltaMessage,
     TokenizeChatRequest,
 )
-from tokenmill.server.serving_base import ChoiceDelta, ChoiceTracker, EngineInput, ServingBase
+from tokenmill.server.serving_base import ServingBase
 from tokenmill.server.sse import EventStreamResponse, sse_event
 from tokenmill.tokenizer.chat_template import render_chat
 
@@ -61,7 +63,7 @@ class ChatServer(ServingBase):
         prompt_token_ids = await self.prompt_token_ids(request)  # checks the message limits
         grammar = await self.compile_grammar(params)
         return [
-            self.fit_to_context(prompt_token_ids, params, "messages", grammar, request.cache_salt)
+            self.to_engine_input(prompt_token_ids, params, "messages", grammar, request.cache_salt)
         ]
 
     async def prompt_token_ids(self, request: ChatPromptRequest) -> list[int]:

@@ -9,8 +9,11 @@ from contextlib import aclosing
 
 from starlette.responses import JSONResponse, Response
 
+from tokenmill.engine.input_processor import EngineInput
 from tokenmill.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.choices import ChoiceDelta, ChoiceTracker
 from tokenmill.server.limits import check_prompt_limits
 from tokenmill.server.protocol import (
     CompletionLogProbs,
@@ -19,8 +22,9 @@ from tokenmill.server.protocol import (
     CompletionResponseChoice,
     CompletionStreamResponse,
 )
-from tokenmill.server.serving_base import ChoiceDelta, ChoiceTracker, EngineInput, ServingBase
+from tokenmill.server.serving_base import ServingBase
 from tokenmill.server.sse import EventStreamResponse, sse_event
+from tokenmill.structured import CompiledGrammar
 
 
 class CompletionServer(ServingBase):
@@ -52,13 +56,12 @@ class CompletionServer(ServingBase):
             request, request.max_tokens, request.logprobs, prompt_logprobs
         )
         grammar = await self.compile_grammar(params)
-        prompts = await self.run_blocking(self._tokenize, request)
-        salt = request.cache_salt
-        inputs = [self.fit_to_context(ids, params, "prompt", grammar, salt) for ids, _ in prompts]
-        return inputs, [text for _, text in prompts]
+        return await self.run_blocking(self._tokenize, request, params, grammar)
 
-    def _tokenize(self, request: CompletionRequest) -> list[tuple[list[int], str]]:
-        """Token ids and text of each prompt (runs in the tokenizer thread)."""
+    def _tokenize(
+        self, request: CompletionRequest, params: SamplingParams, grammar: CompiledGrammar | None
+    ) -> tuple[list[EngineInput], list[str]]:
+        """Each prompt tokenized and validated, and its text (runs in the tokenizer thread)."""
         tokenizer, prompt = self.engine.tokenizer, request.prompt
         if not prompt:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
@@ -66,20 +69,18 @@ class CompletionServer(ServingBase):
             prompt = [prompt]
         if isinstance(prompt[0], int):
             prompt = [prompt]
-        result = []
+        inputs, texts = [], []
         for item in prompt:
             if isinstance(item, str):
                 ids = tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
             else:
                 ids = list(item)
-                self.check_token_ids(ids, "prompt")
-            if request.truncate_prompt_tokens is not None:
-                ids = ids[-request.truncate_prompt_tokens :]
+            inputs.append(self.to_engine_input(ids, params, "prompt", grammar, request.cache_salt))
             text = item if isinstance(item, str) else ""
             if request.echo and not isinstance(item, str):
-                text = tokenizer.decode(ids)
-            result.append((ids, text))
-        return result
+                text = tokenizer.decode(inputs[-1].prompt_token_ids)
+            texts.append(text)
+        return inputs, texts
 
     async def _collect(
         self,

@@ -10,7 +10,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokenmill.errors import TokenmillError
-from tokenmill.server.protocol import ErrorInfo, ErrorResponse
+from tokenmill.server.errors import error_body
+from tokenmill.server.streams import aclose
 
 logger = logging.getLogger(__name__)
 
@@ -20,20 +21,6 @@ DONE = "data: [DONE]\n\n"
 def sse_event(payload: BaseModel | str, *, exclude: set[str] | None = None) -> str:
     data = payload if isinstance(payload, str) else payload.model_dump_json(exclude=exclude)
     return f"data: {data}\n\n"
-
-
-def error_body(exc: Exception) -> ErrorResponse:
-    """The OpenAI envelope for an exception; anything not ours is a generic internal error."""
-    if isinstance(exc, TokenmillError):
-        info = ErrorInfo(
-            message=exc.message,
-            type=exc.error_type,
-            param=exc.param,
-            code=exc.code if exc.code is not None else exc.status_code,
-        )
-    else:
-        info = ErrorInfo(message="internal server error", type="InternalServerError", code=500)
-    return ErrorResponse(error=info)
 
 
 async def with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -47,7 +34,7 @@ async def with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
         logger.exception("error while streaming a response")
         yield sse_event(error_body(exc))
     finally:
-        await _aclose(events)
+        await aclose(events)
     yield DONE
 
 
@@ -69,10 +56,4 @@ class EventStreamResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await _aclose(self.body_iterator)
-
-
-async def _aclose(iterator: object) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
+            await aclose(self.body_iterator)

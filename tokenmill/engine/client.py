@@ -1,0 +1,88 @@
+"""EngineClient: what the server may ask of an engine (AsyncEngine, or a test's fake)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.errors import ServiceUnavailableError
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.interface import CompiledGrammar
+from tokenmill.structured.spec import StructuredSpec
+from tokenmill.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A point-in-time view of the engine for /metrics and admission control."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # share of KV blocks in use, 0..1
+    num_preemptions: int  # total since start
+    num_aborted: int  # total since start
+    cpu_threads: tuple[int, int] | None = None  # (in use now, reductions): CPU kernels only
+
+
+class EngineClient(Protocol):
+    """An engine seen from the event loop. Every method is called on the event loop; none
+    blocks it. Errors a client caused are InvalidRequestError (400); a full queue is
+    OverloadedError, a stopped engine ServiceUnavailableError (503)."""
+
+    on_death: Callable[[], None] | None  # called on the event loop if the engine dies
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def model_name(self) -> str:
+        """What was loaded (a directory, file or hub id's name)."""
+        ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    @property
+    def died(self) -> bool:
+        """True once the engine died of an error (not after a clean shutdown)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def check_capacity(self) -> None:
+        """OverloadedError when no more requests may wait; asked before a response starts."""
+        ...
+
+    async def compile_grammar(self, spec: StructuredSpec) -> CompiledGrammar:
+        """The constraint compiled (cached, off the event loop); InvalidRequestError if bad."""
+        ...
+
+    def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        cache_salt: str | None = None,
+        grammar: CompiledGrammar | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Cumulative snapshots of one request, the last one finished; closing the iterator
+        early aborts the request."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def cut_off(self, error: ServiceUnavailableError) -> int:
+        """End every request in flight with `error` and refuse new ones; returns how many."""
+        ...

@@ -1,0 +1,119 @@
+"""InputProcessor: the checks a request passes before the engine takes it, each in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams
+from tokenmill.structured.interface import CompiledGrammar
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInput:
+    """One request as the engine runs it: its prompt (truncated) and params, validated."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    grammar: CompiledGrammar | None = None  # params.structured_outputs, compiled
+    cache_salt: str | None = None  # the request's prefix-cache tenant
+
+
+@dataclass(frozen=True, slots=True)
+class InputProcessor:
+    """Validates a request against the engine's vocabulary, context and logprob cap.
+
+    LLMEngine.add_request (the offline API, AsyncEngine) runs every request through it; the
+    server runs it too, before it answers, because a stream's 200 cannot become a 400 later.
+    A failed check raises InvalidRequestError naming the parameter and the numbers.
+    """
+
+    vocab_size: int
+    max_model_len: int  # tokens of prompt + output
+    max_logprobs: int = MAX_LOGPROBS  # most logprobs / prompt_logprobs one position may ask for
+    # OpenAI's server rule (True): prompt + max_tokens must fit the context, else a 400 naming
+    # max_tokens, and max_tokens None becomes the room left. The offline API (False) lets a
+    # request run until the context is full (finish_reason "length").
+    fit_max_tokens: bool = False
+
+    def validate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        prompt_param: str = "prompt",
+        grammar: CompiledGrammar | None = None,
+        cache_salt: str | None = None,
+    ) -> EngineInput:
+        """Every check: the params, then the prompt. `prompt_param` names the prompt in errors."""
+        self.check_params(params)
+        return self.validate_prompt(
+            prompt_token_ids,
+            params,
+            prompt_param=prompt_param,
+            grammar=grammar,
+            cache_salt=cache_salt,
+        )
+
+    def check_params(self, params: SamplingParams) -> None:
+        """The token ids the params name exist; logprob counts are within the cap. The server
+        calls it once per request, as soon as the params are built (before any tokenizing or
+        compiling), then validate_prompt for each of its prompts."""
+        params.check_vocab(self.vocab_size)
+        params.check_max_logprobs(self.max_logprobs)
+
+    def validate_prompt(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        prompt_param: str = "prompt",
+        grammar: CompiledGrammar | None = None,
+        cache_salt: str | None = None,
+    ) -> EngineInput:
+        """The prompt as the engine will run it (its last truncate_prompt_tokens tokens): not
+        empty, within the context, every token id in the vocabulary."""
+        prompt = params.truncate_prompt(list(prompt_token_ids))
+        self._check_prompt(prompt, params, prompt_param)
+        if self.fit_max_tokens and params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt))
+        return EngineInput(prompt, params, grammar, cache_salt)
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        # min and max run in C: a long prompt costs little on whichever thread checks it
+        if not token_ids or (min(token_ids) >= 0 and max(token_ids) < self.vocab_size):
+            return
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        raise InvalidRequestError(
+            f"{param} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}",
+            param=param,
+        )
+
+    def _check_prompt(self, prompt: list[int], params: SamplingParams, prompt_param: str) -> None:
+        """Not empty, fits the context (cheap, first), then its token ids (linear in it)."""
+        num_prompt, max_len, max_tokens = len(prompt), self.max_model_len, params.max_tokens
+        if num_prompt == 0:
+            raise InvalidRequestError(
+                f"{prompt_param} must contain at least one token", param=prompt_param
+            )
+        if self.fit_max_tokens and max_tokens is not None and num_prompt + max_tokens > max_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_len} tokens. However, you "
+                f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the "
+                f"{prompt_param}, {max_tokens} in the completion). Please reduce the "
+                f"length of the {prompt_param} or completion.",
+                param="max_tokens",
+            )
+        if num_prompt >= max_len and _runs_in_engine(params):
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_len} tokens. However, your "
+                f"{prompt_param} has {num_prompt} tokens, leaving no room for the completion.",
+                param=prompt_param,
+            )
+        self.check_token_ids(prompt, prompt_param)
+
+
+def _runs_in_engine(params: SamplingParams) -> bool:
+    """Whether the model runs at all: max_tokens 0 without prompt logprobs only echoes."""
+    return params.max_tokens != 0 or params.prompt_logprobs is not None

@@ -1,0 +1,46 @@
+"""API-key auth: the key comparison, the route dependency, and the /v1 router that needs it."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, Request
+from starlette.types import Scope
+
+from tokenmill.errors import AuthenticationError
+
+
+def v1_router() -> APIRouter:
+    """A router for /v1 routes: every route on it requires the API key (when one is set)."""
+    return APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+
+def check_api_key(request: Request) -> None:
+    """401 unless the request carries `Authorization: Bearer <key>` (when a key is set).
+
+    APIKeyMiddleware checks the same before the body is read; this route dependency is the
+    second lock, on every /v1 route however its path was spelled."""
+    key: str | None = request.app.state.settings.api_key
+    if key is not None and not key_matches(request.headers.get("authorization"), key):
+        raise auth_error()
+
+
+def key_matches(authorization: str | None, key: str) -> bool:
+    """Constant-time comparison of `Bearer <token>` with the key."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def auth_error() -> AuthenticationError:
+    return AuthenticationError(
+        "invalid or missing API key; send it as `Authorization: Bearer <key>`",
+        code="invalid_api_key",
+    )
+
+
+def is_v1(scope: Scope) -> bool:
+    """Whether routing would see a /v1 path (the decoded path, less the root path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path == "/v1" or path.startswith("/v1/")

@@ -1,0 +1,1 @@
+"""One APIRouter per endpoint family; build_app includes each (a new family: a new module)."""

@@ -1,0 +1,46 @@
+"""Operational routes, without the API key (health checks and scrapers): /health, /version,
+/metrics."""
+
+from __future__ import annotations
+
+import contextlib
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from tokenmill.server.errors import error_response
+from tokenmill.server.protocol import VersionResponse
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    if request.app.state.engine.is_alive:
+        return Response(status_code=200)
+    return error_response(503, "ServiceUnavailableError", "the engine is not running")
+
+
+@router.get("/version")
+async def version() -> VersionResponse:
+    return VersionResponse(version=server_version())
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def server_version() -> str:
+    import tokenmill
+
+    version = getattr(tokenmill, "__version__", None)
+    if version is None:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
+
+        with contextlib.suppress(PackageNotFoundError):
+            version = package_version("tokenmill")
+    return str(version or "0+unknown")

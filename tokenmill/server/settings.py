@@ -1,0 +1,37 @@
+"""ServerSettings: the HTTP server's own options (the engine's live in EngineConfig).
+
+The command line imports this module to build its parser: it stays free of heavy imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenmill.server.limits import RequestLimits
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 2**20  # far above any sane chat request
+
+
+def _default_limits() -> RequestLimits:
+    from tokenmill.server.limits import RequestLimits  # imports torch (via structured)
+
+    return RequestLimits()
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """The server's own options, built once by the command line (or a test)."""
+
+    served_model_names: list[str]  # names clients may send as `model`; the first is the default
+    api_key: str | None = None  # required as a Bearer token on /v1/* when set
+    allowed_origins: list[str] | None = None  # CORS; None = no CORS headers at all
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    disable_log_requests: bool = False
+    address: str = ""  # where the server listens, for the ready line
+    # caps on one request (each over-cap value is a 400)
+    limits: RequestLimits = field(default_factory=_default_limits)
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # larger bodies get a 413
