@@ -15,7 +15,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from tokenmill import kernels
@@ -180,7 +180,7 @@ class AsyncEngine:
         request_id: str,
         cache_salt: str | None = None,
         grammar: CompiledGrammar | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput]:
         """Yield a cumulative RequestOutput after every step that changed the request.
 
         The last one has finished=True. Closing the iterator early (client gone)
