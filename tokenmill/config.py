@@ -6,7 +6,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-# weight formats of tokenmill/layers/linear.py (CPU only); "none" = the dtype's own weights
+# CPU weight formats (tokenmill/backends/formats.py says what each is and picks the default);
+# "none" = the dtype's own weights
 Quantization = Literal["gguf", "gguf-float32", "fp16"]
 QuantizationSetting = Literal["gguf", "gguf-float32", "fp16", "none"]
 KVCacheDtype = Literal["auto", "float16", "float32"]
@@ -34,16 +35,14 @@ class ModelConfig:
     chat_template: str | None = None  # a file path or the template text; overrides the model's
     seed: int = 0  # seed for requests that give none
     max_logprobs: int = 20  # most logprobs/prompt_logprobs a request may ask for (vLLM's default)
-    # "gguf": a GGUF file's own quantized blocks (Q4_1, Q8_0; other types as fp16) through
-    # the native kernel with activations quantized to int8 per 32-value block and integer
-    # dot products (llama.cpp's numerics; a third of fp16's weight memory, matmuls ~1.8x
-    # float32 activations' at batch 32). "gguf-float32": the same blocks, float32
-    # activations (logits equal the dequantized model's within 2e-3). "fp16": float16
-    # weights, float32 math (half the weight bytes: ~2x faster decode than float32 weights;
-    # greedy output matched float32 in tests, logits within 0.1). All CPU + float32 only.
-    # "none": exact weights in `dtype`.
-    # None (auto), when dtype is auto on a CPU: gguf for a GGUF file, else fp16 (where the
-    # kernels run; see model/device.py: resolve_quantization), else none.
+    # CPU weight format, float32 math only: "gguf" = a GGUF file's own quantized blocks
+    # (Q4_1, Q8_0; other types as fp16) times activations quantized to int8 per 32-value
+    # block, with integer dot products (llama.cpp's numerics); "gguf-float32" = the same
+    # blocks times float32 activations (the dequantized model up to summation order);
+    # "fp16" = float16 weights, float32 math; "none" = exact weights in `dtype`.
+    # None (auto), when dtype is auto on a CPU: gguf for a GGUF file, else fp16 where the
+    # kernels run, else none (backends/formats.py: resolve_quantization). Speed and accuracy
+    # of each: docs/benchmarks.md, "Weight formats and quantization".
     quantization: QuantizationSetting | None = None
 
 
@@ -55,7 +54,7 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes; None = sized to the machine
     # "auto": float16 on a CPU with the GGUF default (int8 activations, already approximate;
     # llama.cpp's default too: half the bytes attention reads per step), else the model's
-    # dtype. model/device.py: resolve_kv_cache_dtype.
+    # dtype (backends/formats.py: resolve_kv_cache_dtype; docs/benchmarks.md, "KV cache dtype").
     kv_cache_dtype: KVCacheDtype = "auto"
     gpu_memory_utilization: float = 0.9  # CUDA only: share of GPU memory tokenmill may use
     enable_prefix_caching: bool = True
@@ -72,9 +71,9 @@ class SchedulerConfig:
 
 def default_batched_tokens(device_type: str) -> int:
     """The step budget when none is set: 2048 tokens on GPUs (vLLM's); 512 on CPUs, where a
-    2048-token prefill step takes seconds and every running stream waits it out (measured on
-    2 cores, c=32 burst: TTFT p50 0.58x of 2048's, the same throughput, and a ~1,000-token
-    prompt no slower in 512-token chunks; docs/benchmarks.md)."""
+    2048-token prefill step takes seconds and every running stream waits it out: smaller
+    chunks cut TTFT under a burst of prompts and cost no throughput (docs/benchmarks.md,
+    "Prefill, TTFT and the step budget")."""
     return 512 if device_type == "cpu" else 2048
 
 

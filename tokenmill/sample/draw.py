@@ -4,9 +4,9 @@ Each row draws with one uniform number u: the token whose cumulative probability
 interval holds u. A seeded request therefore consumes exactly one number of its
 generator per step, whatever else is in the batch.
 
-Top-k and top-p look only at a candidate set from `topk` instead of sorting the
-whole vocabulary (a full sort of [64, 49152] costs ~0.3 s on one CPU core, `topk`
-of 256 ~14 ms). Rows with top-p but no top-k take the top `_TOP_P_CANDIDATES`
+Top-k and top-p look only at a candidate set from `topk`, never sorting the whole
+vocabulary (a sort costs far more than a `topk` of a few hundred; docs/benchmarks.md,
+"Sampler"). Rows with top-p but no top-k take the top `_TOP_P_CANDIDATES`
 tokens; a row whose candidates hold less than top_p of the mass is redone with
 16 times as many, up to the whole vocabulary, so the result is always exact.
 """
@@ -36,8 +36,8 @@ def _native(logits: torch.Tensor) -> bool:
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """The most likely token of each row of logits [N, V] (the first on a tie), as argmax.
 
-    On CPU the native kernel scans each row once in vector lanes (torch's argmax over
-    [32, 49152] takes ~1.9 ms on two cores; the kernel ~0.2 ms).
+    On CPU float32 the native kernel scans each row once in vector lanes, several times
+    faster than torch's argmax (docs/benchmarks.md, "Sampler").
     """
     if _native(logits):
         return layer_ops.argmax_rows(logits)
