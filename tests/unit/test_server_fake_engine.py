@@ -539,7 +539,7 @@ async def test_disconnect_aborts_the_request(stream: bool) -> None:
 
 
 def test_cli_value_parsers() -> None:
-    from tokenmill.server.cli import parse_bytes, parse_dtype, parse_list, parse_tokens
+    from tokenmill.server.flag_types import parse_bytes, parse_dtype, parse_list, parse_tokens
 
     assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("512MB") == 512 * 10**6
     assert parse_bytes("1e9") == 10**9 and parse_bytes("4096") == 4096

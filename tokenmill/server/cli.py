@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import gc
 import ipaddress
-import json
 import logging
 import os
-import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -20,6 +18,7 @@ from tokenmill.config import (
     KVCacheDtype,
     QuantizationSetting,
 )
+from tokenmill.server.flag_types import parse_bytes, parse_dtype, parse_list, parse_tokens
 from tokenmill.server.settings import DEFAULT_MAX_REQUEST_BODY_BYTES
 
 if TYPE_CHECKING:  # imported lazily at run time: `tokenmill --help` stays fast
@@ -32,11 +31,6 @@ _DEFAULTS = EngineConfig()  # flag defaults come from the config tree (one sourc
 Subparsers = Any  # argparse._SubParsersAction (private type)
 DEFAULT_MAX_WAITING_REQUESTS = 1024  # beyond this the server sheds load with 503s
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # grace period for in-flight requests on SIGTERM
-_BYTE_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -369,56 +363,6 @@ def register_bench(subparsers: Subparsers) -> None:
         )  # fmt: skip
         module.add_arguments(sub)
         sub.set_defaults(run=module.run_command)
-
-
-# --------------------------------------------------------------------------------------
-# Flag value parsers
-# --------------------------------------------------------------------------------------
-
-
-def parse_bytes(value: str) -> int:
-    """'2GiB' -> 2147483648; '1e9', '512MB', '1024' also work."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", value)
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _BYTE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {value!r} (e.g. 2GiB, 512MiB)")
-    try:
-        return int(float(match.group(1)) * _BYTE_UNITS[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {value!r}") from None
-
-
-def parse_tokens(value: str) -> int:
-    """'4096', '4k' (= 4096) or '1m' (= 1048576) tokens."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", value)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a token count: {value!r} (e.g. 4096 or 4k)")
-    scale = {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
-    return int(match.group(1)) * scale
-
-
-def parse_list(value: str) -> list[str]:
-    """A JSON list of strings, or a comma-separated list."""
-    text = value.strip()
-    if text.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"not a JSON list: {value!r} ({exc})") from None
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise argparse.ArgumentTypeError(f"not a JSON list of strings: {value!r}")
-        return items
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def parse_dtype(value: str) -> str:
-    aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    dtype = aliases.get(value, value)
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise argparse.ArgumentTypeError(
-            f"unknown dtype {value!r}: auto, float32 (float), bfloat16, float16 (half)"
-        )
-    return dtype
 
 
 # Each subcommand is a function that adds its parser and sets `run`; add new ones here.
