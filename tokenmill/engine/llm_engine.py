@@ -1,4 +1,4 @@
-"""LLMEngine: EngineCore plus the request side — n/best_of fan-out, beam search, detokenizing."""
+"""LLMEngine: EngineCore plus the request side: validation, n/best_of, beam search, detokenizing."""
 
 from __future__ import annotations
 
