@@ -45,15 +45,15 @@ def assert_all_blocks_free(llm: Any) -> None:
 def test_model_error_fails_only_the_poisoned_request(
     llm: Any, alone: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = llm.engine.core.runner
-    execute = runner.execute
+    executor = llm.engine.core.executor
+    execute = executor.execute
 
-    def poisoned_execute(out: Any, block_tables: Any) -> Any:
-        if any(s.request.prompt_token_ids[0] == POISON for s in out.scheduled):
+    def poisoned_execute(scheduled: Any) -> Any:
+        if any(s.request.prompt_token_ids[0] == POISON for s in scheduled):
             raise RuntimeError("poisoned input")
-        return execute(out, block_tables)
+        return execute(scheduled)
 
-    monkeypatch.setattr(runner, "execute", poisoned_execute)
+    monkeypatch.setattr(executor, "execute", poisoned_execute)
     engine = llm.engine
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"ok-{i}", llm.tokenizer.encode(prompt), GREEDY)

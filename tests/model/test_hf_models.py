@@ -50,8 +50,7 @@ def test_prefill_logits_and_greedy_tokens_match(tiny_hf_model_dir, case):
         Request("probe", full, SamplingParams(max_tokens=1), frozenset(), core.max_model_len)
     )
     out_step = scheduler.schedule()
-    tables = {s.request.request_id: core.kv_cache.block_ids(s.request) for s in out_step.scheduled}
-    last = core.runner.logits_for(out_step, tables)[0]
+    last = core.logits_for(out_step)[0]
     assert torch.allclose(last, expected_logits[-1], atol=1e-4, rtol=1e-4)
     core.finish("probe", "abort")
     if model_type == "mistral":
@@ -70,10 +69,9 @@ def test_decode_steps_in_one_native_call_only_where_the_layers_allow(tiny_hf_mod
     model_type, config = CASES[case]
     directory = tiny_hf_model_dir(model_type, **config)
     llm = LLM(str(directory), device="cpu", kv_cache_memory=16 << 20, quantization="fp16")
-    model = llm.engine.core.runner.model
+    backend = llm.engine.core.executor.worker.backend
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     fused = llm.generate([PROMPT], greedy)[0].outputs[0].token_ids
-    assert model._decode_layers is not None
-    assert (model._decode_layers[1] is not None) == (case == "llama")
-    model.fused_decode = False
+    assert (backend.fused_layers is not None) == (case == "llama")
+    backend.fused_decode = False
     assert llm.generate([PROMPT], greedy)[0].outputs[0].token_ids == fused

@@ -44,9 +44,9 @@ def llm(request, bundled_llm, bundled_gguf_path):
         yield bundled_llm
         return
     gguf = LLM(bundled_gguf_path, kv_cache_memory=256 << 20)  # the CPU default: gguf blocks
-    runner = gguf.engine.core.runner
-    BIT_EXACT = runner.native_kernels and any(
-        isinstance(m, GGUFLinear) for m in runner.model.modules()
+    worker = gguf.engine.core.executor.worker
+    BIT_EXACT = worker.backend.native and any(
+        isinstance(m, GGUFLinear) for m in worker.model.modules()
     )
     yield gguf
     BIT_EXACT = False
@@ -80,14 +80,14 @@ def test_tiny_token_budget_forces_chunked_prefill(llm, alone):
 
 def test_small_kv_cache_forces_preemption(bundled_gguf_path, llm, alone):
     # 8 x (up to ~45 tokens) need ~24 blocks; 10 blocks of 16 force preemption.
-    itemsize = llm.engine.core.runner.kv_cache_dtype.itemsize  # float16 for the gguf default
+    itemsize = llm.engine.core.info.kv_cache_dtype.itemsize  # float16 for the gguf default
     small = LLM(
         bundled_gguf_path,
         dtype=llm.engine.config.model.dtype,
         kv_cache_memory=10 * 16 * 2 * 30 * 3 * 64 * itemsize,
         max_model_len=160,
     )
-    assert small.engine.core.runner.num_blocks == 10
+    assert small.engine.core.info.num_blocks == 10
     assert token_ids(small.generate(PROMPTS, GREEDY)) == alone
     assert small.engine.core.scheduler.num_preemptions > 0
     assert_all_blocks_free(small)
@@ -122,18 +122,22 @@ def test_abort_returns_every_block(llm):
     assert_all_blocks_free(llm)
 
 
-def test_torch_fallback_equals_native_kernels(llm, alone):
-    runner = llm.engine.core.runner
-    if not runner.native_kernels:
+def test_torch_reference_backend_equals_native_kernels(llm, alone, bundled_gguf_path):
+    worker = llm.engine.core.executor.worker
+    if not worker.backend.native:
         pytest.skip("the native kernels are not available here (no C compiler)")
-    if any(isinstance(m, GGUFLinear) for m in runner.model.modules()):
-        pytest.skip("gguf blocks need the native kernels: no torch fallback runs with them")
-    runner.native_kernels = False
-    try:  # SDPA for prefills: the same tokens, logprobs within float rounding
-        tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
-        assert tokens == [a[0] if BIT_EXACT else a for a in alone]
-    finally:
-        runner.native_kernels = True
+    if any(isinstance(m, GGUFLinear) for m in worker.model.modules()):
+        pytest.skip("gguf blocks need the native kernels: no torch reference runs with them")
+    config = llm.engine.config
+    reference = LLM(
+        bundled_gguf_path,
+        dtype=config.model.dtype,
+        kv_cache_memory=config.cache.kv_cache_memory,
+        backend="torch",
+    )
+    # SDPA for prefills: the same tokens, logprobs within float rounding
+    tokens = [o.outputs[0].token_ids for o in reference.generate(PROMPTS, GREEDY)]
+    assert tokens == [a[0] if BIT_EXACT else a for a in alone]
 
 
 def test_float16_cache_reads_the_same_in_the_kernel_and_the_torch_fallback(bundled_gguf_path):
@@ -145,16 +149,19 @@ def test_float16_cache_reads_the_same_in_the_kernel_and_the_torch_fallback(bundl
     half = LLM(
         bundled_gguf_path, dtype="float32", kv_cache_dtype="float16", kv_cache_memory=64 << 20
     )
-    runner = half.engine.core.runner
-    if not runner.native_kernels:
+    if not half.engine.core.executor.worker.backend.native:
         pytest.skip("the native kernels (with F16C) are not available here")
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     native = [o.outputs[0].token_ids for o in half.generate(PROMPTS, params)]
-    runner.native_kernels = False
-    try:
-        fallback = [o.outputs[0].token_ids for o in half.generate(PROMPTS, params)]
-    finally:
-        runner.native_kernels = True
+    del half
+    half_torch = LLM(
+        bundled_gguf_path,
+        dtype="float32",
+        kv_cache_dtype="float16",
+        kv_cache_memory=64 << 20,
+        backend="torch",
+    )
+    fallback = [o.outputs[0].token_ids for o in half_torch.generate(PROMPTS, params)]
     assert fallback == native
     exact = [o.outputs[0].token_ids for o in wide.generate(PROMPTS, params)]
     same = sum(a == b for a, b in zip(exact, native, strict=True))

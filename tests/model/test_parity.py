@@ -39,11 +39,10 @@ def run_greedy_with_logits(
         params = SamplingParams(temperature=0.0, max_tokens=NUM_DECODE_STEPS + 1, ignore_eos=True)
         core.add_request(Request(str(i), ids, params, frozenset(), core.max_model_len))
         logits_by_request[str(i)] = []
-    scheduler, runner = core.scheduler, core.runner
+    scheduler = core.scheduler
     while scheduler.has_unfinished:
         out = scheduler.schedule()
-        tables = {s.request.request_id: core.kv_cache.block_ids(s.request) for s in out.scheduled}
-        logits = runner.logits_for(out, tables)
+        logits = core.logits_for(out)
         sampling = [s.request for s in out.scheduled if s.samples]
         sampled = {}
         for request, row in zip(sampling, logits, strict=True):

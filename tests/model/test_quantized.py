@@ -65,22 +65,21 @@ def all_logits(core: EngineCore, ids: list[int]) -> torch.Tensor:
     core.add_request(Request("probe", ids, SamplingParams(max_tokens=1), frozenset(), 4096))
     out = core.scheduler.schedule()
     assert [s.num_new_tokens for s in out.scheduled] == [len(ids)]
-    request = out.scheduled[0].request
-    runner = core.runner
+    runner = core.executor.worker.runner
     with torch.inference_mode():
-        batch = runner._prepare(out.scheduled, {"probe": core.kv_cache.block_ids(request)})
-        hidden = runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
+        batch = runner.prepare(core.model_input(out))
+        hidden = runner.backend.forward(runner.model, batch.input_ids, batch.positions, batch.ctx)
         logits = runner.model.compute_logits(hidden)
     core.finish("probe", "abort")
     return logits
 
 
 def test_every_linear_layer_and_the_head_are_packed(fp16_llm):
-    model = fp16_llm.engine.core.runner.model
+    model = fp16_llm.engine.core.executor.worker.model
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 4 * model.config.num_layers + 1  # qkv, o, gate_up, down; head
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert fp16_llm.engine.core.runner.num_parameters == pytest.approx(134.5e6, rel=0.01)
+    assert fp16_llm.engine.core.info.num_parameters == pytest.approx(134.5e6, rel=0.01)
 
 
 def test_greedy_tokens_match_float32(fp16_llm, fp32_llm):
@@ -117,7 +116,7 @@ def test_rejected_off_cpu_float32(bundled_gguf_path):
 
 
 def test_the_cpu_default_is_gguf_for_gguf_files_and_fp16_else_only_when_dtype_is_auto():
-    from tokenmill.model.device import resolve_quantization
+    from tokenmill.backends.formats import resolve_quantization
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
@@ -139,12 +138,12 @@ def test_the_cpu_default_is_gguf_for_gguf_files_and_fp16_else_only_when_dtype_is
 
 
 def test_a_weight_past_float16_range_stays_float32():
-    from tokenmill.layers.linear import quantize_linears
+    from tokenmill.backends.cpu import pack_fp16
 
     block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     with torch.no_grad():
         block[1].weight[0, 0] = 1e6
-    quantize_linears(block, "fp16")
+    pack_fp16(block)
     assert isinstance(block[0], PackedLinear)
     assert isinstance(block[1], torch.nn.Linear)
 
@@ -166,13 +165,13 @@ def gguf_float32_llm(bundled_gguf_path):
 @pytest.mark.parametrize("int8", [True, False])
 def test_gguf_keeps_every_linear_layer_and_the_head_as_blocks(gguf_llm, gguf_float32_llm, int8):
     llm = gguf_llm if int8 else gguf_float32_llm
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.model
     kept = [m for m in model.modules() if isinstance(m, GGUFLinear)]
     assert len(kept) == 4 * model.config.num_layers + 1
     assert {m.ggml_type for m in kept} == {quant_matmul.GGML_Q4_1, quant_matmul.GGML_Q8_0}
     assert {m.int8_activations for m in kept} == {int8}
     assert not any(isinstance(m, torch.nn.Linear | PackedLinear) for m in model.modules())
-    assert llm.engine.core.runner.num_parameters == pytest.approx(134.5e6, rel=0.01)
+    assert llm.engine.core.info.num_parameters == pytest.approx(134.5e6, rel=0.01)
 
 
 @needs_kernel
@@ -212,7 +211,7 @@ def generate_fused_and_layered(llm: LLM, prompts: list[str], params: SamplingPar
     """(outputs with decode steps in one native call, outputs layer by layer, fused calls)."""
     from tokenmill.kernels import decode_step
 
-    model = llm.engine.core.runner.model
+    backend = llm.engine.core.executor.worker.backend
     calls = 0
     original = decode_step.DecodeLayers.__call__
 
@@ -224,10 +223,10 @@ def generate_fused_and_layered(llm: LLM, prompts: list[str], params: SamplingPar
     decode_step.DecodeLayers.__call__ = counted
     try:
         fused = llm.generate(prompts, params)
-        model.fused_decode = False
+        backend.fused_decode = False
         layered = llm.generate(prompts, params)
     finally:
-        model.fused_decode = True
+        backend.fused_decode = True
         decode_step.DecodeLayers.__call__ = original
     return fused, layered, calls
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tokenmill import kernels
-from tokenmill.model import device
-from tokenmill.model.device import cgroup_cpu_quota, configure_cpu_threads
+from tokenmill.backends import device
+from tokenmill.backends.device import cgroup_cpu_quota, configure_cpu_threads
 
 
 def _tree(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Path, Path]:

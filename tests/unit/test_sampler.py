@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
+from tests.unit.engine_sampler import Sampler
 from tokenmill.engine.request import Request
 from tokenmill.sample.draw import draw_truncated
 from tokenmill.sample.logprobs import gather_logprobs
-from tokenmill.sample.sampler import Sampler
 from tokenmill.sampling_params import SamplingParams
 
 V = 50

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 import torch
 
+from tests.unit.engine_sampler import Sampler
 from tokenmill.engine.request import Request
 from tokenmill.sample.grammar import GrammarMasks
-from tokenmill.sample.sampler import Sampler
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import token_words
 

@@ -159,7 +159,7 @@ class CpuBackend(Backend):
                 "weights: %d linear layers kept as GGUF blocks, %s activations", kept, activations
             )
         if quantization is not None and formats.fast_fp16():
-            _pack_fp16(model)
+            pack_fp16(model)  # type: ignore[arg-type]
         if isinstance(model.lm_head, GGUFLinear | PackedLinear):
             return
         weight = model.output_weight
@@ -233,12 +233,12 @@ def _kernel_projection(linear: nn.Module) -> decode_step.Projection | None:
     return None
 
 
-def _linears(model: CausalLM) -> list[tuple[str, nn.Linear]]:
+def _linears(model: CausalLM | nn.Module) -> list[tuple[str, nn.Linear]]:
     """Every nn.Linear of the model with its path, the output projection included."""
     return [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _replace(model: CausalLM, path: str, module: nn.Module) -> None:
+def _replace(model: CausalLM | nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent), name, module)
 
@@ -259,8 +259,9 @@ def _keep_gguf_blocks(model: CausalLM, blocks: BlockLookup, int8_activations: bo
     return kept
 
 
-def _pack_fp16(model: CausalLM) -> None:
-    """Every remaining decoder nn.Linear whose weight fits float16, as a PackedLinear."""
+def pack_fp16(model: nn.Module) -> None:
+    """Every nn.Linear under `model` but its output projection ("lm_head") whose weight
+    fits float16, as a PackedLinear."""
     native = formats.native_fp16_panels()
     for path, linear in _linears(model):
         if path != "lm_head" and formats.fits_fp16(linear.weight):

@@ -52,11 +52,13 @@ def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return num_bytes / best
 
 
-def decode_roofline(model: Any, measured_tokens_per_s: float) -> dict[str, float]:
+def decode_roofline(executor: Any, measured_tokens_per_s: float) -> dict[str, float]:
     """A batch-1 decode step reads every weight once: steps/s <= bandwidth / weight bytes."""
+    from tokenmill.executor.uniproc import UniprocExecutor
     from tokenmill.layers.linear import weight_bytes as model_weight_bytes
 
-    weight_bytes = model_weight_bytes(model)
+    assert isinstance(executor, UniprocExecutor), "reads the model in this process"
+    weight_bytes = model_weight_bytes(executor.worker.model)  # type: ignore[arg-type]
     bandwidth = measure_read_bandwidth()
     ceiling = bandwidth / weight_bytes
     return {
@@ -99,14 +101,14 @@ def run_command(args: argparse.Namespace) -> int:
     ]
     single_tps = statistics.median(r["output_tokens_per_s"] for r in single)
     batched_tps = statistics.median(r["output_tokens_per_s"] for r in batched)
-    runner = llm.engine.core.runner
-    roofline = decode_roofline(runner.model, single_tps)
+    info = llm.engine.core.info
+    roofline = decode_roofline(llm.engine.core.executor, single_tps)
     print(
         json.dumps(
             {
                 "model": llm.engine.core.source.name,
-                "dtype": str(runner.dtype).removeprefix("torch."),
-                "device": str(runner.device),
+                "dtype": str(info.dtype).removeprefix("torch."),
+                "device": str(info.device),
                 "single_request_tokens_per_s": single_tps,
                 "batched_tokens_per_s": batched_tps,
                 "batching_speedup": round(batched_tps / single_tps, 2),

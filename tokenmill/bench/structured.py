@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # imported when the benchmark runs: `tokenmill --help` stays 
     import torch
 
     from tokenmill.engine.llm_engine import LLMEngine
-    from tokenmill.engine.request import Request
+    from tokenmill.sample.interface import SamplingRequest
 
 _ids = itertools.count()
 
@@ -60,13 +60,18 @@ class GrammarTimer:
     apply) and the matchers accepting the sampled tokens."""
 
     def __init__(self, engine: LLMEngine) -> None:
+        from tokenmill.executor.uniproc import UniprocExecutor
         from tokenmill.structured.interface import BackendMatcher
 
         self.seconds = 0.0
-        grammar = engine.core.runner.sampler.grammar
+        executor = engine.core.executor
+        assert isinstance(executor, UniprocExecutor), "times the grammar work in this process"
+        grammar = executor.worker.runner.sampler.grammar
         apply, accept = grammar.apply, BackendMatcher.accept_token
 
-        def timed_apply(logits: torch.Tensor, requests: Sequence[Request], rows: list[int]) -> None:
+        def timed_apply(
+            logits: torch.Tensor, requests: Sequence[SamplingRequest], rows: list[int]
+        ) -> None:
             started = time.perf_counter()
             apply(logits, requests, rows)
             self.seconds += time.perf_counter() - started

@@ -6,12 +6,14 @@ import logging
 import time
 from dataclasses import replace
 
+import torch
+
 from tokenmill.config import EngineConfig, default_batched_tokens
 from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import FinishReason
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
-from tokenmill.errors import InvalidRequestError, ModelLoadError
+from tokenmill.errors import ModelLoadError
 from tokenmill.executor.base import Executor
 from tokenmill.executor.uniproc import UniprocExecutor
 from tokenmill.model.loader import ModelSource, load_model_source
@@ -60,20 +62,8 @@ class EngineCore:
         return self.scheduler.has_unfinished
 
     def add_request(self, request: Request) -> None:
-        """Admit a request to the waiting queue; raise InvalidRequestError if it cannot run."""
-        num_prompt = request.num_prompt_tokens
-        if num_prompt == 0:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        if num_prompt >= self.max_model_len:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; "
-                f"your prompt has {num_prompt} tokens, leaving no room to generate",
-                param="prompt",
-            )
-        if not all(0 <= t < self.vocab_size for t in request.prompt_token_ids):
-            raise InvalidRequestError(
-                f"prompt token ids must be in [0, {self.vocab_size})", param="prompt"
-            )
+        """Admit a request to the waiting queue (the engine's InputProcessor has checked its
+        prompt against the context and the vocabulary)."""
         request.max_model_len = self.max_model_len
         self.requests[request.request_id] = request
         self.scheduler.add(request)
@@ -115,14 +105,17 @@ class EngineCore:
             for s in out.scheduled
         ]
 
+    def logits_for(self, out: SchedulerOutput) -> torch.Tensor:
+        """The float32 logits [N, V] a scheduled step's sampler would see; the step's
+        requests do not advance (parity tests and benchmarks)."""
+        return self.executor.logits_for(self.model_input(out))
+
     def _record_logprobs(self, output: ModelOutput) -> None:
         """Write the step's prompt and sample logprobs into their requests."""
         for request_id, entries in output.prompt_logprobs.items():
             self.requests[request_id].prompt_logprobs.extend(entries)
         for request_id, entry in output.logprobs.items():
-            request = self.requests[request_id]
-            request.logprobs.append(entry)
-            request.cumulative_logprob += next(iter(entry.values())).logprob
+            self.requests[request_id].add_logprobs(entry)
 
     def _execute_one_by_one(self, out: SchedulerOutput) -> tuple[ModelOutput, list[Request]]:
         """After a failed step: run each request alone, so only the ones that fail again

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,7 +44,6 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     error: str | None = None  # why the engine failed it (finish_reason "error")
-    arrival_time: float = field(default_factory=time.monotonic)
     logprobs: list[PositionLogprobs] = field(default_factory=list)  # per output token, if asked
     cumulative_logprob: float = 0.0  # of the output tokens, when logprobs are computed
     # Entry i is prompt token i's; filled as prefill chunks run (entry 0 is always None).
@@ -96,6 +94,11 @@ class Request:
             return range(0)
         first = max(start, len(self.prompt_logprobs) - 1)
         return range(first, min(start + num_tokens, self.num_prompt_tokens - 1))
+
+    def add_logprobs(self, entry: PositionLogprobs) -> None:
+        """The logprobs of the token about to be appended (the chosen one is first)."""
+        self.logprobs.append(entry)
+        self.cumulative_logprob += next(iter(entry.values())).logprob
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

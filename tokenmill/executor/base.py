@@ -42,6 +42,10 @@ class Executor(ABC):
         """Run one step: compute the scheduled tokens, sample where asked."""
 
     @abstractmethod
+    def logits_for(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+        """The float32 logits [N, V] of the sampling rows, without sampling."""
+
+    @abstractmethod
     def forget(self, request_id: str) -> None:
         """Drop what the workers keep for a request that ended."""
 

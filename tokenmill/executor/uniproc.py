@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from tokenmill.config import CacheConfig, ModelConfig
 from tokenmill.executor.base import Executor, ModelInfo
 from tokenmill.model.source import ModelSource
@@ -35,6 +37,9 @@ class UniprocExecutor(Executor):
 
     def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
         return self.worker.execute(scheduled)
+
+    def logits_for(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
+        return self.worker.runner.logits_for(scheduled)
 
     def forget(self, request_id: str) -> None:
         self.worker.forget(request_id)
