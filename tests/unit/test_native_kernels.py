@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenmill.kernels as kernels
-from tokenmill.kernels import layer_ops, paged_attention, quant_matmul
+from tokenmill.kernels import layer_ops, paged_attention, quant_matmul, sampling_ops
 
 needs_kernel = pytest.mark.skipif(
     not paged_attention.available(), reason="no C compiler: the torch fallback is used"
@@ -493,8 +493,8 @@ def test_every_thread_count_gives_the_same_bits(thread_count):
         outs.append(
             paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size)
         )
-        outs.append(layer_ops.argmax_rows(logits))
-        outs.append(layer_ops.sample_rows(logits, temperature, uniforms))
+        outs.append(sampling_ops.argmax_rows(logits))
+        outs.append(sampling_ops.sample_rows(logits, temperature, uniforms))
         return outs
 
     thread_count(1)
@@ -583,20 +583,20 @@ def test_sample_rows_is_the_inverse_cdf_of_the_softmax():
     logits[:, 500:700] = float("-inf")  # masked tokens (grammar, logit bias)
     temperature = torch.rand(rows) + 0.2
     uniforms = torch.rand(rows)
-    got = layer_ops.sample_rows(logits, temperature, uniforms)
+    got = sampling_ops.sample_rows(logits, temperature, uniforms)
     assert got is not None
     want = _torch_draw(logits, temperature, uniforms)
     assert (got == want).float().mean() >= 0.95, (got != want).nonzero()
     assert not ((got >= 500) & (got < 700)).any()
     for t in range(0, rows, 7):
-        alone = layer_ops.sample_rows(
+        alone = sampling_ops.sample_rows(
             logits[t : t + 1], temperature[t : t + 1], uniforms[t : t + 1]
         )
         assert alone is not None and alone[0] == got[t]
     # rows of a padded vocabulary, read in place: the same draws
     padded = torch.cat([logits, torch.full((rows, 5), 9.0)], dim=1)[:, :vocab]
     assert not padded.is_contiguous()
-    assert torch.equal(layer_ops.sample_rows(padded, temperature, uniforms), got)
+    assert torch.equal(sampling_ops.sample_rows(padded, temperature, uniforms), got)
 
 
 @needs_layer_ops
@@ -606,7 +606,7 @@ def test_sample_rows_frequencies_follow_the_probabilities():
     logits = torch.randn(1, vocab).expand(draws, vocab).contiguous()
     logits[:, 3] = float("-inf")
     temperature = torch.full((draws,), 0.7)
-    got = layer_ops.sample_rows(logits, temperature, torch.rand(draws))
+    got = sampling_ops.sample_rows(logits, temperature, torch.rand(draws))
     assert got is not None
     counts = torch.bincount(got, minlength=vocab).float() / draws
     probs = torch.softmax(logits[0] / 0.7, dim=-1)
@@ -621,13 +621,13 @@ def test_sample_rows_edges():
     one_hot = torch.full((2, vocab), float("-inf"))
     one_hot[0, 15], one_hot[1, 0] = 0.0, 0.0  # a single token with mass, at either end
     nearly_one = torch.tensor([1.0 - 2**-24, 1.0 - 2**-24])
-    got = layer_ops.sample_rows(one_hot, torch.ones(2), nearly_one)
+    got = sampling_ops.sample_rows(one_hot, torch.ones(2), nearly_one)
     assert got is not None and got.tolist() == [15, 0]
-    assert layer_ops.sample_rows(one_hot, torch.ones(2), torch.zeros(2)).tolist() == [15, 0]
+    assert sampling_ops.sample_rows(one_hot, torch.ones(2), torch.zeros(2)).tolist() == [15, 0]
     no_mass = torch.full((1, vocab), float("-inf"))
-    assert layer_ops.sample_rows(no_mass, torch.ones(1), torch.zeros(1)) is None
+    assert sampling_ops.sample_rows(no_mass, torch.ones(1), torch.zeros(1)) is None
     nan_row = torch.full((1, vocab), float("nan"))
-    assert layer_ops.sample_rows(nan_row, torch.ones(1), torch.zeros(1)) is None
+    assert sampling_ops.sample_rows(nan_row, torch.ones(1), torch.zeros(1)) is None
 
 
 @needs_layer_ops
@@ -645,5 +645,5 @@ def test_argmax_rows_is_torch_argmax(vocab):
     logits[4] = 0.0
     logits[5, vocab // 2] = float("inf")
     rows = logits[:, :vocab]  # strided rows, as the sampler's slice of a padded vocabulary
-    assert torch.equal(layer_ops.argmax_rows(rows), rows.argmax(dim=-1))
-    assert torch.equal(layer_ops.argmax_rows(rows.contiguous()), rows.argmax(dim=-1))
+    assert torch.equal(sampling_ops.argmax_rows(rows), rows.argmax(dim=-1))
+    assert torch.equal(sampling_ops.argmax_rows(rows.contiguous()), rows.argmax(dim=-1))

@@ -10,8 +10,8 @@ import torch
 from tokenmill.kernels import function
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-# (query head x key) pairs per thread: a second thread from 2,048 pairs on (16,384 kept
-# batch 32 at ~100 keys on one thread; batch-32 decode attention 28 -> 22 ms per step)
+# (query head x key) pairs per thread: below it a thread's start-up outweighs its share
+# (docs/benchmarks.md, "Paged attention")
 _MIN_WORK_PER_THREAD = 1024
 
 

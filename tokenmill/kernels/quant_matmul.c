@@ -139,8 +139,8 @@ INLINE void store_tile(const Matmul *p, int64_t m, int64_t panel, const int R, c
 INLINE int64_t weight_bytes(const int src) { return src == SRC_F16 ? 32 : src == SRC_Q4_1 ? 8 : 16; }
 
 /* Batches of 1-2 rows read the weights once, faster than the hardware prefetcher fetches
- * them: ask for the line PREFETCH_BYTES ahead in the panel (and the next block's scales),
- * measured ~10% off a batch-1 matmul over weights out of cache. */
+ * them: ask for the line PREFETCH_BYTES ahead in the panel (and the next block's scales)
+ * (docs/benchmarks.md, "Native CPU kernels"). */
 enum { PREFETCH_BYTES = 512 };
 INLINE void prefetch(const Matmul *p, int64_t panel, int64_t k, const int src) {
     _mm_prefetch((const char *)p->w + (panel * p->K + k) * weight_bytes(src) + PREFETCH_BYTES, _MM_HINT_T0);
@@ -326,7 +326,7 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
                     }
                 }
                 /* the sums stay in registers: left alone, GCC defers the integer adds and
-                 * spills every product first (measured ~2x slower) */
+                 * spills every product first, far slower */
                 for (int c = 0; c < 2 * P; c++) __asm__("" : "+x"(sum[r][c]));
             }
         }

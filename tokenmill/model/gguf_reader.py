@@ -12,8 +12,9 @@ import gguf
 import numpy as np
 import torch
 
-# gguf.GGUFReader parses every vocabulary string into its own numpy view: ~4 s for a 49k-token
-# vocabulary. This reader walks the same layout with struct and skips string arrays (~0.05 s).
+# gguf.GGUFReader parses every vocabulary string into its own numpy view, slow for a large
+# vocabulary. This reader walks the same layout with struct and skips string arrays
+# (docs/benchmarks.md, "Loading").
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)  # v1 used 32-bit counts; llama.cpp has not written it since 2023

@@ -74,8 +74,9 @@ def _load_hf_tokenizer(gguf_file: GGUFFile) -> Any:
             return PreTrainedTokenizerFast.from_pretrained(str(cached), local_files_only=True)
         except Exception as exc:  # a damaged cache entry is rebuilt, never fatal
             logger.warning("ignoring unreadable tokenizer cache %s: %s", cached, exc)
-    # AutoTokenizer would first parse the whole file again for its config (~7 s); the class
-    # it picks for a GGUF is this one, whose gguf_file path builds the same backend in ~1 s.
+    # AutoTokenizer would first parse the whole file again for its config; the class it
+    # picks for a GGUF is this one, whose gguf_file path builds the same backend faster
+    # (docs/benchmarks.md, "Loading").
     path = Path(gguf_file.path)
     try:
         hf = PreTrainedTokenizerFast.from_pretrained(

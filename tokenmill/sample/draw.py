@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.kernels import layer_ops
+from tokenmill.kernels import layer_ops, sampling_ops
 
 _TOP_P_CANDIDATES = 256  # first candidate pool of a top-p-only row
 _GROWTH = 16  # how much larger the pool gets for rows it did not cover
@@ -40,7 +40,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     faster than torch's argmax (docs/benchmarks.md, "Sampler").
     """
     if _native(logits):
-        return layer_ops.argmax_rows(logits)
+        return sampling_ops.argmax_rows(logits)
     return logits.argmax(dim=-1)
 
 
@@ -53,7 +53,7 @@ def draw_full(
     (layer_ops.c `tm_sample_rows`); the same inverse-CDF rule either way.
     """
     if _native(logits):
-        drawn = layer_ops.sample_rows(logits, temperature, uniforms)
+        drawn = sampling_ops.sample_rows(logits, temperature, uniforms)
         if drawn is not None:
             return drawn
     return _inverse_cdf(torch.softmax(logits / temperature[:, None], dim=-1), uniforms)

@@ -50,11 +50,6 @@ class StructuredSpec:
     param: str | None = field(default=None, compare=False)  # request field, for error messages
 
     @property
-    def cache_key(self) -> tuple[str, str, str | None]:
-        """What determines the compiled grammar, apart from the backend and tokenizer."""
-        return (self.kind, self.value, self.whitespace_pattern)
-
-    @property
     def choices(self) -> list[str]:
         """The choices of a `choice` spec."""
         return list(json.loads(self.value)) if self.kind == "choice" else []
