@@ -35,14 +35,8 @@ class ModelConfig:
     chat_template: str | None = None  # a file path or the template text; overrides the model's
     seed: int = 0  # seed for requests that give none
     max_logprobs: int = 20  # most logprobs/prompt_logprobs a request may ask for (vLLM's default)
-    # CPU weight format, float32 math only: "gguf" = a GGUF file's own quantized blocks
-    # (Q4_1, Q8_0; other types as fp16) times activations quantized to int8 per 32-value
-    # block, with integer dot products (llama.cpp's numerics); "gguf-float32" = the same
-    # blocks times float32 activations (the dequantized model up to summation order);
-    # "fp16" = float16 weights, float32 math; "none" = exact weights in `dtype`.
-    # None (auto), when dtype is auto on a CPU: gguf for a GGUF file, else fp16 where the
-    # kernels run, else none (backends/formats.py: resolve_quantization). Speed and accuracy
-    # of each: docs/benchmarks.md, "Weight formats and quantization".
+    # the weight format (gguf, gguf-float32, fp16, none); None = the device's default.
+    # What each is and which is the default: backends/formats.py.
     quantization: QuantizationSetting | None = None
 
 
@@ -52,9 +46,8 @@ class CacheConfig:
 
     block_size: int = 16  # tokens per KV block
     kv_cache_memory: int | None = None  # bytes; None = sized to the machine
-    # "auto": float16 on a CPU with the GGUF default (int8 activations, already approximate;
-    # llama.cpp's default too: half the bytes attention reads per step), else the model's
-    # dtype (backends/formats.py: resolve_kv_cache_dtype; docs/benchmarks.md, "KV cache dtype").
+    # auto: float16 with the CPU's GGUF default where the kernels read it, else the model's
+    # dtype (backends/formats.py)
     kv_cache_dtype: KVCacheDtype = "auto"
     gpu_memory_utilization: float = 0.9  # CUDA only: share of GPU memory tokenmill may use
     enable_prefix_caching: bool = True

@@ -115,6 +115,17 @@ def test_rejected_off_cpu_float32(bundled_gguf_path):
         LLM(bundled_gguf_path, dtype="bfloat16", kv_cache_memory=16 << 20, quantization="fp16")
 
 
+def test_the_torch_reference_backend_runs_exact_weights(bundled_gguf_path):
+    with pytest.raises(ModelLoadError, match="the torch backend runs the checkpoint's own"):
+        LLM(bundled_gguf_path, backend="torch", kv_cache_memory=16 << 20, quantization="fp16")
+    reference = LLM(bundled_gguf_path, backend="torch", kv_cache_memory=16 << 20)
+    assert reference.engine.core.info.quantization is None  # not the CPU default (gguf)
+    assert not any(
+        isinstance(m, GGUFLinear | PackedLinear)
+        for m in reference.engine.core.executor.worker.model.modules()
+    )
+
+
 def test_the_cpu_default_is_gguf_for_gguf_files_and_fp16_else_only_when_dtype_is_auto():
     from tokenmill.backends.formats import resolve_quantization
 

@@ -53,6 +53,7 @@ class StubEngine:
     max_model_len = 32
 
     def __init__(self, num_tokens: int = 3) -> None:
+        self.shut_down = False
         self.scheduler = WatchedScheduler()
         self.core = SimpleNamespace(
             scheduler=self.scheduler,
@@ -74,6 +75,9 @@ class StubEngine:
     def add_request(self, request_id: str, *args: Any) -> None:
         self.scheduler._waiting.append(request_id)
         self.tokens[request_id] = 0
+
+    def shutdown(self) -> None:
+        self.shut_down = True
 
     def abort(self, request_id: str) -> None:
         self.tokens.pop(request_id, None)
@@ -127,6 +131,7 @@ def test_stats_come_from_the_published_snapshot_only() -> None:
 
     run(main())
     assert stub.scheduler.readers == {"tokenmill-engine"}
+    assert stub.shut_down  # the workers are released once the engine thread has stopped
 
 
 def test_an_admitted_request_counts_as_waiting_before_its_generate_resumes() -> None:

@@ -155,9 +155,12 @@ class CpuBackend(Backend):
         if quantization in ("gguf", "gguf-float32") and blocks is not None:
             kept = _keep_gguf_blocks(model, blocks, int8_activations=quantization == "gguf")
             activations = "int8" if quantization == "gguf" else "float32"
-            logger.info(
-                "weights: %d linear layers kept as GGUF blocks, %s activations", kept, activations
-            )
+            if kept:
+                logger.info(
+                    "weights: %d linear layers kept as GGUF blocks, %s activations",
+                    kept,
+                    activations,
+                )
         if quantization is not None and formats.fast_fp16():
             pack_fp16(model)  # type: ignore[arg-type]
         if isinstance(model.lm_head, GGUFLinear | PackedLinear):

@@ -132,6 +132,8 @@ class AsyncEngine:
         self._stopping.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        if self._thread is None or not self._thread.is_alive():
+            self.engine.shutdown()  # (a step still running keeps its workers)
         self.structured_outputs.close()
 
     def cut_off(self, error: ServiceUnavailableError) -> int:

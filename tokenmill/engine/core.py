@@ -68,6 +68,10 @@ class EngineCore:
         self.requests[request.request_id] = request
         self.scheduler.add(request)
 
+    def shutdown(self) -> None:
+        """Release the executor's workers (after the last step)."""
+        self.executor.shutdown()
+
     def finish(self, request_id: str, reason: FinishReason) -> None:
         """End a request now (abort, or a stop string found after detokenizing)."""
         request = self.requests.pop(request_id, None)

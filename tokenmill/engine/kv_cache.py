@@ -1,6 +1,6 @@
 """KV cache bookkeeping: the block pool, per-request block tables and prefix hashes (no torch).
 
-The KV tensors themselves live in the model runner; this module only decides
+The KV tensors themselves live in the worker (worker/worker.py); this module only decides
 which block holds which tokens.
 
     request tokens:  [t0 .. t15][t16 .. t31][t32 .. t40 ....]

@@ -169,6 +169,10 @@ class LLMEngine:
             group.pending[child_id] = i
         self._submit(group, requests)
 
+    def shutdown(self) -> None:
+        """Release the engine's workers; the engine runs no more steps."""
+        self.core.shutdown()
+
     def abort(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
         if group is None:

@@ -77,7 +77,9 @@ class ColumnLinear(nn.Linear):
 
 class RowLinear(nn.Linear):
     """y = x W^T + b, W's input columns split across tensor-parallel ranks (the layer after
-    a ColumnLinear: o_proj, down_proj); each rank's partial sums are added up."""
+    a ColumnLinear: o_proj, down_proj). Loading gives each rank its columns and the whole
+    bias; a tensor-parallel executor must sum the ranks' outputs and add the bias once
+    (not built yet: every model runs with tp_size 1)."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1

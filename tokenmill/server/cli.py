@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, get_args
 
 from tokenmill.config import (
+    Backend,
     EngineConfig,
     GuidedDecodingBackend,
     KVCacheDtype,
@@ -156,6 +157,12 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         help="where to run the model; auto = cuda when available (default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
+        "--backend", choices=get_args(Backend), default=_DEFAULTS.model.backend,
+        help="how the model runs: auto = the CPU backend (native kernels where they run) on "
+        "a CPU, torch on a GPU; torch = the plain-torch reference, exact weights "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--max-model-len", type=parse_tokens, default=None, metavar="TOKENS",
         help="context length, prompt + output, e.g. 4096 or 4k (default: the model's)",
     )  # fmt: skip
@@ -285,7 +292,8 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
     from tokenmill.errors import TokenmillError
 
     config = EngineConfig.from_kwargs(
-        model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+        model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+        quantization=args.quantization,
         cpu_threads=args.cpu_threads,
         max_model_len=args.max_model_len, chat_template=args.chat_template, seed=args.seed,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,

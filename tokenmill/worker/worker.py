@@ -16,6 +16,7 @@ from tokenmill.backends.device import (
     resolve_dtype,
 )
 from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import GGUFLinear, PackedLinear, TransposedHead
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.registry import model_class
@@ -47,6 +48,13 @@ class Worker:
         self.quantization = formats.resolve_quantization(
             model_config.quantization, model_config.dtype, self.device, source.file_format
         )
+        if model_config.backend == "torch" and self.quantization is not None:
+            if model_config.quantization is not None:
+                raise ModelLoadError(
+                    f"quantization {self.quantization!r} runs on the cpu backend; the torch "
+                    "backend runs the checkpoint's own weights (quantization none)"
+                )
+            self.quantization = None  # the reference: exact weights
         if self.quantization is not None:
             formats.check_quantization(self.quantization, self.device, self.dtype)
         started = time.perf_counter()
