@@ -152,21 +152,23 @@ class CpuBackend(Backend):
         """Pack the linears: GGUF blocks where the checkpoint has them in a type the kernel
         reads ("gguf*"), float16 the rest (where fast), and the output projection too;
         without packing, a transposed copy of the output projection for few rows."""
-        if quantization in ("gguf", "gguf-float32") and blocks is not None:
-            kept = _keep_gguf_blocks(model, blocks, int8_activations=quantization == "gguf")
-            activations = "int8" if quantization == "gguf" else "float32"
+        rest = quantization  # the format of what is not kept as GGUF blocks
+        if quantization in ("gguf", "gguf-float32"):
+            kept = 0 if blocks is None else _keep_gguf_blocks(model, blocks, quantization == "gguf")
             if kept:
+                activations = "int8" if quantization == "gguf" else "float32"
                 logger.info(
                     "weights: %d linear layers kept as GGUF blocks, %s activations",
                     kept,
                     activations,
                 )
-        if quantization is not None and formats.fast_fp16():
+            rest = "fp16" if formats.fast_fp16() else None
+        if rest is not None:
             pack_fp16(model)  # type: ignore[arg-type]
         if isinstance(model.lm_head, GGUFLinear | PackedLinear):
             return
         weight = model.output_weight
-        if quantization is not None and formats.fast_fp16() and formats.fits_fp16(weight):
+        if rest is not None and formats.fits_fp16(weight):
             model.lm_head = PackedLinear(weight, None, formats.native_fp16_panels())
         else:
             model.lm_head = TransposedHead(weight)
