@@ -34,6 +34,9 @@ class ModelConfig:
     max_model_len: int | None = None  # tokens; None = the model's own context length
     chat_template: str | None = None  # a file path or the template text; overrides the model's
     seed: int = 0  # seed for requests that give none
+    # the model's sampling defaults (engine/generation_config.py): "auto" = its
+    # generation_config.json, "vllm" = none, else a directory holding one
+    generation_config: str = "auto"
     max_logprobs: int = 20  # most logprobs/prompt_logprobs a request may ask for (vLLM's default)
     # the weight format (gguf, gguf-float32, fp16, none); None = the device's default.
     # What each is and which is the default: backends/formats.py.

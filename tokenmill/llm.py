@@ -32,6 +32,11 @@ class LLM:
         self._ids = itertools.count()
         self._prompts: dict[str, str | None] = {}  # request id -> prompt text, while generating
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The params generate() uses when given none: the model's generation_config.json
+        defaults (unless generation_config="vllm"), else SamplingParams()."""
+        return self.engine.default_sampling_params()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -43,6 +48,8 @@ class LLM:
         A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
         """
         batch = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.engine.default_sampling_params()
         params = _as_params_list(sampling_params, len(batch))
         request_ids = []
         results: dict[str, RequestOutput] = {}
@@ -118,10 +125,8 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 def _as_params_list(
-    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+    params: SamplingParams | Sequence[SamplingParams], count: int
 ) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams() for _ in range(count)]
     if isinstance(params, SamplingParams):
         return [params] * count
     if len(params) != count:

@@ -75,3 +75,21 @@ def test_decode_steps_in_one_native_call_only_where_the_layers_allow(tiny_hf_mod
     assert (backend.fused_layers is not None) == (case == "llama")
     backend.fused_decode = False
     assert llm.generate([PROMPT], greedy)[0].outputs[0].token_ids == fused
+
+
+def test_generation_config_json_sets_the_offline_defaults(tiny_hf_model_dir):
+    """generate() without params uses the model's generation_config.json sampling fields;
+    generation_config="vllm" ignores them."""
+    import json
+
+    directory = tiny_hf_model_dir("llama")
+    settings = {"temperature": 0.0, "max_new_tokens": 5, "top_k": 3}
+    (directory / "generation_config.json").write_text(json.dumps(settings))
+    llm = LLM(str(directory), device="cpu", kv_cache_memory=16 << 20)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.max_tokens, defaults.top_k) == (0.0, 5, 3)
+    got = llm.generate([PROMPT])[0].outputs[0].token_ids
+    explicit = SamplingParams(temperature=0.0, max_tokens=5)
+    assert got == llm.generate([PROMPT], explicit)[0].outputs[0].token_ids
+    ignoring = LLM(str(directory), device="cpu", kv_cache_memory=16 << 20, generation_config="vllm")
+    assert ignoring.get_default_sampling_params() == SamplingParams()

@@ -76,6 +76,7 @@ class FakeAsyncEngine:
         self.aborted: set[str] = set()
         self.running: set[str] = set()
         self.on_death: Callable[[], None] | None = None
+        self.sampling_defaults: dict[str, Any] = {}  # the model's generation config
 
     async def start(self) -> None:
         pass

@@ -85,6 +85,30 @@ async def test_max_tokens_none_fills_the_context(
     assert engine.requests[-1][1].max_tokens == 64 - 4
 
 
+async def test_the_models_sampling_defaults_fill_only_unset_fields(
+    client: httpx.AsyncClient, engine: FakeAsyncEngine
+) -> None:
+    engine.sampling_defaults = {"temperature": 0.3, "top_p": 0.8, "top_k": 5, "max_tokens": 7}
+    await client.post("/v1/completions", json={"prompt": "abc"})
+    params = engine.requests[-1][1]
+    assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.3, 0.8, 5, 7)
+    body = {"prompt": "abc", "temperature": 1.0, "top_k": -1, "max_tokens": 3, "min_p": 0.1}
+    await client.post("/v1/completions", json=body)
+    params = engine.requests[-1][1]
+    assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (1.0, 0.8, -1, 3)
+    assert params.min_p == 0.1 and params.repetition_penalty == 1.0  # no default: vLLM's
+    messages = [{"role": "user", "content": "hi"}]
+    await client.post("/v1/chat/completions", json={"messages": messages})
+    params = engine.requests[-1][1]
+    assert (params.temperature, params.max_tokens) == (0.3, 7)
+    await client.post(
+        "/v1/chat/completions",
+        json={"messages": messages, "temperature": 0, "max_completion_tokens": 2},
+    )
+    params = engine.requests[-1][1]
+    assert (params.temperature, params.max_tokens) == (0.0, 2)
+
+
 async def test_context_overflow_names_both_numbers(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/completions", json={"prompt": "x" * 10, "max_tokens": 60})
     message = assert_error(r, 400, "max_tokens")
@@ -569,7 +593,8 @@ def test_cli_flags_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("TOKENMILL_API_KEY", "from-env")
     argv = ["serve", "m.gguf", "--port", "0", "--kv-cache-memory", "1GiB", "--allowed-origins",
             "a,b", "--served-model-name", "x", "y", "--max-model-len", "2k",
-            "--guided-decoding-backend", "outlines"]  # fmt: skip
+            "--guided-decoding-backend", "outlines", "--generation-config", "vllm",
+            "--backend", "torch"]  # fmt: skip
     assert cli.main(argv) == 1
     args = seen["args"]
     assert (args.kv_cache_memory, args.allowed_origins, args.max_model_len) == (
@@ -579,6 +604,7 @@ def test_cli_flags_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> N
     )
     assert args.served_model_name == ["x", "y"] and args.api_key == "from-env"
     assert args.guided_decoding_backend == "outlines"
+    assert (args.generation_config, args.backend) == ("vllm", "torch")
 
 
 def test_guided_decoding_backend_flag_names_every_backend() -> None:

@@ -17,6 +17,7 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from tokenmill import kernels
 from tokenmill.config import EngineConfig
@@ -105,6 +106,7 @@ class AsyncEngine:
         self.model_name = engine.core.source.name
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.core.vocab_size
+        self.sampling_defaults: dict[str, Any] = dict(engine.sampling_defaults)
         self.structured_outputs: StructuredOutputManager = engine.structured_outputs
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import ServiceUnavailableError
@@ -46,6 +46,11 @@ class EngineClient(Protocol):
 
     @property
     def vocab_size(self) -> int: ...
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """SamplingParams field -> the model's default for requests that leave it unset."""
+        ...
 
     @property
     def is_alive(self) -> bool: ...

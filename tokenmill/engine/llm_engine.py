@@ -8,6 +8,7 @@ from typing import Any
 from tokenmill.config import EngineConfig
 from tokenmill.engine.beam_search import BeamSearch
 from tokenmill.engine.core import EngineCore
+from tokenmill.engine.generation_config import sampling_defaults
 from tokenmill.engine.groups import BeamGroup, RequestGroup, SequenceState
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.outputs import PositionLogprobs, PromptLogprobs, RequestOutput
@@ -37,8 +38,16 @@ class LLMEngine:
         self.input_processor = InputProcessor(
             self.core.vocab_size, self.core.max_model_len, config.model.max_logprobs
         )
+        # SamplingParams field -> the model's default, for requests that leave it unset
+        self.sampling_defaults = sampling_defaults(
+            config.model.generation_config, self.core.source.path
+        )
         self._groups: dict[str, Group] = {}
         self._group_of: dict[str, Group] = {}  # engine request id -> its group
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's defaults (vLLM's get_default_sampling_params)."""
+        return SamplingParams(**self.sampling_defaults)
 
     @property
     def max_model_len(self) -> int:

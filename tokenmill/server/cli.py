@@ -209,6 +209,13 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         "(default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
+        "--generation-config", default=_DEFAULTS.model.generation_config, metavar="auto|vllm|DIR",
+        help="sampling defaults for requests that leave them unset: auto = the model's "
+        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, "
+        "max_new_tokens), vllm = none, or a directory holding a generation_config.json "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--seed", type=int, default=_DEFAULTS.model.seed,
         help="seed for requests that give none (default: %(default)s)",
     )  # fmt: skip
@@ -294,7 +301,7 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
     config = EngineConfig.from_kwargs(
         model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
         quantization=args.quantization,
-        cpu_threads=args.cpu_threads,
+        cpu_threads=args.cpu_threads, generation_config=args.generation_config,
         max_model_len=args.max_model_len, chat_template=args.chat_template, seed=args.seed,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling_params import SamplingParams
@@ -19,30 +22,40 @@ def to_sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     prompt_logprobs: int | None,
+    defaults: Mapping[str, Any],
 ) -> SamplingParams:
     """The request as SamplingParams (range checks live there), checked against the server's
     caps first (n may be huge) and the engine's after.
 
-    max_tokens and the logprob counts come from the fields each endpoint names its own way.
+    max_tokens and the logprob counts come from the fields each endpoint names its own way
+    (max_tokens None: the endpoint's request left it unset). `defaults` (the model's
+    generation config) fill the fields the request did not send.
     """
     check_sampling_limits(request, limits, input_processor.vocab_size)
     reject_unsupported(request)
+    sent = request.model_fields_set
+
+    def value(name: str, given: Any, default: Any) -> Any:
+        if name in sent and given is not None:
+            return given
+        return defaults.get(name, default if given is None else given)
+
     params = SamplingParams(
         n=request.n,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=request.top_k,
-        min_p=request.min_p,
+        temperature=value("temperature", request.temperature, 1.0),
+        top_p=value("top_p", request.top_p, 1.0),
+        top_k=value("top_k", request.top_k, -1),
+        min_p=value("min_p", request.min_p, 0.0),
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
-        repetition_penalty=request.repetition_penalty,
+        repetition_penalty=value("repetition_penalty", request.repetition_penalty, 1.0),
         logit_bias=_logit_bias(request.logit_bias),
         seed=request.seed,
         stop=[request.stop] if isinstance(request.stop, str) else list(request.stop or []),
         stop_token_ids=list(request.stop_token_ids or []),
         include_stop_str_in_output=request.include_stop_str_in_output,
         ignore_eos=request.ignore_eos,
-        max_tokens=max_tokens,
+        max_tokens=defaults.get("max_tokens") if max_tokens is None else max_tokens,
         min_tokens=request.min_tokens,
         skip_special_tokens=request.skip_special_tokens,
         spaces_between_special_tokens=request.spaces_between_special_tokens,

@@ -86,6 +86,7 @@ class ServingBase:
             max_tokens,
             logprobs,
             prompt_logprobs,
+            self.engine.sampling_defaults,
         )
 
     async def compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:

@@ -52,9 +52,10 @@ class CompletionServer(ServingBase):
         prompt_logprobs = request.prompt_logprobs
         if prompt_logprobs is None and request.echo:
             prompt_logprobs = request.logprobs  # echo + logprobs scores the prompt too
-        params = self.sampling_params(
-            request, request.max_tokens, request.logprobs, prompt_logprobs
-        )
+        max_tokens = request.max_tokens  # 16 when unset, unless the model says otherwise
+        if "max_tokens" not in request.model_fields_set:
+            max_tokens = self.engine.sampling_defaults.get("max_tokens", max_tokens)
+        params = self.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs)
         grammar = await self.compile_grammar(params)
         return await self.run_blocking(self._tokenize, request, params, grammar)
 
