@@ -1,4 +1,4 @@
-"""Small random Llama / Qwen2 / Qwen3 directories: tokenmill's logits match transformers'."""
+"""Small random Llama / Qwen2 / Qwen3 / Granite directories: tokenmill's logits match transformers'."""
 
 import pytest
 import torch
@@ -24,6 +24,15 @@ CASES = {
     "mistral": ("mistral", {"sliding_window": 256}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
+    "granite": (
+        "granite",
+        {
+            "embedding_multiplier": 12.0,
+            "residual_multiplier": 0.22,
+            "attention_multiplier": 0.0078125,
+            "logits_scaling": 8.0,
+        },
+    ),
 }
 PROMPT = "The weather today is sunny with a chance of rain later in the evening, so"
 
@@ -93,3 +102,19 @@ def test_generation_config_json_sets_the_offline_defaults(tiny_hf_model_dir):
     assert got == llm.generate([PROMPT], explicit)[0].outputs[0].token_ids
     ignoring = LLM(str(directory), device="cpu", kv_cache_memory=16 << 20, generation_config="vllm")
     assert ignoring.get_default_sampling_params() == SamplingParams()
+
+
+@pytest.mark.parametrize("case", ["granite", "qwen3"])
+def test_the_torch_reference_and_batching_agree(tiny_hf_model_dir, case):
+    """The same greedy tokens from the CPU backend alone, batched with other prompts, and
+    from the torch reference (SDPA with the model's own attention scale)."""
+    model_type, config = CASES[case]
+    directory = tiny_hf_model_dir(model_type, **config)
+    prompts = [PROMPT, "Once upon a time", "1, 2, 3, 4,", PROMPT + " and then"]
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    llm = LLM(str(directory), dtype="float32", device="cpu", kv_cache_memory=16 << 20)
+    alone = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == alone
+    del llm
+    reference = LLM(str(directory), dtype="float32", kv_cache_memory=16 << 20, backend="torch")
+    assert [o.outputs[0].token_ids for o in reference.generate(prompts, greedy)] == alone

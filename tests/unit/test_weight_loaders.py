@@ -108,3 +108,13 @@ def _checkpoint_shapes(model: LlamaForCausalLM) -> dict[str, torch.Size]:
         f"{prefix}.mlp.up_proj.weight": torch.Size([cfg.intermediate_size, cfg.hidden_size]),
         f"{prefix}.mlp.down_proj.weight": torch.Size([cfg.hidden_size, cfg.intermediate_size]),
     }
+
+
+def test_configs_an_architecture_cannot_run_are_load_errors() -> None:
+    from tokenmill.model.granite import GraniteForCausalLM
+
+    with pytest.raises(ModelLoadError, match="runs hidden_act 'silu'.*'gelu'"):
+        LlamaForCausalLM(TINY | {"hidden_act": "gelu"})
+    granite = TINY | {"embedding_multiplier": 12.0, "residual_multiplier": 0.2}
+    with pytest.raises(ModelLoadError, match="missing attention_multiplier, logits_scaling"):
+        GraniteForCausalLM(granite)

@@ -103,13 +103,14 @@ class PagedAttention:
         kv_cache: KVCache,
         meta: AttentionMetadata,
         cache_written: bool = False,
+        scale: float | None = None,
     ) -> torch.Tensor:
         assert isinstance(meta, PagedMetadata)
         if not cache_written:
             write_cache(k, v, kv_cache, meta.slot_mapping)
         k_cache, v_cache = kv_cache
         return paged_attention.paged_decode_attention(
-            q, k_cache, v_cache, meta.row_tables, meta.row_lens, meta.block_size
+            q, k_cache, v_cache, meta.row_tables, meta.row_lens, meta.block_size, scale
         )
 
 

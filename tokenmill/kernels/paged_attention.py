@@ -53,6 +53,7 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks] int64
     lens: torch.Tensor,  # [B] int64, keys per sequence (>= 1)
     block_size: int,
+    scale: float | None = None,  # of q.k; None = head_dim ** -0.5
 ) -> torch.Tensor:  # [B, H, D]
     fn = _function()
     assert fn is not None, "check supports() first"
@@ -73,7 +74,7 @@ def paged_decode_attention(
         head_dim,
         block_size,
         block_tables.shape[1],
-        head_dim**-0.5,
+        head_dim**-0.5 if scale is None else scale,
         threads,
         k_cache.dtype == torch.float16,
     )

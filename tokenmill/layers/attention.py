@@ -66,6 +66,7 @@ class AttentionBackend(Protocol):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         cache_written: bool = False,  # k and v are in the cache already (ops.rope_and_cache)
+        scale: float | None = None,  # of q.k; None = D ** -0.5
     ) -> torch.Tensor: ...  # [T, H, D]
 
 
@@ -109,6 +110,7 @@ class TorchAttention:
         kv_cache: KVCache,
         meta: AttentionMetadata,
         cache_written: bool = False,
+        scale: float | None = None,
     ) -> torch.Tensor:
         assert isinstance(meta, TorchAttentionMetadata)
         k_cache, v_cache = kv_cache
@@ -121,7 +123,12 @@ class TorchAttention:
             keys = _gather(k_cache, meta.decode_slots, q.dtype).transpose(1, 2)  # [Bd, Hkv, L, D]
             values = _gather(v_cache, meta.decode_slots, q.dtype).transpose(1, 2)
             attn = F.scaled_dot_product_attention(
-                q[:n].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=True
+                q[:n].unsqueeze(2),
+                keys,
+                values,
+                attn_mask=meta.decode_mask,
+                enable_gqa=True,
+                scale=scale,
             )  # [Bd, H, 1, D]
             out[:n] = attn.squeeze(2)
         for chunk in meta.prefills:
@@ -140,6 +147,7 @@ class TorchAttention:
                 attn_mask=chunk.mask,
                 is_causal=chunk.mask is None,
                 enable_gqa=True,
+                scale=scale,
             )  # [1, H, q_len, D]
             out[rows] = attn.squeeze(0).transpose(0, 1)
         return out

@@ -27,6 +27,7 @@ class ArchConfig:
     attention_bias: bool  # biases on q/k/v
     o_proj_bias: bool
     qk_norm: bool
+    mlp_bias: bool = False  # biases on gate/up/down
     # tokens one layer's attention sees; None: the whole context
     sliding_window: int | None = None
 
@@ -64,6 +65,7 @@ class ArchConfig:
                 attention_bias=bias,
                 o_proj_bias=bias if o_proj_bias is None else o_proj_bias,
                 qk_norm=qk_norm,
+                mlp_bias=bool(hf.get("mlp_bias", False)),
                 sliding_window=int(window) if window else None,
             )
         except KeyError as e:

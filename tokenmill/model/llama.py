@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.errors import ModelLoadError
 from tokenmill.layers.fusion import PreNormBlock, PreNormDecoder
 from tokenmill.layers.linear import ColumnLinear, RowLinear
 from tokenmill.layers.norm import RMSNorm
@@ -33,6 +34,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowLinear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale: float | None = None  # of q.k; None = head_dim ** -0.5
 
     def forward(
         self, x: torch.Tensor, rotary: RotaryTables, kv_cache: KVCache, ctx: ForwardContext
@@ -44,13 +46,15 @@ class LlamaAttention(nn.Module):
             rotated = ctx.ops.rope_and_cache(qkv, rotary, ctx.meta.slot_mapping, kv_cache, H)
             if rotated is not None:
                 q, k = rotated
-                out = ctx.attention.forward(q, k, v, kv_cache, ctx.meta, cache_written=True)
+                out = ctx.attention.forward(
+                    q, k, v, kv_cache, ctx.meta, cache_written=True, scale=self.scale
+                )
                 return self.o_proj(out.view(T, self.q_size))
         qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, D)
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
         qk = rotary.rotate(qk)  # q and k in one call: [T, H + Hkv, D]
-        out = ctx.attention.forward(qk[:, :H], qk[:, H:], v, kv_cache, ctx.meta)
+        out = ctx.attention.forward(qk[:, :H], qk[:, H:], v, kv_cache, ctx.meta, scale=self.scale)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -58,8 +62,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
         size = cfg.intermediate_size
-        self.gate_up_proj = ColumnLinear(cfg.hidden_size, [size, size], bias=False)
-        self.down_proj = RowLinear(size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = ColumnLinear(cfg.hidden_size, [size, size], bias=cfg.mlp_bias)
+        self.down_proj = RowLinear(size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.down_proj(ctx.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -88,10 +92,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ArchConfig):
+    def __init__(self, cfg: ArchConfig, layer_class: type[LlamaDecoderLayer]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(layer_class(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -106,16 +110,22 @@ class LlamaForCausalLM(nn.Module):
     attention_bias = False
     o_proj_bias: bool | None = None  # None: same as attention_bias (Llama's convention)
     qk_norm = False
+    decoder_layer_class = LlamaDecoderLayer
 
     def __init__(self, hf_config: dict[str, Any]):
         super().__init__()
+        activation = hf_config.get("hidden_act", "silu")
+        if activation != "silu":
+            raise ModelLoadError(
+                f"{type(self).__name__} runs hidden_act 'silu'; this config says {activation!r}"
+            )
         cfg = self.config = ArchConfig.from_hf(
             hf_config,
             attention_bias=self.attention_bias,
             o_proj_bias=self.o_proj_bias,
             qk_norm=self.qk_norm,
         )
-        self.model = LlamaModel(cfg)
+        self.model = LlamaModel(cfg, self.decoder_layer_class)
         self.lm_head: nn.Module | None = (
             None
             if cfg.tie_word_embeddings
@@ -165,6 +175,8 @@ class LlamaForCausalLM(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if any(getattr(p, "bias", None) is not None for p in projections):
+                return None
+            if attn.scale is not None:  # the fused step scales q.k by head_dim ** -0.5
                 return None
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             blocks.append(PreNormBlock(norms[0], projections[0], projections[1], norms[1],

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.model.granite import GraniteForCausalLM
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.qwen2 import Qwen2ForCausalLM
 from tokenmill.model.qwen3 import Qwen3ForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
+    "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,  # sliding window: the context is capped at it
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
