@@ -1,4 +1,4 @@
-"""Small random Llama / Qwen2 / Qwen3 / Granite directories: tokenmill's logits match transformers'."""
+"""Small random Llama / Qwen2 / Qwen3 / Phi-3 / Granite directories: tokenmill's logits match transformers'."""
 
 import pytest
 import torch
@@ -24,6 +24,7 @@ CASES = {
     "mistral": ("mistral", {"sliding_window": 256}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
+    "phi3": ("phi3", {"sliding_window": 256}),
     "granite": (
         "granite",
         {
@@ -62,7 +63,7 @@ def test_prefill_logits_and_greedy_tokens_match(tiny_hf_model_dir, case):
     last = core.logits_for(out_step)[0]
     assert torch.allclose(last, expected_logits[-1], atol=1e-4, rtol=1e-4)
     core.finish("probe", "abort")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         assert core.max_model_len == 256  # capped at the sliding window
 
 

@@ -118,3 +118,8 @@ def test_configs_an_architecture_cannot_run_are_load_errors() -> None:
     granite = TINY | {"embedding_multiplier": 12.0, "residual_multiplier": 0.2}
     with pytest.raises(ModelLoadError, match="missing attention_multiplier, logits_scaling"):
         GraniteForCausalLM(granite)
+    from tokenmill.model.phi3 import Phi3ForCausalLM
+
+    phi4_mini = TINY | {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.75}}
+    with pytest.raises(ModelLoadError, match="partial_rotary_factor 0.75"):
+        Phi3ForCausalLM(phi4_mini)

@@ -8,6 +8,7 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.model.granite import GraniteForCausalLM
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.phi3 import Phi3ForCausalLM
 from tokenmill.model.qwen2 import Qwen2ForCausalLM
 from tokenmill.model.qwen3 import Qwen3ForCausalLM
 
@@ -15,6 +16,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,  # sliding window: the context is capped at it
+    "Phi3ForCausalLM": Phi3ForCausalLM,  # the same cap
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
