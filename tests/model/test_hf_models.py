@@ -25,6 +25,15 @@ CASES = {
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
     "phi3": ("phi3", {"sliding_window": 256}),
+    "gemma3": (
+        "gemma3_text",
+        {
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 256,
+            "query_pre_attn_scalar": 24,
+            "final_logit_softcapping": 30.0,
+        },
+    ),
     "granite": (
         "granite",
         {
@@ -63,7 +72,7 @@ def test_prefill_logits_and_greedy_tokens_match(tiny_hf_model_dir, case):
     last = core.logits_for(out_step)[0]
     assert torch.allclose(last, expected_logits[-1], atol=1e-4, rtol=1e-4)
     core.finish("probe", "abort")
-    if model_type in ("mistral", "phi3"):
+    if model_type in ("mistral", "phi3", "gemma3_text"):
         assert core.max_model_len == 256  # capped at the sliding window
 
 
@@ -105,7 +114,7 @@ def test_generation_config_json_sets_the_offline_defaults(tiny_hf_model_dir):
     assert ignoring.get_default_sampling_params() == SamplingParams()
 
 
-@pytest.mark.parametrize("case", ["granite", "qwen3"])
+@pytest.mark.parametrize("case", ["granite", "qwen3", "gemma3"])
 def test_the_torch_reference_and_batching_agree(tiny_hf_model_dir, case):
     """The same greedy tokens from the CPU backend alone, batched with other prompts, and
     from the torch reference (SDPA with the model's own attention scale)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.model.gemma3 import Gemma3ForCausalLM
 from tokenmill.model.granite import GraniteForCausalLM
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.llama import LlamaForCausalLM
@@ -13,6 +14,7 @@ from tokenmill.model.qwen2 import Qwen2ForCausalLM
 from tokenmill.model.qwen3 import Qwen3ForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,  # sliding window: the context is capped at it

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
+from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.source import ModelSource
 
@@ -21,7 +22,9 @@ def load_model(
     module.to_empty(device=device)
     module.to(dtype)
     model.load_weights(_converted(source, device, dtype))
-    model.rotary.build(device)
+    for rotary in module.modules():  # every rotary table the model has
+        if isinstance(rotary, RotaryEmbedding):
+            rotary.build(device)
     module.eval()
     return model
 
