@@ -34,6 +34,17 @@ CASES = {
             "final_logit_softcapping": 30.0,
         },
     ),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3-moe": (
+        "qwen3_moe",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 48,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [0],
+        },
+    ),
     "granite": (
         "granite",
         {
@@ -114,7 +125,7 @@ def test_generation_config_json_sets_the_offline_defaults(tiny_hf_model_dir):
     assert ignoring.get_default_sampling_params() == SamplingParams()
 
 
-@pytest.mark.parametrize("case", ["granite", "qwen3", "gemma3"])
+@pytest.mark.parametrize("case", ["granite", "qwen3", "gemma3", "mixtral", "qwen3-moe"])
 def test_the_torch_reference_and_batching_agree(tiny_hf_model_dir, case):
     """The same greedy tokens from the CPU backend alone, batched with other prompts, and
     from the torch reference (SDPA with the model's own attention scale)."""

@@ -118,8 +118,26 @@ def test_configs_an_architecture_cannot_run_are_load_errors() -> None:
     granite = TINY | {"embedding_multiplier": 12.0, "residual_multiplier": 0.2}
     with pytest.raises(ModelLoadError, match="missing attention_multiplier, logits_scaling"):
         GraniteForCausalLM(granite)
+    from tokenmill.model.mixtral import MixtralForCausalLM
+
+    with pytest.raises(ModelLoadError, match="num_local_experts / num_experts"):
+        MixtralForCausalLM(TINY | {"num_experts_per_tok": 2})
     from tokenmill.model.phi3 import Phi3ForCausalLM
 
     phi4_mini = TINY | {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.75}}
     with pytest.raises(ModelLoadError, match="partial_rotary_factor 0.75"):
         Phi3ForCausalLM(phi4_mini)
+
+
+def test_each_experts_projections_land_in_its_rows() -> None:
+    from tokenmill.layers.moe import Experts
+
+    experts = Experts(num_experts=3, hidden=4, intermediate=2)
+    gate, up, down = arange(2, 4), arange(2, 4, 100), arange(4, 2, 200)
+    experts.weight_loader(experts.w13, gate, (1, 0))
+    experts.weight_loader(experts.w13, up, (1, 1))
+    experts.weight_loader(experts.w2, down, (1, None))
+    assert torch.equal(experts.w13[1].detach(), torch.cat([gate, up]))
+    assert torch.equal(experts.w2[1].detach(), down)
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        experts.weight_loader(experts.w2, gate, (0, None))

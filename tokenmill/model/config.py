@@ -30,6 +30,11 @@ class ArchConfig:
     mlp_bias: bool = False  # biases on gate/up/down
     # tokens one layer's attention sees; None: the whole context
     sliding_window: int | None = None
+    # mixture of experts (0 experts: dense MLPs only)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's; 0: intermediate_size
+    norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to 1
 
     @classmethod
     def from_hf(
@@ -67,6 +72,10 @@ class ArchConfig:
                 qk_norm=qk_norm,
                 mlp_bias=bool(hf.get("mlp_bias", False)),
                 sliding_window=int(window) if window else None,
+                num_experts=int(hf.get("num_local_experts") or hf.get("num_experts") or 0),
+                num_experts_per_tok=int(hf.get("num_experts_per_tok") or 0),
+                moe_intermediate_size=int(hf.get("moe_intermediate_size") or 0),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
             )
         except KeyError as e:
             raise ModelLoadError(f"model config is missing {e.args[0]!r}") from None

@@ -10,6 +10,7 @@ one: backends pack and fuse whatever the model's modules are.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, ClassVar, Protocol
 
@@ -79,15 +80,21 @@ def checkpoint_weight_names(model: CausalLM, module_path: str) -> list[str]:
     return [f"{parent}.{part}.weight" if parent else f"{part}.weight" for part in parts]
 
 
+_EXPERT = re.compile(r"(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight")
+
+
 def load_checkpoint(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
     packed_modules_mapping: dict[str, list[str]],
     skip: tuple[str, ...] = (),
+    expert_params_mapping: dict[str, tuple[str, int | None]] | None = None,
 ) -> None:
     """Copy checkpoint tensors (transformers' names) into the model's parameters through
     each module's `weight_loader` (shard-aware), else a plain copy; every parameter must be
-    covered. Names containing any of `skip` are not the model's (e.g. rotary buffers)."""
+    covered. Names containing any of `skip` are not the model's (e.g. rotary buffers).
+    `expert_params_mapping`: an expert's projection ("...experts.3.w1.weight") -> (the
+    stacked parameter of the experts module, part of it), loaded with shard (3, part)."""
     params = dict(model.named_parameters())
     missing = set(params)
     fused_of = unpacked(packed_modules_mapping)
@@ -96,8 +103,13 @@ def load_checkpoint(
             continue
         module_path, _, leaf = name.rpartition(".")
         parent, _, module_name = module_path.rpartition(".")
-        shard = None
-        if module_name in fused_of:
+        shard: Any = None  # a fused part's index, or (expert, part)
+        expert = _EXPERT.fullmatch(name) if expert_params_mapping else None
+        if expert is not None and expert_params_mapping is not None:
+            param_name, part = expert_params_mapping.get(expert["part"], (expert["part"], None))
+            module_path, leaf = expert["experts"], param_name
+            shard = (int(expert["expert"]), part)
+        elif module_name in fused_of:
             fused, shard = fused_of[module_name]
             module_path = f"{parent}.{fused}" if parent else fused
         target = f"{module_path}.{leaf}"

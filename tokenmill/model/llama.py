@@ -73,7 +73,7 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
         self.self_attn = LlamaAttention(cfg)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp: nn.Module = LlamaMLP(cfg)  # MoE models put their experts here
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -173,6 +173,8 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             assert isinstance(layer, LlamaDecoderLayer)
             attn, mlp = layer.self_attn, layer.mlp
+            if not isinstance(mlp, LlamaMLP):  # experts: not a dense MLP
+                return None
             projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if any(getattr(p, "bias", None) is not None for p in projections):
                 return None

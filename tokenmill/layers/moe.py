@@ -1,0 +1,83 @@
+"""Mixture of experts: a router picks each token's top-k experts (SiLU-gated MLPs, their
+weights stacked [E, ...]); each step groups the tokens by expert, so every expert runs one
+matmul over all of its tokens, and the outputs are added back weighted by the router."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.layers.ops import ForwardContext, TorchOps
+
+ExpertShard = tuple[int, int | None]  # (expert, part of a fused projection or None)
+
+
+class Experts(nn.Module):
+    """E experts: w13 [E, 2I, C] (gate | up, as the checkpoint's two projections), w2 [E, C, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.num_experts, self.intermediate = num_experts, intermediate
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard: object) -> None:
+        """One expert's projection: (expert, 0 = gate | 1 = up) into w13, (expert, None) w2."""
+        if not isinstance(shard, tuple) or not 0 <= shard[0] < self.num_experts:
+            raise ModelLoadError(f"expert weight with no expert index ({shard})")
+        expert, part = shard
+        dst = param[expert]
+        if part is not None:
+            dst = dst.narrow(0, part * self.intermediate, self.intermediate)
+        if dst.shape != loaded.shape:
+            raise ModelLoadError(
+                f"expert {expert}: shape {tuple(loaded.shape)} does not fit {tuple(dst.shape)}"
+            )
+        with torch.no_grad():
+            dst.copy_(loaded)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, C]
+        weights: torch.Tensor,  # [T, k] router weights of the chosen experts
+        experts: torch.Tensor,  # [T, k] their indices
+        ops: TorchOps,
+    ) -> torch.Tensor:  # [T, C]
+        out = torch.zeros_like(x)
+        k = experts.shape[1]
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            picks = order[start : start + count]
+            start += count
+            tokens = picks // k
+            h = ops.silu_and_mul(x[tokens] @ self.w13[expert].t()) @ self.w2[expert].t()
+            out.index_add_(0, tokens, h * weights.flatten()[picks, None])
+        return out
+
+
+class SparseMoeBlock(nn.Module):
+    """The router (`gate`) and the experts: softmax over the experts, the top k, their
+    weights renormalised to sum to 1 where the model says so."""
+
+    def __init__(
+        self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool
+    ):
+        super().__init__()
+        if not 0 < top_k <= num_experts:
+            raise ModelLoadError(f"{top_k} experts per token out of {num_experts}")
+        self.top_k, self.renormalize = top_k, renormalize
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden, intermediate)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [T, C] -> [T, C]
+        probs = torch.softmax(self.gate(x).float(), dim=-1)  # [T, E]
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return self.experts(x, weights.to(x.dtype), experts, ctx.ops)
