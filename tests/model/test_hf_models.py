@@ -34,6 +34,15 @@ CASES = {
             "final_logit_softcapping": 30.0,
         },
     ),
+    "gemma2": (
+        "gemma2",
+        {
+            "sliding_window": 256,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 30.0,
+        },
+    ),
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3-moe": (
         "qwen3_moe",
@@ -83,7 +92,7 @@ def test_prefill_logits_and_greedy_tokens_match(tiny_hf_model_dir, case):
     last = core.logits_for(out_step)[0]
     assert torch.allclose(last, expected_logits[-1], atol=1e-4, rtol=1e-4)
     core.finish("probe", "abort")
-    if model_type in ("mistral", "phi3", "gemma3_text"):
+    if model_type in ("mistral", "phi3", "gemma3_text", "gemma2"):
         assert core.max_model_len == 256  # capped at the sliding window
 
 
@@ -125,7 +134,7 @@ def test_generation_config_json_sets_the_offline_defaults(tiny_hf_model_dir):
     assert ignoring.get_default_sampling_params() == SamplingParams()
 
 
-@pytest.mark.parametrize("case", ["granite", "qwen3", "gemma3", "mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("case", ["granite", "qwen3", "gemma3", "gemma2", "mixtral", "qwen3-moe"])
 def test_the_torch_reference_and_batching_agree(tiny_hf_model_dir, case):
     """The same greedy tokens from the CPU backend alone, batched with other prompts, and
     from the torch reference (SDPA with the model's own attention scale)."""

@@ -28,6 +28,7 @@ from tokenmill.layers.attention import (
     AttentionMetadata,
     ScheduledChunk,
     StepLayout,
+    TorchAttention,
     write_cache,
 )
 from tokenmill.layers.linear import (
@@ -104,8 +105,11 @@ class PagedAttention:
         meta: AttentionMetadata,
         cache_written: bool = False,
         scale: float | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         assert isinstance(meta, PagedMetadata)
+        if softcap is not None:
+            raise NotImplementedError("the native kernel does not soft-cap scores")
         if not cache_written:
             write_cache(k, v, kv_cache, meta.slot_mapping)
         k_cache, v_cache = kv_cache
@@ -153,6 +157,8 @@ class CpuBackend(Backend):
         """Pack the linears: GGUF blocks where the checkpoint has them in a type the kernel
         reads ("gguf*"), float16 the rest (where fast), and the output projection too;
         without packing, a transposed copy of the output projection for few rows."""
+        if model.config.attn_logit_softcapping is not None and self.native:
+            self.attention = TorchAttention()  # the native kernel does not soft-cap scores
         rest = quantization  # the format of what is not kept as GGUF blocks
         if quantization in ("gguf", "gguf-float32"):
             kept = 0 if blocks is None else _keep_gguf_blocks(model, blocks, quantization == "gguf")

@@ -67,6 +67,7 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         cache_written: bool = False,  # k and v are in the cache already (ops.rope_and_cache)
         scale: float | None = None,  # of q.k; None = D ** -0.5
+        softcap: float | None = None,  # scores -> tanh(scores / softcap) * softcap
     ) -> torch.Tensor: ...  # [T, H, D]
 
 
@@ -111,6 +112,7 @@ class TorchAttention:
         meta: AttentionMetadata,
         cache_written: bool = False,
         scale: float | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         assert isinstance(meta, TorchAttentionMetadata)
         k_cache, v_cache = kv_cache
@@ -122,13 +124,8 @@ class TorchAttention:
             assert meta.decode_slots is not None
             keys = _gather(k_cache, meta.decode_slots, q.dtype).transpose(1, 2)  # [Bd, Hkv, L, D]
             values = _gather(v_cache, meta.decode_slots, q.dtype).transpose(1, 2)
-            attn = F.scaled_dot_product_attention(
-                q[:n].unsqueeze(2),
-                keys,
-                values,
-                attn_mask=meta.decode_mask,
-                enable_gqa=True,
-                scale=scale,
+            attn = _attend(
+                q[:n].unsqueeze(2), keys, values, meta.decode_mask, False, scale, softcap
             )  # [Bd, H, 1, D]
             out[:n] = attn.squeeze(2)
         for chunk in meta.prefills:
@@ -140,17 +137,43 @@ class TorchAttention:
             else:
                 keys = _gather(k_cache, chunk.slots, q.dtype)
                 values = _gather(v_cache, chunk.slots, q.dtype)
-            attn = F.scaled_dot_product_attention(
+            attn = _attend(
                 query,
                 keys.transpose(0, 1).unsqueeze(0),
                 values.transpose(0, 1).unsqueeze(0),
-                attn_mask=chunk.mask,
-                is_causal=chunk.mask is None,
-                enable_gqa=True,
-                scale=scale,
+                chunk.mask,
+                chunk.mask is None,
+                scale,
+                softcap,
             )  # [1, H, q_len, D]
             out[rows] = attn.squeeze(0).transpose(0, 1)
         return out
+
+
+def _attend(
+    query: torch.Tensor,  # [B, H, L, D]
+    keys: torch.Tensor,  # [B, Hkv, S, D]
+    values: torch.Tensor,
+    mask: torch.Tensor | None,  # bool, True = may attend, broadcast to [B, H, L, S]
+    is_causal: bool,
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:  # [B, H, L, D]
+    """SDPA; with soft-capped scores (which SDPA lacks) the same math written out."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=True, scale=scale
+        )
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = query @ keys.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        length, span = scores.shape[-2:]
+        mask = torch.ones(length, span, dtype=torch.bool, device=scores.device).tril(span - length)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(values.dtype) @ values
 
 
 def write_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slots: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ class ArchConfig:
     o_proj_bias: bool
     qk_norm: bool
     mlp_bias: bool = False  # biases on gate/up/down
+    attn_logit_softcapping: float | None = None  # scores -> tanh(scores / c) * c
     # tokens one layer's attention sees; None: the whole context
     sliding_window: int | None = None
     # mixture of experts (0 experts: dense MLPs only)
@@ -71,6 +72,7 @@ class ArchConfig:
                 o_proj_bias=bias if o_proj_bias is None else o_proj_bias,
                 qk_norm=qk_norm,
                 mlp_bias=bool(hf.get("mlp_bias", False)),
+                attn_logit_softcapping=hf.get("attn_logit_softcapping"),
                 sliding_window=int(window) if window else None,
                 num_experts=int(hf.get("num_local_experts") or hf.get("num_experts") or 0),
                 num_experts_per_tok=int(hf.get("num_experts_per_tok") or 0),

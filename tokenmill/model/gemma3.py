@@ -1,8 +1,8 @@
-"""Gemma 3 (text): RMSNorm as x * (1 + w), GeGLU (tanh-approximated GELU), embeddings scaled
+"""Gemma 2 and Gemma 3 (text): RMSNorm as x * (1 + w), GeGLU (tanh-approximated GELU), embeddings scaled
 by sqrt(hidden), q/k norms, q.k scaled by query_pre_attn_scalar ** -0.5, a norm after
 attention and around the MLP, and local (sliding-window) layers with their own rotary base
-between the global ones. The context is capped at the sliding window, where full attention
-is exact."""
+between the global ones; Gemma 2 soft-caps the attention scores. The context is capped at
+the sliding window, where full attention is exact."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ class GemmaRMSNorm(RMSNorm):
 class Gemma3Attention(LlamaAttention):
     def __init__(self, cfg: ArchConfig, scale: float):
         super().__init__(cfg)
-        self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        if cfg.qk_norm:
+            self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.scale = scale
 
 
@@ -95,12 +96,11 @@ class Gemma3ForCausalLM(nn.Module):
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
+    qk_norm = True
 
     def __init__(self, hf_config: dict[str, Any]):
         super().__init__()
-        if hf_config.get("attn_logit_softcapping") is not None:
-            raise ModelLoadError("attention logit soft-capping (Gemma 2) is not supported yet")
-        cfg = self.config = ArchConfig.from_hf(hf_config, qk_norm=True)
+        cfg = self.config = ArchConfig.from_hf(hf_config, qk_norm=self.qk_norm)
         if "query_pre_attn_scalar" not in hf_config:
             raise ModelLoadError("Gemma 3 config is missing 'query_pre_attn_scalar'")
         layer_types = _layer_types(hf_config, cfg.num_layers)
@@ -111,12 +111,17 @@ class Gemma3ForCausalLM(nn.Module):
             if cfg.tie_word_embeddings
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
-        (global_theta, global_scaling), (local_theta, local_scaling) = _rope(hf_config)
+        (global_theta, global_scaling), (local_theta, local_scaling) = self.rope(hf_config)
         positions = cfg.max_context
         self.rotary = RotaryEmbedding(cfg.head_dim, positions, global_theta, global_scaling)
         self.local_rotary = RotaryEmbedding(cfg.head_dim, positions, local_theta, local_scaling)
         self.embed_scale = math.sqrt(cfg.hidden_size)
         self.final_logit_softcapping: float | None = hf_config.get("final_logit_softcapping")
+
+    @staticmethod
+    def rope(hf: dict[str, Any]) -> tuple[tuple[float, dict | None], tuple[float, dict | None]]:
+        """((theta, scaling) of the global layers, (theta, scaling) of the local ones)."""
+        return _rope(hf)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight
@@ -190,3 +195,16 @@ def _rope(hf: dict[str, Any]) -> tuple[tuple[float, dict | None], tuple[float, d
         float(hf.get("rope_local_base_freq", 10000.0)),
         None,
     )
+
+
+class Gemma2ForCausalLM(Gemma3ForCausalLM):
+    """Gemma 2: Gemma 3's layers without q/k norms, one rotary base for every layer, and
+    attention scores soft-capped (`attn_logit_softcapping`)."""
+
+    qk_norm = False
+
+    @staticmethod
+    def rope(hf: dict[str, Any]) -> tuple[tuple[float, dict | None], tuple[float, dict | None]]:
+        scaling = hf.get("rope_scaling")
+        both = (float(hf.get("rope_theta") or 10000.0), scaling)
+        return both, both

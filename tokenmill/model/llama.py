@@ -35,6 +35,7 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale: float | None = None  # of q.k; None = head_dim ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
 
     def forward(
         self, x: torch.Tensor, rotary: RotaryTables, kv_cache: KVCache, ctx: ForwardContext
@@ -47,14 +48,16 @@ class LlamaAttention(nn.Module):
             if rotated is not None:
                 q, k = rotated
                 out = ctx.attention.forward(
-                    q, k, v, kv_cache, ctx.meta, cache_written=True, scale=self.scale
+                    q, k, v, kv_cache, ctx.meta, True, self.scale, self.softcap
                 )
                 return self.o_proj(out.view(T, self.q_size))
         qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, D)
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
         qk = rotary.rotate(qk)  # q and k in one call: [T, H + Hkv, D]
-        out = ctx.attention.forward(qk[:, :H], qk[:, H:], v, kv_cache, ctx.meta, scale=self.scale)
+        out = ctx.attention.forward(
+            qk[:, :H], qk[:, H:], v, kv_cache, ctx.meta, False, self.scale, self.softcap
+        )
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -178,7 +181,7 @@ class LlamaForCausalLM(nn.Module):
             projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if any(getattr(p, "bias", None) is not None for p in projections):
                 return None
-            if attn.scale is not None:  # the fused step scales q.k by head_dim ** -0.5
+            if attn.scale is not None or attn.softcap is not None:  # not in the fused step
                 return None
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             blocks.append(PreNormBlock(norms[0], projections[0], projections[1], norms[1],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.model.gemma3 import Gemma3ForCausalLM
+from tokenmill.model.gemma3 import Gemma2ForCausalLM, Gemma3ForCausalLM
 from tokenmill.model.granite import GraniteForCausalLM
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.llama import LlamaForCausalLM
@@ -16,6 +16,7 @@ from tokenmill.model.qwen3 import Qwen3ForCausalLM
 from tokenmill.model.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
