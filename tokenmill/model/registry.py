@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.model.gemma3 import Gemma2ForCausalLM, Gemma3ForCausalLM
+from tokenmill.model.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from tokenmill.model.granite import GraniteForCausalLM
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.llama import LlamaForCausalLM
