@@ -51,6 +51,7 @@ class StubEngine:
     one token a step for `num_tokens` steps."""
 
     max_model_len = 32
+    sampling_defaults: dict[str, Any] = {}
 
     def __init__(self, num_tokens: int = 3) -> None:
         self.shut_down = False
