@@ -148,3 +148,25 @@ def test_the_torch_reference_and_batching_agree(tiny_hf_model_dir, case):
     del llm
     reference = LLM(str(directory), dtype="float32", kv_cache_memory=16 << 20, backend="torch")
     assert [o.outputs[0].token_ids for o in reference.generate(prompts, greedy)] == alone
+
+
+@pytest.mark.parametrize("case", ["phi3", "granite", "gemma2", "gemma3", "mixtral", "qwen3-moe"])
+def test_prefix_cache_hits_and_preemption_do_not_change_greedy_output(tiny_hf_model_dir, case):
+    """8 KV blocks of 16 tokens for 4 sequences of ~5 blocks each (2 of them a shared
+    prefix): the batch is preempted and recomputed, and its prompts' shared blocks come from
+    the prefix cache the runs alone filled; every sequence's tokens stay those it got alone."""
+    model_type, config = CASES[case]
+    directory = tiny_hf_model_dir(model_type, **config)
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K and V, 2 layers, 16 tokens, 2 heads of 16, float32
+    llm = LLM(str(directory), dtype="float32", kv_cache_memory=8 * block_bytes, max_model_len=128)
+    assert llm.engine.core.info.num_blocks == 8
+    prefix = "A shared opening, long enough to fill the first blocks of the cache, " * 3
+    prompts = [prefix + tail for tail in ("one", "two two", "three three three", "four")]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+    outputs = llm.generate(prompts, greedy)
+    assert [o.outputs[0].token_ids for o in outputs] == alone
+    assert llm.engine.core.scheduler.num_preemptions > 0
+    assert all(o.num_cached_tokens >= 16 for o in outputs)
+    pool = llm.engine.core.kv_cache.pool
+    assert pool.num_free_blocks == pool.num_blocks
