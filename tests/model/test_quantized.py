@@ -68,8 +68,7 @@ def all_logits(core: EngineCore, ids: list[int]) -> torch.Tensor:
     runner = core.executor.worker.runner
     with torch.inference_mode():
         batch = runner.prepare(core.model_input(out))
-        hidden = runner.backend.forward(runner.model, batch.input_ids, batch.positions, batch.ctx)
-        logits = runner.model.compute_logits(hidden)
+        logits = runner.model.compute_logits(runner.forward(batch))
     core.finish("probe", "abort")
     return logits
 

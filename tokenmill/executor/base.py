@@ -28,7 +28,6 @@ class ModelInfo:
     dtype: torch.dtype
     quantization: Quantization | None
     cpu_threads: str  # how the CPU threads were chosen ("" off CPU)
-    backend: str
     num_blocks: int  # KV cache blocks (each worker has this many)
     kv_cache_bytes: int
     kv_cache_dtype: torch.dtype

@@ -29,7 +29,6 @@ class UniprocExecutor(Executor):
             dtype=worker.dtype,
             quantization=worker.quantization,
             cpu_threads=worker.cpu_threads,
-            backend=f"{worker.backend.name}: {worker.backend.description}",
             num_blocks=worker.num_blocks,
             kv_cache_bytes=worker.kv_cache_bytes,
             kv_cache_dtype=worker.kv_cache_dtype,

@@ -91,7 +91,11 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = self.input_layernorm.add_and_norm(x, residual, ctx.ops)
         x = self.self_attn(h, rotary, kv_cache, ctx)
         h, residual = self.post_attention_layernorm.add_and_norm(x, residual, ctx.ops)
-        return self.mlp(h, ctx), residual
+        return self.feed_forward(h, ctx), residual
+
+    def feed_forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The MLP branch (a mixture of experts, in a subclass)."""
+        return self.mlp(h, ctx)
 
 
 class LlamaModel(nn.Module):
@@ -114,6 +118,8 @@ class LlamaForCausalLM(nn.Module):
     o_proj_bias: bool | None = None  # None: same as attention_bias (Llama's convention)
     qk_norm = False
     decoder_layer_class = LlamaDecoderLayer
+    # an expert's checkpoint projection -> (the experts' stacked parameter, part): MoE models
+    expert_params_mapping: ClassVar[dict[str, tuple[str, int | None]] | None] = None
 
     def __init__(self, hf_config: dict[str, Any]):
         super().__init__()
@@ -194,4 +200,6 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into the fused parameters; all must be covered."""
         skip = ("rotary_emb",) + (("lm_head.",) if self.lm_head is None else ())
-        load_checkpoint(self, weights, self.packed_modules_mapping, skip)
+        load_checkpoint(
+            self, weights, self.packed_modules_mapping, skip, self.expert_params_mapping
+        )

@@ -3,7 +3,6 @@ MLP (the top k of the router's softmax, renormalised)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -11,10 +10,8 @@ import torch
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.fusion import PreNormDecoder
 from tokenmill.layers.moe import SparseMoeBlock
-from tokenmill.layers.ops import ForwardContext, KVCache
-from tokenmill.layers.rotary import RotaryTables
+from tokenmill.layers.ops import ForwardContext
 from tokenmill.model.config import ArchConfig
-from tokenmill.model.interface import load_checkpoint
 from tokenmill.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 
@@ -39,23 +36,13 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
         del self.mlp
         self.block_sparse_moe = sparse_moe(cfg)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        rotary: RotaryTables,
-        kv_cache: KVCache,
-        ctx: ForwardContext,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.input_layernorm.add_and_norm(x, residual, ctx.ops)
-        x = self.self_attn(h, rotary, kv_cache, ctx)
-        h, residual = self.post_attention_layernorm.add_and_norm(x, residual, ctx.ops)
-        return self.block_sparse_moe(h, ctx), residual
+    def feed_forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.block_sparse_moe(h, ctx)
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
     decoder_layer_class = MixtralDecoderLayer
-    expert_params_mapping: ClassVar[dict[str, tuple[str, int | None]]] = {
+    expert_params_mapping: ClassVar[dict[str, tuple[str, int | None]] | None] = {
         "w1": ("w13", 0),
         "w3": ("w13", 1),
         "w2": ("w2", None),
@@ -66,9 +53,3 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     def pre_norm_decoder(self) -> PreNormDecoder | None:
         return None  # the fused decode step runs dense MLPs only
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skip = ("rotary_emb",) + (("lm_head.",) if self.lm_head is None else ())
-        load_checkpoint(
-            self, weights, self.packed_modules_mapping, skip, self.expert_params_mapping
-        )

@@ -4,19 +4,15 @@ weights renormalised where `norm_topk_prob` says."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
-import torch
-
-from tokenmill.model.interface import load_checkpoint
 from tokenmill.model.llama import LlamaDecoderLayer
 from tokenmill.model.mixtral import sparse_moe
 from tokenmill.model.qwen3 import Qwen3ForCausalLM
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
-    expert_params_mapping: ClassVar[dict[str, tuple[str, int | None]]] = {
+    expert_params_mapping: ClassVar[dict[str, tuple[str, int | None]] | None] = {
         "gate_proj": ("w13", 0),
         "up_proj": ("w13", 1),
         "down_proj": ("w2", None),
@@ -31,9 +27,3 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
             assert isinstance(layer, LlamaDecoderLayer)
             if i not in dense and (i + 1) % step == 0:
                 layer.mlp = sparse_moe(cfg)  # the checkpoint's mlp.gate, mlp.experts
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skip = ("rotary_emb",) + (("lm_head.",) if self.lm_head is None else ())
-        load_checkpoint(
-            self, weights, self.packed_modules_mapping, skip, self.expert_params_mapping
-        )

@@ -47,7 +47,7 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
         """Forward every scheduled token; sample for the sequences that reached their end."""
         batch = self.prepare(scheduled)
-        hidden = self.backend.forward(self.model, batch.input_ids, batch.positions, batch.ctx)
+        hidden = self.forward(batch)
         output = ModelOutput()
         if batch.prompt_chunks:
             output.prompt_logprobs = prompt_logprobs(
@@ -71,11 +71,15 @@ class ModelRunner:
     def logits_for(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
         """The float32 logits [N, V] the sampler would see (for parity tests)."""
         batch = self.prepare(scheduled)
-        hidden = self.backend.forward(self.model, batch.input_ids, batch.positions, batch.ctx)
-        return self.model.compute_logits(hidden[batch.sample_rows])
+        return self.model.compute_logits(self.forward(batch)[batch.sample_rows])
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """The hidden states [T, C] of every row of the batch, through the backend."""
+        return self.backend.forward(self.model, batch.input_ids, batch.positions, batch.ctx)
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> Batch:
-        items = [s for s in scheduled if s.is_decode] + [s for s in scheduled if not s.is_decode]
+        decodes = [s for s in scheduled if s.is_decode]
+        items = decodes + [s for s in scheduled if not s.is_decode]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []  # the cache slot of each new token
@@ -105,7 +109,7 @@ class ModelRunner:
         position_ids = torch.tensor(positions, dtype=torch.long, device=device)
         layout = StepLayout(
             chunks=chunks,
-            num_decodes=sum(1 for s in items if s.is_decode),
+            num_decodes=len(decodes),
             positions=position_ids,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             block_size=bs,
