@@ -68,8 +68,10 @@ class NativeOps(TorchOps):
         slots: torch.Tensor,
         kv_cache: KVCache,
         num_heads: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         k_cache, v_cache = kv_cache
+        if rotary.table.shape[-1] != k_cache.shape[-1]:
+            return None  # partial rotary: the kernel rotates whole heads
         return layer_ops.rope_and_cache(
             qkv, rotary.table, rotary.positions, slots, k_cache, v_cache, num_heads
         )

@@ -29,8 +29,13 @@ class ArchConfig:
     qk_norm: bool
     mlp_bias: bool = False  # biases on gate/up/down
     attn_logit_softcapping: float | None = None  # scores -> tanh(scores / c) * c
-    # tokens one layer's attention sees; None: the whole context
+    # keys a sliding-window layer's query sees (itself and window - 1 before); None: no
+    # window anywhere
     sliding_window: int | None = None
+    # each layer's "sliding_attention" or "full_attention"; None: every layer sliding where
+    # there is a window
+    layer_types: list[str] | None = None
+    partial_rotary_factor: float = 1.0  # of each head's dims, the rotated part (the first)
     # mixture of experts (0 experts: dense MLPs only)
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -74,6 +79,10 @@ class ArchConfig:
                 mlp_bias=bool(hf.get("mlp_bias", False)),
                 attn_logit_softcapping=hf.get("attn_logit_softcapping"),
                 sliding_window=int(window) if window else None,
+                layer_types=_layer_types(hf, int(window) if window else None),
+                partial_rotary_factor=float(
+                    hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+                ),
                 num_experts=int(hf.get("num_local_experts") or hf.get("num_experts") or 0),
                 num_experts_per_tok=int(hf.get("num_experts_per_tok") or 0),
                 moe_intermediate_size=int(hf.get("moe_intermediate_size") or 0),
@@ -84,7 +93,43 @@ class ArchConfig:
 
     @property
     def max_context(self) -> int:
-        """Tokens a sequence may hold: full attention is exact up to a sliding window."""
+        """Tokens a sequence may hold."""
+        return self.max_position_embeddings
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer's attention; None where it sees the whole context."""
         if self.sliding_window is None:
-            return self.max_position_embeddings
-        return min(self.max_position_embeddings, self.sliding_window)
+            return None
+        if self.layer_types is None or self.layer_types[layer] == SLIDING:
+            return self.sliding_window
+        return None
+
+    @property
+    def kv_window(self) -> int | None:
+        """Where every layer slides: the widest window, beyond which no layer reads a key
+        (its blocks can be freed); None where some layer attends to the whole context."""
+        windows = [self.layer_window(i) for i in range(self.num_layers)]
+        if not windows or any(w is None for w in windows):
+            return None
+        return max(w for w in windows if w is not None)
+
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def _layer_types(hf: dict[str, Any], window: int | None) -> list[str] | None:
+    """`layer_types` as the config gives it, else Qwen2/3's rule (layers from
+    `max_window_layers` on slide), else None (every layer slides where there is a window)."""
+    types = hf.get("layer_types")
+    if types is not None:
+        types = list(types)
+        if not set(types) <= {SLIDING, FULL} or len(types) != hf["num_hidden_layers"]:
+            raise ModelLoadError(
+                f"layer_types must name {hf['num_hidden_layers']} layers as {SLIDING!r} or "
+                f"{FULL!r}: {types}"
+            )
+        return types
+    if window is not None and "max_window_layers" in hf:
+        start = int(hf["max_window_layers"])
+        return [SLIDING if i >= start else FULL for i in range(hf["num_hidden_layers"])]
+    return None

@@ -176,8 +176,8 @@ class LlamaForCausalLM(nn.Module):
         """The layers as PreNormBlocks, or None where they are not of that shape (biases on
         the projections, q/k norms)."""
         cos_sin = self.rotary.cos_sin
-        if cos_sin is None or self.config.qk_norm:
-            return None
+        if cos_sin is None or self.config.qk_norm or cos_sin.shape[-1] != self.config.head_dim:
+            return None  # q/k norms or partial rotary: not in the fused step
         blocks = []
         for layer in self.model.layers:
             assert isinstance(layer, LlamaDecoderLayer)
