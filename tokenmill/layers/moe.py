@@ -1,6 +1,7 @@
 """Mixture of experts: a router picks each token's top-k experts (SiLU-gated MLPs, their
 weights stacked [E, ...]); each step groups the tokens by expert, so every expert runs one
-matmul over all of its tokens, and the outputs are added back weighted by the router."""
+matmul over all of its tokens, and the outputs are added back weighted by the router. A
+shared expert (Qwen2-MoE) runs on every token beside them."""
 
 from __future__ import annotations
 
@@ -63,10 +64,18 @@ class Experts(nn.Module):
 
 class SparseMoeBlock(nn.Module):
     """The router (`gate`) and the experts: softmax over the experts, the top k, their
-    weights renormalised to sum to 1 where the model says so."""
+    weights renormalised to sum to 1 where the model says so. Where the model gives a
+    `shared_expert` (a module called as `(x, ctx)`), every token also runs it, scaled by
+    sigmoid(`shared_expert_gate`(x)), a scalar per token, and added to the experts' sum."""
 
     def __init__(
-        self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool
+        self,
+        hidden: int,
+        intermediate: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool,
+        shared_expert: nn.Module | None = None,
     ):
         super().__init__()
         if not 0 < top_k <= num_experts:
@@ -74,10 +83,18 @@ class SparseMoeBlock(nn.Module):
         self.top_k, self.renormalize = top_k, renormalize
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = Experts(num_experts, hidden, intermediate)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = (
+            None if shared_expert is None else nn.Linear(hidden, 1, bias=False)
+        )
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [T, C] -> [T, C]
         probs = torch.softmax(self.gate(x).float(), dim=-1)  # [T, E]
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return self.experts(x, weights.to(x.dtype), experts, ctx.ops)
+        out = self.experts(x, weights.to(x.dtype), experts, ctx.ops)
+        if self.shared_expert is None or self.shared_expert_gate is None:
+            return out
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, ctx)  # [T, C]
+        return out + shared

@@ -12,6 +12,7 @@ from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.mixtral import MixtralForCausalLM
 from tokenmill.model.phi3 import Phi3ForCausalLM
 from tokenmill.model.qwen2 import Qwen2ForCausalLM
+from tokenmill.model.qwen2_moe import Qwen2MoeForCausalLM
 from tokenmill.model.qwen3 import Qwen3ForCausalLM
 from tokenmill.model.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -24,6 +25,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,  # the same cap
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
