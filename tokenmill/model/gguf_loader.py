@@ -1,9 +1,9 @@
-"""GGUF checkpoints: HF config from metadata, HF tensor names, and llama.cpp's layout undone."""
+"""GGUF checkpoints: a ModelSource whose HF config comes from the metadata (per architecture)
+and whose weights come through gguf_layout.py."""
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,37 +11,29 @@ import numpy as np
 import torch
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.model.gguf_reader import GGUFFile, GGUFFormatError, GGUFTensorInfo
+from tokenmill.model.config import FULL, SLIDING
+from tokenmill.model.gguf_layout import weight_plan
+from tokenmill.model.gguf_reader import GGUFFile, GGUFFormatError
 from tokenmill.model.gguf_tokenizer import load_gguf_tokenizer, token_count
 from tokenmill.model.source import ModelSource
 
-# general.architecture -> HF architecture. Mistral GGUFs say "llama".
+# general.architecture -> (transformers' architecture, model_type). Mistral GGUFs say "llama",
+# and so do Mixtral's (with experts: _MIXTRAL).
 _ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
+    "granite": ("GraniteForCausalLM", "granite"),
 }
-_SUPPORTED = "llama (and mistral, written as llama), qwen2, qwen3"
-
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_MIXTRAL = ("MixtralForCausalLM", "mixtral")
+_SUPPORTED = (
+    "llama (and mistral and mixtral, written as llama), qwen2, qwen3, qwen3moe, gemma2, "
+    "gemma3, phi3, granite"
+)
 _ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, as per-frequency divisors
 _REQUIRED = object()
 
@@ -56,22 +48,16 @@ def load_gguf(path: str, name: str) -> ModelSource:
         hf_config = gguf_hf_config(gguf_file)
     except (TypeError, ValueError, ZeroDivisionError) as exc:  # a number stored as a string...
         raise ModelLoadError(f"GGUF file {path} has malformed metadata: {exc}") from exc
-    plan = _weight_plan(gguf_file, hf_config)
+    plan = weight_plan(gguf_file, hf_config, gguf_file.metadata["general.architecture"])
     tokenizer = load_gguf_tokenizer(gguf_file)
+    by_name = {weight.hf_name: weight for weight in plan}
 
     def read_weights() -> Iterator[tuple[str, torch.Tensor]]:
-        for hf_name, info, num_heads in plan:
-            tensor = gguf_file.read_tensor(info)
-            yield hf_name, _unpermute_rotary(tensor, num_heads) if num_heads else tensor
-
-    by_name = {hf_name: (info, num_heads) for hf_name, info, num_heads in plan}
+        for weight in plan:
+            yield weight.hf_name, weight.read(gguf_file)
 
     def read_blocks(hf_name: str) -> tuple[int, torch.Tensor] | None:
-        if hf_name not in by_name or len(by_name[hf_name][0].shape) != 2:
-            return None
-        info, num_heads = by_name[hf_name]
-        rows = gguf_file.read_blocks(info)  # quantized rows are independent: permute whole rows
-        return info.ggml_type, _unpermute_rotary(rows, num_heads) if num_heads else rows
+        return by_name[hf_name].read_blocks(gguf_file) if hf_name in by_name else None
 
     return ModelSource(
         name=name,
@@ -85,50 +71,185 @@ def load_gguf(path: str, name: str) -> ModelSource:
     )
 
 
+class _Metadata:
+    """One architecture's `{arch}.*` keys, per-layer arrays whose entries agree read as one."""
+
+    def __init__(self, gguf_file: GGUFFile, arch: str):
+        self.gguf_file, self.arch = gguf_file, arch
+
+    def raw(self, key: str) -> Any:
+        return self.gguf_file.metadata.get(f"{self.arch}.{key}")
+
+    def get(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self.gguf_file.metadata.get(f"{self.arch}.{key}", default)
+        if value is _REQUIRED:
+            raise ModelLoadError(
+                f"GGUF file {self.gguf_file.path} lacks metadata '{self.arch}.{key}'"
+            )
+        return _single(value, f"{self.arch}.{key}", self.gguf_file.path)
+
+
 def gguf_hf_config(gguf_file: GGUFFile) -> dict[str, Any]:
-    """The config.json transformers would build for this file (plus llama3 rope scaling)."""
-    meta = gguf_file.metadata
-    arch = meta.get("general.architecture")
+    """The config.json transformers would build for this file (plus what llama.cpp keeps
+    outside its metadata: llama3 rope scaling, Gemma's attention scale, MoE dense layers)."""
+    arch = gguf_file.metadata.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise ModelLoadError(
             f"GGUF file {gguf_file.path} has architecture '{arch}'; supported: {_SUPPORTED}"
         )
+    meta = _Metadata(gguf_file, arch)
+    config = _common_config(meta)
+    is_mixtral = arch == "llama" and int(meta.get("expert_count", 0)) > 0
+    arch_name, model_type = _MIXTRAL if is_mixtral else _ARCHITECTURES[arch]
+    if extra := _mixtral_config if is_mixtral else _ARCH_CONFIG.get(arch):
+        config |= extra(meta, config)
+    return {"architectures": [arch_name], "model_type": model_type} | config
 
-    def get(key: str, default: Any = _REQUIRED) -> Any:
-        value = meta.get(f"{arch}.{key}", default)
-        if value is _REQUIRED:
-            raise ModelLoadError(f"GGUF file {gguf_file.path} lacks metadata '{arch}.{key}'")
-        return _single(value, f"{arch}.{key}", gguf_file.path)
 
-    hidden_size, num_heads = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", hidden_size // num_heads))
-    rope_theta = float(get("rope.freq_base", 10000.0))
+def _common_config(meta: _Metadata) -> dict[str, Any]:
+    """What every architecture reads the same way."""
+    gguf_file = meta.gguf_file
+    hidden_size, num_heads = (
+        int(meta.get("embedding_length")),
+        int(meta.get("attention.head_count")),
+    )
+    head_dim = int(meta.get("attention.key_length", hidden_size // num_heads))
+    rope_theta = float(meta.get("rope.freq_base", 10000.0))
     tensors = gguf_file.tensors
     embed = tensors.get("token_embd.weight")
     vocab_size = (
-        get("vocab_size", None) or token_count(gguf_file) or (embed.shape[0] if embed else 0)
+        meta.get("vocab_size", None) or token_count(gguf_file) or (embed.shape[0] if embed else 0)
     )
     return {
-        "architectures": [_ARCHITECTURES[arch]],
-        "model_type": arch,
         "hidden_size": hidden_size,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": int(meta.get("feed_forward_length")),
+        "num_hidden_layers": int(meta.get("block_count")),
         "num_attention_heads": num_heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", num_heads)),
+        "num_key_value_heads": int(meta.get("attention.head_count_kv", num_heads)),
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rms_norm_eps": float(meta.get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": rope_theta,
-        "rope_scaling": _rope_scaling(gguf_file, get, rope_theta, head_dim),
-        "max_position_embeddings": int(get("context_length", 2048)),
+        "rope_scaling": _rope_scaling(gguf_file, meta.get, rope_theta, head_dim),
+        "max_position_embeddings": int(meta.get("context_length", 2048)),
         "vocab_size": int(vocab_size),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": any(n.endswith(".attn_q.bias") for n in tensors),
+        "attention_bias": any(n.endswith((".attn_q.bias", ".attn_qkv.bias")) for n in tensors),
         "torch_dtype": "float32",
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": gguf_file.metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": gguf_file.metadata.get("tokenizer.ggml.eos_token_id"),
     }
+
+
+def _mixtral_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "num_local_experts": int(meta.get("expert_count")),
+        "num_experts_per_tok": int(meta.get("expert_used_count")),
+    }
+
+
+def _qwen3_moe_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
+    tensors = meta.gguf_file.tensors
+    layers = range(config["num_hidden_layers"])
+    return {
+        "num_experts": int(meta.get("expert_count")),
+        "num_experts_per_tok": int(meta.get("expert_used_count")),
+        "moe_intermediate_size": int(meta.get("expert_feed_forward_length")),
+        # llama.cpp's converter does not write it and its qwen3moe graph always renormalises
+        # (as every Qwen3-MoE release's config says), transformers' default notwithstanding
+        "norm_topk_prob": bool(meta.get("expert_weights_norm", True)),
+        # llama.cpp keeps no list of dense layers: they are the ones without a router
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in layers if f"blk.{i}.ffn_gate_inp.weight" not in tensors],
+    }
+
+
+def _granite_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
+    # llama.cpp writes each multiplier only where it is set; transformers' default is 1
+    return {
+        "embedding_multiplier": float(meta.get("embedding_scale", 1.0)),
+        "residual_multiplier": float(meta.get("residual_scale", 1.0)),
+        "attention_multiplier": float(meta.get("attention.scale", 1.0)),
+        "logits_scaling": float(meta.get("logit_scale", 1.0)),
+    }
+
+
+def _phi3_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
+    head_dim = config["head_dim"]
+    original = meta.get("rope.scaling.original_context_length", None)
+    extra: dict[str, Any] = {
+        # 0: no window (Phi-4, written by the same converter)
+        "sliding_window": int(meta.get("attention.sliding_window", 0)) or None,
+        "partial_rotary_factor": int(meta.get("rope.dimension_count", head_dim)) / head_dim,
+    }
+    if original is not None:
+        extra["original_max_position_embeddings"] = int(original)
+    tensors = meta.gguf_file.tensors
+    if "rope_factors_long.weight" in tensors:  # the 128k models: LongRoPE
+        read = meta.gguf_file.read_tensor
+        original = int(original or config["max_position_embeddings"])
+        extra["rope_scaling"] = {
+            "rope_type": "longrope",
+            "long_factor": read(tensors["rope_factors_long.weight"]).tolist(),
+            "short_factor": read(tensors["rope_factors_short.weight"]).tolist(),
+            "factor": config["max_position_embeddings"] / original,
+            "original_max_position_embeddings": original,
+        }
+    return extra
+
+
+def _gemma_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2 and 3. llama.cpp keeps no query_pre_attn_scalar: its q.k scale is
+    1/sqrt(head_dim), except for the 27B models (told by their layer count), 1/sqrt(hidden /
+    heads); every Gemma 2 and 3 release's query_pre_attn_scalar agrees with that."""
+    is_gemma3 = meta.arch == "gemma3"
+    num_layers = config["num_hidden_layers"]
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    is_27b = num_layers == (62 if is_gemma3 else 46)
+    extra: dict[str, Any] = {
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": hidden // heads if is_27b else config["head_dim"],
+    }
+    if is_gemma3:
+        window = int(meta.get("attention.sliding_window", 0))  # 0 or absent: none
+        extra |= {
+            "rope_theta": float(meta.get("rope.freq_base", 1_000_000.0)),
+            # llama.cpp's local base is fixed at transformers' default unless written
+            "rope_local_base_freq": float(meta.get("rope.freq_base_swa", 10000.0)),
+            "final_logit_softcapping": meta.get("final_logit_softcapping", None),
+            "sliding_window": window or None,
+            "layer_types": _gemma3_layer_types(meta, num_layers, window),
+        }
+    else:  # llama.cpp's (and transformers') defaults where the file is silent
+        extra |= {
+            "attn_logit_softcapping": float(meta.get("attn_logit_softcapping", 50.0)),
+            "final_logit_softcapping": float(meta.get("final_logit_softcapping", 30.0)),
+            "sliding_window": int(meta.get("attention.sliding_window", 4096)),
+            "layer_types": [FULL if i % 2 else SLIDING for i in range(num_layers)],
+        }
+    return extra
+
+
+def _gemma3_layer_types(meta: _Metadata, num_layers: int, window: int) -> list[str]:
+    """Every 6th layer global (llama.cpp's fixed pattern), unless the file says otherwise: a
+    period, or one is-sliding flag per layer."""
+    if not window:
+        return [FULL] * num_layers
+    pattern = meta.raw("attention.sliding_window_pattern")
+    if isinstance(pattern, np.ndarray) and pattern.size == num_layers:
+        return [SLIDING if flag else FULL for flag in pattern.tolist()]
+    period = int(pattern) if isinstance(pattern, int) and pattern > 0 else 6
+    return [FULL if (i + 1) % period == 0 else SLIDING for i in range(num_layers)]
+
+
+_ARCH_CONFIG: dict[str, Callable[[_Metadata, dict[str, Any]], dict[str, Any]]] = {
+    "qwen3moe": _qwen3_moe_config,
+    "gemma2": _gemma_config,
+    "gemma3": _gemma_config,
+    "phi3": _phi3_config,
+    "granite": _granite_config,
+}
 
 
 def _single(value: Any, key: str, path: str) -> Any:
@@ -202,51 +323,3 @@ def llama3_rope_scaling(
                 "original_max_position_embeddings": original,
             }
     raise ModelLoadError(f"GGUF file {path}: cannot interpret rope_freqs.weight as llama3 scaling")
-
-
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """transformers' name for a GGUF tensor ("blk.3.attn_q.weight" -> "model.layers.3....")."""
-    if match := _LAYER_TENSOR.fullmatch(gguf_name):
-        layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}" if part in _LAYER_NAMES else None
-    base, _, kind = gguf_name.rpartition(".")
-    return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
-
-
-def _weight_plan(
-    gguf_file: GGUFFile, hf_config: dict[str, Any]
-) -> list[tuple[str, GGUFTensorInfo, int]]:
-    """(HF name, tensor, heads to un-interleave or 0) for every weight, checked before reading."""
-    # llama.cpp interleaves q/k rows for its rotary kernel only when converting "llama" models
-    permute = hf_config["model_type"] == "llama"
-    heads = {"q_proj": hf_config["num_attention_heads"], "k_proj": hf_config["num_key_value_heads"]}
-    plan = []
-    for info in gguf_file.tensors.values():
-        if info.name == _ROPE_FREQS:
-            continue
-        hf_name = hf_tensor_name(info.name)
-        if hf_name is None:
-            raise ModelLoadError(
-                f"GGUF file {gguf_file.path}: tensor '{info.name}' has no equivalent in a "
-                f"{hf_config['architectures'][0]} (mixture-of-experts and vision GGUFs are not supported)"
-            )
-        if not info.is_dequantizable:
-            raise ModelLoadError(
-                f"GGUF file {gguf_file.path}: tensor '{info.name}' is stored as {info.type_name}, "
-                "which gguf cannot dequantize"
-            )
-        projection = hf_name.split(".")[-2]
-        num_heads = heads.get(projection, 0) if permute else 0
-        plan.append((hf_name, info, num_heads))
-    return plan
-
-
-def _unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row interleave, as transformers' GGUF loader does.
-
-    convert_hf_to_gguf.py writes w.reshape(H, 2, D // 2, ...).swapaxes(1, 2): per head, row
-    pairs (i, i + D/2) become adjacent. Reading them back: reshape(H, D // 2, 2, ...).swapaxes(1, 2).
-    """
-    head_dim = weight.shape[0] // num_heads
-    split = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])  # [H, D/2, 2, ...]
-    return split.transpose(1, 2).reshape(weight.shape)
