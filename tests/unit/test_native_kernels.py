@@ -114,6 +114,55 @@ def test_prefill_rows_equal_the_same_rows_alone(heads, kv_heads, head_dim, cache
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "cache_dtype"),
+    [(9, 3, 64, torch.float32), (2, 1, 20, torch.float32), (8, 2, 128, torch.float16)],
+)
+@pytest.mark.parametrize("window", [1, 13, 40])
+def test_a_sliding_window_reads_only_its_keys(heads, kv_heads, head_dim, cache_dtype, window):
+    """Rows see their last `window` keys (SDPA over just those); the blocks before a row's
+    window hold NaN in the cache (freed, reused), and no result is touched by them; a row
+    of a prefill tile still equals the same row alone."""
+    torch.manual_seed(3)
+    block_size = 16
+    k_cache = torch.randn(80 * block_size, kv_heads, head_dim).to(cache_dtype)
+    v_cache = torch.randn(80 * block_size, kv_heads, head_dim).to(cache_dtype)
+    if not paged_attention.supports(k_cache):
+        pytest.skip("float16 caches need the F16C vector loops")
+    poisoned = 79  # every table entry before a window's first block points here
+    k_cache[poisoned * block_size :] = float("nan")
+    v_cache[poisoned * block_size :] = float("nan")
+    lens = torch.cat([torch.arange(70, 90), torch.tensor([1, 5, 33, 200])])  # a chunk, decodes
+    tables = torch.full((len(lens), 13), poisoned, dtype=torch.long)
+    order = torch.randperm(poisoned)[:78].view(6, 13)  # 6 sets of 13 distinct blocks
+    for b, n in enumerate(lens.tolist()):
+        first, last = max(0, n - window) // block_size, (n - 1) // block_size
+        blocks = order[0 if b < 20 else b - 19]  # the chunk's rows share a table
+        tables[b, first : last + 1] = blocks[first : last + 1]
+    q = torch.randn(len(lens), heads, head_dim) * 3
+    got = paged_attention.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, block_size, window=window
+    )
+    want = torch.empty_like(q)
+    for b, n in enumerate(lens.tolist()):
+        keys = range(max(0, n - window), n)
+        slots = torch.tensor([int(tables[b, i // block_size]) * block_size + i % block_size
+                              for i in keys])  # fmt: skip
+        k = k_cache[slots].float().transpose(0, 1)
+        v = v_cache[slots].float().transpose(0, 1)
+        want[b] = F.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, enable_gqa=True).squeeze(
+            1
+        )
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    for b in range(len(lens)):
+        alone = paged_attention.paged_decode_attention(
+            q[b : b + 1], k_cache, v_cache, tables[b : b + 1], lens[b : b + 1], block_size,
+            window=window,
+        )  # fmt: skip
+        assert torch.equal(alone[0], got[b]), b
+
+
+@needs_kernel
 def test_empty_sequence_is_an_error_not_garbage():
     k_cache = v_cache = torch.zeros(32, 1, 64)
     with pytest.raises(RuntimeError):

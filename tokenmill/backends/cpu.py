@@ -108,6 +108,7 @@ class PagedAttention:
         cache_written: bool = False,
         scale: float | None = None,
         softcap: float | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
         assert isinstance(meta, PagedMetadata)
         if softcap is not None:
@@ -116,7 +117,7 @@ class PagedAttention:
             write_cache(k, v, kv_cache, meta.slot_mapping)
         k_cache, v_cache = kv_cache
         return paged_attention.paged_decode_attention(
-            q, k_cache, v_cache, meta.row_tables, meta.row_lens, meta.block_size, scale
+            q, k_cache, v_cache, meta.row_tables, meta.row_lens, meta.block_size, scale, window
         )
 
 
@@ -226,7 +227,7 @@ def _build_fused(
         assert qkv is not None and o is not None and gate_up is not None and down is not None
         weights.append(
             decode_step.LayerWeights(
-                block.input_norm, block.post_attention_norm, qkv, o, gate_up, down
+                block.input_norm, block.post_attention_norm, qkv, o, gate_up, down, block.window
             )
         )
     return decode_step.DecodeLayers(

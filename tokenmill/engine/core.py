@@ -41,14 +41,18 @@ class EngineCore:
             config.model, config.cache, self.source, self.structured_outputs
         )
         self.info = self.executor.info
-        self.max_model_len = self._resolve_max_model_len()
-        self.kv_cache = KVCacheManager(
-            self.info.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
-        )
         scheduler_config = config.scheduler
-        if scheduler_config.max_num_batched_tokens is None:
+        budget = scheduler_config.max_num_batched_tokens
+        if budget is None:
             budget = default_batched_tokens(self.info.device.type)
             scheduler_config = replace(scheduler_config, max_num_batched_tokens=budget)
+        self.max_model_len = self._resolve_max_model_len(budget)
+        self.kv_cache = KVCacheManager(
+            self.info.num_blocks,
+            config.cache.block_size,
+            config.cache.enable_prefix_caching,
+            self.info.arch.kv_window,
+        )
         self.scheduler = Scheduler(scheduler_config, self.kv_cache)
         self.requests: dict[str, Request] = {}
         self._log_summary(time.perf_counter() - started)
@@ -143,14 +147,19 @@ class EngineCore:
                 failed.append(request)
         return output, failed
 
-    def _resolve_max_model_len(self) -> int:
+    def _resolve_max_model_len(self, max_batched_tokens: int) -> int:
         limit = self.info.arch.max_context
         wanted = self.config.model.max_model_len
         if wanted is not None and wanted > limit:
             raise ModelLoadError(
                 f"max_model_len {wanted} exceeds the model's context length {limit}"
             )
-        capacity = self.info.num_blocks * self.config.cache.block_size
+        block_size = self.config.cache.block_size
+        capacity = self.info.num_blocks * block_size
+        window = self.info.arch.kv_window
+        if window is not None and capacity >= window + max_batched_tokens + 2 * block_size:
+            # every layer slides: a sequence holds its window and one step's chunk at most
+            capacity = limit
         if wanted is not None and wanted > capacity:
             raise ModelLoadError(
                 f"the KV cache holds {capacity} tokens, fewer than max_model_len {wanted}; "

@@ -10,6 +10,11 @@ which block holds which tokens.
 A full block is registered under its chained hash, so a later request whose
 prompt starts with the same tokens reuses it (prefix caching). Freed blocks keep
 their hash in an LRU free queue and are evicted only when a new block is needed.
+
+Where every layer of the model attends over a sliding window (`kv_window`), the blocks
+of a request wholly behind the window of its next token are freed as it advances (they
+stay cached for prefix hits until evicted); its table keeps a hole (`NO_BLOCK`) there,
+which attention never reads.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 from tokenmill.engine.request import Request
 
 BlockHash = bytes
+NO_BLOCK = 0  # a freed block's place in a block table: a valid id, never read
 
 
 def hash_block(
@@ -112,20 +118,29 @@ class BlockPool:
 
 @dataclass(slots=True)
 class _RequestBlocks:
-    blocks: list[KVBlock] = field(default_factory=list)
+    blocks: list[KVBlock | None] = field(default_factory=list)  # None: freed, behind the window
+    num_freed: int = 0  # blocks [0, num_freed) are None
     hashes: list[BlockHash] = field(default_factory=list)  # of the full blocks, in order
 
 
 class KVCacheManager:
     """Gives each request the blocks its tokens need and shares full prefix blocks."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        kv_window: int | None = None,  # keys a token may attend at most, where all layers slide
+    ):
         self.block_size = block_size
+        self.kv_window = kv_window
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self._requests: dict[str, _RequestBlocks] = {}
 
     def block_ids(self, request: Request) -> list[int]:
-        return [b.block_id for b in self._requests[request.request_id].blocks]
+        blocks = self._requests[request.request_id].blocks
+        return [NO_BLOCK if b is None else b.block_id for b in blocks]
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """Longest run of cached full blocks at the start of the request's tokens.
@@ -148,8 +163,11 @@ class KVCacheManager:
     def allocate(
         self, request: Request, num_new_tokens: int, cached: list[KVBlock] | None = None
     ) -> bool:
-        """Make room for num_new_tokens more tokens; False (and no change) when blocks run out."""
+        """Make room for num_new_tokens more tokens; False (and nothing taken) when blocks run
+        out. Blocks behind a sliding window are freed either way."""
         entry = self._requests.get(request.request_id)
+        if entry is not None:
+            self._free_behind_window(request, entry)
         cached = cached or []
         num_held = len(entry.blocks) if entry else len(cached)
         num_cached_tokens = len(cached) * self.block_size
@@ -168,6 +186,19 @@ class KVCacheManager:
         entry.blocks.extend(self.pool.allocate(num_new_blocks))
         return True
 
+    def _free_behind_window(self, request: Request, entry: _RequestBlocks) -> None:
+        """Free the blocks wholly before the window of the request's next token (their
+        tokens are computed and registered; no layer reads them again)."""
+        if self.kv_window is None:
+            return
+        first_key = request.num_computed_tokens - self.kv_window + 1
+        behind = max(0, first_key) // self.block_size
+        freed = entry.blocks[entry.num_freed : behind]
+        if freed:
+            self.pool.free([b for b in reversed(freed) if b is not None])
+            entry.blocks[entry.num_freed : behind] = [None] * len(freed)
+            entry.num_freed = behind
+
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's newly completed blocks under their chained hashes."""
         entry = self._requests[request.request_id]
@@ -177,9 +208,11 @@ class KVCacheManager:
             tokens = request.token_ids[i * self.block_size : (i + 1) * self.block_size]
             block_hash = hash_block(parent, tokens, request.cache_salt)
             entry.hashes.append(block_hash)
-            self.pool.register(entry.blocks[i], block_hash, tokens)
+            block = entry.blocks[i]
+            if block is not None:  # (blocks are freed only once computed and registered)
+                self.pool.register(block, block_hash, tokens)
 
     def free(self, request: Request) -> None:
         entry = self._requests.pop(request.request_id, None)
         if entry is not None:
-            self.pool.free(list(reversed(entry.blocks)))
+            self.pool.free([b for b in reversed(entry.blocks) if b is not None])

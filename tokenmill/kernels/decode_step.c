@@ -22,6 +22,7 @@ typedef struct {
     const float *input_norm, *post_attention_norm; /* [C] */
     Projection qkv, o, gate_up, down;
     void *k_cache, *v_cache; /* [S, Hkv, D] float32, or float16 when cache_f16 */
+    int64_t window;          /* sliding window of its attention; 0: none */
 } Layer;
 
 typedef struct {
@@ -69,7 +70,7 @@ int tm_decode_layers(const Layer *layers, int64_t num_layers, const Shape *s, fl
         if (status) break;
         status |= tm_paged_decode_attention(q, l->k_cache, l->v_cache, tables, lens, attn, rows,
                                             H, Hkv, D, s->block_size, max_blocks, s->scale,
-                                            attention_threads, (int)s->cache_f16);
+                                            l->window, attention_threads, (int)s->cache_f16);
         status |= project(&l->o, attn, rows, H * D, x, n_threads);
         tm_add_rms_norm(x, residual, l->post_attention_norm, h, rows, C, s->eps, 1);
         status |= project(&l->gate_up, h, rows, C, gate_up, n_threads);

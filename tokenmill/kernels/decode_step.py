@@ -37,6 +37,7 @@ class LayerWeights(NamedTuple):
     o: Projection
     gate_up: Projection
     down: Projection
+    window: int | None = None  # its attention's sliding window; None: the whole context
 
 
 class _Projection(ctypes.Structure):
@@ -53,6 +54,7 @@ class _Layer(ctypes.Structure):
         ("down", _Projection),
         ("k_cache", _ptr),
         ("v_cache", _ptr),
+        ("window", _i64),
     ]
 
 
@@ -119,11 +121,14 @@ class DecodeLayers:
                     _projection(w.down),
                     k.data_ptr(),
                     v.data_ptr(),
+                    w.window or 0,
                 )
                 for w, (k, v) in zip(layers, kv_caches, strict=True)
             )
         )
         self._num_layers = len(layers)
+        windows = {w.window for w in layers}
+        self._window = windows.pop() if len(windows) == 1 else None  # for the thread count
         self._shape = _Shape(
             hidden, num_heads, num_kv_heads, head_dim, intermediate,
             cos_sin.shape[0], num_slots, block_size, k_cache.dtype == torch.float16,
@@ -146,7 +151,7 @@ class DecodeLayers:
             self._layers, self._num_layers, ctypes.byref(self._shape), x.data_ptr(),
             residual.data_ptr(), rows, self.cos_sin.data_ptr(), positions.data_ptr(),
             slots.data_ptr(), tables.data_ptr(), lens.data_ptr(), tables.shape[1],
-            torch.get_num_threads(), attention_threads(self.num_heads, lens),
+            torch.get_num_threads(), attention_threads(self.num_heads, lens, self._window),
         )  # fmt: skip
         if status != 0:
             raise RuntimeError("decode step failed (position or slot out of range, or no memory)")

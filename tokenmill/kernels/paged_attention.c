@@ -2,7 +2,9 @@
  *
  * One query per row: out[b, h] = softmax(q[b, h] . K[b]^T * scale) V[b], where the keys and
  * values of row b are the first lens[b] slots named by its block table: a decode, or one
- * token of a prefill chunk (then lens[b] = its position + 1). float32 math over a float32
+ * token of a prefill chunk (then lens[b] = its position + 1). With a sliding window w > 0,
+ * only its last w of them: blocks before the window's first are never read (the engine
+ * may have freed them). float32 math over a float32
  * or float16 cache (float16: the AVX2 + F16C loops only, converted on load); two passes
  * over the keys (scores, then softmax) and one over the values (AVX2 loops for head sizes
  * that are a multiple of 8). A row's result depends on its query, keys and values only:
@@ -19,6 +21,8 @@
 #include "fast_math.h"
 #include "parallel.h"
 
+enum { TILE_ROWS = 16 }; /* rows of one sequence that share their key and value reads */
+
 typedef struct {
     const float *q;          /* [B, H, D] */
     const char *k_cache;     /* [S, Hkv, D] float32, or float16 when f16 */
@@ -28,6 +32,7 @@ typedef struct {
     float *out;              /* [B, H, D] */
     int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
     float scale;
+    int64_t window;          /* keys a row sees, its last ones; 0: all */
     int f16;                 /* the caches hold float16 (F16C builds only) */
     int64_t splits;          /* items per tile: 1, or Hkv (one per kv head) */
     const int64_t *tiles;    /* [num_tiles + 1]: tile t is rows tiles[t] .. tiles[t + 1] - 1 */
@@ -47,6 +52,11 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     for (; d < n; d++) s += a[d] * b[d];
     for (int i = 0; i < 8; i++) s += lanes[i];
     return s;
+}
+
+/* the first key a row of `len` keys sees under the job's window */
+static inline int64_t first_key(const Job *j, int64_t len) {
+    return j->window > 0 && len > j->window ? len - j->window : 0;
 }
 
 /* each of `rows` rows of L scores -> its softmax, in place */
@@ -156,25 +166,25 @@ INLINE void block_scores(const Job *j, const float *q, const char *k, int64_t n,
     }
 }
 
-/* out[r][d0 .. d0 + 8 NV) = sum over row r's L[r] keys of p[r][l] v[l] for one head, R
- * rows of one tile at a time (each value row read once for all of them); every output lane
- * is one fma chain over the keys in order, whatever R and NV */
+/* out[r][d0 .. d0 + 8 NV) = sum over row r's keys [lo[r], L[r]) of p[r][l] v[l] for one
+ * head, R rows of one tile at a time (each value row read once for all of them); every
+ * output lane is one fma chain over the keys in order, whatever R and NV */
 INLINE void weighted_values(const Job *j, const int64_t *table, const int64_t *L,
-                            const float *const *p, int64_t offset, float *const *out, const int R,
-                            const int NV, const int f16) {
+                            const int64_t *lo, const float *const *p, int64_t offset,
+                            float *const *out, const int R, const int NV, const int f16) {
     const int64_t bs = j->block_size, size = f16 ? 2 : 4, row = j->num_kv_heads * j->head_dim * size;
     const int64_t longest = L[R - 1];
     __m256 acc[2][8];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < NV; c++) acc[r][c] = _mm256_setzero_ps();
-    for (int64_t start = 0; start < longest; start += bs) {
+    for (int64_t start = lo[0] / bs * bs; start < longest; start += bs) {
         const int64_t n = longest - start < bs ? longest - start : bs;
         const char *v = j->v_cache + table[start / bs] * bs * row + offset * size;
         for (int64_t i = 0; i < n; i++, v += row) {
             __m256 values[8];
             for (int c = 0; c < NV; c++) values[c] = load_kv(v + 8 * c * size, f16);
             for (int r = 0; r < R; r++) {
-                if (start + i >= L[r]) continue;
+                if (start + i >= L[r] || start + i < lo[r]) continue;
                 const __m256 w = _mm256_broadcast_ss(p[r] + start + i);
                 for (int c = 0; c < NV; c++) acc[r][c] = _mm256_fmadd_ps(w, values[c], acc[r][c]);
             }
@@ -194,16 +204,19 @@ INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
     const int64_t size = f16 ? 2 : 4, row = Hkv * D * size; /* bytes between slots */
     const int64_t G = j->num_heads / Hkv, H = j->num_heads, *lens = j->lens + b;
     const int64_t longest = lens[R - 1];
+    int64_t lo[TILE_ROWS]; /* each row's first key (ascending, as lens is) */
+    for (int64_t r = 0; r < R; r++) lo[r] = first_key(j, lens[r]);
     for (int64_t qh = 0; qh < heads; qh++) {
         const int64_t kv = h0 + qh / G, head = h0 * G + qh;
-        for (int64_t start = 0; start < longest; start += bs) {
+        for (int64_t start = lo[0] / bs * bs; start < longest; start += bs) {
             const char *k = j->k_cache + table[start / bs] * bs * row + kv * D * size;
             for (int64_t r = 0; r < R; r++) {
                 const int64_t n = lens[r] - start < bs ? lens[r] - start : bs;
-                if (n > 0) block_scores(j, j->q + ((b + r) * H + head) * D, k, n, scores + r * longest + start, f16);
+                if (n > 0 && start + bs > lo[r])
+                    block_scores(j, j->q + ((b + r) * H + head) * D, k, n, scores + r * longest + start, f16);
             }
         }
-        for (int64_t r = 0; r < R; r++) softmax_row(scores + r * longest, lens[r]);
+        for (int64_t r = 0; r < R; r++) softmax_row(scores + r * longest + lo[r], lens[r] - lo[r]);
         for (int64_t r0 = 0; r0 < R; r0 += 2) {
             const int two = R - r0 >= 2;
             const float *p[2] = {scores + r0 * longest, scores + (r0 + two) * longest};
@@ -215,12 +228,12 @@ INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
                     for (int r = 0; r <= two; r++)
                         for (int64_t e = d; e < D; e += 8) {
                             float *slice = out[r] + e - d;
-                            weighted_values(j, table, lens + r0 + r, p + r, kv * D + e, &slice, 1, 1, f16);
+                            weighted_values(j, table, lens + r0 + r, lo + r0 + r, p + r, kv * D + e, &slice, 1, 1, f16);
                         }
                 } else if (two) {
-                    weighted_values(j, table, lens + r0, p, kv * D + d, out, 2, 4, f16);
+                    weighted_values(j, table, lens + r0, lo + r0, p, kv * D + d, out, 2, 4, f16);
                 } else {
-                    weighted_values(j, table, lens + r0, p, kv * D + d, out, 1, 8, f16);
+                    weighted_values(j, table, lens + r0, lo + r0, p, kv * D + d, out, 1, 8, f16);
                 }
             }
         }
@@ -245,28 +258,24 @@ static int run_item(const Job *j, int64_t b, int64_t R, int64_t h0, int64_t h1, 
     if (j->f16) return 1; /* float16 caches need the F16C loops */
     const int64_t row = Hkv * D; /* floats between consecutive slots */
     for (int64_t rb = b; rb < b + R; rb++) {
-        const int64_t L = j->lens[rb];
+        const int64_t lo = first_key(j, j->lens[rb]), L = j->lens[rb] - lo; /* keys lo + l */
         const float *q = j->q + (rb * j->num_heads + h0 * G) * D;
         float *out = j->out + (rb * j->num_heads + h0 * G) * D;
         /* scores[qh * L + l], qh = query head relative to h0 * G */
-        for (int64_t start = 0; start < L; start += bs) {
-            const int64_t n = L - start < bs ? L - start : bs;
-            const float *k = (const float *)j->k_cache + table[start / bs] * bs * row + h0 * D;
-            for (int64_t i = 0; i < n; i++, k += row)
-                for (int64_t qh = 0; qh < heads; qh++)
-                    scores[qh * L + start + i] = dot(q + qh * D, k + (qh / G) * D, D) * j->scale;
+        for (int64_t l = 0; l < L; l++) {
+            const float *k = (const float *)j->k_cache + (table[(lo + l) / bs] * bs + (lo + l) % bs) * row + h0 * D;
+            for (int64_t qh = 0; qh < heads; qh++)
+                scores[qh * L + l] = dot(q + qh * D, k + (qh / G) * D, D) * j->scale;
         }
         softmax_rows(scores, heads, L);
         memset(out, 0, sizeof(float) * heads * D);
-        for (int64_t start = 0; start < L; start += bs) {
-            const int64_t n = L - start < bs ? L - start : bs;
-            const float *v = (const float *)j->v_cache + table[start / bs] * bs * row + h0 * D;
-            for (int64_t i = 0; i < n; i++, v += row)
-                for (int64_t qh = 0; qh < heads; qh++) {
-                    const float p = scores[qh * L + start + i], *vh = v + (qh / G) * D;
-                    float *o = out + qh * D;
-                    for (int64_t d = 0; d < D; d++) o[d] += p * vh[d];
-                }
+        for (int64_t l = 0; l < L; l++) {
+            const float *v = (const float *)j->v_cache + (table[(lo + l) / bs] * bs + (lo + l) % bs) * row + h0 * D;
+            for (int64_t qh = 0; qh < heads; qh++) {
+                const float p = scores[qh * L + l], *vh = v + (qh / G) * D;
+                float *o = out + qh * D;
+                for (int64_t d = 0; d < D; d++) o[d] += p * vh[d];
+            }
         }
     }
     return 0;
@@ -291,8 +300,6 @@ static void run_job(void *arg, int index, int count) {
     if (status) __atomic_fetch_or(&j->status, status, __ATOMIC_RELAXED);
 }
 
-enum { TILE_ROWS = 16 }; /* rows of one sequence that share their key and value reads */
-
 /* Whether float16 caches can be read for this head size (the vector loops only). */
 int tm_paged_attention_reads_f16(int64_t head_dim) {
 #ifdef VECTOR_HEADS
@@ -309,7 +316,7 @@ int tm_paged_decode_attention(const float *q, const void *k_cache, const void *v
                               const int64_t *tables, const int64_t *lens, float *out,
                               int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                               int64_t head_dim, int64_t block_size, int64_t max_blocks,
-                              float scale, int64_t n_threads, int f16) {
+                              float scale, int64_t window, int64_t n_threads, int f16) {
     /* tiles: runs of rows with one block table and consecutive lengths (a prefill chunk) */
     int64_t *tiles = malloc(sizeof(int64_t) * (batch + 1)), num_tiles = 0, widest = 0;
     if (tiles == NULL) return 1;
@@ -331,7 +338,7 @@ int tm_paged_decode_attention(const float *q, const void *k_cache, const void *v
     /* scores: the tile's rows of one head (AVX2), or one row's heads (portable) */
     const int64_t capacity = num_kv_heads / splits * (num_heads / num_kv_heads) * widest;
     Job job = {q, k_cache, v_cache, tables, lens, out, num_heads, num_kv_heads, head_dim,
-               block_size, max_blocks, scale, f16, splits, tiles, num_tiles, capacity, 0, 0};
+               block_size, max_blocks, scale, window, f16, splits, tiles, num_tiles, capacity, 0, 0};
     parallel(run_job, &job, (int)n_threads);
     free(tiles);
     return job.status;

@@ -16,7 +16,7 @@ _MIN_WORK_PER_THREAD = 1024
 
 
 def _function() -> Callable[..., int] | None:
-    args = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64, ctypes.c_int]
+    args = [_ptr] * 6 + [_i64] * 6 + [ctypes.c_float, _i64, _i64, ctypes.c_int]
     return function("tm_paged_decode_attention", *args)
 
 
@@ -39,10 +39,11 @@ def supports(cache: torch.Tensor) -> bool:
     )
 
 
-def attention_threads(num_heads: int, lens: torch.Tensor) -> int:
+def attention_threads(num_heads: int, lens: torch.Tensor, window: int | None = None) -> int:
     """Threads for one call: one per _MIN_WORK_PER_THREAD (query head x key) pairs, at most
     torch's thread count."""
-    work = num_heads * int(lens.sum())
+    keys = lens if window is None else lens.clamp(max=window)
+    work = num_heads * int(keys.sum())
     return max(1, min(torch.get_num_threads(), work // _MIN_WORK_PER_THREAD))
 
 
@@ -54,13 +55,14 @@ def paged_decode_attention(
     lens: torch.Tensor,  # [B] int64, keys per sequence (>= 1)
     block_size: int,
     scale: float | None = None,  # of q.k; None = head_dim ** -0.5
+    window: int | None = None,  # a row sees its last `window` keys only; None: all
 ) -> torch.Tensor:  # [B, H, D]
     fn = _function()
     assert fn is not None, "check supports() first"
     q = q.contiguous()
     batch, num_heads, head_dim = q.shape
     out = torch.empty_like(q)
-    threads = attention_threads(num_heads, lens)
+    threads = attention_threads(num_heads, lens, window)
     status = fn(
         q.data_ptr(),
         k_cache.data_ptr(),
@@ -75,6 +77,7 @@ def paged_decode_attention(
         block_size,
         block_tables.shape[1],
         head_dim**-0.5 if scale is None else scale,
+        window or 0,
         threads,
         k_cache.dtype == torch.float16,
     )

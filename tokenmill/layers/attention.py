@@ -6,6 +6,10 @@ and every layer's attention reads it. The reference (`TorchAttention`, any devic
 decode rows take one padded, masked SDPA call over their gathered keys, and each prefill
 chunk its own causal call (against the new keys directly when the chunk starts at
 position 0, else against its cached keys gathered through its block table).
+
+A sliding-window layer (`window` w) lets a query at position p see keys (p - w, p] only;
+its keys are gathered from the window's first block on, so blocks behind it (freed by the
+KV cache manager where every layer slides) are never read.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class AttentionBackend(Protocol):
         cache_written: bool = False,  # k and v are in the cache already (ops.rope_and_cache)
         scale: float | None = None,  # of q.k; None = D ** -0.5
         softcap: float | None = None,  # scores -> tanh(scores / softcap) * softcap
+        window: int | None = None,  # keys (p - window, p] for a query at p; None: all
     ) -> torch.Tensor: ...  # [T, H, D]
 
 
@@ -80,10 +85,24 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class StepKeys:
+    """Which cached keys each query of a step reads, for one window."""
+
+    decode_slots: torch.Tensor | None  # [Bd, L] cache slots of each decode's keys
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, False on padding; None: none
+    prefills: list[PrefillChunk]
+
+
+@dataclass(slots=True)
 class TorchAttentionMetadata(AttentionMetadata):
-    decode_slots: torch.Tensor | None = None  # [Bd, L] cache slots of each decode's keys
-    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, L] bool, False on padding; None: none
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    layout: StepLayout
+    keys: dict[int | None, StepKeys] = field(default_factory=dict)  # by window, built once
+
+    def keys_for(self, window: int | None) -> StepKeys:
+        keys = self.keys.get(window)
+        if keys is None:
+            keys = self.keys[window] = _step_keys(self.layout, window)
+        return keys
 
 
 class TorchAttention:
@@ -92,16 +111,7 @@ class TorchAttention:
     name = "torch"
 
     def build_metadata(self, layout: StepLayout) -> TorchAttentionMetadata:
-        device = layout.slot_mapping.device
-        decodes = layout.chunks[: layout.num_decodes]
-        slots, mask = _decode_layout(decodes, layout.block_size, device)
-        prefills = [
-            _prefill_chunk(c, layout.block_size, device)
-            for c in layout.chunks[layout.num_decodes :]
-        ]
-        return TorchAttentionMetadata(
-            layout.slot_mapping, layout.num_decodes, slots, mask, prefills
-        )
+        return TorchAttentionMetadata(layout.slot_mapping, layout.num_decodes, layout)
 
     def forward(
         self,
@@ -113,22 +123,24 @@ class TorchAttention:
         cache_written: bool = False,
         scale: float | None = None,
         softcap: float | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
         assert isinstance(meta, TorchAttentionMetadata)
         k_cache, v_cache = kv_cache
         if not cache_written:
             write_cache(k, v, kv_cache, meta.slot_mapping)
+        step = meta.keys_for(window)
         out = torch.empty_like(q)
         n = meta.num_decodes
         if n:
-            assert meta.decode_slots is not None
-            keys = _gather(k_cache, meta.decode_slots, q.dtype).transpose(1, 2)  # [Bd, Hkv, L, D]
-            values = _gather(v_cache, meta.decode_slots, q.dtype).transpose(1, 2)
+            assert step.decode_slots is not None
+            keys = _gather(k_cache, step.decode_slots, q.dtype).transpose(1, 2)  # [Bd, Hkv, L, D]
+            values = _gather(v_cache, step.decode_slots, q.dtype).transpose(1, 2)
             attn = _attend(
-                q[:n].unsqueeze(2), keys, values, meta.decode_mask, False, scale, softcap
+                q[:n].unsqueeze(2), keys, values, step.decode_mask, False, scale, softcap
             )  # [Bd, H, 1, D]
             out[:n] = attn.squeeze(2)
-        for chunk in meta.prefills:
+        for chunk in step.prefills:
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
             if chunk.slots is None:  # as the cache holds them (rounded, if it is narrower)
@@ -183,36 +195,59 @@ def write_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slots: torc
     v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
 
 
-def _prefill_chunk(chunk: ScheduledChunk, bs: int, device: torch.device) -> PrefillChunk:
+def _step_keys(layout: StepLayout, window: int | None) -> StepKeys:
+    device, bs = layout.slot_mapping.device, layout.block_size
+    decodes = layout.chunks[: layout.num_decodes]
+    slots, mask = _decode_layout(decodes, bs, device, window)
+    prefills = [_prefill_chunk(c, bs, device, window) for c in layout.chunks[layout.num_decodes :]]
+    return StepKeys(slots, mask, prefills)
+
+
+def _first_key(position: int, window: int | None) -> int:
+    """The first key a query at `position` sees."""
+    return 0 if window is None else max(0, position - window + 1)
+
+
+def _prefill_chunk(
+    chunk: ScheduledChunk, bs: int, device: torch.device, window: int | None
+) -> PrefillChunk:
     row, start, n = chunk.row, chunk.start, chunk.num_tokens
-    if start == 0:
-        return PrefillChunk(row, n, None, None)
-    blocks = torch.tensor(chunk.block_table, dtype=torch.long)
-    ctx_slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()[: start + n]
+    first = _first_key(start, window)
+    if start == 0 and (window is None or n <= window):
+        return PrefillChunk(row, n, None, None)  # plain causal over the chunk's own keys
+    key_pos = torch.arange(first, start + n)
     query_pos = torch.arange(start, start + n)[:, None]
-    mask = torch.arange(start + n)[None, :] <= query_pos  # [n, ctx] causal with offset
-    return PrefillChunk(row, n, ctx_slots.to(device), mask.to(device))
+    mask = key_pos[None, :] <= query_pos  # [n, keys] causal with offset
+    if window is not None:
+        mask &= key_pos[None, :] > query_pos - window
+    if start == 0:
+        return PrefillChunk(row, n, None, mask.to(device))  # its own keys, windowed
+    table = torch.tensor(chunk.block_table, dtype=torch.long)
+    slots = table[key_pos // bs] * bs + key_pos % bs
+    return PrefillChunk(row, n, slots.to(device), mask.to(device))
 
 
 def _decode_layout(
-    decodes: list[ScheduledChunk], bs: int, device: torch.device
+    decodes: list[ScheduledChunk], bs: int, device: torch.device, window: int | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Padded cache slots [Bd, L] of every decode's keys and the mask of real ones."""
     if not decodes:
         return None, None
-    lengths = torch.tensor([c.start + 1 for c in decodes])
+    first = torch.tensor([_first_key(c.start, window) for c in decodes])
+    last = torch.tensor([c.start for c in decodes])
+    lengths = last - first + 1
     max_len = int(lengths.max())
-    max_blocks = -(-max_len // bs)
-    tables = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+    width = max(len(c.block_table) for c in decodes)
+    tables = torch.zeros(len(decodes), width, dtype=torch.long)
     for i, chunk in enumerate(decodes):
-        table = chunk.block_table[:max_blocks]
-        tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
-    slots = (tables[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)
-    slots = slots[:, :max_len].to(device)
+        tables[i, : len(chunk.block_table)] = torch.tensor(chunk.block_table, dtype=torch.long)
+    # key positions [Bd, L] from each row's first key; padding repeats its last key
+    key_pos = torch.minimum(first[:, None] + torch.arange(max_len), last[:, None])
+    slots = tables.gather(1, key_pos // bs) * bs + key_pos % bs
     if bool((lengths == max_len).all()):
-        return slots, None  # no padding (always so for one request): SDPA needs no mask
+        return slots.to(device), None  # no padding (always so for one request): no mask
     mask = torch.arange(max_len)[None, :] < lengths[:, None]
-    return slots, mask[:, None, None, :].to(device)
+    return slots.to(device), mask[:, None, None, :].to(device)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

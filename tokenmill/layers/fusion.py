@@ -22,6 +22,7 @@ class PreNormBlock(NamedTuple):
     post_attention_norm: torch.Tensor  # [C]
     gate_up_proj: nn.Module
     down_proj: nn.Module
+    window: int | None = None  # the attention's sliding window; None: the whole context
 
 
 @dataclass(slots=True)

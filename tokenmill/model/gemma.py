@@ -1,8 +1,7 @@
 """Gemma 2 and Gemma 3 (text): RMSNorm as x * (1 + w), GeGLU (tanh-approximated GELU), embeddings scaled
 by sqrt(hidden), q/k norms, q.k scaled by query_pre_attn_scalar ** -0.5, a norm after
 attention and around the MLP, and local (sliding-window) layers with their own rotary base
-between the global ones; Gemma 2 soft-caps the attention scores. The context is capped at
-the sliding window, where full attention is exact."""
+between the global ones; Gemma 2 soft-caps the attention scores."""
 
 from __future__ import annotations
 
@@ -20,11 +19,9 @@ from tokenmill.layers.linear import ColumnLinear, RowLinear, default_weight_load
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.ops import ForwardContext, KVCache
 from tokenmill.layers.rotary import RotaryEmbedding, RotaryTables
-from tokenmill.model.config import ArchConfig
+from tokenmill.model.config import FULL, SLIDING, ArchConfig
 from tokenmill.model.interface import load_checkpoint
 from tokenmill.model.llama import LlamaAttention
-
-_SLIDING, _FULL = "sliding_attention", "full_attention"
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -60,6 +57,7 @@ class Gemma3DecoderLayer(nn.Module):
         super().__init__()
         self.is_sliding = is_sliding
         self.self_attn = Gemma3Attention(cfg, scale)
+        self.self_attn.window = cfg.sliding_window if is_sliding else None
         self.mlp = Gemma3MLP(cfg)
         size, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)
@@ -86,7 +84,7 @@ class Gemma3Model(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(cfg, scale, t == _SLIDING) for t in layer_types
+            Gemma3DecoderLayer(cfg, scale, t == SLIDING) for t in layer_types
         )
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -97,13 +95,16 @@ class Gemma3ForCausalLM(nn.Module):
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
     qk_norm = True
+    sliding_window_pattern = 6  # where the config names no layer types: every 6th is global
 
     def __init__(self, hf_config: dict[str, Any]):
         super().__init__()
         cfg = self.config = ArchConfig.from_hf(hf_config, qk_norm=self.qk_norm)
         if "query_pre_attn_scalar" not in hf_config:
             raise ModelLoadError("Gemma 3 config is missing 'query_pre_attn_scalar'")
-        layer_types = _layer_types(hf_config, cfg.num_layers)
+        layer_types = cfg.layer_types = _layer_types(
+            hf_config, cfg.num_layers, self.sliding_window_pattern
+        )
         scale = float(hf_config["query_pre_attn_scalar"]) ** -0.5
         self.model = Gemma3Model(cfg, scale, layer_types)
         self.lm_head: nn.Module | None = (
@@ -167,13 +168,13 @@ class Gemma3ForCausalLM(nn.Module):
         load_checkpoint(self, weights, self.packed_modules_mapping, skip)
 
 
-def _layer_types(hf: dict[str, Any], num_layers: int) -> list[str]:
+def _layer_types(hf: dict[str, Any], num_layers: int, default_pattern: int) -> list[str]:
     """Each layer's attention: `layer_types`, else every `sliding_window_pattern`-th global."""
     types = hf.get("layer_types")
     if types is None:
-        pattern = hf.get("sliding_window_pattern", 6)
-        types = [_FULL if (i + 1) % pattern == 0 else _SLIDING for i in range(num_layers)]
-    if len(types) != num_layers or not set(types) <= {_SLIDING, _FULL}:
+        pattern = hf.get("sliding_window_pattern", default_pattern)
+        types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers)]
+    if len(types) != num_layers or not set(types) <= {SLIDING, FULL}:
         raise ModelLoadError(f"layer_types must name {num_layers} layers: {types}")
     return list(types)
 
@@ -183,9 +184,9 @@ def _rope(hf: dict[str, Any]) -> tuple[tuple[float, dict | None], tuple[float, d
     rope_parameters keyed by layer type (transformers 5) or rope_theta / rope_scaling /
     rope_local_base_freq (earlier)."""
     params = hf.get("rope_parameters") or {}
-    if _FULL in params or _SLIDING in params:
+    if FULL in params or SLIDING in params:
         pairs = []
-        for kind in (_FULL, _SLIDING):
+        for kind in (FULL, SLIDING):
             p = params.get(kind) or {}
             scaling = p if p.get("rope_type", "default") != "default" else None
             pairs.append((float(p.get("rope_theta", 10000.0)), scaling))
@@ -202,6 +203,7 @@ class Gemma2ForCausalLM(Gemma3ForCausalLM):
     attention scores soft-capped (`attn_logit_softcapping`)."""
 
     qk_norm = False
+    sliding_window_pattern = 2  # local and global layers alternate
 
     @staticmethod
     def rope(hf: dict[str, Any]) -> tuple[tuple[float, dict | None], tuple[float, dict | None]]:

@@ -36,6 +36,7 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale: float | None = None  # of q.k; None = head_dim ** -0.5
         self.softcap = cfg.attn_logit_softcapping
+        self.window: int | None = None  # sliding window of this layer; None: whole context
 
     def forward(
         self, x: torch.Tensor, rotary: RotaryTables, kv_cache: KVCache, ctx: ForwardContext
@@ -48,7 +49,7 @@ class LlamaAttention(nn.Module):
             if rotated is not None:
                 q, k = rotated
                 out = ctx.attention.forward(
-                    q, k, v, kv_cache, ctx.meta, True, self.scale, self.softcap
+                    q, k, v, kv_cache, ctx.meta, True, self.scale, self.softcap, self.window
                 )
                 return self.o_proj(out.view(T, self.q_size))
         qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, D)
@@ -56,8 +57,9 @@ class LlamaAttention(nn.Module):
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
         qk = rotary.rotate(qk)  # q and k in one call: [T, H + Hkv, D]
         out = ctx.attention.forward(
-            qk[:, :H], qk[:, H:], v, kv_cache, ctx.meta, False, self.scale, self.softcap
-        )
+            qk[:, :H], qk[:, H:], v, kv_cache, ctx.meta, False, self.scale, self.softcap,
+            self.window,
+        )  # fmt: skip
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -103,6 +105,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(layer_class(cfg) for _ in range(cfg.num_layers))
+        for i, layer in enumerate(self.layers):
+            assert isinstance(layer, LlamaDecoderLayer)
+            layer.self_attn.window = cfg.layer_window(i)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -191,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
                 return None
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             blocks.append(PreNormBlock(norms[0], projections[0], projections[1], norms[1],
-                                       projections[2], projections[3]))  # fmt: skip
+                                       projections[2], projections[3], attn.window))  # fmt: skip
         cfg = self.config
         return PreNormDecoder(
             blocks, cfg.num_heads, cfg.intermediate_size, cfg.rms_norm_eps, cos_sin
