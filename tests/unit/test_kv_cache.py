@@ -113,3 +113,35 @@ def test_a_hash_collision_is_never_a_hit(monkeypatch):
     assert len(kv.find_cached_prefix(same)) == 1
     forged = make_request("c", [7, 7, 7, 7, 9])  # same (forged) hash, other tokens
     assert kv.find_cached_prefix(forged) == []
+
+
+def test_blocks_behind_a_sliding_window_are_freed_and_stay_cached():
+    """Window 6, blocks of 4: once 14 tokens are computed, the next token (position 14)
+    reads keys 9..14, so blocks 0 and 1 (tokens 0..7) are freed, holes in the table; they
+    stay registered, so a request with the same prefix still hits them."""
+    from tokenmill.engine.kv_cache import NO_BLOCK
+
+    kv = KVCacheManager(num_blocks=8, block_size=BS, kv_window=6)
+    request = make_request("a", list(range(14)))
+    assert kv.allocate(request, 14)  # blocks 0..3
+    held = kv.block_ids(request)
+    request.num_computed_tokens = 14
+    kv.cache_full_blocks(request)
+    request.append_token(99)
+    assert kv.allocate(request, 1)
+    assert kv.block_ids(request) == [NO_BLOCK, NO_BLOCK, *held[2:]]
+    assert kv.pool.num_free_blocks == 8 - 2
+    other = make_request("b", list(range(14)))
+    assert [b.block_id for b in kv.find_cached_prefix(other)] == held[:3]
+    kv.free(request)
+    assert kv.pool.num_free_blocks == 8
+
+
+def test_without_a_window_nothing_is_freed_early():
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    request = make_request("a", list(range(14)))
+    assert kv.allocate(request, 14)
+    request.num_computed_tokens = 14
+    request.append_token(99)
+    assert kv.allocate(request, 1)
+    assert kv.pool.num_free_blocks == 4
