@@ -1,4 +1,20 @@
-"""Rotary position embeddings (HF "rotate half" layout), with llama3 and linear scaling."""
+"""Rotary position embeddings (HF "rotate half" layout): linear, llama3 and LongRoPE scaling,
+and partial rotary (only each head's first rotary_dim dims turn; Phi-4-mini).
+
+LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini) divides each frequency by its
+`short_factor` or `long_factor` and scales cos and sin by an attention factor. The set is
+chosen per position: positions below `original_max_position_embeddings` turn with the short
+factors, positions from it on with the long ones. A token's keys so depend on its position
+alone (never on its batch, its chunk or how long its sequence grows, as the KV cache and
+prefix cache need), and sequences within the original context match transformers exactly.
+Past it both references differ: transformers turns every position with the long factors once
+a sequence exceeds the original context (its generate() recomputes the KV cache at the
+crossing), and vLLM uses the long factors everywhere when max_model_len exceeds it. Here
+the first positions' cached keys keep the short factors while later queries turn with the
+long ones (what transformers' forward computes over its cache without that recompute), a
+mixture reported to hurt long-context output; re-rotating those keys at attention time would
+remove it.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +26,16 @@ import torch
 from tokenmill.errors import ModelLoadError
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2], adjusted by the checkpoint's rope scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+def rope_type(scaling: dict[str, Any] | None) -> str:
+    """The scaling's kind ("default" where there is none)."""
+    return (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [dim/2] of the rotated dims, adjusted by position-independent
+    rope scaling (LongRoPE's depend on the position: `LongRope`)."""
+    inv_freq = _default_inv_freq(dim, theta)
+    kind = rope_type(scaling)
     if kind == "default":
         return inv_freq.float()
     assert scaling is not None
@@ -22,8 +44,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling).float()
     raise ModelLoadError(
-        f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)"
+        f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3, longrope)"
     )
+
+
+def _default_inv_freq(dim: int, theta: float) -> torch.Tensor:
+    """theta ** -(2i / dim) [dim/2], float64."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -37,46 +64,121 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     return inv_freq / factor * (1 - ramp) + inv_freq * ramp
 
 
+class LongRope(NamedTuple):
+    """A "longrope" scaling, checked: frequency divisors for positions below `original`
+    (short) and from it on (long), and the factor cos and sin are multiplied by."""
+
+    short_factor: list[float]
+    long_factor: list[float]
+    original: int  # original_max_position_embeddings: the first position on long factors
+    attention_factor: float
+
+    @classmethod
+    def parse(cls, scaling: dict[str, Any], rotary_dim: int, max_positions: int) -> LongRope:
+        """Transformers' rule: `attention_factor` if given, else sqrt(1 + ln(factor) /
+        ln(original)), `factor` defaulting to max_positions / original (1 if not above 1)."""
+        for key in ("short_factor", "long_factor", "original_max_position_embeddings"):
+            if scaling.get(key) is None:
+                raise ModelLoadError(f"longrope rope scaling lacks {key!r}")
+        short, long = list(scaling["short_factor"]), list(scaling["long_factor"])
+        for name, factors in (("short_factor", short), ("long_factor", long)):
+            if len(factors) != rotary_dim // 2:
+                raise ModelLoadError(
+                    f"longrope {name} has {len(factors)} entries; the {rotary_dim} rotated "
+                    f"dims of a head need {rotary_dim // 2}"
+                )
+        original = int(scaling["original_max_position_embeddings"])
+        factor = scaling.get("factor") or max_positions / original
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = (
+                1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+            )
+        return cls(short, long, original, float(attention))
+
+    def table(self, rotary_dim: int, theta: float, max_positions: int) -> torch.Tensor:
+        """cos/sin [max_positions, 2, rotary_dim]: short factors below `original`, long ones
+        from it on, both scaled by the attention factor."""
+        inv_freq = _default_inv_freq(rotary_dim, theta)
+        short = (inv_freq / torch.tensor(self.short_factor, dtype=torch.float64)).float()
+        long = (inv_freq / torch.tensor(self.long_factor, dtype=torch.float64)).float()
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        split = min(self.original, max_positions)
+        table = torch.cat([_cos_sin(positions[:split], short), _cos_sin(positions[split:], long)])
+        return table * self.attention_factor
+
+
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """cos and sin [P, 2, R] of positions [P] at inverse frequencies [R/2], "rotate half"."""
+    freqs = torch.outer(positions, inv_freq)  # [P, R/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [P, R]
+    return torch.stack([emb.cos(), emb.sin()], dim=1)
+
+
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin for every position up to max_positions."""
+    """Precomputed cos/sin for every position up to max_positions (the model's
+    max_position_embeddings: LongRoPE's default factor is read from it), for the first
+    rotary_dim dims of each head (all of them unless given)."""
 
     def __init__(
-        self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict[str, Any] | None,
+        rotary_dim: int | None = None,
     ):
         super().__init__()
         self.head_dim = head_dim
+        self.rotary_dim = rotary_dim or head_dim
+        if self.rotary_dim % 2 or self.rotary_dim > head_dim:
+            raise ModelLoadError(
+                f"rotary embeddings over {self.rotary_dim} of a head's {head_dim} dims: "
+                "need an even number, at most the head's"
+            )
         self.max_positions = max_positions
         self.theta = theta
         self.scaling = scaling
-        self.cos_sin: torch.Tensor | None = None  # [max_positions, 2, head_dim], float32
+        self.cos_sin: torch.Tensor | None = None  # [max_positions, 2, rotary_dim], float32
 
     def build(self, device: torch.device) -> None:
-        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
-        positions = torch.arange(self.max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)  # [P, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
-        self.cos_sin = torch.stack([emb.cos(), emb.sin()], dim=1).to(device)
+        R, P = self.rotary_dim, self.max_positions
+        if rope_type(self.scaling) == "longrope":
+            assert self.scaling is not None
+            table = LongRope.parse(self.scaling, R, P).table(R, self.theta, P)
+        else:
+            table = _cos_sin(
+                torch.arange(P, dtype=torch.float32), rope_inv_freq(R, self.theta, self.scaling)
+            )
+        self.cos_sin = table.to(device)
 
     def cos_sin_for(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
         """The tables of one step's token positions [T]; every layer reuses them."""
         assert self.cos_sin is not None, "RotaryEmbedding.build() not called"
-        cos_sin = self.cos_sin[positions].to(dtype)  # [T, 2, D]
-        cos, sin = cos_sin[:, 0].unsqueeze(1), cos_sin[:, 1].unsqueeze(1)  # [T, 1, D]
-        half = self.head_dim // 2
+        cos_sin = self.cos_sin[positions].to(dtype)  # [T, 2, R]
+        cos, sin = cos_sin[:, 0].unsqueeze(1), cos_sin[:, 1].unsqueeze(1)  # [T, 1, R]
+        half = self.rotary_dim // 2
         # rotate_half(x) * sin == roll(x, half) * signed_sin, one op fewer per call
         signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         return RotaryTables(cos, signed_sin, self.cos_sin, positions)
 
 
 class RotaryTables(NamedTuple):
-    """cos and sign-adjusted sin, [T, 1, D] each, for one step's positions; the whole
-    table and the positions for the native kernel (tokenmill/kernels/layer_ops.c)."""
+    """cos and sign-adjusted sin, [T, 1, R] each, for one step's positions; the whole
+    table and the positions for the native kernel (tokenmill/kernels/layer_ops.c, which
+    rotates whole heads only: R == D)."""
 
     cos: torch.Tensor
     signed_sin: torch.Tensor
-    table: torch.Tensor  # [P, 2, D] float32
+    table: torch.Tensor  # [P, 2, R] float32
     positions: torch.Tensor  # [T]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, D] rotated by its token's position (HF "rotate half" layout)."""
-        return x * self.cos + x.roll(x.shape[-1] // 2, dims=-1) * self.signed_sin
+        """x [T, heads, D] rotated by its token's position (HF "rotate half" layout, within
+        the first R dims; the rest pass through)."""
+        R = self.cos.shape[-1]
+        if x.shape[-1] == R:
+            return x * self.cos + x.roll(R // 2, dims=-1) * self.signed_sin
+        turned = x[..., :R]
+        turned = turned * self.cos + turned.roll(R // 2, dims=-1) * self.signed_sin
+        return torch.cat([turned, x[..., R:]], dim=-1)
