@@ -35,8 +35,14 @@ PROMPT = "The weather today is sunny with a chance of rain later in the evening,
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-def _llm(directory) -> LLM:
-    return LLM(str(directory), dtype="float32", device="cpu", kv_cache_memory=16 << 20)
+def _llm(directory, max_model_len: int | None = None) -> LLM:
+    return LLM(
+        str(directory),
+        dtype="float32",
+        device="cpu",
+        kv_cache_memory=16 << 20,
+        max_model_len=max_model_len,
+    )
 
 
 def _reference(directory):
@@ -45,10 +51,11 @@ def _reference(directory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_phi3_rope_variants_match_transformers(tiny_hf_model_dir, case):
-    """Within original_max_position_embeddings: the same greedy tokens, and a fresh prefill's
-    last logits within 1e-4 of transformers'."""
+    """Served within original_max_position_embeddings (the short factors, as transformers
+    turns a short sequence): the same greedy tokens, and a fresh prefill's last logits within
+    1e-4 of transformers'."""
     directory = tiny_hf_model_dir("phi3", **CASES[case])
-    llm, reference = _llm(directory), _reference(directory)
+    llm, reference = _llm(directory, max_model_len=64), _reference(directory)
     ids = llm.tokenizer.encode(PROMPT)
     generated = llm.generate([ids], GREEDY)[0].outputs[0].token_ids
     full = ids + generated[:-1]
@@ -66,26 +73,30 @@ def test_phi3_rope_variants_match_transformers(tiny_hf_model_dir, case):
 
 
 @pytest.mark.parametrize("case", ["phi3-longrope", "phi4-mini"])
-def test_longrope_past_the_original_context_rotates_each_position_by_its_own_factors(
+def test_longrope_past_the_original_context_turns_every_position_with_the_long_factors(
     tiny_hf_model_dir, case
 ):
-    """Generating from position 30 to 110 crosses position 64, from which tokenmill rotates
-    with the long factors: the same tokens as transformers' forward run one token at a time
-    over its KV cache (each new token's factors chosen by its own position, the cached keys
-    kept). transformers' generate() differs past 64: it recomputes the whole sequence with the
-    long factors when it crosses (see layers/rotary.py)."""
+    """Served to 512 tokens (the default), every position turns with the long factors: a
+    90-token prompt and 30 more tokens are what transformers generates for a sequence past
+    the original context (64), and its prefill logits within 1e-4."""
     directory = tiny_hf_model_dir("phi3", **CASES[case])
     llm, reference = _llm(directory), _reference(directory)
-    ids = llm.tokenizer.encode(PROMPT * 2)[:30]
-    greedy = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
-    generated = llm.generate([ids], greedy)[0].outputs[0].token_ids
-    expected: list[int] = []
+    ids = llm.tokenizer.encode(PROMPT * 6)[:90]
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    out = llm.generate([ids], greedy)[0].outputs[0].token_ids
     with torch.no_grad():
-        step = reference(torch.tensor([ids]), use_cache=True)
-        for _ in range(80):
-            expected.append(int(step.logits[0, -1].argmax()))
-            step = reference(torch.tensor([expected[-1:]]), cache=step.cache, use_cache=True)
-    assert generated == expected
+        expected = reference.generate(
+            torch.tensor([ids]), max_new_tokens=30, min_new_tokens=30, do_sample=False
+        )[0, 90:].tolist()
+        logits = reference(torch.tensor([ids])).logits[0, -1]
+    assert out == expected
+    core = llm.engine.core
+    core.add_request(
+        Request("probe", ids, SamplingParams(max_tokens=1), frozenset(), core.max_model_len)
+    )
+    last = core.logits_for(core.scheduler.schedule())[0]
+    assert torch.allclose(last, logits, atol=1e-4, rtol=1e-4)
+    core.finish("probe", "abort")
 
 
 @pytest.mark.parametrize("case", list(CASES))

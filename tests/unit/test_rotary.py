@@ -1,5 +1,5 @@
-"""Rotary tables: partial rotary against HF's formula written out, LongRoPE's per-position
-factors and attention factor, and the configs they refuse."""
+"""Rotary tables: partial rotary against HF's formula written out, LongRoPE's factors (chosen
+by the served context) and attention factor, and the configs they refuse."""
 
 import math
 
@@ -24,9 +24,11 @@ def _hf_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([turned * cos + _rotate_half(turned) * sin, rest], dim=-1)
 
 
-def _built(head_dim: int, rotary_dim: int | None = None, scaling=None) -> RotaryEmbedding:
+def _built(
+    head_dim: int, rotary_dim: int | None = None, scaling=None, context: int | None = None
+) -> RotaryEmbedding:
     rotary = RotaryEmbedding(head_dim, 512, 10000.0, scaling, rotary_dim)
-    rotary.build(CPU)
+    rotary.build(CPU, context)
     return rotary
 
 
@@ -59,14 +61,17 @@ def test_rotate_turns_the_first_rotary_dims_and_passes_the_rest(head_dim, rotary
     )
 
 
-def test_longrope_uses_short_factors_below_the_original_context_and_long_ones_from_it():
-    rotary = _built(16, 12, _longrope(6))
+@pytest.mark.parametrize(("context", "kind"), [(None, "long_factor"), (65, "long_factor"),
+                                              (64, "short_factor"), (10, "short_factor")])  # fmt: skip
+def test_longrope_turns_every_position_with_the_factors_of_the_served_context(context, kind):
+    """Serving past the original context (64; the default serves all 512): the long factors
+    at every position, else the short ones."""
+    rotary = _built(16, 12, _longrope(6), context)
     scaling = _longrope(6)
     attention = math.sqrt(1 + math.log(512 / 64) / math.log(64))
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 12, 2).double() / 12)
     assert rotary.cos_sin is not None
     for position in (0, 1, 63, 64, 65, 511):
-        kind = "short_factor" if position < 64 else "long_factor"
         angle = position * inv_freq / torch.tensor(scaling[kind], dtype=torch.float64)
         row = rotary.cos_sin[position].double()  # [2, R]
         torch.testing.assert_close(row[0, :6], angle.cos() * attention, atol=1e-5, rtol=0)
@@ -74,8 +79,8 @@ def test_longrope_uses_short_factors_below_the_original_context_and_long_ones_fr
 
 
 def test_longrope_table_equals_transformers_within_and_past_the_original_context():
-    """Rows below 64 as transformers computes a short sequence's; rows from 64 on as it
-    computes a long one's (Phi-4-mini's shape: partial rotary and longrope together)."""
+    """Served up to 64 tokens, the table is transformers' for a short sequence; served
+    longer, its table for a long one (Phi-4-mini's shape: partial rotary and longrope)."""
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -85,14 +90,14 @@ def test_longrope_table_equals_transformers_within_and_past_the_original_context
         partial_rotary_factor=0.75, rope_scaling=dict(scaling),
         original_max_position_embeddings=64,
     )  # fmt: skip
-    rotary = _built(16, 12, scaling)
-    assert rotary.cos_sin is not None
-    for seq_len, rows in ((64, slice(0, 64)), (512, slice(64, 512))):
+    for seq_len in (64, 512):
+        rotary = _built(16, 12, scaling, seq_len)
+        assert rotary.cos_sin is not None
         inv_freq, attention = ROPE_INIT_FUNCTIONS["longrope"](config, CPU, seq_len=seq_len)
-        freqs = torch.arange(512).float()[rows, None] * inv_freq
+        freqs = torch.arange(512).float()[:, None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
-        torch.testing.assert_close(rotary.cos_sin[rows, 0], emb.cos() * attention)
-        torch.testing.assert_close(rotary.cos_sin[rows, 1], emb.sin() * attention)
+        torch.testing.assert_close(rotary.cos_sin[:, 0], emb.cos() * attention)
+        torch.testing.assert_close(rotary.cos_sin[:, 1], emb.sin() * attention)
 
 
 def test_longrope_attention_factor_and_factor_when_given():

@@ -124,9 +124,12 @@ def test_configs_an_architecture_cannot_run_are_load_errors() -> None:
         MixtralForCausalLM(TINY | {"num_experts_per_tok": 2})
     from tokenmill.model.phi3 import Phi3ForCausalLM
 
-    phi4_mini = TINY | {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.75}}
+    # heads of 4 dims: 0.75 would turn 3, and rotary embeddings turn pairs
+    odd_rotary_dims = TINY | {
+        "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.75}
+    }
     with pytest.raises(ModelLoadError, match="partial_rotary_factor 0.75"):
-        Phi3ForCausalLM(phi4_mini)
+        Phi3ForCausalLM(odd_rotary_dims)
 
 
 def test_each_experts_projections_land_in_its_rows() -> None:

@@ -2,18 +2,16 @@
 and partial rotary (only each head's first rotary_dim dims turn; Phi-4-mini).
 
 LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini) divides each frequency by its
-`short_factor` or `long_factor` and scales cos and sin by an attention factor. The set is
-chosen per position: positions below `original_max_position_embeddings` turn with the short
-factors, positions from it on with the long ones. A token's keys so depend on its position
-alone (never on its batch, its chunk or how long its sequence grows, as the KV cache and
-prefix cache need), and sequences within the original context match transformers exactly.
-Past it both references differ: transformers turns every position with the long factors once
-a sequence exceeds the original context (its generate() recomputes the KV cache at the
-crossing), and vLLM uses the long factors everywhere when max_model_len exceeds it. Here
-the first positions' cached keys keep the short factors while later queries turn with the
-long ones (what transformers' forward computes over its cache without that recompute), a
-mixture reported to hurt long-context output; re-rotating those keys at attention time would
-remove it.
+`short_factor` or `long_factor` and scales cos and sin by an attention factor. One set turns
+every position, chosen at load as vLLM does: the long factors where the served context
+(max_model_len) exceeds `original_max_position_embeddings`, else the short ones. A token's
+keys so depend on its position alone (never on its batch, its chunk or how long its sequence
+grows, as the KV cache and prefix cache need) and keys and queries always turn alike.
+transformers instead switches per sequence (short factors while a sequence fits the
+original context, long ones for all its positions once it is longer, recomputing its cache):
+tokenmill matches it on sequences past the original context, and on the rest when
+--max-model-len is at most the original context. Mixing the sets per position (short keys,
+long queries) is what has been reported to break long-context output.
 """
 
 from __future__ import annotations
@@ -96,16 +94,17 @@ class LongRope(NamedTuple):
             )
         return cls(short, long, original, float(attention))
 
-    def table(self, rotary_dim: int, theta: float, max_positions: int) -> torch.Tensor:
-        """cos/sin [max_positions, 2, rotary_dim]: short factors below `original`, long ones
-        from it on, both scaled by the attention factor."""
+    def table(
+        self, rotary_dim: int, theta: float, max_positions: int, context: int
+    ) -> torch.Tensor:
+        """cos/sin [max_positions, 2, rotary_dim] scaled by the attention factor: the long
+        factors where `context` (the longest sequence served) exceeds `original`, else the
+        short ones."""
+        factors = self.long_factor if context > self.original else self.short_factor
         inv_freq = _default_inv_freq(rotary_dim, theta)
-        short = (inv_freq / torch.tensor(self.short_factor, dtype=torch.float64)).float()
-        long = (inv_freq / torch.tensor(self.long_factor, dtype=torch.float64)).float()
+        inv_freq = (inv_freq / torch.tensor(factors, dtype=torch.float64)).float()
         positions = torch.arange(max_positions, dtype=torch.float32)
-        split = min(self.original, max_positions)
-        table = torch.cat([_cos_sin(positions[:split], short), _cos_sin(positions[split:], long)])
-        return table * self.attention_factor
+        return _cos_sin(positions, inv_freq) * self.attention_factor
 
 
 def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -141,11 +140,12 @@ class RotaryEmbedding(torch.nn.Module):
         self.scaling = scaling
         self.cos_sin: torch.Tensor | None = None  # [max_positions, 2, rotary_dim], float32
 
-    def build(self, device: torch.device) -> None:
+    def build(self, device: torch.device, context: int | None = None) -> None:
+        """The table, for sequences of up to `context` tokens (None: max_positions)."""
         R, P = self.rotary_dim, self.max_positions
         if rope_type(self.scaling) == "longrope":
             assert self.scaling is not None
-            table = LongRope.parse(self.scaling, R, P).table(R, self.theta, P)
+            table = LongRope.parse(self.scaling, R, P).table(R, self.theta, P, context or P)
         else:
             table = _cos_sin(
                 torch.arange(P, dtype=torch.float32), rope_inv_freq(R, self.theta, self.scaling)

@@ -13,9 +13,14 @@ from tokenmill.model.source import ModelSource
 
 
 def load_model(
-    cls: type[CausalLM], source: ModelSource, device: torch.device, dtype: torch.dtype
+    cls: type[CausalLM],
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int | None = None,
 ) -> CausalLM:
-    """The model with the checkpoint's weights in `dtype` on `device`, in eval mode."""
+    """The model with the checkpoint's weights in `dtype` on `device`, in eval mode; its
+    rotary tables for sequences of up to max_model_len tokens (None: the model's own)."""
     with torch.device("meta"):
         model = cls(source.hf_config)
     module: torch.nn.Module = model  # type: ignore[assignment]
@@ -24,7 +29,7 @@ def load_model(
     model.load_weights(_converted(source, device, dtype))
     for rotary in module.modules():  # every rotary table the model has
         if isinstance(rotary, RotaryEmbedding):
-            rotary.build(device)
+            rotary.build(device, max_model_len)
     module.eval()
     return model
 

@@ -59,8 +59,9 @@ class Worker:
             formats.check_quantization(self.quantization, self.device, self.dtype)
         started = time.perf_counter()
         self.model: CausalLM = load_model(
-            model_class(source.hf_config), source, self.device, self.dtype
-        )
+            model_class(source.hf_config), source, self.device, self.dtype,
+            model_config.max_model_len,
+        )  # fmt: skip
         cfg = self.model.config
         self.kv_cache_dtype = formats.resolve_kv_cache_dtype(
             cache_config.kv_cache_dtype, self.dtype, self.device, self.quantization, cfg.head_dim
