@@ -80,8 +80,9 @@ class AttentionBackend(Protocol):
 class PrefillChunk:
     q_start: int  # first row of this chunk in the flattened batch
     q_len: int  # new tokens in the chunk
-    slots: torch.Tensor | None  # [ctx] cache slots of all its keys; None when the chunk starts at 0
-    mask: torch.Tensor | None  # [q_len, ctx] bool, True = may attend; None when slots is None
+    # [keys] cache slots of the keys its queries see; None: the chunk starts at 0 (its own)
+    slots: torch.Tensor | None
+    mask: torch.Tensor | None  # [q_len, keys] bool, True = may attend; None: plain causal
 
 
 @dataclass(slots=True)
