@@ -36,6 +36,7 @@ from tokenmill.layers.linear import (
     GGUFLinear,
     PackedLinear,
     TransposedHead,
+    gguf_fallback_reason,
     gguf_linear,
 )
 from tokenmill.layers.ops import ForwardContext, KVCache, TorchOps
@@ -164,7 +165,10 @@ class CpuBackend(Backend):
             self.attention = TorchAttention()  # the native kernel does not soft-cap scores
         rest = quantization  # the format of what is not kept as GGUF blocks
         if quantization in ("gguf", "gguf-float32"):
-            kept = 0 if blocks is None else _keep_gguf_blocks(model, blocks, quantization == "gguf")
+            int8 = quantization == "gguf"
+            kept, left = (0, None) if blocks is None else _keep_gguf_blocks(model, blocks, int8)
+            if left is not None:
+                logger.info("weights: quantized linear layers loaded dequantized: %s", left)
             if kept:
                 activations = "int8" if quantization == "gguf" else "float32"
                 logger.info(
@@ -258,10 +262,13 @@ def _replace(model: CausalLM | nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), name, module)
 
 
-def _keep_gguf_blocks(model: CausalLM, blocks: BlockLookup, int8_activations: bool) -> int:
+def _keep_gguf_blocks(
+    model: CausalLM, blocks: BlockLookup, int8_activations: bool
+) -> tuple[int, str | None]:
     """Swap in GGUFLinear wherever the checkpoint stores a linear's weights (every shard of
-    a fused one) in a type the kernel reads; returns how many it swapped."""
-    kept = 0
+    a fused one) in a type the kernel reads; returns how many it swapped, and a summary of
+    the quantized ones it left to load dequantized (which, in what types, why), if any."""
+    kept, left = 0, dict[str, list[str]]()
     targets: list[tuple[str, nn.Linear | torch.Tensor]] = list(_linears(model))
     if model.lm_head is None:  # tied: the output projection is the embedding
         targets.append(("lm_head", model.output_weight))
@@ -271,7 +278,17 @@ def _keep_gguf_blocks(model: CausalLM, blocks: BlockLookup, int8_activations: bo
         if replacement is not None:
             _replace(model, path, replacement)
             kept += 1
-    return kept
+            continue
+        reason = gguf_fallback_reason(linear, parts) or "scales beyond float16"
+        if reason != "not stored quantized":
+            left.setdefault(reason, []).append(path)
+    if not left:
+        return kept, None
+    summary = "; ".join(
+        f"{len(paths)} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}): {reason}"
+        for reason, paths in left.items()
+    )
+    return kept, summary
 
 
 def pack_fp16(model: nn.Module) -> None:

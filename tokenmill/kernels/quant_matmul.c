@@ -1,9 +1,14 @@
 /* y = x W^T (+ bias), x float32, W in panels of 16 output columns: float16
- * ([panels][K][16]) or a GGUF file's Q4_1/Q8_0 blocks repacked:
+ * ([panels][K][16]) or GGUF blocks repacked (quant_matmul.py maps each GGUF type to one of
+ * four formats, named by a GGML type id):
  *   values: Q4_1 [panels][K][8] bytes, byte j = column j (low nibble) | column j+8 (high);
- *           Q8_0 [panels][K][16] int8;
- *   scales: [panels][K/32][S][16] float16, S = 2 (d, then m) for Q4_1, 1 (d) for Q8_0.
- * A quantized weight is w = fma(d, q, m) (m = 0 for Q8_0) per 32-value block.
+ *           Q8_0 and Q6_K [panels][K][16] int8;
+ *           Q5_1 [panels][K/32][320] bytes: Q4_1's 32 x 8 nibble bytes, then 32 uint16
+ *                whose bit j is column j's fifth bit (value 16);
+ *   scales: [panels][K/G][S][16], G values per scale: float16 with G = 32 and S = 2 (d,
+ *           then m) for Q4_1 and Q5_1, S = 1 (d) for Q8_0; float32 with G = 16, S = 1 for
+ *           Q6_K (its per-16 scales, d * sc, exact).
+ * A quantized weight is w = fma(d, q, m) (m = 0 for Q8_0 and Q6_K) per G-value block.
  *
  * Every output is ONE chain, y = fma(w_k, x_k, y) over k = 0 .. K-1 in order, whichever
  * tile computes it: batches of up to 4 rows convert the weights in registers (batch-1
@@ -17,11 +22,14 @@
  * weights' values are stored in dot-product order, 8 columns per 32-byte vector:
  *   Q4_1: [panels][K/32][2][4][32] bytes: in vector v of group g, byte 4c + i holds column
  *         8g + c's block values 4v + i (low nibble) and 16 + 4v + i (high nibble);
- *   Q8_0: [panels][K/32][2][8][32] int8: vector j of group g, byte 4c + i = column 8g + c's
- *         block value 4j + i;
- *   scales as above. Every output is y = fma(float(sum q_w q_x), d_w * d_x, y), then for
- * Q4_1 y = fma(m_w, s_x, y), block after block in order; the integer sums are exact, so
- * again no result depends on the tile, the batch or the build.
+ *   Q5_1: [panels][K/32][2][160] bytes: Q4_1's 4 vectors, then per vector v two uint32,
+ *         bit 4c + i = the fifth bit of the low nibble's value, then of the high one's;
+ *   Q8_0, Q6_K: [panels][K/32][2][8][32] int8: vector j of group g, byte 4c + i = column
+ *         8g + c's block value 4j + i;
+ *   scales as above. Every output is y = fma(float(sum q_w q_x), d_w * d_x, y) per G-value
+ * block (Q6_K: each half of the activations' block), then for Q4_1 and Q5_1
+ * y = fma(m_w, s_x, y), block after block in order; the integer sums are exact, so again
+ * no result depends on the tile, the batch or the build.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -29,7 +37,7 @@
 
 #include "parallel.h"
 
-enum { TYPE_Q4_1 = 3, TYPE_Q8_0 = 8 }; /* GGML type ids */
+enum { TYPE_Q4_1 = 3, TYPE_Q5_1 = 7, TYPE_Q8_0 = 8, TYPE_Q6_K = 14 }; /* GGML type ids */
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -67,7 +75,7 @@ enum { PANEL = 16, QBLOCK = 32 };
 /* batches of up to IN_REGISTERS rows convert weights in registers; ROWS_PER_BLOCK rows of
  * x stay in L2 while a thread's panels pass */
 enum { IN_REGISTERS = 4, ROWS_PER_BLOCK = 48 };
-enum { SRC_F16, SRC_Q4_1, SRC_Q8_0 };                    /* weight formats */
+enum { SRC_F16, SRC_Q4_1, SRC_Q8_0, SRC_Q5_1, SRC_Q6_K }; /* weight formats */
 enum { DOT = 256 }; /* type flag: int8 activations, values in dot-product order */
 
 typedef struct {
@@ -83,17 +91,41 @@ typedef struct {
     const float *xd, *xs;
 } Matmul;
 
-static inline int64_t scale_rows(int src) { return src == SRC_Q4_1 ? 2 : 1; }
+/* scales per block (d, m), values per scale, bytes per nibble group (Q5_1) */
+static inline int64_t scale_rows(int src) { return src == SRC_Q4_1 || src == SRC_Q5_1 ? 2 : 1; }
+static inline int64_t group_size(int src) { return src == SRC_Q6_K ? 16 : QBLOCK; }
+static inline int has_min(int src) { return src == SRC_Q4_1 || src == SRC_Q5_1; }
+enum { Q5_BLOCK_BYTES = 320, Q5_GROUP_BYTES = 160 };
+
+/* the scales of `panel`'s block (G values) `block`: float16, or float32 for Q6_K */
+static inline const char *scales_at(const uint16_t *scales, int64_t K, int64_t panel,
+                                    int64_t block, int src) {
+    const int64_t index = (panel * (K / group_size(src)) + block) * scale_rows(src) * PANEL;
+    return src == SRC_Q6_K ? (const char *)((const float *)scales + index)
+                           : (const char *)(scales + index);
+}
 
 #if defined(HAVE_AVX2) && defined(__F16C__)
 #define INLINE static inline __attribute__((always_inline))
 
-/* the block's scales of `panel` as floats: dm[0..15] = d, dm[16..31] = m (Q4_1) */
+/* the block's scales of `panel` as floats: dm[0..15] = d, dm[16..31] = m (Q4_1, Q5_1) */
 INLINE void block_scales(const Matmul *p, int64_t panel, int64_t block, const int src, float *dm) {
-    const int64_t S = scale_rows(src);
-    const uint16_t *sc = p->scales + (panel * (p->K / QBLOCK) + block) * S * PANEL;
-    for (int i = 0; i < 2 * S; i++)
-        _mm256_storeu_ps(dm + 8 * i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 8 * i))));
+    const char *sc = scales_at(p->scales, p->K, panel, block, src);
+    if (src == SRC_Q6_K) {
+        memcpy(dm, sc, sizeof(float) * PANEL);
+        return;
+    }
+    for (int i = 0; i < 2 * scale_rows(src); i++)
+        _mm256_storeu_ps(dm + 8 * i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc + i)));
+}
+
+/* bytes 0..31 = 0xff where bit j of `bits` is set, else 0 */
+INLINE __m256i expand_bits(uint32_t bits) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
 }
 
 /* the 16 weights of `panel` at k as floats (columns 0-7, 8-15) */
@@ -103,14 +135,26 @@ INLINE void weights_at(const Matmul *p, int64_t panel, int64_t k, const int src,
         const uint16_t *w = (const uint16_t *)p->w + (panel * p->K + k) * PANEL;
         *lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
         *hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 8)));
-    } else if (src == SRC_Q4_1) {
+    } else if (src == SRC_Q4_1 || src == SRC_Q5_1) {
         const uint8_t *b = p->w + (panel * p->K + k) * 8;
+        __m256i fifth_lo = _mm256_setzero_si256(), fifth_hi = fifth_lo;
+        if (src == SRC_Q5_1) {
+            const uint8_t *base = p->w + (panel * (p->K / QBLOCK) + k / QBLOCK) * Q5_BLOCK_BYTES;
+            uint16_t bits;
+            memcpy(&bits, base + 256 + (k % QBLOCK) * 2, sizeof bits);
+            b = base + (k % QBLOCK) * 8;
+            const __m256i all = _mm256_set1_epi32(bits), one = _mm256_set1_epi32(1);
+            fifth_lo = _mm256_slli_epi32(
+                _mm256_and_si256(_mm256_srlv_epi32(all, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), one), 4);
+            fifth_hi = _mm256_slli_epi32(
+                _mm256_and_si256(_mm256_srlv_epi32(all, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)), one), 4);
+        }
         const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b));
-        const __m256 qlo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
-        const __m256 qhi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+        const __m256 qlo = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(15)), fifth_lo));
+        const __m256 qhi = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(v, 4), fifth_hi));
         *lo = _mm256_fmadd_ps(_mm256_loadu_ps(dm), qlo, _mm256_loadu_ps(dm + 16));
         *hi = _mm256_fmadd_ps(_mm256_loadu_ps(dm + 8), qhi, _mm256_loadu_ps(dm + 24));
-    } else {
+    } else { /* Q8_0, Q6_K */
         const uint8_t *b = p->w + (panel * p->K + k) * 16;
         const __m256 qlo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b)));
         const __m256 qhi =
@@ -135,8 +179,10 @@ INLINE void store_tile(const Matmul *p, int64_t m, int64_t panel, const int R, c
     }
 }
 
-/* bytes of one panel's 16 weights at one k */
-INLINE int64_t weight_bytes(const int src) { return src == SRC_F16 ? 32 : src == SRC_Q4_1 ? 8 : 16; }
+/* bytes of one panel's 16 weights at one k (Q5_1: on average) */
+INLINE int64_t weight_bytes(const int src) {
+    return src == SRC_F16 ? 32 : src == SRC_Q4_1 ? 8 : src == SRC_Q5_1 ? 10 : 16;
+}
 
 /* Batches of 1-2 rows read the weights once, faster than the hardware prefetcher fetches
  * them: ask for the line PREFETCH_BYTES ahead in the panel (and the next block's scales)
@@ -144,16 +190,17 @@ INLINE int64_t weight_bytes(const int src) { return src == SRC_F16 ? 32 : src ==
 enum { PREFETCH_BYTES = 512 };
 INLINE void prefetch(const Matmul *p, int64_t panel, int64_t k, const int src) {
     _mm_prefetch((const char *)p->w + (panel * p->K + k) * weight_bytes(src) + PREFETCH_BYTES, _MM_HINT_T0);
-    if (src != SRC_F16 && (k & (QBLOCK - 1)) == 0) {
-        const uint16_t *sc = p->scales + (panel * (p->K / QBLOCK) + k / QBLOCK) * scale_rows(src) * PANEL;
-        _mm_prefetch((const char *)sc + PREFETCH_BYTES / 4, _MM_HINT_T0);
+    if (src != SRC_F16 && (k & (group_size(src) - 1)) == 0) {
+        const char *sc = scales_at(p->scales, p->K, panel, k / group_size(src), src);
+        _mm_prefetch(sc + PREFETCH_BYTES / 4, _MM_HINT_T0);
     }
 }
 
 /* R rows (from m) by P panels (from panel), weights converted in registers */
 INLINE void tile_in_registers(const Matmul *p, int64_t m, int64_t panel, const int R,
                               const int P, const int src) {
-    const int64_t K = p->K, step = src == SRC_F16 ? K : QBLOCK;
+    const int64_t K = p->K, step = src == SRC_F16 ? K : group_size(src);
+    const int64_t every = src == SRC_F16 ? 2 : src == SRC_Q4_1 ? 8 : 4; /* k per cache line */
     const float *x = p->x + m * K;
     __m256 acc[6][8];
     float dm[4][2 * PANEL];
@@ -161,10 +208,10 @@ INLINE void tile_in_registers(const Matmul *p, int64_t m, int64_t panel, const i
         for (int c = 0; c < 2 * P; c++) acc[r][c] = _mm256_setzero_ps();
     for (int64_t k0 = 0; k0 < K; k0 += step) {
         if (src != SRC_F16)
-            for (int pp = 0; pp < P; pp++) block_scales(p, panel + pp, k0 / QBLOCK, src, dm[pp]);
+            for (int pp = 0; pp < P; pp++) block_scales(p, panel + pp, k0 / step, src, dm[pp]);
         for (int64_t k = k0; k < k0 + step; k++) {
             __m256 w[8];
-            if (R <= 2 && (k & (64 / weight_bytes(src) - 1)) == 0) /* a cache line per panel */
+            if (R <= 2 && (k & (every - 1)) == 0) /* a cache line per panel */
                 for (int pp = 0; pp < P; pp++) prefetch(p, panel + pp, k, src);
             for (int pp = 0; pp < P; pp++)
                 weights_at(p, panel + pp, k, src, dm[pp], &w[2 * pp], &w[2 * pp + 1]);
@@ -196,10 +243,10 @@ INLINE void tile_from_buffer(const Matmul *p, int64_t m, int64_t panel, const in
 }
 
 INLINE void convert_panel(const Matmul *p, int64_t panel, const int src, float *wbuf) {
-    const int64_t K = p->K, step = src == SRC_F16 ? K : QBLOCK;
+    const int64_t K = p->K, step = src == SRC_F16 ? K : group_size(src);
     float dm[2 * PANEL];
     for (int64_t k0 = 0; k0 < K; k0 += step) {
-        if (src != SRC_F16) block_scales(p, panel, k0 / QBLOCK, src, dm);
+        if (src != SRC_F16) block_scales(p, panel, k0 / step, src, dm);
         for (int64_t k = k0; k < k0 + step; k++) {
             __m256 lo, hi;
             weights_at(p, panel, k, src, dm, &lo, &hi);
@@ -283,13 +330,40 @@ INLINE int32_t load4(const int8_t *x) {
     return v;
 }
 
-/* R rows (from m) by P panels (from panel) of Q4_1 or Q8_0 values in dot-product order.
+/* acc += float(sum) * (d_w * d_x) (+ m_w * s_x): one block's (Q6_K: half block's) step */
+INLINE void dot_step(const Matmul *p, int64_t m, int64_t panel, const int R, const int P,
+                     const int src, int64_t b, int64_t scale_block, __m256i sum[4][4], __m256 acc[6][8]) {
+    const int64_t blocks = p->K / QBLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    float dm[2][2 * PANEL];
+    for (int pp = 0; pp < P; pp++) block_scales(p, panel + pp, scale_block, src, dm[pp]);
+    for (int r = 0; r < R; r++) {
+        const __m256 xd = _mm256_broadcast_ss(p->xd + (m + r) * blocks + b);
+        const __m256 xs = _mm256_broadcast_ss(p->xs + (m + r) * blocks + b);
+        for (int c = 0; c < 2 * P; c++) {
+            const __m256i isum = src == SRC_Q4_1 ? _mm256_madd_epi16(sum[r][c], ones) : sum[r][c];
+            const float *d = dm[c / 2] + 8 * (c % 2);
+            acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(_mm256_loadu_ps(d), xd), acc[r][c]);
+            if (has_min(src)) acc[r][c] = _mm256_fmadd_ps(_mm256_loadu_ps(d + PANEL), xs, acc[r][c]);
+        }
+    }
+}
+
+/* bytes of a group of 8 columns' values in one block, dot-product order */
+INLINE int64_t dot_group_bytes(const int src) {
+    return src == SRC_Q4_1 ? 128 : src == SRC_Q5_1 ? Q5_GROUP_BYTES : 256;
+}
+
+/* R rows (from m) by P panels (from panel) of values in dot-product order.
  * Q4_1: u8 nibbles times s8 activations (maddubs), 16-bit sums over a block (at most
- * 8 x 2 x 15 x 127 = 30480); Q8_0: |w| times sign(w) x, 32-bit sums. */
+ * 8 x 2 x 15 x 127 = 30480); Q5_1: u8 5-bit values, 16-bit sums of 4 products (at most
+ * 4 x 31 x 127 = 15748) added up in 32 bits; Q8_0 and Q6_K: |w| times sign(w) x, 32-bit
+ * sums (Q6_K: one per 16 values, each with its own scale). */
 INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, const int P, const int src) {
     const int64_t K = p->K, blocks = K / QBLOCK;
-    const int vectors = src == SRC_Q4_1 ? 4 : 8; /* per group of 8 columns and block */
-    const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const int vectors = src == SRC_Q4_1 || src == SRC_Q5_1 ? 4 : 8; /* per group of 8 columns and block */
+    const int64_t gb = dot_group_bytes(src);
+    const __m256i nibble = _mm256_set1_epi8(15), fifth = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
     __m256 acc[6][8];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 2 * P; c++) acc[r][c] = _mm256_setzero_ps();
@@ -300,12 +374,19 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
         for (int v = 0; v < vectors; v++) {
             __m256i w[4], w2[4];
             for (int c = 0; c < 2 * P; c++) {
-                const uint8_t *at = p->w + ((panel + c / 2) * blocks + b) * vectors * 64 + (c % 2) * vectors * 32 + v * 32;
+                const uint8_t *group = p->w + (((panel + c / 2) * blocks + b) * 2 + c % 2) * gb;
+                const uint8_t *at = group + v * 32;
                 if (R == 1 && (v & 1) == 0) _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)at);
-                if (src == SRC_Q4_1) {
+                if (src == SRC_Q4_1 || src == SRC_Q5_1) {
                     w[c] = _mm256_and_si256(raw, nibble);
                     w2[c] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+                    if (src == SRC_Q5_1) {
+                        uint32_t bits[2];
+                        memcpy(bits, group + 128 + v * 8, sizeof bits);
+                        w[c] = _mm256_or_si256(w[c], _mm256_and_si256(expand_bits(bits[0]), fifth));
+                        w2[c] = _mm256_or_si256(w2[c], _mm256_and_si256(expand_bits(bits[1]), fifth));
+                    }
                 } else {
                     w[c] = _mm256_abs_epi8(raw);
                     w2[c] = raw;
@@ -313,11 +394,14 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
             }
             for (int r = 0; r < R; r++) {
                 const int8_t *xq = p->xq + (m + r) * K + b * QBLOCK;
-                if (src == SRC_Q4_1) {
+                if (src == SRC_Q4_1 || src == SRC_Q5_1) {
                     const __m256i lo = _mm256_set1_epi32(load4(xq + 4 * v)), hi = _mm256_set1_epi32(load4(xq + 16 + 4 * v));
-                    for (int c = 0; c < 2 * P; c++)
-                        sum[r][c] = _mm256_add_epi16(sum[r][c], _mm256_add_epi16(_mm256_maddubs_epi16(w[c], lo),
-                                                                                 _mm256_maddubs_epi16(w2[c], hi)));
+                    for (int c = 0; c < 2 * P; c++) {
+                        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w[c], lo),
+                                                               _mm256_maddubs_epi16(w2[c], hi));
+                        sum[r][c] = src == SRC_Q4_1 ? _mm256_add_epi16(sum[r][c], pairs)
+                                                    : _mm256_add_epi32(sum[r][c], _mm256_madd_epi16(pairs, ones));
+                    }
                 } else {
                     const __m256i a = _mm256_set1_epi32(load4(xq + 4 * v));
                     for (int c = 0; c < 2 * P; c++) {
@@ -329,19 +413,13 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
                  * spills every product first, far slower */
                 for (int c = 0; c < 2 * P; c++) __asm__("" : "+x"(sum[r][c]));
             }
-        }
-        float dm[2][2 * PANEL];
-        for (int pp = 0; pp < P; pp++) block_scales(p, panel + pp, b, src, dm[pp]);
-        for (int r = 0; r < R; r++) {
-            const __m256 xd = _mm256_broadcast_ss(p->xd + (m + r) * blocks + b);
-            const __m256 xs = _mm256_broadcast_ss(p->xs + (m + r) * blocks + b);
-            for (int c = 0; c < 2 * P; c++) {
-                const __m256i isum = src == SRC_Q4_1 ? _mm256_madd_epi16(sum[r][c], ones) : sum[r][c];
-                const float *d = dm[c / 2] + 8 * (c % 2);
-                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(_mm256_loadu_ps(d), xd), acc[r][c]);
-                if (src == SRC_Q4_1) acc[r][c] = _mm256_fmadd_ps(_mm256_loadu_ps(d + PANEL), xs, acc[r][c]);
+            if (src == SRC_Q6_K && v == 3) { /* the block's first 16 values: their own scale */
+                dot_step(p, m, panel, R, P, src, b, 2 * b, sum, acc);
+                for (int r = 0; r < R; r++)
+                    for (int c = 0; c < 2 * P; c++) sum[r][c] = _mm256_setzero_si256();
             }
         }
+        dot_step(p, m, panel, R, P, src, b, src == SRC_Q6_K ? 2 * b + 1 : b, sum, acc);
     }
     store_tile(p, m, panel, R, P, acc);
 }
@@ -381,13 +459,19 @@ static void matmul_job(void *arg, int index, int count) {
         if (begin >= p->panels) break;
         const int64_t end = begin + chunk < p->panels ? begin + chunk : p->panels;
         if (p->xq != NULL) {
-            if (p->src == SRC_Q4_1) run_dot_panels(p, begin, end, SRC_Q4_1);
-            else run_dot_panels(p, begin, end, SRC_Q8_0);
+            switch (p->src) {
+            case SRC_Q4_1: run_dot_panels(p, begin, end, SRC_Q4_1); break;
+            case SRC_Q5_1: run_dot_panels(p, begin, end, SRC_Q5_1); break;
+            case SRC_Q6_K: run_dot_panels(p, begin, end, SRC_Q6_K); break;
+            default: run_dot_panels(p, begin, end, SRC_Q8_0); break;
+            }
             continue;
         }
         switch (p->src) {
         case SRC_F16: run_panels(p, begin, end, SRC_F16, wbuf); break;
         case SRC_Q4_1: run_panels(p, begin, end, SRC_Q4_1, wbuf); break;
+        case SRC_Q5_1: run_panels(p, begin, end, SRC_Q5_1, wbuf); break;
+        case SRC_Q6_K: run_panels(p, begin, end, SRC_Q6_K, wbuf); break;
         default: run_panels(p, begin, end, SRC_Q8_0, wbuf); break;
         }
     }
@@ -410,39 +494,62 @@ static void quantize_blocks(const float *x, int64_t blocks, int8_t *q, float *d,
     }
 }
 
+/* scale `row` (0: d, 1: m) of column n's G-value block `block` */
+static float scale_of(const Matmul *p, int64_t n, int64_t block, int row) {
+    const char *sc = scales_at(p->scales, p->K, n / PANEL, block, p->src);
+    if (p->src == SRC_Q6_K) return ((const float *)sc)[n % PANEL];
+    return half_to_float(((const uint16_t *)sc)[row * PANEL + n % PANEL]);
+}
+
 /* the quantized value of column n at k, values in dot-product order */
 static int32_t dot_value_at(const Matmul *p, int64_t n, int64_t k) {
     const int64_t panel = n / PANEL, group = n % PANEL / 8, c = n % 8, b = k / QBLOCK, i = k % QBLOCK;
-    const int64_t blocks = p->K / QBLOCK, vectors = p->src == SRC_Q4_1 ? 4 : 8;
-    const uint8_t *at = p->w + ((panel * blocks + b) * 2 + group) * vectors * 32;
-    if (p->src == SRC_Q8_0) return ((const int8_t *)at)[i / 4 * 32 + c * 4 + i % 4];
+    const int64_t blocks = p->K / QBLOCK;
+    const int64_t gb = p->src == SRC_Q4_1 ? 128 : p->src == SRC_Q5_1 ? Q5_GROUP_BYTES : 256;
+    const uint8_t *at = p->w + ((panel * blocks + b) * 2 + group) * gb;
+    if (p->src == SRC_Q8_0 || p->src == SRC_Q6_K) return ((const int8_t *)at)[i / 4 * 32 + c * 4 + i % 4];
     const uint8_t byte = at[i % 16 / 4 * 32 + c * 4 + i % 4];
-    return i < 16 ? byte & 15 : byte >> 4;
+    int32_t q = i < 16 ? byte & 15 : byte >> 4;
+    if (p->src == SRC_Q5_1) {
+        uint32_t bits;
+        memcpy(&bits, at + 128 + i % 16 / 4 * 8 + (i < 16 ? 0 : 4), sizeof bits);
+        q |= (int32_t)((bits >> (c * 4 + i % 4)) & 1) << 4;
+    }
+    return q;
 }
 
 static float dot_output(const Matmul *p, int64_t m, int64_t n) {
-    const int64_t blocks = p->K / QBLOCK, panel = n / PANEL, j = n % PANEL;
+    const int64_t blocks = p->K / QBLOCK, G = group_size(p->src);
     float acc = 0.0f;
     for (int64_t b = 0; b < blocks; b++) {
-        int32_t isum = 0;
-        for (int64_t k = b * QBLOCK; k < (b + 1) * QBLOCK; k++) isum += dot_value_at(p, n, k) * p->xq[m * p->K + k];
-        const uint16_t *sc = p->scales + (panel * blocks + b) * scale_rows(p->src) * PANEL + j;
-        acc = __builtin_fmaf((float)isum, half_to_float(sc[0]) * p->xd[m * blocks + b], acc);
-        if (p->src == SRC_Q4_1) acc = __builtin_fmaf(half_to_float(sc[PANEL]), p->xs[m * blocks + b], acc);
+        for (int64_t g = b * QBLOCK; g < (b + 1) * QBLOCK; g += G) { /* Q6_K: two halves */
+            int32_t isum = 0;
+            for (int64_t k = g; k < g + G; k++) isum += dot_value_at(p, n, k) * p->xq[m * p->K + k];
+            acc = __builtin_fmaf((float)isum, scale_of(p, n, g / G, 0) * p->xd[m * blocks + b], acc);
+        }
+        if (has_min(p->src)) acc = __builtin_fmaf(scale_of(p, n, b, 1), p->xs[m * blocks + b], acc);
     }
     return acc;
 }
 
 static float weight_at(const Matmul *p, int64_t n, int64_t k) {
-    const int64_t panel = n / PANEL, j = n % PANEL;
+    const int64_t panel = n / PANEL, j = n % PANEL, block = k / group_size(p->src);
     if (p->src == SRC_F16) return half_to_float(((const uint16_t *)p->w)[(panel * p->K + k) * PANEL + j]);
-    const uint16_t *sc = p->scales + (panel * (p->K / QBLOCK) + k / QBLOCK) * scale_rows(p->src) * PANEL + j;
-    if (p->src == SRC_Q4_1) {
-        const uint8_t byte = p->w[(panel * p->K + k) * 8 + j % 8];
-        const float q = (float)(j < 8 ? byte & 15 : byte >> 4);
-        return __builtin_fmaf(half_to_float(sc[0]), q, half_to_float(sc[PANEL]));
+    if (p->src == SRC_Q4_1 || p->src == SRC_Q5_1) {
+        int32_t q;
+        if (p->src == SRC_Q4_1) {
+            const uint8_t byte = p->w[(panel * p->K + k) * 8 + j % 8];
+            q = j < 8 ? byte & 15 : byte >> 4;
+        } else {
+            const uint8_t *base = p->w + (panel * (p->K / QBLOCK) + k / QBLOCK) * Q5_BLOCK_BYTES;
+            const uint8_t byte = base[(k % QBLOCK) * 8 + j % 8];
+            uint16_t bits;
+            memcpy(&bits, base + 256 + (k % QBLOCK) * 2, sizeof bits);
+            q = (j < 8 ? byte & 15 : byte >> 4) | ((bits >> j) & 1) << 4;
+        }
+        return __builtin_fmaf(scale_of(p, n, block, 0), (float)q, scale_of(p, n, block, 1));
     }
-    return half_to_float(sc[0]) * (float)((const int8_t *)p->w)[(panel * p->K + k) * PANEL + j];
+    return scale_of(p, n, block, 0) * (float)((const int8_t *)p->w)[(panel * p->K + k) * PANEL + j];
 }
 
 static void matmul_job(void *arg, int index, int count) {
@@ -507,9 +614,9 @@ int tm_quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *values,
                     int n_threads) {
     const int dot = (type & DOT) != 0;
     type &= ~DOT;
-    if ((type != TYPE_Q4_1 && type != TYPE_Q8_0) || K % QBLOCK != 0 || K < 1 || M < 1 || N < 1)
-        return 1;
-    const int src = type == TYPE_Q4_1 ? SRC_Q4_1 : SRC_Q8_0;
+    const int src = type == TYPE_Q4_1 ? SRC_Q4_1 : type == TYPE_Q8_0 ? SRC_Q8_0
+                  : type == TYPE_Q5_1 ? SRC_Q5_1 : type == TYPE_Q6_K ? SRC_Q6_K : -1;
+    if (src < 0 || K % QBLOCK != 0 || K < 1 || M < 1 || N < 1) return 1;
     Matmul p = {x, values, scales, y, M, K, N, (N + PANEL - 1) / PANEL, 0, src, 0, NULL, NULL, NULL};
     if (!dot) return matmul(&p, bias, n_threads);
     const int64_t blocks = M * K / QBLOCK;

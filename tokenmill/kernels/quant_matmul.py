@@ -1,7 +1,14 @@
 """Python side of quant_matmul.c: x @ W^T with W kept in a compact format: its GGUF blocks
-(Q4_1, Q8_0), or float16 in panels of 16 output columns. GGUF blocks multiply float32
-activations, or (int8_activations) activations quantized to int8 per 32-value block with
-integer dot products, as llama.cpp does."""
+(Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), or float16 in panels of 16 output columns. GGUF
+blocks multiply float32 activations, or (int8_activations) activations quantized to int8
+per 32-value block with integer dot products, as llama.cpp does.
+
+The kernel reads four formats (KERNEL_FORMAT), each GGUF type repacked at load into one:
+Q4_1 (4-bit values, per-32 float16 d and m) also holds Q4_K, whose per-32 sub-block scale
+d * sc and min -dmin * m are rounded to float16 (relative error at most 2^-11 each; exact
+for Q4_1 itself); Q5_1 (5-bit values, per-32 float16 d and m) holds Q5_1 and Q5_0 exactly
+(m = -16 d) and Q5_K with the same float16 rounding as Q4_K; Q8_0 (int8 values, per-32
+float16 d); Q6_K (int8 values q - 32, per-16 float32 scale d * sc, exact)."""
 
 from __future__ import annotations
 
@@ -13,14 +20,51 @@ import torch
 from tokenmill.kernels import function
 
 # GGML type ids the kernel reads, and (values per block, bytes per block)
-GGML_Q4_1, GGML_Q8_0 = 3, 8
-BLOCK_LAYOUT = {GGML_Q4_1: (32, 20), GGML_Q8_0: (32, 34)}
+GGML_Q4_1, GGML_Q5_0, GGML_Q5_1, GGML_Q8_0 = 3, 6, 7, 8
+GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 12, 13, 14
+BLOCK_LAYOUT = {
+    GGML_Q4_1: (32, 20),
+    GGML_Q8_0: (32, 34),
+    GGML_Q5_0: (32, 22),
+    GGML_Q5_1: (32, 24),
+    GGML_Q4_K: (256, 144),
+    GGML_Q5_K: (256, 176),
+    GGML_Q6_K: (256, 210),
+}
+# the kernel's format (a GGML type id) each GGUF type is repacked into
+KERNEL_FORMAT = {
+    GGML_Q4_1: GGML_Q4_1,
+    GGML_Q4_K: GGML_Q4_1,
+    GGML_Q8_0: GGML_Q8_0,
+    GGML_Q5_0: GGML_Q5_1,
+    GGML_Q5_1: GGML_Q5_1,
+    GGML_Q5_K: GGML_Q5_1,
+    GGML_Q6_K: GGML_Q6_K,
+}
 INT8_ACTIVATIONS = 256  # type flag: int8 activations, values in dot-product order
 
 
 def kernel_type(ggml_type: int, int8_activations: bool) -> int:
-    """The kernel's type argument: the GGML type, flagged when activations are int8."""
-    return ggml_type | (INT8_ACTIVATIONS if int8_activations else 0)
+    """The kernel's type argument: the format `ggml_type` is packed in, flagged when
+    activations are int8."""
+    return KERNEL_FORMAT[ggml_type] | (INT8_ACTIVATIONS if int8_activations else 0)
+
+
+_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0"}
+_TYPE_NAMES |= {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+_TYPE_NAMES |= {15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S"}
+_TYPE_NAMES |= {20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 29: "IQ1_M", 30: "BF16"}
+_TYPE_NAMES |= {34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+
+
+def type_name(ggml_type: int) -> str:
+    """GGML's name of a type id ("Q4_K"), for messages."""
+    return _TYPE_NAMES.get(ggml_type, f"type {ggml_type}")
+
+
+def values_per_scale(ggml_type: int) -> int:
+    """How many values of a packed row share one scale (G in quant_matmul.c)."""
+    return 16 if KERNEL_FORMAT[ggml_type] == GGML_Q6_K else 32
 
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -82,46 +126,122 @@ def f16_matmul(
     )
 
 
+def _halves(raw: torch.Tensor) -> torch.Tensor:  # [n, 2] bytes -> [n] float32
+    return raw.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _bits(words: torch.Tensor, count: int) -> torch.Tensor:  # [n, 4] bytes -> [n, count] 0/1
+    word = words.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return ((word >> torch.arange(count)) & 1).to(torch.uint8)
+
+
+def _k_scales(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes -> 8 six-bit scales and 8 six-bit mins (get_scale_min_k4)."""
+    d, m, md = raw.reshape(-1, 3, 4).unbind(1)
+    sc = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], dim=-1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def _decode(
+    raw: torch.Tensor, ggml_type: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Blocks [n, block_bytes] -> (q [n, values] integers, d [n, values/G] and m (or None)
+    float32) with w = d * q + m per G values, as the kernel's format stores them."""
+    n = raw.shape[0]
+    if ggml_type == GGML_Q8_0:
+        return raw[:, 2:].contiguous().view(torch.int8), _halves(raw[:, :2]).unsqueeze(1), None
+    if ggml_type in (GGML_Q4_1, GGML_Q5_0, GGML_Q5_1):
+        start = {GGML_Q4_1: 4, GGML_Q5_0: 6, GGML_Q5_1: 8}[ggml_type]
+        qs = raw[:, start:]
+        q = torch.cat([qs & 15, qs >> 4], dim=-1)  # value j: low nibble of byte j, j + 16: high
+        if ggml_type != GGML_Q4_1:
+            q |= _bits(raw[:, start - 4 : start], 32) << 4
+        d = _halves(raw[:, :2]).unsqueeze(1)
+        m = -16.0 * d if ggml_type == GGML_Q5_0 else _halves(raw[:, 2:4]).unsqueeze(1)
+        return q, d, m
+    if ggml_type in (GGML_Q4_K, GGML_Q5_K):
+        d, dmin = _halves(raw[:, :2]).unsqueeze(1), _halves(raw[:, 2:4]).unsqueeze(1)
+        sc, mn = _k_scales(raw[:, 4:16])
+        qs = raw[:, -128:].reshape(n, 4, 1, 32)  # 64 values per 32 bytes: low nibbles first
+        q = torch.cat([qs & 15, qs >> 4], dim=2).reshape(n, 8, 32)
+        if ggml_type == GGML_Q5_K:  # bit j of qh byte i: the fifth bit of sub-block j's value i
+            q |= (
+                (raw[:, 16:48].unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1
+            ) << 4
+        return q.reshape(n, 256), d * sc, -(dmin * mn)
+    if ggml_type == GGML_Q6_K:
+        ql = raw[:, :128].reshape(n, 2, 1, 64)
+        ql = torch.cat([ql & 15, ql >> 4], dim=2).reshape(n, 8, 32)
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]
+        qh = ((raw[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 8, 32)
+        q = (ql | (qh << 4)).to(torch.int8) - 32
+        sc = raw[:, 192:208].contiguous().view(torch.int8).float()
+        return q.reshape(n, 256), _halves(raw[:, 208:210]).unsqueeze(1) * sc, None
+    raise ValueError(f"quant_matmul cannot read type {ggml_type}")
+
+
+def _words(bits: torch.Tensor, width: int) -> torch.Tensor:
+    """0/1 [..., width] -> [..., width / 8] little-endian bytes of sum(bit_j << j)."""
+    word = (bits.to(torch.int64) << torch.arange(width)).sum(-1)
+    return word.unsqueeze(-1).view(torch.uint8)[..., : width // 8]
+
+
 def pack_blocks(
     blocks: torch.Tensor, ggml_type: int, in_features: int, int8_activations: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GGUF rows [N, row_bytes] -> (values, float16 scales) in the kernel's panels of 16
-    output columns (see quant_matmul.c; int8_activations: values in dot-product order);
-    output columns zero-padded to a whole panel."""
+    """GGUF rows [N, row_bytes] -> (values, scales) in the kernel's panels of 16 output
+    columns, in KERNEL_FORMAT[ggml_type] (see quant_matmul.c; int8_activations: values in
+    dot-product order); output columns zero-padded to a whole panel. Raises ValueError for
+    a type the kernel does not read, rows of the wrong size, or a K-quant scale that does
+    not fit float16."""
     values_per_block, block_bytes = BLOCK_LAYOUT.get(ggml_type, (32, 0))
     if block_bytes == 0 or in_features % values_per_block:
-        raise ValueError(f"quant_matmul reads Q4_1 and Q8_0 rows, not type {ggml_type}")
+        raise ValueError(f"quant_matmul reads {sorted(BLOCK_LAYOUT)} rows, not type {ggml_type}")
     num_blocks = in_features // values_per_block
     if blocks.dtype != torch.uint8 or blocks.shape[1] != num_blocks * block_bytes:
         raise ValueError(
             f"quant_matmul: rows of {blocks.shape[1]} bytes for {in_features} "
             f"type-{ggml_type} values"
         )
-    rows = blocks.shape[0]
-    panels = -(-rows // PANEL)
-    padded = blocks.new_zeros(panels * PANEL, num_blocks, block_bytes)
-    padded[:rows] = blocks.view(rows, num_blocks, block_bytes)
+    rows, fmt, group = blocks.shape[0], KERNEL_FORMAT[ggml_type], values_per_scale(ggml_type)
+    panels, nb = -(-rows // PANEL), in_features // 32
+    q, d, m = _decode(blocks.reshape(rows * num_blocks, block_bytes), ggml_type)
+    q = torch.cat([q.reshape(rows, in_features), q.new_zeros(panels * PANEL - rows, in_features)])
+    q = q.view(panels, PANEL, in_features)
 
-    def halves(start: int) -> torch.Tensor:  # [panels, blocks, 16] float16 at a byte offset
-        half = padded[:, :, start : start + 2].contiguous().view(torch.float16).squeeze(-1)
-        return half.view(panels, PANEL, num_blocks).transpose(1, 2)
+    def scale(s: torch.Tensor) -> torch.Tensor:  # [rows, K/G] -> [panels, K/G, 16]
+        s = s.reshape(rows, in_features // group)
+        s = torch.cat([s, s.new_zeros(panels * PANEL - rows, s.shape[1])])
+        s = s.view(panels, PANEL, -1).transpose(1, 2)
+        return s if fmt == GGML_Q6_K else s.half()
 
-    if ggml_type == GGML_Q4_1:
-        packed = padded[:, :, 4:]  # value j: low nibble of byte j, value j + 16: high nibble
-        if int8_activations:  # [panels, blocks, group, v, column, i]: values 4v+i | 16+4v+i
-            nibbles = packed.reshape(panels, 2, 8, num_blocks, 4, 4)
-            values = nibbles.permute(0, 3, 1, 4, 2, 5)
-        else:
-            q = torch.cat([packed & 15, packed >> 4], dim=-1).view(panels, PANEL, in_features)
-            values = (q[:, :8] | (q[:, 8:] << 4)).transpose(1, 2)  # byte j: columns j, j + 8
-        scales = torch.stack([halves(0), halves(2)], dim=2)
-    else:
-        q = padded[:, :, 2:].contiguous().view(torch.int8).view(panels, PANEL, in_features)
+    scales = torch.stack([scale(d)] + ([] if m is None else [scale(m)]), dim=2)
+    if not torch.isfinite(scales).all():
+        raise ValueError(f"quant_matmul: type-{ggml_type} scales beyond float16")
+    if fmt in (GGML_Q8_0, GGML_Q6_K):
         if int8_activations:  # [panels, blocks, group, j, column, i]: value 4j + i
-            values = q.reshape(panels, 2, 8, num_blocks, 8, 4).permute(0, 3, 1, 4, 2, 5)
+            values = q.reshape(panels, 2, 8, nb, 8, 4).permute(0, 3, 1, 4, 2, 5)
         else:
             values = q.transpose(1, 2)
-        scales = halves(0).unsqueeze(2)
+        return values.contiguous(), scales.contiguous()
+    low, fifth = q & 15, q >> 4
+    if int8_activations:  # [panels, blocks, group, v, column, i]: values 4v+i | 16+4v+i
+        nibbles = low.reshape(panels, 2, 8, nb, 2, 4, 4)
+        values = (nibbles[:, :, :, :, 0] | (nibbles[:, :, :, :, 1] << 4)).permute(0, 3, 1, 4, 2, 5)
+        if fmt == GGML_Q5_1:  # then per v: two words, bit 4c + i = value 4v+i's, 16+4v+i's
+            high = fifth.reshape(panels, 2, 8, nb, 2, 4, 4).permute(0, 3, 1, 5, 4, 2, 6)
+            words = _words(high.reshape(panels, nb, 2, 4, 2, 32), 32)
+            values = torch.cat(
+                [values.reshape(panels, nb, 2, 128), words.reshape(panels, nb, 2, 32)], dim=-1
+            )
+    else:  # byte j: columns j, j + 8 at k
+        values = (low[:, :8] | (low[:, 8:] << 4)).transpose(1, 2)
+        if fmt == GGML_Q5_1:  # per 32 k: the 32 x 8 bytes, then 32 uint16 of fifth bits
+            words = _words(fifth.transpose(1, 2), 16)  # [panels, K, 2]
+            values = torch.cat(
+                [values.reshape(panels, nb, 256), words.reshape(panels, nb, 64)], dim=-1
+            )
     return values.contiguous(), scales.contiguous()
 
 
@@ -139,7 +259,7 @@ def quant_matmul(
     fn = _function()
     assert fn is not None, "check available() first"
     weights = (values.data_ptr(), scales.data_ptr())
-    in_features = scales.shape[1] * BLOCK_LAYOUT[ggml_type][0]
+    in_features = scales.shape[1] * values_per_scale(ggml_type)
     return _run(
         "quantized matmul",
         fn,

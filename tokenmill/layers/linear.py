@@ -150,10 +150,12 @@ class PackedLinear(nn.Module):
 
 
 class GGUFLinear(nn.Module):
-    """y = x W^T + b with W [N, K] kept as GGUF Q4_1/Q8_0 blocks, repacked in the native
-    kernel's panels (CPU, float32 in and out). int8_activations: x is quantized to int8 per
-    32-value block and each block's dot product is integer (llama.cpp's numerics); else
-    float32 math over the dequantized weights."""
+    """y = x W^T + b with W [N, K] kept as GGUF blocks (Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K,
+    Q6_K), repacked in the native kernel's panels (CPU, float32 in and out; quant_matmul.py
+    says which format each type takes and what the repacking rounds: Q4_K and Q5_K's scales
+    to float16). int8_activations: x is quantized to int8 per 32-value block and each
+    block's dot product is integer (llama.cpp's numerics); else float32 math over the
+    dequantized weights."""
 
     def __init__(
         self,
@@ -173,11 +175,13 @@ class GGUFLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.scales.numel() * 2
+        values = self.values.numel() * self.values.element_size()
+        return values + self.scales.numel() * self.scales.element_size()
 
     @property
     def kernel_type(self) -> int:
-        """The type argument of the native kernel: the GGML type, with its int8 flag."""
+        """The type argument of the native kernel: the format the GGML type is packed in,
+        with its int8 flag."""
         return quant_matmul.kernel_type(self.ggml_type, self.int8_activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
@@ -200,18 +204,41 @@ def gguf_linear(
     int8_activations: bool = False,
 ) -> GGUFLinear | None:
     """The GGUFLinear of a layer whose weight is the row-wise concatenation of `parts`
-    (fused projections), or None when a part is not stored in a type the kernel reads."""
-    if not parts or any(p is None or p[0] not in quant_matmul.BLOCK_LAYOUT for p in parts):
-        return None
-    types = {p[0] for p in parts if p is not None}
-    if len(types) != 1:
+    (fused projections), or None when a part is not stored in a type the kernel reads, the
+    parts differ in type, or the blocks do not pack (gguf_fallback_reason says which)."""
+    if gguf_fallback_reason(linear, parts) is not None:
         return None
     weight = linear.weight if isinstance(linear, nn.Linear) else linear
     bias = linear.bias if isinstance(linear, nn.Linear) else None
     blocks = torch.cat([p[1] for p in parts if p is not None])
-    if blocks.shape[0] != weight.shape[0]:
+    ggml_type = next(p[0] for p in parts if p is not None)
+    try:
+        return GGUFLinear(blocks, ggml_type, weight.shape[1], bias, int8_activations)
+    except ValueError:  # e.g. a K-quant scale beyond float16
         return None
-    return GGUFLinear(blocks, types.pop(), weight.shape[1], bias, int8_activations)
+
+
+def gguf_fallback_reason(
+    linear: nn.Linear | torch.Tensor, parts: list[tuple[int, torch.Tensor] | None]
+) -> str | None:
+    """Why gguf_linear would not keep these parts as blocks ("not stored quantized" for
+    float tensors, "Q4_0 not read by the kernel", "fused parts of mixed types", "shape"), or
+    None when it would (up to packing)."""
+    if not parts or any(p is None for p in parts):
+        return "not stored quantized"
+    types = {p[0] for p in parts if p is not None}
+    if types <= {0, 1, 30}:  # F32, F16, BF16
+        return "not stored quantized"
+    unread = sorted(t for t in types if t not in quant_matmul.BLOCK_LAYOUT)
+    if unread:
+        return "/".join(quant_matmul.type_name(t) for t in unread) + " not read by the kernel"
+    if len(types) != 1:
+        return "fused parts of mixed types"
+    weight = linear.weight if isinstance(linear, nn.Linear) else linear
+    rows = sum(p[1].shape[0] for p in parts if p is not None)
+    if rows != weight.shape[0] or weight.shape[1] % quant_matmul.BLOCK_LAYOUT[types.pop()][0]:
+        return "shape"
+    return None
 
 
 def fbgemm_available() -> bool:
