@@ -22,6 +22,7 @@ ARCHITECTURES = {
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "qwen2_moe": "qwen2moe",
     "qwen3_moe": "qwen3moe",
 }
 # the expert projections' names per expert -> llama.cpp's stacked tensor
@@ -97,10 +98,12 @@ def llama_cpp_metadata(hf: dict[str, Any]) -> dict[str, Any]:
     if model_type == "mixtral":
         meta |= {"expert_count": hf["num_local_experts"]}
         meta |= {"expert_used_count": hf["num_experts_per_tok"]}
-    if model_type == "qwen3_moe":
+    if model_type in ("qwen2_moe", "qwen3_moe"):
         meta |= {"expert_count": hf.get("num_experts") or hf["num_local_experts"]}
         meta |= {"expert_used_count": hf["num_experts_per_tok"]}
         meta |= {"expert_feed_forward_length": hf["moe_intermediate_size"]}
+    if model_type == "qwen2_moe":
+        meta |= {"expert_shared_feed_forward_length": hf["shared_expert_intermediate_size"]}
     if model_type == "granite":
         meta |= {
             "attention.scale": float(hf["attention_multiplier"]),

@@ -26,6 +26,7 @@ from tokenmill.model.gguf_layout import weight_plan
 from tokenmill.model.gguf_loader import gguf_hf_config
 from tokenmill.model.gguf_reader import GGUFFile
 from tokenmill.model.loader import load_model_source
+from tokenmill.model.registry import model_class
 
 # tiny_hf_model_dir configs; prompts stay shorter than the sliding windows (256)
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -60,6 +61,17 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # llama.cpp's qwen2moe never renormalises the top k; the shared expert is gated
+    "qwen2-moe": (
+        "qwen2_moe",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 48,
+            "shared_expert_intermediate_size": 96,
+            "norm_topk_prob": False,
+        },
+    ),
     # llama.cpp's qwen3moe has no dense layers and always renormalises the top k
     "qwen3-moe": (
         "qwen3_moe",
@@ -104,8 +116,12 @@ def twin_weights(directory: Path, hf_config: dict[str, Any]) -> dict[str, torch.
 
 
 def arch_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
-    """What the model reads from its config (Gemma 3 reads its two rope bases elsewhere)."""
-    fields = dataclasses.asdict(ArchConfig.from_hf(hf_config))
+    """What the model reads from its config, as its class reads it (Gemma 3 reads its two
+    rope bases elsewhere; layer types as each layer's window)."""
+    with torch.device("meta"):
+        config: ArchConfig = model_class(hf_config)(hf_config).config
+    fields = dataclasses.asdict(config)
+    fields["layer_types"] = [config.layer_window(i) for i in range(config.num_layers)]
     if hf_config["model_type"] == "gemma3_text":
         del fields["rope_theta"], fields["rope_scaling"]
     return fields

@@ -48,6 +48,16 @@ _PHI3_NAMES = _LAYER_NAMES | {
     "ffn_up": ("mlp.gate_proj", "mlp.up_proj"),
 }
 _MIXTRAL_NAMES = _LAYER_NAMES | {"ffn_gate_inp": ("block_sparse_moe.gate",)}
+_QWEN2_MOE_NAMES = _LAYER_NAMES | {  # the shared expert and its sigmoid gate
+    "ffn_gate_inp_shexp": ("mlp.shared_expert_gate",),
+    "ffn_gate_shexp": ("mlp.shared_expert.gate_proj",),
+    "ffn_up_shexp": ("mlp.shared_expert.up_proj",),
+    "ffn_down_shexp": ("mlp.shared_expert.down_proj",),
+}
+_QWEN_EXPERTS = (
+    "mlp.experts",
+    {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"},
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +82,8 @@ _LAYOUTS = {
             {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"},
         ),
     ),
-    "qwen3_moe": _Layout(
-        experts=(
-            "mlp.experts",
-            {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"},
-        ),
-    ),
+    "qwen2_moe": _Layout(_QWEN2_MOE_NAMES, experts=_QWEN_EXPERTS),
+    "qwen3_moe": _Layout(experts=_QWEN_EXPERTS),
 }
 # llama.cpp interleaves q/k rows for its rotary kernel only in LlamaModel and its subclasses
 # (Mistral and Mixtral are written as "llama"; Granite is one too)

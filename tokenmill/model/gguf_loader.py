@@ -23,6 +23,7 @@ _ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
@@ -31,7 +32,7 @@ _ARCHITECTURES = {
 }
 _MIXTRAL = ("MixtralForCausalLM", "mixtral")
 _SUPPORTED = (
-    "llama (and mistral and mixtral, written as llama), qwen2, qwen3, qwen3moe, gemma2, "
+    "llama (and mistral and mixtral, written as llama), qwen2, qwen3, qwen2moe, qwen3moe, gemma2, "
     "gemma3, phi3, granite"
 )
 _ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, as per-frequency divisors
@@ -164,6 +165,21 @@ def _qwen3_moe_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def _qwen2_moe_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
+    layers = range(config["num_hidden_layers"])
+    return {
+        "num_experts": int(meta.get("expert_count")),
+        "num_experts_per_tok": int(meta.get("expert_used_count")),
+        "moe_intermediate_size": int(meta.get("expert_feed_forward_length")),
+        "shared_expert_intermediate_size": int(meta.get("expert_shared_feed_forward_length", 0)),
+        "norm_topk_prob": False,  # llama.cpp's qwen2moe graph does not renormalise the top k
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [
+            i for i in layers if f"blk.{i}.ffn_gate_inp.weight" not in meta.gguf_file.tensors
+        ],
+    }
+
+
 def _granite_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
     # llama.cpp writes each multiplier only where it is set; transformers' default is 1
     return {
@@ -244,6 +260,7 @@ def _gemma3_layer_types(meta: _Metadata, num_layers: int, window: int) -> list[s
 
 
 _ARCH_CONFIG: dict[str, Callable[[_Metadata, dict[str, Any]], dict[str, Any]]] = {
+    "qwen2moe": _qwen2_moe_config,
     "qwen3moe": _qwen3_moe_config,
     "gemma2": _gemma_config,
     "gemma3": _gemma_config,
