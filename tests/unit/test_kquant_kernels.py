@@ -111,6 +111,7 @@ def random_blocks(rows: int, in_features: int, ggml_type: int, seed: int) -> tor
     g = torch.Generator().manual_seed(seed)
     raw = torch.randint(0, 256, (n, block_bytes), dtype=torch.uint8, generator=g)
     fields = {Q.Q6_K: [208], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2]}
+    fields |= {Q.Q4_1: [0, 2], Q.Q8_0: [0]}
     for at in fields[Q(ggml_type)]:
         scale = (torch.rand(n, generator=g) * 1.9e-3 + 1e-4).half()
         raw[:, at : at + 2] = scale.view(torch.uint8).view(n, 2)
@@ -309,6 +310,55 @@ def test_portable_build_computes_the_same_chains(tmp_path):
             assert torch.equal(got, want), (ggml_type.name, int8)
 
 
+@needs_quant
+@pytest.mark.parametrize(
+    ("types", "fmt"),
+    [
+        ([Q.Q5_0, Q.Q5_0, Q.Q8_0], Q.Q8_0),  # Q4_K_M's q|k|v where K is not a multiple of 256
+        ([Q.Q6_K, Q.Q8_0, Q.Q5_0], Q.Q6_K),
+        ([Q.Q4_K, Q.Q5_K, Q.Q4_1, Q.Q5_0, Q.Q5_1], Q.Q5_1),
+        ([Q.Q4_1, Q.Q4_K], Q.Q4_1),
+    ],
+    ids=lambda v: "|".join(t.name for t in v) if isinstance(v, list) else v.name,
+)
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_fused_parts_of_different_types_share_a_format(types, fmt, int8):
+    """A fused projection's parts in several types: one format that holds them all, rows
+    in order, each part's weights as gguf dequantizes them (exact for what converts
+    exactly; Q4_K/Q5_K within their scale bound)."""
+    in_features, sizes = 512, [16, 40, 24, 32, 8][: len(types)]
+    parts = [
+        (t, random_blocks(size, in_features, t, seed=i))
+        for i, (t, size) in enumerate(zip(types, sizes, strict=True))
+    ]
+    assert quant_matmul.common_format(set(types)) == fmt
+    got_fmt, values, scales = quant_matmul.pack_parts(parts, in_features, int8)
+    assert got_fmt == fmt
+    weight = torch.cat([dequantized(b, t) for t, b in parts])
+    bound = torch.cat([scale_bound(b, t) for t, b in parts])
+    torch.manual_seed(2)
+    x = torch.randn(5, in_features)
+    got = quant_matmul.quant_matmul(x, values, scales, fmt, len(weight), None, int8)
+    want = int8_reference(x, weight) if int8 else x @ weight.t()
+    assert_near(got, want, x, weight, bound)
+    if not int8 and not set(types) & ROUNDED_SCALES:  # exact: read every weight back
+        eye = torch.eye(in_features)
+        assert torch.equal(quant_matmul.quant_matmul(eye, values, scales, fmt, len(weight)).t(), weight)  # fmt: skip
+
+
+def test_no_format_holds_k_quants_with_and_without_a_min():
+    assert quant_matmul.common_format({Q.Q4_K, Q.Q6_K}) is None
+    assert quant_matmul.common_format({Q.Q8_0, Q.Q4_1}) is None
+    with pytest.raises(ValueError):
+        quant_matmul.pack_parts(
+            [
+                (Q.Q4_K, random_blocks(16, 256, Q.Q4_K, 1)),
+                (Q.Q6_K, random_blocks(16, 256, Q.Q6_K, 1)),
+            ],
+            256,
+        )
+
+
 def test_pack_rejects_what_it_cannot_read():
     with pytest.raises(ValueError):  # K-quants need whole 256-value blocks
         quant_matmul.pack_blocks(torch.zeros(4, 72, dtype=torch.uint8), Q.Q4_K, 128)
@@ -323,8 +373,8 @@ def test_pack_rejects_what_it_cannot_read():
 
 # ---- end to end: a tiny GGUF of K-quant linears ----
 
-# gguf tensor name -> its type; blk.1's q/k (Q4_K) and v (Q6_K) differ, so its fused
-# q|k|v stays dequantized
+# gguf tensor name -> its type; blk.1's q/k (Q4_K) and v (Q6_K) have no common format, so
+# its fused q|k|v stays dequantized; its gate (Q5_0) and up (Q8_0) share Q8_0's
 LAYER_TYPES = {
     "blk.0.attn_q": Q.Q4_K,
     "blk.0.attn_k": Q.Q4_K,
@@ -338,7 +388,7 @@ LAYER_TYPES = {
     "blk.1.attn_v": Q.Q6_K,
     "blk.1.attn_output": Q.Q5_K,
     "blk.1.ffn_gate": Q.Q5_0,
-    "blk.1.ffn_up": Q.Q5_0,
+    "blk.1.ffn_up": Q.Q8_0,
     "blk.1.ffn_down": Q.Q5_1,
     "output": Q.Q6_K,
 }
@@ -386,14 +436,14 @@ def test_kquant_gguf_keeps_its_blocks_with_the_dequantized_greedy_tokens(kquant_
         "model.layers.0.mlp.gate_up_proj": Q.Q4_K,
         "model.layers.0.mlp.down_proj": Q.Q6_K,
         "model.layers.1.self_attn.o_proj": Q.Q5_K,
-        "model.layers.1.mlp.gate_up_proj": Q.Q5_0,
+        "model.layers.1.mlp.gate_up_proj": Q.Q8_0,  # the format of Q5_0 | Q8_0
         "model.layers.1.mlp.down_proj": Q.Q5_1,
         "lm_head": Q.Q6_K,
     }
     assert not isinstance(layers[1].self_attn.qkv_proj, GGUFLinear)
     fallback = [r.getMessage() for r in caplog.records if "loaded dequantized" in r.getMessage()]
     assert len(fallback) == 1 and "model.layers.1.self_attn.qkv_proj" in fallback[0]
-    assert "mixed types" in fallback[0]
+    assert "no one format holds" in fallback[0]
 
     ids = blocks_llm.tokenizer.encode(PROMPT)
     tokens, logits = greedy_and_logits(blocks_llm, ids)

@@ -8,7 +8,9 @@ Q4_1 (4-bit values, per-32 float16 d and m) also holds Q4_K, whose per-32 sub-bl
 d * sc and min -dmin * m are rounded to float16 (relative error at most 2^-11 each; exact
 for Q4_1 itself); Q5_1 (5-bit values, per-32 float16 d and m) holds Q5_1 and Q5_0 exactly
 (m = -16 d) and Q5_K with the same float16 rounding as Q4_K; Q8_0 (int8 values, per-32
-float16 d); Q6_K (int8 values q - 32, per-16 float32 scale d * sc, exact)."""
+float16 d; Q5_0 too, exactly); Q6_K (int8 values q - 32, per-16 float32 scale d * sc,
+exact; Q8_0 and Q5_0 too). A fused projection whose parts differ in type takes the format
+with the fewest bytes that holds them all (FORMATS; e.g. Q5_0 q|k with a Q8_0 v: Q8_0)."""
 
 from __future__ import annotations
 
@@ -31,16 +33,24 @@ BLOCK_LAYOUT = {
     GGML_Q5_K: (256, 176),
     GGML_Q6_K: (256, 210),
 }
-# the kernel's format (a GGML type id) each GGUF type is repacked into
-KERNEL_FORMAT = {
-    GGML_Q4_1: GGML_Q4_1,
-    GGML_Q4_K: GGML_Q4_1,
-    GGML_Q8_0: GGML_Q8_0,
-    GGML_Q5_0: GGML_Q5_1,
-    GGML_Q5_1: GGML_Q5_1,
-    GGML_Q5_K: GGML_Q5_1,
-    GGML_Q6_K: GGML_Q6_K,
+# the kernel's formats (GGML type ids), fewest bytes first, and the GGUF types each holds
+# (exactly, but for Q4_K/Q5_K's float16 scales): a fused projection whose parts differ in
+# type takes the first format that holds them all
+FORMATS = {
+    GGML_Q4_1: {GGML_Q4_1, GGML_Q4_K},
+    GGML_Q5_1: {GGML_Q4_1, GGML_Q4_K, GGML_Q5_0, GGML_Q5_1, GGML_Q5_K},
+    GGML_Q8_0: {GGML_Q8_0, GGML_Q5_0},  # Q5_0: values q - 16
+    GGML_Q6_K: {GGML_Q6_K, GGML_Q8_0, GGML_Q5_0},  # per-32 scales twice
 }
+
+
+def common_format(ggml_types: set[int] | list[int]) -> int | None:
+    """The kernel format that holds every one of `ggml_types`, or None."""
+    return next((f for f, held in FORMATS.items() if set(ggml_types) <= held), None)
+
+
+# the format each GGUF type alone is repacked into
+KERNEL_FORMAT = {t: common_format({t}) or 0 for t in BLOCK_LAYOUT}
 INT8_ACTIVATIONS = 256  # type flag: int8 activations, values in dot-product order
 
 
@@ -63,7 +73,8 @@ def type_name(ggml_type: int) -> str:
 
 
 def values_per_scale(ggml_type: int) -> int:
-    """How many values of a packed row share one scale (G in quant_matmul.c)."""
+    """How many values of a packed row of this type (or format) share one scale (G in
+    quant_matmul.c)."""
     return 16 if KERNEL_FORMAT[ggml_type] == GGML_Q6_K else 32
 
 
@@ -187,6 +198,30 @@ def _words(bits: torch.Tensor, width: int) -> torch.Tensor:
     return word.unsqueeze(-1).view(torch.uint8)[..., : width // 8]
 
 
+def _decode_rows(
+    blocks: torch.Tensor, ggml_type: int, in_features: int, fmt: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GGUF rows [N, row_bytes] -> (q [N, K], d [N, K/G], m or None) in format `fmt`."""
+    values_per_block, block_bytes = BLOCK_LAYOUT.get(ggml_type, (32, 0))
+    if block_bytes == 0 or in_features % values_per_block or ggml_type not in FORMATS[fmt]:
+        raise ValueError(f"quant_matmul reads {sorted(BLOCK_LAYOUT)} rows, not type {ggml_type}")
+    num_blocks = in_features // values_per_block
+    if blocks.dtype != torch.uint8 or blocks.shape[1] != num_blocks * block_bytes:
+        raise ValueError(
+            f"quant_matmul: rows of {blocks.shape[1]} bytes for {in_features} "
+            f"type-{ggml_type} values"
+        )
+    rows = blocks.shape[0]
+    q, d, m = _decode(blocks.reshape(rows * num_blocks, block_bytes), ggml_type)
+    if fmt in (GGML_Q8_0, GGML_Q6_K) and ggml_type == GGML_Q5_0:  # signed: w = d (q - 16)
+        q, m = q.to(torch.int8) - 16, None
+    if fmt == GGML_Q6_K and ggml_type != GGML_Q6_K:  # one scale per 16 values
+        d = d.repeat_interleave(2, dim=1)
+    group = values_per_scale(fmt)
+    d = d.reshape(rows, in_features // group)
+    return q.reshape(rows, in_features), d, None if m is None else m.reshape(rows, -1)
+
+
 def pack_blocks(
     blocks: torch.Tensor, ggml_type: int, in_features: int, int8_activations: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,30 +230,52 @@ def pack_blocks(
     dot-product order); output columns zero-padded to a whole panel. Raises ValueError for
     a type the kernel does not read, rows of the wrong size, or a K-quant scale that does
     not fit float16."""
-    values_per_block, block_bytes = BLOCK_LAYOUT.get(ggml_type, (32, 0))
-    if block_bytes == 0 or in_features % values_per_block:
+    if ggml_type not in BLOCK_LAYOUT:
         raise ValueError(f"quant_matmul reads {sorted(BLOCK_LAYOUT)} rows, not type {ggml_type}")
-    num_blocks = in_features // values_per_block
-    if blocks.dtype != torch.uint8 or blocks.shape[1] != num_blocks * block_bytes:
-        raise ValueError(
-            f"quant_matmul: rows of {blocks.shape[1]} bytes for {in_features} "
-            f"type-{ggml_type} values"
-        )
-    rows, fmt, group = blocks.shape[0], KERNEL_FORMAT[ggml_type], values_per_scale(ggml_type)
+    return pack_parts([(ggml_type, blocks)], in_features, int8_activations)[1:]
+
+
+def pack_parts(
+    parts: list[tuple[int, torch.Tensor]], in_features: int, int8_activations: bool = False
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """pack_blocks of the row-wise concatenation of GGUF rows of several types (a fused
+    projection's parts) in common_format of their types: (format, values, scales)."""
+    fmt = common_format({t for t, _ in parts})
+    if fmt is None:
+        raise ValueError(f"quant_matmul: no format holds types {sorted({t for t, _ in parts})}")
+    decoded = [_decode_rows(b, t, in_features, fmt) for t, b in parts]
+    q = torch.cat([p[0] for p in decoded])
+    d = torch.cat([p[1] for p in decoded])
+    ms = [p[2] for p in decoded]
+    m = None if ms[0] is None else torch.cat([x for x in ms if x is not None])
+    return (fmt, *_pack(q, d, m, fmt, in_features, int8_activations))
+
+
+def _pack(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    m: torch.Tensor | None,
+    fmt: int,
+    in_features: int,
+    int8_activations: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [N, K], d and m [N, K/G]) in format `fmt` -> the kernel's (values, scales)."""
+    rows, group, ggml_type = q.shape[0], values_per_scale(fmt), fmt
     panels, nb = -(-rows // PANEL), in_features // 32
-    q, d, m = _decode(blocks.reshape(rows * num_blocks, block_bytes), ggml_type)
-    q = torch.cat([q.reshape(rows, in_features), q.new_zeros(panels * PANEL - rows, in_features)])
+    q = torch.cat([q, q.new_zeros(panels * PANEL - rows, in_features)])
     q = q.view(panels, PANEL, in_features)
 
     def scale(s: torch.Tensor) -> torch.Tensor:  # [rows, K/G] -> [panels, K/G, 16]
         s = s.reshape(rows, in_features // group)
         s = torch.cat([s, s.new_zeros(panels * PANEL - rows, s.shape[1])])
         s = s.view(panels, PANEL, -1).transpose(1, 2)
-        return s if fmt == GGML_Q6_K else s.half()
+        if fmt == GGML_Q6_K:
+            return s
+        if (torch.isfinite(s) & ~torch.isfinite(s.half())).any():  # rounded past float16
+            raise ValueError(f"quant_matmul: type-{ggml_type} scales beyond float16")
+        return s.half()
 
     scales = torch.stack([scale(d)] + ([] if m is None else [scale(m)]), dim=2)
-    if not torch.isfinite(scales).all():
-        raise ValueError(f"quant_matmul: type-{ggml_type} scales beyond float16")
     if fmt in (GGML_Q8_0, GGML_Q6_K):
         if int8_activations:  # [panels, blocks, group, j, column, i]: value 4j + i
             values = q.reshape(panels, 2, 8, nb, 8, 4).permute(0, 3, 1, 4, 2, 5)

@@ -153,24 +153,29 @@ class GGUFLinear(nn.Module):
     """y = x W^T + b with W [N, K] kept as GGUF blocks (Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K,
     Q6_K), repacked in the native kernel's panels (CPU, float32 in and out; quant_matmul.py
     says which format each type takes and what the repacking rounds: Q4_K and Q5_K's scales
-    to float16). int8_activations: x is quantized to int8 per 32-value block and each
-    block's dot product is integer (llama.cpp's numerics); else float32 math over the
-    dequantized weights."""
+    to float16). `parts`: the rows of W as (GGML type, blocks), one or several (a fused
+    projection; types that differ share one format where one holds them all).
+    int8_activations: x is quantized to int8 per 32-value block and each block's dot
+    product is integer (llama.cpp's numerics); else float32 math over the dequantized
+    weights."""
 
     def __init__(
         self,
-        blocks: torch.Tensor,
-        ggml_type: int,
+        parts: list[tuple[int, torch.Tensor]],
         in_features: int,
         bias: torch.Tensor | None,
         int8_activations: bool = False,
     ):
         super().__init__()
-        self.ggml_type, self.in_features, self.out_features = ggml_type, in_features, len(blocks)
-        self.int8_activations = int8_activations
-        self.values, self.scales = quant_matmul.pack_blocks(
-            blocks, ggml_type, in_features, int8_activations
+        types = {t for t, _ in parts}
+        self.part_types = [t for t, _ in parts]
+        self.format, self.values, self.scales = quant_matmul.pack_parts(
+            parts, in_features, int8_activations
         )
+        # the GGML type, or the kernel's format when the parts differ
+        self.ggml_type = types.pop() if len(types) == 1 else self.format
+        self.in_features, self.out_features = in_features, sum(len(b) for _, b in parts)
+        self.int8_activations = int8_activations
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     @property
@@ -192,9 +197,11 @@ class GGUFLinear(nn.Module):
 
     def extra_repr(self) -> str:
         activations = "int8" if self.int8_activations else "float32"
+        types = "|".join(quant_matmul.type_name(t) for t in self.part_types)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"ggml_type={self.ggml_type}, activations={activations}"
+            f"types={types}, format={quant_matmul.type_name(self.format)}, "
+            f"activations={activations}"
         )
 
 
@@ -210,10 +217,9 @@ def gguf_linear(
         return None
     weight = linear.weight if isinstance(linear, nn.Linear) else linear
     bias = linear.bias if isinstance(linear, nn.Linear) else None
-    blocks = torch.cat([p[1] for p in parts if p is not None])
-    ggml_type = next(p[0] for p in parts if p is not None)
     try:
-        return GGUFLinear(blocks, ggml_type, weight.shape[1], bias, int8_activations)
+        kept = [p for p in parts if p is not None]
+        return GGUFLinear(kept, weight.shape[1], bias, int8_activations)
     except ValueError:  # e.g. a K-quant scale beyond float16
         return None
 
@@ -222,8 +228,8 @@ def gguf_fallback_reason(
     linear: nn.Linear | torch.Tensor, parts: list[tuple[int, torch.Tensor] | None]
 ) -> str | None:
     """Why gguf_linear would not keep these parts as blocks ("not stored quantized" for
-    float tensors, "Q4_0 not read by the kernel", "fused parts of mixed types", "shape"), or
-    None when it would (up to packing)."""
+    float tensors, "Q4_0 not read by the kernel", "fused parts of types no one format
+    holds", "shape"), or None when it would (up to packing)."""
     if not parts or any(p is None for p in parts):
         return "not stored quantized"
     types = {p[0] for p in parts if p is not None}
@@ -232,11 +238,13 @@ def gguf_fallback_reason(
     unread = sorted(t for t in types if t not in quant_matmul.BLOCK_LAYOUT)
     if unread:
         return "/".join(quant_matmul.type_name(t) for t in unread) + " not read by the kernel"
-    if len(types) != 1:
-        return "fused parts of mixed types"
+    if quant_matmul.common_format(types) is None:
+        return "fused parts of types no one format holds"
     weight = linear.weight if isinstance(linear, nn.Linear) else linear
     rows = sum(p[1].shape[0] for p in parts if p is not None)
-    if rows != weight.shape[0] or weight.shape[1] % quant_matmul.BLOCK_LAYOUT[types.pop()][0]:
+    if rows != weight.shape[0] or any(
+        weight.shape[1] % quant_matmul.BLOCK_LAYOUT[t][0] for t in types
+    ):
         return "shape"
     return None
 
