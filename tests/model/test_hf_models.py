@@ -176,3 +176,52 @@ def test_prefix_cache_hits_and_preemption_do_not_change_greedy_output(tiny_hf_mo
     assert all(o.num_cached_tokens >= 16 for o in outputs)
     pool = llm.engine.core.kv_cache.pool
     assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_gemma3_with_a_vision_tower_serves_text_with_its_language_model(tiny_hf_model_dir):
+    """Gemma 3 4B/12B/27B checkpoints (Gemma3ForConditionalGeneration: text_config, the
+    language model's weights under language_model.*, a vision tower and projector beside it):
+    text prompts get transformers' greedy tokens and logits."""
+    text = {
+        "vocab_size": 49152,  # the bundled tokenizer's
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 512,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 20,
+        "query_pre_attn_scalar": 16,
+        "final_logit_softcapping": 30.0,  # which transformers' multimodal class ignores
+    }
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 28, "patch_size": 14}  # fmt: skip
+    directory = tiny_hf_model_dir(
+        "gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4
+    )
+    import json
+
+    config = json.loads((directory / "config.json").read_text())
+    outer = {k: v for k, v in config.items() if k not in text or k == "tie_word_embeddings"}
+    (directory / "config.json").write_text(json.dumps(outer))  # sizes in text_config only
+    llm = LLM(str(directory), dtype="float32", device="cpu", kv_cache_memory=16 << 20)
+    assert llm.engine.core.info.arch.vocab_size == 49152
+    reference = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    assert type(reference).__name__ == "Gemma3ForConditionalGeneration"
+    ids = llm.tokenizer.encode(PROMPT)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    generated = out[0].outputs[0].token_ids
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids + generated[:-1]])).logits[0, len(ids) - 1 :]
+    assert generated == expected.argmax(-1).tolist()
+    core = llm.engine.core
+    from tokenmill.engine.request import Request
+
+    core.add_request(
+        Request("probe", ids, SamplingParams(max_tokens=1), frozenset(), core.max_model_len)
+    )
+    last = core.logits_for(core.scheduler.schedule())[0]
+    assert torch.allclose(last, expected[0], atol=1e-4, rtol=1e-4)
+    core.finish("probe", "abort")

@@ -16,6 +16,7 @@ from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.errors import ModelLoadError
 from tokenmill.executor.base import Executor
 from tokenmill.executor.uniproc import UniprocExecutor
+from tokenmill.model.config import text_config
 from tokenmill.model.loader import ModelSource, load_model_source
 from tokenmill.structured.manager import StructuredOutputManager
 from tokenmill.worker.inputs import ModelOutput, ScheduledSequence
@@ -34,7 +35,7 @@ class EngineCore:
         # one per engine: compiled grammars are cached here and shared by every request
         self.structured_outputs = StructuredOutputManager(
             self.source.tokenizer,
-            int(self.source.hf_config["vocab_size"]),
+            int(text_config(self.source.hf_config)["vocab_size"]),
             config.structured_outputs.guided_decoding_backend,
         )
         self.executor: Executor = UniprocExecutor(

@@ -117,6 +117,12 @@ class ArchConfig:
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
+def text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config: `text_config` where the checkpoint nests it (a vision
+    model's language model), else the config itself."""
+    return hf.get("text_config") or hf
+
+
 def _layer_types(hf: dict[str, Any], window: int | None) -> list[str] | None:
     """`layer_types` as the config gives it, else Qwen2/3's rule (layers from
     `max_window_layers` on slide), else None (every layer slides where there is a window)."""

@@ -6,7 +6,7 @@ between the global ones; Gemma 2 soft-caps the attention scores."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -210,3 +210,43 @@ class Gemma2ForCausalLM(Gemma3ForCausalLM):
         scaling = hf.get("rope_scaling")
         both = (float(hf.get("rope_theta") or 10000.0), scaling)
         return both, both
+
+
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """Gemma 3 4B, 12B and 27B checkpoints: a vision tower and its projector beside the
+    language model. The language model alone serves text prompts (its config is
+    `text_config`; the vision weights are not loaded)."""
+
+    _VISION = ("vision_tower.", "multi_modal_projector.")
+    # the language model's weights as the hub's checkpoints name them, and as transformers 5
+    # names them in memory
+    _PREFIXES = (
+        ("language_model.model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("model.language_model.", "model."),
+    )
+
+    def __init__(self, hf_config: dict[str, Any]):
+        text = hf_config.get("text_config")
+        if not text:
+            raise ModelLoadError("Gemma 3 config is missing 'text_config'")
+        super().__init__(text)  # (the loader has set its tie_word_embeddings: the outer one)
+        # transformers' Gemma3ForConditionalGeneration never soft-caps its logits (released
+        # configs set no cap either)
+        self.final_logit_softcapping = None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(self._language_model(weights))
+
+    def _language_model(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            bare = name.removeprefix("model.")
+            if bare.startswith(self._VISION):
+                continue
+            for old, new in self._PREFIXES:
+                if name.startswith(old):
+                    name = new + name.removeprefix(old)
+                    break
+            yield name, tensor

@@ -114,7 +114,14 @@ def _index_shards(path: Path) -> dict[str, tuple[Path, str]]:
 def normalize_hf_config(
     config: dict[str, Any], weight_names: set[str], stored_dtype: str
 ) -> dict[str, Any]:
-    """config.json with every key the engine reads filled in, in the pre-5.0 (rope_theta) form."""
+    """config.json with every key the engine reads filled in, in the pre-5.0 (rope_theta) form;
+    a vision model's language model (`text_config`) filled in where it is."""
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        if "tie_word_embeddings" in config:  # the outer flag is the one transformers ties by
+            text = {**text, "tie_word_embeddings": config["tie_word_embeddings"]}
+        inner = normalize_hf_config(text, weight_names, stored_dtype)
+        return {**config, "text_config": inner, "torch_dtype": inner["torch_dtype"]}
     for key in _REQUIRED_KEYS:
         if not isinstance(config.get(key), int):
             raise ModelLoadError(f"config.json lacks an integer '{key}'")
@@ -128,8 +135,8 @@ def normalize_hf_config(
     out["head_dim"] = config.get("head_dim") or config["hidden_size"] // num_heads
     out["rms_norm_eps"] = config.get("rms_norm_eps") or 1e-6
     out["max_position_embeddings"] = config.get("max_position_embeddings") or 2048
-    out["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False)) or (
-        "lm_head.weight" not in weight_names
+    out["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False)) or not any(
+        n.endswith("lm_head.weight") for n in weight_names
     )
     if "attention_bias" not in out:  # Qwen2 has q/k/v biases without saying so
         out["attention_bias"] = any(n.endswith("self_attn.q_proj.bias") for n in weight_names)

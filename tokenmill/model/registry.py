@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.model.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+from tokenmill.model.gemma import (
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+)
 from tokenmill.model.granite import GraniteForCausalLM
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.llama import LlamaForCausalLM
@@ -19,11 +23,12 @@ from tokenmill.model.qwen3_moe import Qwen3MoeForCausalLM
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,  # its language model
     "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,  # sliding window: the context is capped at it
+    "MistralForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
-    "Phi3ForCausalLM": Phi3ForCausalLM,  # the same cap
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
