@@ -22,8 +22,9 @@
  * weights' values are stored in dot-product order, 8 columns per 32-byte vector:
  *   Q4_1: [panels][K/32][2][4][32] bytes: in vector v of group g, byte 4c + i holds column
  *         8g + c's block values 4v + i (low nibble) and 16 + 4v + i (high nibble);
- *   Q5_1: [panels][K/32][2][160] bytes: Q4_1's 4 vectors, then per vector v two uint32,
- *         bit 4c + i = the fifth bit of the low nibble's value, then of the high one's;
+ *   Q5_1: [panels][K/32][2][160] bytes: Q4_1's 4 vectors, then a 32-byte plane whose
+ *         byte 4c + i has bit 2v + h = the fifth bit of value 16h + 4v + i (one shift and
+ *         mask puts a vector's fifth bits in place);
  *   Q8_0, Q6_K: [panels][K/32][2][8][32] int8: vector j of group g, byte 4c + i = column
  *         8g + c's block value 4j + i;
  *   scales as above. Every output is y = fma(float(sum q_w q_x), d_w * d_x, y) per G-value
@@ -119,13 +120,10 @@ INLINE void block_scales(const Matmul *p, int64_t panel, int64_t block, const in
         _mm256_storeu_ps(dm + 8 * i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc + i)));
 }
 
-/* bytes 0..31 = 0xff where bit j of `bits` is set, else 0 */
-INLINE __m256i expand_bits(uint32_t bits) {
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+/* bit b of every byte of `plane` moved to bit 4 (value 16), the rest cleared */
+INLINE __m256i fifth_bits(__m256i plane, const int b) {
+    const __m256i at = b <= 4 ? _mm256_slli_epi16(plane, 4 - b) : _mm256_srli_epi16(plane, b - 4);
+    return _mm256_and_si256(at, _mm256_set1_epi8(16));
 }
 
 /* the 16 weights of `panel` at k as floats (columns 0-7, 8-15) */
@@ -363,7 +361,7 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
     const int64_t K = p->K, blocks = K / QBLOCK;
     const int vectors = src == SRC_Q4_1 || src == SRC_Q5_1 ? 4 : 8; /* per group of 8 columns and block */
     const int64_t gb = dot_group_bytes(src);
-    const __m256i nibble = _mm256_set1_epi8(15), fifth = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
+    const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     __m256 acc[6][8];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 2 * P; c++) acc[r][c] = _mm256_setzero_ps();
@@ -382,10 +380,13 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
                     w[c] = _mm256_and_si256(raw, nibble);
                     w2[c] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
                     if (src == SRC_Q5_1) {
-                        uint32_t bits[2];
-                        memcpy(bits, group + 128 + v * 8, sizeof bits);
-                        w[c] = _mm256_or_si256(w[c], _mm256_and_si256(expand_bits(bits[0]), fifth));
-                        w2[c] = _mm256_or_si256(w2[c], _mm256_and_si256(expand_bits(bits[1]), fifth));
+                        const __m256i plane = _mm256_loadu_si256((const __m256i *)(group + 128));
+                        switch (v) { /* constant shifts once the loop is unrolled */
+                        case 0: w[c] = _mm256_or_si256(w[c], fifth_bits(plane, 0)), w2[c] = _mm256_or_si256(w2[c], fifth_bits(plane, 1)); break;
+                        case 1: w[c] = _mm256_or_si256(w[c], fifth_bits(plane, 2)), w2[c] = _mm256_or_si256(w2[c], fifth_bits(plane, 3)); break;
+                        case 2: w[c] = _mm256_or_si256(w[c], fifth_bits(plane, 4)), w2[c] = _mm256_or_si256(w2[c], fifth_bits(plane, 5)); break;
+                        default: w[c] = _mm256_or_si256(w[c], fifth_bits(plane, 6)), w2[c] = _mm256_or_si256(w2[c], fifth_bits(plane, 7)); break;
+                        }
                     }
                 } else {
                     w[c] = _mm256_abs_epi8(raw);
@@ -510,11 +511,7 @@ static int32_t dot_value_at(const Matmul *p, int64_t n, int64_t k) {
     if (p->src == SRC_Q8_0 || p->src == SRC_Q6_K) return ((const int8_t *)at)[i / 4 * 32 + c * 4 + i % 4];
     const uint8_t byte = at[i % 16 / 4 * 32 + c * 4 + i % 4];
     int32_t q = i < 16 ? byte & 15 : byte >> 4;
-    if (p->src == SRC_Q5_1) {
-        uint32_t bits;
-        memcpy(&bits, at + 128 + i % 16 / 4 * 8 + (i < 16 ? 0 : 4), sizeof bits);
-        q |= (int32_t)((bits >> (c * 4 + i % 4)) & 1) << 4;
-    }
+    if (p->src == SRC_Q5_1) q |= (at[128 + c * 4 + i % 4] >> (2 * (i % 16 / 4) + (i >= 16)) & 1) << 4;
     return q;
 }
 

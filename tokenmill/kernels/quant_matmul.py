@@ -286,11 +286,11 @@ def _pack(
     if int8_activations:  # [panels, blocks, group, v, column, i]: values 4v+i | 16+4v+i
         nibbles = low.reshape(panels, 2, 8, nb, 2, 4, 4)
         values = (nibbles[:, :, :, :, 0] | (nibbles[:, :, :, :, 1] << 4)).permute(0, 3, 1, 4, 2, 5)
-        if fmt == GGML_Q5_1:  # then per v: two words, bit 4c + i = value 4v+i's, 16+4v+i's
-            high = fifth.reshape(panels, 2, 8, nb, 2, 4, 4).permute(0, 3, 1, 5, 4, 2, 6)
-            words = _words(high.reshape(panels, nb, 2, 4, 2, 32), 32)
+        if fmt == GGML_Q5_1:  # then a plane: byte 4c + i, bit 2v + h = value 16h + 4v + i's
+            high = fifth.reshape(panels, 2, 8, nb, 2, 4, 4).permute(0, 3, 1, 2, 6, 5, 4)
+            plane = _words(high.reshape(panels, nb, 2, 32, 8), 8)
             values = torch.cat(
-                [values.reshape(panels, nb, 2, 128), words.reshape(panels, nb, 2, 32)], dim=-1
+                [values.reshape(panels, nb, 2, 128), plane.reshape(panels, nb, 2, 32)], dim=-1
             )
     else:  # byte j: columns j, j + 8 at k
         values = (low[:, :8] | (low[:, 8:] << 4)).transpose(1, 2)
