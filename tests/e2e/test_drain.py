@@ -38,9 +38,9 @@ def drain_servers(start_server: Any) -> dict[str, Server]:
 
 def _running(server: Server) -> float:
     for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("tokenmill:num_requests_running "):
+        if line.startswith("vllm:num_requests_running{"):
             return float(line.split()[-1])
-    raise AssertionError("tokenmill:num_requests_running not in /metrics")
+    raise AssertionError("vllm:num_requests_running not in /metrics")
 
 
 def _wait_for(condition: Any, timeout: float = 60.0) -> None:

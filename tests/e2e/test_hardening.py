@@ -48,11 +48,20 @@ def raw_request(server: Server, method: str, path: str, headers: dict[str, str] 
         connection.close()
 
 
-def metric(server: Server, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
+def metric(server: Server, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` on /metrics whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+    if not found:
+        raise AssertionError(f"{name} not in /metrics")
+    return sum(found)
 
 
 def wait_for(condition: Any, timeout: float = 30.0) -> None:
@@ -170,7 +179,7 @@ def test_overload_is_503_with_retry_after_and_recovers(limited: Server) -> None:
             )
         )
         thread.start()
-        wait_for(lambda: metric(limited, "tokenmill:num_requests_waiting") >= 1)
+        wait_for(lambda: metric(limited, "vllm:num_requests_waiting") >= 1)
         shed = completion(limited, prompt=PROMPTS[2], max_tokens=3)
         assert shed.status_code == 503, shed.text
         assert int(shed.headers["retry-after"]) >= 1
@@ -194,8 +203,8 @@ def test_slow_reader_does_not_stall_the_engine(server: Server) -> None:
         next(line for line in lines if line.startswith("data: {"))
         for prompt in PROMPTS[:2]:  # meanwhile, the stalled stream is never read
             assert _reference(server, prompt, 8)
-    wait_for(lambda: metric(server, "tokenmill:num_requests_running") == 0)
-    wait_for(lambda: metric(server, "tokenmill:kv_cache_usage_perc") == 0)
+    wait_for(lambda: metric(server, "vllm:num_requests_running") == 0)
+    wait_for(lambda: metric(server, "vllm:kv_cache_usage_perc") == 0)
 
 
 @pytest.mark.parametrize("structured", [False, True])
@@ -207,14 +216,18 @@ def test_leaving_during_prefill_or_grammar_compile_frees_everything(
         schema = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(40)}}
         body |= {"prompt": PROMPTS[0], "response_format": {"type": "json_schema",
                  "json_schema": {"name": "s", "schema": schema}}}  # fmt: skip
-    aborted = metric(server, "tokenmill:request_aborted_total")
+    aborted = metric(server, "vllm:request_success_total", finished_reason="abort")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.2)
     if not structured:  # (a request still compiling never reached the engine)
-        wait_for(lambda: metric(server, "tokenmill:request_aborted_total") >= aborted + 1)
-    wait_for(lambda: metric(server, "tokenmill:num_requests_running") == 0)
-    wait_for(lambda: metric(server, "tokenmill:num_requests_waiting") == 0)
-    wait_for(lambda: metric(server, "tokenmill:kv_cache_usage_perc") == 0)
+        wait_for(
+            lambda: (
+                metric(server, "vllm:request_success_total", finished_reason="abort") >= aborted + 1
+            )
+        )
+    wait_for(lambda: metric(server, "vllm:num_requests_running") == 0)
+    wait_for(lambda: metric(server, "vllm:num_requests_waiting") == 0)
+    wait_for(lambda: metric(server, "vllm:kv_cache_usage_perc") == 0)
     assert _reference(server, PROMPTS[0], 2)
 
 
@@ -268,9 +281,9 @@ async def test_200_streaming_clients_some_leaving_leave_nothing_behind(server: S
     for prompt, n, text, finish in finished:
         assert finish in ("stop", "length"), (prompt, n, finish)
         assert text == references[(prompt, n)], (prompt, n, text)
-    wait_for(lambda: metric(server, "tokenmill:num_requests_running") == 0)
-    wait_for(lambda: metric(server, "tokenmill:kv_cache_usage_perc") == 0)
-    assert metric(server, "tokenmill:num_requests_waiting") == 0
+    wait_for(lambda: metric(server, "vllm:num_requests_running") == 0)
+    wait_for(lambda: metric(server, "vllm:kv_cache_usage_perc") == 0)
+    assert metric(server, "vllm:num_requests_waiting") == 0
     rss_after = process.memory_info().rss
     assert rss_after < rss_before * 1.5 + 300 * 2**20, (rss_before, rss_after)
 
@@ -350,12 +363,12 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(limited: Server) -> No
     # one at a time: the second, sent while the first still waited, would be over the
     # one waiting place (503)
     threads[0].start()
-    wait_for(lambda: metric(server, "tokenmill:num_requests_running") == 1)
+    wait_for(lambda: metric(server, "vllm:num_requests_running") == 1)
     threads[1].start()
     wait_for(
         lambda: (
-            metric(server, "tokenmill:num_requests_running") == 1
-            and metric(server, "tokenmill:num_requests_waiting") == 1
+            metric(server, "vllm:num_requests_running") == 1
+            and metric(server, "vllm:num_requests_waiting") == 1
         )
     )
     children = psutil.Process(server.process.pid).children(recursive=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import httpx
@@ -482,7 +483,8 @@ async def test_root_path_behind_a_proxy() -> None:
             ),
             401,
         )
-        assert 'endpoint="/v1/models",status="200"' in (await c.get("/api/metrics")).text
+        text = (await c.get("/api/metrics")).text
+        assert 'handler="/v1/models",method="GET",status="2xx"' in text
 
 
 async def test_tokenize_detokenize_version(client: httpx.AsyncClient) -> None:
@@ -501,17 +503,100 @@ async def test_tokenize_detokenize_version(client: httpx.AsyncClient) -> None:
     assert isinstance((await client.get("/version")).json()["version"], str)
 
 
-async def test_metrics(client: httpx.AsyncClient) -> None:
+# vLLM's metrics: name -> Prometheus type (what /metrics declares in its TYPE lines)
+VLLM_METRICS = {
+    "vllm:num_requests_running": "gauge",
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:gpu_cache_usage_perc": "gauge",
+    "vllm:prompt_tokens": "counter",
+    "vllm:generation_tokens": "counter",
+    "vllm:request_success": "counter",
+    "vllm:num_preemptions": "counter",
+    "vllm:prefix_cache_queries": "counter",
+    "vllm:prefix_cache_hits": "counter",
+    **{
+        f"vllm:{name}": "histogram"
+        for name in (
+            "time_to_first_token_seconds", "inter_token_latency_seconds",
+            "time_per_output_token_seconds", "e2e_request_latency_seconds",
+            "request_queue_time_seconds", "request_inference_time_seconds",
+            "request_prefill_time_seconds", "request_decode_time_seconds",
+            "request_prompt_tokens", "request_generation_tokens",
+            "request_max_num_generation_tokens", "request_params_n", "request_params_max_tokens",
+        )
+    },
+}  # fmt: skip
+# queries of vLLM's published Grafana dashboard (examples/online_serving/prometheus_grafana)
+DASHBOARD_QUERIES = [
+    'histogram_quantile(0.99, sum by(le) (rate(vllm:e2e_request_latency_seconds_bucket{model_name="$model_name"}[$__rate_interval])))',
+    'rate(vllm:e2e_request_latency_seconds_sum{model_name="$model_name"}[$__rate_interval]) / rate(vllm:e2e_request_latency_seconds_count{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:prompt_tokens_total{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:generation_tokens_total{model_name="$model_name"}[$__rate_interval])',
+    'histogram_quantile(0.99, sum by(le) (rate(vllm:time_per_output_token_seconds_bucket{model_name="$model_name"}[$__rate_interval])))',
+    'rate(vllm:time_per_output_token_seconds_sum{model_name="$model_name"}[$__rate_interval]) / rate(vllm:time_per_output_token_seconds_count{model_name="$model_name"}[$__rate_interval])',
+    'vllm:num_requests_running{model_name="$model_name"}',
+    'vllm:num_requests_waiting{model_name="$model_name"}',
+    'histogram_quantile(0.99, sum by(le) (rate(vllm:time_to_first_token_seconds_bucket{model_name="$model_name"}[$__rate_interval])))',
+    'rate(vllm:time_to_first_token_seconds_sum{model_name="$model_name"}[$__rate_interval]) / rate(vllm:time_to_first_token_seconds_count{model_name="$model_name"}[$__rate_interval])',
+    'vllm:gpu_cache_usage_perc{model_name="$model_name"}',
+    'sum by(le) (increase(vllm:request_prompt_tokens_bucket{model_name="$model_name"}[$__rate_interval]))',
+    'sum by(le) (increase(vllm:request_generation_tokens_bucket{model_name="$model_name"}[$__rate_interval]))',
+    'sum by(finished_reason) (increase(vllm:request_success_total{model_name="$model_name"}[$__rate_interval]))',
+    'rate(vllm:request_queue_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_prefill_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_decode_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_max_num_generation_tokens_sum{model_name="$model_name"}[$__rate_interval])',
+]  # fmt: skip
+
+
+def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """/metrics text -> sample name -> [(labels, value)]."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def _value(text: str, name: str, **labels: str) -> float:
+    return sum(v for got, v in _samples(text)[name] if labels.items() <= got.items())
+
+
+async def test_metrics_have_vllms_names_types_and_labels(client: httpx.AsyncClient) -> None:
     await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
     await client.post("/v1/completions", json={"prompt": "hi", "temperature": -1})
     text = (await client.get("/metrics")).text
-    assert 'tokenmill:http_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
-    assert 'tokenmill:http_requests_total{endpoint="/v1/completions",status="400"} 1.0' in text
-    assert "tokenmill:generation_tokens_total 3.0" in text
-    assert "tokenmill:prompt_tokens_total 3.0" in text
-    assert "tokenmill:time_to_first_token_seconds_count 1.0" in text
-    assert "tokenmill:inter_token_latency_seconds_count 2.0" in text
-    assert "tokenmill:kv_cache_usage_perc 0.25" in text
+    types = {
+        line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE")
+    }
+    for name, kind in VLLM_METRICS.items():  # a counter's TYPE line names its _total
+        assert types.get(f"{name}_total" if kind == "counter" else name) == kind, name
+    assert not any(name.endswith("_created") for name in types)
+    model = {"model_name": "fake-model", "engine": "0"}
+    for name in VLLM_METRICS:
+        sample = name if VLLM_METRICS[name] != "counter" else f"{name}_total"
+        sample = sample if VLLM_METRICS[name] != "histogram" else f"{name}_count"
+        assert any(model.items() <= labels.items() for labels, _ in _samples(text)[sample]), name
+    samples = _samples(text)
+    for query in DASHBOARD_QUERIES:  # every series the dashboard reads exists, for this model
+        for name in re.findall(r"vllm:[a-z0-9_]+", query):
+            assert any(model.items() <= labels.items() for labels, _ in samples[name]), name
+    assert _value(text, "http_requests_total", handler="/v1/completions", status="2xx") == 1
+    assert _value(text, "http_requests_total", handler="/v1/completions", status="4xx") == 1
+    assert _value(text, "vllm:generation_tokens_total") == 3
+    assert _value(text, "vllm:prompt_tokens_total") == 3
+    assert _value(text, "vllm:request_success_total", finished_reason="length") == 1
+    assert _value(text, "vllm:time_to_first_token_seconds_count") == 1
+    assert _value(text, "vllm:inter_token_latency_seconds_count") == 2
+    assert _value(text, "vllm:e2e_request_latency_seconds_count") == 1
+    assert _value(text, "vllm:request_generation_tokens_sum") == 3
+    assert _value(text, "vllm:request_params_max_tokens_sum") == 3
+    assert _value(text, "vllm:kv_cache_usage_perc") == 0.25
+    buckets = [float(labels["le"]) for labels, _ in samples["vllm:request_prompt_tokens_bucket"]]
+    assert buckets[:4] == [1, 2, 5, 10]  # vLLM's 1-2-5 series up to max_model_len
 
 
 # --- Cancellation --------------------------------------------------------------------
@@ -554,7 +639,9 @@ async def test_disconnect_aborts_the_request(stream: bool) -> None:
     assert {r[2] for r in engine.requests} == engine.aborted and len(engine.aborted) == 2
     assert not engine.running
     async with client_for(app) as c:
-        assert "tokenmill:request_aborted_total 2.0" in (await c.get("/metrics")).text
+        text = (await c.get("/metrics")).text
+        assert 'vllm:request_success_total{engine="0",finished_reason="abort"' in text
+        assert _value(text, "vllm:request_success_total", finished_reason="abort") == 2
         r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert r.json()["choices"][0]["text"] == "ab"
 

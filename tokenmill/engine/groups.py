@@ -74,6 +74,7 @@ class RequestGroup:
         if self._is_final_only and not finished:
             return None
         cached = min((s.request.num_cached_tokens for s in self.sequences), default=0)
+        scheduled = [t for s in self.sequences if (t := s.request.first_scheduled_time)]
         return RequestOutput(
             self.request_id,
             self.prompt_token_ids,
@@ -81,6 +82,7 @@ class RequestGroup:
             finished,
             cached,
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs else None,
+            first_scheduled_time=min(scheduled, default=None),
         )
 
     def _outputs(self) -> list[CompletionOutput]:

@@ -45,3 +45,5 @@ class RequestOutput:
     prompt: str | None = None  # the prompt text, when the client gave text
     prompt_logprobs: PromptLogprobs | None = None  # when the request asked for them
     error: str | None = None  # set (with finished=True) when the engine failed this request
+    # time.monotonic() when the engine first scheduled it (its queue time ends); None before
+    first_scheduled_time: float | None = None

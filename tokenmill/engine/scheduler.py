@@ -9,6 +9,7 @@ and it goes back to the front of the waiting queue to be recomputed.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -100,6 +101,7 @@ class Scheduler:
             request.num_computed_tokens = num_cached_tokens
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached_tokens
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))

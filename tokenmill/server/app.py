@@ -42,7 +42,7 @@ ROUTERS: tuple[APIRouter, ...] = (
 def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     """The whole HTTP server around one engine; the app starts and stops the engine."""
     app = FastAPI(title="tokenmill", version=server_version(), lifespan=_lifespan)
-    metrics = ServerMetrics(engine.stats)
+    metrics = ServerMetrics(engine.stats, settings.served_model_names[0], engine.max_model_len)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-tokenizer")
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     app.state.executor = executor

@@ -1,121 +1,247 @@
-"""Prometheus metrics of one app: HTTP requests, tokens, latencies and the engine's state."""
+"""Prometheus metrics of one app, named, typed, labelled and bucketed as vLLM's (`vllm:*`, with
+`model_name` and `engine` labels), so dashboards, alerts and routers built for vLLM read
+tokenmill unchanged; `http_requests_total` as the instrumentator vLLM serves it with; and
+two of tokenmill's own (`tokenmill:cpu_threads*`), which vLLM has no equivalent of.
+
+Request timings follow vLLM's phases: queued (arrival to first scheduled, the engine's
+timestamp), prefill (to the first token), decode (to the last), inference (prefill and
+decode), end to end (arrival to finish).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tokenmill.engine.client import EngineStats
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
 
-_LATENCY_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
 )  # fmt: skip
+_TOKEN_LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+)  # fmt: skip
+_REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+_LABELS = ["model_name", "engine"]
+disable_created_metrics()  # no *_created series, as vLLM serves none
+
+
+def buckets_1_2_5(limit: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's token-count buckets)."""
+    buckets: list[int] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > limit:
+                return buckets
+            buckets.append(value)
+        exponent += 1
 
 
 class ServerMetrics:
     """Every metric lives in this app's own registry, so apps (and tests) never share counters."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats]):
+    def __init__(
+        self, engine_stats: Callable[[], EngineStats], model_name: str, max_model_len: int
+    ):
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        r, labels, values = self.registry, _LABELS, (model_name, "0")
         self.http_requests = Counter(
-            "tokenmill:http_requests", "HTTP requests by endpoint and status.",
-            ["endpoint", "status"], registry=r,
+            "http_requests", "Total number of requests by method, status and handler.",
+            ["handler", "method", "status"], registry=r,
         )  # fmt: skip
-        self.prompt_tokens = Counter(
-            "tokenmill:prompt_tokens", "Prompt tokens of requests sent to the engine.", registry=r
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(*values)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...] | list[int]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*values)
+
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter(
+            "vllm:generation_tokens", "Number of generation tokens processed."
         )
-        self.generation_tokens = Counter(
-            "tokenmill:generation_tokens", "Tokens generated.", registry=r
+        self.prefix_cache_queries = counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
         )
-        self.request_success = Counter(
-            "tokenmill:request_success", "Engine requests that finished, by finish reason.",
-            ["finished_reason"], registry=r,
-        )  # fmt: skip
-        self.request_aborted = Counter(
-            "tokenmill:request_aborted", "Engine requests aborted (client gone, error).", registry=r
+        self.prefix_cache_hits = counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
         )
-        self.time_to_first_token = Histogram(
-            "tokenmill:time_to_first_token_seconds", "From arrival to the first generated token.",
-            buckets=_LATENCY_BUCKETS, registry=r,
+        success = Counter(
+            "vllm:request_success", "Count of successfully processed requests.",
+            [*labels, "finished_reason"], registry=r,
         )  # fmt: skip
-        self.inter_token_latency = Histogram(
-            "tokenmill:inter_token_latency_seconds", "Between consecutive outputs of a request.",
-            buckets=_LATENCY_BUCKETS, registry=r,
+        self.request_success = {
+            reason: success.labels(*values, reason) for reason in ("stop", "length", "abort")
+        }
+        self._success, self._values = success, values
+        tokens = buckets_1_2_5(max_model_len)
+        self.request_prompt_tokens = histogram(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", tokens
+        )
+        self.request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", tokens
+        )
+        self.request_max_num_generation_tokens = histogram(
+            "vllm:request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.", tokens,
         )  # fmt: skip
-        r.register(_EngineCollector(engine_stats))
+        self.request_params_n = histogram(
+            "vllm:request_params_n", "Histogram of the n request parameter.", [1, 2, 5, 10, 20]
+        )
+        self.request_params_max_tokens = histogram(
+            "vllm:request_params_max_tokens",
+            "Histogram of the max_tokens request parameter.", tokens,
+        )  # fmt: skip
+        self.time_to_first_token = histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.", _TTFT_BUCKETS,
+        )  # fmt: skip
+        self.time_per_output_token = histogram(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds.", _TOKEN_LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.inter_token_latency = histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.", _TOKEN_LATENCY_BUCKETS,
+        )  # fmt: skip
+        phase = {
+            "e2e_request_latency": "Histogram of e2e request latency in seconds.",
+            "request_queue_time": "Histogram of time spent in WAITING phase for request.",
+            "request_inference_time": "Histogram of time spent in RUNNING phase for request.",
+            "request_prefill_time": "Histogram of time spent in PREFILL phase for request.",
+            "request_decode_time": "Histogram of time spent in DECODE phase for request.",
+        }
+        self.phases = {
+            name: histogram(f"vllm:{name}_seconds", doc, _REQUEST_LATENCY_BUCKETS)
+            for name, doc in phase.items()
+        }
+        r.register(_EngineCollector(engine_stats, values))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def start_request(self, num_prompt_tokens: int) -> RequestTimer:
+    def start_request(self, num_prompt_tokens: int, params: SamplingParams) -> RequestTimer:
         self.prompt_tokens.inc(num_prompt_tokens)
-        return RequestTimer(self)
+        self.request_params_n.observe(params.n)
+        if params.max_tokens is not None:
+            self.request_params_max_tokens.observe(params.max_tokens)
+            self.request_max_num_generation_tokens.observe(params.max_tokens)
+        return RequestTimer(self, num_prompt_tokens)
+
+    def success(self, reason: str) -> Counter:
+        """The request_success counter of a finish reason (also ones vLLM lacks: "error")."""
+        if reason not in self.request_success:
+            self.request_success[reason] = self._success.labels(*self._values, reason)
+        return self.request_success[reason]
 
 
 class RequestTimer:
-    """Latencies of one engine request: TTFT once, then one inter-token sample per output."""
+    """One engine request's tokens and phases: TTFT once, an inter-token sample per output,
+    the phase histograms when it ends."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int):
         self.metrics = metrics
-        self.arrival = time.perf_counter()
-        self.last: float | None = None
+        self.num_prompt_tokens = num_prompt_tokens
+        self.arrival = time.monotonic()
+        self.scheduled: float | None = None  # the engine's first-scheduled time
+        self.first: float | None = None  # first token
+        self.last: float | None = None  # latest token
         self.num_tokens = 0
 
-    def on_output(self, num_tokens: int) -> None:
-        """Record a snapshot whose sequences now hold num_tokens generated tokens in total."""
+    def on_output(self, output: RequestOutput) -> None:
+        """Record a snapshot (cumulative: its sequences' tokens so far)."""
+        if self.scheduled is None and output.first_scheduled_time is not None:
+            self.scheduled = output.first_scheduled_time
+            self.metrics.prefix_cache_queries.inc(self.num_prompt_tokens)
+            self.metrics.prefix_cache_hits.inc(output.num_cached_tokens)
+        num_tokens = sum(len(o.token_ids) for o in output.outputs)
         new = num_tokens - self.num_tokens
         if new <= 0:
             return
-        now = time.perf_counter()
+        now = time.monotonic()
         if self.last is None:
             self.metrics.time_to_first_token.observe(now - self.arrival)
+            self.first = now
         else:
+            self.metrics.time_per_output_token.observe(now - self.last)
             self.metrics.inter_token_latency.observe(now - self.last)
         self.metrics.generation_tokens.inc(new)
         self.last, self.num_tokens = now, num_tokens
 
-    def on_finish(self, finish_reasons: list[str | None]) -> None:
-        for reason in finish_reasons:
-            self.metrics.request_success.labels(finished_reason=reason or "unknown").inc()
+    def on_finish(self, output: RequestOutput) -> None:
+        for sequence in output.outputs:
+            self.metrics.success(sequence.finish_reason or "stop").inc()
+        self._phases(time.monotonic())
 
     def on_abort(self) -> None:
-        self.metrics.request_aborted.inc()
+        self.metrics.success("abort").inc()
+        self._phases(time.monotonic())
+
+    def _phases(self, end: float) -> None:
+        m = self.metrics
+        m.phases["e2e_request_latency"].observe(end - self.arrival)
+        m.request_prompt_tokens.observe(self.num_prompt_tokens)
+        m.request_generation_tokens.observe(self.num_tokens)
+        if self.scheduled is None:
+            return  # never scheduled: all of it was queue time
+        m.phases["request_queue_time"].observe(max(0.0, self.scheduled - self.arrival))
+        m.phases["request_inference_time"].observe(max(0.0, end - self.scheduled))
+        first = self.first if self.first is not None else end
+        m.phases["request_prefill_time"].observe(max(0.0, first - self.scheduled))
+        m.phases["request_decode_time"].observe(max(0.0, end - first))
 
 
 class _EngineCollector(Collector):
     """Reads engine.stats() at scrape time: queue sizes, KV cache usage, engine totals."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats]):
-        self.engine_stats = engine_stats
+    def __init__(self, engine_stats: Callable[[], EngineStats], values: tuple[str, str]):
+        self.engine_stats, self.values = engine_stats, list(values)
 
     def collect(self) -> Iterator[Metric]:
         try:
             stats = self.engine_stats()
         except Exception:  # a dead engine must not break /metrics
             return
-        yield GaugeMetricFamily(
-            "tokenmill:num_requests_running", "Requests in the running batch.", stats.num_running
-        )
-        yield GaugeMetricFamily(
-            "tokenmill:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting
-        )
-        yield GaugeMetricFamily(
-            "tokenmill:kv_cache_usage_perc", "Share of KV cache blocks in use (0..1).",
-            stats.kv_cache_usage,
+        for name, doc, value in (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.",
+             stats.num_running),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+             stats.num_waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+             stats.kv_cache_usage),
+            # vLLM still serves it, and its published Grafana dashboard reads it
+            ("vllm:gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage. "
+             "DEPRECATED: Use vllm:kv_cache_usage_perc instead.", stats.kv_cache_usage),
+        ):  # fmt: skip
+            gauge = GaugeMetricFamily(name, doc, labels=_LABELS)
+            gauge.add_metric(self.values, value)
+            yield gauge
+        preemptions = CounterMetricFamily(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+            labels=_LABELS,
         )  # fmt: skip
-        yield CounterMetricFamily(
-            "tokenmill:num_preemptions", "Preemptions since start.", stats.num_preemptions
-        )
-        yield CounterMetricFamily(
-            "tokenmill:engine_aborted_requests", "Requests the engine aborted since start.",
-            stats.num_aborted,
-        )  # fmt: skip
+        preemptions.add_metric(self.values, stats.num_preemptions)
+        yield preemptions
         if stats.cpu_threads is not None:
             in_use, reductions = stats.cpu_threads
             yield GaugeMetricFamily(

@@ -32,7 +32,8 @@ class APIKeyMiddleware:
 
 
 class HTTPMetricsMiddleware:
-    """Counts requests by endpoint (route path, or 'other') and response status."""
+    """Counts requests by handler (route path, or 'none' as the instrumentator vLLM uses
+    says), method and status class ("2xx")."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics, paths: frozenset[str]):
         self.app, self.metrics, self.paths = app, metrics, paths
@@ -53,8 +54,10 @@ class HTTPMetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             path = scope["path"].removeprefix(scope.get("root_path", ""))
-            endpoint = path if path in self.paths else "other"
-            self.metrics.http_requests.labels(endpoint=endpoint, status=str(status)).inc()
+            handler = path if path in self.paths else "none"
+            self.metrics.http_requests.labels(
+                handler=handler, method=scope["method"], status=f"{status // 100}xx"
+            ).inc()
 
 
 class BodySizeLimitMiddleware:

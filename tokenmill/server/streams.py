@@ -36,7 +36,7 @@ async def engine_stream(
     engine: EngineClient, metrics: ServerMetrics, item: EngineInput, request_id: str
 ) -> AsyncIterator[RequestOutput]:
     """One engine request with its metrics; leaving early aborts it in the engine."""
-    timer = metrics.start_request(len(item.prompt_token_ids))
+    timer = metrics.start_request(len(item.prompt_token_ids), item.params)
     if item.params.max_tokens == 0 and item.params.prompt_logprobs is None:  # echo only
         yield _empty_output(item, request_id)
         return
@@ -50,10 +50,10 @@ async def engine_stream(
     finished = False
     try:
         async for output in stream:
-            timer.on_output(sum(len(o.token_ids) for o in output.outputs))
+            timer.on_output(output)
             finished = output.finished
             if finished:
-                timer.on_finish([o.finish_reason for o in output.outputs])
+                timer.on_finish(output)
             yield output
     finally:
         if not finished:
