@@ -1,5 +1,5 @@
-"""Operational routes, without the API key (health checks and scrapers): /health, /version,
-/metrics."""
+"""Operational routes, without the API key (health checks and scrapers): /health, /ping,
+/version, /metrics."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ async def health(request: Request) -> Response:
     if request.app.state.engine.is_alive:
         return Response(status_code=200)
     return error_response(503, "ServiceUnavailableError", "the engine is not running")
+
+
+@router.get("/ping")
+@router.post("/ping")
+async def ping(request: Request) -> Response:
+    """SageMaker's health check, as vLLM serves it: the same answer as /health."""
+    return await health(request)
 
 
 @router.get("/version")
