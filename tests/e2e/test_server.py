@@ -39,11 +39,20 @@ def tokenize(server: Server, **body: Any) -> list[int]:
     return list(response.json()["tokens"])
 
 
-def metric(server: Server, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
+def metric(server: Server, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` on /metrics whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+    if not found:
+        raise AssertionError(f"{name} not in /metrics")
+    return sum(found)
 
 
 def wait_for(condition: Any, timeout: float = 15.0) -> None:
@@ -339,24 +348,28 @@ _RUNS_LONG = {"max_tokens": 480, "ignore_eos": True}
 
 
 def test_stream_disconnect_aborts_and_next_request_works(server: Server) -> None:
-    aborted = metric(server, "tokenmill:request_aborted_total")
+    aborted = metric(server, "vllm:request_success_total", finished_reason="abort")
     body = {"model": MODEL, "prompt": APPLES, "stream": True, **_RUNS_LONG}
     url = f"{server.url}/v1/completions"
     with httpx.Client(timeout=60) as http, http.stream("POST", url, json=body) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: {"))
-    wait_for(lambda: metric(server, "tokenmill:request_aborted_total") == aborted + 1)
-    wait_for(lambda: metric(server, "tokenmill:num_requests_running") == 0)
+    wait_for(
+        lambda: metric(server, "vllm:request_success_total", finished_reason="abort") == aborted + 1
+    )
+    wait_for(lambda: metric(server, "vllm:num_requests_running") == 0)
     assert greedy(server, FRANCE, 2)
 
 
 def test_non_stream_disconnect_aborts(server: Server) -> None:
-    aborted = metric(server, "tokenmill:request_aborted_total")
+    aborted = metric(server, "vllm:request_success_total", finished_reason="abort")
     body = {"model": MODEL, "prompt": APPLES, **_RUNS_LONG}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=1.5)
-    wait_for(lambda: metric(server, "tokenmill:request_aborted_total") == aborted + 1)
-    wait_for(lambda: metric(server, "tokenmill:num_requests_running") == 0)
+    wait_for(
+        lambda: metric(server, "vllm:request_success_total", finished_reason="abort") == aborted + 1
+    )
+    wait_for(lambda: metric(server, "vllm:num_requests_running") == 0)
 
 
 @pytest.mark.anyio
@@ -383,16 +396,16 @@ async def test_32_concurrent_streaming_clients(server: Server) -> None:
 def test_metrics_after_traffic(server: Server) -> None:
     greedy(server, FRANCE, 2)
     text = httpx.get(f"{server.url}/metrics").text
-    assert 'tokenmill:http_requests_total{endpoint="/v1/completions",status="200"}' in text
+    assert 'http_requests_total{handler="/v1/completions",method="POST",status="2xx"}' in text
     for name in (
-        "tokenmill:time_to_first_token_seconds_count",
-        "tokenmill:inter_token_latency_seconds_count",
-        "tokenmill:prompt_tokens_total",
-        "tokenmill:generation_tokens_total",
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
     ):
         assert metric(server, name) > 0, name
-    assert 0 <= metric(server, "tokenmill:kv_cache_usage_perc") <= 1
-    assert metric(server, "tokenmill:num_requests_waiting") >= 0
+    assert 0 <= metric(server, "vllm:kv_cache_usage_perc") <= 1
+    assert metric(server, "vllm:num_requests_waiting") >= 0
     # the CPU kernels' thread pool: between one thread and torch's count, never 0
     assert 1 <= metric(server, "tokenmill:cpu_threads") <= max(1, os.cpu_count() or 1)
     assert metric(server, "tokenmill:cpu_thread_reductions_total") >= 0
