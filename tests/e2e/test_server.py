@@ -402,6 +402,11 @@ def test_metrics_after_traffic(server: Server) -> None:
         "vllm:inter_token_latency_seconds_count",
         "vllm:prompt_tokens_total",
         "vllm:generation_tokens_total",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:request_queue_time_seconds_count",  # from the engine's first-scheduled time
+        "vllm:request_prefill_time_seconds_count",
+        "vllm:request_decode_time_seconds_count",
+        "vllm:prefix_cache_queries_total",
     ):
         assert metric(server, name) > 0, name
     assert 0 <= metric(server, "vllm:kv_cache_usage_perc") <= 1
