@@ -20,7 +20,7 @@ from tokenmill.server.middleware import (
     BodySizeLimitMiddleware,
     HTTPMetricsMiddleware,
 )
-from tokenmill.server.routers import chat, completions, models, ops, tokenize
+from tokenmill.server.routers import chat, completions, infill, models, ops, tokenize
 from tokenmill.server.routers.ops import server_version
 from tokenmill.server.serving_chat import ChatServer
 from tokenmill.server.serving_completion import CompletionServer
@@ -34,6 +34,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     models.router,
     completions.router,
     chat.router,
+    infill.router,
     ops.router,
     tokenize.router,
 )

@@ -151,7 +151,7 @@ class CompletionRequest(SamplingExtras, StructuredOutputExtras):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    suffix: str | None = None  # not supported yet
+    suffix: str | None = None  # fill-in-the-middle: the text after the gap (FIM models)
     temperature: float | None = None  # None = 1.0
     top_p: float | None = None  # None = 1.0
     user: str | None = None
@@ -159,6 +159,72 @@ class CompletionRequest(SamplingExtras, StructuredOutputExtras):
     # vLLM extras specific to Completions
     add_special_tokens: bool = True  # e.g. BOS on top of the prompt
     response_format: ResponseFormat | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# llama.cpp's /infill (fill-in-the-middle for editor plugins)
+# ---------------------------------------------------------------------------------------
+
+
+class InfillExtraChunk(BaseModel):
+    """One extra file of /infill's input_extra: context put before the FIM prefix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str = ""
+    text: str
+
+
+# llama.cpp /completion options tokenmill does not implement, accepted only with the value
+# that turns them off (a 400 names any other value, and any field not known here)
+INFILL_NEUTRAL_FIELDS: dict[str, Any] = {
+    "n_probs": 0,
+    "n_indent": 0,
+    "t_max_predict_ms": 0,
+    "t_max_prompt_ms": 0,
+    "id_slot": -1,
+    "n_keep": 0,
+    "n_discard": 0,
+    "n_cmpl": 1,
+    "min_keep": 0,
+    "typical_p": 1.0,
+    "dynatemp_range": 0.0,
+    "mirostat": 0,
+    "dry_multiplier": 0.0,
+    "xtc_probability": 0.0,
+    "post_sampling_probs": False,
+    "timings_per_token": False,
+    "return_progress": False,
+    "grammar": "",
+    "lora": [],
+}
+
+
+class InfillRequest(OpenAIBaseModel):
+    """POST /infill: llama.cpp's body (its defaults); unknown fields are a 400, not ignored
+    (checked by the server, see INFILL_NEUTRAL_FIELDS)."""
+
+    model: str | None = None
+    input_prefix: str = ""  # before the gap
+    input_suffix: str = ""  # after the gap
+    input_extra: list[InfillExtraChunk] = Field(default_factory=list)  # other files
+    prompt: str = ""  # text already typed in the middle (after the middle marker)
+    n_predict: int = -1  # -1 = until the context is full
+    temperature: float = 0.8  # <= 0: greedy
+    top_k: int = 40  # <= 0: all tokens
+    top_p: float = 0.95
+    min_p: float = 0.05
+    seed: int = -1  # -1: a random draw
+    stop: list[str] = Field(default_factory=list)
+    stream: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    ignore_eos: bool = False
+    return_tokens: bool = False
+    cache_prompt: bool = True  # false: this request neither uses nor feeds the prefix cache
+    response_fields: list[str] | None = None  # keep only these (a/b: b of a, renamed b)
+    spm_infill: bool = False  # suffix-prefix-middle order (llama.cpp's server flag, per request)
 
 
 class PromptLogprob(ResponseModel):

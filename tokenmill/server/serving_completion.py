@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
@@ -25,10 +27,52 @@ from tokenmill.server.protocol import (
 from tokenmill.server.serving_base import ServingBase
 from tokenmill.server.sse import EventStreamResponse, sse_event
 from tokenmill.structured import CompiledGrammar
+from tokenmill.tokenizer.fim import (
+    MARKER_SPELLINGS,
+    FimOrder,
+    FimTokens,
+    detect_fim,
+    leading_special_ids,
+)
+
+_UNSET: Any = object()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FimExtras:
+    """What /infill adds to a FIM prompt beyond prefix and suffix."""
+
+    files: Sequence[tuple[str, str]] = ()  # (filename, text) before the FIM prefix
+    middle: str = ""  # text already in the middle, after the middle marker
+    order: FimOrder = "psm"
+    suffix_param: str = "suffix"  # the field a 400 names (the suffix's name in the body)
 
 
 class CompletionServer(ServingBase):
-    """Serves the legacy Completions API."""
+    """Serves the legacy Completions API (and fill-in-the-middle: `suffix`, /infill)."""
+
+    _fim: Any = _UNSET
+
+    @property
+    def fim_tokens(self) -> FimTokens | None:
+        """The model's FIM markers (found in its vocabulary once), or None."""
+        if self._fim is _UNSET:
+            get_vocab = getattr(self.engine.tokenizer.hf, "get_vocab", None)
+            self._fim = None if get_vocab is None else detect_fim(get_vocab())
+        fim: FimTokens | None = self._fim
+        return fim
+
+    def require_fim(self, param: str) -> FimTokens:
+        """The model's FIM markers; a 400 naming `param` when it has none."""
+        fim = self.fim_tokens
+        if fim is None:
+            raise InvalidRequestError(
+                f"{param} needs a fill-in-the-middle model, and the model "
+                f"{self.engine.model_name} has no FIM tokens in its vocabulary (looked for "
+                f"{MARKER_SPELLINGS} and their suffix/middle markers)",
+                param=param,
+            )
+        return fim
 
     async def create(self, request: CompletionRequest) -> Response:
         model = self.check_model(request.model)
@@ -44,10 +88,15 @@ class CompletionServer(ServingBase):
         return JSONResponse(response.model_dump(mode="json"))
 
     async def to_engine_inputs(
-        self, request: CompletionRequest
+        self, request: CompletionRequest, fim_extras: FimExtras | None = None
     ) -> tuple[list[EngineInput], list[str]]:
-        """The request as engine inputs (one per prompt) and each prompt's text (for echo)."""
-        _check_completion_options(request)
+        """The request as engine inputs (one per prompt) and each prompt's text (for echo).
+
+        With `suffix` (or fim_extras, from /infill) each prompt is the prefix of a
+        fill-in-the-middle prompt, and the model's FIM end tokens stop generation."""
+        fim = None
+        if request.suffix is not None or fim_extras is not None:
+            fim = self._check_fim_options(request, fim_extras or FimExtras())
         check_prompt_limits(request.prompt, self.settings.limits)
         prompt_logprobs = request.prompt_logprobs
         if prompt_logprobs is None and request.echo:
@@ -56,8 +105,84 @@ class CompletionServer(ServingBase):
         if "max_tokens" not in request.model_fields_set:
             max_tokens = self.engine.sampling_defaults.get("max_tokens", max_tokens)
         params = self.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs)
+        if fim is not None:
+            params = self._fim_params(params, fim)
         grammar = await self.compile_grammar(params)
+        if fim is not None:
+            extras = fim_extras or FimExtras()
+            return await self.run_blocking(
+                self._tokenize_fim, request, params, grammar, fim, extras
+            )
         return await self.run_blocking(self._tokenize, request, params, grammar)
+
+    def _check_fim_options(self, request: CompletionRequest, extras: FimExtras) -> FimTokens:
+        fim = self.require_fim(extras.suffix_param)
+        prompt = request.prompt
+        num_chars = len(request.suffix or "") + len(extras.middle)
+        num_chars += sum(len(name) + len(text) for name, text in extras.files)
+        num_chars += len(prompt) if isinstance(prompt, str) else 0
+        limit = self.settings.limits.max_input_chars
+        if num_chars > limit:
+            raise InvalidRequestError(
+                f"the prompt and suffix hold {num_chars} characters, over the limit of {limit}",
+                param=extras.suffix_param,
+            )
+        if request.echo and request.logprobs is not None:
+            raise InvalidRequestError(
+                "echo with logprobs is not supported together with suffix: the prompt the "
+                "model sees is the whole fill-in-the-middle sequence, not the echoed prefix",
+                param="echo",
+            )
+        return fim
+
+    def _fim_params(self, params: SamplingParams, fim: FimTokens) -> SamplingParams:
+        """The request's stop token ids plus the model's FIM end tokens."""
+        vocab_size = self.engine.vocab_size
+        ends = [i for i in fim.end_ids if i < vocab_size and i not in params.stop_token_ids]
+        if not ends:
+            return params
+        return dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *ends])
+
+    def _tokenize_fim(
+        self,
+        request: CompletionRequest,
+        params: SamplingParams,
+        grammar: CompiledGrammar | None,
+        fim: FimTokens,
+        extras: FimExtras,
+    ) -> tuple[list[EngineInput], list[str]]:
+        """Each prompt as the prefix of a FIM prompt (runs in the tokenizer thread); its text
+        (the prefix alone) is what echo shows."""
+        tokenizer = self.engine.tokenizer
+
+        def encode(text: str) -> list[int]:
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        leading = leading_special_ids(tokenizer.encode) if request.add_special_tokens else []
+        suffix_ids = encode(request.suffix or "")
+        extra_ids = fim.extra_context(extras.files, encode)
+        middle_ids = encode(extras.middle) if extras.middle else []
+        prompts = _prompt_list(request.prompt)
+        inputs, texts = [], []
+        for item in prompts:
+            if isinstance(item, str):
+                prefix_ids, text = encode(item), item
+            else:
+                prefix_ids = list(item)
+                if leading and prefix_ids[: len(leading)] == leading:
+                    prefix_ids = prefix_ids[len(leading) :]  # its BOS goes first, once
+                text = tokenizer.decode(prefix_ids) if request.echo else ""
+            ids = fim.build(
+                prefix_ids,
+                suffix_ids,
+                order=extras.order,
+                leading_ids=leading,
+                extra_ids=extra_ids,
+                middle_ids=middle_ids,
+            )
+            inputs.append(self.to_engine_input(ids, params, "prompt", grammar, request.cache_salt))
+            texts.append(text)
+        return inputs, texts
 
     def _tokenize(
         self, request: CompletionRequest, params: SamplingParams, grammar: CompiledGrammar | None
@@ -188,7 +313,12 @@ def _prompt_part(output: RequestOutput) -> tuple[list[int], list[PositionLogprob
     return ids, entries
 
 
-def _check_completion_options(request: CompletionRequest) -> None:
-    """400 for Completions options whose feature has not landed yet."""
-    if request.suffix is not None:
-        raise InvalidRequestError("suffix is not supported yet", param="suffix")
+def _prompt_list(prompt: str | list[Any]) -> list[str | list[int]]:
+    """The request's prompts; with a suffix an empty prompt is an empty prefix."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be an empty list", param="prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return list(prompt)
