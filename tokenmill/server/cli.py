@@ -360,9 +360,10 @@ def _configure_logging(uvicorn_level: str) -> None:
 
 
 def register_bench(subparsers: Subparsers) -> None:
-    """Add `bench serve` (HTTP load generator), `bench offline` (engine throughput) and
-    `bench structured` (structured-output overhead)."""
-    from tokenmill.bench import offline, serve, structured
+    """Add `bench serve` (HTTP load generator), `bench offline` (engine throughput),
+    `bench structured` (structured-output overhead) and `bench quality` (perplexity and
+    greedy agreement of the CPU weight paths)."""
+    from tokenmill.bench import offline, quality, serve, structured
 
     p = subparsers.add_parser("bench", help="benchmark a server or the engine")
     p.set_defaults(run=lambda _: p.print_help() or 2)  # `tokenmill bench` alone: help, exit 2
@@ -371,6 +372,7 @@ def register_bench(subparsers: Subparsers) -> None:
         ("serve", serve, "load-test an OpenAI-compatible server (tokenmill, vLLM, llama-server)"),
         ("offline", offline, "single-request and batched throughput of the engine, no HTTP"),
         ("structured", structured, "structured outputs: guided vs free decoding, compile time"),
+        ("quality", quality, "perplexity and greedy agreement of each CPU weight path"),
     ]:
         sub = commands.add_parser(
             name, help=help_text, description=module.__doc__,
