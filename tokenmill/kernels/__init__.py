@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,13 +54,26 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (logged once) when it cannot be had."""
     if not enabled():
         return None
+    start = time.monotonic()
     try:
-        lib = ctypes.CDLL(str(_build(_LIBRARY)))
+        path = _build(_LIBRARY)
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         logger.warning("native kernels unavailable (%s); using the torch fallback", e)
         return None
     _configure_pool(lib)
+    # the engine's model load reaches here first (the CPU backend's weight formats), so a
+    # first run's compile happens before the server reports healthy, never on a request
+    logger.debug("native kernels loaded from %s in %.2f s", path, time.monotonic() - start)
     return lib
+
+
+def warm_up(device_type: str) -> None:
+    """Build (first run: a compile of some seconds) and load the library now, before the
+    server reports healthy, when the model runs on a CPU: the sampler's row kernels use it
+    whichever backend runs the model, so otherwise a first request could pay the compile."""
+    if device_type == "cpu":
+        load()
 
 
 @functools.cache
@@ -131,6 +145,8 @@ def _build(name: str) -> Path:
     # build beside the target, then rename: concurrent processes never load a partial file
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    logger.info("compiling native kernel %s (first run on this machine)", name)
+    start = time.monotonic()
     try:
         done = subprocess.run(
             [compiler, *_FLAGS, "-o", partial, str(source), "-lm"],
@@ -144,7 +160,7 @@ def _build(name: str) -> Path:
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    logger.info("compiled native kernel %s -> %s", name, target)
+    logger.info("compiled native kernel %s in %.1f s -> %s", name, time.monotonic() - start, target)
     return target
 
 

@@ -119,6 +119,9 @@ def serve_app(
     config: uvicorn.Config, engine: EngineClient, sock: socket.socket, shutdown_timeout: float
 ) -> int:
     """Serve on `sock` until a signal or the engine's death; returns the exit status."""
+    from tokenmill.kernels import warm_up
+
+    warm_up(_device_type(engine))  # usually loaded with the model already: then a no-op
     server = GracefulServer(config, engine, shutdown_timeout)
     engine.on_death = server.stop
     server.run(sockets=[sock])
@@ -132,3 +135,14 @@ def serve_app(
         )  # fmt: skip
         return EXIT_DRAIN_CUT
     return EXIT_DRAINED
+
+
+def _device_type(engine: EngineClient) -> str:
+    """The device type the engine's model runs on ("cpu", "cuda")."""
+    core = getattr(getattr(engine, "engine", None), "core", None)  # AsyncEngine's LLMEngine
+    device_type = getattr(getattr(getattr(core, "info", None), "device", None), "type", None)
+    if isinstance(device_type, str):
+        return device_type
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

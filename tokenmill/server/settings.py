@@ -6,6 +6,7 @@ The command line imports this module to build its parser: it stays free of heavy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,6 +19,16 @@ def _default_limits() -> RequestLimits:
     from tokenmill.server.limits import RequestLimits  # imports torch (via structured)
 
     return RequestLimits()
+
+
+def default_served_model_names(model: str) -> list[str]:
+    """The names a model is served under without --served-model-name: `model` as given (vLLM
+    uses it as is), except that a .gguf file is served as its file name without the suffix,
+    with the path as given kept as an alias (clients may send either)."""
+    path = PurePath(model)
+    if path.suffix.lower() == ".gguf" and path.stem:
+        return [path.stem, model] if path.stem != model else [model]
+    return [model]
 
 
 @dataclass(slots=True)
