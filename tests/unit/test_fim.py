@@ -213,9 +213,20 @@ async def test_suffix_streams_the_same_text(fim_client: httpx.AsyncClient) -> No
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
 
 
-async def test_suffix_echo_with_logprobs_is_400(fim_client: httpx.AsyncClient) -> None:
-    body = {"prompt": "a", "suffix": "b", "echo": True, "logprobs": 1}
-    assert_error(await fim_client.post("/v1/completions", json=body), 400, "echo")
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"truncate_prompt_tokens": 3}, "truncate_prompt_tokens"),
+        ({"prompt": []}, "prompt"),
+        ({"suffix": "x" * (4 * 1024 * 1024 + 1)}, "suffix"),
+    ],
+)
+async def test_suffix_combinations_that_are_400(
+    fim_client: httpx.AsyncClient, extra: dict[str, Any], param: str
+) -> None:
+    body = {"prompt": "a", "suffix": "b", **extra}
+    assert_error(await fim_client.post("/v1/completions", json=body), 400, param)
 
 
 async def test_suffix_without_fim_tokens_is_400(client: httpx.AsyncClient) -> None:

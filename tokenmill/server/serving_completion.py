@@ -133,6 +133,12 @@ class CompletionServer(ServingBase):
                 "model sees is the whole fill-in-the-middle sequence, not the echoed prefix",
                 param="echo",
             )
+        if request.truncate_prompt_tokens is not None:
+            raise InvalidRequestError(
+                "truncate_prompt_tokens is not supported together with suffix: cutting the "
+                "fill-in-the-middle prompt's start would drop its prefix marker",
+                param="truncate_prompt_tokens",
+            )
         return fim
 
     def _fim_params(self, params: SamplingParams, fim: FimTokens) -> SamplingParams:
