@@ -53,6 +53,10 @@ class CompletionServer(ServingBase):
 
     _fim: Any = _UNSET
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        _ = self.fim_tokens  # read the vocabulary now, not on the event loop later
+
     @property
     def fim_tokens(self) -> FimTokens | None:
         """The model's FIM markers (found in its vocabulary once), or None."""
