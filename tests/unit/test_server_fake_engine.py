@@ -689,7 +689,8 @@ def test_cli_flags_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> N
         ["a", "b"],
         2048,
     )
-    assert args.served_model_name == ["x", "y"] and args.api_key == "from-env"
+    assert args.served_model_name == ["x", "y"]
+    assert cli._server_settings(args).api_keys == ("from-env",)  # the env's key
     assert args.guided_decoding_backend == "outlines"
     assert (args.generation_config, args.backend) == ("vllm", "torch")
 

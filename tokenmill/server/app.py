@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,6 +20,7 @@ from tokenmill.server.middleware import (
     APIKeyMiddleware,
     BodySizeLimitMiddleware,
     HTTPMetricsMiddleware,
+    RequestIdMiddleware,
 )
 from tokenmill.server.routers import chat, completions, infill, models, ops, tokenize
 from tokenmill.server.routers.ops import server_version
@@ -42,7 +44,9 @@ ROUTERS: tuple[APIRouter, ...] = (
 
 def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     """The whole HTTP server around one engine; the app starts and stops the engine."""
-    app = FastAPI(title="tokenmill", version=server_version(), lifespan=_lifespan)
+    docs: dict[str, Any] = {} if settings.docs else dict(docs_url=None, redoc_url=None,
+                                                          openapi_url=None)  # fmt: skip
+    app = FastAPI(title="tokenmill", version=server_version(), lifespan=_lifespan, **docs)
     metrics = ServerMetrics(engine.stats, settings.served_model_names[0], engine.max_model_len)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-tokenizer")
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
@@ -67,10 +71,12 @@ def _add_middleware(app: FastAPI, settings: ServerSettings, metrics: ServerMetri
             allow_headers=settings.allowed_headers,
         )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
-    if settings.api_key is not None:  # outside the body limit: no key, no body read
-        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    if settings.api_keys:  # outside the body limit: no key, no body read
+        app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys)
     paths = frozenset(getattr(r, "path", "") for router in ROUTERS for r in router.routes)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, paths=paths)
+    if settings.request_id_headers:
+        app.add_middleware(RequestIdMiddleware)
 
 
 @contextlib.asynccontextmanager

@@ -20,15 +20,17 @@ def check_api_key(request: Request) -> None:
 
     APIKeyMiddleware checks the same before the body is read; this route dependency is the
     second lock, on every /v1 route however its path was spelled."""
-    key: str | None = request.app.state.settings.api_key
-    if key is not None and not key_matches(request.headers.get("authorization"), key):
+    keys: tuple[str, ...] = request.app.state.settings.api_keys
+    if keys and not key_matches(request.headers.get("authorization"), keys):
         raise auth_error()
 
 
-def key_matches(authorization: str | None, key: str) -> bool:
-    """Constant-time comparison of `Bearer <token>` with the key."""
+def key_matches(authorization: str | None, keys: tuple[str, ...]) -> bool:
+    """Constant-time comparison of `Bearer <token>` with each key (every one compared)."""
     scheme, _, token = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    given = token.strip().encode()
+    matches = [hmac.compare_digest(given, key.encode()) for key in keys]
+    return scheme.lower() == "bearer" and any(matches)
 
 
 def auth_error() -> AuthenticationError:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import ipaddress
+import json
 import logging
 import os
 import socket
+import stat
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, get_args
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, get_args
 
 from tokenmill.config import (
     Backend,
@@ -21,6 +24,7 @@ from tokenmill.config import (
 )
 from tokenmill.server.flag_types import parse_bytes, parse_dtype, parse_list, parse_tokens
 from tokenmill.server.settings import DEFAULT_MAX_REQUEST_BODY_BYTES
+from tokenmill.server.vllm_flags import RefusedFlag, add_vllm_flags, check_vllm_flags
 
 if TYPE_CHECKING:  # imported lazily at run time: `tokenmill --help` stays fast
     from tokenmill.engine.async_engine import AsyncEngine
@@ -36,6 +40,10 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # grace period for in-flight requests on SIGT
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        argv = with_config_file(list(sys.argv[1:] if argv is None else argv))
+    except StartupError as exc:
+        parser.error(str(exc))
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
@@ -43,14 +51,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.run(args) or 0)
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """An unknown flag's error names the closest known one."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            known = [
+                option
+                for parser in _all_parsers(self)
+                for action in parser._actions
+                for option in action.option_strings
+            ]
+            hints = []
+            for arg in message.removeprefix("unrecognized arguments:").split():
+                close = difflib.get_close_matches(arg.split("=")[0], known, n=1, cutoff=0.6)
+                if arg.startswith("-") and close:
+                    hints.append(f"{arg}: did you mean {close[0]}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="tokenmill", description="An LLM inference engine with an OpenAI-compatible server."
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for register in SUBCOMMANDS:
         register(subparsers)
     return parser
+
+
+def with_config_file(argv: list[str]) -> list[str]:
+    """`serve --config FILE`: the YAML file's keys (flag names, with - or _) as flags placed
+    before the command line's own, so the command line wins (as vLLM does)."""
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        return argv
+    import yaml
+
+    rest, path = [], None
+    iterator = iter(argv)
+    for arg in iterator:
+        if arg == "--config":
+            path = next(iterator, None)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if not path:
+        raise StartupError("--config needs a YAML file")
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise StartupError(f"cannot read --config {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise StartupError(f"--config {path} must map flag names to values")
+    flags: list[str] = []
+    for key, value in config.items():
+        name = str(key).replace("_", "-")
+        if name == "model":
+            flags += ["--model", str(value)]
+        elif value is True:
+            flags.append(f"--{name}")
+        elif value is False:
+            flags.append(f"--no-{name}") if name.startswith("enable-") else None
+        elif isinstance(value, list):
+            flags += [f"--{name}", *(str(v) for v in value)]
+        elif value is not None:
+            flags += [f"--{name}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    command = rest.index("serve") + 1 if "serve" in rest else 0
+    return rest[:command] + flags + rest[command:]
 
 
 # --------------------------------------------------------------------------------------
@@ -71,17 +150,52 @@ def register_serve(subparsers: Subparsers) -> None:
         help="local Hugging Face model directory, .gguf file, or a name in the local HF cache "
         "(default: the bundled SmolLM2-135M-Instruct)",
     )  # fmt: skip
+    p.add_argument(
+        "--model", dest="model_flag", default=None, metavar="MODEL",
+        help="the model, as the positional MODEL (vLLM's spelling)",
+    )  # fmt: skip
+    p.add_argument(
+        "--config", metavar="FILE",
+        help="a YAML file of flags (names as keys); the command line's own flags win",
+    )  # fmt: skip
     _add_server_flags(p.add_argument_group("server"))
     _add_engine_flags(p.add_argument_group("engine"))
+    add_vllm_flags(
+        p.add_argument_group(
+            "vLLM flags", "accepted as `vllm serve` takes them: each works, is ignored with a "
+            "startup warning, or stops with what tokenmill does instead (docs/server.md)",
+        )
+    )  # fmt: skip
 
 
 def _add_server_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
     g.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     g.add_argument(
-        "--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
-        help="require `Authorization: Bearer <key>` on /v1/* routes "
-        "(default: env TOKENMILL_API_KEY; unset = no auth)",
+        "--api-key", nargs="+", action="extend", default=None, metavar="KEY",
+        help="require `Authorization: Bearer <key>` on /v1/* routes; several keys: any of "
+        "them (default: env TOKENMILL_API_KEY, or VLLM_API_KEY; unset = no auth)",
+    )  # fmt: skip
+    g.add_argument(
+        "--uds", default=None, metavar="PATH",
+        help="listen on this Unix domain socket instead of --host/--port",
+    )  # fmt: skip
+    g.add_argument("--ssl-keyfile", default=None, help="TLS: the private key file")
+    g.add_argument("--ssl-certfile", default=None, help="TLS: the certificate file")
+    g.add_argument(
+        "--ssl-ca-certs", default=None, help="TLS: CA certificates to verify clients against"
+    )
+    g.add_argument(
+        "--ssl-cert-reqs", type=int, default=0, metavar="N",
+        help="TLS: client certificates: 0 none, 1 optional, 2 required (Python's ssl)",
+    )  # fmt: skip
+    g.add_argument(
+        "--enable-request-id-headers", action="store_true",
+        help="X-Request-Id on every response (the request's own, else a new one)",
+    )  # fmt: skip
+    g.add_argument(
+        "--disable-fastapi-docs", action="store_true",
+        help="no /docs, /redoc or /openapi.json",
     )  # fmt: skip
     g.add_argument(
         "--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -250,8 +364,8 @@ def _serve(args: argparse.Namespace) -> int:
     from tokenmill.server.lifecycle import serve_app
 
     settings = _server_settings(args)  # first: a bad flag or a taken port should not wait
-    sock = _bind(args.host, args.port)  # for the model to load
-    if settings.api_key is None and not _is_loopback(sock):
+    sock = _bind_unix(args.uds) if args.uds else _bind(args.host, args.port)  # for the model
+    if not settings.api_keys and not _is_loopback(sock):
         logger.warning(
             "serving on %s without --api-key: any client that can reach this address can use "
             "the model (set --api-key or TOKENMILL_API_KEY, or --host 127.0.0.1)",
@@ -268,6 +382,10 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         log_level=args.uvicorn_log_level,
         root_path=args.root_path,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        ssl_cert_reqs=args.ssl_cert_reqs,
     )
     return serve_app(config, engine, sock, args.shutdown_timeout)
 
@@ -280,17 +398,38 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
         raise StartupError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
     if args.shutdown_timeout < 0:
         raise StartupError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout:g}")
+    if args.model_flag is not None:
+        if args.model is not None and args.model != args.model_flag:
+            raise StartupError(f"two models: {args.model} and --model {args.model_flag}")
+        args.model = args.model_flag
+    try:
+        for warning in check_vllm_flags(args):
+            logger.warning("%s", warning)
+    except RefusedFlag as exc:
+        raise StartupError(str(exc)) from None
+    if args.guided_decoding_backend not in get_args(GuidedDecodingBackend):
+        raise StartupError(
+            f"unknown structured outputs backend {args.guided_decoding_backend!r}; use one of "
+            + ", ".join(get_args(GuidedDecodingBackend))
+        )
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise StartupError("TLS needs both --ssl-keyfile and --ssl-certfile")
+    env_key = os.environ.get("TOKENMILL_API_KEY") or os.environ.get("VLLM_API_KEY")
+    scheme = "https" if args.ssl_certfile else "http"
+    address = f"{scheme}://{_url_host(args.host)}:{args.port}{args.root_path}"
     return ServerSettings(
         limits=RequestLimits(max_logprobs=args.max_logprobs),
         served_model_names=[],
-        api_key=args.api_key or None,
+        api_key=args.api_key or ([env_key] if env_key else None),
         allowed_origins=args.allowed_origins,
         allowed_methods=args.allowed_methods,
         allowed_headers=args.allowed_headers,
         allow_credentials=args.allow_credentials,
         disable_log_requests=args.disable_log_requests,
-        address=f"http://{_url_host(args.host)}:{args.port}{args.root_path}",
+        address=f"unix:{args.uds}" if args.uds else address,
         max_request_body_bytes=args.max_request_body_bytes,
+        request_id_headers=args.enable_request_id_headers,
+        docs=not args.disable_fastapi_docs,
     )
 
 
@@ -334,8 +473,24 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _bind_unix(path: str) -> socket.socket:
+    """A Unix domain socket at `path` (a stale socket file there is replaced)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _is_loopback(sock: socket.socket) -> bool:
     """Whether the bound address is reachable from this machine only."""
+    if sock.family == socket.AF_UNIX:
+        return True
     host = sock.getsockname()[0]
     try:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,14 +16,14 @@ class APIKeyMiddleware:
     """401 for a /v1 request without the key, before its body is read (an unauthenticated
     client cannot make the server buffer or parse anything). CORS preflights pass."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.api_key = app, api_key
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]):
+        self.app, self.api_keys = app, api_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] != "OPTIONS" and is_v1(scope):
             headers = dict(scope["headers"])
             authorization = headers.get(b"authorization", b"").decode("latin-1")
-            if not key_matches(authorization, self.api_key):
+            if not key_matches(authorization, self.api_keys):
                 exc = auth_error()
                 response = JSONResponse(
                     error_body(exc).model_dump(), 401, headers={"WWW-Authenticate": "Bearer"}
@@ -112,3 +114,26 @@ class BodySizeLimitMiddleware:
 
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
+
+
+class RequestIdMiddleware:
+    """X-Request-Id on every response: the client's own, else a new one (vLLM's
+    --enable-request-id-headers)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id")
+        request_id = given if given else uuid.uuid4().hex.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -36,7 +36,8 @@ class ServerSettings:
     """The server's own options, built once by the command line (or a test)."""
 
     served_model_names: list[str]  # names clients may send as `model`; the first is the default
-    api_key: str | None = None  # required as a Bearer token on /v1/* when set
+    # required as a Bearer token on /v1/* when set; several (vLLM's --api-key A B): any of them
+    api_key: str | list[str] | None = None
     allowed_origins: list[str] | None = None  # CORS; None = no CORS headers at all
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
@@ -46,3 +47,12 @@ class ServerSettings:
     # caps on one request (each over-cap value is a 400)
     limits: RequestLimits = field(default_factory=_default_limits)
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # larger bodies get a 413
+    request_id_headers: bool = False  # echo X-Request-Id (or a new one) on every response
+    docs: bool = True  # FastAPI's /docs, /redoc and /openapi.json
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The keys a client may send; () = no auth."""
+        if self.api_key is None:
+            return ()
+        return (self.api_key,) if isinstance(self.api_key, str) else tuple(self.api_key)

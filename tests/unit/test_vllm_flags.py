@@ -1,0 +1,142 @@
+"""`vllm serve` flags: each works, is ignored with a warning, or stops with what tokenmill
+does instead; an unknown flag's error names the closest known one; --config YAML."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.unit.fake_engine import client_for, make_app
+from tokenmill.server.cli import StartupError, _server_settings, build_parser, with_config_file
+from tokenmill.server.settings import ServerSettings
+from tokenmill.server.vllm_flags import VLLM_FLAGS, RefusedFlag, check_vllm_flags
+
+# a command line as vLLM users write it; every flag here starts the server
+WORKS = [
+    "--model", "some-model", "--disable-log-stats", "--enable-chunked-prefill",
+    "--tensor-parallel-size", "1", "--pipeline-parallel-size", "1", "-dp", "1",
+    "--scheduling-policy", "fcfs", "--load-format", "auto", "--tokenizer-mode", "auto",
+    "--response-role", "assistant", "--chat-template-content-format", "auto",
+    "--enable-log-requests", "--cpu-offload-gb", "0",
+    "--structured-outputs-config.backend", "outlines",
+]  # fmt: skip
+IGNORED = [
+    "--trust-remote-code", "--enforce-eager", "--swap-space", "4", "--download-dir", "/tmp/x",
+    "--max-seq-len-to-capture", "8192", "--distributed-executor-backend", "mp",
+    "--no-enable-chunked-prefill", "--disable-frontend-multiprocessing",
+    "--max-num-partial-prefills", "2", "--hf-token", "hf_x", "--max-log-len", "100",
+    "--preemption-mode", "swap", "--chat-template-content-format", "openai",
+]  # fmt: skip
+REFUSED = [
+    ("--tensor-parallel-size 2", "one device"),
+    ("--enable-lora", "merge_and_unload"),
+    ("--lora-modules a=b", "LoRA"),
+    ("--enable-auto-tool-choice", "tool calling"),
+    ("--tool-call-parser hermes", "tool calling"),
+    ("--reasoning-parser qwen3", "reasoning"),
+    ("--revision main", "downloads nothing"),
+    ("--tokenizer other/dir", "tokenizer in the model's directory"),
+    ("--scheduling-policy priority", "first come"),
+    ("--speculative-config {}", "speculative"),
+    ("--data-parallel-size 2", "load balancer"),
+]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_flags_that_work_start_quietly_and_map_onto_tokenmills() -> None:
+    args = parse(*WORKS)
+    assert check_vllm_flags(args) == []
+    settings = _server_settings(args)
+    assert isinstance(settings, ServerSettings)
+    assert args.model == "some-model" and args.guided_decoding_backend == "outlines"
+
+
+def test_flags_with_no_effect_here_each_get_one_warning() -> None:
+    args = parse(*IGNORED)
+    warnings = check_vllm_flags(args)
+    assert len(warnings) == 13, warnings
+    assert any(w.startswith("--no-enable-chunked-prefill has no effect") for w in warnings)
+    assert any(w.startswith("--trust-remote-code has no effect here: ") for w in warnings)
+    assert any(w.startswith("--swap-space 4 has no effect here: ") for w in warnings)
+    assert any("--chat-template-content-format openai" in w for w in warnings)
+
+
+@pytest.mark.parametrize(("flag", "says"), REFUSED)
+def test_flags_that_cannot_work_stop_with_what_to_do_instead(flag: str, says: str) -> None:
+    args = parse(*flag.split())
+    with pytest.raises(RefusedFlag, match=says):
+        check_vllm_flags(args)
+    with pytest.raises(StartupError, match=says):
+        _server_settings(parse(*flag.split()))
+
+
+def test_every_flag_of_the_table_is_documented() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "server.md").read_text()
+    for flag in VLLM_FLAGS:
+        assert f"`{flag.names[0]}`" in doc, flag.names[0]
+
+
+def test_an_unknown_flag_names_the_closest_known_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--max-num-seq", "4", "--tensor-paralel-size", "1")
+    err = capsys.readouterr().err
+    assert "--tensor-paralel-size: did you mean --tensor-parallel-size?" in err
+    assert "unrecognized arguments" in err
+
+
+def test_structured_outputs_config_json_and_bad_backends() -> None:
+    args = parse("--structured-outputs-config", '{"backend": "lm-format-enforcer"}')
+    check_vllm_flags(args)
+    assert args.guided_decoding_backend == "lm-format-enforcer"
+    with pytest.raises(RefusedFlag, match="only 'backend'"):
+        check_vllm_flags(parse("--structured-outputs-config", '{"backend": "x", "y": 1}'))
+    with pytest.raises(StartupError, match="unknown structured outputs backend 'nope'"):
+        _server_settings(parse("--structured-outputs-config.backend", "nope"))
+
+
+def test_config_yaml_gives_flags_the_command_line_overrides(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model: some-model\nport: 9001\nmax_num_seqs: 8\nenable-prefix-caching: false\n"
+        "served-model-name: [a, b]\ntrust-remote-code: true\n"
+    )
+    argv = with_config_file(["serve", "--config", str(config), "--port", "9002"])
+    args = build_parser().parse_args(argv)
+    assert (args.model_flag, args.port, args.max_num_seqs) == ("some-model", 9002, 8)
+    assert args.enable_prefix_caching is False and args.served_model_name == ["a", "b"]
+    assert check_vllm_flags(args)  # trust-remote-code: its warning
+    with pytest.raises(StartupError, match="cannot read --config"):
+        with_config_file(["serve", "--config", str(tmp_path / "missing.yaml")])
+
+
+def test_several_api_keys_each_open_the_api() -> None:
+    args = parse("--api-key", "k1", "k2", "--api-key", "k3")
+    settings = _server_settings(args)
+    assert settings.api_keys == ("k1", "k2", "k3")
+
+
+async def _get(app: object, path: str, **headers: str) -> httpx.Response:
+    async with client_for(app) as client:
+        return await client.get(path, headers=headers)
+
+
+@pytest.mark.anyio
+async def test_keys_request_ids_and_docs_on_a_running_app() -> None:
+    app = make_app(api_key=["k1", "k2"], request_id_headers=True, docs=False)
+    for key in ("k1", "k2"):
+        assert (await _get(app, "/v1/models", authorization=f"Bearer {key}")).status_code == 200
+    assert (await _get(app, "/v1/models", authorization="Bearer k3")).status_code == 401
+    echoed = await _get(app, "/health", **{"x-request-id": "abc-1"})
+    assert echoed.headers["x-request-id"] == "abc-1"
+    assert len((await _get(app, "/health")).headers["x-request-id"]) == 32
+    assert (await _get(app, "/docs")).status_code == 404
+    assert (await _get(app, "/openapi.json")).status_code == 404
+    plain = make_app()
+    assert (await _get(plain, "/openapi.json")).status_code == 200
+    assert "x-request-id" not in (await _get(plain, "/health")).headers

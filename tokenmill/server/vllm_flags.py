@@ -1,0 +1,191 @@
+"""`vllm serve` flags that tokenmill has no flag of its own for: each is accepted, and either
+works as in vLLM (with the values that mean the same here), is ignored with one startup
+warning saying why it has no effect here, or stops the server with a message saying what
+tokenmill does instead. Never Python's bare "unrecognized arguments".
+
+The table is docs/server.md's "vLLM flags" section; `tests/unit/test_vllm_flags.py` runs a
+server command line of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Kind = Literal["ignore", "refuse"]  # what a value outside `works` gets
+
+_NO_DOWNLOADS = (
+    "tokenmill downloads nothing: it serves local directories, .gguf files and models "
+    "already in the local Hugging Face cache"
+)
+_ONE_DEVICE = "tokenmill runs the model on one device (multi-device serving is planned)"
+_NO_GRAPHS = "tokenmill captures no CUDA graphs and compiles nothing: the model runs eagerly"
+_NO_LORA = (
+    "LoRA adapters are not supported; merge the adapter into the weights (peft's "
+    "merge_and_unload) and serve the merged directory"
+)
+_NO_TOOLS = "tool calling is not supported yet (requests with `tools` get a 400)"
+_NO_REASONING = "reasoning parsers are not supported yet (the thinking stays in the answer)"
+_SCHEDULER = "tokenmill's scheduler chunks every prefill within --max-num-batched-tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class VllmFlag:
+    names: tuple[str, ...]  # the first is the canonical one
+    kind: Kind
+    reason: str
+    takes_value: bool = True
+    works: Callable[[Any], bool] | None = None  # values that behave as in vLLM: no message
+    boolean_optional: bool = False  # --flag / --no-flag
+
+    @property
+    def dest(self) -> str:
+        return "vllm_" + self.names[0].lstrip("-").replace("-", "_").replace(".", "_")
+
+
+def _is(*values: object) -> Callable[[Any], bool]:
+    return lambda value: value in values or str(value) in {str(v) for v in values}
+
+
+VLLM_FLAGS: tuple[VllmFlag, ...] = (
+    # accepted with the meaning they have in vLLM where tokenmill does the same
+    VllmFlag(("--disable-log-stats",), "ignore", "tokenmill logs no periodic stats",
+             takes_value=False, works=_is(True)),
+    VllmFlag(("--enable-log-requests",), "ignore", "a line per request is tokenmill's default",
+             takes_value=False, works=_is(True)),
+    VllmFlag(("--enable-chunked-prefill",), "ignore", _SCHEDULER, takes_value=False,
+             works=_is(True), boolean_optional=True),
+    VllmFlag(("--tensor-parallel-size", "-tp"), "refuse", _ONE_DEVICE, works=_is(1)),
+    VllmFlag(("--pipeline-parallel-size", "-pp"), "refuse", _ONE_DEVICE, works=_is(1)),
+    VllmFlag(("--data-parallel-size", "-dp"), "refuse",
+             "one tokenmill server serves one engine; run several behind a load balancer",
+             works=_is(1)),
+    VllmFlag(("--scheduling-policy",), "refuse",
+             "requests are scheduled first come, first served (priority scheduling is planned)",
+             works=_is("fcfs")),
+    VllmFlag(("--load-format",), "refuse",
+             "tokenmill reads safetensors directories and .gguf files as they are",
+             works=_is("auto", "safetensors", "gguf")),
+    VllmFlag(("--tokenizer-mode",), "refuse", "tokenmill uses the model's own tokenizer",
+             works=_is("auto", "hf")),
+    VllmFlag(("--response-role",), "refuse", "responses come from the assistant role",
+             works=_is("assistant")),
+    VllmFlag(("--chat-template-content-format",), "ignore",
+             "tokenmill detects from the template whether message content is a string or a "
+             "list of parts (vLLM's auto)", works=_is("auto")),
+    VllmFlag(("--preemption-mode",), "ignore", "a preempted request is always recomputed",
+             works=_is("recompute")),
+    # no effect here: one warning at startup
+    VllmFlag(("--trust-remote-code",), "ignore",
+             "tokenmill never runs code from a model repository: its own implementation of the "
+             "architecture loads the weights", takes_value=False),
+    VllmFlag(("--enforce-eager",), "ignore", _NO_GRAPHS, takes_value=False),
+    VllmFlag(("--max-seq-len-to-capture",), "ignore", _NO_GRAPHS),
+    VllmFlag(("--cuda-graph-sizes",), "ignore", _NO_GRAPHS),
+    VllmFlag(("--compilation-config", "-O"), "ignore", _NO_GRAPHS),
+    VllmFlag(("--swap-space",), "ignore",
+             "a preempted request is recomputed, never swapped out to CPU memory"),
+    VllmFlag(("--download-dir",), "ignore", _NO_DOWNLOADS),
+    VllmFlag(("--hf-token",), "ignore", _NO_DOWNLOADS),
+    VllmFlag(("--max-parallel-loading-workers",), "ignore", "weights load in one pass"),
+    VllmFlag(("--distributed-executor-backend",), "ignore", _ONE_DEVICE),
+    VllmFlag(("--disable-custom-all-reduce",), "ignore", _ONE_DEVICE, takes_value=False),
+    VllmFlag(("--disable-frontend-multiprocessing",), "ignore",
+             "the server and the engine already share one process", takes_value=False),
+    VllmFlag(("--max-num-partial-prefills",), "ignore", _SCHEDULER),
+    VllmFlag(("--max-long-partial-prefills",), "ignore", _SCHEDULER),
+    VllmFlag(("--long-prefill-token-threshold",), "ignore", _SCHEDULER),
+    VllmFlag(("--max-log-len",), "ignore", "tokenmill never logs prompt text"),
+    VllmFlag(("--num-gpu-blocks-override",), "ignore",
+             "the KV cache is sized by --kv-cache-memory or --gpu-memory-utilization"),
+    # not available: the server does not start, and says what to do instead
+    VllmFlag(("--revision",), "refuse", f"{_NO_DOWNLOADS}; serve that revision's directory"),
+    VllmFlag(("--tokenizer-revision",), "refuse", _NO_DOWNLOADS),
+    VllmFlag(("--code-revision",), "refuse", _NO_DOWNLOADS),
+    VllmFlag(("--tokenizer",), "refuse",
+             "tokenmill uses the tokenizer in the model's directory or GGUF file"),
+    VllmFlag(("--enable-lora",), "refuse", _NO_LORA, takes_value=False),
+    VllmFlag(("--lora-modules",), "refuse", _NO_LORA),
+    VllmFlag(("--max-loras",), "refuse", _NO_LORA),
+    VllmFlag(("--max-lora-rank",), "refuse", _NO_LORA),
+    VllmFlag(("--enable-auto-tool-choice",), "refuse", _NO_TOOLS, takes_value=False),
+    VllmFlag(("--tool-call-parser",), "refuse", _NO_TOOLS),
+    VllmFlag(("--reasoning-parser",), "refuse", _NO_REASONING),
+    VllmFlag(("--speculative-config",), "refuse", "speculative decoding is not supported yet"),
+    VllmFlag(("--limit-mm-per-prompt",), "refuse", "image and audio inputs are not supported yet"),
+    VllmFlag(("--cpu-offload-gb",), "refuse", "weights stay on the device they run on",
+             works=_is(0, 0.0)),
+    VllmFlag(("--kv-transfer-config",), "refuse", "disaggregated prefill is not supported"),
+    VllmFlag(("--hf-overrides",), "refuse", "edit the model directory's config.json instead"),
+    VllmFlag(("--override-generation-config",), "refuse",
+             "edit the model's generation_config.json, or pass --generation-config DIR"),
+    VllmFlag(("--otlp-traces-endpoint",), "refuse", "OpenTelemetry tracing is not supported"),
+    VllmFlag(("--return-tokens-as-token-ids",), "refuse", "not supported yet",
+             takes_value=False),
+    VllmFlag(("--enable-prompt-tokens-details",), "refuse",
+             "usage.prompt_tokens_details is not reported yet", takes_value=False),
+    VllmFlag(("--enable-force-include-usage",), "refuse",
+             "usage is sent with stream_options.include_usage", takes_value=False),
+    VllmFlag(("--middleware",), "refuse", "tokenmill loads no middleware from import paths"),
+    VllmFlag(("--disable-sliding-window",), "refuse",
+             "sliding windows are honoured in the paged cache; lower --max-model-len instead",
+             takes_value=False),
+)  # fmt: skip
+
+
+def add_vllm_flags(group: argparse._ArgumentGroup) -> None:
+    """Register every flag of the table, and the two that map onto tokenmill's own."""
+    for flag in VLLM_FLAGS:
+        kwargs: dict[str, Any] = {"dest": flag.dest, "default": None, "help": flag.reason}
+        if flag.boolean_optional:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif not flag.takes_value:
+            kwargs |= {"action": "store_const", "const": True}
+        else:
+            kwargs["metavar"] = "VALUE"
+        group.add_argument(*flag.names, **kwargs)
+    group.add_argument(
+        "--structured-outputs-config.backend", dest="vllm_structured_outputs_backend",
+        default=None, metavar="BACKEND", help="vLLM's name of --guided-decoding-backend",
+    )  # fmt: skip
+    group.add_argument(
+        "--structured-outputs-config", dest="vllm_structured_outputs_config", default=None,
+        metavar="JSON", help='vLLM\'s JSON form, e.g. \'{"backend": "xgrammar"}\'',
+    )  # fmt: skip
+
+
+class RefusedFlag(Exception):
+    """A vLLM flag (with this value) that tokenmill cannot honour."""
+
+
+def check_vllm_flags(args: argparse.Namespace) -> list[str]:
+    """The startup warnings of the vLLM flags given; RefusedFlag for one that cannot work.
+    Maps vLLM's structured-outputs flags onto --guided-decoding-backend."""
+    warnings = []
+    for flag in VLLM_FLAGS:
+        value = getattr(args, flag.dest, None)
+        if value is None or (flag.works is not None and flag.works(value)):
+            continue
+        name = flag.names[0]
+        shown = {True: name, False: "--no-" + name[2:]}.get(value, f"{name} {value}")
+        if flag.kind == "refuse":
+            raise RefusedFlag(f"{shown}: {flag.reason}")
+        warnings.append(f"{shown} has no effect here: {flag.reason}")
+    backend = args.vllm_structured_outputs_backend
+    if args.vllm_structured_outputs_config is not None:
+        try:
+            config = json.loads(args.vllm_structured_outputs_config)
+        except json.JSONDecodeError as exc:
+            raise RefusedFlag(f"--structured-outputs-config is not JSON: {exc}") from None
+        unknown = set(config) - {"backend"} if isinstance(config, dict) else {"(not an object)"}
+        if unknown:
+            raise RefusedFlag(
+                f"--structured-outputs-config: only 'backend' is supported, not {sorted(unknown)}"
+            )
+        backend = config.get("backend", backend)
+    if backend is not None:
+        args.guided_decoding_backend = backend
+    return warnings
