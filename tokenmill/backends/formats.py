@@ -1,10 +1,14 @@
 """Weight and KV cache formats: which one runs where, decided here and nowhere else.
 
 Weight formats (`--quantization`; CPU, float32 math only):
-- "gguf": a GGUF file's own quantized blocks (Q4_1, Q8_0), multiplied by the native kernel
-  (kernels/quant_matmul.c) with activations quantized to int8 per 32-value block and
-  integer dot products: llama.cpp's numerics, a third of float16's weight bytes,
-  batch-invariant. A layer stored in another type is packed as "fp16" instead.
+- "gguf": a GGUF file's own quantized blocks (Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K;
+  each tensor in its own type, a fused projection's parts in one format that holds them
+  all), multiplied by the native kernel (kernels/quant_matmul.c) with activations
+  quantized to int8 per 32-value block and integer dot products: llama.cpp's numerics,
+  a third of float16's weight bytes, batch-invariant. Repacking at load is exact but for
+  Q4_K/Q5_K's sub-block scales and mins, rounded to float16 (quant_matmul.py). A layer
+  stored in another type (or whose parts no format holds together) is packed as "fp16"
+  instead, named in one log line.
 - "gguf-float32": the same blocks in float32 math (logits equal the dequantized model's up
   to summation order); slower than int8 activations.
 - "fp16": float16 weights, float32 activations and accumulation: the native kernel's
