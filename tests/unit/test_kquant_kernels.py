@@ -457,3 +457,16 @@ def test_kquant_gguf_keeps_its_blocks_with_the_dequantized_greedy_tokens(kquant_
     assert len(int8_kept) == len(kept) and all(m.int8_activations for m in int8_kept)
     int8_tokens, _ = greedy_and_logits(int8_llm, ids)
     assert len(int8_tokens) == len(tokens)
+
+    # decode steps in one native call (decode_step.c) equal layer by layer, both modes
+    from tests.model.test_quantized import (
+        LOGPROBS,
+        PROMPTS,
+        assert_same_tokens_and_logprobs,
+        generate_fused_and_layered,
+    )
+
+    for llm in (blocks_llm, int8_llm):
+        fused, layered, calls = generate_fused_and_layered(llm, PROMPTS[:3], LOGPROBS)
+        assert calls >= LOGPROBS.max_tokens - 2
+        assert_same_tokens_and_logprobs(fused, layered)
