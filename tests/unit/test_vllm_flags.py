@@ -140,3 +140,40 @@ async def test_keys_request_ids_and_docs_on_a_running_app() -> None:
     plain = make_app()
     assert (await _get(plain, "/openapi.json")).status_code == 200
     assert "x-request-id" not in (await _get(plain, "/health")).headers
+
+
+_UNHONOURED = [
+    ({"bad_words": ["x"]}, "bad_words"),
+    ({"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+    ({"return_token_ids": True}, "return_token_ids"),
+    ({"priority": 1}, "priority"),
+    ({"vllm_xargs": {"a": 1}}, "vllm_xargs"),
+    (
+        {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+        "stream_options.continuous_usage_stats",
+    ),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("fields", "param"), _UNHONOURED)
+async def test_vllm_request_fields_not_honoured_yet_are_400_naming_them(
+    fields: dict[str, object], param: str
+) -> None:
+    """vLLM's newer request fields are never silently ignored: at their default they pass,
+    used they are a 400 naming the field, on completions and chat alike."""
+    from tests.unit.fake_engine import assert_error
+
+    async with client_for(make_app()) as client:
+        completion = {"prompt": "hi", "max_tokens": 2, **fields}
+        assert_error(await client.post("/v1/completions", json=completion), 400, param)
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+        assert_error(await client.post("/v1/chat/completions", json=chat), 400, param)
+        effort = {**chat, "reasoning_effort": "low"}
+        effort.pop(next(iter(fields)))
+        assert_error(
+            await client.post("/v1/chat/completions", json=effort), 400, "reasoning_effort"
+        )
+        defaults = {"prompt": "hi", "max_tokens": 2, "priority": 0, "bad_words": [],
+                    "return_token_ids": False, "stream_options": None}  # fmt: skip
+        assert (await client.post("/v1/completions", json=defaults)).status_code == 200

@@ -51,6 +51,7 @@ def _is_none(value: Any) -> bool:
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = False  # send a final chunk with usage (choices empty)
+    continuous_usage_stats: bool | None = False  # vLLM: usage in every chunk (not yet: a 400)
 
 
 class JsonSchemaFormat(OpenAIBaseModel):
@@ -114,6 +115,19 @@ class SamplingExtras(OpenAIBaseModel):
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
 
+class UnsupportedExtras(OpenAIBaseModel):
+    """vLLM's newer fields tokenmill does not honour yet: accepted at their default (what
+    clients send when they do not use them), a 400 naming the field otherwise
+    (serving_base.check_unsupported_fields), never silently ignored."""
+
+    bad_words: list[str] | None = None
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    priority: int = 0
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+
+
 class StructuredOutputExtras(OpenAIBaseModel):
     """vLLM's structured-output fields; at most one constraint per request (with
     response_format), read by tokenmill.structured.spec_from_request_fields."""
@@ -135,7 +149,7 @@ class StructuredOutputExtras(OpenAIBaseModel):
 Prompt = list[int] | list[list[int]] | str | list[str]
 
 
-class CompletionRequest(SamplingExtras, StructuredOutputExtras):
+class CompletionRequest(SamplingExtras, StructuredOutputExtras, UnsupportedExtras):
     """POST /v1/completions (fields in the order of OpenAI's reference)."""
 
     model: str | None = None  # None = the first served model name
@@ -301,7 +315,7 @@ class ChatDocument(OpenAIBaseModel):
     text: str
 
 
-class ChatCompletionRequest(SamplingExtras, StructuredOutputExtras):
+class ChatCompletionRequest(SamplingExtras, StructuredOutputExtras, UnsupportedExtras):
     """POST /v1/chat/completions (fields in the order of OpenAI's reference)."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -324,6 +338,7 @@ class ChatCompletionRequest(SamplingExtras, StructuredOutputExtras):
     tools: list[dict[str, Any]] | None = None  # not supported yet
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None  # reasoning models: not yet (a 400)
     user: str | None = None
 
     # vLLM extras specific to Chat

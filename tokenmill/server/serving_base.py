@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from tokenmill.engine.client import EngineClient
 from tokenmill.engine.input_processor import EngineInput, InputProcessor
 from tokenmill.engine.outputs import RequestOutput
-from tokenmill.errors import NotFoundError, ServiceUnavailableError
+from tokenmill.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import streams
 from tokenmill.server.logprobs import LogprobFormatter
@@ -128,3 +128,29 @@ class ServingBase:
         """Run every prompt as its own engine request; yield (prompt index, snapshot)."""
         self.check_alive()
         return streams.generate(self.engine, self.metrics, inputs, request_id)
+
+
+# the value of each UnsupportedExtras field (and reasoning_effort) that means "not used"
+_UNUSED: dict[str, Any] = {
+    "bad_words": (None, []),
+    "return_tokens_as_token_ids": (None, False),
+    "return_token_ids": (None, False),
+    "priority": (0,),
+    "kv_transfer_params": (None,),
+    "vllm_xargs": (None, {}),
+    "reasoning_effort": (None,),
+}
+
+
+def check_unsupported_fields(request: Any) -> None:
+    """A 400 naming the first vLLM field the request uses that tokenmill cannot honour yet."""
+    for name, unused in _UNUSED.items():
+        if getattr(request, name, None) not in unused:
+            raise InvalidRequestError(f"{name} is not supported by tokenmill yet", param=name)
+    options = getattr(request, "stream_options", None)
+    if options is not None and options.continuous_usage_stats:
+        raise InvalidRequestError(
+            "stream_options.continuous_usage_stats is not supported by tokenmill yet (usage "
+            "comes in the last chunk with include_usage)",
+            param="stream_options.continuous_usage_stats",
+        )

@@ -27,7 +27,7 @@ from tokenmill.server.protocol import (
     DeltaMessage,
     TokenizeChatRequest,
 )
-from tokenmill.server.serving_base import ServingBase
+from tokenmill.server.serving_base import ServingBase, check_unsupported_fields
 from tokenmill.server.sse import EventStreamResponse, sse_event
 from tokenmill.tokenizer.chat_template import render_chat
 
@@ -200,6 +200,7 @@ def _content_text(content: Any, message_index: int) -> str:
 
 def _check_chat_options(request: ChatCompletionRequest, limits: RequestLimits) -> None:
     """400 for chat options whose feature has not landed yet, and for top_logprobs out of range."""
+    check_unsupported_fields(request)
     if request.tools:
         raise InvalidRequestError("tools are not supported yet", param="tools")
     if request.tool_choice not in (None, "none", "auto"):

@@ -24,7 +24,7 @@ from tokenmill.server.protocol import (
     CompletionResponseChoice,
     CompletionStreamResponse,
 )
-from tokenmill.server.serving_base import ServingBase
+from tokenmill.server.serving_base import ServingBase, check_unsupported_fields
 from tokenmill.server.sse import EventStreamResponse, sse_event
 from tokenmill.structured import CompiledGrammar
 from tokenmill.tokenizer.fim import (
@@ -80,6 +80,7 @@ class CompletionServer(ServingBase):
 
     async def create(self, request: CompletionRequest) -> Response:
         model = self.check_model(request.model)
+        check_unsupported_fields(request)
         self.check_alive()
         request_id = f"cmpl-{uuid.uuid4().hex}"
         inputs, prompt_texts = await self.to_engine_inputs(request)
