@@ -65,7 +65,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
         "--structured-outputs-config.backend", "xgrammar",
     )  # fmt: skip
     socket_path = tmp / "tokenmill.sock"
-    uds, uds_log = _launch(tmp, "uds", "--uds", str(socket_path))
+    uds, uds_log = _launch(tmp, "uds", "--uds", str(socket_path), "--enable-prompt-tokens-details")
     https = httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=False, timeout=30)
     unix = httpx.Client(
         base_url="http://localhost", transport=httpx.HTTPTransport(uds=str(socket_path))
@@ -96,6 +96,11 @@ def test_a_vllm_command_line_serves_with_each_flags_effect(servers: dict[str, ob
     assert https.get("/v1/models").status_code == 401
     assert https.get("/health", headers={"x-request-id": "r-1"}).headers["x-request-id"] == "r-1"
     assert https.get("/docs").status_code == 404
+    body = {"prompt": "Hi", "max_tokens": 1}
+    usage = https.post(
+        "/v1/completions", json=body, headers={"authorization": f"Bearer {KEY_A}"}, timeout=120
+    ).json()["usage"]
+    assert "prompt_tokens_details" not in usage  # vLLM's default
     log = Path(str(servers["tls_log"])).read_text()
     for flag in ("--trust-remote-code", "--enforce-eager", "--swap-space 4"):
         assert f"{flag} has no effect here" in log, flag
@@ -107,9 +112,11 @@ def test_a_vllm_command_line_serves_with_each_flags_effect(servers: dict[str, ob
 def test_a_unix_socket_serves_completions(servers: dict[str, object]) -> None:
     unix = servers["unix"]
     assert isinstance(unix, httpx.Client)
-    body = {"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}
-    response = unix.post("/v1/completions", json=body, timeout=120)
-    assert response.status_code == 200 and response.json()["choices"][0]["text"]
+    body = {"prompt": "The capital of France is " * 10, "max_tokens": 3, "temperature": 0}
+    first = unix.post("/v1/completions", json=body, timeout=120)
+    assert first.status_code == 200 and first.json()["choices"][0]["text"]
+    again = unix.post("/v1/completions", json=body, timeout=120).json()["usage"]
+    assert again["prompt_tokens_details"]["cached_tokens"] >= 16  # the prefix cache, reported
 
 
 def test_a_refused_flag_stops_the_server_with_what_to_do_instead(tmp_path: Path) -> None:

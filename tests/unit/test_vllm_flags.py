@@ -4,6 +4,7 @@ does instead; an unknown flag's error names the closest known one; --config YAML
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import httpx
@@ -148,10 +149,6 @@ _UNHONOURED = [
     ({"return_token_ids": True}, "return_token_ids"),
     ({"priority": 1}, "priority"),
     ({"vllm_xargs": {"a": 1}}, "vllm_xargs"),
-    (
-        {"stream": True, "stream_options": {"continuous_usage_stats": True}},
-        "stream_options.continuous_usage_stats",
-    ),
 ]
 
 
@@ -177,3 +174,24 @@ async def test_vllm_request_fields_not_honoured_yet_are_400_naming_them(
         defaults = {"prompt": "hi", "max_tokens": 2, "priority": 0, "bad_words": [],
                     "return_token_ids": False, "stream_options": None}  # fmt: skip
         assert (await client.post("/v1/completions", json=defaults)).status_code == 200
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_continuous_usage_stats_put_usage_in_every_chunk(path: str) -> None:
+    from tests.unit.fake_engine import sse_events
+
+    body = {"max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    body |= (
+        {"prompt": "hi"}
+        if "chat" not in path
+        else {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    async with client_for(make_app()) as client:
+        events = sse_events((await client.post(path, json=body)).text)
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    assert all(c["usage"] is not None for c in chunks)
+    completion = [c["usage"]["completion_tokens"] for c in chunks]
+    assert completion == sorted(completion) and completion[-1] == 3
+    assert "prompt_tokens_details" not in chunks[-1]["usage"]  # only with the flag

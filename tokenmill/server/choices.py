@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from tokenmill.engine.input_processor import EngineInput
 from tokenmill.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from tokenmill.server.protocol import UsageInfo
+from tokenmill.server.protocol import PromptTokensDetails, UsageInfo
 
 
 @dataclass(slots=True)
@@ -33,9 +33,11 @@ class ChoiceDelta:
 class ChoiceTracker:
     """Turns cumulative engine snapshots into per-choice deltas and token counts."""
 
-    def __init__(self, inputs: list[EngineInput]):
+    def __init__(self, inputs: list[EngineInput], prompt_tokens_details: bool = False):
         self.n = inputs[0].params.n
         self.num_prompt_tokens = sum(len(item.prompt_token_ids) for item in inputs)
+        self.prompt_tokens_details = prompt_tokens_details
+        self._num_cached: dict[int, int] = {}  # per prompt: its tokens from the prefix cache
         self._num_chars: dict[int, int] = {}
         self._num_tokens: dict[int, int] = {}
         self._num_tokens_sent: dict[int, int] = {}
@@ -47,12 +49,19 @@ class ChoiceTracker:
 
     def usage(self) -> UsageInfo:
         prompt, completion = self.num_prompt_tokens, self.num_completion_tokens
+        details = None
+        if self.prompt_tokens_details:
+            details = PromptTokensDetails(cached_tokens=sum(self._num_cached.values()))
         return UsageInfo(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=details,
         )
 
     def update(self, prompt_index: int, output: RequestOutput) -> list[ChoiceDelta]:
         deltas = []
+        self._num_cached[prompt_index] = output.num_cached_tokens
         for seq in output.outputs:
             index = prompt_index * self.n + seq.index
             self._num_tokens[index] = len(seq.token_ids)

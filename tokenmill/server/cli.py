@@ -198,6 +198,10 @@ def _add_server_flags(g: argparse._ArgumentGroup) -> None:
         help="no /docs, /redoc or /openapi.json",
     )  # fmt: skip
     g.add_argument(
+        "--enable-prompt-tokens-details", action="store_true",
+        help="usage.prompt_tokens_details.cached_tokens: prompt tokens from the prefix cache",
+    )  # fmt: skip
+    g.add_argument(
         "--served-model-name", nargs="+", default=None, metavar="NAME",
         help="name(s) clients send as `model`; the first is reported in responses "
         "(default: the MODEL argument)",
@@ -430,6 +434,7 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
         max_request_body_bytes=args.max_request_body_bytes,
         request_id_headers=args.enable_request_id_headers,
         docs=not args.disable_fastapi_docs,
+        prompt_tokens_details=args.enable_prompt_tokens_details,
     )
 
 

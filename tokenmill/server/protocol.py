@@ -51,7 +51,7 @@ def _is_none(value: Any) -> bool:
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = False  # send a final chunk with usage (choices empty)
-    continuous_usage_stats: bool | None = False  # vLLM: usage in every chunk (not yet: a 400)
+    continuous_usage_stats: bool | None = False  # vLLM: with include_usage, in every chunk
 
 
 class JsonSchemaFormat(OpenAIBaseModel):
@@ -66,10 +66,16 @@ class ResponseFormat(OpenAIBaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
 class UsageInfo(ResponseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # with --enable-prompt-tokens-details (as vLLM)
+    prompt_tokens_details: PromptTokensDetails | None = Field(default=None, exclude_if=_is_none)
 
 
 class ErrorInfo(ResponseModel):

@@ -14,6 +14,7 @@ from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import streams
+from tokenmill.server.choices import ChoiceTracker
 from tokenmill.server.logprobs import LogprobFormatter
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.params import AnyRequest, to_sampling_params
@@ -48,6 +49,10 @@ class ServingBase:
             settings.limits.max_logprobs,
             fit_max_tokens=True,
         )
+
+    def tracker(self, inputs: list[EngineInput]) -> ChoiceTracker:
+        """Per-choice deltas and the usage of one request's engine streams."""
+        return ChoiceTracker(inputs, self.settings.prompt_tokens_details)
 
     def check_model(self, name: str | None) -> str:
         """The served name to report back; 404 for a name this server does not serve."""
@@ -142,15 +147,16 @@ _UNUSED: dict[str, Any] = {
 }
 
 
+def usage_in_chunks(request: Any) -> tuple[bool, bool]:
+    """(usage in a last chunk, usage in every chunk): stream_options' include_usage, and
+    continuous_usage_stats with it (as vLLM)."""
+    options = request.stream_options
+    final = bool(options and options.include_usage)
+    return final, final and bool(options.continuous_usage_stats)
+
+
 def check_unsupported_fields(request: Any) -> None:
     """A 400 naming the first vLLM field the request uses that tokenmill cannot honour yet."""
     for name, unused in _UNUSED.items():
         if getattr(request, name, None) not in unused:
             raise InvalidRequestError(f"{name} is not supported by tokenmill yet", param=name)
-    options = getattr(request, "stream_options", None)
-    if options is not None and options.continuous_usage_stats:
-        raise InvalidRequestError(
-            "stream_options.continuous_usage_stats is not supported by tokenmill yet (usage "
-            "comes in the last chunk with include_usage)",
-            param="stream_options.continuous_usage_stats",
-        )

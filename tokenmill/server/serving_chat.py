@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from tokenmill.engine.input_processor import EngineInput
 from tokenmill.engine.outputs import PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
-from tokenmill.server.choices import ChoiceDelta, ChoiceTracker
+from tokenmill.server.choices import ChoiceDelta
 from tokenmill.server.limits import RequestLimits, check_chat_limits
 from tokenmill.server.protocol import (
     ChatCompletionLogProbs,
@@ -27,7 +27,11 @@ from tokenmill.server.protocol import (
     DeltaMessage,
     TokenizeChatRequest,
 )
-from tokenmill.server.serving_base import ServingBase, check_unsupported_fields
+from tokenmill.server.serving_base import (
+    ServingBase,
+    check_unsupported_fields,
+    usage_in_chunks,
+)
 from tokenmill.server.sse import EventStreamResponse, sse_event
 from tokenmill.tokenizer.chat_template import render_chat
 
@@ -94,7 +98,7 @@ class ChatServer(ServingBase):
         self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
     ) -> ChatCompletionResponse:
         role, echo = _response_role(request), _echo_text(request)
-        tracker = ChoiceTracker(inputs)
+        tracker = self.tracker(inputs)
         final: RequestOutput | None = None
         async with aclosing(self.generate(inputs, request_id)) as outputs:
             async for i, output in outputs:
@@ -137,19 +141,20 @@ class ChatServer(ServingBase):
         self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
     ) -> AsyncIterator[str]:
         created = int(time.time())
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        include_usage, continuous = usage_in_chunks(request)
         exclude = None if include_usage else {"usage"}
+        tracker = self.tracker(inputs)
 
         def chunk(choices: list[ChatCompletionStreamChoice]) -> str:
             response = ChatCompletionStreamResponse(
-                id=request_id, created=created, model=model, choices=choices
-            )
+                id=request_id, created=created, model=model, choices=choices,
+                usage=tracker.usage() if continuous else None,
+            )  # fmt: skip
             return sse_event(response, exclude=exclude)
 
         role, echo = _response_role(request), _echo_text(request)
         for index in range(request.n):  # the first delta of each choice carries the role
             yield chunk([_stream_choice(index, DeltaMessage(role=role, content=echo))])
-        tracker = ChoiceTracker(inputs)
         async with aclosing(self.generate(inputs, request_id)) as outputs:
             async for i, output in outputs:
                 for delta in tracker.update(i, output):

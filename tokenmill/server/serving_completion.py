@@ -15,7 +15,7 @@ from tokenmill.engine.input_processor import EngineInput
 from tokenmill.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.server.choices import ChoiceDelta, ChoiceTracker
+from tokenmill.server.choices import ChoiceDelta
 from tokenmill.server.limits import check_prompt_limits
 from tokenmill.server.protocol import (
     CompletionLogProbs,
@@ -24,7 +24,11 @@ from tokenmill.server.protocol import (
     CompletionResponseChoice,
     CompletionStreamResponse,
 )
-from tokenmill.server.serving_base import ServingBase, check_unsupported_fields
+from tokenmill.server.serving_base import (
+    ServingBase,
+    check_unsupported_fields,
+    usage_in_chunks,
+)
 from tokenmill.server.sse import EventStreamResponse, sse_event
 from tokenmill.structured import CompiledGrammar
 from tokenmill.tokenizer.fim import (
@@ -227,7 +231,7 @@ class CompletionServer(ServingBase):
         inputs: list[EngineInput],
         echoes: list[str],
     ) -> CompletionResponse:
-        tracker = ChoiceTracker(inputs)
+        tracker = self.tracker(inputs)
         finals: dict[int, RequestOutput] = {}
         async with aclosing(self.generate(inputs, request_id)) as outputs:
             async for i, output in outputs:
@@ -278,9 +282,9 @@ class CompletionServer(ServingBase):
         echoes: list[str],
     ) -> AsyncIterator[str]:
         created = int(time.time())
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        include_usage, continuous = usage_in_chunks(request)
         exclude = None if include_usage else {"usage"}
-        tracker = ChoiceTracker(inputs)
+        tracker = self.tracker(inputs)
         num_chars_sent: dict[int, int] = {}  # per choice, for text_offset
         async with aclosing(self.generate(inputs, request_id)) as outputs:
             async for i, output in outputs:
@@ -296,8 +300,9 @@ class CompletionServer(ServingBase):
                         stop_reason=delta.stop_reason,
                     )
                     chunk = CompletionStreamResponse(
-                        id=request_id, created=created, model=model, choices=[choice]
-                    )
+                        id=request_id, created=created, model=model, choices=[choice],
+                        usage=tracker.usage() if continuous else None,
+                    )  # fmt: skip
                     yield sse_event(chunk, exclude=exclude)
         if include_usage:
             chunk = CompletionStreamResponse(

@@ -49,6 +49,7 @@ class ServerSettings:
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # larger bodies get a 413
     request_id_headers: bool = False  # echo X-Request-Id (or a new one) on every response
     docs: bool = True  # FastAPI's /docs, /redoc and /openapi.json
+    prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
 
     @property
     def api_keys(self) -> tuple[str, ...]:

@@ -125,8 +125,6 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag(("--otlp-traces-endpoint",), "refuse", "OpenTelemetry tracing is not supported"),
     VllmFlag(("--return-tokens-as-token-ids",), "refuse", "not supported yet",
              takes_value=False),
-    VllmFlag(("--enable-prompt-tokens-details",), "refuse",
-             "usage.prompt_tokens_details is not reported yet", takes_value=False),
     VllmFlag(("--enable-force-include-usage",), "refuse",
              "usage is sent with stream_options.include_usage", takes_value=False),
     VllmFlag(("--middleware",), "refuse", "tokenmill loads no middleware from import paths"),
