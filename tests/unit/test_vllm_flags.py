@@ -146,7 +146,6 @@ async def test_keys_request_ids_and_docs_on_a_running_app() -> None:
 _UNHONOURED = [
     ({"bad_words": ["x"]}, "bad_words"),
     ({"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
-    ({"return_token_ids": True}, "return_token_ids"),
     ({"priority": 1}, "priority"),
     ({"vllm_xargs": {"a": 1}}, "vllm_xargs"),
 ]
@@ -195,3 +194,29 @@ async def test_continuous_usage_stats_put_usage_in_every_chunk(path: str) -> Non
     completion = [c["usage"]["completion_tokens"] for c in chunks]
     assert completion == sorted(completion) and completion[-1] == 3
     assert "prompt_tokens_details" not in chunks[-1]["usage"]  # only with the flag
+
+
+@pytest.mark.anyio
+async def test_return_token_ids_gives_the_prompts_and_each_choices_ids() -> None:
+    """As vLLM: the prompt's ids and each choice's output ids; streamed, the prompt's in the
+    first chunk and the new ids in each, adding up to the non-streamed ones."""
+    from tests.unit.fake_engine import sse_events
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    async with client_for(make_app()) as client:
+        for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 3}),
+                           ("/v1/chat/completions", chat)):  # fmt: skip
+            body = {**body, "return_token_ids": True, "temperature": 0}
+            whole = (await client.post(path, json=body)).json()
+            choice = whole["choices"][0]
+            prompt_ids = choice.get("prompt_token_ids") or whole.get("prompt_token_ids")
+            assert prompt_ids and len(prompt_ids) == whole["usage"]["prompt_tokens"]
+            assert len(choice["token_ids"]) == whole["usage"]["completion_tokens"] == 3
+            events = sse_events((await client.post(path, json={**body, "stream": True})).text)
+            chunks = [json.loads(e) for e in events if e != "[DONE]"]
+            streamed = [i for c in chunks for ch in c["choices"] for i in ch.get("token_ids", [])]
+            assert streamed == choice["token_ids"]
+            first = chunks[0].get("prompt_token_ids") or chunks[0]["choices"][0]["prompt_token_ids"]
+            assert first == prompt_ids
+            plain = (await client.post(path, json={**body, "return_token_ids": False})).json()
+            assert "token_ids" not in plain["choices"][0]

@@ -101,6 +101,7 @@ class SamplingExtras(OpenAIBaseModel):
     """vLLM's extra sampling parameters, shared by Completions and Chat (ranges: SamplingParams;
     caps: RequestLimits)."""
 
+    return_token_ids: bool | None = False  # the prompt's and each choice's token ids
     best_of: int | None = None  # generate best_of, return the n with the best logprob sum
     use_beam_search: bool = False  # beam width = best_of (or n)
     top_k: int = -1  # -1 = all tokens
@@ -128,7 +129,6 @@ class UnsupportedExtras(OpenAIBaseModel):
 
     bad_words: list[str] | None = None
     return_tokens_as_token_ids: bool | None = None
-    return_token_ids: bool | None = None
     priority: int = 0
     kv_transfer_params: dict[str, Any] | None = None
     vllm_xargs: dict[str, Any] | None = None
@@ -274,6 +274,9 @@ class CompletionResponseChoice(ResponseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM: the stop id or string that ended it
     prompt_logprobs: PromptLogprobsList | None = Field(default=None, exclude_if=_is_none)
+    # with return_token_ids: the prompt's ids (in a stream, the first chunk), the output's
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_is_none)
+    token_ids: list[int] | None = Field(default=None, exclude_if=_is_none)
 
 
 class CompletionResponse(ResponseModel):
@@ -383,6 +386,7 @@ class ChatCompletionResponseChoice(ResponseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = Field(default=None, exclude_if=_is_none)  # return_token_ids
 
 
 class ChatCompletionResponse(ResponseModel):
@@ -393,6 +397,7 @@ class ChatCompletionResponse(ResponseModel):
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
     prompt_logprobs: PromptLogprobsList | None = Field(default=None, exclude_if=_is_none)
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_is_none)
 
 
 class DeltaMessage(ResponseModel):
@@ -412,6 +417,7 @@ class ChatCompletionStreamChoice(ResponseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = Field(default=None, exclude_if=_is_none)  # the new ones
 
 
 class ChatCompletionStreamResponse(ResponseModel):
@@ -421,6 +427,7 @@ class ChatCompletionStreamResponse(ResponseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_is_none)  # 1st chunk
 
 
 # ---------------------------------------------------------------------------------------

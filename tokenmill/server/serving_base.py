@@ -139,7 +139,6 @@ class ServingBase:
 _UNUSED: dict[str, Any] = {
     "bad_words": (None, []),
     "return_tokens_as_token_ids": (None, False),
-    "return_token_ids": (None, False),
     "priority": (0,),
     "kv_transfer_params": (None,),
     "vllm_xargs": (None, {}),

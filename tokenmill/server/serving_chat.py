@@ -112,6 +112,7 @@ class ChatServer(ServingBase):
                 logprobs=self._logprobs(request, seq.token_ids, seq.logprobs),
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
+                token_ids=list(seq.token_ids) if request.return_token_ids else None,
             )
             for seq in final.outputs
         ]
@@ -125,6 +126,7 @@ class ChatServer(ServingBase):
                 if request.prompt_logprobs is not None
                 else None
             ),
+            prompt_token_ids=list(final.prompt_token_ids) if request.return_token_ids else None,
         )
 
     def _logprobs(
@@ -145,11 +147,15 @@ class ChatServer(ServingBase):
         exclude = None if include_usage else {"usage"}
         tracker = self.tracker(inputs)
 
+        prompt_ids = list(inputs[0].prompt_token_ids) if request.return_token_ids else None
+
         def chunk(choices: list[ChatCompletionStreamChoice]) -> str:
+            nonlocal prompt_ids
             response = ChatCompletionStreamResponse(
                 id=request_id, created=created, model=model, choices=choices,
-                usage=tracker.usage() if continuous else None,
+                usage=tracker.usage() if continuous else None, prompt_token_ids=prompt_ids,
             )  # fmt: skip
+            prompt_ids = None  # the first chunk only
             return sse_event(response, exclude=exclude)
 
         role, echo = _response_role(request), _echo_text(request)
@@ -161,7 +167,10 @@ class ChatServer(ServingBase):
                     if delta.text or delta.finish_reason:
                         content = DeltaMessage(content=delta.text or None)
                         logprobs = self._logprobs(request, delta.new_token_ids, delta.new_logprobs)
-                        yield chunk([_stream_choice(delta.index, content, delta, logprobs)])
+                        choice = _stream_choice(delta.index, content, delta, logprobs)
+                        if request.return_token_ids:
+                            choice.token_ids = delta.new_token_ids
+                        yield chunk([choice])
         if include_usage:
             usage_chunk = ChatCompletionStreamResponse(
                 id=request_id, created=created, model=model, choices=[], usage=tracker.usage()

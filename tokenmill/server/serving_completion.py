@@ -260,6 +260,7 @@ class CompletionServer(ServingBase):
             logprobs = self.logprobs.completion(
                 [*ids, *seq.token_ids], [*entries, *(seq.logprobs or [])]
             )
+        with_ids = request.return_token_ids
         return CompletionResponseChoice(
             index=index,
             text=echo + seq.text,
@@ -271,6 +272,8 @@ class CompletionServer(ServingBase):
                 if request.prompt_logprobs is not None
                 else None
             ),
+            prompt_token_ids=list(output.prompt_token_ids) if with_ids else None,
+            token_ids=list(seq.token_ids) if with_ids else None,
         )
 
     async def _stream(
@@ -292,12 +295,17 @@ class CompletionServer(ServingBase):
                     text = (echoes[i] if delta.is_first else "") + delta.text
                     offset = num_chars_sent.get(delta.index, 0)
                     num_chars_sent[delta.index] = offset + len(text)
+                    with_ids = request.return_token_ids
                     choice = CompletionResponseChoice(
                         index=delta.index,
                         text=text,
                         logprobs=self._delta_logprobs(request, output, delta, offset),
                         finish_reason=delta.finish_reason,
                         stop_reason=delta.stop_reason,
+                        prompt_token_ids=(
+                            list(output.prompt_token_ids) if with_ids and delta.is_first else None
+                        ),
+                        token_ids=delta.new_token_ids if with_ids else None,
                     )
                     chunk = CompletionStreamResponse(
                         id=request_id, created=created, model=model, choices=[choice],
