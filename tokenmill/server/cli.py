@@ -366,6 +366,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from tokenmill.server.app import build_app
     from tokenmill.server.lifecycle import serve_app
+    from tokenmill.server.settings import default_served_model_names
 
     settings = _server_settings(args)  # first: a bad flag or a taken port should not wait
     sock = _bind_unix(args.uds) if args.uds else _bind(args.host, args.port)  # for the model
@@ -376,7 +377,9 @@ def _serve(args: argparse.Namespace) -> int:
             settings.address,
         )  # fmt: skip
     engine = _load_engine(args)
-    settings.served_model_names = args.served_model_name or [args.model or engine.model_name]
+    settings.served_model_names = args.served_model_name or default_served_model_names(
+        args.model or engine.model_name
+    )
     app = build_app(engine, settings)
     # What is loaded by now (model, tokenizer, app) lives as long as the server: keep it out
     # of the garbage collector's full passes, which would otherwise walk it while serving.
