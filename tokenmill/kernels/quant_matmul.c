@@ -141,11 +141,10 @@ INLINE void weights_at(const Matmul *p, int64_t panel, int64_t k, const int src,
             uint16_t bits;
             memcpy(&bits, base + 256 + (k % QBLOCK) * 2, sizeof bits);
             b = base + (k % QBLOCK) * 8;
-            const __m256i all = _mm256_set1_epi32(bits), one = _mm256_set1_epi32(1);
-            fifth_lo = _mm256_slli_epi32(
-                _mm256_and_si256(_mm256_srlv_epi32(all, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), one), 4);
-            fifth_hi = _mm256_slli_epi32(
-                _mm256_and_si256(_mm256_srlv_epi32(all, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)), one), 4);
+            /* column j's bit moved to bit 4 (value 16) */
+            const __m256i all = _mm256_set1_epi32((int32_t)bits << 4), sixteen = _mm256_set1_epi32(16);
+            fifth_lo = _mm256_and_si256(_mm256_srlv_epi32(all, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), sixteen);
+            fifth_hi = _mm256_and_si256(_mm256_srlv_epi32(all, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)), sixteen);
         }
         const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b));
         const __m256 qlo = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(15)), fifth_lo));
