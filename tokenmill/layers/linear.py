@@ -228,8 +228,8 @@ def gguf_fallback_reason(
     linear: nn.Linear | torch.Tensor, parts: list[tuple[int, torch.Tensor] | None]
 ) -> str | None:
     """Why gguf_linear would not keep these parts as blocks ("not stored quantized" for
-    float tensors, "Q4_0 not read by the kernel", "fused parts of types no one format
-    holds", "shape"), or None when it would (up to packing)."""
+    float tensors, "Q4_0 not read by the kernel", "fused parts in Q4_K/Q6_K, which no one
+    format holds", "shape"), or None when it would (up to packing)."""
     if not parts or any(p is None for p in parts):
         return "not stored quantized"
     types = {p[0] for p in parts if p is not None}
@@ -239,7 +239,8 @@ def gguf_fallback_reason(
     if unread:
         return "/".join(quant_matmul.type_name(t) for t in unread) + " not read by the kernel"
     if quant_matmul.common_format(types) is None:
-        return "fused parts of types no one format holds"
+        names = "/".join(quant_matmul.type_name(t) for t in sorted(types))
+        return f"fused parts in {names}, which no one format holds"
     weight = linear.weight if isinstance(linear, nn.Linear) else linear
     rows = sum(p[1].shape[0] for p in parts if p is not None)
     if rows != weight.shape[0] or any(
