@@ -274,7 +274,8 @@ def _keep_gguf_blocks(
         targets.append(("lm_head", model.output_weight))
     for path, linear in targets:
         parts = [blocks(name) for name in checkpoint_weight_names(model, path)]
-        replacement = gguf_linear(linear, parts, int8_activations)
+        int8 = int8_activations and not path.startswith(formats.FLOAT_ACTIVATION_LAYERS)
+        replacement = gguf_linear(linear, parts, int8)
         if replacement is not None:
             _replace(model, path, replacement)
             kept += 1

@@ -5,7 +5,9 @@ Weight formats (`--quantization`; CPU, float32 math only):
   each tensor in its own type, a fused projection's parts in one format that holds them
   all), multiplied by the native kernel (kernels/quant_matmul.c) with activations
   quantized to int8 per 32-value block and integer dot products: llama.cpp's numerics,
-  a third of float16's weight bytes, batch-invariant. Repacking at load is exact but for
+  a third of float16's weight bytes, batch-invariant. The first decoder layer's linears
+  keep float32 activations (`FLOAT_ACTIVATION_LAYERS`): measured, the most accuracy for
+  the least time (docs/benchmarks.md, "Quality of the CPU paths"). Repacking at load is exact but for
   Q4_K/Q5_K's sub-block scales and mins, rounded to float16 (quant_matmul.py). A layer
   stored in another type (or whose parts no format holds together) is packed as "fp16"
   instead, named in one log line.
@@ -37,6 +39,10 @@ from tokenmill.kernels import layer_ops, paged_attention, quant_matmul
 from tokenmill.layers.linear import fbgemm_available
 
 _FP16_MAX = 65504.0
+# linears (by path prefix) that keep float32 activations under "gguf": the first layer's
+# int8 rounding costs the most perplexity per matmul (docs/benchmarks.md, "Quality of the
+# CPU paths")
+FLOAT_ACTIVATION_LAYERS = ("model.layers.0.",)
 
 
 def resolve_quantization(

@@ -262,7 +262,7 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
     )  # fmt: skip
     g.add_argument(
         "-q", "--quantization", choices=get_args(QuantizationSetting), default=None,
-        help="weight format (CPU): gguf = a GGUF file's own Q4_1/Q8_0 blocks through the "
+        help="weight format (CPU): gguf = a GGUF file's own quantized blocks through the "
         "native kernel, activations quantized to int8 per 32 values (llama.cpp's numerics; a "
         "third of fp16's weight memory, the fastest), gguf-float32 = the same blocks, float32 "
         "activations (closer to the dequantized model), fp16 = float16 weights, float32 math "
