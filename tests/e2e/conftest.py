@@ -45,6 +45,22 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
+def metric(server: Server, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` on /metrics whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+    if not found:
+        raise AssertionError(f"{name} not in /metrics")
+    return sum(found)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -19,6 +19,8 @@ import httpx
 import psutil
 import pytest
 
+from tests.e2e.conftest import metric
+
 if TYPE_CHECKING:
     from tests.e2e.conftest import Server
 
@@ -46,22 +48,6 @@ def raw_request(server: Server, method: str, path: str, headers: dict[str, str] 
         return response.status, response.read().decode(errors="replace")
     finally:
         connection.close()
-
-
-def metric(server: Server, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` on /metrics whose labels include `labels`."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    found = [
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    ]
-    if not found:
-        raise AssertionError(f"{name} not in /metrics")
-    return sum(found)
 
 
 def wait_for(condition: Any, timeout: float = 30.0) -> None:

@@ -12,6 +12,8 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from tests.e2e.conftest import metric
+
 if TYPE_CHECKING:
     from tests.e2e.conftest import Server
 
@@ -37,22 +39,6 @@ def tokenize(server: Server, **body: Any) -> list[int]:
     response = httpx.post(f"{server.url}/tokenize", json=body, timeout=30)
     assert response.status_code == 200, response.text
     return list(response.json()["tokens"])
-
-
-def metric(server: Server, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` on /metrics whose labels include `labels`."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    found = [
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    ]
-    if not found:
-        raise AssertionError(f"{name} not in /metrics")
-    return sum(found)
 
 
 def wait_for(condition: Any, timeout: float = 15.0) -> None:
