@@ -31,7 +31,7 @@ import tokenmill.kernels as kernels
 from tests.model.test_gguf_archs import PROMPT, engine, greedy_and_logits
 from tests.model.test_gguf_archs import tokenizer_cache as tokenizer_cache  # private cache
 from tokenmill.kernels import quant_matmul
-from tokenmill.layers.linear import GGUFLinear
+from tokenmill.layers.linear import GGUFLinear, SplitGGUFLinear, gguf_linear
 
 needs_quant = pytest.mark.skipif(not quant_matmul.available(), reason="no C compiler")
 NEW_TYPES = [Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q5_0, Q.Q5_1]
@@ -359,6 +359,29 @@ def test_no_format_holds_k_quants_with_and_without_a_min():
         )
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_parts_no_one_format_holds_run_as_a_split_projection(int8):
+    """Q4_K q|k beside a Q6_K v (larger models' Q4_K_M): gguf_linear keeps each run of
+    parts in its own format and concatenates the outputs (bias rows split with them)."""
+    in_features = 256
+    parts = [
+        (Q.Q4_K, random_blocks(16, in_features, Q.Q4_K, seed=1)),
+        (Q.Q4_K, random_blocks(8, in_features, Q.Q4_K, seed=2)),
+        (Q.Q6_K, random_blocks(8, in_features, Q.Q6_K, seed=3)),
+    ]
+    linear = torch.nn.Linear(in_features, 32, bias=True)
+    split = gguf_linear(linear, list(parts), int8)
+    assert isinstance(split, SplitGGUFLinear)
+    assert [p.ggml_type for p in split.pieces] == [Q.Q4_K, Q.Q6_K]
+    assert [p.out_features for p in split.pieces] == [24, 8]
+    weight = torch.cat([dequantized(b, t) for t, b in parts])
+    bound = torch.cat([scale_bound(b, t) for t, b in parts])
+    torch.manual_seed(3)
+    x = torch.randn(5, in_features)
+    want = (int8_reference(x, weight) if int8 else x @ weight.t()) + linear.bias.detach()
+    assert_near(split(x), want, x, weight, bound)
+
+
 def test_pack_rejects_what_it_cannot_read():
     with pytest.raises(ValueError):  # K-quants need whole 256-value blocks
         quant_matmul.pack_blocks(torch.zeros(4, 72, dtype=torch.uint8), Q.Q4_K, 128)
@@ -374,7 +397,7 @@ def test_pack_rejects_what_it_cannot_read():
 # ---- end to end: a tiny GGUF of K-quant linears ----
 
 # gguf tensor name -> its type; blk.1's q/k (Q4_K) and v (Q6_K) have no common format, so
-# its fused q|k|v stays dequantized; its gate (Q5_0) and up (Q8_0) share Q8_0's
+# its fused q|k|v is split in two runs; its gate (Q5_0) and up (Q8_0) share Q8_0's
 LAYER_TYPES = {
     "blk.0.attn_q": Q.Q4_K,
     "blk.0.attn_k": Q.Q4_K,
@@ -396,6 +419,17 @@ LAYER_TYPES = {
 
 @pytest.fixture(scope="module")
 def kquant_gguf(tiny_hf_model_dir, tmp_path_factory) -> Path:
+    return _write_kquant_gguf(tiny_hf_model_dir, tmp_path_factory, LAYER_TYPES)
+
+
+@pytest.fixture(scope="module")
+def unsplit_kquant_gguf(tiny_hf_model_dir, tmp_path_factory) -> Path:
+    """The same with blk.1's v in Q4_K: every projection one the fused decode step reads."""
+    types = LAYER_TYPES | {"blk.1.attn_v": Q.Q4_K}
+    return _write_kquant_gguf(tiny_hf_model_dir, tmp_path_factory, types)
+
+
+def _write_kquant_gguf(tiny_hf_model_dir, tmp_path_factory, layer_types) -> Path:
     from tests.model import gguf_writing
 
     directory = tiny_hf_model_dir(
@@ -408,7 +442,7 @@ def kquant_gguf(tiny_hf_model_dir, tmp_path_factory) -> Path:
     )
 
     def stored(gguf_name: str, w: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
-        ggml_type = LAYER_TYPES.get(gguf_name.removesuffix(".weight"))
+        ggml_type = layer_types.get(gguf_name.removesuffix(".weight"))
         if ggml_type is None or w.ndim != 2:
             return w.astype(np.float32), Q.F32
         return quantize(torch.from_numpy(w * 0.1), ggml_type).numpy(), ggml_type
@@ -435,15 +469,16 @@ def test_kquant_gguf_keeps_its_blocks_with_the_dequantized_greedy_tokens(kquant_
         "model.layers.0.self_attn.o_proj": Q.Q4_K,
         "model.layers.0.mlp.gate_up_proj": Q.Q4_K,
         "model.layers.0.mlp.down_proj": Q.Q6_K,
+        # Q4_K q|k beside a Q6_K v: no one format holds them, each run keeps its blocks
+        "model.layers.1.self_attn.qkv_proj.pieces.0": Q.Q4_K,
+        "model.layers.1.self_attn.qkv_proj.pieces.1": Q.Q6_K,
         "model.layers.1.self_attn.o_proj": Q.Q5_K,
         "model.layers.1.mlp.gate_up_proj": Q.Q8_0,  # the format of Q5_0 | Q8_0
         "model.layers.1.mlp.down_proj": Q.Q5_1,
         "lm_head": Q.Q6_K,
     }
-    assert not isinstance(layers[1].self_attn.qkv_proj, GGUFLinear)
-    fallback = [r.getMessage() for r in caplog.records if "loaded dequantized" in r.getMessage()]
-    assert len(fallback) == 1 and "model.layers.1.self_attn.qkv_proj" in fallback[0]
-    assert "Q4_K/Q6_K, which no one format holds" in fallback[0]
+    assert isinstance(layers[1].self_attn.qkv_proj, SplitGGUFLinear)
+    assert not any("loaded dequantized" in r.getMessage() for r in caplog.records)
 
     ids = blocks_llm.tokenizer.encode(PROMPT)
     tokens, logits = greedy_and_logits(blocks_llm, ids)
@@ -460,7 +495,15 @@ def test_kquant_gguf_keeps_its_blocks_with_the_dequantized_greedy_tokens(kquant_
     int8_tokens, _ = greedy_and_logits(int8_llm, ids)
     assert len(int8_tokens) == len(tokens)
 
-    # decode steps in one native call (decode_step.c) equal layer by layer, both modes
+    from tests.model.test_quantized import LOGPROBS, PROMPTS, generate_fused_and_layered
+
+    _, _, calls = generate_fused_and_layered(int8_llm, PROMPTS[:1], LOGPROBS)
+    assert calls == 0  # a split q|k|v is no projection the fused decode step reads
+
+
+@needs_quant
+def test_kquant_decode_steps_in_one_native_call_equal_layer_by_layer(unsplit_kquant_gguf):
+    """decode_step.c over every K-quant format, float32 and int8 activations."""
     from tests.model.test_quantized import (
         LOGPROBS,
         PROMPTS,
@@ -468,7 +511,8 @@ def test_kquant_gguf_keeps_its_blocks_with_the_dequantized_greedy_tokens(kquant_
         generate_fused_and_layered,
     )
 
-    for llm in (blocks_llm, int8_llm):
+    for quantization in ("gguf-float32", "gguf"):
+        llm = engine(unsplit_kquant_gguf, quantization=quantization)
         fused, layered, calls = generate_fused_and_layered(llm, PROMPTS[:3], LOGPROBS)
         assert calls >= LOGPROBS.max_tokens - 2
         assert_same_tokens_and_logprobs(fused, layered)

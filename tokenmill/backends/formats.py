@@ -8,9 +8,10 @@ Weight formats (`--quantization`; CPU, float32 math only):
   a third of float16's weight bytes, batch-invariant. The first decoder layer's linears
   keep float32 activations (`FLOAT_ACTIVATION_LAYERS`): measured, the most accuracy for
   the least time (docs/benchmarks.md, "Quality of the CPU paths"). Repacking at load is exact but for
-  Q4_K/Q5_K's sub-block scales and mins, rounded to float16 (quant_matmul.py). A layer
-  stored in another type (or whose parts no format holds together) is packed as "fp16"
-  instead, named in one log line.
+  Q4_K/Q5_K's sub-block scales and mins, rounded to float16 (quant_matmul.py). Fused
+  parts no one format holds (Q4_K q|k beside a Q6_K v) run as a SplitGGUFLinear, each
+  run in its own format. A layer stored in another type is packed as "fp16" instead,
+  named in one log line.
 - "gguf-float32": the same blocks in float32 math (logits equal the dequantized model's up
   to summation order); slower than int8 activations.
 - "fp16": float16 weights, float32 activations and accumulation: the native kernel's

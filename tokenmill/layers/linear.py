@@ -205,31 +205,69 @@ class GGUFLinear(nn.Module):
         )
 
 
+class SplitGGUFLinear(nn.Module):
+    """A fused projection whose parts no one kernel format holds (larger models' Q4_K_M:
+    Q4_K q|k beside a Q6_K v): runs of consecutive parts one format holds, each a
+    GGUFLinear of its own blocks, their outputs side by side. Not a projection the fused
+    decode step reads (a model with one decodes layer by layer)."""
+
+    def __init__(self, pieces: list[GGUFLinear]):
+        super().__init__()
+        self.pieces = nn.ModuleList(pieces)
+        self.in_features = pieces[0].in_features
+        self.out_features = sum(p.out_features for p in pieces)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
+        return torch.cat([piece(x) for piece in self.pieces], dim=-1)
+
+
 def gguf_linear(
     linear: nn.Linear | torch.Tensor,
     parts: list[tuple[int, torch.Tensor] | None],
     int8_activations: bool = False,
-) -> GGUFLinear | None:
+) -> GGUFLinear | SplitGGUFLinear | None:
     """The GGUFLinear of a layer whose weight is the row-wise concatenation of `parts`
-    (fused projections), or None when a part is not stored in a type the kernel reads, the
-    parts differ in type, or the blocks do not pack (gguf_fallback_reason says which)."""
+    (fused projections; a SplitGGUFLinear where no one format holds them all), or None
+    when a part is not stored in a type the kernel reads or the blocks do not pack
+    (gguf_fallback_reason says which)."""
     if gguf_fallback_reason(linear, parts) is not None:
         return None
     weight = linear.weight if isinstance(linear, nn.Linear) else linear
     bias = linear.bias if isinstance(linear, nn.Linear) else None
+    kept = [p for p in parts if p is not None]
     try:
-        kept = [p for p in parts if p is not None]
-        return GGUFLinear(kept, weight.shape[1], bias, int8_activations)
+        if quant_matmul.common_format({t for t, _ in kept}) is not None:
+            return GGUFLinear(kept, weight.shape[1], bias, int8_activations)
+        pieces, row = [], 0
+        for run in _format_runs(kept):
+            rows = sum(len(blocks) for _, blocks in run)
+            piece_bias = None if bias is None else bias[row : row + rows]
+            pieces.append(GGUFLinear(run, weight.shape[1], piece_bias, int8_activations))
+            row += rows
+        return SplitGGUFLinear(pieces)
     except ValueError:  # e.g. a K-quant scale beyond float16
         return None
+
+
+def _format_runs(
+    parts: list[tuple[int, torch.Tensor]],
+) -> list[list[tuple[int, torch.Tensor]]]:
+    """`parts` cut into the fewest runs of consecutive parts that one format holds."""
+    runs: list[list[tuple[int, torch.Tensor]]] = [[]]
+    for part in parts:
+        types = {t for t, _ in runs[-1]} | {part[0]}
+        if runs[-1] and quant_matmul.common_format(types) is None:
+            runs.append([])
+        runs[-1].append(part)
+    return runs
 
 
 def gguf_fallback_reason(
     linear: nn.Linear | torch.Tensor, parts: list[tuple[int, torch.Tensor] | None]
 ) -> str | None:
     """Why gguf_linear would not keep these parts as blocks ("not stored quantized" for
-    float tensors, "Q4_0 not read by the kernel", "fused parts in Q4_K/Q6_K, which no one
-    format holds", "shape"), or None when it would (up to packing)."""
+    float tensors, "Q4_0 not read by the kernel", "shape"), or None when it would (up to
+    packing)."""
     if not parts or any(p is None for p in parts):
         return "not stored quantized"
     types = {p[0] for p in parts if p is not None}
@@ -238,9 +276,6 @@ def gguf_fallback_reason(
     unread = sorted(t for t in types if t not in quant_matmul.BLOCK_LAYOUT)
     if unread:
         return "/".join(quant_matmul.type_name(t) for t in unread) + " not read by the kernel"
-    if quant_matmul.common_format(types) is None:
-        names = "/".join(quant_matmul.type_name(t) for t in sorted(types))
-        return f"fused parts in {names}, which no one format holds"
     weight = linear.weight if isinstance(linear, nn.Linear) else linear
     rows = sum(p[1].shape[0] for p in parts if p is not None)
     if rows != weight.shape[0] or any(
