@@ -220,3 +220,21 @@ async def test_return_token_ids_gives_the_prompts_and_each_choices_ids() -> None
             assert first == prompt_ids
             plain = (await client.post(path, json={**body, "return_token_ids": False})).json()
             assert "token_ids" not in plain["choices"][0]
+
+
+@pytest.mark.anyio
+async def test_truncate_prompt_tokens_on_chat_keeps_the_rendered_prompts_last_tokens() -> None:
+    from tests.unit.fake_engine import FakeAsyncEngine
+
+    messages = [{"role": "user", "content": "hello there friend"}]
+    engine = FakeAsyncEngine()
+    async with client_for(make_app(engine)) as client:
+        whole = await client.post(
+            "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}
+        )
+        full_ids = engine.requests[-1][0]
+        body = {"messages": messages, "max_tokens": 1, "truncate_prompt_tokens": 3}
+        cut = (await client.post("/v1/chat/completions", json=body)).json()
+    assert whole.json()["usage"]["prompt_tokens"] == len(full_ids) > 3
+    assert engine.requests[-1][0] == full_ids[-3:]
+    assert cut["usage"]["prompt_tokens"] == 3
