@@ -17,6 +17,8 @@ Device = Literal["auto", "cpu", "cuda"]
 Backend = Literal["auto", "cpu", "torch"]
 # the grammar backends of tokenmill/structured (its BACKENDS registry; a unit test keeps them equal)
 GuidedDecodingBackend = Literal["xgrammar", "outlines", "lm-format-enforcer"]
+# fcfs: requests run in arrival order; priority: by (request priority, arrival), lower first
+SchedulingPolicy = Literal["fcfs", "priority"]
 
 
 @dataclass(slots=True)
@@ -41,6 +43,10 @@ class ModelConfig:
     # the weight format (gguf, gguf-float32, fp16, none); None = the device's default.
     # What each is and which is the default: backends/formats.py.
     quantization: QuantizationSetting | None = None
+    # how embeddings pool the last hidden states (vLLM's --pooler-config):
+    # {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool}; None = the model's
+    # sentence-transformers config, else LAST, normalised (pooling_params.PoolerConfig)
+    pooler_config: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -63,6 +69,10 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # running requests per step
     # token budget per step (prefill chunks + decodes); None: by device (default_batched_tokens)
     max_num_batched_tokens: int | None = None
+    # fcfs: arrival order, the newest running request is preempted first; priority: by
+    # (priority, arrival), lower first, and the running request with the largest key is
+    # preempted first (vLLM's --scheduling-policy)
+    scheduling_policy: SchedulingPolicy = "fcfs"
 
 
 def default_batched_tokens(device_type: str) -> int:

@@ -1,4 +1,4 @@
-"""The offline API, shaped like vLLM's: LLM(...).generate() and .chat()."""
+"""The offline API, shaped like vLLM's: LLM(...).generate(), .chat() and .embed()."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from tqdm import tqdm
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.errors import RequestFailedError
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
@@ -42,26 +43,62 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in input order.
 
         A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
+        `priority`: one per prompt, lower first (needs scheduling_policy="priority").
         """
         batch = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.engine.default_sampling_params()
         params = _as_params_list(sampling_params, len(batch))
+        priorities = [0] * len(batch) if priority is None else list(priority)
+        if len(priorities) != len(batch):
+            raise ValueError(f"got {len(priorities)} priorities for {len(batch)} prompts")
         request_ids = []
-        results: dict[str, RequestOutput] = {}
-        for prompt, p in zip(batch, params, strict=True):
+        results: dict[str, RequestOutput | PoolingRequestOutput] = {}
+        for prompt, p, rank in zip(batch, params, priorities, strict=True):
             text, token_ids = self._tokenize(prompt)
             request_id = str(next(self._ids))
             request_ids.append(request_id)
-            immediate = self.engine.add_request(request_id, token_ids, p)
+            immediate = self.engine.add_request(request_id, token_ids, p, priority=rank)
             if immediate is not None:
                 results[request_id] = immediate
             self._prompts[request_id] = text
-        progress = tqdm(total=len(batch), desc="Generating", disable=not use_tqdm)
+        return self._run(request_ids, results, "Generating", use_tqdm)  # type: ignore[return-value]
+
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> list[PoolingRequestOutput]:
+        """One embedding per prompt, in input order (`output.outputs.embedding`), pooled as the
+        model's pooler config says; served by the same engine that generates."""
+        params = pooling_params or PoolingParams()
+        self.engine.check_pooling_params(params)
+        request_ids = []
+        for prompt in _as_prompt_list(prompts):
+            text, token_ids = self._tokenize(prompt)
+            request_id = str(next(self._ids))
+            request_ids.append(request_id)
+            self.engine.add_pooling_request(request_id, token_ids, params)
+            self._prompts[request_id] = text
+        return self._run(request_ids, {}, "Embedding", use_tqdm)  # type: ignore[return-value]
+
+    encode = embed  # vLLM's name for pooling (`output.outputs.data`, a tensor)
+
+    def _run(
+        self,
+        request_ids: list[str],
+        results: dict[str, RequestOutput | PoolingRequestOutput],
+        action: str,
+        use_tqdm: bool,
+    ) -> list[RequestOutput | PoolingRequestOutput]:
+        """Step the engine until every request has finished; their outputs in order."""
+        progress = tqdm(total=len(request_ids), desc=action, disable=not use_tqdm)
         while self.engine.has_unfinished:
             for output in self.engine.step():
                 if output.finished:

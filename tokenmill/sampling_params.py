@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -14,6 +15,9 @@ if TYPE_CHECKING:  # tokenmill.structured pulls in torch; `import tokenmill` sta
 
 _GREEDY_EPSILON = 1e-5  # temperatures below this sample greedily, as in vLLM
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs: most top logprobs a request may ask for
+# most token sequences bad_words may become (each word once or twice), as vLLM's
+# VLLM_MAX_NUM_BAD_WORDS: the sampler checks each one every step
+MAX_NUM_BAD_WORDS = 128
 
 EarlyStopping = bool | Literal["never"]
 
@@ -44,6 +48,10 @@ class SamplingParams:
     logprobs: int | None = None  # top logprobs per output token (0 = the chosen token's only)
     prompt_logprobs: int | None = None  # top logprobs per prompt token
     allowed_token_ids: list[int] | None = None  # only these tokens may be generated
+    # words never generated: a word's last token is banned wherever the output ends with the
+    # rest of it; resolved to token sequences with the tokenizer (resolve_bad_words)
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None  # internal: bad_words, tokenized
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
     use_beam_search: bool = False  # beam width = best_of (or n); returns the n best beams
     length_penalty: float = 1.0  # beam score = cumulative logprob / length ** length_penalty
@@ -132,6 +140,11 @@ class SamplingParams:
             "allowed_token_ids",
             "allowed_token_ids must not be empty",
         )
+        _check(
+            all(isinstance(word, str) for word in self.bad_words or []),
+            "bad_words",
+            "bad_words must be a list of strings",
+        )
 
     def _validate_lengths(self) -> None:
         _check(
@@ -192,6 +205,11 @@ class SamplingParams:
                 "beam search cannot be combined with structured outputs: the beams would need "
                 "grammar state of their own; use n or best_of instead",
             )
+            _check(
+                not self.bad_words,
+                "bad_words",
+                "bad_words cannot be combined with beam search; use n or best_of instead",
+            )
             return
         _check(
             self.early_stopping is False,
@@ -211,6 +229,7 @@ class SamplingParams:
             ("logit_bias", self.logit_bias),
             ("stop_token_ids", self.stop_token_ids),
             ("allowed_token_ids", self.allowed_token_ids or []),
+            ("bad_words", [t for ids in self.bad_words_token_ids or [] for t in ids]),
         )
         for name, ids in named:
             bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -219,6 +238,14 @@ class SamplingParams:
                 name,
                 f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}",
             )
+
+    def resolve_bad_words(self, encode: Callable[..., list[int]]) -> SamplingParams:
+        """These params with bad_words tokenized by `encode` (a tokenizer's encode), once per
+        request; themselves when there is nothing to resolve."""
+        if not self.bad_words or self.bad_words_token_ids is not None:
+            return self
+        ids = bad_words_token_ids(self.bad_words, encode)
+        return dataclasses.replace(self, bad_words_token_ids=ids)
 
     def check_max_logprobs(self, max_logprobs: int = MAX_LOGPROBS) -> None:
         """The engine computes at most max_logprobs alternatives per position."""
@@ -230,6 +257,26 @@ class SamplingParams:
                 f"Requested {kind} logprobs of {value}, which is greater than max allowed: "
                 f"{max_logprobs}",
             )
+
+
+def bad_words_token_ids(words: list[str], encode: Callable[..., list[int]]) -> list[list[int]]:
+    """The token sequences the sampler bans for `words`, as vLLM tokenizes them: each word
+    without its leading whitespace, then with one space before it (a word inside the text),
+    that variant kept only when it starts with another token and has as many tokens."""
+    result: list[list[int]] = []
+    for word in words:
+        plain = encode(word.lstrip(), add_special_tokens=False)
+        _check(bool(plain), "bad_words", f"bad_words entry {word!r} tokenizes to no tokens")
+        result.append(plain)
+        spaced = encode(" " + word.lstrip(), add_special_tokens=False)
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            result.append(spaced)
+    _check(
+        len(result) <= MAX_NUM_BAD_WORDS,
+        "bad_words",
+        f"bad_words became {len(result)} token sequences; the most allowed is {MAX_NUM_BAD_WORDS}",
+    )
+    return result
 
 
 def structured_spec(backend: str | None = None, **options: Any) -> StructuredSpec:

@@ -8,10 +8,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import torch
 
 from tokenmill.engine.client import EngineClient, EngineStats
-from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.outputs import (
+    CompletionOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+)
 from tokenmill.errors import InvalidRequestError, OverloadedError, ServiceUnavailableError
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.app import build_app
 from tokenmill.server.settings import ServerSettings
@@ -63,6 +70,7 @@ class FakeAsyncEngine:
     model_name = "fake/model-dir"
     max_model_len = 64
     vocab_size = 258
+    scheduling_policy = "fcfs"
 
     def __init__(self, chat_template: str | None = CHATML, delay: float = 0.0):
         self.tokenizer = Tokenizer(ByteTokenizer(), [1], chat_template, "<s>", "</s>")
@@ -72,6 +80,7 @@ class FakeAsyncEngine:
         self.alive = True
         self.overloaded = False
         self.cache_salts: list[str | None] = []
+        self.priorities: list[int] = []  # each request's priority, in arrival order
         self.requests: list[tuple[list[int], SamplingParams, str]] = []
         self.aborted: set[str] = set()
         self.running: set[str] = set()
@@ -112,9 +121,11 @@ class FakeAsyncEngine:
         request_id: str,
         cache_salt: str | None = None,
         grammar: Any = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         self.requests.append((prompt_token_ids, params, request_id))
         self.cache_salts.append(cache_salt)
+        self.priorities.append(priority)
         self.grammars.append(grammar)
         self.running.add(request_id)
         seqs = [CompletionOutput(index=k) for k in range(params.n)]
@@ -134,6 +145,19 @@ class FakeAsyncEngine:
             self.running.discard(request_id)
             if not all(s.finish_reason for s in seqs):
                 self.aborted.add(request_id)
+
+    async def encode(
+        self,
+        prompt_token_ids: list[int],
+        params: PoolingParams,
+        request_id: str,
+        cache_salt: str | None = None,
+    ) -> PoolingRequestOutput:
+        """A fake embedding: the prompt's first 8 ids scaled, padded with zeros."""
+        self.requests.append((prompt_token_ids, SamplingParams(max_tokens=1), request_id))
+        values = [i / 256 for i in prompt_token_ids[:8]] + [0.0] * (8 - len(prompt_token_ids))
+        data = torch.tensor(values[: params.dimensions or 8])
+        return PoolingRequestOutput(request_id, prompt_token_ids, PoolingOutput(data))
 
     @staticmethod
     def _append(seq: CompletionOutput, letter: str, params: SamplingParams, num: int) -> None:

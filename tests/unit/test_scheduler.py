@@ -119,3 +119,90 @@ def test_the_default_step_budget_depends_on_the_device():
     assert SchedulerConfig().max_num_batched_tokens is None  # resolved by the engine
     assert default_batched_tokens("cpu") == 512
     assert default_batched_tokens("cuda") == 2048
+
+
+# -- scheduling policies -------------------------------------------------------------------
+
+
+def prioritized(rid: str, priority: int, num_prompt: int = 3, max_tokens: int = 2) -> Request:
+    request = make(rid, num_prompt, max_tokens)
+    request.priority = priority
+    return request
+
+
+def admission_order(policy: str, priorities: list[int]) -> list[str]:
+    """The order requests first run in when only one runs at a time."""
+    config = SchedulerConfig(
+        max_num_seqs=1,
+        max_num_batched_tokens=2048,
+        scheduling_policy=policy,  # type: ignore[arg-type]
+    )
+    s = Scheduler(config, KVCacheManager(64, BS))
+    for i, priority in enumerate(priorities):
+        s.add(prioritized(f"r{i}", priority))
+    order: list[str] = []
+    while s.has_unfinished:
+        for item in run_step(s).scheduled:
+            if item.request.request_id not in order:
+                order.append(item.request.request_id)
+    return order
+
+
+def test_priority_policy_admits_by_priority_then_arrival() -> None:
+    assert admission_order("priority", [2, 0, 1, 0, -1]) == ["r4", "r1", "r3", "r2", "r0"]
+
+
+def test_fcfs_admits_in_arrival_order_whatever_the_priorities() -> None:
+    assert admission_order("fcfs", [2, 0, 1, 0, -1]) == ["r0", "r1", "r2", "r3", "r4"]
+
+
+def pressured(policy: str, priority_a: int, priority_b: int) -> tuple[Scheduler, Request, Request]:
+    """a (5-token prompt) and b (8) fill the 4 KV blocks after one step; then a's next token
+    fits its second block and b's needs a third."""
+    config = SchedulerConfig(max_num_batched_tokens=64, scheduling_policy=policy)  # type: ignore[arg-type]
+    s = Scheduler(config, KVCacheManager(4, BS))
+    a, b = prioritized("a", priority_a, 5, 8), prioritized("b", priority_b, 8, 8)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    assert a.num_tokens == 6 and b.num_tokens == 9
+    return s, a, b
+
+
+def test_fcfs_preempts_the_newest_running_request() -> None:
+    s, a, b = pressured("fcfs", 0, 0)
+    out = run_step(s)
+    assert [x.request for x in out.scheduled] == [a] and out.preempted == [b]
+
+
+def test_priority_preempts_the_least_urgent_even_if_already_scheduled_this_step() -> None:
+    s, a, b = pressured("priority", 1, 0)  # a arrived first but is less urgent
+    out = run_step(s)
+    # a was scheduled before b ran out of blocks: it is taken out of the step again
+    assert [x.request for x in out.scheduled] == [b] and out.preempted == [a]
+    assert out.num_batched_tokens == 1 and a.status is RequestStatus.PREEMPTED
+    while s.has_unfinished:
+        run_step(s)
+    assert a.num_output_tokens == b.num_output_tokens == 8
+    assert s.kv_cache.pool.num_free_blocks == 4
+
+
+def test_priority_ties_preempt_the_later_arrival() -> None:
+    s, a, b = pressured("priority", 0, 0)
+    out = run_step(s)
+    assert out.preempted == [b]
+
+
+def test_a_preempted_request_waits_by_its_key() -> None:
+    from tokenmill.engine.request_queue import PriorityQueue
+
+    queue = PriorityQueue()
+    early, late, urgent = prioritized("early", 1), prioritized("late", 1), prioritized("u", 0)
+    for request in (early, late, urgent):
+        queue.add(request)
+    assert [queue.pop(), queue.pop()] == [urgent, early]
+    queue.add_preempted(early)  # back ahead of `late`, which arrived after it
+    assert list(queue) == [early, late] and queue.peek() is early
+    queue.remove(early)
+    queue.forget(early)
+    assert list(queue) == [late] and early not in queue and late in queue

@@ -19,10 +19,10 @@ from tokenmill.server.vllm_flags import VLLM_FLAGS, RefusedFlag, check_vllm_flag
 WORKS = [
     "--model", "some-model", "--disable-log-stats", "--enable-chunked-prefill",
     "--tensor-parallel-size", "1", "--pipeline-parallel-size", "1", "-dp", "1",
-    "--scheduling-policy", "fcfs", "--load-format", "auto", "--tokenizer-mode", "auto",
+    "--scheduling-policy", "priority", "--load-format", "auto", "--tokenizer-mode", "auto",
     "--response-role", "assistant", "--chat-template-content-format", "auto",
     "--enable-log-requests", "--cpu-offload-gb", "0",
-    "--structured-outputs-config.backend", "outlines",
+    "--structured-outputs-config.backend", "outlines", "--return-tokens-as-token-ids",
 ]  # fmt: skip
 IGNORED = [
     "--trust-remote-code", "--enforce-eager", "--swap-space", "4", "--download-dir", "/tmp/x",
@@ -35,12 +35,9 @@ REFUSED = [
     ("--tensor-parallel-size 2", "one device"),
     ("--enable-lora", "merge_and_unload"),
     ("--lora-modules a=b", "LoRA"),
-    ("--enable-auto-tool-choice", "tool calling"),
-    ("--tool-call-parser hermes", "tool calling"),
     ("--reasoning-parser qwen3", "reasoning"),
     ("--revision main", "downloads nothing"),
     ("--tokenizer other/dir", "tokenizer in the model's directory"),
-    ("--scheduling-policy priority", "first come"),
     ("--speculative-config {}", "speculative"),
     ("--data-parallel-size 2", "load balancer"),
 ]
@@ -56,6 +53,18 @@ def test_flags_that_work_start_quietly_and_map_onto_tokenmills() -> None:
     settings = _server_settings(args)
     assert isinstance(settings, ServerSettings)
     assert args.model == "some-model" and args.guided_decoding_backend == "outlines"
+    assert args.scheduling_policy == "priority" and settings.return_tokens_as_token_ids
+
+
+def test_scheduling_policy_and_token_ids_defaults_and_bad_values(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = parse()
+    assert args.scheduling_policy == "fcfs"
+    assert _server_settings(args).return_tokens_as_token_ids is False
+    with pytest.raises(SystemExit):
+        parse("--scheduling-policy", "lifo")
+    assert "invalid choice: 'lifo'" in capsys.readouterr().err
 
 
 def test_flags_with_no_effect_here_each_get_one_warning() -> None:
@@ -144,10 +153,8 @@ async def test_keys_request_ids_and_docs_on_a_running_app() -> None:
 
 
 _UNHONOURED = [
-    ({"bad_words": ["x"]}, "bad_words"),
-    ({"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
-    ({"priority": 1}, "priority"),
     ({"vllm_xargs": {"a": 1}}, "vllm_xargs"),
+    ({"kv_transfer_params": {"a": 1}}, "kv_transfer_params"),
 ]
 
 

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill import kernels
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, SchedulingPolicy
 from tokenmill.engine.client import EngineStats
-from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.llm_engine import AnyOutput, LLMEngine
+from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.errors import OverloadedError, RequestFailedError, ServiceUnavailableError
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.manager import StructuredOutputManager
@@ -109,7 +110,7 @@ class AsyncEngine:
         self.sampling_defaults: dict[str, Any] = dict(engine.sampling_defaults)
         self.structured_outputs: StructuredOutputManager = engine.structured_outputs
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._queues: dict[str, asyncio.Queue[AnyOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -148,6 +149,10 @@ class AsyncEngine:
         return len(self._queues) + self._num_submitting
 
     @property
+    def scheduling_policy(self) -> SchedulingPolicy:
+        return self.engine.config.scheduler.scheduling_policy
+
+    @property
     def died(self) -> bool:
         """True once the step loop has died of an exception (not after a clean shutdown)."""
         return self._error is not None
@@ -184,6 +189,7 @@ class AsyncEngine:
         request_id: str,
         cache_salt: str | None = None,
         grammar: CompiledGrammar | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[RequestOutput]:
         """Yield a cumulative RequestOutput after every step that changed the request.
 
@@ -196,7 +202,7 @@ class AsyncEngine:
         if self._cut is not None:
             raise self._cut
         self.check_capacity()
-        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        outputs: asyncio.Queue[AnyOutput | BaseException] = asyncio.Queue()
         finished = False
         self._num_submitting += 1
         try:
@@ -208,7 +214,7 @@ class AsyncEngine:
                 self._queues[request_id] = outputs
                 immediate = await self._call(
                     lambda: self.engine.add_request(
-                        request_id, prompt_token_ids, params, cache_salt, grammar
+                        request_id, prompt_token_ids, params, cache_salt, grammar, priority
                     )
                 )
             finally:
@@ -227,6 +233,47 @@ class AsyncEngine:
                 self._num_aborted += 1
                 self._commands.put(lambda: self.engine.abort(request_id))
 
+    async def encode(
+        self,
+        prompt_token_ids: list[int],
+        params: PoolingParams,
+        request_id: str,
+        cache_salt: str | None = None,
+    ) -> PoolingRequestOutput:
+        """An embedding request's one output (batched with generation on the engine thread).
+        Cancelling the call aborts the request."""
+        self._check_open()
+        outputs: asyncio.Queue[AnyOutput | BaseException] = asyncio.Queue()
+        finished = False
+        self._num_submitting += 1
+        try:
+            try:
+                self._queues[request_id] = outputs
+                await self._call(
+                    lambda: self.engine.add_pooling_request(
+                        request_id, prompt_token_ids, params, cache_salt
+                    )
+                )
+            finally:
+                self._num_submitting -= 1
+            output = await self._next(outputs)
+            finished = True
+            assert isinstance(output, PoolingRequestOutput)
+            return output
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._num_aborted += 1
+                self._commands.put(lambda: self.engine.abort(request_id))
+
+    def _check_open(self) -> None:
+        """The engine runs, takes requests, and has room for one more to wait."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        if self._cut is not None:
+            raise self._cut
+        self.check_capacity()
+
     def check_capacity(self) -> None:
         """OverloadedError (503) when max_waiting_requests requests already wait; the server
         asks before it answers (a stream's 200 cannot turn into a 503 later)."""
@@ -241,7 +288,7 @@ class AsyncEngine:
         self._commands.put(lambda: self.engine.abort(request_id))
 
     @staticmethod
-    async def _next(outputs: asyncio.Queue[RequestOutput | BaseException]) -> RequestOutput:
+    async def _next(outputs: asyncio.Queue[AnyOutput | BaseException]) -> Any:
         item = await outputs.get()
         while not outputs.empty() and isinstance(item, RequestOutput) and not item.finished:
             item = outputs.get_nowait()  # a newer cumulative snapshot supersedes this one
@@ -307,13 +354,13 @@ class AsyncEngine:
         """Runs on the engine thread: the scheduler's state for the event loop to read."""
         self._state = _SchedulerState.of(self.engine)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    def _dispatch(self, outputs: list[AnyOutput]) -> None:
         assert self._loop is not None
         for output in outputs:
             target = self._queues.get(output.request_id)
             if target is None:
                 continue
-            item: RequestOutput | BaseException = output
+            item: AnyOutput | BaseException = output
             if output.error is not None:
                 # the details (an exception's text) stay in the server's log, not the client's
                 item = RequestFailedError(

@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.config import SchedulingPolicy
+from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.errors import ServiceUnavailableError
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.spec import StructuredSpec
@@ -48,6 +50,11 @@ class EngineClient(Protocol):
     def vocab_size(self) -> int: ...
 
     @property
+    def scheduling_policy(self) -> SchedulingPolicy:
+        """fcfs (a request's priority must be 0) or priority."""
+        ...
+
+    @property
     def sampling_defaults(self) -> dict[str, Any]:
         """SamplingParams field -> the model's default for requests that leave it unset."""
         ...
@@ -81,9 +88,21 @@ class EngineClient(Protocol):
         request_id: str,
         cache_salt: str | None = None,
         grammar: CompiledGrammar | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Cumulative snapshots of one request, the last one finished; closing the iterator
         early aborts the request."""
+        ...
+
+    async def encode(
+        self,
+        prompt_token_ids: list[int],
+        params: PoolingParams,
+        request_id: str,
+        cache_salt: str | None = None,
+    ) -> PoolingRequestOutput:
+        """An embedding request's one output; cancelling the call aborts the request.
+        InvalidRequestError for params the model cannot honour (dimensions)."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

@@ -98,7 +98,9 @@ class EngineCore:
             )
             output, failed = self._execute_one_by_one(out)
         self._record_logprobs(output)
+        self._record_pooled(output)
         changed = self.scheduler.update(out, output.sampled_token_ids) + failed
+        changed += self._finish_pooled(out)
         for request in changed:
             if request.is_finished:
                 self.requests.pop(request.request_id, None)
@@ -125,6 +127,27 @@ class EngineCore:
             self.requests[request_id].prompt_logprobs.extend(entries)
         for request_id, entry in output.logprobs.items():
             self.requests[request_id].add_logprobs(entry)
+
+    def _record_pooled(self, output: ModelOutput) -> None:
+        """Add each embedding chunk's part to its request: MEAN sums its chunks (one at
+        position 0 starts over: the request was preempted and is recomputed)."""
+        for request_id, (start, part) in output.pooled.items():
+            request = self.requests[request_id]
+            if request.pooling_type == "MEAN" and start > 0 and request.pooled is not None:
+                part = request.pooled + part
+            request.pooled = part
+
+    def _finish_pooled(self, out: SchedulerOutput) -> list[Request]:
+        """Embedding requests whose last prompt token was computed this step: they are done."""
+        done = []
+        for item in out.scheduled:
+            request = item.request
+            if request.pooling_type is None or request.is_finished:
+                continue
+            if request.num_computed_tokens == request.num_tokens:
+                self.scheduler.finish(request, "stop")
+                done.append(request)
+        return done
 
     def _execute_one_by_one(self, out: SchedulerOutput) -> tuple[ModelOutput, list[Request]]:
         """After a failed step: run each request alone, so only the ones that fail again

@@ -118,12 +118,14 @@ class BeamGroup:
         params: SamplingParams,
         search: BeamSearch,
         cache_salt: str | None,
+        priority: int = 0,
     ):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.search = search
         self.cache_salt = cache_salt
+        self.priority = priority  # every step's requests are scheduled with it
         self.step = 0
         self.pending: dict[str, int] = {}  # engine request id -> beam index, this step
         self.results: dict[int, PositionLogprobs] = {}  # beam index -> its next-token logprobs

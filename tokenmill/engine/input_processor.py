@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from tokenmill.config import SchedulingPolicy
 from tokenmill.errors import InvalidRequestError
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
 
@@ -18,6 +20,7 @@ class EngineInput:
     params: SamplingParams
     grammar: CompiledGrammar | None = None  # params.structured_outputs, compiled
     cache_salt: str | None = None  # the request's prefix-cache tenant
+    priority: int = 0  # lower runs first under the priority scheduling policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,7 @@ class InputProcessor:
     # max_tokens, and max_tokens None becomes the room left. The offline API (False) lets a
     # request run until the context is full (finish_reason "length").
     fit_max_tokens: bool = False
+    scheduling_policy: SchedulingPolicy = "fcfs"  # under fcfs a request's priority must be 0
 
     def validate(
         self,
@@ -45,6 +49,7 @@ class InputProcessor:
         prompt_param: str = "prompt",
         grammar: CompiledGrammar | None = None,
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> EngineInput:
         """Every check: the params, then the prompt. `prompt_param` names the prompt in errors."""
         self.check_params(params)
@@ -54,6 +59,7 @@ class InputProcessor:
             prompt_param=prompt_param,
             grammar=grammar,
             cache_salt=cache_salt,
+            priority=priority,
         )
 
     def check_params(self, params: SamplingParams) -> None:
@@ -71,6 +77,7 @@ class InputProcessor:
         prompt_param: str = "prompt",
         grammar: CompiledGrammar | None = None,
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> EngineInput:
         """The prompt as the engine will run it (its last truncate_prompt_tokens tokens): not
         empty, within the context, every token id in the vocabulary."""
@@ -78,7 +85,40 @@ class InputProcessor:
         self._check_prompt(prompt, params, prompt_param)
         if self.fit_max_tokens and params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt))
-        return EngineInput(prompt, params, grammar, cache_salt)
+        self.check_priority(priority)
+        return EngineInput(prompt, params, grammar, cache_salt, priority)
+
+    def check_priority(self, priority: int) -> None:
+        """A priority other than 0 needs the priority scheduling policy (as vLLM)."""
+        if priority != 0 and self.scheduling_policy != "priority":
+            raise InvalidRequestError(
+                f"priority is only allowed with the priority scheduling policy "
+                f"(--scheduling-policy priority); got {priority} under {self.scheduling_policy}",
+                param="priority",
+            )
+
+    def validate_pooling(
+        self, prompt_token_ids: list[int], params: PoolingParams, prompt_param: str = "input"
+    ) -> list[int]:
+        """An embedding's prompt as the engine runs it (its last truncate_prompt_tokens
+        tokens): not empty, within the context (all of it: nothing is generated), every
+        token id in the vocabulary."""
+        prompt = list(prompt_token_ids)
+        if params.truncate_prompt_tokens is not None:
+            prompt = prompt[-params.truncate_prompt_tokens :]
+        if not prompt:
+            raise InvalidRequestError(
+                f"{prompt_param} must contain at least one token", param=prompt_param
+            )
+        if len(prompt) > self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {len(prompt)} tokens in the {prompt_param} for embedding "
+                f"generation. Please reduce the length of the {prompt_param}.",
+                param=prompt_param,
+            )
+        self.check_token_ids(prompt, prompt_param)
+        return prompt
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
         # min and max run in C: a long prompt costs little on whichever thread checks it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from tokenmill.config import EngineConfig
@@ -11,9 +12,16 @@ from tokenmill.engine.core import EngineCore
 from tokenmill.engine.generation_config import sampling_defaults
 from tokenmill.engine.groups import BeamGroup, RequestGroup, SequenceState
 from tokenmill.engine.input_processor import InputProcessor
-from tokenmill.engine.outputs import PositionLogprobs, PromptLogprobs, RequestOutput
+from tokenmill.engine.outputs import (
+    PoolingRequestOutput,
+    PositionLogprobs,
+    PromptLogprobs,
+    RequestOutput,
+)
+from tokenmill.engine.pooling import PoolingGroup, check_dimensions
 from tokenmill.engine.request import Request
 from tokenmill.errors import ModelLoadError
+from tokenmill.pooling_params import PoolerConfig, PoolingParams
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.manager import StructuredOutputManager
@@ -21,7 +29,8 @@ from tokenmill.tokenizer.chat_template import resolve_chat_template
 from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
-Group = RequestGroup | BeamGroup
+Group = RequestGroup | BeamGroup | PoolingGroup
+AnyOutput = RequestOutput | PoolingRequestOutput
 
 
 class LLMEngine:
@@ -36,12 +45,16 @@ class LLMEngine:
             self.tokenizer.chat_template = template
         self.token_texts = TokenTexts(self.tokenizer)
         self.input_processor = InputProcessor(
-            self.core.vocab_size, self.core.max_model_len, config.model.max_logprobs
+            self.core.vocab_size,
+            self.core.max_model_len,
+            config.model.max_logprobs,
+            scheduling_policy=config.scheduler.scheduling_policy,
         )
         # SamplingParams field -> the model's default, for requests that leave it unset
         self.sampling_defaults = sampling_defaults(
             config.model.generation_config, self.core.source.path
         )
+        self.pooler = _pooler_config(config.model.pooler_config, self.core.source.path)
         self._groups: dict[str, Group] = {}
         self._group_of: dict[str, Group] = {}  # engine request id -> its group
 
@@ -68,16 +81,19 @@ class LLMEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
         grammar: CompiledGrammar | None = None,
+        priority: int = 0,
     ) -> RequestOutput | None:
         """Validate and queue a request; returns a finished output at once when there is
         nothing to run.
 
         `grammar` is params.structured_outputs compiled (AsyncEngine compiles it off the
         engine thread); without it, a constrained request is compiled here, blocking.
+        `priority`: lower runs first under the priority scheduling policy.
         """
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already running")
-        item = self.input_processor.validate(prompt_token_ids, params)
+        params = params.resolve_bad_words(self.tokenizer.encode)
+        item = self.input_processor.validate(prompt_token_ids, params, priority=priority)
         prompt = item.prompt_token_ids
         if params.max_tokens == 0 and params.prompt_logprobs is None:
             return RequestGroup(request_id, prompt, params, []).snapshot()
@@ -85,11 +101,39 @@ class LLMEngine:
             grammar = self.structured_outputs.compile(params.structured_outputs)
         group: Group
         if params.use_beam_search and params.max_tokens != 0:
-            group = self._make_beam_group(request_id, prompt, params, cache_salt)
+            group = self._make_beam_group(request_id, prompt, params, cache_salt, priority)
         else:
-            group = self._make_request_group(request_id, prompt, params, cache_salt, grammar)
+            group = self._make_request_group(
+                request_id, prompt, params, cache_salt, grammar, priority
+            )
         self._groups[request_id] = group
         return None
+
+    def add_pooling_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: PoolingParams,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Validate and queue an embedding request: its prompt is computed like a prefill
+        (chunked, batched with generation) and pooled; step() returns its one output."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.check_pooling_params(params)
+        prompt = self.input_processor.validate_pooling(prompt_token_ids, params)
+        pooling_type = self.pooler.pooling_type
+        if pooling_type != "LAST":  # every prompt position is read: none may come from the cache
+            cache_salt = f"{cache_salt or ''}\0pooling\0{request_id}"
+        request = self._new_request(request_id, prompt, _POOLING_SAMPLING, cache_salt)
+        request.pooling_type = pooling_type
+        group = PoolingGroup(request_id, request, params, self.pooler)
+        self._submit(group, [request])
+        self._groups[request_id] = group
+
+    def check_pooling_params(self, params: PoolingParams) -> None:
+        """What the model can do with them (dimensions: Matryoshka models only)."""
+        check_dimensions(params, self.core.source.hf_config, self.core.info.arch.hidden_size)
 
     def _make_request_group(
         self,
@@ -98,6 +142,7 @@ class LLMEngine:
         params: SamplingParams,
         cache_salt: str | None,
         grammar: CompiledGrammar | None,
+        priority: int = 0,
     ) -> RequestGroup:
         """n sequences (best_of when larger), each with its own matcher of `grammar`; only
         the first scores the prompt."""
@@ -109,7 +154,7 @@ class LLMEngine:
             salt = cache_salt
             if child_params.prompt_logprobs is not None:  # every position must be computed
                 salt = f"{cache_salt or ''}\0prompt-logprobs\0{child_id}"
-            request = self._new_request(child_id, prompt, child_params, salt)
+            request = self._new_request(child_id, prompt, child_params, salt, priority)
             if grammar is not None:
                 request.matcher = grammar.new_matcher()
             detokenizer = IncrementalDetokenizer(self.tokenizer, child_params, prompt)
@@ -119,7 +164,12 @@ class LLMEngine:
         return group
 
     def _make_beam_group(
-        self, request_id: str, prompt: list[int], params: SamplingParams, cache_salt: str | None
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        cache_salt: str | None,
+        priority: int = 0,
     ) -> BeamGroup:
         room = self.core.max_model_len - len(prompt)
         max_tokens = room if params.max_tokens is None else min(room, params.max_tokens)
@@ -134,12 +184,17 @@ class LLMEngine:
             params.early_stopping,
             params.min_tokens,
         )
-        group = BeamGroup(request_id, prompt, params, search, cache_salt)
+        group = BeamGroup(request_id, prompt, params, search, cache_salt, priority)
         self._submit_beam_step(group)
         return group
 
     def _new_request(
-        self, request_id: str, prompt: list[int], params: SamplingParams, salt: str | None
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        salt: str | None,
+        priority: int = 0,
     ) -> Request:
         return Request(
             request_id=request_id,
@@ -148,6 +203,7 @@ class LLMEngine:
             eos_token_ids=frozenset(self.tokenizer.eos_token_ids),
             max_model_len=self.core.max_model_len,
             cache_salt=salt,
+            priority=priority,
         )
 
     def _submit(self, group: Group, requests: list[Request]) -> None:
@@ -174,7 +230,9 @@ class LLMEngine:
         for i, beam in enumerate(search.running):
             child_id = f"{group.request_id}#beam{group.step}.{i}"
             prompt = group.prompt_token_ids + beam.token_ids
-            requests.append(self._new_request(child_id, prompt, params, group.cache_salt))
+            requests.append(
+                self._new_request(child_id, prompt, params, group.cache_salt, group.priority)
+            )
             group.pending[child_id] = i
         self._submit(group, requests)
 
@@ -191,10 +249,10 @@ class LLMEngine:
             self.core.finish(child_id, "abort")
         group.abort()
 
-    def step(self) -> list[RequestOutput]:
-        """Run one engine step; one RequestOutput per request that changed."""
+    def step(self) -> list[AnyOutput]:
+        """Run one engine step; one output per request that changed."""
         changed: dict[str, Group] = {}
-        failed: list[RequestOutput] = []
+        failed: list[AnyOutput] = []
         for request in self.core.step():
             group = self._group_of.get(request.request_id)
             if group is None:
@@ -203,7 +261,9 @@ class LLMEngine:
                 failed.append(self._fail(group, request.error or "the engine failed"))
                 changed.pop(group.request_id, None)
                 continue
-            if isinstance(group, BeamGroup):
+            if isinstance(group, PoolingGroup):
+                group.finish()
+            elif isinstance(group, BeamGroup):
                 self._on_beam_token(group, request)
             else:
                 self._on_token(group.sequence_of(request))
@@ -214,16 +274,18 @@ class LLMEngine:
         for group in changed.values():
             if isinstance(group, BeamGroup) and not group.pending:
                 self._advance_beams(group)
-            snapshot = group.snapshot()
+            snapshot = group.output if isinstance(group, PoolingGroup) else group.snapshot()
             if snapshot is not None:
                 outputs.append(snapshot)
             if group.finished:
                 self._release(group)
         return outputs
 
-    def _fail(self, group: Group, error: str) -> RequestOutput:
+    def _fail(self, group: Group, error: str) -> AnyOutput:
         """End a whole group because one of its engine requests failed."""
         self.abort(group.request_id)
+        if isinstance(group, PoolingGroup):
+            return PoolingRequestOutput(group.request_id, group.prompt_token_ids, None, error=error)
         return RequestOutput(group.request_id, group.prompt_token_ids, [], True, error=error)
 
     def _on_token(self, seq: SequenceState) -> None:
@@ -281,6 +343,21 @@ class LLMEngine:
         self._groups.pop(group.request_id, None)
         for child_id in group.engine_request_ids():
             self._group_of.pop(child_id, None)
+
+
+# what an embedding's engine request carries as SamplingParams: it never samples
+_POOLING_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0)
+
+
+def _pooler_config(value: dict[str, Any] | None, model_path: str) -> PoolerConfig:
+    """--pooler-config, else the model directory's sentence-transformers config."""
+    try:
+        if value is not None:
+            return PoolerConfig.from_dict(value)
+        path = Path(model_path)
+        return PoolerConfig.of_model(path if path.is_dir() else None)
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"pooler config: {e}") from None
 
 
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from tokenmill.sample.logprobs import Logprob as Logprob  # re-exported for clients
 from tokenmill.sample.logprobs import PositionLogprobs
 
@@ -46,4 +48,29 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None = None  # when the request asked for them
     error: str | None = None  # set (with finished=True) when the engine failed this request
     # time.monotonic() when the engine first scheduled it (its queue time ends); None before
+    first_scheduled_time: float | None = None
+
+
+@dataclass(slots=True)
+class PoolingOutput:
+    """An embedding: the prompt's pooled last hidden states (float32 [C] or [dimensions])."""
+
+    data: torch.Tensor
+
+    @property
+    def embedding(self) -> list[float]:
+        return self.data.tolist()
+
+
+@dataclass(slots=True)
+class PoolingRequestOutput:
+    """What an embedding request gets back, once (vLLM's PoolingRequestOutput)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: PoolingOutput | None  # None when it failed or was aborted
+    finished: bool = True
+    num_cached_tokens: int = 0
+    prompt: str | None = None
+    error: str | None = None
     first_scheduled_time: float | None = None

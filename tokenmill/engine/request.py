@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.engine.outputs import FinishReason, PositionLogprobs
 from tokenmill.sampling_params import SamplingParams
@@ -37,6 +37,7 @@ class Request:
     eos_token_ids: frozenset[int]
     max_model_len: int
     cache_salt: str | None = None  # isolates this tenant's prefix-cache entries
+    priority: int = 0  # under the priority scheduling policy, lower runs first
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
@@ -52,6 +53,11 @@ class Request:
     # Structured outputs: this sequence's place in its grammar; it follows the sampled output
     # tokens (append_token), so recomputing a preempted request does not move it.
     matcher: GrammarMatcher | None = None
+    # Embeddings: a prefill-only request, whose last hidden states are pooled this way
+    # ("LAST", "MEAN", "CLS") instead of sampling; `pooled` holds what the chunks computed
+    # so far (a float32 tensor: the sum of rows for MEAN), restarted by a chunk at position 0
+    pooling_type: str | None = None
+    pooled: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

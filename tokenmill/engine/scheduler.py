@@ -1,22 +1,24 @@
 """Scheduler: continuous batching under one token budget per step, with preemption (no torch).
 
 Each step, running requests get their next tokens first (a decode is one token,
-an unfinished prompt a chunk), then waiting requests are admitted in arrival
-order with what is left of the budget (chunked prefill). When the KV cache runs
-out of blocks, the newest running request is preempted: its blocks are freed
-and it goes back to the front of the waiting queue to be recomputed.
+an unfinished prompt a chunk), then waiting requests are admitted in the order
+of the scheduling policy (request_queue.py: arrival, or priority then arrival)
+with what is left of the budget (chunked prefill). When the KV cache runs out of
+blocks, the policy's victim (the newest running request, or the least urgent) is
+preempted: its blocks are freed and it goes back to the waiting queue to be
+recomputed.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import FinishReason
 from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.request_queue import RequestQueue, make_queue
 
 
 @dataclass(slots=True)
@@ -54,7 +56,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
         self.config = config
         self.kv_cache = kv_cache
-        self.waiting: deque[Request] = deque()
+        self.waiting: RequestQueue = make_queue(config.scheduling_policy)
         self.running: list[Request] = []
         self.num_preemptions = 0
 
@@ -63,7 +65,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -80,7 +82,11 @@ class Scheduler:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv_cache.allocate(request, num_new):
-                victim = self.running.pop()
+                victim = self.waiting.victim(self.running)
+                if self.running.index(victim) < index:  # scheduled earlier in this step
+                    index -= 1
+                    budget += self._unschedule(victim, out)
+                self.running.remove(victim)
                 self._preempt(victim, out)
                 if victim is request:
                     return budget
@@ -91,13 +97,13 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.peek()
             cached = self.kv_cache.find_cached_prefix(request)
             num_cached_tokens = len(cached) * self.kv_cache.block_size
             num_new = min(request.num_tokens - num_cached_tokens, budget)
             if not self.kv_cache.allocate(request, num_new, cached):
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             request.num_computed_tokens = num_cached_tokens
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached_tokens
@@ -111,9 +117,16 @@ class Scheduler:
         self.kv_cache.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        self.waiting.appendleft(request)
+        self.waiting.add_preempted(request)
         self.num_preemptions += 1
         out.preempted.append(request)
+
+    @staticmethod
+    def _unschedule(request: Request, out: SchedulerOutput) -> int:
+        """Take a request out of this step's schedule; returns the tokens it had."""
+        item = next(s for s in out.scheduled if s.request is request)
+        out.scheduled.remove(item)
+        return item.num_new_tokens
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance computed counts, append sampled tokens, finish requests; return the changed ones."""
@@ -141,5 +154,6 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self.waiting.forget(request)
         request.status = RequestStatus.FINISHED
         self.kv_cache.free(request)

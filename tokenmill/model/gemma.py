@@ -143,9 +143,13 @@ class Gemma3ForCausalLM(nn.Module):
             x, residual = layer(x, residual, rotary, kv_cache, ctx)
         return x if residual is None else x + residual
 
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, C] from forward() -> after the final norm (what embeddings pool)."""
+        return self.model.norm(hidden)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, C] of the rows that sample -> float32 logits [N, V]."""
-        hidden = self.model.norm(hidden)
+        hidden = self.final_hidden(hidden)
         if self.lm_head is None:
             logits = F.linear(hidden, self.model.embed_tokens.weight).float()
         else:

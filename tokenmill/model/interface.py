@@ -46,6 +46,8 @@ class CausalLM(Protocol):
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor: ...  # [T] -> hidden [T, C] before the final norm
 
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [N, C] after final norm
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [N, C] -> [N, V] f32
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...

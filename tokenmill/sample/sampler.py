@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tokenmill.sample.bad_words import apply_bad_words
 from tokenmill.sample.draw import apply_min_p, draw_full, draw_truncated, greedy_tokens
 from tokenmill.sample.grammar import GrammarMasks
 from tokenmill.sample.interface import SamplerOutput
@@ -31,6 +32,7 @@ class _BatchFlags:
     grammar_rows: list[int]  # rows with a structured-output constraint
     has_logit_bias: bool
     has_allowed: bool
+    has_bad_words: bool
     has_min_tokens: bool
 
     @classmethod
@@ -43,6 +45,7 @@ class _BatchFlags:
             grammar_rows=[i for i, r in enumerate(requests) if r.matcher is not None],
             has_logit_bias=any(p.logit_bias for p in params),
             has_allowed=any(p.allowed_token_ids is not None for p in params),
+            has_bad_words=any(p.bad_words_token_ids for p in params),
             has_min_tokens=any(r.num_output_tokens < r.params.min_tokens for r in requests),
         )
 
@@ -50,9 +53,9 @@ class _BatchFlags:
 class Sampler:
     """Applies every request's sampling parameters to its row, then draws.
 
-    Order (vLLM v1's): allowed-token mask, logit bias, min_tokens, penalties, grammar
-    bitmask (structured outputs); then greedy rows take the argmax and the others get
-    temperature, min-p, top-k and top-p before the draw. Logprobs, when asked for, come
+    Order (vLLM v1's): allowed-token mask, bad words, logit bias, min_tokens, penalties,
+    grammar bitmask (structured outputs); then greedy rows take the argmax and the others
+    get temperature, min-p, top-k and top-p before the draw. Logprobs, when asked for, come
     from the raw logits.
     Random draws use one uniform per row from a CPU generator: seeded requests
     have their own, so their output does not depend on what else is in the batch.
@@ -109,6 +112,8 @@ class Sampler:
         """Masks, bias and penalties: what changes even the greedy choice."""
         if flags.has_allowed:
             logits = self._apply_allowed(logits, requests)
+        if flags.has_bad_words:
+            logits = apply_bad_words(logits, requests)
         if flags.has_logit_bias:
             logits = _apply_logit_bias(logits, requests)
         if flags.has_min_tokens:

@@ -22,10 +22,11 @@ from tokenmill.server.middleware import (
     HTTPMetricsMiddleware,
     RequestIdMiddleware,
 )
-from tokenmill.server.routers import chat, completions, infill, models, ops, tokenize
+from tokenmill.server.routers import chat, completions, embeddings, infill, models, ops, tokenize
 from tokenmill.server.routers.ops import server_version
 from tokenmill.server.serving_chat import ChatServer
 from tokenmill.server.serving_completion import CompletionServer
+from tokenmill.server.serving_embedding import EmbeddingServer
 from tokenmill.server.settings import ServerSettings
 from tokenmill.tokenizer.template_sandbox import start_renderer
 
@@ -36,6 +37,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     models.router,
     completions.router,
     chat.router,
+    embeddings.router,
+    embeddings.pooling_router,
     infill.router,
     ops.router,
     tokenize.router,
@@ -53,6 +56,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     app.state.executor = executor
     app.state.completion = CompletionServer(engine, settings, metrics, executor)
     app.state.chat = ChatServer(engine, settings, metrics, executor)
+    app.state.embedding = EmbeddingServer(engine, settings, metrics, executor, chat=app.state.chat)
     for router in ROUTERS:
         app.include_router(router)
     add_exception_handlers(app)

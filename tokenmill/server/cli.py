@@ -21,8 +21,15 @@ from tokenmill.config import (
     GuidedDecodingBackend,
     KVCacheDtype,
     QuantizationSetting,
+    SchedulingPolicy,
 )
-from tokenmill.server.flag_types import parse_bytes, parse_dtype, parse_list, parse_tokens
+from tokenmill.server.flag_types import (
+    parse_bytes,
+    parse_dtype,
+    parse_json_object,
+    parse_list,
+    parse_tokens,
+)
 from tokenmill.server.settings import DEFAULT_MAX_REQUEST_BODY_BYTES
 from tokenmill.server.vllm_flags import RefusedFlag, add_vllm_flags, check_vllm_flags
 
@@ -202,6 +209,20 @@ def _add_server_flags(g: argparse._ArgumentGroup) -> None:
         help="usage.prompt_tokens_details.cached_tokens: prompt tokens from the prefix cache",
     )  # fmt: skip
     g.add_argument(
+        "--return-tokens-as-token-ids", action="store_true",
+        help='logprobs name tokens "token_id:{id}" (a request\'s return_tokens_as_token_ids '
+        "overrides it)",
+    )  # fmt: skip
+    g.add_argument(
+        "--enable-auto-tool-choice", action="store_true",
+        help="accepted as in vLLM: tool_choice auto (the default with tools) is always on",
+    )  # fmt: skip
+    g.add_argument(
+        "--tool-call-parser", type=_tool_call_parser, default=None, metavar="NAME",
+        help="the tool-call syntax: hermes (Qwen, Hermes), llama3_json, mistral or generic "
+        "(default: found from the chat template; generic for templates without tools)",
+    )  # fmt: skip
+    g.add_argument(
         "--served-model-name", nargs="+", default=None, metavar="NAME",
         help="name(s) clients send as `model`; the first is reported in responses "
         "(default: the MODEL argument)",
@@ -295,6 +316,12 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         "2048 on a GPU)",
     )  # fmt: skip
     g.add_argument(
+        "--scheduling-policy", choices=get_args(SchedulingPolicy),
+        default=_DEFAULTS.scheduler.scheduling_policy,
+        help="fcfs: arrival order; priority: by each request's priority (lower first), then "
+        "arrival (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--kv-cache-memory", type=parse_bytes, default=None, metavar="BYTES",
         help="KV cache size, e.g. 2GiB, 512MiB, 1e9 (default: sized to the machine)",
     )  # fmt: skip
@@ -334,6 +361,12 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         "(default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
+        "--pooler-config", type=parse_json_object, default=None, metavar="JSON",
+        help='how /v1/embeddings pools the last hidden states, as vLLM: \'{"pooling_type": '
+        '"LAST" | "MEAN" | "CLS", "normalize": true}\' (default: the model\'s '
+        "sentence-transformers config, else LAST, normalised)",
+    )  # fmt: skip
+    g.add_argument(
         "--seed", type=int, default=_DEFAULTS.model.seed,
         help="seed for requests that give none (default: %(default)s)",
     )  # fmt: skip
@@ -355,6 +388,15 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         return 0
+
+
+def _tool_call_parser(value: str) -> str:
+    from tokenmill.tools.formats import format_named
+
+    try:
+        return format_named(value).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class StartupError(Exception):
@@ -438,6 +480,8 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
         request_id_headers=args.enable_request_id_headers,
         docs=not args.disable_fastapi_docs,
         prompt_tokens_details=args.enable_prompt_tokens_details,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        tool_call_parser=args.tool_call_parser,
     )
 
 
@@ -449,11 +493,13 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
         model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
         quantization=args.quantization,
         cpu_threads=args.cpu_threads, generation_config=args.generation_config,
+        pooler_config=args.pooler_config,
         max_model_len=args.max_model_len, chat_template=args.chat_template, seed=args.seed,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        scheduling_policy=args.scheduling_policy,
         max_logprobs=args.max_logprobs,
         guided_decoding_backend=args.guided_decoding_backend,
     )  # fmt: skip

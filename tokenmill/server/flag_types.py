@@ -56,3 +56,14 @@ def parse_dtype(value: str) -> str:
             f"unknown dtype {value!r}: auto, float32 (float), bfloat16, float16 (half)"
         )
     return dtype
+
+
+def parse_json_object(value: str) -> dict[str, object]:
+    """A JSON object (vLLM's JSON-valued flags, e.g. --pooler-config)."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {value!r} ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {value!r}")
+    return parsed

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.sampling_params import MAX_LOGPROBS
+from tokenmill.sampling_params import MAX_LOGPROBS, MAX_NUM_BAD_WORDS
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -46,6 +46,10 @@ class RequestLimits:
     # thousand tokens covers real uses and keeps the per-step bias work small
     max_logit_bias: int = 2048
     max_allowed_token_ids: int | None = None  # allowed_token_ids entries; None = vocabulary size
+    # bad_words entries, before tokenizing (each becomes one or two token sequences, and the
+    # engine takes at most MAX_NUM_BAD_WORDS = 128 of those, as vLLM)
+    max_bad_words: int = MAX_NUM_BAD_WORDS
+    max_bad_word_chars: int = 1024  # characters in one bad word
 
     # -- structured outputs (what a grammar compiler is handed) ------------------------------
     max_json_schema_chars: int = 65_536  # a JSON schema, as compact JSON text
@@ -62,6 +66,9 @@ class RequestLimits:
     # and documents of a chat request (4 MiB; ~1M tokens, beyond any served context)
     max_input_chars: int = 4 * 1024 * 1024
     max_chat_template_chars: int = 262_144  # a request's own chat_template (real ones: < 20k)
+    # tools in one chat request (OpenAI's cap); their JSON counts in max_input_chars, and each
+    # parameters schema is held to max_json_schema_depth
+    max_tools: int = 128
 
     # -- chat template rendering (templates are untrusted code) ------------------------------
     max_template_seconds: float = MAX_RENDER_SECONDS  # wall time of one render: 2 s
@@ -76,7 +83,8 @@ class RequestLimits:
 
 
 def check_sampling_limits(request: AnyRequest, limits: RequestLimits, vocab_size: int) -> None:
-    """n, best_of, stop strings and the token-id lists; before anything is built from them."""
+    """n, best_of, stop strings, bad words and the token-id lists; before anything is built
+    from them."""
     _check_value("n", request.n, limits.max_n)
     if request.best_of is not None:
         _check_value("best_of", request.best_of, limits.max_n)
@@ -90,6 +98,12 @@ def check_sampling_limits(request: AnyRequest, limits: RequestLimits, vocab_size
     max_allowed = limits.max_allowed_token_ids or vocab_size
     num_allowed = len(request.allowed_token_ids or [])
     _check_count("allowed_token_ids", num_allowed, max_allowed, "entries")
+    bad_words = request.bad_words or []
+    _check_count("bad_words", len(bad_words), limits.max_bad_words, "words")
+    for i, word in enumerate(bad_words):
+        _check_count(
+            "bad_words", len(word), limits.max_bad_word_chars, "characters", f"bad_words[{i}]"
+        )
 
 
 def check_structured_limits(spec: StructuredSpec | None, limits: RequestLimits) -> None:
@@ -129,6 +143,12 @@ def check_chat_limits(request: ChatInputRequest, limits: RequestLimits) -> None:
     _check_count("messages", len(request.messages), limits.max_messages, "messages")
     num_chars = _message_chars(request.messages)
     num_chars += sum(len(d.text) + len(d.title or "") for d in request.documents or [])
+    tools = getattr(request, "tools", None)
+    if tools:
+        _check_count("tools", len(tools), limits.max_tools, "tools")
+        tool_chars = _json_chars(tools, limits.max_json_schema_depth + 4, "tools")
+        _check_count("tools", tool_chars, limits.max_input_chars, "characters")
+        num_chars += tool_chars
     _check_count("messages", num_chars, limits.max_input_chars, "characters of text")
     if request.chat_template is not None:
         _check_count(
@@ -137,6 +157,30 @@ def check_chat_limits(request: ChatInputRequest, limits: RequestLimits) -> None:
             limits.max_chat_template_chars,
             "characters",
         )
+
+
+def _json_chars(value: object, max_depth: int, param: str) -> int:
+    """Characters of the strings (keys too) in a parsed JSON value, walked with an explicit
+    stack (a hostile nesting cannot exhaust it); a 400 beyond max_depth levels."""
+    total = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth > max_depth:
+            raise InvalidRequestError(
+                f"{param} is nested more than {max_depth} levels deep", param=param
+            )
+        if isinstance(item, dict):
+            total += sum(len(str(k)) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        else:
+            stack.extend((v, depth + 1) for v in item)
+    return total
 
 
 def _message_chars(messages: Sequence[ChatMessage]) -> int:

@@ -19,7 +19,11 @@ _MIN_LOGPROB = -9999.0  # what -inf becomes in JSON, as vLLM sends it
 
 
 class LogprobFormatter:
-    """Formats logprob entries; token texts and bytes come from a per-server cache."""
+    """Formats logprob entries; token texts and bytes come from a per-server cache.
+
+    With `as_ids` (vLLM's return_tokens_as_token_ids) every token is named "token_id:{id}"
+    instead of its text, and its bytes are that name's UTF-8 bytes.
+    """
 
     def __init__(self, texts: TokenTexts):
         self.texts = texts
@@ -29,15 +33,17 @@ class LogprobFormatter:
         token_ids: Sequence[int],
         entries: Sequence[PositionLogprobs | None],
         initial_offset: int = 0,
+        as_ids: bool = False,
     ) -> CompletionLogProbs:
         """tokens / token_logprobs / top_logprobs / text_offset (None for an unscored token).
 
         top_logprobs holds the top-k and the chosen token (up to k + 1 entries, as OpenAI).
+        text_offset advances by the length of each token as returned (as vLLM).
         """
         result = CompletionLogProbs()
         offset = initial_offset
         for token_id, entry in zip(token_ids, entries, strict=True):
-            token = self._text(token_id, entry)
+            token = self._text(token_id, entry, as_ids)
             result.tokens.append(token)
             result.text_offset.append(offset)
             offset += len(token)
@@ -47,12 +53,16 @@ class LogprobFormatter:
                 continue
             result.token_logprobs.append(_value(entry[token_id]))
             result.top_logprobs.append(
-                {self._text(t, entry): _value(lp) for t, lp in entry.items()}
+                {self._text(t, entry, as_ids): _value(lp) for t, lp in entry.items()}
             )
         return result
 
     def chat(
-        self, token_ids: Sequence[int], entries: Sequence[PositionLogprobs], num_top: int
+        self,
+        token_ids: Sequence[int],
+        entries: Sequence[PositionLogprobs],
+        num_top: int,
+        as_ids: bool = False,
     ) -> ChatCompletionLogProbs:
         """content: [{token, logprob, bytes, top_logprobs: the num_top most likely}]."""
         content = []
@@ -61,12 +71,13 @@ class LogprobFormatter:
                 ((t, lp) for t, lp in entry.items() if (lp.rank or 0) <= num_top),
                 key=lambda item: item[1].rank or 0,
             )
+            token = self._text(token_id, entry, as_ids)
             content.append(
                 ChatCompletionLogProbsContent(
-                    token=self._text(token_id, entry),
+                    token=token,
                     logprob=_value(entry[token_id]),
-                    bytes=self.texts.bytes(token_id),
-                    top_logprobs=[self._chat_item(t, lp) for t, lp in top[:num_top]],
+                    bytes=self._bytes(token_id, token, as_ids),
+                    top_logprobs=[self._chat_item(t, lp, as_ids) for t, lp in top[:num_top]],
                 )
             )
         return ChatCompletionLogProbs(content=content)
@@ -87,18 +98,29 @@ class LogprobFormatter:
             for entry in prompt_logprobs
         ]
 
-    def _chat_item(self, token_id: int, logprob: Logprob) -> ChatCompletionLogProb:
+    def _chat_item(self, token_id: int, logprob: Logprob, as_ids: bool) -> ChatCompletionLogProb:
+        if as_ids:
+            token = _token_id_name(token_id)
+        else:
+            token = logprob.decoded_token or self.texts.text(token_id)
         return ChatCompletionLogProb(
-            token=logprob.decoded_token or self.texts.text(token_id),
-            logprob=_value(logprob),
-            bytes=self.texts.bytes(token_id),
+            token=token, logprob=_value(logprob), bytes=self._bytes(token_id, token, as_ids)
         )
 
-    def _text(self, token_id: int, entry: PositionLogprobs | None) -> str:
+    def _bytes(self, token_id: int, token: str, as_ids: bool) -> list[int]:
+        return list(token.encode()) if as_ids else self.texts.bytes(token_id)
+
+    def _text(self, token_id: int, entry: PositionLogprobs | None, as_ids: bool = False) -> str:
+        if as_ids:
+            return _token_id_name(token_id)
         logprob = entry.get(token_id) if entry else None
         if logprob is not None and logprob.decoded_token is not None:
             return logprob.decoded_token
         return self.texts.text(token_id)
+
+
+def _token_id_name(token_id: int) -> str:
+    return f"token_id:{token_id}"
 
 
 def _value(logprob: Logprob) -> float:

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tokenmill.engine.client import EngineStats
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 _TTFT_BUCKETS = (
@@ -148,6 +148,11 @@ class ServerMetrics:
             self.request_max_num_generation_tokens.observe(params.max_tokens)
         return RequestTimer(self, num_prompt_tokens)
 
+    def start_pooling(self, num_prompt_tokens: int) -> RequestTimer:
+        """An embedding request: prompt tokens only."""
+        self.prompt_tokens.inc(num_prompt_tokens)
+        return RequestTimer(self, num_prompt_tokens)
+
     def success(self, reason: str) -> Counter:
         """The request_success counter of a finish reason (also ones vLLM lacks: "error")."""
         if reason not in self.request_success:
@@ -191,6 +196,15 @@ class RequestTimer:
     def on_finish(self, output: RequestOutput) -> None:
         for sequence in output.outputs:
             self.metrics.success(sequence.finish_reason or "stop").inc()
+        self._phases(time.monotonic())
+
+    def on_pooled(self, output: PoolingRequestOutput) -> None:
+        """An embedding's one output: its prefill was the whole of it."""
+        self.scheduled = output.first_scheduled_time
+        if self.scheduled is not None:
+            self.metrics.prefix_cache_queries.inc(self.num_prompt_tokens)
+            self.metrics.prefix_cache_hits.inc(output.num_cached_tokens)
+        self.metrics.success("stop").inc()
         self._phases(time.monotonic())
 
     def on_abort(self) -> None:

@@ -63,6 +63,7 @@ def to_sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         allowed_token_ids=request.allowed_token_ids,
+        bad_words=request.bad_words or None,
         truncate_prompt_tokens=request.truncate_prompt_tokens,
         use_beam_search=request.use_beam_search,
         length_penalty=request.length_penalty,

@@ -118,6 +118,10 @@ class SamplingExtras(OpenAIBaseModel):
     truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None  # keep the last k tokens
     prompt_logprobs: int | None = None  # top logprobs of every prompt token
     allowed_token_ids: list[int] | None = None  # only these tokens may be generated
+    bad_words: list[str] | None = None  # never generated (each word's token sequences banned)
+    # logprobs name each token "token_id:{id}"; None = the server's --return-tokens-as-token-ids
+    return_tokens_as_token_ids: bool | None = None
+    priority: int = 0  # lower is scheduled first; other than 0 needs --scheduling-policy priority
     # isolates this tenant's prefix-cache entries: only requests with the same salt share them
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
@@ -127,9 +131,6 @@ class UnsupportedExtras(OpenAIBaseModel):
     clients send when they do not use them), a 400 naming the field otherwise
     (serving_base.check_unsupported_fields), never silently ignored."""
 
-    bad_words: list[str] | None = None
-    return_tokens_as_token_ids: bool | None = None
-    priority: int = 0
     kv_transfer_params: dict[str, Any] | None = None
     vllm_xargs: dict[str, Any] | None = None
 
@@ -405,6 +406,9 @@ class DeltaMessage(ResponseModel):
 
     role: str | None = None
     content: str | None = None
+    # pieces of tool calls: {"index", "id", "type", "function": {"name", "arguments"}} first,
+    # then {"index", "function": {"arguments": more}}
+    tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

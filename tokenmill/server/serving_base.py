@@ -48,6 +48,7 @@ class ServingBase:
             engine.max_model_len,
             settings.limits.max_logprobs,
             fit_max_tokens=True,
+            scheduling_policy=engine.scheduling_policy,
         )
 
     def tracker(self, inputs: list[EngineInput]) -> ChoiceTracker:
@@ -77,14 +78,16 @@ class ServingBase:
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def sampling_params(
+    async def sampling_params(
         self,
         request: AnyRequest,
         max_tokens: int | None,
         logprobs: int | None,
         prompt_logprobs: int | None,
     ) -> SamplingParams:
-        return to_sampling_params(
+        """The request's SamplingParams, checked, with its bad_words tokenized (off the event
+        loop); its priority checked against the scheduling policy."""
+        params = to_sampling_params(
             request,
             self.settings.limits,
             self.input_processor,
@@ -93,6 +96,18 @@ class ServingBase:
             prompt_logprobs,
             self.engine.sampling_defaults,
         )
+        self.input_processor.check_priority(request.priority)
+        if params.bad_words:
+            params = await self.run_blocking(params.resolve_bad_words, self.engine.tokenizer.encode)
+            params.check_vocab(self.engine.vocab_size)
+        return params
+
+    def tokens_as_ids(self, request: AnyRequest) -> bool:
+        """Whether logprobs name tokens "token_id:{id}": the request's choice, else the
+        server's --return-tokens-as-token-ids."""
+        if request.return_tokens_as_token_ids is None:
+            return self.settings.return_tokens_as_token_ids
+        return request.return_tokens_as_token_ids
 
     async def compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:
         """The request's constraint compiled off the event loop (cached; shared with concurrent
@@ -107,6 +122,7 @@ class ServingBase:
         prompt_param: str,
         grammar: CompiledGrammar | None = None,
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> EngineInput:
         """One prompt validated (params already checked); max_tokens None fills the context."""
         return self.input_processor.validate_prompt(
@@ -115,6 +131,7 @@ class ServingBase:
             prompt_param=prompt_param,
             grammar=grammar,
             cache_salt=cache_salt,
+            priority=priority,
         )
 
     def log_request(self, request_id: str, inputs: list[EngineInput]) -> None:
@@ -137,9 +154,6 @@ class ServingBase:
 
 # the value of each UnsupportedExtras field (and reasoning_effort) that means "not used"
 _UNUSED: dict[str, Any] = {
-    "bad_words": (None, []),
-    "return_tokens_as_token_ids": (None, False),
-    "priority": (0,),
     "kv_transfer_params": (None,),
     "vllm_xargs": (None, {}),
     "reasoning_effort": (None,),

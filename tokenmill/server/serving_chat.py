@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,7 +34,10 @@ from tokenmill.server.serving_base import (
     usage_in_chunks,
 )
 from tokenmill.server.sse import EventStreamResponse, sse_event
+from tokenmill.server.tool_calls import ToolDeltas, tool_message
 from tokenmill.tokenizer.chat_template import render_chat
+from tokenmill.tools.formats import detect_format, format_named
+from tokenmill.tools.request import ToolUse, tool_use
 
 _IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 _AUDIO_PARTS = frozenset({"input_audio", "audio_url", "audio"})
@@ -63,28 +67,63 @@ class ChatServer(ServingBase):
         if max_tokens is None:
             max_tokens = request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
-        prompt_token_ids = await self.prompt_token_ids(request)  # checks the message limits
+        params = await self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
+        use = self.tool_use(request)
+        if use is not None and use.parses_calls:
+            if params.structured_outputs is not None:
+                raise InvalidRequestError(
+                    "tool calls are constrained by the tools' schemas: response_format, guided_* "
+                    "and structured_outputs apply only with tool_choice 'none'",
+                    param="tool_choice",
+                )
+            params = dataclasses.replace(params, structured_outputs=use.constraint())
+        prompt_token_ids = await self.prompt_token_ids(request, use)  # checks the message limits
         grammar = await self.compile_grammar(params)
         return [
-            self.to_engine_input(prompt_token_ids, params, "messages", grammar, request.cache_salt)
+            self.to_engine_input(
+                prompt_token_ids, params, "messages", grammar, request.cache_salt, request.priority
+            )
         ]
 
-    async def prompt_token_ids(self, request: ChatPromptRequest) -> list[int]:
-        """Render the conversation and tokenize it, in the tokenizer thread."""
+    def tool_use(self, request: ChatPromptRequest) -> ToolUse | None:
+        """The request's tools, checked, with the tool-call syntax of the template it uses."""
+        tools = getattr(request, "tools", None)
+        if tools is None and getattr(request, "tool_choice", None) in (None, "none"):
+            return None
+        parser = self.settings.tool_call_parser
+        template = request.chat_template or self.engine.tokenizer.chat_template
+        fmt = format_named(parser) if parser else detect_format(template)
+        return tool_use(
+            tools,
+            getattr(request, "tool_choice", None),
+            getattr(request, "parallel_tool_calls", None),
+            fmt,
+            self.settings.limits.max_tools,
+        )
+
+    async def prompt_token_ids(
+        self, request: ChatPromptRequest, use: ToolUse | None = None
+    ) -> list[int]:
+        """Render the conversation (and its tools) and tokenize it, in the tokenizer thread."""
         check_chat_limits(request, self.settings.limits)
         if request.continue_final_message and request.add_generation_prompt:
             raise InvalidRequestError(
                 "cannot set both continue_final_message and add_generation_prompt to true",
                 param="continue_final_message",
             )
-        return await self.run_blocking(self._render_and_encode, request)
+        if use is None:
+            use = self.tool_use(request)
+        return await self.run_blocking(self._render_and_encode, request, use)
 
-    def _render_and_encode(self, request: ChatPromptRequest) -> list[int]:
+    def _render_and_encode(self, request: ChatPromptRequest, use: ToolUse | None) -> list[int]:
         tokenizer, documents = self.engine.tokenizer, request.documents
+        messages = to_template_messages(request.messages)
+        if use is not None:
+            messages = use.template_messages(messages)
         prompt = render_chat(
             tokenizer,
-            to_template_messages(request.messages),
+            messages,
+            tools=use.template_tools() if use is not None else None,
             chat_template=request.chat_template,
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
@@ -98,6 +137,7 @@ class ChatServer(ServingBase):
         self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
     ) -> ChatCompletionResponse:
         role, echo = _response_role(request), _echo_text(request)
+        use = self.tool_use(request)
         tracker = self.tracker(inputs)
         final: RequestOutput | None = None
         async with aclosing(self.generate(inputs, request_id)) as outputs:
@@ -105,17 +145,22 @@ class ChatServer(ServingBase):
                 tracker.update(i, output)
                 final = output
         assert final is not None  # every engine stream ends with its finished output
-        choices = [
-            ChatCompletionResponseChoice(
-                index=seq.index,
-                message=ChatResponseMessage(role=role, content=echo + seq.text),
-                logprobs=self._logprobs(request, seq.token_ids, seq.logprobs),
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-                token_ids=list(seq.token_ids) if request.return_token_ids else None,
+        choices = []
+        for seq in final.outputs:
+            message = ChatResponseMessage(role=role, content=echo + seq.text)
+            reason: str | None = seq.finish_reason
+            if use is not None and use.parses_calls:
+                message, reason = tool_message(role, echo, seq, use)
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=seq.index,
+                    message=message,
+                    logprobs=self._logprobs(request, seq.token_ids, seq.logprobs),
+                    finish_reason=reason,
+                    stop_reason=seq.stop_reason,
+                    token_ids=list(seq.token_ids) if request.return_token_ids else None,
+                )
             )
-            for seq in final.outputs
-        ]
         return ChatCompletionResponse(
             id=request_id,
             model=model,
@@ -137,7 +182,9 @@ class ChatServer(ServingBase):
     ) -> ChatCompletionLogProbs | None:
         if not request.logprobs:
             return None
-        return self.logprobs.chat(token_ids, entries or [], request.top_logprobs or 0)
+        return self.logprobs.chat(
+            token_ids, entries or [], request.top_logprobs or 0, self.tokens_as_ids(request)
+        )
 
     async def _stream(
         self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
@@ -159,18 +206,31 @@ class ChatServer(ServingBase):
             return sse_event(response, exclude=exclude)
 
         role, echo = _response_role(request), _echo_text(request)
+        use = self.tool_use(request)
+        tools = ToolDeltas(use) if use is not None and use.parses_calls else None
         for index in range(request.n):  # the first delta of each choice carries the role
             yield chunk([_stream_choice(index, DeltaMessage(role=role, content=echo))])
         async with aclosing(self.generate(inputs, request_id)) as outputs:
             async for i, output in outputs:
                 for delta in tracker.update(i, output):
-                    if delta.text or delta.finish_reason:
-                        content = DeltaMessage(content=delta.text or None)
-                        logprobs = self._logprobs(request, delta.new_token_ids, delta.new_logprobs)
-                        choice = _stream_choice(delta.index, content, delta, logprobs)
-                        if request.return_token_ids:
-                            choice.token_ids = delta.new_token_ids
-                        yield chunk([choice])
+                    if tools is not None:
+                        message, reason = tools.delta(
+                            delta.index, delta.output.text, delta.finish_reason
+                        )
+                        if message is None:  # held back (a call's name arriving, say)
+                            if not (request.logprobs or request.return_token_ids):
+                                continue
+                            message = DeltaMessage()  # its tokens' logprobs and ids go now
+                        delta.finish_reason = reason
+                    elif delta.text or delta.finish_reason:
+                        message = DeltaMessage(content=delta.text or None)
+                    else:
+                        continue
+                    logprobs = self._logprobs(request, delta.new_token_ids, delta.new_logprobs)
+                    choice = _stream_choice(delta.index, message, delta, logprobs)
+                    if request.return_token_ids:
+                        choice.token_ids = delta.new_token_ids
+                    yield chunk([choice])
         if include_usage:
             usage_chunk = ChatCompletionStreamResponse(
                 id=request_id, created=created, model=model, choices=[], usage=tracker.usage()
@@ -215,10 +275,6 @@ def _content_text(content: Any, message_index: int) -> str:
 def _check_chat_options(request: ChatCompletionRequest, limits: RequestLimits) -> None:
     """400 for chat options whose feature has not landed yet, and for top_logprobs out of range."""
     check_unsupported_fields(request)
-    if request.tools:
-        raise InvalidRequestError("tools are not supported yet", param="tools")
-    if request.tool_choice not in (None, "none", "auto"):
-        raise InvalidRequestError("tool_choice is not supported yet", param="tool_choice")
     if request.top_logprobs is not None:
         if not request.logprobs:
             raise InvalidRequestError(

@@ -113,7 +113,7 @@ class CompletionServer(ServingBase):
         max_tokens = request.max_tokens  # 16 when unset, unless the model says otherwise
         if "max_tokens" not in request.model_fields_set:
             max_tokens = self.engine.sampling_defaults.get("max_tokens", max_tokens)
-        params = self.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs)
+        params = await self.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs)
         if fim is not None:
             params = self._fim_params(params, fim)
         grammar = await self.compile_grammar(params)
@@ -195,9 +195,20 @@ class CompletionServer(ServingBase):
                 extra_ids=extra_ids,
                 middle_ids=middle_ids,
             )
-            inputs.append(self.to_engine_input(ids, params, "prompt", grammar, request.cache_salt))
+            inputs.append(self._engine_input(request, ids, params, grammar))
             texts.append(text)
         return inputs, texts
+
+    def _engine_input(
+        self,
+        request: CompletionRequest,
+        ids: list[int],
+        params: SamplingParams,
+        grammar: CompiledGrammar | None,
+    ) -> EngineInput:
+        return self.to_engine_input(
+            ids, params, "prompt", grammar, request.cache_salt, request.priority
+        )
 
     def _tokenize(
         self, request: CompletionRequest, params: SamplingParams, grammar: CompiledGrammar | None
@@ -216,7 +227,7 @@ class CompletionServer(ServingBase):
                 ids = tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
             else:
                 ids = list(item)
-            inputs.append(self.to_engine_input(ids, params, "prompt", grammar, request.cache_salt))
+            inputs.append(self._engine_input(request, ids, params, grammar))
             text = item if isinstance(item, str) else ""
             if request.echo and not isinstance(item, str):
                 text = tokenizer.decode(inputs[-1].prompt_token_ids)
@@ -258,7 +269,9 @@ class CompletionServer(ServingBase):
         if request.logprobs is not None:
             ids, entries = _prompt_part(output) if request.echo else ([], [])
             logprobs = self.logprobs.completion(
-                [*ids, *seq.token_ids], [*entries, *(seq.logprobs or [])]
+                [*ids, *seq.token_ids],
+                [*entries, *(seq.logprobs or [])],
+                as_ids=self.tokens_as_ids(request),
             )
         with_ids = request.return_token_ids
         return CompletionResponseChoice(
@@ -326,7 +339,10 @@ class CompletionServer(ServingBase):
             return None
         ids, entries = _prompt_part(output) if request.echo and delta.is_first else ([], [])
         return self.logprobs.completion(
-            [*ids, *delta.new_token_ids], [*entries, *delta.new_logprobs], offset
+            [*ids, *delta.new_token_ids],
+            [*entries, *delta.new_logprobs],
+            offset,
+            as_ids=self.tokens_as_ids(request),
         )
 
 

@@ -50,6 +50,11 @@ class ServerSettings:
     request_id_headers: bool = False  # echo X-Request-Id (or a new one) on every response
     docs: bool = True  # FastAPI's /docs, /redoc and /openapi.json
     prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
+    # logprobs name tokens "token_id:{id}" unless a request says otherwise (vLLM's flag)
+    return_tokens_as_token_ids: bool = False
+    # the tool-call syntax (tokenmill/tools/formats.py; vLLM's --tool-call-parser names);
+    # None = found from the chat template
+    tool_call_parser: str | None = None
 
     @property
     def api_keys(self) -> tuple[str, ...]:

@@ -46,6 +46,7 @@ async def engine_stream(
         request_id,
         cache_salt=item.cache_salt,
         grammar=item.grammar,
+        priority=item.priority,
     )
     finished = False
     try:

@@ -27,8 +27,15 @@ _NO_LORA = (
     "LoRA adapters are not supported; merge the adapter into the weights (peft's "
     "merge_and_unload) and serve the merged directory"
 )
-_NO_TOOLS = "tool calling is not supported yet (requests with `tools` get a 400)"
 _NO_REASONING = "reasoning parsers are not supported yet (the thinking stays in the answer)"
+_BOTH_SERVED = (
+    "one tokenmill server both generates and embeds (/v1/embeddings, /pooling): "
+    "--runner is auto, generate or pooling"
+)
+_EMBED_ONLY = (
+    "tokenmill's pooling serves embeddings (/v1/embeddings, /pooling) beside generation; "
+    "classification, scoring and reward models are not supported"
+)
 _SCHEDULER = "tokenmill's scheduler chunks every prefill within --max-num-batched-tokens"
 
 
@@ -63,9 +70,10 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag(("--data-parallel-size", "-dp"), "refuse",
              "one tokenmill server serves one engine; run several behind a load balancer",
              works=_is(1)),
-    VllmFlag(("--scheduling-policy",), "refuse",
-             "requests are scheduled first come, first served (priority scheduling is planned)",
-             works=_is("fcfs")),
+    VllmFlag(("--runner",), "refuse", _BOTH_SERVED, works=_is("auto", "generate", "pooling")),
+    VllmFlag(("--convert",), "refuse", _EMBED_ONLY, works=_is("auto", "none", "embed")),
+    VllmFlag(("--task",), "refuse", _EMBED_ONLY,
+             works=_is("auto", "generate", "embed", "embedding")),
     VllmFlag(("--load-format",), "refuse",
              "tokenmill reads safetensors directories and .gguf files as they are",
              works=_is("auto", "safetensors", "gguf")),
@@ -111,8 +119,6 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag(("--lora-modules",), "refuse", _NO_LORA),
     VllmFlag(("--max-loras",), "refuse", _NO_LORA),
     VllmFlag(("--max-lora-rank",), "refuse", _NO_LORA),
-    VllmFlag(("--enable-auto-tool-choice",), "refuse", _NO_TOOLS, takes_value=False),
-    VllmFlag(("--tool-call-parser",), "refuse", _NO_TOOLS),
     VllmFlag(("--reasoning-parser",), "refuse", _NO_REASONING),
     VllmFlag(("--speculative-config",), "refuse", "speculative decoding is not supported yet"),
     VllmFlag(("--limit-mm-per-prompt",), "refuse", "image and audio inputs are not supported yet"),
@@ -123,8 +129,6 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag(("--override-generation-config",), "refuse",
              "edit the model's generation_config.json, or pass --generation-config DIR"),
     VllmFlag(("--otlp-traces-endpoint",), "refuse", "OpenTelemetry tracing is not supported"),
-    VllmFlag(("--return-tokens-as-token-ids",), "refuse", "not supported yet",
-             takes_value=False),
     VllmFlag(("--enable-force-include-usage",), "refuse",
              "usage is sent with stream_options.include_usage", takes_value=False),
     VllmFlag(("--middleware",), "refuse", "tokenmill loads no middleware from import paths"),

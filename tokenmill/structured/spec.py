@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from tokenmill.errors import InvalidRequestError
 
-StructuredKind = Literal["json", "regex", "choice", "grammar", "json_object"]
+# structural_tag: xgrammar's (JSON text); tool calls use it (tokenmill/tools)
+StructuredKind = Literal["json", "regex", "choice", "grammar", "json_object", "structural_tag"]
 _Constraint = tuple[str, StructuredKind, Any]  # (request field, kind, raw value)
 
 # vLLM's spellings of backend names -> ours; "auto" means the server default
@@ -214,7 +215,7 @@ def _canonical_value(kind: StructuredKind, raw: Any, param: str, max_json_depth:
     """The canonical text of one constraint (see StructuredSpec.value)."""
     if kind == "json":
         schema = _schema_dict(raw, param)
-        _check_depth(schema, param, max_json_depth)
+        check_schema_depth(schema, param, max_json_depth)
         return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
     if kind == "choice":
         return json.dumps(_choices(raw, param), ensure_ascii=False)
@@ -243,7 +244,7 @@ def _schema_dict(raw: Any, param: str) -> dict[str, Any]:
     return dict(raw)
 
 
-def _check_depth(schema: dict[str, Any], param: str, max_depth: int) -> None:
+def check_schema_depth(schema: dict[str, Any], param: str, max_depth: int) -> None:
     """400 if objects/arrays nest deeper than max_depth. An explicit stack, not recursion, that
     stops at the first level too deep: no input (deep, or cyclic from the offline API) can
     exhaust the check itself."""

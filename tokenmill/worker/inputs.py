@@ -10,12 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 from tokenmill.sample.interface import SamplingRequest
 from tokenmill.sample.logprobs import PositionLogprobs
 
 
 class SequenceState(SamplingRequest, Protocol):
     """A sequence as the worker reads it (the engine's Request)."""
+
+    # "LAST" | "MEAN" | "CLS": an embedding request, pooled instead of sampled; else None
+    pooling_type: str | None
 
     def prompt_logprob_positions(self, start: int, num_tokens: int) -> range: ...
 
@@ -40,8 +45,13 @@ class ModelOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)  # for the new token
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+    # embedding requests: (the chunk's first position, its part of the pooled vector [C],
+    # float32, after the final norm: the sum of its rows for MEAN, the row itself for LAST
+    # and CLS, sent by the chunk that holds it)
+    pooled: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
     def update(self, other: ModelOutput) -> None:
         self.sampled_token_ids.update(other.sampled_token_ids)
+        self.pooled.update(other.pooled)
         self.logprobs.update(other.logprobs)
         self.prompt_logprobs.update(other.prompt_logprobs)

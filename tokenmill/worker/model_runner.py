@@ -26,6 +26,8 @@ class Batch:
     sample_rows: torch.Tensor  # [N] rows whose hidden state is turned into logits
     sampling: list[SequenceState]  # the N sequences, in sample_rows order
     prompt_chunks: list[PromptChunk]  # chunks of sequences that want prompt logprobs
+    pool_chunks: list[ScheduledChunk]  # chunks of embedding requests (parallel to pooling)
+    pooling: list[SequenceState]
 
 
 class ModelRunner:
@@ -53,6 +55,8 @@ class ModelRunner:
             output.prompt_logprobs = prompt_logprobs(
                 self.model.compute_logits, hidden, batch.prompt_chunks, self.sampler.vocab_size
             )
+        if batch.pool_chunks:
+            output.pooled = self.pool(hidden, batch)
         if not batch.sampling:
             return output
         logits = self.model.compute_logits(hidden[batch.sample_rows])
@@ -73,6 +77,24 @@ class ModelRunner:
         batch = self.prepare(scheduled)
         return self.model.compute_logits(self.forward(batch)[batch.sample_rows])
 
+    def pool(self, hidden: torch.Tensor, batch: Batch) -> dict[str, tuple[int, torch.Tensor]]:
+        """Each embedding chunk's part of its request's pooled vector (ModelOutput.pooled)."""
+        pooled = {}
+        for chunk, request in zip(batch.pool_chunks, batch.pooling, strict=True):
+            start, n, row = chunk.start, chunk.num_tokens, chunk.row
+            kind = request.pooling_type
+            if kind == "MEAN":
+                rows = slice(row, row + n)
+            elif kind == "CLS" and start == 0:
+                rows = slice(row, row + 1)
+            elif kind == "LAST" and start + n == len(request.token_ids):
+                rows = slice(row + n - 1, row + n)
+            else:
+                continue
+            states = self.model.final_hidden(hidden[rows]).float()
+            pooled[request.request_id] = (start, states.sum(dim=0))
+        return pooled
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """The hidden states [T, C] of every row of the batch, through the backend."""
         return self.backend.forward(self.model, batch.input_ids, batch.positions, batch.ctx)
@@ -87,6 +109,8 @@ class ModelRunner:
         sample_rows: list[int] = []
         sampling: list[SequenceState] = []
         prompt_chunks: list[PromptChunk] = []
+        pool_chunks: list[ScheduledChunk] = []
+        pooling: list[SequenceState] = []
         bs = self.block_size
         for item in items:
             request, start, n, table = (
@@ -100,6 +124,10 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             chunks.append(ScheduledChunk(row, start, n, table))
+            if request.pooling_type is not None:  # an embedding: pooled, never sampled
+                pool_chunks.append(chunks[-1])
+                pooling.append(request)
+                continue
             if request.params.prompt_logprobs is not None:
                 prompt_chunks.append(_prompt_chunk(request, row, start, n))
             if item.samples:
@@ -127,6 +155,8 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sampling=sampling,
             prompt_chunks=prompt_chunks,
+            pool_chunks=pool_chunks,
+            pooling=pooling,
         )
 
 

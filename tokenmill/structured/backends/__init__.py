@@ -33,7 +33,7 @@ BACKENDS: dict[str, BackendInfo] = {
     for info in (
         BackendInfo(
             "xgrammar",
-            _REGULAR_KINDS | {"grammar"},
+            _REGULAR_KINDS | {"grammar", "structural_tag"},
             True,
             "tokenmill.structured.backends.xgrammar_backend",
             "XGrammarBackend",

@@ -51,6 +51,8 @@ class XGrammarBackend:
             return self._compiler.compile_regex(spec.value)
         if spec.kind == "choice":
             return self._compiler.compile_grammar(constraints.choice_ebnf(spec))
+        if spec.kind == "structural_tag":
+            return self._compiler.compile_structural_tag(spec.value)
         if constraints.is_ebnf(spec.value):
             return self._compiler.compile_grammar(spec.value)
         return self._compiler.compile_lark(spec.value)
@@ -76,7 +78,8 @@ def _fix_bounded_strings(ebnf: str) -> str:
 
 
 def _problem(spec: StructuredSpec, exc: BaseException) -> str:
-    what = {"regex": "regex", "grammar": "grammar", "choice": "choice"}.get(spec.kind)
+    what = {"regex": "regex", "grammar": "grammar", "choice": "choice",
+            "structural_tag": "tool parameters schema"}.get(spec.kind)  # fmt: skip
     return f"invalid {what or 'JSON schema'}: {constraints.compiler_message(exc)}"
 
 
