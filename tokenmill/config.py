@@ -88,6 +88,10 @@ class StructuredOutputsConfig:
     """Structured outputs (guided decoding)."""
 
     guided_decoding_backend: GuidedDecodingBackend = "xgrammar"  # requests may pick another
+    # reasoning models (tokenmill/tools/reasoning.py): "qwen3", "deepseek_r1" (the thought
+    # between <think> and </think>; constraints apply after it); "none" = off; None = found
+    # from the chat template
+    reasoning_parser: str | None = None
 
 
 @dataclass(slots=True)

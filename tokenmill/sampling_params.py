@@ -59,6 +59,9 @@ class SamplingParams:
     # the output must match this constraint (JSON schema, regex, choice, grammar); a dict is
     # read as vLLM's StructuredOutputsParams fields ({"json": schema}, {"regex": ...}, ...)
     structured_outputs: StructuredSpec | None = None
+    # reasoning models: the most tokens a thought may take before its end marker is forced
+    # (vLLM's thinking_token_budget); None = no limit
+    thinking_token_budget: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -147,6 +150,11 @@ class SamplingParams:
         )
 
     def _validate_lengths(self) -> None:
+        _check(
+            self.thinking_token_budget is None or self.thinking_token_budget >= 0,
+            "thinking_token_budget",
+            f"thinking_token_budget must be at least 0, got {self.thinking_token_budget}",
+        )
         _check(
             self.max_tokens is None or self.max_tokens >= 0,
             "max_tokens",

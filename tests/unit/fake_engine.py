@@ -71,6 +71,7 @@ class FakeAsyncEngine:
     max_model_len = 64
     vocab_size = 258
     scheduling_policy = "fcfs"
+    reasoning_markers = None
 
     def __init__(self, chat_template: str | None = CHATML, delay: float = 0.0):
         self.tokenizer = Tokenizer(ByteTokenizer(), [1], chat_template, "<s>", "</s>")

@@ -35,7 +35,6 @@ REFUSED = [
     ("--tensor-parallel-size 2", "one device"),
     ("--enable-lora", "merge_and_unload"),
     ("--lora-modules a=b", "LoRA"),
-    ("--reasoning-parser qwen3", "reasoning"),
     ("--revision main", "downloads nothing"),
     ("--tokenizer other/dir", "tokenizer in the model's directory"),
     ("--speculative-config {}", "speculative"),

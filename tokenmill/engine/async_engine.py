@@ -108,6 +108,7 @@ class AsyncEngine:
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.core.vocab_size
         self.sampling_defaults: dict[str, Any] = dict(engine.sampling_defaults)
+        self.reasoning_markers = engine.reasoning
         self.structured_outputs: StructuredOutputManager = engine.structured_outputs
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[AnyOutput | BaseException]] = {}

@@ -14,6 +14,7 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.spec import StructuredSpec
 from tokenmill.tokenizer.tokenizer import Tokenizer
+from tokenmill.tools.reasoning import ReasoningMarkers
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,11 @@ class EngineClient(Protocol):
     @property
     def scheduling_policy(self) -> SchedulingPolicy:
         """fcfs (a request's priority must be 0) or priority."""
+        ...
+
+    @property
+    def reasoning_markers(self) -> ReasoningMarkers | None:
+        """The thought markers of a reasoning model (None: the model does not reason)."""
         ...
 
     @property

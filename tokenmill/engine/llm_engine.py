@@ -20,6 +20,7 @@ from tokenmill.engine.outputs import (
 )
 from tokenmill.engine.pooling import PoolingGroup, check_dimensions
 from tokenmill.engine.request import Request
+from tokenmill.engine.thought import Thought
 from tokenmill.errors import ModelLoadError
 from tokenmill.pooling_params import PoolerConfig, PoolingParams
 from tokenmill.sampling_params import SamplingParams
@@ -28,6 +29,7 @@ from tokenmill.structured.manager import StructuredOutputManager
 from tokenmill.tokenizer.chat_template import resolve_chat_template
 from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
 from tokenmill.tokenizer.tokenizer import Tokenizer
+from tokenmill.tools.reasoning import ReasoningMarkers, detect_reasoning
 
 Group = RequestGroup | BeamGroup | PoolingGroup
 AnyOutput = RequestOutput | PoolingRequestOutput
@@ -55,6 +57,9 @@ class LLMEngine:
             config.model.generation_config, self.core.source.path
         )
         self.pooler = _pooler_config(config.model.pooler_config, self.core.source.path)
+        self.reasoning = _reasoning_markers(
+            config.structured_outputs.reasoning_parser, self.tokenizer
+        )
         self._groups: dict[str, Group] = {}
         self._group_of: dict[str, Group] = {}  # engine request id -> its group
 
@@ -157,6 +162,14 @@ class LLMEngine:
             request = self._new_request(child_id, prompt, child_params, salt, priority)
             if grammar is not None:
                 request.matcher = grammar.new_matcher()
+            if self.reasoning is not None:
+                request.thought = Thought(
+                    self.reasoning,
+                    self.reasoning.prompt_in_thought(prompt),
+                    request.matcher,
+                    child_params.thinking_token_budget,
+                )
+                request.matcher = request.thought.matcher
             detokenizer = IncrementalDetokenizer(self.tokenizer, child_params, prompt)
             sequences.append(SequenceState(request, detokenizer, index))
         group = RequestGroup(request_id, prompt, params, sequences)
@@ -358,6 +371,22 @@ def _pooler_config(value: dict[str, Any] | None, model_path: str) -> PoolerConfi
         return PoolerConfig.of_model(path if path.is_dir() else None)
     except (ValueError, OSError) as e:
         raise ModelLoadError(f"pooler config: {e}") from None
+
+
+def _reasoning_markers(parser: str | None, tokenizer: Tokenizer) -> ReasoningMarkers | None:
+    """The reasoning parser's markers: the one named, else the one the chat template implies
+    (tools/reasoning.py); None for "none" or a model that does not reason."""
+    if parser == "none":
+        return None
+    if parser is None:
+        get_vocab = getattr(tokenizer.hf, "get_vocab", None)
+        parser = detect_reasoning(tokenizer.chat_template, get_vocab() if get_vocab else None)
+        if parser is None:
+            return None
+    try:
+        return ReasoningMarkers.of(parser, lambda text: tokenizer.encode(text, False))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:

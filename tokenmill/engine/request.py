@@ -11,6 +11,7 @@ from tokenmill.engine.outputs import FinishReason, PositionLogprobs
 from tokenmill.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from tokenmill.engine.thought import Thought
     from tokenmill.structured.interface import GrammarMatcher
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class Request:
     # ("LAST", "MEAN", "CLS") instead of sampling; `pooled` holds what the chunks computed
     # so far (a float32 tensor: the sum of rows for MEAN), restarted by a chunk at position 0
     pooling_type: str | None = None
+    # Reasoning models: where the output is in its thought; it decides `matcher` (none while
+    # thinking, the end marker once the budget is spent, the constraint after)
+    thought: Thought | None = None
     pooled: Any = None
 
     def __post_init__(self) -> None:
@@ -109,10 +113,15 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
-        if self.matcher is None:
+        if self.matcher is None and self.thought is None:
             return
         try:
-            accepted = self.matcher.accept_token(token_id)
+            if self.thought is not None:
+                accepted = self.thought.accept(token_id)
+                self.matcher = self.thought.matcher
+            else:
+                assert self.matcher is not None
+                accepted = self.matcher.accept_token(token_id)
         except Exception as exc:  # a grammar backend bug fails this request, not the engine
             logger.exception("request %s: the grammar backend failed", self.request_id)
             self.finish_reason, self.error = "error", f"{type(exc).__name__}: {exc}"

@@ -223,6 +223,12 @@ def _add_server_flags(g: argparse._ArgumentGroup) -> None:
         "(default: found from the chat template; generic for templates without tools)",
     )  # fmt: skip
     g.add_argument(
+        "--reasoning-parser", choices=["qwen3", "deepseek_r1", "none"], default=None,
+        help="reasoning models: the thought (between <think> and </think>) goes to "
+        "reasoning_content, and constraints apply after it (default: found from the chat "
+        "template; none = off)",
+    )  # fmt: skip
+    g.add_argument(
         "--served-model-name", nargs="+", default=None, metavar="NAME",
         help="name(s) clients send as `model`; the first is reported in responses "
         "(default: the MODEL argument)",
@@ -502,6 +508,7 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
         scheduling_policy=args.scheduling_policy,
         max_logprobs=args.max_logprobs,
         guided_decoding_backend=args.guided_decoding_backend,
+        reasoning_parser=args.reasoning_parser,
     )  # fmt: skip
     logger.info("loading %s", args.model or "the bundled default model")
     try:

@@ -349,6 +349,10 @@ class ChatCompletionRequest(SamplingExtras, StructuredOutputExtras, UnsupportedE
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: str | None = None  # reasoning models: not yet (a 400)
+    # vLLM's reasoning extras: the most tokens a thought may take (its end is then forced);
+    # include_reasoning false drops the thought from the response
+    thinking_token_budget: Annotated[int, Field(ge=0)] | None = None
+    include_reasoning: bool = True
     user: str | None = None
 
     # vLLM extras specific to Chat
@@ -365,6 +369,9 @@ class ChatResponseMessage(ResponseModel):
     role: str
     content: str | None = None
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    # a reasoning model's thought (vLLM's names: reasoning_content, and the newer reasoning)
+    reasoning_content: str | None = Field(default=None, exclude_if=_is_none)
+    reasoning: str | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatCompletionLogProb(ResponseModel):
@@ -409,6 +416,8 @@ class DeltaMessage(ResponseModel):
     # pieces of tool calls: {"index", "id", "type", "function": {"name", "arguments"}} first,
     # then {"index", "function": {"arguments": more}}
     tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None  # a piece of the thought (and as `reasoning`)
+    reasoning: str | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from tokenmill.engine.input_processor import EngineInput
 from tokenmill.engine.outputs import PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.chat_output import ChatOutput
 from tokenmill.server.choices import ChoiceDelta
 from tokenmill.server.limits import RequestLimits, check_chat_limits
 from tokenmill.server.protocol import (
@@ -34,7 +35,6 @@ from tokenmill.server.serving_base import (
     usage_in_chunks,
 )
 from tokenmill.server.sse import EventStreamResponse, sse_event
-from tokenmill.server.tool_calls import ToolDeltas, tool_message
 from tokenmill.tokenizer.chat_template import render_chat
 from tokenmill.tools.formats import detect_format, format_named
 from tokenmill.tools.request import ToolUse, tool_use
@@ -68,6 +68,16 @@ class ChatServer(ServingBase):
             max_tokens = request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = await self.sampling_params(request, max_tokens, logprobs, request.prompt_logprobs)
+        if request.thinking_token_budget is not None:
+            if self.engine.reasoning_markers is None:
+                raise InvalidRequestError(
+                    "thinking_token_budget needs a reasoning model: this model's chat template "
+                    "has no <think> markers (or pass --reasoning-parser)",
+                    param="thinking_token_budget",
+                )
+            params = dataclasses.replace(
+                params, thinking_token_budget=request.thinking_token_budget
+            )
         use = self.tool_use(request)
         if use is not None and use.parses_calls:
             if params.structured_outputs is not None:
@@ -99,6 +109,17 @@ class ChatServer(ServingBase):
             getattr(request, "parallel_tool_calls", None),
             fmt,
             self.settings.limits.max_tools,
+        )
+
+    def chat_output(self, request: ChatCompletionRequest, item: EngineInput) -> ChatOutput:
+        """How the request's choices split into thought, calls and content."""
+        use = self.tool_use(request)
+        markers = self.engine.reasoning_markers
+        return ChatOutput(
+            tools=use if use is not None and use.parses_calls else None,
+            reasoning=markers,
+            in_thought=markers is not None and markers.prompt_in_thought(item.prompt_token_ids),
+            include_reasoning=request.include_reasoning,
         )
 
     async def prompt_token_ids(
@@ -137,7 +158,7 @@ class ChatServer(ServingBase):
         self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
     ) -> ChatCompletionResponse:
         role, echo = _response_role(request), _echo_text(request)
-        use = self.tool_use(request)
+        splitter = self.chat_output(request, inputs[0])
         tracker = self.tracker(inputs)
         final: RequestOutput | None = None
         async with aclosing(self.generate(inputs, request_id)) as outputs:
@@ -149,8 +170,8 @@ class ChatServer(ServingBase):
         for seq in final.outputs:
             message = ChatResponseMessage(role=role, content=echo + seq.text)
             reason: str | None = seq.finish_reason
-            if use is not None and use.parses_calls:
-                message, reason = tool_message(role, echo, seq, use)
+            if not splitter.is_plain:
+                message, reason = splitter.message(role, echo, seq)
             choices.append(
                 ChatCompletionResponseChoice(
                     index=seq.index,
@@ -206,15 +227,14 @@ class ChatServer(ServingBase):
             return sse_event(response, exclude=exclude)
 
         role, echo = _response_role(request), _echo_text(request)
-        use = self.tool_use(request)
-        tools = ToolDeltas(use) if use is not None and use.parses_calls else None
+        splitter = self.chat_output(request, inputs[0])
         for index in range(request.n):  # the first delta of each choice carries the role
             yield chunk([_stream_choice(index, DeltaMessage(role=role, content=echo))])
         async with aclosing(self.generate(inputs, request_id)) as outputs:
             async for i, output in outputs:
                 for delta in tracker.update(i, output):
-                    if tools is not None:
-                        message, reason = tools.delta(
+                    if not splitter.is_plain:
+                        message, reason = splitter.delta(
                             delta.index, delta.output.text, delta.finish_reason
                         )
                         if message is None:  # held back (a call's name arriving, say)

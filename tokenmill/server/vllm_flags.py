@@ -27,7 +27,6 @@ _NO_LORA = (
     "LoRA adapters are not supported; merge the adapter into the weights (peft's "
     "merge_and_unload) and serve the merged directory"
 )
-_NO_REASONING = "reasoning parsers are not supported yet (the thinking stays in the answer)"
 _BOTH_SERVED = (
     "one tokenmill server both generates and embeds (/v1/embeddings, /pooling): "
     "--runner is auto, generate or pooling"
@@ -119,7 +118,6 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag(("--lora-modules",), "refuse", _NO_LORA),
     VllmFlag(("--max-loras",), "refuse", _NO_LORA),
     VllmFlag(("--max-lora-rank",), "refuse", _NO_LORA),
-    VllmFlag(("--reasoning-parser",), "refuse", _NO_REASONING),
     VllmFlag(("--speculative-config",), "refuse", "speculative decoding is not supported yet"),
     VllmFlag(("--limit-mm-per-prompt",), "refuse", "image and audio inputs are not supported yet"),
     VllmFlag(("--cpu-offload-gb",), "refuse", "weights stay on the device they run on",

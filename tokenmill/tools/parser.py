@@ -43,7 +43,7 @@ def parse(text: str, fmt: ToolCallFormat, final: bool) -> ParsedOutput:
         start = text.find(fmt.trigger, pos)
         if start < 0:
             tail = text[pos:]
-            out.content += tail if final else tail[: len(tail) - _partial_suffix(tail, fmt.trigger)]
+            out.content += tail if final else tail[: len(tail) - partial_suffix(tail, fmt.trigger)]
             return out
         out.content += text[pos:start]
         end = _parse_call(text, start, fmt, out.calls)
@@ -112,7 +112,7 @@ def _object_end(text: str, start: int) -> int | None:
     return None
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest end of `text` that `marker` starts with (a marker arriving)."""
     for size in range(min(len(text), len(marker) - 1), 0, -1):
         if marker.startswith(text[-size:]):

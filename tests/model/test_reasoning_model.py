@@ -1,0 +1,90 @@
+"""A tiny random Qwen3-shaped model whose tokenizer has <think> and </think> as tokens and whose
+template (written here, in the style of Qwen3's and DeepSeek-R1's) thinks: the reasoning
+parser is found from the template, the thought is free of the request's constraint, the
+answer after it is held to it, and a thinking budget ends the thought on time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+
+# DeepSeek-R1 style: earlier answers lose their thoughts, the prompt ends inside an open one
+R1_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{{ m['content'].split('</think>')[-1] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def thinking_model_dir(tmp_path_factory: pytest.TempPathFactory, bundled_gguf_path: str) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    gguf = Path(bundled_gguf_path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    tokenizer.chat_template = R1_TEMPLATE
+    directory = tmp_path_factory.mktemp("tiny-thinking")
+    config = AutoConfig.for_model(
+        "qwen3", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.5)
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def _llm(directory: Path, **kwargs: Any) -> LLM:
+    return LLM(str(directory), dtype="float32", device="cpu", kv_cache_memory=16 << 20, **kwargs)
+
+
+def test_the_thought_is_free_the_answer_constrained_and_the_budget_kept(thinking_model_dir):
+    llm = _llm(thinking_model_dir)
+    markers = llm.engine.reasoning
+    assert markers is not None and len(markers.end_ids) == 1  # found from the template
+    end_id = markers.end_ids[0]
+    messages = [{"role": "user", "content": "Pick a digit."}]
+    free = llm.chat(messages, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    free_ids = free[0].outputs[0].token_ids
+    assert end_id not in free_ids  # this random model would think on
+
+    budget = 4
+    constrained = SamplingParams(
+        temperature=0, max_tokens=60, thinking_token_budget=budget,
+        structured_outputs={"json": SCHEMA, "whitespace_pattern": ""},
+    )  # fmt: skip
+    out = llm.chat(messages, constrained)[0].outputs[0]
+    ids = out.token_ids
+    assert ids[:budget] == free_ids[:budget]  # the thought: the model's own tokens, unmasked
+    assert ids[budget] == end_id  # then the end marker, forced
+    answer = llm.tokenizer.decode(ids[budget + 1 :], skip_special_tokens=True)
+    assert out.finish_reason == "stop"
+    jsonschema.validate(json.loads(answer), SCHEMA)
+
+
+def test_reasoning_parser_none_turns_it_off(thinking_model_dir):
+    llm = _llm(thinking_model_dir, reasoning_parser="none")
+    assert llm.engine.reasoning is None
+    params = SamplingParams(temperature=0, max_tokens=8, structured_outputs={"json": SCHEMA})
+    ids = llm.chat([{"role": "user", "content": "x"}], params)[0].outputs[0].token_ids
+    text = llm.tokenizer.decode(ids, skip_special_tokens=True)
+    assert text.startswith("{")  # constrained from the first token
