@@ -170,3 +170,23 @@ async def test_thinking_token_budget_needs_a_reasoning_model():
     async with client_for(make_app(_markers_engine("<think>a</think>b"))) as client:
         response = await client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.anyio
+async def test_reasoning_effort_reaches_a_template_that_reads_it():
+    template = "{{ reasoning_effort | default('unset') }}|{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    engine = ScriptedEngine("ok")
+    body = {"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "high"}
+    async with client_for(make_app(engine)) as client:
+        refused = await client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "reasoning_effort"
+        used = await client.post("/v1/chat/completions", json={**body, "chat_template": template})
+        assert used.status_code == 200, used.text
+        bad = await client.post(
+            "/v1/chat/completions",
+            json={**body, "chat_template": template, "reasoning_effort": "max"},
+        )
+        assert bad.status_code == 400
+    prompt = bytes(i - 2 for i in engine.requests[-1][0] if i >= 2).decode()
+    assert prompt.startswith("high|hi")

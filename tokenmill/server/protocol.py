@@ -348,7 +348,9 @@ class ChatCompletionRequest(SamplingExtras, StructuredOutputExtras, UnsupportedE
     tools: list[dict[str, Any]] | None = None  # not supported yet
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    reasoning_effort: str | None = None  # reasoning models: not yet (a 400)
+    # to the chat template (as vLLM: gpt-oss-style templates read it); a 400 for a template
+    # that does not use it
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     # vLLM's reasoning extras: the most tokens a thought may take (its end is then forced);
     # include_reasoning false drops the thought from the response
     thinking_token_budget: Annotated[int, Field(ge=0)] | None = None

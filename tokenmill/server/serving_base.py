@@ -152,11 +152,10 @@ class ServingBase:
         return streams.generate(self.engine, self.metrics, inputs, request_id)
 
 
-# the value of each UnsupportedExtras field (and reasoning_effort) that means "not used"
+# the value of each UnsupportedExtras field that means "not used"
 _UNUSED: dict[str, Any] = {
     "kv_transfer_params": (None,),
     "vllm_xargs": (None, {}),
-    "reasoning_effort": (None,),
 }
 
 

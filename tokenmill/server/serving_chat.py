@@ -138,6 +138,7 @@ class ChatServer(ServingBase):
 
     def _render_and_encode(self, request: ChatPromptRequest, use: ToolUse | None) -> list[int]:
         tokenizer, documents = self.engine.tokenizer, request.documents
+        template_kwargs = _with_reasoning_effort(request, tokenizer.chat_template)
         messages = to_template_messages(request.messages)
         if use is not None:
             messages = use.template_messages(messages)
@@ -148,7 +149,7 @@ class ChatServer(ServingBase):
             chat_template=request.chat_template,
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
-            chat_template_kwargs=request.chat_template_kwargs,
+            chat_template_kwargs=template_kwargs,
             documents=[d.model_dump(exclude_none=True) for d in documents] if documents else None,
             budget=self.settings.limits.render_budget,
         )
@@ -305,6 +306,22 @@ def _check_chat_options(request: ChatCompletionRequest, limits: RequestLimits) -
                 f"top_logprobs must be in [0, {limits.max_logprobs}]; got {request.top_logprobs}",
                 param="top_logprobs",
             )
+
+
+def _with_reasoning_effort(
+    request: ChatPromptRequest, model_template: str | None
+) -> dict[str, Any] | None:
+    """chat_template_kwargs plus reasoning_effort, for a template that reads it."""
+    effort = getattr(request, "reasoning_effort", None)
+    if effort is None:
+        return request.chat_template_kwargs
+    template = request.chat_template or model_template or ""
+    if "reasoning_effort" not in template:
+        raise InvalidRequestError(
+            "reasoning_effort has no effect on this model: its chat template does not read it",
+            param="reasoning_effort",
+        )
+    return {**(request.chat_template_kwargs or {}), "reasoning_effort": effort}
 
 
 def _response_role(request: ChatCompletionRequest) -> str:
