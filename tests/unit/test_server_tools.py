@@ -176,3 +176,41 @@ async def test_bad_tool_requests(extra, param):
     async with client_for(make_app(ScriptedEngine("x"))) as client:
         response = await client.post("/v1/chat/completions", json=_body(**extra))
     assert_error(response, 400, param)
+
+
+def _deep_schema(depth: int) -> dict[str, Any]:
+    """Arrays of arrays: `depth` nested objects."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth - 1):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+@pytest.mark.anyio
+async def test_hostile_tools_at_and_past_every_limit():
+    many = [{"type": "function", "function": {"name": f"t{i}", "parameters": {
+        "type": "object", "properties": {f"p{j}": {"type": "string"} for j in range(8)}}}}
+        for i in range(128)]  # fmt: skip
+    looping = (
+        "{% for a in tools %}{% for b in tools %}{% for c in tools %}{{ a }}{{ b }}{{ c }}"
+        "{% endfor %}{% endfor %}{% endfor %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    deep = {"type": "function", "function": {"name": "deep", "parameters": _deep_schema(64)}}
+    deeper = {"type": "function", "function": {"name": "deep", "parameters": _deep_schema(65)}}
+    engine = ScriptedEngine("ok")
+    engine.max_model_len = 100_000  # a byte per token: the tools' system message is long
+    async with client_for(make_app(engine)) as client:
+        at_limit = await client.post("/v1/chat/completions", json=_body(tools=many))
+        assert at_limit.status_code == 200, at_limit.text  # 128 tools: the cap, accepted
+        ok = await client.post("/v1/chat/completions", json=_body(tools=[deep]))
+        assert ok.status_code == 200, ok.text  # nested 64 deep: the cap, accepted
+        assert_error(await client.post("/v1/chat/completions", json=_body(tools=[deeper])), 400,
+                     "tools.0.function.parameters")  # fmt: skip
+        # a template that loops over the tools cubed stays inside the renderer's budget
+        loop = await client.post(
+            "/v1/chat/completions",
+            json=_body(tools=many, tool_choice="none", chat_template=looping),
+        )
+        message = assert_error(loop, 400, None)
+        assert "characters" in message or "seconds" in message, message
+        assert (await client.post("/v1/chat/completions", json=_body())).status_code == 200

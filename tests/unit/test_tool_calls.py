@@ -103,6 +103,7 @@ def test_format_detection_from_templates():
     assert detect_format("{% if tools %}<tool_call>{% endif %}") is HERMES
     assert detect_format("{% if tools %}[AVAILABLE_TOOLS][TOOL_CALLS]{% endif %}") is MISTRAL
     assert detect_format("{% if tools %}<|python_tag|>{% endif %}") is LLAMA3_JSON
+    assert detect_format("{% for t in tools %}{{ t | tojson }}{% endfor %}") is HERMES
     assert set(FORMATS) == {"hermes", "llama3_json", "mistral", "generic"}
 
 

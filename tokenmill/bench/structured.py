@@ -6,7 +6,13 @@ output token is the mean decode step (prefill excluded); free and guided runs al
 that a busy machine slows both alike. Compile times are the medium schema's of
 tokenmill.bench.grammar_backends, first use (cache miss) vs cached.
 
+With --constraint tool-required or tool-auto, the constraint is a tool call's instead
+(tokenmill/tools: xgrammar's structural tag for one function tool whose parameters are the
+schema, in the Hermes syntax): `required` holds every token to the call; `auto` lets text
+through and watches for the call's opening marker.
+
 python -m tokenmill.bench.structured [MODEL] [--batch-sizes 1 32] [--output-len 64]
+    [--constraint json|tool-required|tool-auto]
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenmill.bench.offline import synthetic_prompt
 from tokenmill.sampling_params import SamplingParams, structured_spec
+from tokenmill.structured import StructuredSpec
 
 if TYPE_CHECKING:  # imported when the benchmark runs: `tokenmill --help` stays fast
     from collections.abc import Sequence
@@ -113,6 +120,7 @@ def compare(
     output_len: int,
     backends: list[str],
     repeats: int,
+    constraint: str = "json",
 ) -> dict[str, Any]:
     """Median time per output token, free and guided (per backend), at one batch size."""
     tokenizer = engine.tokenizer
@@ -120,7 +128,7 @@ def compare(
     free = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     runs: dict[str, list[tuple[float, float]]] = {"free": []}
     for backend in backends:
-        spec = structured_spec(backend, json=schema)
+        spec = _spec(constraint, backend, schema)
         guided = SamplingParams(temperature=0.0, max_tokens=output_len, structured_outputs=spec)
         engine.structured_outputs.compile(spec)  # compile time is measured elsewhere
         runs[backend] = []
@@ -139,6 +147,22 @@ def compare(
             "grammar_vs_free_step": f"{grammar_ms / free_ms:.1%}",
         }
     return result
+
+
+def _spec(constraint: str, backend: str, schema: dict[str, Any]) -> StructuredSpec:
+    """The benchmark's constraint: the schema itself, or a call of a tool taking it."""
+    if constraint == "json":
+        return structured_spec(backend, json=schema)
+    from tokenmill.tools.formats import HERMES
+    from tokenmill.tools.request import tool_use
+
+    tool = {"type": "function", "function": {"name": "save_records", "parameters": schema}}
+    mode = constraint.removeprefix("tool-")
+    use = tool_use([tool], mode, True, HERMES, max_tools=1)
+    assert use is not None
+    spec = use.constraint()
+    assert spec is not None
+    return spec
 
 
 def compile_times(engine: LLMEngine, backends: list[str]) -> list[dict[str, Any]]:
@@ -171,6 +195,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backends", nargs="+", default=["xgrammar", "outlines", "lm-format-enforcer"],
         help="the first is measured at every batch size, the others at batch 1",
     )  # fmt: skip
+    parser.add_argument(
+        "--constraint", choices=["json", "tool-required", "tool-auto"], default="json",
+        help="what the guided runs are held to: the schema, or a call of a tool taking it "
+        "(tool calls: xgrammar only)",
+    )  # fmt: skip
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -184,7 +213,13 @@ def run_command(args: argparse.Namespace) -> int:
     decode_run(engine, [engine.tokenizer.encode("warm up")], SamplingParams(max_tokens=4), timer)
     for batch in args.batch_sizes:
         backends = args.backends if batch == 1 else args.backends[:1]
-        row = compare(engine, timer, schema, batch, args.output_len, backends, args.repeats)
+        if args.constraint != "json":
+            backends = ["xgrammar"]
+        row = compare(
+            engine, timer, schema, batch, args.output_len, backends, args.repeats,
+            args.constraint,
+        )  # fmt: skip
+        row["constraint"] = args.constraint
         print(json.dumps({"decode": row}))
     return 0
 

@@ -105,7 +105,9 @@ def format_named(name: str) -> ToolCallFormat:
 
 
 def detect_format(template: str | None) -> ToolCallFormat:
-    """The tool-call syntax a chat template teaches its model; GENERIC when it renders no tools."""
+    """The tool-call syntax a chat template teaches its model: GENERIC when it renders no tools
+    (they are described in a system message), Hermes when it renders them in a syntax not
+    recognised here."""
     if not template or "tools" not in template:
         return GENERIC
     if "<tool_call>" in template:
@@ -114,7 +116,7 @@ def detect_format(template: str | None) -> ToolCallFormat:
         return MISTRAL
     if "<|python_tag|>" in template or ('"parameters"' in template and "ipython" in template):
         return LLAMA3_JSON
-    return GENERIC
+    return HERMES  # it renders the tools its own way; the commonest call syntax
 
 
 def generic_system_prompt(tools: list[dict[str, Any]], fmt: ToolCallFormat) -> str:
