@@ -88,3 +88,40 @@ def test_reasoning_parser_none_turns_it_off(thinking_model_dir):
     ids = llm.chat([{"role": "user", "content": "x"}], params)[0].outputs[0].token_ids
     text = llm.tokenizer.decode(ids, skip_special_tokens=True)
     assert text.startswith("{")  # constrained from the first token
+
+
+QWEN3_TEMPLATE = (  # Qwen3 style: the model opens its own thought; tools rendered Hermes-style
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}{{ t | tojson }}"
+    "{% endfor %}</tools>\nCall one inside <tool_call></tool_call> tags.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{{ m['content'].split('</think>')[-1] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_thought_the_model_opens_then_a_tool_call(thinking_model_dir):
+    """The first token may open a thought (here pushed by a logit bias on <think>); the
+    budget closes it, and the answer is a valid call of the named tool."""
+    from tokenmill.tools.formats import HERMES, detect_format
+    from tokenmill.tools.parser import parse
+    from tokenmill.tools.request import tool_use
+
+    llm = _llm(thinking_model_dir, chat_template=QWEN3_TEMPLATE)
+    markers = llm.engine.reasoning
+    assert markers is not None and detect_format(QWEN3_TEMPLATE) is HERMES
+    tool = {"type": "function", "function": {"name": "pick", "parameters": SCHEMA}}
+    use = tool_use([tool], {"type": "function", "function": {"name": "pick"}}, False, HERMES, 8)
+    assert use is not None
+    start_id, end_id = markers.start_ids[0], markers.end_ids[0]
+    params = SamplingParams(
+        temperature=0, max_tokens=80, thinking_token_budget=3, logit_bias={start_id: 50.0},
+        structured_outputs=use.constraint(),
+    )  # fmt: skip
+    messages = [{"role": "user", "content": "Pick a digit."}]
+    out = llm.chat(messages, params, chat_template_kwargs=None)[0].outputs[0]
+    ids = out.token_ids
+    assert ids[0] == start_id and ids[4] == end_id  # opened, 3 thought tokens, closed
+    answer = llm.tokenizer.decode(ids[5:], skip_special_tokens=False)
+    parsed = parse(answer.replace("<|im_end|>", ""), HERMES, final=True)
+    assert [c.name for c in parsed.calls] == ["pick"], answer
+    jsonschema.validate(json.loads(parsed.calls[0].arguments), SCHEMA)

@@ -73,3 +73,12 @@ def test_required_and_named_allow_calls_only(manager, tokenizer):
     assert _accepts(manager, tokenizer, "auto", False, one)
     assert not _accepts(manager, tokenizer, "auto", False, one + " ok")
     assert _accepts(manager, tokenizer, "auto", True, one + " ok " + call)
+
+
+def test_whitespace_inside_a_call_is_capped(manager, tokenizer):
+    fmt = FORMATS["hermes"]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    padded = fmt.call_text("get_weather", '{"city":' + " " * 16 + '"Paris"}')
+    assert _accepts(manager, tokenizer, named, False, padded)
+    too_long = fmt.call_text("get_weather", '{"city":' + " " * 17 + '"Paris"}')
+    assert not _accepts(manager, tokenizer, named, False, too_long)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 ToolChoiceMode = Literal["auto", "required", "named"]
+MAX_WHITESPACE = 16  # whitespace characters between two JSON tokens of a call's arguments
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +42,12 @@ class ToolCallFormat:
             {
                 "type": "tag",
                 "begin": self.begin + tool["name"] + self.middle,
-                "content": {"type": "json_schema", "json_schema": tool["parameters"]},
+                "content": {
+                    "type": "json_schema",
+                    "json_schema": tool["parameters"],
+                    # JSON's free whitespace, capped per gap: a model cannot pad a call forever
+                    "max_whitespace_cnt": MAX_WHITESPACE,
+                },
                 "end": self.end,
             }
             for tool in tools
