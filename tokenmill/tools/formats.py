@@ -97,7 +97,7 @@ GENERIC = ToolCallFormat(
 
 FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL, GENERIC)}
 # vLLM's --tool-call-parser names that write one of these syntaxes
-PARSER_ALIASES = {"qwen3_xml": "hermes", "qwen25": "hermes", "llama4_json": "llama3_json"}
+PARSER_ALIASES = {"llama4_json": "llama3_json"}
 
 
 def format_named(name: str) -> ToolCallFormat:
