@@ -22,11 +22,21 @@ from tokenmill.server.middleware import (
     HTTPMetricsMiddleware,
     RequestIdMiddleware,
 )
-from tokenmill.server.routers import chat, completions, embeddings, infill, models, ops, tokenize
+from tokenmill.server.routers import (
+    chat,
+    completions,
+    embeddings,
+    infill,
+    models,
+    ops,
+    responses,
+    tokenize,
+)
 from tokenmill.server.routers.ops import server_version
 from tokenmill.server.serving_chat import ChatServer
 from tokenmill.server.serving_completion import CompletionServer
 from tokenmill.server.serving_embedding import EmbeddingServer
+from tokenmill.server.serving_responses import ResponsesServer
 from tokenmill.server.settings import ServerSettings
 from tokenmill.tokenizer.template_sandbox import start_renderer
 
@@ -37,6 +47,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     models.router,
     completions.router,
     chat.router,
+    responses.router,
     embeddings.router,
     embeddings.pooling_router,
     infill.router,
@@ -57,6 +68,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     app.state.completion = CompletionServer(engine, settings, metrics, executor)
     app.state.chat = ChatServer(engine, settings, metrics, executor)
     app.state.embedding = EmbeddingServer(engine, settings, metrics, executor, chat=app.state.chat)
+    app.state.responses = ResponsesServer(engine, settings, metrics, executor, chat=app.state.chat)
     for router in ROUTERS:
         app.include_router(router)
     add_exception_handlers(app)
