@@ -9,7 +9,15 @@ import random
 import pytest
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.tools.formats import FORMATS, GENERIC, HERMES, LLAMA3_JSON, MISTRAL, detect_format
+from tokenmill.tools.formats import (
+    FORMATS,
+    GENERIC,
+    HERMES,
+    LLAMA3_JSON,
+    MISTRAL,
+    PYTHONIC,
+    detect_format,
+)
 from tokenmill.tools.parser import ToolCallStream, parse
 from tokenmill.tools.request import tool_use
 
@@ -104,7 +112,11 @@ def test_format_detection_from_templates():
     assert detect_format("{% if tools %}[AVAILABLE_TOOLS][TOOL_CALLS]{% endif %}") is MISTRAL
     assert detect_format("{% if tools %}<|python_tag|>{% endif %}") is LLAMA3_JSON
     assert detect_format("{% for t in tools %}{{ t | tojson }}{% endfor %}") is HERMES
-    assert set(FORMATS) == {"hermes", "llama3_json", "mistral", "generic"}
+    assert (
+        detect_format("{% if tools %}[func_name1(params_name1=params_value1)]{% endif %}")
+        is PYTHONIC
+    )
+    assert set(FORMATS) == {"hermes", "llama3_json", "mistral", "pythonic", "generic"}
 
 
 @pytest.mark.parametrize(
@@ -155,3 +167,24 @@ def test_generic_templates_get_the_tools_in_a_system_message_and_calls_as_text()
     assert rendered[2]["content"] == GENERIC.call_text("get_weather", '{"city": "Paris"}')
     with_tools = tool_use([WEATHER], "auto", None, HERMES, 8).template_messages(messages)
     assert with_tools[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
+def test_pythonic_calls_stream_as_they_parse_whole():
+    """[name(k=v, ...), ...]: each call's arguments (Python literals) arrive as JSON once the
+    call is complete; content around the list is text, brackets in text stay text."""
+    text = 'Sure. [get_weather(city="Pa\\"ris", days=[1, 2], ok=True, x=None), f()] Done [1].'
+    whole = parse(text, PYTHONIC, final=True)
+    assert [(c.name, json.loads(c.arguments)) for c in whole.calls] == [
+        ("get_weather", {"city": 'Pa"ris', "days": [1, 2], "ok": True, "x": None}),
+        ("f", {}),
+    ]
+    assert whole.message_content(True) == "Sure.  Done [1]."
+    expected = (whole.message_content(True), [(c.name, c.arguments) for c in whole.calls])
+    rng = random.Random(1)
+    for cuts in [list(range(1, len(text)))] + [
+        sorted(rng.sample(range(1, len(text)), k)) for k in (1, 4, 12) for _ in range(20)
+    ]:
+        content, calls, _ = _stream(PYTHONIC, text, cuts)
+        assert (content, calls) == expected, cuts
+    call = PYTHONIC.call_text("get_weather", '{"city": "Paris", "days": [1], "ok": false}')
+    assert call == '[get_weather(city="Paris", days=[1], ok=False)]'

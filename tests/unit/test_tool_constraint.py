@@ -82,3 +82,48 @@ def test_whitespace_inside_a_call_is_capped(manager, tokenizer):
     assert _accepts(manager, tokenizer, named, False, padded)
     too_long = fmt.call_text("get_weather", '{"city":' + " " * 17 + '"Paris"}')
     assert not _accepts(manager, tokenizer, named, False, too_long)
+
+
+def test_pythonic_calls_follow_the_schema(manager, tokenizer):
+    schema_tool = {
+        "type": "function",
+        "function": {
+            "name": "book",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "nights": {"type": "integer"},
+                    "tier": {"enum": ["basic", "suite"]},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                    "late": {"type": "boolean"},
+                },
+                "required": ["city", "nights"],
+            },
+        },
+    }
+
+    def accepts(choice, text, parallel=True):
+        use = tool_use([schema_tool, WEATHER], choice, parallel, FORMATS["pythonic"], 8)
+        matcher = manager.compile(use.constraint()).new_matcher()
+        return all(
+            matcher.accept_token(t) for t in tokenizer.encode(text, add_special_tokens=False)
+        )
+
+    good = '[book(city="Rome", nights=2, tier="suite", tags=["a", "b"], late=False)]'
+    assert accepts("required", good)
+    assert accepts("required", '[book(city="Rome", nights=2), get_weather(city="Paris")]')
+    assert accepts("auto", "Let me book. " + good + " Done.")
+    assert accepts("auto", "A list: [1, 2] and [x] are text.")
+    for bad in (
+        '[book(nights=2, city="Rome")]',  # keyword order is the schema's
+        '[book(city="Rome")]',  # nights is required
+        '[book(city="Rome", nights="two")]',
+        '[book(city="Rome", nights=2, tier="palace")]',
+        "[other(x=1)]",
+    ):
+        assert not accepts("required", bad), bad
+    assert not accepts("auto", "ok " + '[book(city="Rome", nights=two)]')
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert accepts(named, '[get_weather(city="Paris")]')
+    assert not accepts(named, good)

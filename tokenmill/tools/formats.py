@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tokenmill.tools import pythonic
+
 ToolChoiceMode = Literal["auto", "required", "named"]
 MAX_WHITESPACE = 16  # whitespace characters between two JSON tokens of a call's arguments
 
@@ -26,10 +28,13 @@ class ToolCallFormat:
     middle: str  # between the name and the arguments object
     end: str  # after the arguments object
     generic: bool = False  # for templates without tool support: tools described in a system message
+    pythonic: bool = False  # calls as Python (pythonic.py); begin/middle/end unused
 
     def call_text(self, name: str, arguments: str) -> str:
         """How this format writes a call (for earlier calls in the conversation, when the
         template cannot render tool_calls itself)."""
+        if self.pythonic:
+            return pythonic.call_text(name, arguments)
         return f"{self.begin}{name}{self.middle}{arguments}{self.end}"
 
     def structural_tag(
@@ -38,6 +43,8 @@ class ToolCallFormat:
         """xgrammar's structural tag (as JSON text): in auto mode free text until the trigger,
         then a call of one of `tools`; required: calls only, at least one; named: exactly one
         call of the one tool given. `parallel` False: at most one call."""
+        if self.pythonic:
+            return pythonic.structural_tag(tools[:1] if mode == "named" else tools, mode, parallel)
         tags = [
             {
                 "type": "tag",
@@ -95,9 +102,13 @@ GENERIC = ToolCallFormat(
     generic=True,
 )
 
-FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL, GENERIC)}
+PYTHONIC = ToolCallFormat(
+    name="pythonic", trigger="[", begin="[", middle="(", end=")]", pythonic=True
+)
+
+FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL, PYTHONIC, GENERIC)}
 # vLLM's --tool-call-parser names that write one of these syntaxes
-PARSER_ALIASES = {"llama4_json": "llama3_json"}
+PARSER_ALIASES = {"llama4_json": "llama3_json", "llama4_pythonic": "pythonic"}
 
 
 def format_named(name: str) -> ToolCallFormat:
@@ -120,6 +131,8 @@ def detect_format(template: str | None) -> ToolCallFormat:
         return HERMES
     if "[TOOL_CALLS]" in template:
         return MISTRAL
+    if "[func_name1(" in template:  # Llama 3.2 / 4 pythonic templates spell out the syntax
+        return PYTHONIC
     if "<|python_tag|>" in template or ('"parameters"' in template and "ipython" in template):
         return LLAMA3_JSON
     return HERMES  # it renders the tools its own way; the commonest call syntax

@@ -11,32 +11,17 @@ concatenated stream equals the non-streamed response.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from tokenmill.tools import pythonic
 from tokenmill.tools.formats import ToolCallFormat
-
-
-@dataclass(slots=True)
-class ParsedCall:
-    name: str | None  # None until the whole name has arrived
-    arguments: str = ""  # the arguments object's text so far (exactly as the model wrote it)
-
-
-@dataclass(slots=True)
-class ParsedOutput:
-    content: str  # text outside calls (a partial trigger at the end held back)
-    calls: list[ParsedCall] = field(default_factory=list)
-
-    def message_content(self, final: bool) -> str:
-        """The content to show: trailing whitespace waits for what follows it, and is dropped
-        before (and between) calls; a final answer without calls keeps it."""
-        if final and not self.calls:
-            return self.content
-        return self.content.rstrip()
+from tokenmill.tools.output import ParsedCall, ParsedOutput, partial_suffix
 
 
 def parse(text: str, fmt: ToolCallFormat, final: bool) -> ParsedOutput:
     """Content and calls of `text` (an output so far; `final`: all of it)."""
+    if fmt.pythonic:
+        return pythonic.parse(text, final)
     out = ParsedOutput("")
     pos = 0
     while True:
@@ -110,14 +95,6 @@ def _object_end(text: str, start: int) -> int | None:
             if depth == 0:
                 return i + 1
     return None
-
-
-def partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that `marker` starts with (a marker arriving)."""
-    for size in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
 
 
 def new_call_id() -> str:

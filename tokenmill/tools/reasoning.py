@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tokenmill.tools.parser import partial_suffix
+from tokenmill.tools.output import partial_suffix
 
 # vLLM's --reasoning-parser names; the ones here all think between <think> and </think>
 REASONING_PARSERS = {"qwen3": ("<think>", "</think>"), "deepseek_r1": ("<think>", "</think>")}
