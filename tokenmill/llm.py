@@ -122,16 +122,29 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the chat template, then generate for all of them."""
+        """Render each conversation with the chat template, then generate for all of them.
+
+        `tools` (OpenAI's function tools) reach the template as vLLM's LLM.chat gives them (a
+        template that renders none gets them in a system message); the output is text (the
+        server parses calls: tokenmill/tools)."""
         from tokenmill.tokenizer.chat_template import render_chat
+        from tokenmill.tools.formats import detect_format
+        from tokenmill.tools.request import tool_use
 
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        template = chat_template or self.tokenizer.chat_template
+        use = tool_use(tools, "none", None, detect_format(template), max_tools=len(tools or []))
         prompts: list[Prompt] = []
         for conversation in conversations:
+            rendered = list(conversation)  # type: ignore[arg-type]
+            if use is not None:
+                rendered = use.template_messages(rendered)
             text = render_chat(
                 self.tokenizer,
-                conversation,  # type: ignore[arg-type]
+                rendered,
+                tools=use.template_tools() if use is not None else None,
                 chat_template=chat_template,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,

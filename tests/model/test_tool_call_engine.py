@@ -43,3 +43,14 @@ def test_constrained_calls_parse_and_validate(bundled_llm, fmt_name, choice):
     parsed = parse(out.text, fmt, final=True)
     assert [c.name for c in parsed.calls] == ["get_weather"], out.text
     jsonschema.validate(json.loads(parsed.calls[0].arguments), SCHEMA)
+
+
+def test_offline_chat_gives_the_template_the_tools(bundled_llm):
+    """LLM.chat(tools=...): the bundled template renders none, so a system message lists them."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    params = SamplingParams(temperature=0, max_tokens=1)
+    out = bundled_llm.chat(messages, params, tools=[TOOL])[0]
+    prompt = bundled_llm.tokenizer.decode(out.prompt_token_ids)
+    assert "You can call the following functions" in prompt and '"get_weather"' in prompt
+    plain = bundled_llm.chat(messages, params)[0]
+    assert len(plain.prompt_token_ids) < len(out.prompt_token_ids)
