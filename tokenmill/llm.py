@@ -138,7 +138,7 @@ class LLM:
         use = tool_use(tools, "none", None, detect_format(template), max_tools=len(tools or []))
         prompts: list[Prompt] = []
         for conversation in conversations:
-            rendered = list(conversation)  # type: ignore[arg-type]
+            rendered: list[dict[str, Any]] = list(conversation)  # type: ignore[arg-type]
             if use is not None:
                 rendered = use.template_messages(rendered)
             text = render_chat(
