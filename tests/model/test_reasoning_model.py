@@ -35,7 +35,9 @@ def thinking_model_dir(tmp_path_factory: pytest.TempPathFactory, bundled_gguf_pa
 
     gguf = Path(bundled_gguf_path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    # added tokens that are not special, as Qwen3's and DeepSeek-R1's tokenizers have them:
+    # they stay in the decoded text, where the server splits the thought off
+    tokenizer.add_tokens(["<think>", "</think>"], special_tokens=False)
     tokenizer.chat_template = R1_TEMPLATE
     directory = tmp_path_factory.mktemp("tiny-thinking")
     config = AutoConfig.for_model(
@@ -125,3 +127,43 @@ def test_a_thought_the_model_opens_then_a_tool_call(thinking_model_dir):
     parsed = parse(answer.replace("<|im_end|>", ""), HERMES, final=True)
     assert [c.name for c in parsed.calls] == ["pick"], answer
     jsonschema.validate(json.loads(parsed.calls[0].arguments), SCHEMA)
+
+
+def test_the_server_streams_the_thought_and_the_answer_as_its_whole_response(
+    thinking_model_dir,
+):
+    """Over HTTP on a real engine of this model: reasoning_content (a budget of 5), then a
+    JSON answer; the streamed reasoning and content deltas add up to the whole response."""
+    import asyncio
+
+    from tests.unit.fake_engine import client_for, make_app, sse_events
+    from tokenmill.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(_llm(thinking_model_dir).engine)
+    body = {
+        "messages": [{"role": "user", "content": "Pick a digit."}],
+        "max_tokens": 60, "temperature": 0, "thinking_token_budget": 5,
+        "guided_json": SCHEMA, "guided_whitespace_pattern": "",  # no whitespace loops
+    }  # fmt: skip
+
+    async def main() -> tuple[dict[str, Any], str]:
+        await engine.start()
+        try:
+            async with client_for(make_app(engine)) as client:
+                whole = (await client.post("/v1/chat/completions", json=body)).json()
+                streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})
+                return whole, streamed.text
+        finally:
+            await engine.shutdown()
+
+    whole, stream = asyncio.run(main())
+    message = whole["choices"][0]["message"]
+    assert message["reasoning_content"] and message["reasoning"] == message["reasoning_content"]
+    assert whole["choices"][0]["finish_reason"] == "stop", whole
+    jsonschema.validate(json.loads(message["content"]), SCHEMA)
+    reasoning = content = ""
+    for event in sse_events(stream)[:-1]:
+        for choice in json.loads(event)["choices"]:
+            reasoning += choice["delta"].get("reasoning_content") or ""
+            content += choice["delta"].get("content") or ""
+    assert (reasoning, content) == (message["reasoning_content"], message["content"])
