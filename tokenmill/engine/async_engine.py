@@ -198,11 +198,7 @@ class AsyncEngine:
         aborts the request and frees its KV blocks. A constrained request's grammar is
         compiled (or given, already compiled) before it reaches the engine thread.
         """
-        if not self.is_alive:
-            raise EngineDeadError("the engine is not running")
-        if self._cut is not None:
-            raise self._cut
-        self.check_capacity()
+        self._check_open()
         outputs: asyncio.Queue[AnyOutput | BaseException] = asyncio.Queue()
         finished = False
         self._num_submitting += 1

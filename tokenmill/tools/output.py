@@ -30,3 +30,28 @@ def partial_suffix(text: str, marker: str) -> int:
         if marker.startswith(text[-size:]):
             return size
     return 0
+
+
+def closing_bracket(text: str, start: int, depth: int = 0) -> int | None:
+    """The index in `text` (from `start`, `depth` brackets already open) where the brackets
+    ((), [], {}) close back to depth 0, skipping double-quoted strings; None if the text ends
+    first."""
+    in_string = escaped = False
+    for i in range(start, len(text)):
+        char = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return None

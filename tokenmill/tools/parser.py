@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from tokenmill.tools import pythonic
 from tokenmill.tools.formats import ToolCallFormat
-from tokenmill.tools.output import ParsedCall, ParsedOutput, partial_suffix
+from tokenmill.tools.output import ParsedCall, ParsedOutput, closing_bracket, partial_suffix
 
 
 def parse(text: str, fmt: ToolCallFormat, final: bool) -> ParsedOutput:
@@ -75,26 +75,8 @@ def _not_a_call(calls: list[ParsedCall]) -> int:
 
 def _object_end(text: str, start: int) -> int | None:
     """The end (exclusive) of the JSON object at text[start], None if the text ends first."""
-    depth = 0
-    in_string = escaped = False
-    for i in range(start, len(text)):
-        char = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
-            depth += 1
-        elif char in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+    close = closing_bracket(text, start)
+    return None if close is None else close + 1
 
 
 def new_call_id() -> str:

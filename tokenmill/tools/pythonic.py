@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any
 
-from tokenmill.tools.output import ParsedCall, ParsedOutput, partial_suffix
+from tokenmill.tools.output import ParsedCall, ParsedOutput, closing_bracket, partial_suffix
 
 _CALL_START = re.compile(r"\[([A-Za-z_][A-Za-z0-9_.\-]*)\(")
 
@@ -172,7 +172,7 @@ def _parse_list(text: str, start: int, calls: list[ParsedCall]) -> int | None:
         if match is None:
             rest = text[pos:]
             return None if re.fullmatch(r"[A-Za-z0-9_.\-]*", rest) else -1
-        close = _closing_paren(text, match.end())
+        close = closing_bracket(text, match.end(), depth=1)
         if close is None:
             calls.append(ParsedCall(match.group(1)))
             return None
@@ -190,29 +190,6 @@ def _parse_list(text: str, start: int, calls: list[ParsedCall]) -> int | None:
         else:
             calls.pop()
             return -1
-
-
-def _closing_paren(text: str, start: int) -> int | None:
-    """The index of the ")" closing the call whose arguments start at `start`."""
-    depth, in_string, escaped = 1, False, False
-    for i in range(start, len(text)):
-        char = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return None
 
 
 def _arguments_json(call: str) -> str | None:
