@@ -75,6 +75,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
         _wait(uds, uds_log, lambda: unix.get("/health").status_code == 200)
         yield {"https": https, "unix": unix, "tls_log": tls_log}
     finally:
+        https.close()  # first: an open keep-alive connection holds a graceful shutdown up
+        unix.close()
         for process in (tls, uds):
             if process.poll() is None:
                 process.send_signal(signal.SIGINT)
@@ -82,8 +84,6 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     process.kill()
-        https.close()
-        unix.close()
 
 
 def test_a_vllm_command_line_serves_with_each_flags_effect(servers: dict[str, object]) -> None:
