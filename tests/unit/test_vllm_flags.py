@@ -114,11 +114,14 @@ def test_config_yaml_gives_flags_the_command_line_overrides(tmp_path: Path) -> N
     config.write_text(
         "model: some-model\nport: 9001\nmax_num_seqs: 8\nenable-prefix-caching: false\n"
         "served-model-name: [a, b]\ntrust-remote-code: true\n"
+        "enable_request_id_headers: false\nenable-chunked-prefill: false\n"
     )
     argv = with_config_file(["serve", "--config", str(config), "--port", "9002"])
     args = build_parser().parse_args(argv)
     assert (args.model_flag, args.port, args.max_num_seqs) == ("some-model", 9002, 8)
     assert args.enable_prefix_caching is False and args.served_model_name == ["a", "b"]
+    # a switch without a --no- form, off: its default; with one: that form
+    assert args.enable_request_id_headers is False and args.vllm_enable_chunked_prefill is False
     assert check_vllm_flags(args)  # trust-remote-code: its warning
     with pytest.raises(StartupError, match="cannot read --config"):
         with_config_file(["serve", "--config", str(tmp_path / "missing.yaml")])

@@ -122,6 +122,7 @@ def with_config_file(argv: list[str]) -> list[str]:
         raise StartupError(f"cannot read --config {path}: {exc}") from None
     if not isinstance(config, dict):
         raise StartupError(f"--config {path} must map flag names to values")
+    known = {o for p in _all_parsers(build_parser()) for a in p._actions for o in a.option_strings}
     flags: list[str] = []
     for key, value in config.items():
         name = str(key).replace("_", "-")
@@ -129,8 +130,9 @@ def with_config_file(argv: list[str]) -> list[str]:
             flags += ["--model", str(value)]
         elif value is True:
             flags.append(f"--{name}")
-        elif value is False:
-            flags.append(f"--no-{name}") if name.startswith("enable-") else None
+        elif value is False:  # a switch off: its --no- form where it has one, else its default
+            if f"--no-{name}" in known:
+                flags.append(f"--no-{name}")
         elif isinstance(value, list):
             flags += [f"--{name}", *(str(v) for v in value)]
         elif value is not None:
