@@ -72,7 +72,8 @@ async def create_infill(server: CompletionServer, body: InfillRequest) -> Respon
         async for _, output in outputs:
             final = output
     assert final is not None and final.outputs
-    result = _final_result(server, body, model, final, final.outputs[0])
+    prompt = await _prompt_text(server, body, final)
+    result = _final_result(server, body, model, final, final.outputs[0], prompt)
     return JSONResponse(_select_fields(result, body.response_fields))
 
 
@@ -135,12 +136,21 @@ def _stop_type(seq: CompletionOutput) -> str:
     return "none"
 
 
+async def _prompt_text(server: CompletionServer, body: InfillRequest, output: RequestOutput) -> str:
+    """The whole FIM prompt as text, decoded in the tokenizer thread, when the response has it."""
+    fields = body.response_fields
+    if fields is not None and not any(f.split("/")[0] == "prompt" for f in fields):
+        return ""
+    return await server.run_blocking(server.engine.tokenizer.decode, list(output.prompt_token_ids))
+
+
 def _final_result(
     server: CompletionServer,
     body: InfillRequest,
     model: str,
     output: RequestOutput,
     seq: CompletionOutput,
+    prompt: str,
     content: str | None = None,
 ) -> dict[str, Any]:
     """llama.cpp's response object (and its stream's last event)."""
@@ -171,7 +181,7 @@ def _final_result(
             "n_ctx": server.engine.max_model_len,
             "model": model,
         },
-        "prompt": server.engine.tokenizer.decode(prompt_ids),
+        "prompt": prompt,
         "has_new_line": "\n" in seq.text,
         "truncated": False,
         "stop_type": _stop_type(seq),
@@ -206,29 +216,28 @@ async def _stream(
 ) -> AsyncIterator[str]:
     """One event per engine step with new text ({content, tokens, stop: false}), then the
     whole result with stop: true and empty content, as llama.cpp streams (no [DONE])."""
-    num_chars = num_tokens = 0
+    tracker = server.tracker(inputs)
     prompt_len = len(inputs[0].prompt_token_ids)
     final: RequestOutput | None = None
     async with aclosing(server.generate(inputs, request_id)) as outputs:
-        async for _, output in outputs:
+        async for i, output in outputs:
             final = output
-            seq = output.outputs[0]
-            text, tokens = seq.text[num_chars:], seq.token_ids[num_tokens:]
-            num_chars, num_tokens = len(seq.text), len(seq.token_ids)
-            if text:
-                yield _event(
-                    {
-                        "index": 0,
-                        "content": text,
-                        "tokens": list(tokens),
-                        "stop": False,
-                        "id_slot": -1,
-                        "tokens_predicted": num_tokens,
-                        "tokens_evaluated": prompt_len,
-                    }
-                )
+            for delta in tracker.update(i, output):
+                if delta.text:
+                    yield _event(
+                        {
+                            "index": 0,
+                            "content": delta.text,
+                            "tokens": delta.new_token_ids,
+                            "stop": False,
+                            "id_slot": -1,
+                            "tokens_predicted": len(delta.output.token_ids),
+                            "tokens_evaluated": prompt_len,
+                        }
+                    )
     assert final is not None and final.outputs
-    result = _final_result(server, body, model, final, final.outputs[0], content="")
+    prompt = await _prompt_text(server, body, final)
+    result = _final_result(server, body, model, final, final.outputs[0], prompt, content="")
     yield _event(_select_fields(result, body.response_fields))
 
 
