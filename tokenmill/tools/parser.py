@@ -15,13 +15,22 @@ from dataclasses import dataclass
 
 from tokenmill.tools import pythonic
 from tokenmill.tools.formats import ToolCallFormat
-from tokenmill.tools.output import ParsedCall, ParsedOutput, closing_bracket, partial_suffix
+from tokenmill.tools.output import (
+    BracketScan,
+    ParsedCall,
+    ParsedOutput,
+    closing_bracket,
+    partial_suffix,
+)
 
 
-def parse(text: str, fmt: ToolCallFormat, final: bool) -> ParsedOutput:
-    """Content and calls of `text` (an output so far; `final`: all of it)."""
+def parse(
+    text: str, fmt: ToolCallFormat, final: bool, scans: dict[int, BracketScan] | None = None
+) -> ParsedOutput:
+    """Content and calls of `text` (an output so far; `final`: all of it). `scans`: a
+    stream's unfinished argument scans, resumed on its next (longer) snapshot."""
     if fmt.pythonic:
-        return pythonic.parse(text, final)
+        return pythonic.parse(text, final, scans)
     out = ParsedOutput("")
     pos = 0
     while True:
@@ -31,7 +40,7 @@ def parse(text: str, fmt: ToolCallFormat, final: bool) -> ParsedOutput:
             out.content += tail if final else tail[: len(tail) - partial_suffix(tail, fmt.trigger)]
             return out
         out.content += text[pos:start]
-        end = _parse_call(text, start, fmt, out.calls)
+        end = _parse_call(text, start, fmt, out.calls, scans)
         if end is None:  # the call runs to the end of the text (still arriving, or cut off)
             return out
         if end < 0:  # not a call after all (only without a constraint): the trigger is text
@@ -39,9 +48,16 @@ def parse(text: str, fmt: ToolCallFormat, final: bool) -> ParsedOutput:
             pos = start + len(fmt.trigger)
             continue
         pos = end
+        out.settle(pos)
 
 
-def _parse_call(text: str, start: int, fmt: ToolCallFormat, calls: list[ParsedCall]) -> int | None:
+def _parse_call(
+    text: str,
+    start: int,
+    fmt: ToolCallFormat,
+    calls: list[ParsedCall],
+    scans: dict[int, BracketScan] | None,
+) -> int | None:
     """Parse the call at `start`; appends it (complete or not) to `calls`. Returns the end of
     the call, None when the text ends inside it, -1 when the text there is not a call."""
     rest = text[start:]
@@ -58,7 +74,7 @@ def _parse_call(text: str, start: int, fmt: ToolCallFormat, calls: list[ParsedCa
     between = text[name_end:args_start]
     if between != fmt.middle:
         return None if fmt.middle.startswith(between) else _not_a_call(calls)
-    args_end = _object_end(text, args_start)
+    args_end = _object_end(text, args_start, scans)
     call.arguments = text[args_start : len(text) if args_end is None else args_end]
     if args_end is None:
         return None
@@ -73,9 +89,9 @@ def _not_a_call(calls: list[ParsedCall]) -> int:
     return -1
 
 
-def _object_end(text: str, start: int) -> int | None:
+def _object_end(text: str, start: int, scans: dict[int, BracketScan] | None) -> int | None:
     """The end (exclusive) of the JSON object at text[start], None if the text ends first."""
-    close = closing_bracket(text, start)
+    close = closing_bracket(text, start, scans=scans)
     return None if close is None else close + 1
 
 
@@ -101,10 +117,25 @@ class ToolCallStream:
         self._content = 0  # characters of content sent
         self._sent: list[int] = []  # per call begun: characters of its arguments sent
         self.ids: list[str] = []
-        self.num_calls = 0
+        # what is settled (parse's resume point): each snapshot is parsed from there on only
+        self._settled = ParsedOutput("")
+        self._scans: dict[int, BracketScan] = {}  # the unfinished call's, by its start in the tail
+
+    @property
+    def num_calls(self) -> int:
+        return len(self._sent)
 
     def update(self, text: str, final: bool) -> tuple[str, list[CallDelta]]:
-        parsed = parse(text, self.fmt, final)
+        settled = self._settled
+        tail = parse(text[settled.resume :], self.fmt, final, self._scans)
+        parsed = ParsedOutput(settled.content + tail.content, settled.calls + tail.calls)
+        if tail.resume:
+            self._settled = ParsedOutput(
+                settled.content + tail.content[: tail.resume_content],
+                settled.calls + tail.calls[: tail.resume_calls],
+                resume=settled.resume + tail.resume,
+            )
+            self._scans.clear()  # positions in the next tail start from the new resume point
         content = parsed.message_content(final)
         new_content = content[self._content :]
         self._content = len(content)
@@ -119,5 +150,4 @@ class ToolCallStream:
             elif len(call.arguments) > self._sent[index]:
                 deltas.append(CallDelta(index, call.arguments[self._sent[index] :]))
                 self._sent[index] = len(call.arguments)
-        self.num_calls = len(self._sent)
         return new_content, deltas

@@ -16,9 +16,16 @@ import json
 import re
 from typing import Any
 
-from tokenmill.tools.output import ParsedCall, ParsedOutput, closing_bracket, partial_suffix
+from tokenmill.tools.output import (
+    BracketScan,
+    ParsedCall,
+    ParsedOutput,
+    closing_bracket,
+    partial_suffix,
+)
 
 _CALL_START = re.compile(r"\[([A-Za-z_][A-Za-z0-9_.\-]*)\(")
+_CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_.\-]*)\(")
 
 _LITERALS = r"""
 py_value ::= py_string | py_number | py_bool | py_none | py_list | py_dict
@@ -133,7 +140,7 @@ def _literal(value: Any) -> str:
     return json.dumps(text)
 
 
-def parse(text: str, final: bool) -> ParsedOutput:
+def parse(text: str, final: bool, scans: dict[int, BracketScan] | None = None) -> ParsedOutput:
     """Content and calls of `text`: call lists `[name(...), ...]` where a call starts; each
     call whole (its arguments as JSON) once its closing parenthesis arrives."""
     out = ParsedOutput("")
@@ -145,7 +152,7 @@ def parse(text: str, final: bool) -> ParsedOutput:
             out.content += tail if final else tail[: len(tail) - _held(tail)]
             return out
         out.content += text[pos : match.start()]
-        end = _parse_list(text, match.start(), out.calls)
+        end = _parse_list(text, match.start(), out.calls, scans)
         if end is None:
             return out
         if end < 0:  # not a call list after all: its bracket is text
@@ -153,6 +160,7 @@ def parse(text: str, final: bool) -> ParsedOutput:
             pos = match.start() + 1
             continue
         pos = end
+        out.settle(pos)
 
 
 def _held(tail: str) -> int:
@@ -163,16 +171,18 @@ def _held(tail: str) -> int:
     return partial_suffix(tail, "[")
 
 
-def _parse_list(text: str, start: int, calls: list[ParsedCall]) -> int | None:
+def _parse_list(
+    text: str, start: int, calls: list[ParsedCall], scans: dict[int, BracketScan] | None
+) -> int | None:
     """Parse the call list at text[start] ("["); appends its complete calls (and a started
     one, by name). Returns its end, None when the text ends inside it, -1 if it is not one."""
     pos = start + 1
     while True:
-        match = re.compile(r"([A-Za-z_][A-Za-z0-9_.\-]*)\(").match(text, pos)
+        match = _CALL.match(text, pos)
         if match is None:
             rest = text[pos:]
             return None if re.fullmatch(r"[A-Za-z0-9_.\-]*", rest) else -1
-        close = closing_bracket(text, match.end(), depth=1)
+        close = closing_bracket(text, match.end(), depth=1, scans=scans)
         if close is None:
             calls.append(ParsedCall(match.group(1)))
             return None
