@@ -152,6 +152,7 @@ class LLMEngine:
         """n sequences (best_of when larger), each with its own matcher of `grammar`; only
         the first scores the prompt."""
         num = 1 if params.max_tokens == 0 else params.num_sequences
+        in_thought = self.reasoning is not None and self.reasoning.prompt_in_thought(prompt)
         sequences = []
         for index in range(num):
             child_params = _child_params(params, index)
@@ -165,7 +166,7 @@ class LLMEngine:
             if self.reasoning is not None:
                 request.thought = Thought(
                     self.reasoning,
-                    self.reasoning.prompt_in_thought(prompt),
+                    in_thought,
                     request.matcher,
                     child_params.thinking_token_budget,
                 )

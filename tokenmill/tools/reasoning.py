@@ -80,9 +80,16 @@ def split_reasoning(
 
 
 def _last_index(items: Sequence[int], part: Sequence[int]) -> int:
+    """Where `part` last starts in `items` (-1: nowhere); list.index finds the candidates in C."""
     if not part:
         return -1
-    for i in range(len(items) - len(part), -1, -1):
-        if tuple(items[i : i + len(part)]) == tuple(part):
-            return i
-    return -1
+    backwards, size, found = list(items)[::-1], len(part), 0
+    while True:
+        try:
+            found = backwards.index(part[-1], found)
+        except ValueError:
+            return -1
+        start = len(items) - found - size
+        if start >= 0 and tuple(items[start : start + size]) == tuple(part):
+            return start
+        found += 1
