@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.errors import InvalidRequestError
 
 # DeepSeek-R1 style: earlier answers lose their thoughts, the prompt ends inside an open one
 R1_TEMPLATE = (
@@ -86,6 +87,8 @@ def test_the_thought_is_free_the_answer_constrained_and_the_budget_kept(thinking
 def test_reasoning_parser_none_turns_it_off(thinking_model_dir):
     llm = _llm(thinking_model_dir, reasoning_parser="none")
     assert llm.engine.reasoning is None
+    with pytest.raises(InvalidRequestError, match="thinking_token_budget"):  # never ignored
+        llm.generate("x", SamplingParams(max_tokens=2, thinking_token_budget=3))
     params = SamplingParams(temperature=0, max_tokens=8, structured_outputs={"json": SCHEMA})
     ids = llm.chat([{"role": "user", "content": "x"}], params)[0].outputs[0].token_ids
     text = llm.tokenizer.decode(ids, skip_special_tokens=True)

@@ -21,7 +21,7 @@ from tokenmill.engine.outputs import (
 from tokenmill.engine.pooling import PoolingGroup, check_dimensions
 from tokenmill.engine.request import Request
 from tokenmill.engine.thought import Thought
-from tokenmill.errors import ModelLoadError
+from tokenmill.errors import InvalidRequestError, ModelLoadError
 from tokenmill.pooling_params import PoolerConfig, PoolingParams
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
@@ -97,6 +97,12 @@ class LLMEngine:
         """
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already running")
+        if params.thinking_token_budget is not None and self.reasoning is None:
+            raise InvalidRequestError(
+                "thinking_token_budget needs a reasoning model (its chat template has no "
+                "<think> markers; or set reasoning_parser)",
+                param="thinking_token_budget",
+            )
         params = params.resolve_bad_words(self.tokenizer.encode)
         item = self.input_processor.validate(prompt_token_ids, params, priority=priority)
         prompt = item.prompt_token_ids
