@@ -172,3 +172,15 @@ def check_unsupported_fields(request: Any) -> None:
     for name, unused in _UNUSED.items():
         if getattr(request, name, None) not in unused:
             raise InvalidRequestError(f"{name} is not supported by tokenmill yet", param=name)
+
+
+def prompt_list(prompt: Any, param: str) -> list[Any]:
+    """A prompt field (a text, token ids, or a list of either) as its list of prompts; an
+    empty list is a 400 naming `param`."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequestError(f"{param} must not be empty", param=param)
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return list(prompt)

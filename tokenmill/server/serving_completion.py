@@ -27,6 +27,7 @@ from tokenmill.server.protocol import (
 from tokenmill.server.serving_base import (
     ServingBase,
     check_unsupported_fields,
+    prompt_list,
     usage_in_chunks,
 )
 from tokenmill.server.sse import EventStreamResponse, sse_event
@@ -177,7 +178,7 @@ class CompletionServer(ServingBase):
         suffix_ids = encode(request.suffix or "")
         extra_ids = fim.extra_context(extras.files, encode)
         middle_ids = encode(extras.middle) if extras.middle else []
-        prompts = _prompt_list(request.prompt)
+        prompts = prompt_list(request.prompt, "prompt")  # an empty text: an empty prefix
         inputs, texts = [], []
         for item in prompts:
             if isinstance(item, str):
@@ -214,15 +215,11 @@ class CompletionServer(ServingBase):
         self, request: CompletionRequest, params: SamplingParams, grammar: CompiledGrammar | None
     ) -> tuple[list[EngineInput], list[str]]:
         """Each prompt tokenized and validated, and its text (runs in the tokenizer thread)."""
-        tokenizer, prompt = self.engine.tokenizer, request.prompt
-        if not prompt:
+        tokenizer = self.engine.tokenizer
+        if request.prompt == "":
             raise InvalidRequestError("prompt must not be empty", param="prompt")
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if isinstance(prompt[0], int):
-            prompt = [prompt]
         inputs, texts = [], []
-        for item in prompt:
+        for item in prompt_list(request.prompt, "prompt"):
             if isinstance(item, str):
                 ids = tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
             else:
@@ -351,14 +348,3 @@ def _prompt_part(output: RequestOutput) -> tuple[list[int], list[PositionLogprob
     ids = list(output.prompt_token_ids)
     entries = list(output.prompt_logprobs or [None] * len(ids))
     return ids, entries
-
-
-def _prompt_list(prompt: str | list[Any]) -> list[str | list[int]]:
-    """The request's prompts; with a suffix an empty prompt is an empty prefix."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise InvalidRequestError("prompt must not be an empty list", param="prompt")
-    if isinstance(prompt[0], int):
-        return [list(prompt)]
-    return list(prompt)

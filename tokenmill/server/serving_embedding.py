@@ -13,7 +13,6 @@ import torch
 from starlette.responses import JSONResponse, Response
 
 from tokenmill.engine.outputs import PoolingRequestOutput
-from tokenmill.errors import InvalidRequestError
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.server.limits import check_prompt_limits
 from tokenmill.server.protocol import PromptTokensDetails, UsageInfo
@@ -25,7 +24,7 @@ from tokenmill.server.protocol_pooling import (
     PoolingData,
     PoolingResponse,
 )
-from tokenmill.server.serving_base import ServingBase
+from tokenmill.server.serving_base import ServingBase, prompt_list
 from tokenmill.server.serving_chat import ChatServer
 
 logger = logging.getLogger(__name__)
@@ -76,15 +75,8 @@ class EmbeddingServer(ServingBase):
         """Each input as token ids (text tokenized in the tokenizer thread)."""
         if isinstance(request, EmbeddingChatRequest):
             return [await self.chat.prompt_token_ids(request)]  # type: ignore[arg-type]
-        given = request.input
-        check_prompt_limits(given, self.settings.limits)
-        items: list[Any] = (
-            [given]
-            if isinstance(given, str) or (given and isinstance(given[0], int))
-            else list(given)
-        )
-        if not items:
-            raise InvalidRequestError("input must not be empty", param="input")
+        check_prompt_limits(request.input, self.settings.limits)
+        items = prompt_list(request.input, "input")
         tokenizer = self.engine.tokenizer
 
         def encode() -> list[list[int]]:
