@@ -40,8 +40,6 @@ from tokenmill.tokenizer.fim import (
     leading_special_ids,
 )
 
-_UNSET: Any = object()
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FimExtras:
@@ -56,20 +54,14 @@ class FimExtras:
 class CompletionServer(ServingBase):
     """Serves the legacy Completions API (and fill-in-the-middle: `suffix`, /infill)."""
 
-    _fim: Any = _UNSET
-
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        _ = self.fim_tokens  # read the vocabulary now, not on the event loop later
-
-    @property
-    def fim_tokens(self) -> FimTokens | None:
-        """The model's FIM markers (found in its vocabulary once), or None."""
-        if self._fim is _UNSET:
-            get_vocab = getattr(self.engine.tokenizer.hf, "get_vocab", None)
-            self._fim = None if get_vocab is None else detect_fim(get_vocab())
-        fim: FimTokens | None = self._fim
-        return fim
+        # read from the tokenizer once, now (not on the event loop later): the model's FIM
+        # markers (None: not a FIM model) and the special tokens its encoding starts with
+        tokenizer = self.engine.tokenizer
+        get_vocab = getattr(tokenizer.hf, "get_vocab", None)
+        self.fim_tokens: FimTokens | None = None if get_vocab is None else detect_fim(get_vocab())
+        self._leading_ids = leading_special_ids(tokenizer.encode)
 
     def require_fim(self, param: str) -> FimTokens:
         """The model's FIM markers; a 400 naming `param` when it has none."""
@@ -174,7 +166,7 @@ class CompletionServer(ServingBase):
         def encode(text: str) -> list[int]:
             return tokenizer.encode(text, add_special_tokens=False)
 
-        leading = leading_special_ids(tokenizer.encode) if request.add_special_tokens else []
+        leading = self._leading_ids if request.add_special_tokens else []
         suffix_ids = encode(request.suffix or "")
         extra_ids = fim.extra_context(extras.files, encode)
         middle_ids = encode(extras.middle) if extras.middle else []
