@@ -9,11 +9,10 @@ class TokenmillError(Exception):
     status_code = 500
     error_type = "internal_server_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code
 
 
 class InvalidRequestError(TokenmillError):
@@ -48,7 +47,7 @@ class OverloadedError(ServiceUnavailableError):
     """Too many requests are waiting; the client should retry later (HTTP 503 + Retry-After)."""
 
     def __init__(self, message: str, *, retry_after_s: int = 1):
-        super().__init__(message, code="overloaded")
+        super().__init__(message)
         self.retry_after_s = retry_after_s
 
 

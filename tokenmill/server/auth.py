@@ -35,8 +35,7 @@ def key_matches(authorization: str | None, keys: tuple[str, ...]) -> bool:
 
 def auth_error() -> AuthenticationError:
     return AuthenticationError(
-        "invalid or missing API key; send it as `Authorization: Bearer <key>`",
-        code="invalid_api_key",
+        "invalid or missing API key; send it as `Authorization: Bearer <key>`"
     )
 
 

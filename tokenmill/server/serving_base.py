@@ -61,9 +61,7 @@ class ServingBase:
         if name is None:
             return names[0]
         if name not in names:
-            raise NotFoundError(
-                f"The model `{name}` does not exist.", param="model", code="model_not_found"
-            )
+            raise NotFoundError(f"The model `{name}` does not exist.", param="model")
         return name
 
     def check_alive(self) -> None:

@@ -61,7 +61,7 @@ async def create_infill(server: CompletionServer, body: InfillRequest) -> Respon
         inputs, _ = await server.to_engine_inputs(to_completion_request(body), extras)
     except InvalidRequestError as exc:
         param = _PARAM_NAMES.get(exc.param or "", exc.param)
-        raise InvalidRequestError(exc.message, param=param, code=exc.code) from exc
+        raise InvalidRequestError(exc.message, param=param) from exc
     server.check_admission()
     request_id = f"infill-{uuid.uuid4().hex}"
     server.log_request(request_id, inputs)
