@@ -243,7 +243,7 @@ class InfillRequest(OpenAIBaseModel):
     repeat_penalty: float = 1.0
     ignore_eos: bool = False
     return_tokens: bool = False
-    cache_prompt: bool = True  # false: this request neither uses nor feeds the prefix cache
+    cache_prompt: bool = True  # false: a salt of its own; no cached prefix shared with others
     response_fields: list[str] | None = None  # keep only these (a/b: b of a, renamed b)
     spm_infill: bool = False  # suffix-prefix-middle order (llama.cpp's server flag, per request)
 
