@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from tokenmill.tokenizer.detokenizer import partial_suffix as partial_suffix  # re-exported
+
 
 @dataclass(slots=True)
 class ParsedCall:
@@ -36,14 +38,6 @@ class ParsedOutput:
         if final and not self.calls:
             return self.content
         return self.content.rstrip()
-
-
-def partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that `marker` starts with (a marker arriving)."""
-    for size in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
 
 
 _SIGNIFICANT = re.compile(r'["\\()\[\]{}]')  # what a bracket scan must look at
