@@ -11,7 +11,8 @@ from tqdm import tqdm
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
-from tokenmill.errors import RequestFailedError
+from tokenmill.errors import InvalidRequestError, RequestFailedError
+from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
@@ -47,7 +48,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in input order.
 
-        A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
+        A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...};
+        a dict may add {"multi_modal_data": {"image": PIL image or a list of them}}, one per
+        image placeholder of the prompt (a vision model's, e.g. "<image>").
         `priority`: one per prompt, lower first (needs scheduling_policy="priority").
         """
         batch = _as_prompt_list(prompts)
@@ -61,9 +64,12 @@ class LLM:
         results: dict[str, RequestOutput | PoolingRequestOutput] = {}
         for prompt, p, rank in zip(batch, params, priorities, strict=True):
             text, token_ids = self._tokenize(prompt)
+            token_ids, images = self._with_images(prompt, token_ids)
             request_id = str(next(self._ids))
             request_ids.append(request_id)
-            immediate = self.engine.add_request(request_id, token_ids, p, priority=rank)
+            immediate = self.engine.add_request(
+                request_id, token_ids, p, priority=rank, images=images
+            )
             if immediate is not None:
                 results[request_id] = immediate
             self._prompts[request_id] = text
@@ -152,6 +158,22 @@ class LLM:
             )
             prompts.append({"prompt": text, "add_special_tokens": False})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _with_images(
+        self, prompt: Prompt, token_ids: list[int]
+    ) -> tuple[list[int], tuple[ImageInput, ...]]:
+        """The prompt's image placeholders expanded with its multi_modal_data images."""
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        if not data:
+            return token_ids, ()
+        unknown = set(data) - {"image"}
+        if unknown:
+            raise ValueError(f"multi_modal_data takes 'image'; got {sorted(unknown)}")
+        images = data["image"] if isinstance(data["image"], list) else [data["image"]]
+        processor = self.engine.image_processor
+        if processor is None:
+            raise InvalidRequestError("this model does not accept images", param="multi_modal_data")
+        return processor.expand(token_ids, images, "multi_modal_data")
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

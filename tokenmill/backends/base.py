@@ -41,5 +41,6 @@ class Backend:
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         ctx: ForwardContext,
+        inputs_embeds: torch.Tensor | None = None,  # [T, C]: instead of embedding input_ids
     ) -> torch.Tensor:  # hidden [T, C]
-        return model(input_ids, positions, ctx)
+        return model(input_ids, positions, ctx, inputs_embeds)

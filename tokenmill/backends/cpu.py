@@ -188,15 +188,22 @@ class CpuBackend(Backend):
             model.lm_head = TransposedHead(weight)
 
     def forward(
-        self, model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+        self,
+        model: CausalLM,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: ForwardContext,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         meta = ctx.meta
-        if isinstance(meta, PagedMetadata) and meta.num_decodes == len(input_ids):
+        decodes_only = isinstance(meta, PagedMetadata) and meta.num_decodes == len(input_ids)
+        if decodes_only and inputs_embeds is None:
+            assert isinstance(meta, PagedMetadata)
             layers = self._fused_layers(model, ctx.kv_caches, meta.block_size)
             if layers is not None:
                 x = model.embed_input_ids(input_ids)
                 return x + layers(x, positions, meta.slot_mapping, meta.row_tables, meta.row_lens)
-        return model(input_ids, positions, ctx)
+        return model(input_ids, positions, ctx, inputs_embeds)
 
     @property
     def fused_layers(self) -> decode_step.DecodeLayers | None:
@@ -253,8 +260,14 @@ def _kernel_projection(linear: nn.Module) -> decode_step.Projection | None:
 
 
 def _linears(model: CausalLM | nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every nn.Linear of the model with its path, the output projection included."""
-    return [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Every nn.Linear of the model with its path, the output projection included; not
+    those under the model's `unpacked_modules` (a vision encoder, run as it is)."""
+    skip = tuple(f"{name}." for name in getattr(model, "unpacked_modules", ()))
+    return [
+        (path, m)
+        for path, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not path.startswith(skip)
+    ]
 
 
 def _replace(model: CausalLM | nn.Module, path: str, module: nn.Module) -> None:

@@ -25,6 +25,7 @@ from tokenmill.engine.client import EngineStats
 from tokenmill.engine.llm_engine import AnyOutput, LLMEngine
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.errors import OverloadedError, RequestFailedError, ServiceUnavailableError
+from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
@@ -191,6 +192,7 @@ class AsyncEngine:
         cache_salt: str | None = None,
         grammar: CompiledGrammar | None = None,
         priority: int = 0,
+        images: tuple[ImageInput, ...] = (),
     ) -> AsyncGenerator[RequestOutput]:
         """Yield a cumulative RequestOutput after every step that changed the request.
 
@@ -211,7 +213,13 @@ class AsyncEngine:
                 self._queues[request_id] = outputs
                 immediate = await self._call(
                     lambda: self.engine.add_request(
-                        request_id, prompt_token_ids, params, cache_salt, grammar, priority
+                        request_id,
+                        prompt_token_ids,
+                        params,
+                        cache_salt,
+                        grammar,
+                        priority,
+                        images,
                     )
                 )
             finally:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from tokenmill.config import SchedulingPolicy
 from tokenmill.errors import InvalidRequestError
+from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
@@ -21,6 +22,7 @@ class EngineInput:
     grammar: CompiledGrammar | None = None  # params.structured_outputs, compiled
     cache_salt: str | None = None  # the request's prefix-cache tenant
     priority: int = 0  # lower runs first under the priority scheduling policy
+    images: tuple[ImageInput, ...] = ()  # the prompt's images, at their (truncated) positions
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,7 @@ class InputProcessor:
         grammar: CompiledGrammar | None = None,
         cache_salt: str | None = None,
         priority: int = 0,
+        images: tuple[ImageInput, ...] = (),
     ) -> EngineInput:
         """Every check: the params, then the prompt. `prompt_param` names the prompt in errors."""
         self.check_params(params)
@@ -60,6 +63,7 @@ class InputProcessor:
             grammar=grammar,
             cache_salt=cache_salt,
             priority=priority,
+            images=images,
         )
 
     def check_params(self, params: SamplingParams) -> None:
@@ -78,15 +82,22 @@ class InputProcessor:
         grammar: CompiledGrammar | None = None,
         cache_salt: str | None = None,
         priority: int = 0,
+        images: tuple[ImageInput, ...] = (),
     ) -> EngineInput:
         """The prompt as the engine will run it (its last truncate_prompt_tokens tokens): not
         empty, within the context, every token id in the vocabulary."""
         prompt = params.truncate_prompt(list(prompt_token_ids))
         self._check_prompt(prompt, params, prompt_param)
+        if images:
+            images = _images_after_truncation(images, len(prompt_token_ids) - len(prompt))
+            if params.use_beam_search:
+                raise InvalidRequestError(
+                    "beam search does not take images yet", param="use_beam_search"
+                )
         if self.fit_max_tokens and params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt))
         self.check_priority(priority)
-        return EngineInput(prompt, params, grammar, cache_salt, priority)
+        return EngineInput(prompt, params, grammar, cache_salt, priority, images)
 
     def check_priority(self, priority: int) -> None:
         """A priority other than 0 needs the priority scheduling policy (as vLLM)."""
@@ -152,6 +163,22 @@ class InputProcessor:
                 param=prompt_param,
             )
         self.check_token_ids(prompt, prompt_param)
+
+
+def _images_after_truncation(
+    images: tuple[ImageInput, ...], dropped: int
+) -> tuple[ImageInput, ...]:
+    """The images at their positions once the first `dropped` prompt tokens are cut; an
+    image the cut would split or remove is a 400."""
+    if dropped == 0:
+        return images
+    if images[0].offset < dropped:
+        raise InvalidRequestError(
+            f"truncate_prompt_tokens would cut the prompt's first image (it starts at token "
+            f"{images[0].offset}; {dropped} tokens are cut)",
+            param="truncate_prompt_tokens",
+        )
+    return tuple(image.moved(-dropped) for image in images)
 
 
 def _runs_in_engine(params: SamplingParams) -> bool:

@@ -25,18 +25,34 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from tokenmill.engine.request import Request
+from tokenmill.multimodal.inputs import hashes_in
 
 BlockHash = bytes
 NO_BLOCK = 0  # a freed block's place in a block table: a valid id, never read
 
 
 def hash_block(
-    parent: BlockHash | None, token_ids: list[int], salt: str | None = None
+    parent: BlockHash | None,
+    token_ids: list[int],
+    salt: str | None = None,
+    images: tuple[str, ...] = (),
 ) -> BlockHash:
-    """SHA-256 over the parent hash and the block's token ids: collisions are infeasible."""
+    """SHA-256 over the parent hash, the block's token ids and the hashes of the images
+    whose tokens lie in it (their placeholder tokens alone do not tell two images apart):
+    collisions are infeasible."""
     digest = hashlib.sha256(parent or (salt or "").encode())
     digest.update(array("q", token_ids).tobytes())
+    for image in images:
+        digest.update(image.encode())
     return digest.digest()
+
+
+def _block_hash(request: Request, parent: BlockHash | None, index: int, size: int) -> BlockHash:
+    """The chained hash of the request's block `index` (full blocks only)."""
+    start = index * size
+    tokens = request.token_ids[start : start + size]
+    images = hashes_in(request.images, start, start + size) if request.images else ()
+    return hash_block(parent, tokens, request.cache_salt, images)
 
 
 @dataclass(slots=True, eq=False)
@@ -153,7 +169,7 @@ class KVCacheManager:
         parent: BlockHash | None = None
         for i in range(max_blocks):
             tokens = request.token_ids[i * self.block_size : (i + 1) * self.block_size]
-            parent = hash_block(parent, tokens, request.cache_salt)
+            parent = _block_hash(request, parent, i, self.block_size)
             block = self.pool.lookup(parent, tokens)
             if block is None:
                 break
@@ -206,7 +222,7 @@ class KVCacheManager:
         for i in range(len(entry.hashes), num_full):
             parent = entry.hashes[-1] if entry.hashes else None
             tokens = request.token_ids[i * self.block_size : (i + 1) * self.block_size]
-            block_hash = hash_block(parent, tokens, request.cache_salt)
+            block_hash = _block_hash(request, parent, i, self.block_size)
             entry.hashes.append(block_hash)
             block = entry.blocks[i]
             if block is not None:  # (blocks are freed only once computed and registered)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ from tokenmill.engine.pooling import PoolingGroup, check_dimensions
 from tokenmill.engine.request import Request
 from tokenmill.engine.thought import Thought
 from tokenmill.errors import InvalidRequestError, ModelLoadError
+from tokenmill.model.registry import model_class
+from tokenmill.model.source import ModelSource
+from tokenmill.model.vision import VisionLanguageModel
+from tokenmill.multimodal.inputs import ImageInput
+from tokenmill.multimodal.processor import ImageProcessor
 from tokenmill.pooling_params import PoolerConfig, PoolingParams
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
@@ -30,6 +36,8 @@ from tokenmill.tokenizer.chat_template import resolve_chat_template
 from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
 from tokenmill.tokenizer.tokenizer import Tokenizer
 from tokenmill.tools.reasoning import ReasoningMarkers, detect_reasoning
+
+logger = logging.getLogger(__name__)
 
 Group = RequestGroup | BeamGroup | PoolingGroup
 AnyOutput = RequestOutput | PoolingRequestOutput
@@ -60,6 +68,8 @@ class LLMEngine:
         self.reasoning = _reasoning_markers(
             config.structured_outputs.reasoning_parser, self.tokenizer
         )
+        # a vision model's own processor: expands image placeholders (None: text only)
+        self.image_processor = _image_processor(self.core.source)
         self._groups: dict[str, Group] = {}
         self._group_of: dict[str, Group] = {}  # engine request id -> its group
 
@@ -87,13 +97,15 @@ class LLMEngine:
         cache_salt: str | None = None,
         grammar: CompiledGrammar | None = None,
         priority: int = 0,
+        images: tuple[ImageInput, ...] = (),
     ) -> RequestOutput | None:
         """Validate and queue a request; returns a finished output at once when there is
         nothing to run.
 
         `grammar` is params.structured_outputs compiled (AsyncEngine compiles it off the
         engine thread); without it, a constrained request is compiled here, blocking.
-        `priority`: lower runs first under the priority scheduling policy.
+        `priority`: lower runs first under the priority scheduling policy. `images`: the
+        prompt's images (ImageProcessor.expand), whose tokens are in the prompt.
         """
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -104,7 +116,9 @@ class LLMEngine:
                 param="thinking_token_budget",
             )
         params = params.resolve_bad_words(self.tokenizer.encode)
-        item = self.input_processor.validate(prompt_token_ids, params, priority=priority)
+        item = self.input_processor.validate(
+            prompt_token_ids, params, priority=priority, images=images
+        )
         prompt = item.prompt_token_ids
         if params.max_tokens == 0 and params.prompt_logprobs is None:
             return RequestGroup(request_id, prompt, params, []).snapshot()
@@ -115,7 +129,7 @@ class LLMEngine:
             group = self._make_beam_group(request_id, prompt, params, cache_salt, priority)
         else:
             group = self._make_request_group(
-                request_id, prompt, params, cache_salt, grammar, priority
+                request_id, prompt, params, cache_salt, grammar, priority, item.images
             )
         self._groups[request_id] = group
         return None
@@ -154,6 +168,7 @@ class LLMEngine:
         cache_salt: str | None,
         grammar: CompiledGrammar | None,
         priority: int = 0,
+        images: tuple[ImageInput, ...] = (),
     ) -> RequestGroup:
         """n sequences (best_of when larger), each with its own matcher of `grammar`; only
         the first scores the prompt."""
@@ -167,6 +182,7 @@ class LLMEngine:
             if child_params.prompt_logprobs is not None:  # every position must be computed
                 salt = f"{cache_salt or ''}\0prompt-logprobs\0{child_id}"
             request = self._new_request(child_id, prompt, child_params, salt, priority)
+            request.images = images
             if grammar is not None:
                 request.matcher = grammar.new_matcher()
             if self.reasoning is not None:
@@ -378,6 +394,15 @@ def _pooler_config(value: dict[str, Any] | None, model_path: str) -> PoolerConfi
         return PoolerConfig.of_model(path if path.is_dir() else None)
     except (ValueError, OSError) as e:
         raise ModelLoadError(f"pooler config: {e}") from None
+
+
+def _image_processor(source: ModelSource) -> ImageProcessor | None:
+    """The processor of a model that takes images (its class encodes them), else None."""
+    if not issubclass(model_class(source.hf_config), VisionLanguageModel):
+        return None
+    processor = ImageProcessor(source.path, source.hf_config, source.tokenizer)
+    logger.info("images: %s, placeholder %s", processor.name, processor.placeholder)
+    return processor
 
 
 def _reasoning_markers(parser: str | None, tokenizer: Tokenizer) -> ReasoningMarkers | None:

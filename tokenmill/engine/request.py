@@ -12,6 +12,7 @@ from tokenmill.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from tokenmill.engine.thought import Thought
+    from tokenmill.multimodal.inputs import ImageInput
     from tokenmill.structured.interface import GrammarMatcher
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class Request:
     # thinking, the end marker once the budget is spent, the constraint after)
     thought: Thought | None = None
     pooled: Any = None
+    # the prompt's images, in prompt order: their encoder rows replace the embeddings of
+    # their image tokens, and their hashes key the prefix-cache blocks they touch
+    images: tuple[ImageInput, ...] = ()
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

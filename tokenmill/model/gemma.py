@@ -131,9 +131,13 @@ class Gemma3ForCausalLM(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:  # [T] -> [T, C]
-        x = self.embed_input_ids(input_ids)
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        ctx: ForwardContext,
+        inputs_embeds: torch.Tensor | None = None,  # [T, C]: instead of embedding input_ids
+    ) -> torch.Tensor:  # [T, C]
+        x = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
         full = self.rotary.cos_sin_for(positions, x.dtype)
         local = self.local_rotary.cos_sin_for(positions, x.dtype)
         residual: torch.Tensor | None = None

@@ -43,7 +43,11 @@ class CausalLM(Protocol):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # [T] -> [T, C]
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: ForwardContext,
+        inputs_embeds: torch.Tensor | None = None,  # [T, C] instead of embed_input_ids(input_ids)
     ) -> torch.Tensor: ...  # [T] -> hidden [T, C] before the final norm
 
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor: ...  # [N, C] after final norm
@@ -63,7 +67,11 @@ class CausalLM(Protocol):
     def parameters(self) -> Iterable[nn.Parameter]: ...
     def get_submodule(self, target: str) -> nn.Module: ...
     def __call__(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: ForwardContext,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 

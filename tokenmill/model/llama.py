@@ -153,9 +153,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:  # [T] -> [T, C]
-        x = self.embed_input_ids(input_ids)
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        ctx: ForwardContext,
+        inputs_embeds: torch.Tensor | None = None,  # [T, C]: instead of embedding input_ids
+    ) -> torch.Tensor:  # [T, C]
+        x = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
         rotary = self.rotary.cos_sin_for(positions, x.dtype)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, ctx.kv_caches, strict=True):

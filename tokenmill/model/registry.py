@@ -11,8 +11,10 @@ from tokenmill.model.gemma import (
     Gemma3ForConditionalGeneration,
 )
 from tokenmill.model.granite import GraniteForCausalLM
+from tokenmill.model.idefics3 import Idefics3ForConditionalGeneration
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.llava import LlavaForConditionalGeneration
 from tokenmill.model.mixtral import MixtralForCausalLM
 from tokenmill.model.phi3 import Phi3ForCausalLM
 from tokenmill.model.qwen2 import Qwen2ForCausalLM
@@ -25,7 +27,9 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,  # its language model
     "GraniteForCausalLM": GraniteForCausalLM,
+    "Idefics3ForConditionalGeneration": Idefics3ForConditionalGeneration,  # SmolVLM too
     "LlamaForCausalLM": LlamaForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "MistralForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,

@@ -37,7 +37,7 @@ def load_model(
 ) -> CausalLM:
     """The model with the checkpoint's weights in `dtype` on `device`, in eval mode; its
     rotary tables for sequences of up to max_model_len tokens (None: the model's own)."""
-    with torch.device("meta"), _skip_init():
+    with torch.device("meta"), skip_init():
         model = cls(source.hf_config)
     module: torch.nn.Module = model  # type: ignore[assignment]
     module.to_empty(device=device)
@@ -51,7 +51,7 @@ def load_model(
 
 
 @contextlib.contextmanager
-def _skip_init() -> Iterator[None]:
+def skip_init() -> Iterator[None]:
     """No random initialization while the model is built on the meta device: the values do
     not exist and the checkpoint replaces them. Besides the time, this keeps torch from
     importing torch._dynamo (nn.init.normal_ on a meta tensor goes through a decomposition

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.sample.interface import SamplingRequest
 from tokenmill.sample.logprobs import PositionLogprobs
 
@@ -21,6 +22,7 @@ class SequenceState(SamplingRequest, Protocol):
 
     # "LAST" | "MEAN" | "CLS": an embedding request, pooled instead of sampled; else None
     pooling_type: str | None
+    images: tuple[ImageInput, ...]  # the prompt's images (their tokens take encoder rows)
 
     def prompt_logprob_positions(self, start: int, num_tokens: int) -> range: ...
 

@@ -11,9 +11,21 @@ from tokenmill.backends.base import Backend
 from tokenmill.layers.attention import ScheduledChunk, StepLayout
 from tokenmill.layers.ops import ForwardContext, KVCache
 from tokenmill.model.interface import CausalLM
+from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.sample.logprobs import PromptChunk, prompt_logprobs
 from tokenmill.sample.sampler import Sampler
+from tokenmill.worker.encoder_cache import EncoderCache
 from tokenmill.worker.inputs import ModelOutput, ScheduledSequence, SequenceState
+
+
+@dataclass(slots=True)
+class ImageRows:
+    """The part of an image a prefill chunk holds: which of its encoder rows go to which
+    rows of the batch."""
+
+    image: ImageInput
+    selected: torch.Tensor  # [num_embeds] bool: its rows whose positions are in the chunk
+    batch_rows: torch.Tensor  # [selected.sum()] long: where they go in the batch
 
 
 @dataclass(slots=True)
@@ -28,6 +40,7 @@ class Batch:
     prompt_chunks: list[PromptChunk]  # chunks of sequences that want prompt logprobs
     pool_chunks: list[ScheduledChunk]  # chunks of embedding requests (parallel to pooling)
     pooling: list[SequenceState]
+    images: list[ImageRows]  # image tokens of the prefill chunks, from the vision encoder
 
 
 class ModelRunner:
@@ -44,6 +57,8 @@ class ModelRunner:
     ):
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
         self.sampler, self.block_size, self.device = sampler, block_size, device
+        embed_images = getattr(model, "embed_images", None)
+        self.encoder_cache = EncoderCache(model) if embed_images is not None else None  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
@@ -97,7 +112,18 @@ class ModelRunner:
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """The hidden states [T, C] of every row of the batch, through the backend."""
-        return self.backend.forward(self.model, batch.input_ids, batch.positions, batch.ctx)
+        embeds = self.input_embeddings(batch) if batch.images else None
+        return self.backend.forward(self.model, batch.input_ids, batch.positions, batch.ctx, embeds)
+
+    def input_embeddings(self, batch: Batch) -> torch.Tensor:
+        """The token embeddings [T, C] with the image tokens' rows from the vision encoder."""
+        assert self.encoder_cache is not None, "images reached a model without a vision encoder"
+        encoded = self.encoder_cache.rows([part.image for part in batch.images])
+        embeds = self.model.embed_input_ids(batch.input_ids)
+        for part in batch.images:
+            rows = encoded[part.image.hash][part.selected.to(self.device)]
+            embeds[part.batch_rows.to(self.device)] = rows.to(embeds.dtype)
+        return embeds
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> Batch:
         decodes = [s for s in scheduled if s.is_decode]
@@ -111,6 +137,7 @@ class ModelRunner:
         prompt_chunks: list[PromptChunk] = []
         pool_chunks: list[ScheduledChunk] = []
         pooling: list[SequenceState] = []
+        images: list[ImageRows] = []
         bs = self.block_size
         for item in items:
             request, start, n, table = (
@@ -124,6 +151,8 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             chunks.append(ScheduledChunk(row, start, n, table))
+            if request.images and not item.is_decode:
+                images.extend(_image_rows(request.images, row, start, n))
             if request.pooling_type is not None:  # an embedding: pooled, never sampled
                 pool_chunks.append(chunks[-1])
                 pooling.append(request)
@@ -157,7 +186,19 @@ class ModelRunner:
             prompt_chunks=prompt_chunks,
             pool_chunks=pool_chunks,
             pooling=pooling,
+            images=images,
         )
+
+
+def _image_rows(images: tuple[ImageInput, ...], row: int, start: int, n: int) -> list[ImageRows]:
+    """The image tokens of a chunk (positions [start, start + n) at batch row `row`)."""
+    parts = []
+    for image in images:
+        if image.overlaps(start, start + n):
+            selected = (image.positions >= start) & (image.positions < start + n)
+            if bool(selected.any()):
+                parts.append(ImageRows(image, selected, image.positions[selected] - start + row))
+    return parts
 
 
 def _prompt_chunk(request: SequenceState, row: int, start: int, n: int) -> PromptChunk:

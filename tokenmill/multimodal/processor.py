@@ -1,0 +1,114 @@
+"""ImageProcessor: a vision model's own Hugging Face processor, one image at a time.
+
+The chat template (or an offline prompt) puts one placeholder per image, e.g. "<image>";
+the model's processor (transformers' `AutoProcessor`, PIL image backends) turns an image
+into the tokens that replace it (LLaVA: N image tokens; Idefics3: tiles of image tokens
+between row/column markers; Qwen2.5-VL: one pad per merged patch) and the encoder's inputs.
+Processing each image alone and splicing its expansion at its placeholder gives the same
+tokens as the processor over the whole text: placeholders and markers are special tokens,
+which the tokenizer never merges with their neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokenmill.errors import InvalidRequestError, ModelLoadError
+from tokenmill.multimodal.inputs import ImageInput
+from tokenmill.tokenizer.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def image_token_id(hf_config: dict[str, Any]) -> int | None:
+    """The token whose embeddings a vision model replaces with image features, if it has one."""
+    value = hf_config.get("image_token_id", hf_config.get("image_token_index"))
+    return int(value) if isinstance(value, int) else None
+
+
+class ImageProcessor:
+    """Expands a prompt's image placeholders with the model's own processor."""
+
+    def __init__(self, path: str, hf_config: dict[str, Any], tokenizer: Tokenizer):
+        from transformers import AutoProcessor
+
+        token_id = image_token_id(hf_config)
+        if token_id is None:
+            raise ModelLoadError("the vision model's config names no image_token_id")
+        try:
+            self.hf = AutoProcessor.from_pretrained(path, local_files_only=True)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"cannot load the image processor in {path}: {reason}") from exc
+        if getattr(self.hf, "image_processor", None) is None:
+            raise ModelLoadError(f"{path} has no image processor (preprocessor_config.json)")
+        self.image_token_id = token_id
+        # what the chat template writes for one image (Qwen2.5-VL: its pad token)
+        self.placeholder: str = getattr(self.hf, "image_token", None) or "<image>"
+        ids = tokenizer.encode(self.placeholder, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ModelLoadError(f"the image placeholder {self.placeholder!r} is not one token")
+        self.placeholder_id = ids[0]
+        self.name = f"{type(self.hf).__name__} ({type(self.hf.image_processor).__name__})"
+
+    def expand(
+        self, prompt_ids: list[int], images: list[Image], param: str
+    ) -> tuple[list[int], tuple[ImageInput, ...]]:
+        """The prompt with each placeholder replaced by its image's tokens, and the images."""
+        slots = [i for i, t in enumerate(prompt_ids) if t == self.placeholder_id]
+        if len(slots) != len(images):
+            raise InvalidRequestError(
+                f"the prompt has {len(slots)} image placeholders ({self.placeholder}) for "
+                f"{len(images)} images",
+                param=param,
+            )
+        out: list[int] = []
+        inputs = []
+        prev = 0
+        for slot, image in zip(slots, images, strict=True):
+            out.extend(prompt_ids[prev:slot])
+            expansion, data = self._process(image, param)
+            offset = len(out)
+            rows = [offset + i for i, t in enumerate(expansion) if t == self.image_token_id]
+            inputs.append(
+                ImageInput(_content_hash(image), data, offset, len(expansion), torch.tensor(rows))
+            )
+            out.extend(expansion)
+            prev = slot + 1
+        out.extend(prompt_ids[prev:])
+        return out, tuple(inputs)
+
+    def _process(self, image: Image, param: str) -> tuple[list[int], dict[str, torch.Tensor]]:
+        try:
+            out = self.hf(
+                text=self.placeholder, images=[image], return_tensors="pt",
+                add_special_tokens=False,
+            )  # fmt: skip
+        except Exception as exc:  # the processor refuses the image (e.g. too small to tile)
+            raise InvalidRequestError(f"cannot process the image: {exc}", param=param) from exc
+        expansion = [int(t) for t in out["input_ids"][0].tolist()]
+        data = {k: v for k, v in out.items() if k not in _TEXT_KEYS}
+        return expansion, data
+
+
+def _content_hash(image: Image) -> str:
+    """SHA-256 over the decoded pixels: the same picture in PNG and WebP is the same image."""
+    digest = hashlib.sha256(f"{image.mode}:{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def has_processor(path: str) -> bool:
+    """Whether a model directory ships an image processor config."""
+    directory = Path(path)
+    return directory.is_dir() and any(
+        (directory / name).is_file()
+        for name in ("preprocessor_config.json", "processor_config.json")
+    )
