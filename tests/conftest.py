@@ -71,3 +71,96 @@ def tiny_hf_model_dir(
         return directory
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_model_dir(
+    tmp_path_factory: pytest.TempPathFactory, bundled_gguf_path: str
+) -> Callable[[str], Path]:
+    """Factory: a tiny random vision model saved by transformers with its real processor
+    (transformers' PIL image backends) and the bundled SmolLM2 tokenizer plus the family's
+    image tokens; one directory per family, made once.
+
+    make("llava" | "idefics3") -> Path. LLaVA: CLIP tower (32 px, 8 px patches: 16 image
+    tokens, vision_feature_layer -2 without CLS), MLP projector, Llama. Idefics3 (SmolVLM):
+    SigLIP-style tower, pixel shuffle by 2 (4 tokens a tile), images split into 32 px tiles
+    (up to 2x2) plus a global image, Llama.
+    """
+    made: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in made:
+            made[family] = _save_vision_model(
+                family, tmp_path_factory.mktemp(f"tiny-{family}"), Path(bundled_gguf_path)
+            )
+        return made[family]
+
+    return make
+
+
+def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
+    import transformers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if family == "llava":
+        extra = ["<image>"]
+    else:
+        rows_cols = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+        extra = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
+        extra += rows_cols
+    tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    # the images before the text of their message (as the families' own templates do)
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    torch.manual_seed(0)
+    if family == "llava":
+        config = transformers.LlavaConfig(
+            vision_config=transformers.CLIPVisionConfig(projection_dim=32, **vision),
+            text_config=text, image_token_id=image_id, vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )  # fmt: skip
+        model: Any = transformers.LlavaForConditionalGeneration(config)
+        image_processor = transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
+        processor: Any = transformers.LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+            vision_feature_select_strategy="default", chat_template=template,
+            num_additional_image_tokens=1,
+        )  # fmt: skip
+    else:
+        config = transformers.Idefics3Config(
+            vision_config=transformers.Idefics3VisionConfig(**vision).to_dict(),
+            text_config=text.to_dict(), image_token_id=image_id, scale_factor=2,
+        )  # fmt: skip
+        model = transformers.Idefics3ForConditionalGeneration(config)
+        image_processor = transformers.Idefics3ImageProcessorPil(
+            size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+        )
+        processor = transformers.Idefics3Processor(
+            image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+            chat_template=template,
+        )  # fmt: skip
+    with torch.no_grad():  # norms start at exactly 1; make every tensor distinguishable
+        for param in model.parameters():
+            param.normal_(0, 0.5)
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(str(directory))
+    processor.save_pretrained(str(directory))
+    return directory
