@@ -72,6 +72,7 @@ class FakeAsyncEngine:
     vocab_size = 258
     scheduling_policy = "fcfs"
     reasoning_markers = None
+    image_processor = None
 
     def __init__(self, chat_template: str | None = CHATML, delay: float = 0.0):
         self.tokenizer = Tokenizer(ByteTokenizer(), [1], chat_template, "<s>", "</s>")
@@ -123,6 +124,7 @@ class FakeAsyncEngine:
         cache_salt: str | None = None,
         grammar: Any = None,
         priority: int = 0,
+        images: tuple = (),
     ) -> AsyncIterator[RequestOutput]:
         self.requests.append((prompt_token_ids, params, request_id))
         self.cache_salts.append(cache_salt)

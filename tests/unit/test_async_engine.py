@@ -53,6 +53,7 @@ class StubEngine:
     max_model_len = 32
     sampling_defaults: dict[str, Any] = {}
     reasoning = None
+    image_processor = None
 
     def __init__(self, num_tokens: int = 3) -> None:
         self.shut_down = False

@@ -102,7 +102,9 @@ def test_a_hash_collision_is_never_a_hit(monkeypatch):
     """Even if two blocks' hashes collided, a hit must hold the request's own tokens."""
     import tokenmill.engine.kv_cache as kv_cache
 
-    monkeypatch.setattr(kv_cache, "hash_block", lambda parent, tokens, salt=None: b"same")
+    monkeypatch.setattr(
+        kv_cache, "hash_block", lambda parent, tokens, salt=None, images=(): b"same"
+    )
     kv = KVCacheManager(num_blocks=8, block_size=BS)
     first = make_request("a", [1, 2, 3, 4, 5])
     assert kv.allocate(first, 5)

@@ -142,9 +142,9 @@ def test_meta_build_skips_init_and_does_not_import_dynamo() -> None:
     nanobind bindings print ~30 lines of leak warnings at exit."""
     code = (
         "import sys, torch\n"
-        "from tokenmill.model.weights import _skip_init\n"
+        "from tokenmill.model.weights import skip_init\n"
         "normal = torch.nn.init.normal_\n"
-        "with torch.device('meta'), _skip_init():\n"
+        "with torch.device('meta'), skip_init():\n"
         "    torch.nn.Embedding(10, 4); torch.nn.Linear(4, 4)\n"
         "assert torch.nn.init.normal_ is normal\n"
         "print('torch._dynamo' in sys.modules, 'triton' in sys.modules)\n"

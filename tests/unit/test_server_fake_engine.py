@@ -244,7 +244,7 @@ async def test_chat_input_errors(client: httpx.AsyncClient) -> None:
     r = await client.post(
         "/v1/chat/completions", json={"messages": [{"role": "user", "content": [image]}]}
     )
-    assert "does not accept images" in assert_error(r, 400, "messages.0.content")
+    assert "does not accept images" in assert_error(r, 400, "messages.0.content.0")
     bad = {
         "messages": [{"role": "user", "content": "q"}],
         "chat_template": "{{ raise_exception('nope') }}",

@@ -110,6 +110,7 @@ class AsyncEngine:
         self.vocab_size = engine.core.vocab_size
         self.sampling_defaults: dict[str, Any] = dict(engine.sampling_defaults)
         self.reasoning_markers = engine.reasoning
+        self.image_processor = engine.image_processor
         self.structured_outputs: StructuredOutputManager = engine.structured_outputs
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[AnyOutput | BaseException]] = {}

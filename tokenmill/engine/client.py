@@ -9,6 +9,8 @@ from typing import Any, Protocol
 from tokenmill.config import SchedulingPolicy
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.errors import ServiceUnavailableError
+from tokenmill.multimodal.inputs import ImageInput
+from tokenmill.multimodal.processor import ImageProcessor
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
@@ -61,6 +63,11 @@ class EngineClient(Protocol):
         ...
 
     @property
+    def image_processor(self) -> ImageProcessor | None:
+        """A vision model's processor (expands image placeholders); None: text only."""
+        ...
+
+    @property
     def sampling_defaults(self) -> dict[str, Any]:
         """SamplingParams field -> the model's default for requests that leave it unset."""
         ...
@@ -95,6 +102,7 @@ class EngineClient(Protocol):
         cache_salt: str | None = None,
         grammar: CompiledGrammar | None = None,
         priority: int = 0,
+        images: tuple[ImageInput, ...] = (),
     ) -> AsyncIterator[RequestOutput]:
         """Cumulative snapshots of one request, the last one finished; closing the iterator
         early aborts the request."""

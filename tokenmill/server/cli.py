@@ -231,6 +231,15 @@ def _add_server_flags(g: argparse._ArgumentGroup) -> None:
         "template; none = off)",
     )  # fmt: skip
     g.add_argument(
+        "--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
+        help="hosts whose http(s) image URLs the server may fetch (default: none; data: URLs "
+        "always work); addresses that are not public are refused whatever the name",
+    )  # fmt: skip
+    g.add_argument(
+        "--limit-mm-per-prompt", type=_mm_limits, default=None, metavar="JSON",
+        help='most images one request may carry, as vLLM: \'{"image": 4}\' (default: 16)',
+    )  # fmt: skip
+    g.add_argument(
         "--served-model-name", nargs="+", default=None, metavar="NAME",
         help="name(s) clients send as `model`; the first is reported in responses "
         "(default: the MODEL argument)",
@@ -407,6 +416,34 @@ def _tool_call_parser(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _image_limit(args: argparse.Namespace) -> dict[str, int]:
+    """RequestLimits' max_images from --limit-mm-per-prompt, where it names images."""
+    limits = args.limit_mm_per_prompt or {}
+    return {"max_images": limits["image"]} if "image" in limits else {}
+
+
+def _mm_limits(value: str) -> dict[str, int]:
+    """--limit-mm-per-prompt: '{"image": N}' (JSON, as vLLM; 'image=N' too). Other
+    modalities are not supported, so their limit can only be 0."""
+    limits: dict[str, Any] = (
+        dict(parse_json_object(value))
+        if value.lstrip().startswith("{")
+        else dict(item.split("=", 1) for item in value.split(",") if "=" in item)
+    )
+    out = {}
+    for key, count in limits.items():
+        try:
+            number = int(count)  # a JSON number or the text after "="
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{key}: {count!r} is not a count") from None
+        if number < 0:
+            raise argparse.ArgumentTypeError(f"{key}: {number} is negative")
+        if key != "image" and number > 0:
+            raise argparse.ArgumentTypeError(f"{key} inputs are not supported (only image)")
+        out[key] = number
+    return out
+
+
 class StartupError(Exception):
     """A reason the server cannot start, said in one line."""
 
@@ -448,6 +485,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _server_settings(args: argparse.Namespace) -> ServerSettings:
+    from tokenmill.multimodal.media import MediaPolicy
     from tokenmill.server.limits import RequestLimits
     from tokenmill.server.settings import ServerSettings
 
@@ -475,7 +513,14 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
     scheme = "https" if args.ssl_certfile else "http"
     address = f"{scheme}://{_url_host(args.host)}:{args.port}{args.root_path}"
     return ServerSettings(
-        limits=RequestLimits(max_logprobs=args.max_logprobs),
+        limits=RequestLimits(max_logprobs=args.max_logprobs, **_image_limit(args)),
+        media=MediaPolicy(
+            allowed_domains=(
+                frozenset(d.lower() for d in args.allowed_media_domains)
+                if args.allowed_media_domains
+                else None
+            )
+        ),
         served_model_names=[],
         api_key=args.api_key or ([env_key] if env_key else None),
         allowed_origins=args.allowed_origins,

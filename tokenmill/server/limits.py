@@ -69,6 +69,7 @@ class RequestLimits:
     # tools in one chat request (OpenAI's cap); their JSON counts in max_input_chars, and each
     # parameters schema is held to max_json_schema_depth
     max_tools: int = 128
+    max_images: int = 16  # image parts in one chat request (--limit-mm-per-prompt)
 
     # -- chat template rendering (templates are untrusted code) ------------------------------
     max_template_seconds: float = MAX_RENDER_SECONDS  # wall time of one render: 2 s

@@ -303,11 +303,19 @@ class CompletionStreamResponse(ResponseModel):
 # ---------------------------------------------------------------------------------------
 
 
+class ImageURL(OpenAIBaseModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the processor decides
+
+
 class ChatContentPart(OpenAIBaseModel):
     """One part of an array content: {"type": "text", "text": ...}, image_url, input_audio, ..."""
 
     type: str
     text: str | None = None
+    image_url: ImageURL | str | None = (
+        None  # "image_url" parts: {"url": "data:..." | "https://..."}
+    )
 
 
 class ChatMessage(OpenAIBaseModel):

@@ -12,6 +12,7 @@ from tokenmill.engine.client import EngineClient
 from tokenmill.engine.input_processor import EngineInput, InputProcessor
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import streams
 from tokenmill.server.choices import ChoiceTracker
@@ -121,6 +122,7 @@ class ServingBase:
         grammar: CompiledGrammar | None = None,
         cache_salt: str | None = None,
         priority: int = 0,
+        images: tuple[ImageInput, ...] = (),
     ) -> EngineInput:
         """One prompt validated (params already checked); max_tokens None fills the context."""
         return self.input_processor.validate_prompt(
@@ -130,6 +132,7 @@ class ServingBase:
             grammar=grammar,
             cache_salt=cache_salt,
             priority=priority,
+            images=images,
         )
 
     def log_request(self, request_id: str, inputs: list[EngineInput]) -> None:

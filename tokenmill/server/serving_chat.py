@@ -7,13 +7,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse, Response
 
 from tokenmill.engine.input_processor import EngineInput
 from tokenmill.engine.outputs import PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
+from tokenmill.multimodal.inputs import ImageInput
+from tokenmill.multimodal.media import load_images
 from tokenmill.server.chat_output import ChatOutput
 from tokenmill.server.choices import ChoiceDelta
 from tokenmill.server.limits import RequestLimits, check_chat_limits
@@ -24,9 +26,11 @@ from tokenmill.server.protocol import (
     ChatCompletionResponseChoice,
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
+    ChatContentPart,
     ChatMessage,
     ChatResponseMessage,
     DeltaMessage,
+    ImageURL,
     TokenizeChatRequest,
 )
 from tokenmill.server.serving_base import (
@@ -35,9 +39,12 @@ from tokenmill.server.serving_base import (
     usage_in_chunks,
 )
 from tokenmill.server.sse import EventStreamResponse, sse_event
-from tokenmill.tokenizer.chat_template import render_chat
+from tokenmill.tokenizer.chat_template import render_chat, template_reads_parts
 from tokenmill.tools.formats import detect_format, format_named
 from tokenmill.tools.request import ToolUse, tool_use
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 _IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 _AUDIO_PARTS = frozenset({"input_audio", "audio_url", "audio"})
@@ -87,13 +94,14 @@ class ChatServer(ServingBase):
                     param="tool_choice",
                 )
             params = dataclasses.replace(params, structured_outputs=use.constraint())
-        prompt_token_ids = await self.prompt_token_ids(request, use)  # checks the message limits
+        prompt_token_ids, images = await self.render_prompt(request, use)  # checks the limits
         grammar = await self.compile_grammar(params)
         return [
             self.to_engine_input(
-                prompt_token_ids, params, "messages", grammar, request.cache_salt, request.priority
+                prompt_token_ids, params, "messages", grammar, request.cache_salt,
+                request.priority, images,
             )
-        ]
+        ]  # fmt: skip
 
     def tool_use(self, request: ChatPromptRequest) -> ToolUse | None:
         """The request's tools, checked, with the tool-call syntax of the template it uses."""
@@ -122,10 +130,19 @@ class ChatServer(ServingBase):
             include_reasoning=request.include_reasoning,
         )
 
-    async def prompt_token_ids(
+    async def prompt_token_ids(self, request: ChatPromptRequest) -> list[int]:
+        """The rendered, tokenized conversation of a request that takes no images
+        (embeddings)."""
+        prompt, images = await self.render_prompt(request)
+        if images:
+            raise InvalidRequestError("embeddings of images are not supported", param="messages")
+        return prompt
+
+    async def render_prompt(
         self, request: ChatPromptRequest, use: ToolUse | None = None
-    ) -> list[int]:
-        """Render the conversation (and its tools) and tokenize it, in the tokenizer thread."""
+    ) -> tuple[list[int], tuple[ImageInput, ...]]:
+        """Render the conversation (and its tools) and tokenize it, in the tokenizer thread;
+        a vision model's image parts fetched and expanded into its image tokens."""
         check_chat_limits(request, self.settings.limits)
         if request.continue_final_message and request.add_generation_prompt:
             raise InvalidRequestError(
@@ -134,12 +151,29 @@ class ChatServer(ServingBase):
             )
         if use is None:
             use = self.tool_use(request)
-        return await self.run_blocking(self._render_and_encode, request, use)
+        processor = self.engine.image_processor
+        template = request.chat_template or self.engine.tokenizer.chat_template
+        as_parts = processor is not None and template_reads_parts(template)
+        messages, urls = to_template_messages(request.messages, as_parts)
+        if urls and processor is None:
+            raise InvalidRequestError("this model does not accept images", param=urls[0][1])
+        if urls and not as_parts:
+            raise InvalidRequestError(
+                "the chat template renders text content only, so it has no place for images",
+                param=urls[0][1],
+            )
+        images = await load_images(urls, self.settings.media, self.settings.limits.max_images)
+        return await self.run_blocking(self._render_and_encode, request, use, messages, images)
 
-    def _render_and_encode(self, request: ChatPromptRequest, use: ToolUse | None) -> list[int]:
+    def _render_and_encode(
+        self,
+        request: ChatPromptRequest,
+        use: ToolUse | None,
+        messages: list[dict[str, Any]],
+        images: list[Image],
+    ) -> tuple[list[int], tuple[ImageInput, ...]]:
         tokenizer, documents = self.engine.tokenizer, request.documents
         template_kwargs = _with_reasoning_effort(request, tokenizer.chat_template)
-        messages = to_template_messages(request.messages)
         if use is not None:
             messages = use.template_messages(messages)
         prompt = render_chat(
@@ -153,7 +187,11 @@ class ChatServer(ServingBase):
             documents=[d.model_dump(exclude_none=True) for d in documents] if documents else None,
             budget=self.settings.limits.render_budget,
         )
-        return tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
+        ids = tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
+        processor = self.engine.image_processor
+        if processor is None:
+            return ids, ()
+        return processor.expand(ids, images, "messages")
 
     async def _collect(
         self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
@@ -259,38 +297,71 @@ class ChatServer(ServingBase):
             yield sse_event(usage_chunk)
 
 
-def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the plain dicts chat templates expect (content always a string)."""
+def to_template_messages(
+    messages: list[ChatMessage], as_parts: bool = False
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Messages as the plain dicts chat templates expect, and the image URLs in order (with
+    the parameter each came from). Content is a string (text parts joined), or with
+    `as_parts` (a vision model's template) a list of {"type": "text", "text": ...} and
+    {"type": "image"} parts."""
     result = []
+    urls: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
         item = {k: v for k, v in message.model_dump(exclude={"content"}).items() if v is not None}
-        item["content"] = _content_text(message.content, i)
+        parts = _content_parts(message.content, i, urls)
+        if as_parts:
+            item["content"] = parts
+        else:
+            item["content"] = "\n".join(p["text"] for p in parts if p["type"] == "text")
         if item["role"] == "developer":  # OpenAI's newer name for system; templates know system
             item["role"] = "system"
         result.append(item)
-    return result
+    return result, urls
 
 
-def _content_text(content: Any, message_index: int) -> str:
-    """A message's text: a string as is, text parts joined by newlines (as vLLM does)."""
+def _content_parts(
+    content: Any, message_index: int, urls: list[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """A message's content as template parts; image parts' URLs appended to `urls`."""
     if content is None:
-        return ""
+        return []
     if isinstance(content, str):
-        return content
-    param = f"messages.{message_index}.content"
-    texts = []
-    for part in content:
+        return [{"type": "text", "text": content}]
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        param = f"messages.{message_index}.content.{j}"
         if part.type in _IMAGE_PARTS:
-            raise InvalidRequestError("this model does not accept images", param=param)
-        if part.type in _AUDIO_PARTS:
+            urls.append((_image_url(part, param), param))
+            parts.append({"type": "image"})
+        elif part.type in _AUDIO_PARTS:
             raise InvalidRequestError("this model does not accept audio", param=param)
-        if part.type != "text" or part.text is None:
+        elif part.type != "text" or part.text is None:
             raise InvalidRequestError(
-                f"unsupported content part type {part.type!r} (expected 'text' with a 'text' field)",
+                f"unsupported content part type {part.type!r} (expected 'text' with a 'text' "
+                "field, or 'image_url')",
                 param=param,
             )
-        texts.append(part.text)
-    return "\n".join(texts)
+        else:
+            parts.append({"type": "text", "text": part.text})
+    return parts
+
+
+def _image_url(part: ChatContentPart, param: str) -> str:
+    """The URL of an image part: {"type": "image_url", "image_url": {"url": ...}} (OpenAI's),
+    or the URL as a string (the Responses API's input_image)."""
+    value = part.image_url
+    url = value.url if isinstance(value, ImageURL) else value
+    if not isinstance(url, str) or not url:
+        raise InvalidRequestError(
+            f'a {part.type} part needs image_url: {{"url": ...}}', param=param
+        )
+    return url
+
+
+def _text_of(content: Any, message_index: int) -> str:
+    """A message's text: a string as is, text parts joined by newlines (as vLLM does)."""
+    parts = _content_parts(content, message_index, [])
+    return "\n".join(p["text"] for p in parts if p["type"] == "text")
 
 
 def _check_chat_options(request: ChatCompletionRequest, limits: RequestLimits) -> None:
@@ -334,7 +405,7 @@ def _echo_text(request: ChatCompletionRequest) -> str:
     last = request.messages[-1]
     if not request.echo or last.role != _response_role(request):
         return ""
-    return _content_text(last.content, len(request.messages) - 1)
+    return _text_of(last.content, len(request.messages) - 1)
 
 
 def _stream_choice(

@@ -10,6 +10,7 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from tokenmill.multimodal.media import MediaPolicy
     from tokenmill.server.limits import RequestLimits
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 2**20  # far above any sane chat request
@@ -19,6 +20,12 @@ def _default_limits() -> RequestLimits:
     from tokenmill.server.limits import RequestLimits  # imports torch (via structured)
 
     return RequestLimits()
+
+
+def _default_media() -> MediaPolicy:
+    from tokenmill.multimodal.media import MediaPolicy  # imports Pillow and httpx
+
+    return MediaPolicy()
 
 
 def default_served_model_names(model: str) -> list[str]:
@@ -55,6 +62,8 @@ class ServerSettings:
     # the tool-call syntax (tokenmill/tools/formats.py; vLLM's --tool-call-parser names);
     # None = found from the chat template
     tool_call_parser: str | None = None
+    # what a request's image URLs may do (http(s) only to --allowed-media-domains)
+    media: MediaPolicy = field(default_factory=_default_media)
 
     @property
     def api_keys(self) -> tuple[str, ...]:

@@ -47,6 +47,7 @@ async def engine_stream(
         cache_salt=item.cache_salt,
         grammar=item.grammar,
         priority=item.priority,
+        images=item.images,
     )
     finished = False
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,12 @@ def _cut_at_tag(text: str) -> str:
     if text[location : location + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
         return text[:location]
     return text[:location].rstrip()  # the template trimmed the message's trailing space
+
+
+_READS_PARTS = re.compile(r"""for\s+\w+\s+in\s+\w+(\[\s*['"]content['"]\s*\]|\.content)""")
+
+
+def template_reads_parts(template: str | None) -> bool:
+    """Whether a chat template loops over a message's content parts (OpenAI's list form, as
+    vision models' templates do) rather than printing it as one string."""
+    return template is not None and _READS_PARTS.search(template) is not None

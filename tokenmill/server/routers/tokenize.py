@@ -28,7 +28,7 @@ async def tokenize(
     server.check_model(body.model)
     tokenizer = server.engine.tokenizer
     if isinstance(body, TokenizeChatRequest):
-        token_ids = await server.prompt_token_ids(body)
+        token_ids, _ = await server.render_prompt(body)  # image tokens counted too
     else:
         check_prompt_limits(body.prompt, server.settings.limits)
         token_ids = await server.run_blocking(
