@@ -197,7 +197,7 @@ class CpuBackend(Backend):
     ) -> torch.Tensor:
         meta = ctx.meta
         decodes_only = isinstance(meta, PagedMetadata) and meta.num_decodes == len(input_ids)
-        if decodes_only and inputs_embeds is None:
+        if decodes_only and inputs_embeds is None and positions.dim() == 1:
             assert isinstance(meta, PagedMetadata)
             layers = self._fused_layers(model, ctx.kv_caches, meta.block_size)
             if layers is not None:

@@ -163,6 +163,51 @@ class RotaryEmbedding(torch.nn.Module):
         return RotaryTables(cos, signed_sin, self.cos_sin, positions)
 
 
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal RoPE (Qwen2-VL, Qwen2.5-VL): a token has three positions (time, height,
+    width; equal for text), and the head's rotary frequencies are split into three sections,
+    each turned by one of them (`mrope_section`, in frequency pairs). Text-only positions [T]
+    give the plain rotary tables."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict[str, Any] | None,
+        mrope_section: list[int],
+    ):
+        super().__init__(head_dim, max_positions, theta, scaling)
+        half = self.rotary_dim // 2
+        if sum(mrope_section) != half:
+            raise ModelLoadError(
+                f"mrope_section {mrope_section} must add up to half the rotary dims ({half})"
+            )
+        self.mrope_section = list(mrope_section)
+        self.axis_of_dim: torch.Tensor | None = None  # [R]: which position turns each dim
+
+    def build(self, device: torch.device, context: int | None = None) -> None:
+        super().build(device, context)
+        axis = [i % 3 for i, n in enumerate(self.mrope_section) for _ in range(n)]
+        self.axis_of_dim = torch.tensor(axis + axis, dtype=torch.long, device=device)
+
+    def cos_sin_for(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+        """positions [T] (text) or [3, T]: the tables of one step, every layer reuses them.
+        With three rows, the tables are built per token: `table` holds the step's rows and
+        `positions` indexes them (0..T-1), which the native kernel reads the same way."""
+        if positions.dim() == 1:
+            return super().cos_sin_for(positions, dtype)
+        assert self.cos_sin is not None and self.axis_of_dim is not None, "build() not called"
+        per_axis = self.cos_sin[positions]  # [3, T, 2, R]
+        axis = self.axis_of_dim.view(1, 1, 1, -1)
+        table = per_axis.gather(0, axis.expand(1, *per_axis.shape[1:]))[0]  # [T, 2, R]
+        cos, sin = table[:, 0].unsqueeze(1).to(dtype), table[:, 1].unsqueeze(1).to(dtype)
+        half = self.rotary_dim // 2
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        rows = torch.arange(table.shape[0], device=positions.device)
+        return RotaryTables(cos, signed_sin, table.contiguous(), rows)
+
+
 class RotaryTables(NamedTuple):
     """cos and sign-adjusted sin, [T, 1, R] each, for one step's positions; the whole
     table and the positions for the native kernel (tokenmill/kernels/layer_ops.c, which

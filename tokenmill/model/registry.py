@@ -18,6 +18,7 @@ from tokenmill.model.llava import LlavaForConditionalGeneration
 from tokenmill.model.mixtral import MixtralForCausalLM
 from tokenmill.model.phi3 import Phi3ForCausalLM
 from tokenmill.model.qwen2 import Qwen2ForCausalLM
+from tokenmill.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from tokenmill.model.qwen2_moe import Qwen2MoeForCausalLM
 from tokenmill.model.qwen3 import Qwen3ForCausalLM
 from tokenmill.model.qwen3_moe import Qwen3MoeForCausalLM
@@ -35,6 +36,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }

@@ -32,9 +32,7 @@ class VisionLanguageModel(LlamaForCausalLM):
     unpacked_modules: ClassVar[tuple[str, ...]] = ("encoder",)
 
     def __init__(self, hf_config: dict[str, Any]):
-        text = hf_config.get("text_config")
-        if not isinstance(text, dict):
-            raise ModelLoadError(f"{type(self).__name__} config is missing 'text_config'")
+        text = hf_config.get("text_config") or hf_config  # older configs: the text at the top
         super().__init__(text)
         self.hf_config = hf_config
         token = hf_config.get("image_token_id", hf_config.get("image_token_index"))

@@ -22,6 +22,9 @@ class ImageInput:
     length: int  # tokens in its expansion (image tokens and the markers between them)
     # prompt positions whose embeddings are the encoder's rows, in row order
     positions: torch.Tensor = field(repr=False)  # [num_embeds] long
+    # Qwen2-VL family: the image's grid of tokens (time, height, width) after merging patches,
+    # which gives its tokens' multimodal rotary positions; None for other models
+    grid: tuple[int, int, int] | None = None
 
     @property
     def num_embeds(self) -> int:
@@ -38,8 +41,9 @@ class ImageInput:
     def moved(self, shift: int) -> ImageInput:
         """The same image `shift` positions later in the prompt (negative: earlier)."""
         return ImageInput(
-            self.hash, self.data, self.offset + shift, self.length, self.positions + shift
-        )
+            self.hash, self.data, self.offset + shift, self.length, self.positions + shift,
+            self.grid,
+        )  # fmt: skip
 
 
 def hashes_in(images: tuple[ImageInput, ...], start: int, end: int) -> tuple[str, ...]:

@@ -34,29 +34,46 @@ def image_token_id(hf_config: dict[str, Any]) -> int | None:
 
 
 class ImageProcessor:
-    """Expands a prompt's image placeholders with the model's own processor."""
+    """Expands a prompt's image placeholders with the model's own processor.
+
+    Two kinds: the model's whole processor (`AutoProcessor`: LLaVA, Idefics3), which expands
+    a placeholder itself; or, for the Qwen2-VL family, its image processor alone (its full
+    processor also loads a video processor, which needs torchvision), where the placeholder
+    (the image token) becomes one image token per merged patch:
+    grid_t * grid_h * grid_w / merge_size**2.
+    """
 
     def __init__(self, path: str, hf_config: dict[str, Any], tokenizer: Tokenizer):
-        from transformers import AutoProcessor
+        from transformers import AutoImageProcessor, AutoProcessor
 
         token_id = image_token_id(hf_config)
         if token_id is None:
             raise ModelLoadError("the vision model's config names no image_token_id")
+        self.image_token_id = token_id
+        self.hf: Any = None
         try:
-            self.hf = AutoProcessor.from_pretrained(path, local_files_only=True)
+            images: Any = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+            self.merge_size: int | None = getattr(images, "merge_size", None)
+            if self.merge_size is None:
+                self.hf = AutoProcessor.from_pretrained(path, local_files_only=True)
+                images = getattr(self.hf, "image_processor", None)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"cannot load the image processor in {path}: {reason}") from exc
-        if getattr(self.hf, "image_processor", None) is None:
+        if images is None:
             raise ModelLoadError(f"{path} has no image processor (preprocessor_config.json)")
-        self.image_token_id = token_id
-        # what the chat template writes for one image (Qwen2.5-VL: its pad token)
-        self.placeholder: str = getattr(self.hf, "image_token", None) or "<image>"
+        self.images = images
+        # what the chat template writes for one image
+        if self.hf is not None:
+            self.placeholder: str = getattr(self.hf, "image_token", None) or "<image>"
+        else:
+            self.placeholder = tokenizer.convert_ids_to_tokens([token_id])[0]
         ids = tokenizer.encode(self.placeholder, add_special_tokens=False)
         if len(ids) != 1:
             raise ModelLoadError(f"the image placeholder {self.placeholder!r} is not one token")
         self.placeholder_id = ids[0]
-        self.name = f"{type(self.hf).__name__} ({type(self.hf.image_processor).__name__})"
+        owner = type(self.hf).__name__ if self.hf is not None else "merged patches"
+        self.name = f"{owner} ({type(images).__name__})"
 
     def expand(
         self, prompt_ids: list[int], images: list[Image], param: str
@@ -74,28 +91,39 @@ class ImageProcessor:
         prev = 0
         for slot, image in zip(slots, images, strict=True):
             out.extend(prompt_ids[prev:slot])
-            expansion, data = self._process(image, param)
+            expansion, data, grid = self._process(image, param)
             offset = len(out)
             rows = [offset + i for i, t in enumerate(expansion) if t == self.image_token_id]
             inputs.append(
-                ImageInput(_content_hash(image), data, offset, len(expansion), torch.tensor(rows))
+                ImageInput(
+                    _content_hash(image), data, offset, len(expansion), torch.tensor(rows), grid
+                )
             )
             out.extend(expansion)
             prev = slot + 1
         out.extend(prompt_ids[prev:])
         return out, tuple(inputs)
 
-    def _process(self, image: Image, param: str) -> tuple[list[int], dict[str, torch.Tensor]]:
+    def _process(
+        self, image: Image, param: str
+    ) -> tuple[list[int], dict[str, torch.Tensor], tuple[int, int, int] | None]:
+        """One image's tokens, the encoder's inputs, and (merged patches) its token grid."""
         try:
-            out = self.hf(
-                text=self.placeholder, images=[image], return_tensors="pt",
-                add_special_tokens=False,
-            )  # fmt: skip
+            if self.merge_size is not None:
+                out = self.images(images=[image], return_tensors="pt")
+            else:
+                out = self.hf(
+                    text=self.placeholder, images=[image], return_tensors="pt",
+                    add_special_tokens=False,
+                )  # fmt: skip
         except Exception as exc:  # the processor refuses the image (e.g. too small to tile)
             raise InvalidRequestError(f"cannot process the image: {exc}", param=param) from exc
-        expansion = [int(t) for t in out["input_ids"][0].tolist()]
         data = {k: v for k, v in out.items() if k not in _TEXT_KEYS}
-        return expansion, data
+        if self.merge_size is None:
+            return [int(t) for t in out["input_ids"][0].tolist()], data, None
+        t, h, w = (int(x) for x in out["image_grid_thw"][0].tolist())
+        grid = (t, h // self.merge_size, w // self.merge_size)
+        return [self.image_token_id] * (grid[0] * grid[1] * grid[2]), data, grid
 
 
 def _content_hash(image: Image) -> str:

@@ -12,6 +12,7 @@ from tokenmill.layers.attention import ScheduledChunk, StepLayout
 from tokenmill.layers.ops import ForwardContext, KVCache
 from tokenmill.model.interface import CausalLM
 from tokenmill.multimodal.inputs import ImageInput
+from tokenmill.multimodal.mrope import mrope_positions
 from tokenmill.sample.logprobs import PromptChunk, prompt_logprobs
 from tokenmill.sample.sampler import Sampler
 from tokenmill.worker.encoder_cache import EncoderCache
@@ -33,7 +34,7 @@ class Batch:
     """The flattened step: [decode rows | prefill chunks]."""
 
     input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T], or [3, T] for a model with multimodal rotary positions
     ctx: ForwardContext
     sample_rows: torch.Tensor  # [N] rows whose hidden state is turned into logits
     sampling: list[SequenceState]  # the N sequences, in sample_rows order
@@ -57,6 +58,10 @@ class ModelRunner:
     ):
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
         self.sampler, self.block_size, self.device = sampler, block_size, device
+        # multimodal rotary positions ([3, T]; Qwen2.5-VL): each request's prompt positions and
+        # delta, made once (multimodal/mrope.py) and dropped when the request ends
+        self.uses_mrope = bool(getattr(model, "uses_mrope", False))
+        self._mrope: dict[str, tuple[torch.Tensor, int]] = {}
         embed_images = getattr(model, "embed_images", None)
         self.encoder_cache = EncoderCache(model) if embed_images is not None else None  # type: ignore[arg-type]
 
@@ -110,6 +115,27 @@ class ModelRunner:
             pooled[request.request_id] = (start, states.sum(dim=0))
         return pooled
 
+    def forget(self, request_id: str) -> None:
+        """Drop what the runner keeps for a request that ended."""
+        self.sampler.forget(request_id)
+        self._mrope.pop(request_id, None)
+
+    def _rope_positions(self, request: SequenceState, start: int, n: int) -> torch.Tensor:
+        """The multimodal rotary positions [3, n] of a request's tokens [start, start + n)."""
+        if not request.images:
+            return torch.arange(start, start + n).expand(3, n)
+        made = self._mrope.get(request.request_id)
+        if made is None:
+            made = self._mrope[request.request_id] = mrope_positions(
+                len(request.prompt_token_ids), request.images
+            )
+        prompt, delta = made
+        end = min(start + n, prompt.shape[1])
+        rows = prompt[:, start:end]
+        if end < start + n:  # generated tokens: one step each, past the prompt's largest
+            rows = torch.cat([rows, torch.arange(max(start, end), start + n).expand(3, -1) + delta], 1)
+        return rows
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """The hidden states [T, C] of every row of the batch, through the backend."""
         embeds = self.input_embeddings(batch) if batch.images else None
@@ -138,6 +164,7 @@ class ModelRunner:
         pool_chunks: list[ScheduledChunk] = []
         pooling: list[SequenceState] = []
         images: list[ImageRows] = []
+        rope_rows: list[torch.Tensor] = []  # [3, n] per item, with multimodal rotary
         bs = self.block_size
         for item in items:
             request, start, n, table = (
@@ -149,6 +176,8 @@ class ModelRunner:
             row = len(ids)
             ids.extend(request.token_ids[start : start + n])
             positions.extend(range(start, start + n))
+            if self.uses_mrope:
+                rope_rows.append(self._rope_positions(request, start, n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             chunks.append(ScheduledChunk(row, start, n, table))
             if request.images and not item.is_decode:
@@ -179,7 +208,7 @@ class ModelRunner:
         )
         return Batch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=position_ids,
+            positions=torch.cat(rope_rows, dim=1).to(device) if rope_rows else position_ids,
             ctx=ctx,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sampling=sampling,

@@ -110,4 +110,4 @@ class Worker:
 
     def forget(self, request_id: str) -> None:
         """Drop what the sampler keeps for a request that ended."""
-        self.runner.sampler.forget(request_id)
+        self.runner.forget(request_id)
