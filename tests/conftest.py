@@ -81,10 +81,11 @@ def tiny_vision_model_dir(
     (transformers' PIL image backends) and the bundled SmolLM2 tokenizer plus the family's
     image tokens; one directory per family, made once.
 
-    make("llava" | "idefics3") -> Path. LLaVA: CLIP tower (32 px, 8 px patches: 16 image
+    make("llava" | "idefics3" | "qwen2_5_vl") -> Path. LLaVA: CLIP tower (32 px, 8 px patches: 16 image
     tokens, vision_feature_layer -2 without CLS), MLP projector, Llama. Idefics3 (SmolVLM):
     SigLIP-style tower, pixel shuffle by 2 (4 tokens a tile), images split into 32 px tiles
-    (up to 2x2) plus a global image, Llama.
+    (up to 2x2) plus a global image, Llama. Qwen2.5-VL: its ViT (4 px patches, window
+    attention, 2x2 merge), a Qwen2 language model with multimodal rotary positions.
     """
     made: dict[str, Path] = {}
 
@@ -105,12 +106,15 @@ def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if family == "llava":
         extra = ["<image>"]
+    elif family == "qwen2_5_vl":
+        extra = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     else:
         rows_cols = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
         extra = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
         extra += rows_cols
     tokenizer.add_special_tokens({"additional_special_tokens": extra})
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    image = "<|image_pad|>" if family == "qwen2_5_vl" else "<image>"
+    image_id = tokenizer.convert_tokens_to_ids(image)
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
@@ -120,11 +124,11 @@ def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         image_size=32, patch_size=8,
     )  # fmt: skip
-    # the images before the text of their message (as the families' own templates do)
+    # content parts in order, each image as the family's placeholder
     template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
         "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-        "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + placeholder(family) + ""
         "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
@@ -144,6 +148,32 @@ def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
             vision_feature_select_strategy="default", chat_template=template,
             num_additional_image_tokens=1,
         )  # fmt: skip
+    elif family == "qwen2_5_vl":
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in extra}
+        config = transformers.Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]},
+            ),
+            vision_config=dict(
+                depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                fullatt_block_indexes=[1],
+            ),
+            image_token_id=image_id, video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )  # fmt: skip
+        model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+        # its full processor loads a video processor, which needs torchvision: the image
+        # processor, tokenizer and template are saved on their own (as tokenmill reads them)
+        processor = None
+        image_processor = transformers.Qwen2VLImageProcessorPil(
+            patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 64
+        )
     else:
         config = transformers.Idefics3Config(
             vision_config=transformers.Idefics3VisionConfig(**vision).to_dict(),
@@ -162,5 +192,15 @@ def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
             param.normal_(0, 0.5)
     model.generation_config.eos_token_id = 2
     model.save_pretrained(str(directory))
-    processor.save_pretrained(str(directory))
+    if processor is not None:
+        processor.save_pretrained(str(directory))
+    else:
+        image_processor.save_pretrained(str(directory))
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def placeholder(family: str) -> str:
+    """What a family's chat template writes for one image."""
+    return "<|vision_start|><|image_pad|><|vision_end|>" if family == "qwen2_5_vl" else "<image>"

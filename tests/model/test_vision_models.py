@@ -1,4 +1,4 @@
-"""Images through the engine equal transformers: LLaVA and Idefics3 (SmolVLM), tiny random
+"""Images through the engine equal transformers: LLaVA, Idefics3 (SmolVLM) and Qwen2.5-VL, tiny random
 checkpoints with their real processors, float32, greedy.
 
 Each family's prompts put images first, in the middle, last, and two in one prompt; the
@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import placeholder
 from tokenmill import LLM, SamplingParams
 
-FAMILIES = ("llava", "idefics3")
+FAMILIES = ("llava", "idefics3", "qwen2_5_vl")
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 PLACEMENTS = {
     "first": "<image>Describe the picture.",
@@ -39,25 +40,48 @@ def chat(text: str) -> str:
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def prompt(text: str, images: list[Image.Image]) -> dict:
-    return {
-        "prompt": chat(text),
-        "add_special_tokens": False,
-        "multi_modal_data": {"image": images},
-    }
+def prompt(family: str, text: str, images: list[Image.Image]) -> dict:
+    text = chat(text.replace("<image>", placeholder(family)))
+    return {"prompt": text, "add_special_tokens": False, "multi_modal_data": {"image": images}}
 
 
 @pytest.fixture(scope="module")
 def references(tiny_vision_model_dir):
-    """family -> (transformers' processor, model) for the reference runs."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """family -> (its processor, or for Qwen2.5-VL its image processor and tokenizer; the
+    transformers model) for the reference runs."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
 
     out = {}
     for family in FAMILIES:
-        directory = tiny_vision_model_dir(family)
-        model = AutoModelForImageTextToText.from_pretrained(str(directory), dtype=torch.float32)
-        out[family] = (AutoProcessor.from_pretrained(str(directory)), model.eval())
+        directory = str(tiny_vision_model_dir(family))
+        model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32)
+        if family == "qwen2_5_vl":
+            processor = (AutoImageProcessor.from_pretrained(directory),
+                         AutoTokenizer.from_pretrained(directory))  # fmt: skip
+        else:
+            processor = AutoProcessor.from_pretrained(directory)
+        out[family] = (processor, model.eval())
     return out
+
+
+def _qwen_inputs(processor, text: str, images: list[Image.Image]) -> dict:
+    """What Qwen2.5-VL's processor makes (one image pad per merged patch), without its video
+    processor: the image pad repeated grid_t * grid_h * grid_w / 4 times."""
+    image_processor, tokenizer = processor
+    pixels = image_processor(images=images, return_tensors="pt") if images else {}
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    counts = iter((pixels["image_grid_thw"].prod(-1) // 4).tolist() if images else [])
+    ids: list[int] = []
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        ids.extend([pad] * next(counts) if token == pad else [token])
+    input_ids = torch.tensor([ids])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": (input_ids == pad).int(), **pixels}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +95,11 @@ def llms(tiny_vision_model_dir):
 def reference(references, family: str, text: str, images: list[Image.Image], max_tokens=10):
     """(prompt ids, greedy output ids) from transformers."""
     processor, model = references[family]
-    inputs = processor(
-        text=chat(text), images=images, return_tensors="pt", add_special_tokens=False
-    )
+    text = chat(text.replace("<image>", placeholder(family)))
+    if family == "qwen2_5_vl":
+        inputs = _qwen_inputs(processor, text, images)
+    else:
+        inputs = processor(text=text, images=images, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens
@@ -88,7 +114,7 @@ def test_greedy_tokens_match_transformers(llms, references, family, placement):
     text = PLACEMENTS[placement]
     images = IMAGES[: text.count("<image>")]
     want_prompt, want = reference(references, family, text, images)
-    out = llms[family].generate(prompt(text, images), GREEDY)[0]
+    out = llms[family].generate(prompt(family, text, images), GREEDY)[0]
     assert out.prompt_token_ids == want_prompt
     assert list(out.outputs[0].token_ids) == want
 
@@ -97,10 +123,10 @@ def test_greedy_tokens_match_transformers(llms, references, family, placement):
 def test_batched_with_text_and_other_images_equals_alone(llms, family):
     llm = llms[family]
     prompts = [
-        prompt(PLACEMENTS["first"], [IMAGES[0]]),
-        {"prompt": chat("Just text, no picture."), "add_special_tokens": False},
-        prompt(PLACEMENTS["two"], [IMAGES[1], IMAGES[2]]),
-        prompt(PLACEMENTS["last"], [IMAGES[2]]),
+        prompt(family, PLACEMENTS["first"], [IMAGES[0]]),
+        {"prompt": chat("Just text, no picture."), "add_special_tokens": False},  # no images
+        prompt(family, PLACEMENTS["two"], [IMAGES[1], IMAGES[2]]),
+        prompt(family, PLACEMENTS["last"], [IMAGES[2]]),
     ]
     alone = [llm.generate(p, GREEDY)[0].outputs[0].token_ids for p in prompts]
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
@@ -117,11 +143,11 @@ def test_prefix_cache_shares_blocks_of_the_same_image_only(
     llm = LLM(str(tiny_vision_model_dir(family)), dtype="float32", device="cpu")
     text = "Here is a long description of the scene before the picture. " * 4 + "<image> Say it."
     a, b = image(10), image(11)  # same size: identical token ids, different pixels
-    cold = llm.generate(prompt(text, [a]), GREEDY)[0]
+    cold = llm.generate(prompt(family, text, [a]), GREEDY)[0]
     encoder_cache = llm.engine.core.executor.worker.runner.encoder_cache
     encoded = encoder_cache.num_encoded
-    warm = llm.generate(prompt(text, [a]), GREEDY)[0]
-    other = llm.generate(prompt(text, [b]), GREEDY)[0]
+    warm = llm.generate(prompt(family, text, [a]), GREEDY)[0]
+    other = llm.generate(prompt(family, text, [b]), GREEDY)[0]
     image_start = _first_image_position(llm, cold.prompt_token_ids)
     assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
     assert warm.num_cached_tokens > image_start  # blocks past the image's first token reused
@@ -146,14 +172,19 @@ def test_chunked_prefill_and_preemption_through_image_tokens(
     """8-token chunks split every image's tokens over several steps; a KV cache too small
     for both requests' growth preempts one of them, which is recomputed (its image
     re-inserted) and still equals transformers."""
+    cases = [(PLACEMENTS["middle"], [IMAGES[0]]), (PLACEMENTS["two"], [IMAGES[1], IMAGES[2]])]
+    expected = [reference(references, family, text, imgs, 40) for text, imgs in cases]
+    lengths = [len(prompt_ids) + 40 for prompt_ids, _ in expected]
+    blocks = -(-max(lengths) // 16) + 1  # room for either request alone, not for both
+    assert blocks * 16 < sum(lengths)
     block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K and V, layers, block, KV heads, head dim, fp32
     llm = LLM(
         str(tiny_vision_model_dir(family)), dtype="float32", device="cpu",
-        max_num_batched_tokens=8, kv_cache_memory=8 * block_bytes, max_model_len=128,
+        max_num_batched_tokens=8, kv_cache_memory=blocks * block_bytes,
+        max_model_len=blocks * 16,
     )  # fmt: skip
     long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    cases = [(PLACEMENTS["middle"], [IMAGES[0]]), (PLACEMENTS["two"], [IMAGES[1], IMAGES[2]])]
-    outs = llm.generate([prompt(t, imgs) for t, imgs in cases], long)
+    outs = llm.generate([prompt(family, t, imgs) for t, imgs in cases], long)
     assert llm.engine.core.scheduler.num_preemptions > 0
-    for (text, imgs), out in zip(cases, outs, strict=True):
-        assert list(out.outputs[0].token_ids) == reference(references, family, text, imgs, 40)[1]
+    for (_, want), out in zip(expected, outs, strict=True):
+        assert list(out.outputs[0].token_ids) == want

@@ -27,6 +27,7 @@ class Qwen2_5_VLForConditionalGeneration(VisionLanguageModel):
     def __init__(self, hf_config: dict[str, Any]):
         text = dict(hf_config.get("text_config") or hf_config)
         section = _mrope_section(text)
+        text["attention_bias"] = True  # q, k and v always have biases (transformers' too)
         if (text.get("rope_scaling") or {}).get("rope_type") == "mrope":
             text["rope_scaling"] = None  # M-RoPE on top of plain rotary frequencies
         super().__init__({**hf_config, "text_config": text})
