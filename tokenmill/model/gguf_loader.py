@@ -94,6 +94,13 @@ def gguf_hf_config(gguf_file: GGUFFile) -> dict[str, Any]:
     """The config.json transformers would build for this file (plus what llama.cpp keeps
     outside its metadata: llama3 rope scaling, Gemma's attention scale, MoE dense layers)."""
     arch = gguf_file.metadata.get("general.architecture")
+    if arch in ("clip", "mllama_vision"):  # llama.cpp's mmproj files: a vision encoder alone
+        raise ModelLoadError(
+            f"GGUF file {gguf_file.path} is a vision projector (llama.cpp's mmproj), not a "
+            "language model; tokenmill serves vision models (LLaVA, Idefics3/SmolVLM, "
+            "Qwen2.5-VL) from their Hugging Face safetensors directories, and a language "
+            "GGUF alone as a text model"
+        )
     if arch not in _ARCHITECTURES:
         raise ModelLoadError(
             f"GGUF file {gguf_file.path} has architecture '{arch}'; supported: {_SUPPORTED}"
