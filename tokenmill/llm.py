@@ -132,19 +132,23 @@ class LLM:
     ) -> list[RequestOutput]:
         """Render each conversation with the chat template, then generate for all of them.
 
+        A vision model takes images as content parts, as vLLM's LLM.chat: {"type": "image_pil",
+        "image_pil": PIL image} or {"type": "image_url", "image_url": {"url": "data:..."}}.
+
         `tools` (OpenAI's function tools) reach the template as vLLM's LLM.chat gives them (a
         template that renders none gets them in a system message); the output is text (the
         server parses calls: tokenmill/tools)."""
-        from tokenmill.tokenizer.chat_template import render_chat
+        from tokenmill.tokenizer.chat_template import render_chat, template_reads_parts
         from tokenmill.tools.formats import detect_format
         from tokenmill.tools.request import tool_use
 
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         template = chat_template or self.tokenizer.chat_template
         use = tool_use(tools, "none", None, detect_format(template), max_tools=len(tools or []))
+        as_parts = self.engine.image_processor is not None and template_reads_parts(template)
         prompts: list[Prompt] = []
         for conversation in conversations:
-            rendered: list[dict[str, Any]] = list(conversation)  # type: ignore[arg-type]
+            rendered, images = _template_messages(conversation, as_parts)  # type: ignore[arg-type]
             if use is not None:
                 rendered = use.template_messages(rendered)
             text = render_chat(
@@ -156,7 +160,10 @@ class LLM:
                 continue_final_message=continue_final_message,
                 chat_template_kwargs=chat_template_kwargs,
             )
-            prompts.append({"prompt": text, "add_special_tokens": False})
+            prompt: dict[str, Any] = {"prompt": text, "add_special_tokens": False}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _with_images(
@@ -186,6 +193,46 @@ class LLM:
                 text, add_special_tokens=prompt.get("add_special_tokens", True)
             )
         return None, list(prompt)
+
+
+def _template_messages(
+    conversation: list[Message], as_parts: bool
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The messages as a chat template takes them, and their images in order. Image parts
+    become {"type": "image"}; with `as_parts` (a vision model's template loops over the
+    parts) string content becomes one text part too."""
+    from tokenmill.multimodal.media import MediaPolicy, load_data_url
+
+    messages: list[dict[str, Any]] = []
+    images: list[Any] = []
+    for i, message in enumerate(conversation):
+        content = message.get("content")
+        if not isinstance(content, list):
+            if as_parts and isinstance(content, str):
+                message = {**message, "content": [{"type": "text", "text": content}]}
+            messages.append(message)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            kind, param = part.get("type"), f"messages.{i}.content.{j}"
+            if kind == "image_pil":
+                images.append(part["image_pil"])
+            elif kind == "image_url":
+                url = part["image_url"]
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str) or not url.startswith("data:"):
+                    raise InvalidRequestError(
+                        "LLM.chat takes data: image URLs and PIL images (image_pil); load "
+                        "other images yourself",
+                        param=param,
+                    )
+                images.append(load_data_url(url, MediaPolicy(), param))
+            else:
+                parts.append(part)
+                continue
+            parts.append({"type": "image"})
+        messages.append({**message, "content": parts})
+    return messages, images
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -188,3 +188,24 @@ def test_chunked_prefill_and_preemption_through_image_tokens(
     assert llm.engine.core.scheduler.num_preemptions > 0
     for (_, want), out in zip(expected, outs, strict=True):
         assert list(out.outputs[0].token_ids) == want
+
+
+def test_llm_chat_takes_pil_and_data_url_image_parts(llms, references):
+    """LLM.chat with vLLM's image parts renders the template's placeholders and equals the
+    same prompt given with multi_modal_data."""
+    import base64
+    import io
+
+    family = "idefics3"
+    buffer = io.BytesIO()
+    IMAGES[1].save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [
+        {"type": "image_pil", "image_pil": IMAGES[0]},
+        {"type": "text", "text": " and "},
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": ": which is brighter?"},
+    ]
+    out = llms[family].chat([{"role": "user", "content": content}], GREEDY)[0]
+    want = reference(references, family, PLACEMENTS["two"], [IMAGES[0], IMAGES[1]])[1]
+    assert list(out.outputs[0].token_ids) == want

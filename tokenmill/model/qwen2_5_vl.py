@@ -45,6 +45,7 @@ class Qwen2_5_VLForConditionalGeneration(VisionLanguageModel):
         )
 
         config = transformers_config(self.hf_config)
+        self.merge_size = int(config.vision_config.spatial_merge_size)
         return _Qwen2_5_VLEncoder(
             Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
         )
@@ -55,8 +56,7 @@ class Qwen2_5_VLForConditionalGeneration(VisionLanguageModel):
         pixels = torch.cat([image["pixel_values"] for image in images])
         grids = torch.cat([image["image_grid_thw"] for image in images])
         merged = self.encoder.visual(pixels, grid_thw=grids, return_dict=True).pooler_output
-        merge = self.encoder.visual.spatial_merge_size
-        return list(merged.split((grids.prod(-1) // merge**2).tolist()))
+        return list(merged.split((grids.prod(-1) // self.merge_size**2).tolist()))
 
 
 def _mrope_section(text: dict[str, Any]) -> list[int]:
