@@ -15,9 +15,7 @@ import torch
 from tokenmill.multimodal.inputs import ImageInput
 
 
-def mrope_positions(
-    num_tokens: int, images: tuple[ImageInput, ...]
-) -> tuple[torch.Tensor, int]:
+def mrope_positions(num_tokens: int, images: tuple[ImageInput, ...]) -> tuple[torch.Tensor, int]:
     """The positions [3, num_tokens] of a prompt with these images, and its delta."""
     positions = torch.empty(3, num_tokens, dtype=torch.long)
     current, done = 0, 0

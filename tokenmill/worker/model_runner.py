@@ -133,7 +133,9 @@ class ModelRunner:
         end = min(start + n, prompt.shape[1])
         rows = prompt[:, start:end]
         if end < start + n:  # generated tokens: one step each, past the prompt's largest
-            rows = torch.cat([rows, torch.arange(max(start, end), start + n).expand(3, -1) + delta], 1)
+            rows = torch.cat(
+                [rows, torch.arange(max(start, end), start + n).expand(3, -1) + delta], 1
+            )
         return rows
 
     def forward(self, batch: Batch) -> torch.Tensor:
