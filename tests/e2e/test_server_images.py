@@ -214,3 +214,22 @@ def test_a_text_only_model_says_it_takes_no_images(server: Server) -> None:
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400
     assert "does not accept images" in r.json()["error"]["message"]
+
+
+def test_responses_api_takes_input_image(tiny_vl) -> None:
+    """An input_image part through /v1/responses runs as the same chat request."""
+    server, _ = tiny_vl
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    url = data_url(picture(9))
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages(url), max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    content = [{"type": "input_image", "image_url": url},
+               {"type": "input_text", "text": QUESTION}]  # fmt: skip
+    response = client.responses.create(
+        model=MODEL, input=[{"role": "user", "content": content}], max_output_tokens=6,
+        temperature=0, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.input_tokens == chat.usage.prompt_tokens

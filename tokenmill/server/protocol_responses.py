@@ -254,7 +254,7 @@ def to_messages(given: str | list[dict[str, Any]], param: str = "input") -> list
                 raise InvalidRequestError(
                     f"role must be one of {sorted(_ROLES)}; got {role!r}", param=f"{where}.role"
                 )
-            messages.append({"role": role, "content": _text(item.get("content"), where)})
+            messages.append({"role": role, "content": _content(item.get("content"), where)})
         elif kind == "function_call":
             _add_call(messages, item, where)
         elif kind == "function_call_output":
@@ -288,6 +288,29 @@ def _required(item: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content as chat's: its text, or with input_image parts, chat's text and
+    image_url parts (a vision model takes them; any other model answers 400)."""
+    if not isinstance(content, list) or not any(
+        isinstance(p, dict) and p.get("type") == "input_image" for p in content
+    ):
+        return _text(content, where)
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str):
+                raise InvalidRequestError(
+                    "input_image takes image_url (a data: or http(s) URL); file_id is not "
+                    "supported",
+                    param=f"{where}.content.{j}",
+                )
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            parts.append({"type": "text", "text": _text([part], where)})
+    return parts
+
+
 def _text(content: Any, where: str) -> str:
     """A content's text: a string as is, text parts joined by newlines."""
     if content is None or isinstance(content, str):
@@ -297,7 +320,7 @@ def _text(content: Any, where: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_image", "input_file", "input_audio"):
+        if kind in ("input_file", "input_audio"):
             raise InvalidRequestError(
                 f"{kind} parts are not supported: this server takes text only",
                 param=f"{where}.content.{j}",

@@ -97,7 +97,8 @@ class ResponsesServer(ServingBase):
         history = self._history(request.previous_response_id)
         chat_request, conversation = to_chat_request(request, history)
         response_id = f"resp_{uuid.uuid4().hex}"
-        inputs = await self._engine_inputs(chat_request)
+        before_input = len(chat_request.messages) - len(conversation) + len(history)
+        inputs = await self._engine_inputs(chat_request, before_input)
         self.check_admission()
         self.log_request(response_id, inputs)
         shell = _shell(request, response_id, model)
@@ -131,11 +132,20 @@ class ResponsesServer(ServingBase):
             )
         return entry.messages
 
-    async def _engine_inputs(self, chat_request: ChatCompletionRequest) -> list[EngineInput]:
+    async def _engine_inputs(
+        self, chat_request: ChatCompletionRequest, before_input: int
+    ) -> list[EngineInput]:
+        """The chat request run as chat runs it; its errors name the Responses fields
+        (`before_input`: the chat messages ahead of the input's: instructions, history)."""
         try:
             return await self.chat.to_engine_inputs(chat_request)
         except InvalidRequestError as exc:
-            exc.param = _PARAMS.get(exc.param or "", exc.param)
+            param = exc.param or ""
+            index, _, rest = param.removeprefix("messages.").partition(".")
+            if param.startswith("messages.") and index.isdigit() and int(index) >= before_input:
+                exc.param = ".".join(["input", str(int(index) - before_input), rest]).rstrip(".")
+            else:
+                exc.param = _PARAMS.get(param, exc.param)
             raise
 
     async def _events(
