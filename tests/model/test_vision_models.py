@@ -209,3 +209,27 @@ def test_llm_chat_takes_pil_and_data_url_image_parts(llms, references):
     out = llms[family].chat([{"role": "user", "content": content}], GREEDY)[0]
     want = reference(references, family, PLACEMENTS["two"], [IMAGES[0], IMAGES[1]])[1]
     assert list(out.outputs[0].token_ids) == want
+
+
+def test_a_prompt_ending_in_image_tokens_recomputes_its_last_one_from_the_image(llms, references):
+    """33 text tokens and an image's 16: the second run finds all but the last token cached
+    (three full blocks); that one token, an image token computed alone like a decode step,
+    still takes its row from the encoder."""
+    family = "llava"
+    processor, model = references[family]
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    text = processor.tokenizer.encode("Describe this picture in a few words. " * 8)[:33]
+    pixels = processor.image_processor(images=[IMAGES[2]], return_tensors="pt")["pixel_values"]
+    input_ids = torch.tensor([text + [image_id] * 16])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
+            max_new_tokens=6, min_new_tokens=6, do_sample=False,
+        )  # fmt: skip
+    want = out[0, input_ids.shape[1] :].tolist()
+    request = {"prompt_token_ids": text + [image_id], "multi_modal_data": {"image": IMAGES[2]}}
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    cold, warm = (llms[family].generate(request, params)[0] for _ in range(2))
+    assert len(warm.prompt_token_ids) == 49 and warm.num_cached_tokens == 48
+    assert list(cold.outputs[0].token_ids) == want
+    assert list(warm.outputs[0].token_ids) == want

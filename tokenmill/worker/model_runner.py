@@ -11,6 +11,7 @@ from tokenmill.backends.base import Backend
 from tokenmill.layers.attention import ScheduledChunk, StepLayout
 from tokenmill.layers.ops import ForwardContext, KVCache
 from tokenmill.model.interface import CausalLM
+from tokenmill.model.vision import VisionLanguageModel
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.multimodal.mrope import mrope_positions
 from tokenmill.sample.logprobs import PromptChunk, prompt_logprobs
@@ -62,8 +63,9 @@ class ModelRunner:
         # delta, made once (multimodal/mrope.py) and dropped when the request ends
         self.uses_mrope = bool(getattr(model, "uses_mrope", False))
         self._mrope: dict[str, tuple[torch.Tensor, int]] = {}
-        embed_images = getattr(model, "embed_images", None)
-        self.encoder_cache = EncoderCache(model) if embed_images is not None else None  # type: ignore[arg-type]
+        self.encoder_cache = (
+            EncoderCache(model) if isinstance(model, VisionLanguageModel) else None
+        )  # the vision encoder's rows by image hash
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
@@ -182,7 +184,7 @@ class ModelRunner:
                 rope_rows.append(self._rope_positions(request, start, n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             chunks.append(ScheduledChunk(row, start, n, table))
-            if request.images and not item.is_decode:
+            if request.images:  # (a one-token chunk may be an image's last token too)
                 images.extend(_image_rows(request.images, row, start, n))
             if request.pooling_type is not None:  # an embedding: pooled, never sampled
                 pool_chunks.append(chunks[-1])
