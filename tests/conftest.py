@@ -81,8 +81,10 @@ def tiny_vision_model_dir(
     (transformers' PIL image backends) and the bundled SmolLM2 tokenizer plus the family's
     image tokens; one directory per family, made once.
 
-    make("llava" | "idefics3" | "qwen2_5_vl") -> Path. LLaVA: CLIP tower (32 px, 8 px patches: 16 image
-    tokens, vision_feature_layer -2 without CLS), MLP projector, Llama. Idefics3 (SmolVLM):
+    make("llava" | "llava_next" | "idefics3" | "qwen2_5_vl") -> Path. LLaVA: CLIP tower (32 px, 8 px patches: 16 image
+    tokens, vision_feature_layer -2 without CLS), MLP projector, Llama. LLaVA-NeXT: the same
+    over any-resolution tiles (grids up to 2x2 of 32 px), its CLIP tower named as the hub's
+    llava-hf checkpoints name it ("vision_tower.vision_model."). Idefics3 (SmolVLM):
     SigLIP-style tower, pixel shuffle by 2 (4 tokens a tile), images split into 32 px tiles
     (up to 2x2) plus a global image, Llama. Qwen2.5-VL: its ViT (4 px patches, window
     attention, 2x2 merge), a Qwen2 language model with multimodal rotary positions.
@@ -104,7 +106,7 @@ def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if family == "llava":
+    if family in ("llava", "llava_next"):
         extra = ["<image>"]
     elif family == "qwen2_5_vl":
         extra = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -144,6 +146,23 @@ def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         )
         processor: Any = transformers.LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+            vision_feature_select_strategy="default", chat_template=template,
+            num_additional_image_tokens=1,
+        )  # fmt: skip
+    elif family == "llava_next":
+        pinpoints = [[32, 64], [64, 32], [64, 64]]  # up to 2x2 tiles of 32 px, plus the base
+        config = transformers.LlavaNextConfig(
+            vision_config=transformers.CLIPVisionConfig(projection_dim=32, **vision),
+            text_config=text, image_token_id=image_id, vision_feature_layer=-2,
+            vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
+        )  # fmt: skip
+        model = transformers.LlavaNextForConditionalGeneration(config)
+        image_processor = transformers.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+            image_grid_pinpoints=pinpoints,
+        )  # fmt: skip
+        processor = transformers.LlavaNextProcessor(
             image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
             vision_feature_select_strategy="default", chat_template=template,
             num_additional_image_tokens=1,
@@ -192,6 +211,8 @@ def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
             param.normal_(0, 0.5)
     model.generation_config.eos_token_id = 2
     model.save_pretrained(str(directory))
+    if family == "llava_next":  # as the hub's llava-hf checkpoints name the CLIP tower
+        _rename(directory / "model.safetensors", "vision_tower.", "vision_tower.vision_model.")
     if processor is not None:
         processor.save_pretrained(str(directory))
     else:
@@ -199,6 +220,14 @@ def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
         tokenizer.chat_template = template
         tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def _rename(file: Path, old: str, new: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(file))
+    renamed = {new + k.removeprefix(old) if k.startswith(old) else k: v for k, v in weights.items()}
+    save_file(renamed, str(file), metadata={"format": "pt"})
 
 
 def placeholder(family: str) -> str:

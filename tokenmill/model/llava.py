@@ -3,7 +3,7 @@ Mistral or Qwen2 language model; each image is a fixed number of image tokens.""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from tokenmill.model.vision import VisionLanguageModel, transformers_config
 
 class LlavaForConditionalGeneration(VisionLanguageModel):
     # the hub's checkpoints, and transformers 5's in-memory names
-    encoder_prefixes = (
+    encoder_prefixes: ClassVar[tuple[tuple[str, str], ...]] = (
         ("vision_tower.", "vision_tower."),
         ("multi_modal_projector.", "multi_modal_projector."),
         ("model.vision_tower.", "vision_tower."),

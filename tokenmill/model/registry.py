@@ -15,6 +15,7 @@ from tokenmill.model.idefics3 import Idefics3ForConditionalGeneration
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.llava import LlavaForConditionalGeneration
+from tokenmill.model.llava_next import LlavaNextForConditionalGeneration
 from tokenmill.model.mixtral import MixtralForCausalLM
 from tokenmill.model.phi3 import Phi3ForCausalLM
 from tokenmill.model.qwen2 import Qwen2ForCausalLM
@@ -31,6 +32,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "Idefics3ForConditionalGeneration": Idefics3ForConditionalGeneration,  # SmolVLM too
     "LlamaForCausalLM": LlamaForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
     "MistralForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,

@@ -69,6 +69,8 @@ class VisionLanguageModel(LlamaForCausalLM):
         with torch.device(weight.device), skip_init():
             encoder = self.build_encoder()
         encoder.to(weight.dtype)
+        expected = set(encoder.state_dict())
+        encoder_weights = {_as_named(k, expected): v for k, v in encoder_weights.items()}
         missing, unexpected = encoder.load_state_dict(encoder_weights, strict=False)
         missing = [n for n in missing if not n.endswith("position_ids")]
         if missing or unexpected:
@@ -93,6 +95,21 @@ class VisionLanguageModel(LlamaForCausalLM):
                         name = new + name.removeprefix(old)
                         break
                 yield name, tensor
+
+
+def _as_named(name: str, expected: set[str]) -> str:
+    """A checkpoint name as the installed transformers names it: CLIP and SigLIP towers keep
+    their weights under "vision_model." in the hub's checkpoints (and transformers 4), not in
+    transformers 5's modules, so that segment is dropped or added where needed."""
+    if name in expected:
+        return name
+    head, _, rest = name.partition(".")
+    other = (
+        f"{head}.{rest.removeprefix('vision_model.')}"
+        if rest.startswith("vision_model.")
+        else f"{head}.vision_model.{rest}"
+    )
+    return other if other in expected else name
 
 
 def transformers_config(hf_config: dict[str, Any]) -> Any:
