@@ -47,6 +47,9 @@ class ModelConfig:
     # {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool}; None = the model's
     # sentence-transformers config, else LAST, normalised (pooling_params.PoolerConfig)
     pooler_config: dict[str, Any] | None = None
+    # a vision model's processor options for every image (vLLM's --mm-processor-kwargs, e.g.
+    # Qwen2.5-VL's {"max_pixels": ...}); a request's mm_processor_kwargs add to them
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

@@ -180,7 +180,11 @@ class LLM:
         processor = self.engine.image_processor
         if processor is None:
             raise InvalidRequestError("this model does not accept images", param="multi_modal_data")
-        return processor.expand(token_ids, images, "multi_modal_data")
+        assert isinstance(prompt, dict)
+        kwargs = processor.check_kwargs(
+            prompt.get("mm_processor_kwargs") or {}, "mm_processor_kwargs"
+        )
+        return processor.expand(token_ids, images, "multi_modal_data", kwargs)
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

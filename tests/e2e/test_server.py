@@ -292,7 +292,7 @@ def test_error_classes_with_status_and_envelope(server: Server) -> None:
         ("/v1/completions", {"model": MODEL, "prompt": "x", "n": "two"}, 400, "n", "integer"),
         ("/v1/chat/completions", {"model": MODEL}, 400, "messages", "required"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [image]}]}, 400,
-         "messages.0.content", "does not accept images"),
+         "messages.0.content.0", "does not accept images"),
         ("/v1/chat/completions", {"messages": QUESTION, "guided_regex": "(a"}, 400,
          "guided_regex", "invalid regex"),
     ]  # fmt: skip

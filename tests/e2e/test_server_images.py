@@ -233,3 +233,22 @@ def test_responses_api_takes_input_image(tiny_vl) -> None:
     )  # fmt: skip
     assert response.output_text == chat.choices[0].message.content
     assert response.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_mm_processor_kwargs_per_request(tiny_vl) -> None:
+    """Idefics3 without image splitting: the global image only, so fewer prompt tokens; an
+    option its processor lacks is a 400 naming the field."""
+    server, _ = tiny_vl
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    body = {"model": MODEL, "messages": messages(data_url(picture(10, (64, 64)))), "max_tokens": 1}
+    split = client.chat.completions.create(**body)
+    whole = client.chat.completions.create(
+        **body, extra_body={"mm_processor_kwargs": {"do_image_splitting": False}}
+    )
+    assert whole.usage.prompt_tokens < split.usage.prompt_tokens
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={**body, "mm_processor_kwargs": {"nope": 1}},
+        timeout=30,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "mm_processor_kwargs"

@@ -17,6 +17,7 @@ from PIL import Image
 
 from tests.conftest import placeholder
 from tokenmill import LLM, SamplingParams
+from tokenmill.errors import InvalidRequestError
 
 FAMILIES = ("llava", "idefics3", "qwen2_5_vl")
 ALL_FAMILIES = (*FAMILIES, "llava_next")  # (the parity tests only: its engine path is LLaVA's)
@@ -70,11 +71,11 @@ def references(tiny_vision_model_dir):
     return out
 
 
-def _qwen_inputs(processor, text: str, images: list[Image.Image]) -> dict:
+def _qwen_inputs(processor, text: str, images: list[Image.Image], **options) -> dict:
     """What Qwen2.5-VL's processor makes (one image pad per merged patch), without its video
     processor: the image pad repeated grid_t * grid_h * grid_w / 4 times."""
     image_processor, tokenizer = processor
-    pixels = image_processor(images=images, return_tensors="pt") if images else {}
+    pixels = image_processor(images=images, return_tensors="pt", **options) if images else {}
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     counts = iter((pixels["image_grid_thw"].prod(-1) // 4).tolist() if images else [])
     ids: list[int] = []
@@ -234,3 +235,23 @@ def test_a_prompt_ending_in_image_tokens_recomputes_its_last_one_from_the_image(
     assert len(warm.prompt_token_ids) == 49 and warm.num_cached_tokens == 48
     assert list(cold.outputs[0].token_ids) == want
     assert list(warm.outputs[0].token_ids) == want
+
+
+def test_mm_processor_kwargs_reach_the_processor_and_the_image_hash(llms, references):
+    """Qwen2.5-VL with a smaller max_pixels: fewer image tokens, as transformers' processor
+    makes them, and a different image to the caches; an option the processor lacks is a 400."""
+    family = "qwen2_5_vl"
+    small = {"max_pixels": 16 * 16}
+    request = prompt(family, PLACEMENTS["first"], [IMAGES[1]])
+    default = llms[family].generate(request, GREEDY)[0]
+    out = llms[family].generate({**request, "mm_processor_kwargs": small}, GREEDY)[0]
+    assert len(out.prompt_token_ids) < len(default.prompt_token_ids)
+    processor, model = references[family]
+    text = chat(PLACEMENTS["first"].replace("<image>", placeholder(family)))
+    inputs = _qwen_inputs(processor, text, [IMAGES[1]], **small)
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert list(out.outputs[0].token_ids) == want[0, inputs["input_ids"].shape[1] :].tolist()
+    with pytest.raises(InvalidRequestError, match="no option"):
+        llms[family].generate({**request, "mm_processor_kwargs": {"nope": 1}}, GREEDY)

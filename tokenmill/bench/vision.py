@@ -5,6 +5,8 @@ Llama language model; transformers' own config, processor and save_pretrained, t
 SmolLM2 tokenizer plus an "<image>" token) is saved to a temporary directory and loaded by
 the offline LLM. Random weights suffice: only the time is measured. Then, per shape:
 
+- the image processor's time for one new picture (resize, normalise, expand the placeholder,
+  content hash: `ImageProcessor.expand`), which TTFT pays before the encoder;
 - the encoder's time for one image: `model.embed_images([data])` on the processor's outputs
   for a 640x480 random picture, one warm-up, then the median [min-max] of --runs calls;
 - TTFT of one chat request with one image (max_tokens=1), every run a different picture so
@@ -16,7 +18,10 @@ the offline LLM. Random weights suffice: only the time is measured. Then, per sh
 Shapes: `tiny` is the tests' checkpoint (CLIP 32 px, 8 px patches, 16 image tokens; Llama
 hidden 64, 2 layers); `siglip-400m` is SigLIP-SO400M at 384 px (patch 14: 729 image tokens,
 "full" features of the last layer) with the SmolLM2-135M language model, ~560M parameters.
-Progress goes to stderr; the markdown table to stdout.
+Progress goes to stderr, with the load average before and after each measurement: another
+busy process on a small machine stalls every multi-threaded op (TTFT doubled in such runs),
+so only a quiet run's figures compare; `--threads 1` is far less sensitive. The markdown
+table goes to stdout.
 
 python -m tokenmill.bench.vision [--shape tiny|siglip-400m|all] [--runs 5]
     [--dtype float32 [bfloat16]] [--threads N]
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -253,10 +259,16 @@ def bench_shape(shape: str, dtypes: list[str], runs: int, threads: int | None) -
                 enable_prefix_caching=False, max_model_len=1024, kv_cache_memory=256 << 20,
             )  # fmt: skip
             progress(f"{shape}: loaded in {dtype} in {time.perf_counter() - started:.1f} s")
+            progress(f"load average before: {_load()}")
             results.append(measure(llm, shape, dtype, runs))
+            progress(f"load average after: {_load()} (other busy processes slow every figure)")
             del llm
             gc.collect()
     return results
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _ms(values: list[float]) -> str:

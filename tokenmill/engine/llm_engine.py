@@ -69,7 +69,7 @@ class LLMEngine:
             config.structured_outputs.reasoning_parser, self.tokenizer
         )
         # a vision model's own processor: expands image placeholders (None: text only)
-        self.image_processor = _image_processor(self.core.source)
+        self.image_processor = _image_processor(self.core.source, config.model.mm_processor_kwargs)
         self._groups: dict[str, Group] = {}
         self._group_of: dict[str, Group] = {}  # engine request id -> its group
 
@@ -396,11 +396,11 @@ def _pooler_config(value: dict[str, Any] | None, model_path: str) -> PoolerConfi
         raise ModelLoadError(f"pooler config: {e}") from None
 
 
-def _image_processor(source: ModelSource) -> ImageProcessor | None:
+def _image_processor(source: ModelSource, kwargs: dict[str, Any] | None) -> ImageProcessor | None:
     """The processor of a model that takes images (its class encodes them), else None."""
     if not issubclass(model_class(source.hf_config), VisionLanguageModel):
         return None
-    processor = ImageProcessor(source.path, source.hf_config, source.tokenizer)
+    processor = ImageProcessor(source.path, source.hf_config, source.tokenizer, kwargs)
     logger.info("images: %s, placeholder %s", processor.name, processor.placeholder)
     return processor
 

@@ -43,7 +43,13 @@ class ImageProcessor:
     grid_t * grid_h * grid_w / merge_size**2.
     """
 
-    def __init__(self, path: str, hf_config: dict[str, Any], tokenizer: Tokenizer):
+    def __init__(
+        self,
+        path: str,
+        hf_config: dict[str, Any],
+        tokenizer: Tokenizer,
+        kwargs: dict[str, Any] | None = None,  # processor options for every image
+    ):
         from transformers import AutoImageProcessor, AutoProcessor
 
         token_id = image_token_id(hf_config)
@@ -74,11 +80,31 @@ class ImageProcessor:
         self.placeholder_id = ids[0]
         owner = type(self.hf).__name__ if self.hf is not None else "merged patches"
         self.name = f"{owner} ({type(images).__name__})"
+        try:
+            self.kwargs = self.check_kwargs(kwargs or {}, "mm_processor_kwargs")
+        except InvalidRequestError as exc:
+            raise ModelLoadError(exc.message) from None
+
+    def check_kwargs(self, kwargs: dict[str, Any], param: str) -> dict[str, Any]:
+        """Processor options this model's image processor has (another would be ignored by it,
+        so it is a 400 naming it)."""
+        known = _options(self.images)
+        unknown = sorted(k for k in kwargs if k not in known and not hasattr(self.images, k))
+        if unknown:
+            raise InvalidRequestError(
+                f"{type(self.images).__name__} has no option {', '.join(unknown)}", param=param
+            )
+        return dict(kwargs)
 
     def expand(
-        self, prompt_ids: list[int], images: list[Image], param: str
+        self,
+        prompt_ids: list[int],
+        images: list[Image],
+        param: str,
+        kwargs: dict[str, Any] | None = None,  # a request's processor options (checked)
     ) -> tuple[list[int], tuple[ImageInput, ...]]:
         """The prompt with each placeholder replaced by its image's tokens, and the images."""
+        options = {**self.kwargs, **(kwargs or {})}
         slots = [i for i, t in enumerate(prompt_ids) if t == self.placeholder_id]
         if len(slots) != len(images):
             raise InvalidRequestError(
@@ -91,30 +117,27 @@ class ImageProcessor:
         prev = 0
         for slot, image in zip(slots, images, strict=True):
             out.extend(prompt_ids[prev:slot])
-            expansion, data, grid = self._process(image, param)
+            expansion, data, grid = self._process(image, param, options)
             offset = len(out)
             rows = [offset + i for i, t in enumerate(expansion) if t == self.image_token_id]
-            inputs.append(
-                ImageInput(
-                    _content_hash(image), data, offset, len(expansion), torch.tensor(rows), grid
-                )
-            )
+            key = _content_hash(image, options)
+            inputs.append(ImageInput(key, data, offset, len(expansion), torch.tensor(rows), grid))
             out.extend(expansion)
             prev = slot + 1
         out.extend(prompt_ids[prev:])
         return out, tuple(inputs)
 
     def _process(
-        self, image: Image, param: str
+        self, image: Image, param: str, options: dict[str, Any]
     ) -> tuple[list[int], dict[str, torch.Tensor], tuple[int, int, int] | None]:
         """One image's tokens, the encoder's inputs, and (merged patches) its token grid."""
         try:
             if self.merge_size is not None:
-                out = self.images(images=[image], return_tensors="pt")
+                out = self.images(images=[image], return_tensors="pt", **options)
             else:
                 out = self.hf(
                     text=self.placeholder, images=[image], return_tensors="pt",
-                    add_special_tokens=False,
+                    add_special_tokens=False, **options,
                 )  # fmt: skip
         except Exception as exc:  # the processor refuses the image (e.g. too small to tile)
             raise InvalidRequestError(f"cannot process the image: {exc}", param=param) from exc
@@ -126,9 +149,18 @@ class ImageProcessor:
         return [self.image_token_id] * (grid[0] * grid[1] * grid[2]), data, grid
 
 
-def _content_hash(image: Image) -> str:
-    """SHA-256 over the decoded pixels: the same picture in PNG and WebP is the same image."""
-    digest = hashlib.sha256(f"{image.mode}:{image.size}".encode())
+def _options(image_processor: Any) -> set[str]:
+    """The call options an image processor declares (transformers 5: its `valid_kwargs`)."""
+    declared = getattr(image_processor, "valid_kwargs", None)
+    if declared is None:
+        return set()
+    return {name for cls in declared.__mro__ for name in getattr(cls, "__annotations__", {})}
+
+
+def _content_hash(image: Image, options: dict[str, Any]) -> str:
+    """SHA-256 over the decoded pixels and the processor options: the same picture in PNG and
+    WebP is the same image; processed otherwise, it is another."""
+    digest = hashlib.sha256(f"{image.mode}:{image.size}:{sorted(options.items())!r}".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
 

@@ -384,6 +384,12 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         "sentence-transformers config, else LAST, normalised)",
     )  # fmt: skip
     g.add_argument(
+        "--mm-processor-kwargs", type=parse_json_object, default=None, metavar="JSON",
+        help="a vision model's image processor options for every image, as vLLM (e.g. "
+        '\'{"max_pixels": 1003520}\' for Qwen2.5-VL); a request\'s mm_processor_kwargs add '
+        "to them",
+    )  # fmt: skip
+    g.add_argument(
         "--seed", type=int, default=_DEFAULTS.model.seed,
         help="seed for requests that give none (default: %(default)s)",
     )  # fmt: skip
@@ -546,7 +552,7 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
         model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
         quantization=args.quantization,
         cpu_threads=args.cpu_threads, generation_config=args.generation_config,
-        pooler_config=args.pooler_config,
+        pooler_config=args.pooler_config, mm_processor_kwargs=args.mm_processor_kwargs,
         max_model_len=args.max_model_len, chat_template=args.chat_template, seed=args.seed,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,

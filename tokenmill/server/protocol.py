@@ -353,7 +353,7 @@ class ChatCompletionRequest(SamplingExtras, StructuredOutputExtras, UnsupportedE
     stream_options: StreamOptions | None = None
     temperature: float | None = None  # None = 1.0
     top_p: float | None = None  # None = 1.0
-    tools: list[dict[str, Any]] | None = None  # not supported yet
+    tools: list[dict[str, Any]] | None = None  # function tools (tokenmill/tools)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     # to the chat template (as vLLM: gpt-oss-style templates read it); a 400 for a template
@@ -373,6 +373,8 @@ class ChatCompletionRequest(SamplingExtras, StructuredOutputExtras, UnsupportedE
     documents: list[ChatDocument] | None = None
     chat_template: str | None = None  # template text for this request
     chat_template_kwargs: dict[str, Any] | None = None
+    # a vision model's image processor options for this request's images (vLLM's)
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 class ChatResponseMessage(ResponseModel):

@@ -16,6 +16,7 @@ from tokenmill.engine.outputs import PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.multimodal.media import load_images
+from tokenmill.multimodal.processor import ImageProcessor
 from tokenmill.server.chat_output import ChatOutput
 from tokenmill.server.choices import ChoiceDelta
 from tokenmill.server.limits import RequestLimits, check_chat_limits
@@ -162,6 +163,12 @@ class ChatServer(ServingBase):
                 "the chat template renders text content only, so it has no place for images",
                 param=urls[0][1],
             )
+        if processor is not None:
+            _processor_kwargs(request, processor)  # checked before anything is fetched
+        elif getattr(request, "mm_processor_kwargs", None):
+            raise InvalidRequestError(
+                "this model does not accept images", param="mm_processor_kwargs"
+            )
         images = await load_images(urls, self.settings.media, self.settings.limits.max_images)
         return await self.run_blocking(self._render_and_encode, request, use, messages, images)
 
@@ -191,7 +198,7 @@ class ChatServer(ServingBase):
         processor = self.engine.image_processor
         if processor is None:
             return ids, ()
-        return processor.expand(ids, images, "messages")
+        return processor.expand(ids, images, "messages", _processor_kwargs(request, processor))
 
     async def _collect(
         self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
@@ -362,6 +369,12 @@ def _text_of(content: Any, message_index: int) -> str:
     """A message's text: a string as is, text parts joined by newlines (as vLLM does)."""
     parts = _content_parts(content, message_index, [])
     return "\n".join(p["text"] for p in parts if p["type"] == "text")
+
+
+def _processor_kwargs(request: ChatPromptRequest, processor: ImageProcessor) -> dict[str, Any]:
+    """The request's mm_processor_kwargs, checked against the model's image processor."""
+    kwargs = getattr(request, "mm_processor_kwargs", None) or {}
+    return processor.check_kwargs(kwargs, "mm_processor_kwargs")
 
 
 def _check_chat_options(request: ChatCompletionRequest, limits: RequestLimits) -> None:
