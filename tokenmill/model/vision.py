@@ -34,11 +34,7 @@ class VisionLanguageModel(LlamaForCausalLM):
     def __init__(self, hf_config: dict[str, Any]):
         text = hf_config.get("text_config") or hf_config  # older configs: the text at the top
         super().__init__(text)
-        self.hf_config = hf_config
-        token = hf_config.get("image_token_id", hf_config.get("image_token_index"))
-        if not isinstance(token, int):
-            raise ModelLoadError(f"{type(self).__name__} config names no image_token_id")
-        self.image_token_id = token
+        self.hf_config = hf_config  # (the image token is the processor's: multimodal/)
         # built by load_weights on the language model's device, in its dtype: transformers'
         # modules keep buffers (position ids) that the meta-device build would not hold
         self.encoder: nn.Module | None = None

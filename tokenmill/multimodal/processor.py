@@ -12,7 +12,6 @@ which the tokenizer never merges with their neighbours.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -163,12 +162,3 @@ def _content_hash(image: Image, options: dict[str, Any]) -> str:
     digest = hashlib.sha256(f"{image.mode}:{image.size}:{sorted(options.items())!r}".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
-
-
-def has_processor(path: str) -> bool:
-    """Whether a model directory ships an image processor config."""
-    directory = Path(path)
-    return directory.is_dir() and any(
-        (directory / name).is_file()
-        for name in ("preprocessor_config.json", "processor_config.json")
-    )
