@@ -252,3 +252,21 @@ def test_mm_processor_kwargs_per_request(tiny_vl) -> None:
         timeout=30,
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "mm_processor_kwargs"
+
+
+def test_tools_with_an_image(tiny_vl) -> None:
+    """A vision template without tool support gets the tools as a system text part; the
+    required call is a valid call of the tool."""
+    server, _ = tiny_vl
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    tool = {"type": "function", "function": {"name": "describe", "parameters": {
+        "type": "object", "properties": {"color": {"type": "string", "maxLength": 6}},
+        "required": ["color"], "additionalProperties": False}}}  # fmt: skip
+    system = {"role": "system", "content": "You describe pictures."}
+    out = client.chat.completions.create(
+        model=MODEL, messages=[system, *messages(data_url(picture(11)))], max_tokens=60,
+        temperature=0, tools=[tool], tool_choice="required",
+    )  # fmt: skip
+    call = out.choices[0].message.tool_calls[0]
+    assert call.function.name == "describe"
+    assert set(json.loads(call.function.arguments)) == {"color"}

@@ -55,9 +55,12 @@ class ToolUse:
         prompt = generic_system_prompt(self.functions, self.fmt)
         if result and result[0]["role"] == "system":
             first = dict(result[0])
-            first["content"] = f"{first.get('content') or ''}\n\n{prompt}".lstrip()
+            first["content"] = _with_text(first.get("content"), prompt, "\n\n")
             return [first, *result[1:]]
-        return [{"role": "system", "content": prompt}, *result]
+        # a vision model's template takes content as parts (its messages say so)
+        as_parts = any(isinstance(m.get("content"), list) for m in result)
+        content = [{"type": "text", "text": prompt}] if as_parts else prompt
+        return [{"role": "system", "content": content}, *result]
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """`tools` for the template (None for a template that renders none)."""
@@ -75,8 +78,16 @@ class ToolUse:
             for c in calls
         ]
         result = {k: v for k, v in message.items() if k != "tool_calls"}
-        result["content"] = "\n".join(filter(None, [message.get("content") or "", *texts]))
+        result["content"] = _with_text(message.get("content"), "\n".join(texts), "\n")
         return result
+
+
+def _with_text(content: str | list[dict[str, Any]] | None, text: str, sep: str) -> Any:
+    """A message's content with `text` after it: joined by `sep`, or as one more text part
+    where the content is a list of parts (a vision model's template)."""
+    if isinstance(content, list):
+        return [*content, {"type": "text", "text": text}]
+    return sep.join(filter(None, [content or "", text]))
 
 
 def tool_use(
