@@ -155,12 +155,18 @@ class RotaryEmbedding(torch.nn.Module):
     def cos_sin_for(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
         """The tables of one step's token positions [T]; every layer reuses them."""
         assert self.cos_sin is not None, "RotaryEmbedding.build() not called"
-        cos_sin = self.cos_sin[positions].to(dtype)  # [T, 2, R]
+        return self._tables(self.cos_sin[positions], dtype, self.cos_sin, positions)
+
+    def _tables(
+        self, rows: torch.Tensor, dtype: torch.dtype, table: torch.Tensor, positions: torch.Tensor
+    ) -> RotaryTables:
+        """RotaryTables of the step's rows [T, 2, R] of `table`, at `positions` in it."""
+        cos_sin = rows.to(dtype)
         cos, sin = cos_sin[:, 0].unsqueeze(1), cos_sin[:, 1].unsqueeze(1)  # [T, 1, R]
         half = self.rotary_dim // 2
         # rotate_half(x) * sin == roll(x, half) * signed_sin, one op fewer per call
         signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        return RotaryTables(cos, signed_sin, self.cos_sin, positions)
+        return RotaryTables(cos, signed_sin, table, positions)
 
 
 class MRotaryEmbedding(RotaryEmbedding):
@@ -200,12 +206,8 @@ class MRotaryEmbedding(RotaryEmbedding):
         assert self.cos_sin is not None and self.axis_of_dim is not None, "build() not called"
         per_axis = self.cos_sin[positions]  # [3, T, 2, R]
         axis = self.axis_of_dim.view(1, 1, 1, -1)
-        table = per_axis.gather(0, axis.expand(1, *per_axis.shape[1:]))[0]  # [T, 2, R]
-        cos, sin = table[:, 0].unsqueeze(1).to(dtype), table[:, 1].unsqueeze(1).to(dtype)
-        half = self.rotary_dim // 2
-        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        rows = torch.arange(table.shape[0], device=positions.device)
-        return RotaryTables(cos, signed_sin, table.contiguous(), rows)
+        table = per_axis.gather(0, axis.expand(1, *per_axis.shape[1:]))[0].contiguous()
+        return self._tables(table, dtype, table, torch.arange(table.shape[0], device=table.device))
 
 
 class RotaryTables(NamedTuple):
