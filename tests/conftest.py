@@ -81,8 +81,9 @@ def tiny_vision_model_dir(
     (transformers' PIL image backends) and the bundled SmolLM2 tokenizer plus the family's
     image tokens; one directory per family, made once.
 
-    make("llava" | "llava_next" | "idefics3" | "qwen2_5_vl") -> Path. LLaVA: CLIP tower (32 px, 8 px patches: 16 image
-    tokens, vision_feature_layer -2 without CLS), MLP projector, Llama. LLaVA-NeXT: the same
+    make("llava" | "llava_full" | "llava_next" | "idefics3" | "qwen2_5_vl") -> Path. LLaVA: CLIP tower (32 px, 8 px patches: 16 image
+    tokens, vision_feature_layer -2 without CLS), MLP projector, Llama ("llava_full": layers
+    [-2, -1] side by side, CLS kept: 17 tokens). LLaVA-NeXT: the same
     over any-resolution tiles (grids up to 2x2 of 32 px), its CLIP tower named as the hub's
     llava-hf checkpoints name it ("vision_tower.vision_model."). Idefics3 (SmolVLM):
     SigLIP-style tower, pixel shuffle by 2 (4 tokens a tile), images split into 32 px tiles
@@ -106,7 +107,7 @@ def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if family in ("llava", "llava_next"):
+    if family in ("llava", "llava_full", "llava_next"):
         extra = ["<image>"]
     elif family == "qwen2_5_vl":
         extra = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -135,11 +136,14 @@ def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     torch.manual_seed(0)
-    if family == "llava":
+    if family in ("llava", "llava_full"):
+        full = family == "llava_full"  # the CLS position too, two layers' features side by side
+        strategy = "full" if full else "default"
         config = transformers.LlavaConfig(
             vision_config=transformers.CLIPVisionConfig(projection_dim=32, **vision),
-            text_config=text, image_token_id=image_id, vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
+            text_config=text, image_token_id=image_id,
+            vision_feature_layer=[-2, -1] if full else -2,
+            vision_feature_select_strategy=strategy,
         )  # fmt: skip
         model: Any = transformers.LlavaForConditionalGeneration(config)
         image_processor = transformers.CLIPImageProcessorPil(
@@ -147,7 +151,7 @@ def _save_vision_model(family: str, directory: Path, gguf: Path) -> Path:
         )
         processor: Any = transformers.LlavaProcessor(
             image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-            vision_feature_select_strategy="default", chat_template=template,
+            vision_feature_select_strategy=strategy, chat_template=template,
             num_additional_image_tokens=1,
         )  # fmt: skip
     elif family == "llava_next":

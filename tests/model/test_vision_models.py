@@ -20,7 +20,8 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.errors import InvalidRequestError
 
 FAMILIES = ("llava", "idefics3", "qwen2_5_vl")
-ALL_FAMILIES = (*FAMILIES, "llava_next")  # (the parity tests only: its engine path is LLaVA's)
+# (the parity tests only: their engine path is LLaVA's)
+ALL_FAMILIES = (*FAMILIES, "llava_full", "llava_next")
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 PLACEMENTS = {
     "first": "<image>Describe the picture.",
