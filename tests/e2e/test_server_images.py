@@ -270,3 +270,15 @@ def test_tools_with_an_image(tiny_vl) -> None:
     call = out.choices[0].message.tool_calls[0]
     assert call.function.name == "describe"
     assert set(json.loads(call.function.arguments)) == {"color"}
+
+
+def test_embeddings_refuse_images_before_fetching_them(tiny_vl) -> None:
+    """The chat form of /v1/embeddings takes no images: a 400 naming the part, said before
+    the URL is fetched (a fetch would have been refused as loopback)."""
+    server, _ = tiny_vl
+    body = {"model": MODEL, "messages": messages("http://127.0.0.1:9/cat.png")}
+    r = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages.0.content.0"
+    assert "embeddings of images" in error["message"]

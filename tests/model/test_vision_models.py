@@ -256,3 +256,43 @@ def test_mm_processor_kwargs_reach_the_processor_and_the_image_hash(llms, refere
     assert list(out.outputs[0].token_ids) == want[0, inputs["input_ids"].shape[1] :].tolist()
     with pytest.raises(InvalidRequestError, match="no option"):
         llms[family].generate({**request, "mm_processor_kwargs": {"nope": 1}}, GREEDY)
+
+
+def test_qwen2_5_vl_with_the_hubs_flat_config(tiny_vision_model_dir, references, tmp_path):
+    """The hub's Qwen2.5-VL config.json keeps the text model's keys at the top and M-RoPE in
+    rope_scaling ({"type": "mrope", "mrope_section": ...}); the same weights give the same
+    tokens as transformers."""
+    import json
+    import shutil
+
+    family = "qwen2_5_vl"
+    directory = tmp_path / "flat"
+    shutil.copytree(tiny_vision_model_dir(family), directory)
+    config = json.loads((directory / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    text.pop("model_type", None)
+    config |= text | {
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]},
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(directory), dtype="float32", device="cpu")
+    out = llm.generate(prompt(family, PLACEMENTS["two"], [IMAGES[0], IMAGES[1]]), GREEDY)[0]
+    want = reference(references, family, PLACEMENTS["two"], [IMAGES[0], IMAGES[1]])[1]
+    assert list(out.outputs[0].token_ids) == want
+
+
+def test_an_option_the_image_processor_lacks_stops_the_load(tiny_vision_model_dir):
+    from tokenmill.errors import ModelLoadError
+    from tokenmill.model.loader import load_model_source
+    from tokenmill.multimodal.processor import ImageProcessor
+
+    directory = str(tiny_vision_model_dir("idefics3"))
+    source = load_model_source(directory)
+    args = (directory, source.hf_config, source.tokenizer)
+    assert ImageProcessor(*args, {"do_image_splitting": False}).kwargs == {
+        "do_image_splitting": False
+    }
+    with pytest.raises(ModelLoadError, match="no option nope"):
+        ImageProcessor(*args, {"nope": 1})

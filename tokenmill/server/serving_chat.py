@@ -16,7 +16,6 @@ from tokenmill.engine.outputs import PositionLogprobs, RequestOutput
 from tokenmill.errors import InvalidRequestError
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.multimodal.media import load_images
-from tokenmill.multimodal.processor import ImageProcessor
 from tokenmill.server.chat_output import ChatOutput
 from tokenmill.server.choices import ChoiceDelta
 from tokenmill.server.limits import RequestLimits, check_chat_limits
@@ -134,13 +133,14 @@ class ChatServer(ServingBase):
     async def prompt_token_ids(self, request: ChatPromptRequest) -> list[int]:
         """The rendered, tokenized conversation of a request that takes no images
         (embeddings)."""
-        prompt, images = await self.render_prompt(request)
-        if images:
-            raise InvalidRequestError("embeddings of images are not supported", param="messages")
+        prompt, _ = await self.render_prompt(request, images_allowed=False)
         return prompt
 
     async def render_prompt(
-        self, request: ChatPromptRequest, use: ToolUse | None = None
+        self,
+        request: ChatPromptRequest,
+        use: ToolUse | None = None,
+        images_allowed: bool = True,
     ) -> tuple[list[int], tuple[ImageInput, ...]]:
         """Render the conversation (and its tools) and tokenize it, in the tokenizer thread;
         a vision model's image parts fetched and expanded into its image tokens."""
@@ -156,6 +156,8 @@ class ChatServer(ServingBase):
         template = request.chat_template or self.engine.tokenizer.chat_template
         as_parts = processor is not None and template_reads_parts(template)
         messages, urls = to_template_messages(request.messages, as_parts)
+        if urls and not images_allowed:
+            raise InvalidRequestError("embeddings of images are not supported", param=urls[0][1])
         if urls and processor is None:
             raise InvalidRequestError("this model does not accept images", param=urls[0][1])
         if urls and not as_parts:
@@ -163,14 +165,17 @@ class ChatServer(ServingBase):
                 "the chat template renders text content only, so it has no place for images",
                 param=urls[0][1],
             )
-        if processor is not None:
-            _processor_kwargs(request, processor)  # checked before anything is fetched
-        elif getattr(request, "mm_processor_kwargs", None):
+        kwargs = getattr(request, "mm_processor_kwargs", None) or {}
+        if processor is not None:  # checked before anything is fetched
+            kwargs = processor.check_kwargs(kwargs, "mm_processor_kwargs")
+        elif kwargs:
             raise InvalidRequestError(
                 "this model does not accept images", param="mm_processor_kwargs"
             )
         images = await load_images(urls, self.settings.media, self.settings.limits.max_images)
-        return await self.run_blocking(self._render_and_encode, request, use, messages, images)
+        return await self.run_blocking(
+            self._render_and_encode, request, use, messages, images, kwargs
+        )
 
     def _render_and_encode(
         self,
@@ -178,6 +183,7 @@ class ChatServer(ServingBase):
         use: ToolUse | None,
         messages: list[dict[str, Any]],
         images: list[Image],
+        processor_kwargs: dict[str, Any],
     ) -> tuple[list[int], tuple[ImageInput, ...]]:
         tokenizer, documents = self.engine.tokenizer, request.documents
         template_kwargs = _with_reasoning_effort(request, tokenizer.chat_template)
@@ -198,7 +204,7 @@ class ChatServer(ServingBase):
         processor = self.engine.image_processor
         if processor is None:
             return ids, ()
-        return processor.expand(ids, images, "messages", _processor_kwargs(request, processor))
+        return processor.expand(ids, images, "messages", processor_kwargs)
 
     async def _collect(
         self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
@@ -369,12 +375,6 @@ def _text_of(content: Any, message_index: int) -> str:
     """A message's text: a string as is, text parts joined by newlines (as vLLM does)."""
     parts = _content_parts(content, message_index, [])
     return "\n".join(p["text"] for p in parts if p["type"] == "text")
-
-
-def _processor_kwargs(request: ChatPromptRequest, processor: ImageProcessor) -> dict[str, Any]:
-    """The request's mm_processor_kwargs, checked against the model's image processor."""
-    kwargs = getattr(request, "mm_processor_kwargs", None) or {}
-    return processor.check_kwargs(kwargs, "mm_processor_kwargs")
 
 
 def _check_chat_options(request: ChatCompletionRequest, limits: RequestLimits) -> None:
