@@ -1,5 +1,5 @@
 """VisionLanguageModel: a language model whose image tokens take their embeddings from a
-vision encoder (LLaVA, Idefics3/SmolVLM).
+vision encoder (LLaVA, LLaVA-NeXT, Idefics3/SmolVLM, Qwen2.5-VL).
 
 The language model is one of tokenmill's own (paged KV cache, batching, the backends'
 kernels); the encoder (vision tower and projector) is transformers' own modules, run once
