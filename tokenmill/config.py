@@ -97,6 +97,20 @@ class StructuredOutputsConfig:
     reasoning_parser: str | None = None
 
 
+DistributedBackend = Literal["mp"]
+
+
+@dataclass(slots=True)
+class ParallelConfig:
+    """How many processes run the model (tokenmill/executor/multiproc.py)."""
+
+    # ranks that each hold a shard of every layer's weights (Megatron-style), 1 = one process
+    tensor_parallel_size: int = 1
+    # mp: the ranks are processes on this machine (vLLM's --distributed-executor-backend);
+    # None: mp where there is more than one rank
+    distributed_executor_backend: DistributedBackend | None = None
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """The whole engine's configuration."""
@@ -105,12 +119,16 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Build from flat keyword arguments (LLM(...) and the CLI); unknown keys raise."""
         config = cls()
-        sections = (config.model, config.cache, config.scheduler, config.structured_outputs)
+        sections = (
+            config.model, config.cache, config.scheduler, config.structured_outputs,
+            config.parallel,
+        )  # fmt: skip
         for key, value in kwargs.items():
             for section in sections:
                 if key in {f.name for f in fields(section)}:

@@ -19,6 +19,7 @@ from tokenmill.server.vllm_flags import VLLM_FLAGS, RefusedFlag, check_vllm_flag
 WORKS = [
     "--model", "some-model", "--disable-log-stats", "--enable-chunked-prefill",
     "--tensor-parallel-size", "1", "--pipeline-parallel-size", "1", "-dp", "1",
+    "--distributed-executor-backend", "mp",
     "--scheduling-policy", "priority", "--load-format", "auto", "--tokenizer-mode", "auto",
     "--response-role", "assistant", "--chat-template-content-format", "auto",
     "--enable-log-requests", "--cpu-offload-gb", "0",
@@ -26,13 +27,13 @@ WORKS = [
 ]  # fmt: skip
 IGNORED = [
     "--trust-remote-code", "--enforce-eager", "--swap-space", "4", "--download-dir", "/tmp/x",
-    "--max-seq-len-to-capture", "8192", "--distributed-executor-backend", "mp",
+    "--max-seq-len-to-capture", "8192",
     "--no-enable-chunked-prefill", "--disable-frontend-multiprocessing",
     "--max-num-partial-prefills", "2", "--hf-token", "hf_x", "--max-log-len", "100",
     "--preemption-mode", "swap", "--chat-template-content-format", "openai",
 ]  # fmt: skip
 REFUSED = [
-    ("--tensor-parallel-size 2", "one device"),
+    ("--pipeline-parallel-size 2", "--tensor-parallel-size"),
     ("--enable-lora", "merge_and_unload"),
     ("--lora-modules a=b", "LoRA"),
     ("--revision main", "downloads nothing"),
@@ -69,7 +70,7 @@ def test_scheduling_policy_and_token_ids_defaults_and_bad_values(
 def test_flags_with_no_effect_here_each_get_one_warning() -> None:
     args = parse(*IGNORED)
     warnings = check_vllm_flags(args)
-    assert len(warnings) == 13, warnings
+    assert len(warnings) == 12, warnings
     assert any(w.startswith("--no-enable-chunked-prefill has no effect") for w in warnings)
     assert any(w.startswith("--trust-remote-code has no effect here: ") for w in warnings)
     assert any(w.startswith("--swap-space 4 has no effect here: ") for w in warnings)

@@ -36,13 +36,14 @@ def test_whole_fused_tensor_loads_in_one_call() -> None:
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_row_layer_takes_its_columns_and_the_whole_bias(rank: int) -> None:
+def test_row_layer_takes_its_columns_and_the_leader_the_bias(rank: int) -> None:
+    """The ranks' outputs are summed, so the bias is added once: by rank 0's."""
     weight, bias = arange(3, 4), torch.arange(3.0)
     layer = RowLinear(4, 3, bias=True, tp_rank=rank, tp_size=2)
     layer.weight_loader(layer.weight, weight, None)
     layer.weight_loader(layer.bias, bias, None)
     assert torch.equal(layer.weight.detach(), weight[:, 2 * rank : 2 * rank + 2])
-    assert torch.equal(layer.bias.detach(), bias)
+    assert torch.equal(layer.bias.detach(), bias if rank == 0 else torch.zeros(3))
 
 
 def test_a_part_of_the_wrong_shape_is_a_load_error() -> None:

@@ -38,6 +38,7 @@ from tokenmill.layers.linear import (
     TransposedHead,
     gguf_fallback_reason,
     gguf_linear,
+    shard_blocks,
 )
 from tokenmill.layers.ops import ForwardContext, KVCache, TorchOps
 from tokenmill.layers.rotary import RotaryTables
@@ -285,8 +286,11 @@ def _keep_gguf_blocks(
     targets: list[tuple[str, nn.Linear | torch.Tensor]] = list(_linears(model))
     if model.lm_head is None:  # tied: the output projection is the embedding
         targets.append(("lm_head", model.output_weight))
+    sharded = _sharded(model)
     for path, linear in targets:
         parts = [blocks(name) for name in checkpoint_weight_names(model, path)]
+        if sharded:
+            parts = _rank_blocks(model, path, parts)
         int8 = int8_activations and not path.startswith(formats.FLOAT_ACTIVATION_LAYERS)
         replacement = gguf_linear(linear, parts, int8)
         if replacement is not None:
@@ -303,6 +307,22 @@ def _keep_gguf_blocks(
         for reason, paths in left.items()
     )
     return kept, summary
+
+
+def _sharded(model: CausalLM) -> bool:
+    return any(getattr(m, "tp_size", 1) > 1 for m in model.modules())
+
+
+def _rank_blocks(
+    model: CausalLM, path: str, parts: list[tuple[int, torch.Tensor] | None]
+) -> list[tuple[int, torch.Tensor] | None]:
+    """A tensor-parallel rank's slices of a linear's checkpoint blocks (the tied output
+    projection's are the embedding's rows); replicated layers (a router) keep them all."""
+    owner = "model.embed_tokens" if path == "lm_head" and model.lm_head is None else path
+    slices = getattr(model.get_submodule(owner), "checkpoint_slices", None)
+    if slices is None:
+        return parts
+    return [shard_blocks(p, *s) for p, s in zip(parts, slices(), strict=True)]
 
 
 def pack_fp16(model: nn.Module) -> None:

@@ -324,6 +324,7 @@ class AsyncEngine:
         try:
             while not self._stopping.is_set():
                 self._run_commands(block=not self.engine.has_unfinished)
+                self.engine.core.check_health()  # a worker process gone: stop
                 if self.engine.has_unfinished:
                     outputs = self.engine.step()
                     self._publish()

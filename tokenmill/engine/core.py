@@ -13,8 +13,10 @@ from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import FinishReason
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
+from tokenmill.distributed.group import PeerError
 from tokenmill.errors import ModelLoadError
 from tokenmill.executor.base import Executor
+from tokenmill.executor.multiproc import MultiprocExecutor
 from tokenmill.executor.uniproc import UniprocExecutor
 from tokenmill.model.config import text_config
 from tokenmill.model.loader import ModelSource, load_model_source
@@ -38,9 +40,7 @@ class EngineCore:
             int(text_config(self.source.hf_config)["vocab_size"]),
             config.structured_outputs.guided_decoding_backend,
         )
-        self.executor: Executor = UniprocExecutor(
-            config.model, config.cache, self.source, self.structured_outputs
-        )
+        self.executor = _executor(config, self.source, self.structured_outputs)
         self.info = self.executor.info
         scheduler_config = config.scheduler
         budget = scheduler_config.max_num_batched_tokens
@@ -77,6 +77,10 @@ class EngineCore:
         """Release the executor's workers (after the last step)."""
         self.executor.shutdown()
 
+    def check_health(self) -> None:
+        """Raise PeerError once a worker process is gone (the engine cannot step)."""
+        self.executor.check_health()
+
     def finish(self, request_id: str, reason: FinishReason) -> None:
         """End a request now (abort, or a stop string found after detokenizing)."""
         request = self.requests.pop(request_id, None)
@@ -92,6 +96,8 @@ class EngineCore:
         try:
             output = self.executor.execute(self.model_input(out))
             failed: list[Request] = []
+        except PeerError:
+            raise  # a rank is gone: no request can run any more
         except Exception:
             logger.exception(
                 "engine step failed; retrying its %d requests one by one", len(out.scheduled)
@@ -199,11 +205,13 @@ class EngineCore:
     def _log_summary(self, seconds: float) -> None:
         info = self.info
         logger.info(
-            "Loaded %s: %s, %.1fM parameters, %s math on %s%s, weights %s, max_model_len %d, "
-            "KV cache %d blocks x %d tokens (%.1f MiB, %s), in %.1f s",
+            "Loaded %s: %s, %.1fM parameters%s, %s math on %s%s, weights %s, "
+            "max_model_len %d, KV cache %d blocks x %d tokens (%.1f MiB, %s), in %.1f s",
             self.source.name,
             (self.source.hf_config.get("architectures") or ["?"])[0],
             info.num_parameters / 1e6,
+            f" (rank 0 of {size} tensor-parallel)" if (size := info.tensor_parallel_size) > 1
+            else "",
             str(info.dtype).removeprefix("torch."),
             info.device,
             f" ({info.cpu_threads})" if info.cpu_threads else "",
@@ -215,3 +223,15 @@ class EngineCore:
             str(info.kv_cache_dtype).removeprefix("torch."),
             seconds,
         )
+
+
+def _executor(
+    config: EngineConfig, source: ModelSource, grammars: StructuredOutputManager
+) -> Executor:
+    """One worker in this process, or a tensor-parallel group of processes."""
+    size = config.parallel.tensor_parallel_size
+    if size < 1:
+        raise ModelLoadError(f"tensor_parallel_size must be at least 1, got {size}")
+    if size == 1:
+        return UniprocExecutor(config.model, config.cache, source, grammars)
+    return MultiprocExecutor(config.model, config.cache, source, grammars, size)

@@ -29,8 +29,9 @@ class ModelInfo:
     quantization: Quantization | None
     cpu_threads: str  # how the CPU threads were chosen ("" off CPU)
     num_blocks: int  # KV cache blocks (each worker has this many)
-    kv_cache_bytes: int
+    kv_cache_bytes: int  # over every rank
     kv_cache_dtype: torch.dtype
+    tensor_parallel_size: int = 1
 
 
 class Executor(ABC):
@@ -51,3 +52,6 @@ class Executor(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Release the workers."""
+
+    def check_health(self) -> None:
+        """Raise (PeerError) once a worker is gone; nothing with one in this process."""

@@ -4,8 +4,8 @@ formats.py says which runs where).
 
 A model's fused projection (q|k|v, gate|up) is a `ColumnLinear` with one output size per
 checkpoint part; its `weight_loader` copies each part into its rows. Both column and row
-layers know their tensor-parallel rank and size: a checkpoint tensor is narrowed to the
-rank's share as it loads (rank 0 of 1 today, so the whole tensor).
+layers know their tensor-parallel rank and size (the group the model is built for,
+tokenmill/distributed): a checkpoint tensor is narrowed to the rank's share as it loads.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.distributed import group as parallel
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels import quant_matmul
 
@@ -40,63 +41,114 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
         dst.copy_(src)
 
 
+Shard = tuple[int, int]  # (first row or column of the full tensor, how many) a rank holds
+
+
 class ColumnLinear(nn.Linear):
     """y = x W^T + b, W's output rows split across tensor-parallel ranks; the checkpoint
-    may store W as several projections (`output_sizes`, full sizes) fused here in order."""
+    may store W as several projections (`output_sizes`, full sizes) fused here in order.
+    `shards`: the rows of each part this rank holds (start, size); by default the rank's
+    even share of each (the attention gives its own where key/value heads are replicated)."""
 
     def __init__(
         self,
         in_features: int,
         output_sizes: list[int],
         bias: bool,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        tp_rank: int | None = None,
+        tp_size: int | None = None,
+        shards: list[Shard] | None = None,
     ):
-        if any(size % tp_size for size in output_sizes):
-            raise ModelLoadError(f"output sizes {output_sizes} do not split into {tp_size}")
-        self.output_sizes = [size // tp_size for size in output_sizes]  # this rank's
+        group = parallel.current()
+        tp_rank = group.rank if tp_rank is None else tp_rank
+        tp_size = group.size if tp_size is None else tp_size
+        if shards is None:
+            if any(size % tp_size for size in output_sizes):
+                raise ModelLoadError(f"output sizes {output_sizes} do not split into {tp_size}")
+            shards = [(tp_rank * (s // tp_size), s // tp_size) for s in output_sizes]
+        self.full_sizes, self.shards = list(output_sizes), list(shards)
+        self.output_sizes = [size for _, size in shards]  # this rank's
         self.tp_rank, self.tp_size = tp_rank, tp_size
         super().__init__(in_features, sum(self.output_sizes), bias=bias)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard: int | None) -> None:
         """Part `shard` (None: the whole fused tensor) of the checkpoint's W or b."""
         parts = range(len(self.output_sizes)) if shard is None else [shard]
-        sizes = [self.output_sizes[i] for i in parts]
-        if loaded.shape[0] != sum(sizes) * self.tp_size:
+        full = sum(self.full_sizes[i] for i in parts)
+        if loaded.shape[0] != full:
+            mine = sum(self.output_sizes[i] for i in parts)
             raise ModelLoadError(
                 f"weight shard {shard}: shape {tuple(loaded.shape)} does not fit "
-                f"{(sum(sizes) * self.tp_size, *param.shape[1:])}"
+                f"{(mine * self.tp_size, *param.shape[1:])}"
             )
         offset, source = sum(self.output_sizes[: parts[0]]), 0
-        for size in sizes:  # each part's rank-th slice
-            full = size * self.tp_size
-            piece = loaded.narrow(0, source + self.tp_rank * size, size)
+        for i in parts:  # each part's slice for this rank
+            start, size = self.shards[i]
+            piece = loaded.narrow(0, source + start, size)
             _copy(param.narrow(0, offset, size), piece, f" shard {shard}")
-            offset, source = offset + size, source + full
+            offset, source = offset + size, source + self.full_sizes[i]
+
+    def checkpoint_slices(self) -> list[tuple[int, int, int]]:
+        """Per checkpoint part: (dimension, start, size) of the full tensor this rank holds."""
+        return [(0, start, size) for start, size in self.shards]
 
 
 class RowLinear(nn.Linear):
     """y = x W^T + b, W's input columns split across tensor-parallel ranks (the layer after
-    a ColumnLinear: o_proj, down_proj). Loading gives each rank its columns and the whole
-    bias; a tensor-parallel executor must sum the ranks' outputs and add the bias once
-    (not built yet: every model runs with tp_size 1)."""
+    a ColumnLinear: o_proj, down_proj). Each rank computes a partial sum; the model adds
+    them up with `tp.all_reduce` (after the backend may have swapped this module for a
+    packed one, so the sum is the model's call, not this module's). The bias is the
+    leader's alone (zero on the other ranks), so the sum adds it once."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        tp_rank: int | None = None,
+        tp_size: int | None = None,
     ):
+        group = parallel.current()
+        tp_rank = group.rank if tp_rank is None else tp_rank
+        tp_size = group.size if tp_size is None else tp_size
         if in_features % tp_size:
             raise ModelLoadError(f"input size {in_features} does not split into {tp_size}")
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.full_in_features = in_features
         super().__init__(in_features // tp_size, out_features, bias=bias)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard: int | None) -> None:
         if shard is not None:
             raise ModelLoadError(f"a shard ({shard}) of a parameter that is not fused")
-        if param.dim() == 2:  # the weight: this rank's columns; the bias is whole
+        if param.dim() == 2:  # the weight: this rank's columns
             size = param.shape[1]
             if loaded.dim() == 2 and loaded.shape[1] == size * self.tp_size:
                 loaded = loaded.narrow(1, self.tp_rank * size, size)
+        elif self.tp_rank > 0:  # the bias: added once, by the leader
+            loaded = torch.zeros_like(loaded)
         _copy(param, loaded, "")
+
+    def checkpoint_slices(self) -> list[tuple[int, int, int]]:
+        size = self.in_features
+        return [(1, self.tp_rank * size, size)]
+
+
+def shard_blocks(
+    blocks: tuple[int, torch.Tensor] | None, dim: int, start: int, size: int
+) -> tuple[int, torch.Tensor] | None:
+    """A GGUF tensor's blocks (type, [N, row_bytes]) narrowed to this rank's rows (dim 0)
+    or columns (dim 1) [start, start + size); None where there are none or the columns do
+    not fall on block boundaries."""
+    if blocks is None:
+        return None
+    ggml_type, data = blocks
+    if dim == 0:
+        return (ggml_type, data.narrow(0, start, size)) if start + size <= len(data) else None
+    layout = quant_matmul.BLOCK_LAYOUT.get(ggml_type)
+    if layout is None or start % layout[0] or size % layout[0]:
+        return None
+    values, nbytes = layout
+    return ggml_type, data.narrow(1, start // values * nbytes, size // values * nbytes)
 
 
 class TransposedHead(nn.Module):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tokenmill.distributed import group as parallel
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.ops import ForwardContext, TorchOps
 
@@ -15,10 +16,19 @@ ExpertShard = tuple[int, int | None]  # (expert, part of a fused projection or N
 
 
 class Experts(nn.Module):
-    """E experts: w13 [E, 2I, C] (gate | up, as the checkpoint's two projections), w2 [E, C, I]."""
+    """E experts: w13 [E, 2I, C] (gate | up, as the checkpoint's two projections), w2 [E, C, I].
+    Under tensor parallelism every rank holds every expert's I / ranks share of the
+    intermediate size (gate and up rows, down columns): its output is a partial sum."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
         super().__init__()
+        tp = parallel.current()
+        if intermediate % tp.size:
+            raise ModelLoadError(
+                f"expert size {intermediate} does not split over tensor-parallel size {tp.size}"
+            )
+        intermediate //= tp.size
+        self.tp_rank, self.tp_size = tp.rank, tp.size
         self.num_experts, self.intermediate = num_experts, intermediate
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
@@ -28,9 +38,14 @@ class Experts(nn.Module):
         if not isinstance(shard, tuple) or not 0 <= shard[0] < self.num_experts:
             raise ModelLoadError(f"expert weight with no expert index ({shard})")
         expert, part = shard
-        dst = param[expert]
-        if part is not None:
-            dst = dst.narrow(0, part * self.intermediate, self.intermediate)
+        dst, size = param[expert], self.intermediate
+        whole = size * self.tp_size
+        if part is not None:  # gate or up: this rank's rows
+            dst = dst.narrow(0, part * size, size)
+            if self.tp_size > 1 and loaded.shape[0] == whole:
+                loaded = loaded.narrow(0, self.tp_rank * size, size)
+        elif self.tp_size > 1 and loaded.dim() == 2 and loaded.shape[1] == whole:
+            loaded = loaded.narrow(1, self.tp_rank * size, size)  # down: this rank's columns
         if dst.shape != loaded.shape:
             raise ModelLoadError(
                 f"expert {expert}: shape {tuple(loaded.shape)} does not fit {tuple(dst.shape)}"
@@ -81,6 +96,7 @@ class SparseMoeBlock(nn.Module):
         if not 0 < top_k <= num_experts:
             raise ModelLoadError(f"{top_k} experts per token out of {num_experts}")
         self.top_k, self.renormalize = top_k, renormalize
+        self.tp = parallel.current()
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = Experts(num_experts, hidden, intermediate)
         self.shared_expert = shared_expert
@@ -93,7 +109,7 @@ class SparseMoeBlock(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = self.experts(x, weights.to(x.dtype), experts, ctx.ops)
+        out = self.tp.all_reduce(self.experts(x, weights.to(x.dtype), experts, ctx.ops))
         if self.shared_expert is None or self.shared_expert_gate is None:
             return out
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, ctx)  # [T, C]

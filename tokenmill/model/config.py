@@ -139,3 +139,26 @@ def _layer_types(hf: dict[str, Any], window: int | None) -> list[str] | None:
         start = int(hf["max_window_layers"])
         return [SLIDING if i >= start else FULL for i in range(hf["num_hidden_layers"])]
     return None
+
+
+def head_shards(num_heads: int, num_kv_heads: int, rank: int, size: int) -> list[tuple[int, int]]:
+    """[(first query head, query heads), (first key/value head, key/value heads)] of a
+    tensor-parallel rank: an even share of each, or one key/value head replicated over
+    size / num_kv_heads ranks where there are fewer than ranks."""
+    if num_heads % size:
+        raise ModelLoadError(
+            f"{num_heads} attention heads do not split over tensor-parallel size {size}"
+        )
+    q = num_heads // size
+    if num_kv_heads >= size:
+        if num_kv_heads % size:
+            raise ModelLoadError(
+                f"{num_kv_heads} key/value heads do not split over tensor-parallel size {size}"
+            )
+        kv = num_kv_heads // size
+        return [(rank * q, q), (rank * kv, kv)]
+    if size % num_kv_heads:
+        raise ModelLoadError(
+            f"tensor-parallel size {size} is not a multiple of {num_kv_heads} key/value heads"
+        )
+    return [(rank * q, q), (rank * num_kv_heads // size, 1)]

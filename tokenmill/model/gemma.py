@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.distributed import group as parallel
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.fusion import PreNormDecoder
 from tokenmill.layers.linear import ColumnLinear, RowLinear, default_weight_loader
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.ops import ForwardContext, KVCache
 from tokenmill.layers.rotary import RotaryEmbedding, RotaryTables
+from tokenmill.layers.vocab import gather_logits, output_head, vocab_embedding
 from tokenmill.model.config import FULL, SLIDING, ArchConfig
 from tokenmill.model.interface import load_checkpoint
 from tokenmill.model.llama import LlamaAttention
@@ -43,13 +45,14 @@ class Gemma3Attention(LlamaAttention):
 class Gemma3MLP(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
+        self.tp = parallel.current()
         size = cfg.intermediate_size
         self.gate_up_proj = ColumnLinear(cfg.hidden_size, [size, size], bias=False)
         self.down_proj = RowLinear(size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.tp.all_reduce(self.down_proj(F.gelu(gate, approximate="tanh") * up))
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -82,7 +85,7 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3Model(nn.Module):
     def __init__(self, cfg: ArchConfig, scale: float, layer_types: list[str]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = vocab_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(cfg, scale, t == SLIDING) for t in layer_types
         )
@@ -107,10 +110,9 @@ class Gemma3ForCausalLM(nn.Module):
         )
         scale = float(hf_config["query_pre_attn_scalar"]) ** -0.5
         self.model = Gemma3Model(cfg, scale, layer_types)
+        self.tp = parallel.current()
         self.lm_head: nn.Module | None = (
-            None
-            if cfg.tie_word_embeddings
-            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            None if cfg.tie_word_embeddings else output_head(cfg.hidden_size, cfg.vocab_size)
         )
         (global_theta, global_scaling), (local_theta, local_scaling) = self.rope(hf_config)
         positions = cfg.max_context
@@ -158,6 +160,7 @@ class Gemma3ForCausalLM(nn.Module):
             logits = F.linear(hidden, self.model.embed_tokens.weight).float()
         else:
             logits = self.lm_head(hidden).float()
+        logits = gather_logits(logits, self.tp, self.config.vocab_size)
         cap = self.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -9,29 +9,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.distributed import group as parallel
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.fusion import PreNormBlock, PreNormDecoder
 from tokenmill.layers.linear import ColumnLinear, RowLinear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.ops import ForwardContext, KVCache
 from tokenmill.layers.rotary import RotaryEmbedding, RotaryTables
-from tokenmill.model.config import ArchConfig
+from tokenmill.layers.vocab import gather_logits, output_head, vocab_embedding
+from tokenmill.model.config import ArchConfig, head_shards
 from tokenmill.model.interface import load_checkpoint
 
 
 class LlamaAttention(nn.Module):
+    """Under tensor parallelism a rank holds num_heads / ranks query heads and its share of
+    the key/value heads (one of them, replicated, where there are fewer than ranks)."""
+
     def __init__(self, cfg: ArchConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.tp = tp = parallel.current()
+        D = cfg.head_dim
+        shards = head_shards(cfg.num_heads, cfg.num_kv_heads, tp.rank, tp.size)
+        self.num_heads, self.num_kv_heads, self.head_dim = shards[0][1], shards[1][1], D
+        self.q_size, self.kv_size = self.num_heads * D, self.num_kv_heads * D
+        full_q, full_kv = cfg.num_heads * D, cfg.num_kv_heads * D
         self.qkv_proj = ColumnLinear(
-            cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias
-        )
-        self.o_proj = RowLinear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+            cfg.hidden_size, [full_q, full_kv, full_kv], bias=cfg.attention_bias,
+            shards=[(start * D, n * D) for start, n in (shards[0], shards[1], shards[1])],
+        )  # fmt: skip
+        self.o_proj = RowLinear(full_q, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale: float | None = None  # of q.k; None = head_dim ** -0.5
@@ -51,7 +57,7 @@ class LlamaAttention(nn.Module):
                 out = ctx.attention.forward(
                     q, k, v, kv_cache, ctx.meta, True, self.scale, self.softcap, self.window
                 )
-                return self.o_proj(out.view(T, self.q_size))
+                return self.tp.all_reduce(self.o_proj(out.view(T, self.q_size)))
         qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, D)
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
@@ -60,18 +66,19 @@ class LlamaAttention(nn.Module):
             qk[:, :H], qk[:, H:], v, kv_cache, ctx.meta, False, self.scale, self.softcap,
             self.window,
         )  # fmt: skip
-        return self.o_proj(out.reshape(T, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(T, self.q_size)))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
+        self.tp = parallel.current()
         size = cfg.intermediate_size
         self.gate_up_proj = ColumnLinear(cfg.hidden_size, [size, size], bias=cfg.mlp_bias)
         self.down_proj = RowLinear(size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.down_proj(ctx.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(ctx.ops.silu_and_mul(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -103,7 +110,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ArchConfig, layer_class: type[LlamaDecoderLayer]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = vocab_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(layer_class(cfg) for _ in range(cfg.num_layers))
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, LlamaDecoderLayer)
@@ -140,10 +147,9 @@ class LlamaForCausalLM(nn.Module):
             qk_norm=self.qk_norm,
         )
         self.model = LlamaModel(cfg, self.decoder_layer_class)
+        self.tp = parallel.current()
         self.lm_head: nn.Module | None = (
-            None
-            if cfg.tie_word_embeddings
-            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            None if cfg.tie_word_embeddings else output_head(cfg.hidden_size, cfg.vocab_size)
         )
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
@@ -171,11 +177,14 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, C] of the rows that sample -> float32 logits [N, V]."""
+        """hidden [N, C] of the rows that sample -> float32 logits [N, V] (under tensor
+        parallelism, on the leader; the other ranks get their slice)."""
         hidden = self.final_hidden(hidden)
         if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            logits = F.linear(hidden, self.model.embed_tokens.weight).float()
+        else:
+            logits = self.lm_head(hidden).float()
+        return gather_logits(logits, self.tp, self.config.vocab_size)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -189,6 +198,8 @@ class LlamaForCausalLM(nn.Module):
         """The layers as PreNormBlocks, or None where they are not of that shape (biases on
         the projections, q/k norms)."""
         cos_sin = self.rotary.cos_sin
+        if self.tp.size > 1:
+            return None  # the fused step has no all-reduce between its layers
         if cos_sin is None or self.config.qk_norm or cos_sin.shape[-1] != self.config.head_dim:
             return None  # q/k norms or partial rotary: not in the fused step
         blocks = []

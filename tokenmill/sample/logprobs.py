@@ -94,12 +94,13 @@ class PromptChunk:
 
 
 def prompt_logprobs(
-    compute_logits: Callable[[torch.Tensor], torch.Tensor],
-    hidden: torch.Tensor,
+    logits_of_rows: Callable[[torch.Tensor], torch.Tensor],
     chunks: Sequence[PromptChunk],
     vocab_size: int,
+    device: torch.device,
 ) -> dict[str, list[PositionLogprobs]]:
-    """Each request's entries for the prompt tokens its chunks predict, in order."""
+    """Each request's entries for the prompt tokens its chunks predict, in order;
+    `logits_of_rows(index)`: the float32 logits of those rows of the batch."""
     rows: list[int] = []
     targets: list[int] = []
     owners: list[PromptChunk] = []
@@ -108,11 +109,10 @@ def prompt_logprobs(
         targets.extend(chunk.targets)
         owners.extend([chunk] * len(chunk.positions))
     result: dict[str, list[PositionLogprobs]] = {c.request_id: [] for c in chunks}
-    device = hidden.device
     for begin in range(0, len(rows), _PROMPT_ROWS_PER_CHUNK):
         end = begin + _PROMPT_ROWS_PER_CHUNK
         index = torch.tensor(rows[begin:end], device=device)
-        logits = compute_logits(hidden.index_select(0, index))[:, :vocab_size].float()
+        logits = logits_of_rows(index)[:, :vocab_size].float()
         entries = gather_logprobs(
             torch.log_softmax(logits, dim=-1),
             torch.tensor(targets[begin:end], device=device),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, get_args
 
 from tokenmill.config import (
     Backend,
+    DistributedBackend,
     EngineConfig,
     GuidedDecodingBackend,
     KVCacheDtype,
@@ -343,6 +344,17 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         help="KV cache size, e.g. 2GiB, 512MiB, 1e9 (default: sized to the machine)",
     )  # fmt: skip
     g.add_argument(
+        "--tensor-parallel-size", "-tp", type=int,
+        default=_DEFAULTS.parallel.tensor_parallel_size, metavar="N",
+        help="ranks that each hold a shard of every layer (processes on this machine, gloo "
+        "on CPU, NCCL on CUDA; docs/scaling.md) (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--distributed-executor-backend", choices=get_args(DistributedBackend), default=None,
+        help="how the tensor-parallel ranks run: mp, processes on this machine (default: mp "
+        "with more than one rank)",
+    )  # fmt: skip
+    g.add_argument(
         "--cpu-threads", type=int, default=None, metavar="N",
         help="CPU: threads for the model's work, pinned (default: torch's, capped at the "
         "cgroup's CPU quota, and lowered while other processes take the cores)",
@@ -495,6 +507,8 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
     from tokenmill.server.limits import RequestLimits
     from tokenmill.server.settings import ServerSettings
 
+    if args.tensor_parallel_size < 1:
+        raise StartupError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise StartupError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
     if args.shutdown_timeout < 0:
@@ -562,6 +576,8 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
         max_logprobs=args.max_logprobs,
         guided_decoding_backend=args.guided_decoding_backend,
         reasoning_parser=args.reasoning_parser,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
     )  # fmt: skip
     logger.info("loading %s", args.model or "the bundled default model")
     try:

@@ -21,7 +21,9 @@ _NO_DOWNLOADS = (
     "tokenmill downloads nothing: it serves local directories, .gguf files and models "
     "already in the local Hugging Face cache"
 )
-_ONE_DEVICE = "tokenmill runs the model on one device (multi-device serving is planned)"
+_NO_PIPELINE = (
+    "pipeline parallelism is not built yet; split the model with --tensor-parallel-size"
+)
 _NO_GRAPHS = "tokenmill captures no CUDA graphs and compiles nothing: the model runs eagerly"
 _NO_LORA = (
     "LoRA adapters are not supported; merge the adapter into the weights (peft's "
@@ -64,8 +66,7 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
              takes_value=False, works=_is(True)),
     VllmFlag(("--enable-chunked-prefill",), "ignore", _SCHEDULER, takes_value=False,
              works=_is(True), boolean_optional=True),
-    VllmFlag(("--tensor-parallel-size", "-tp"), "refuse", _ONE_DEVICE, works=_is(1)),
-    VllmFlag(("--pipeline-parallel-size", "-pp"), "refuse", _ONE_DEVICE, works=_is(1)),
+    VllmFlag(("--pipeline-parallel-size", "-pp"), "refuse", _NO_PIPELINE, works=_is(1)),
     VllmFlag(("--data-parallel-size", "-dp"), "refuse",
              "one tokenmill server serves one engine; run several behind a load balancer",
              works=_is(1)),
@@ -98,8 +99,9 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag(("--download-dir",), "ignore", _NO_DOWNLOADS),
     VllmFlag(("--hf-token",), "ignore", _NO_DOWNLOADS),
     VllmFlag(("--max-parallel-loading-workers",), "ignore", "weights load in one pass"),
-    VllmFlag(("--distributed-executor-backend",), "ignore", _ONE_DEVICE),
-    VllmFlag(("--disable-custom-all-reduce",), "ignore", _ONE_DEVICE, takes_value=False),
+    VllmFlag(("--disable-custom-all-reduce",), "ignore",
+             "tensor-parallel ranks all-reduce through torch.distributed (gloo or NCCL)",
+             takes_value=False),
     VllmFlag(("--disable-frontend-multiprocessing",), "ignore",
              "the server and the engine already share one process", takes_value=False),
     VllmFlag(("--max-num-partial-prefills",), "ignore", _SCHEDULER),

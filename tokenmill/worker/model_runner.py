@@ -1,13 +1,19 @@
 """ModelRunner: flattens a step's scheduled sequences into one batch, runs the model
-through its backend, and samples."""
+through its backend, and samples.
+
+Under tensor parallelism the leader's runner (rank 0) prepares and samples; before each
+forward and each logits computation it broadcasts what the other ranks need to run the
+same collectives (the flat step, the rows whose logits it gathers), and their runners
+`follow()` it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from tokenmill.backends.base import Backend
+from tokenmill.distributed.group import SINGLE, ParallelGroup
 from tokenmill.layers.attention import ScheduledChunk, StepLayout
 from tokenmill.layers.ops import ForwardContext, KVCache
 from tokenmill.model.interface import CausalLM
@@ -37,6 +43,7 @@ class Batch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T], or [3, T] for a model with multimodal rotary positions
     ctx: ForwardContext
+    layout: StepLayout
     sample_rows: torch.Tensor  # [N] rows whose hidden state is turned into logits
     sampling: list[SequenceState]  # the N sequences, in sample_rows order
     prompt_chunks: list[PromptChunk]  # chunks of sequences that want prompt logprobs
@@ -56,8 +63,10 @@ class ModelRunner:
         sampler: Sampler,
         block_size: int,
         device: torch.device,
+        tp: ParallelGroup = SINGLE,
     ):
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
+        self.tp = tp  # the ranks that hold the model's shards; this runner leads or follows
         self.sampler, self.block_size, self.device = sampler, block_size, device
         # multimodal rotary positions ([3, T]; Qwen2.5-VL): each request's prompt positions and
         # delta, made once (multimodal/mrope.py) and dropped when the request ends
@@ -75,13 +84,16 @@ class ModelRunner:
         output = ModelOutput()
         if batch.prompt_chunks:
             output.prompt_logprobs = prompt_logprobs(
-                self.model.compute_logits, hidden, batch.prompt_chunks, self.sampler.vocab_size
+                lambda rows: self._logits(hidden, rows),
+                batch.prompt_chunks,
+                self.sampler.vocab_size,
+                self.device,
             )
         if batch.pool_chunks:
             output.pooled = self.pool(hidden, batch)
         if not batch.sampling:
             return output
-        logits = self.model.compute_logits(hidden[batch.sample_rows])
+        logits = self._logits(hidden, batch.sample_rows)
         sampled = self.sampler(logits, batch.sampling)
         ids = batch.sampling
         output.sampled_token_ids = {
@@ -97,7 +109,35 @@ class ModelRunner:
     def logits_for(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
         """The float32 logits [N, V] the sampler would see (for parity tests)."""
         batch = self.prepare(scheduled)
-        return self.model.compute_logits(self.forward(batch)[batch.sample_rows])
+        return self._logits(self.forward(batch), batch.sample_rows)
+
+    def _logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The float32 logits [N, V] of `rows` of the step's hidden states."""
+        if self.tp.size > 1:
+            self.tp.broadcast_object(("logits", rows.cpu()))
+        return self.model.compute_logits(hidden.index_select(0, rows))
+
+    def follow(self) -> None:
+        """A follower rank: run the leader's steps on this rank's shards until it stops."""
+        hidden: torch.Tensor | None = None
+        with torch.inference_mode():
+            while True:
+                command, payload = self.tp.broadcast_object(wait_forever=True)
+                if command == "step":
+                    input_ids, positions, layout = payload
+                    hidden = self.backend.forward(
+                        self.model, input_ids.to(self.device), positions.to(self.device),
+                        self._context(layout),
+                    )  # fmt: skip
+                elif command == "logits" and hidden is not None:
+                    self.model.compute_logits(hidden.index_select(0, payload.to(self.device)))
+                elif command == "stop":
+                    return
+
+    def stop_followers(self) -> None:
+        """The leader: end the followers' loops."""
+        if self.tp.size > 1 and self.tp.is_leader:
+            self.tp.broadcast_object(("stop", None))
 
     def pool(self, hidden: torch.Tensor, batch: Batch) -> dict[str, tuple[int, torch.Tensor]]:
         """Each embedding chunk's part of its request's pooled vector (ModelOutput.pooled)."""
@@ -143,6 +183,9 @@ class ModelRunner:
     def forward(self, batch: Batch) -> torch.Tensor:
         """The hidden states [T, C] of every row of the batch, through the backend."""
         embeds = self.input_embeddings(batch) if batch.images else None
+        if self.tp.size > 1:
+            self.tp.broadcast_object(("step", (batch.input_ids.cpu(), batch.positions.cpu(),
+                                               _on_host(batch.layout))))  # fmt: skip
         return self.backend.forward(self.model, batch.input_ids, batch.positions, batch.ctx, embeds)
 
     def input_embeddings(self, batch: Batch) -> torch.Tensor:
@@ -154,6 +197,16 @@ class ModelRunner:
             rows = encoded[part.image.hash][part.selected.to(self.device)]
             embeds[part.batch_rows.to(self.device)] = rows.to(embeds.dtype)
         return embeds
+
+    def _context(self, layout: StepLayout) -> ForwardContext:
+        """What every layer of the step's forward shares, on this rank's KV caches."""
+        if layout.positions.device != self.device:
+            layout = replace(layout, positions=layout.positions.to(self.device),
+                             slot_mapping=layout.slot_mapping.to(self.device))  # fmt: skip
+        attention = self.backend.attention
+        return ForwardContext(
+            self.backend.ops, attention, attention.build_metadata(layout), self.kv_caches
+        )
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> Batch:
         decodes = [s for s in scheduled if s.is_decode]
@@ -204,16 +257,11 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             block_size=bs,
         )
-        ctx = ForwardContext(
-            self.backend.ops,
-            self.backend.attention,
-            self.backend.attention.build_metadata(layout),
-            self.kv_caches,
-        )
         return Batch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.cat(rope_rows, dim=1).to(device) if rope_rows else position_ids,
-            ctx=ctx,
+            ctx=self._context(layout),
+            layout=layout,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sampling=sampling,
             prompt_chunks=prompt_chunks,
@@ -221,6 +269,12 @@ class ModelRunner:
             pooling=pooling,
             images=images,
         )
+
+
+def _on_host(layout: StepLayout) -> StepLayout:
+    """The layout with its tensors on the CPU, to send to the other ranks."""
+    return replace(layout, positions=layout.positions.cpu(),
+                   slot_mapping=layout.slot_mapping.cpu())  # fmt: skip
 
 
 def _image_rows(images: tuple[ImageInput, ...], row: int, start: int, n: int) -> list[ImageRows]:

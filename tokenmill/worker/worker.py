@@ -1,5 +1,6 @@
 """Worker: one device's share of the model — it loads the weights in the format chosen
-for the device, allocates the KV cache tensors, and runs steps."""
+for the device (its tensor-parallel shard of them, in a group of several), allocates the
+KV cache tensors, and runs steps."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ from tokenmill.backends.device import (
     resolve_dtype,
 )
 from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.distributed import group as parallel
+from tokenmill.distributed.group import SINGLE, ParallelGroup
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import GGUFLinear, PackedLinear, TransposedHead
+from tokenmill.model.config import head_shards
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.registry import model_class
 from tokenmill.model.source import ModelSource
+from tokenmill.model.vision import VisionLanguageModel
 from tokenmill.model.weights import load_model
 from tokenmill.sample.sampler import Sampler
 from tokenmill.structured.manager import StructuredOutputManager
@@ -39,7 +44,9 @@ class Worker:
         cache_config: CacheConfig,
         source: ModelSource,
         grammars: StructuredOutputManager | None = None,
+        tp: ParallelGroup = SINGLE,
     ):
+        self.tp = tp
         self.device = resolve_device(model_config.device)
         self.cpu_threads = (
             configure_cpu_threads(model_config.cpu_threads) if self.device.type == "cpu" else ""
@@ -58,11 +65,17 @@ class Worker:
         if self.quantization is not None:
             formats.check_quantization(self.quantization, self.device, self.dtype)
         started = time.perf_counter()
-        self.model: CausalLM = load_model(
-            model_class(source.hf_config), source, self.device, self.dtype,
-            model_config.max_model_len,
-        )  # fmt: skip
+        cls = model_class(source.hf_config)
+        if tp.size > 1 and issubclass(cls, VisionLanguageModel):
+            raise ModelLoadError(
+                f"{cls.__name__}: tensor parallelism does not run vision-language models yet"
+            )
+        with parallel.building_for(tp):
+            self.model: CausalLM = load_model(
+                cls, source, self.device, self.dtype, model_config.max_model_len
+            )
         cfg = self.model.config
+        kv_heads = head_shards(cfg.num_heads, cfg.num_kv_heads, tp.rank, tp.size)[1][1]
         self.kv_cache_dtype = formats.resolve_kv_cache_dtype(
             cache_config.kv_cache_dtype, self.dtype, self.device, self.quantization, cfg.head_dim
         )
@@ -73,13 +86,14 @@ class Worker:
         logger.debug("model loaded in %.1f s", time.perf_counter() - started)
         self.block_size = cache_config.block_size
         bytes_per_block = (
-            2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim
+            2 * cfg.num_layers * self.block_size * kv_heads * cfg.head_dim
             * self.kv_cache_dtype.itemsize
         )  # fmt: skip
         budget = kv_cache_bytes(cache_config, self.device)
-        self.num_blocks = max(1, budget // bytes_per_block)
+        # every rank holds the same blocks (of its own heads): the fewest any can
+        self.num_blocks = tp.min_int(max(1, budget // bytes_per_block))
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
-        shape = (self.num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (self.num_blocks * self.block_size, kv_heads, cfg.head_dim)
         self.kv_caches = [
             (
                 torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
@@ -89,7 +103,7 @@ class Worker:
         ]
         sampler = Sampler(cfg.vocab_size, self.device, model_config.seed, grammars)
         self.runner = ModelRunner(
-            self.model, self.backend, self.kv_caches, sampler, self.block_size, self.device
+            self.model, self.backend, self.kv_caches, sampler, self.block_size, self.device, tp
         )
         logger.info("backend: %s, kernels: %s", self.backend.name, self.backend.description)
 
