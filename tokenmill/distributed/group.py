@@ -51,9 +51,23 @@ class ParallelGroup:
         return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum over the ranks of x, in place (x itself with one rank)."""
+        """The sum over the ranks of x, in place (x itself with one rank).
+
+        On a CPU with more than two ranks the partial sums are gathered and added in rank
+        order, so every element is the same chain of additions whatever the tensor's size:
+        a ring all-reduce adds in an order that depends on where an element falls in its
+        chunks, i.e. on the batch, and greedy output would then depend on the batch (with
+        two ranks a + b == b + a, so the ring is exact). On CUDA, NCCL's all-reduce."""
         if self.pg is None:
             return x
+        if self.size > 2 and self.device.type == "cpu":
+            x = x.contiguous()
+            parts = [torch.empty_like(x) for _ in range(self.size)]
+            self._wait(self.pg.allgather(parts, x, self.timeout))
+            total = parts[0]
+            for part in parts[1:]:
+                total += part
+            return x.copy_(total)
         options = dist.AllreduceOptions()
         options.reduceOp = dist.ReduceOp.SUM
         options.timeout = self.timeout

@@ -107,11 +107,19 @@ class MultiprocExecutor(Executor):
 
     def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
         self.check_health()
-        return self.worker.execute(scheduled)
+        try:
+            return self.worker.execute(scheduled)
+        except PeerError as e:
+            self.failure = self.failure or str(e)  # the group is broken for good
+            raise
 
     def logits_for(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
         self.check_health()
-        return self.worker.runner.logits_for(scheduled)
+        try:
+            return self.worker.runner.logits_for(scheduled)
+        except PeerError as e:
+            self.failure = self.failure or str(e)
+            raise
 
     def forget(self, request_id: str) -> None:
         self.worker.forget(request_id)

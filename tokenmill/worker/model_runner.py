@@ -8,12 +8,14 @@ same collectives (the flat step, the rows whose logits it gathers), and their ru
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 
 from tokenmill.backends.base import Backend
-from tokenmill.distributed.group import SINGLE, ParallelGroup
+from tokenmill.distributed.group import SINGLE, ParallelGroup, PeerError
 from tokenmill.layers.attention import ScheduledChunk, StepLayout
 from tokenmill.layers.ops import ForwardContext, KVCache
 from tokenmill.model.interface import CausalLM
@@ -113,9 +115,11 @@ class ModelRunner:
 
     def _logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The float32 logits [N, V] of `rows` of the step's hidden states."""
-        if self.tp.size > 1:
-            self.tp.broadcast_object(("logits", rows.cpu()))
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        if self.tp.size == 1:
+            return self.model.compute_logits(hidden.index_select(0, rows))
+        self.tp.broadcast_object(("logits", rows.cpu()))
+        with _in_step(self.tp):
+            return self.model.compute_logits(hidden.index_select(0, rows))
 
     def follow(self) -> None:
         """A follower rank: run the leader's steps on this rank's shards until it stops."""
@@ -183,10 +187,17 @@ class ModelRunner:
     def forward(self, batch: Batch) -> torch.Tensor:
         """The hidden states [T, C] of every row of the batch, through the backend."""
         embeds = self.input_embeddings(batch) if batch.images else None
-        if self.tp.size > 1:
-            self.tp.broadcast_object(("step", (batch.input_ids.cpu(), batch.positions.cpu(),
-                                               _on_host(batch.layout))))  # fmt: skip
-        return self.backend.forward(self.model, batch.input_ids, batch.positions, batch.ctx, embeds)
+        if self.tp.size == 1:
+            return self.backend.forward(
+                self.model, batch.input_ids, batch.positions, batch.ctx, embeds
+            )
+        self.tp.broadcast_object(
+            ("step", (batch.input_ids.cpu(), batch.positions.cpu(), _on_host(batch.layout)))
+        )
+        with _in_step(self.tp):
+            return self.backend.forward(
+                self.model, batch.input_ids, batch.positions, batch.ctx, embeds
+            )
 
     def input_embeddings(self, batch: Batch) -> torch.Tensor:
         """The token embeddings [T, C] with the image tokens' rows from the vision encoder."""
@@ -269,6 +280,19 @@ class ModelRunner:
             pooling=pooling,
             images=images,
         )
+
+
+@contextlib.contextmanager
+def _in_step(tp: ParallelGroup) -> Iterator[None]:
+    """A failure on the leader between collectives leaves the other ranks waiting in one:
+    the group cannot run another step, so it is a PeerError (fatal to the engine), not a
+    request's error to retry."""
+    try:
+        yield
+    except PeerError:
+        raise
+    except Exception as e:
+        raise PeerError(f"tensor-parallel rank 0 failed mid-step: {type(e).__name__}: {e}") from e
 
 
 def _on_host(layout: StepLayout) -> StepLayout:
