@@ -106,6 +106,9 @@ class ParallelConfig:
 
     # ranks that each hold a shard of every layer's weights (Megatron-style), 1 = one process
     tensor_parallel_size: int = 1
+    # engines (each with the whole model, in its own process) behind the one server; each
+    # request goes to one of them (engine/router.py), 1 = the engine runs in the server
+    data_parallel_size: int = 1
     # mp: the ranks are processes on this machine (vLLM's --distributed-executor-backend);
     # None: mp where there is more than one rank
     distributed_executor_backend: DistributedBackend | None = None

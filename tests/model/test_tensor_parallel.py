@@ -38,8 +38,13 @@ CASES = {
     "qwen3": ("qwen3", {}),
     "qwen3-moe": (
         "qwen3_moe",
-        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
-         "norm_topk_prob": False, "mlp_only_layers": [0]},
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 48,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [0],
+        },
     ),  # fmt: skip
 }
 GGUF_FLOAT_TP_ATOL = 1e-3

@@ -113,6 +113,9 @@ class FakeAsyncEngine:
         if self.overloaded:
             raise OverloadedError("the server is overloaded (fake)")
 
+    def stats_per_engine(self) -> list[EngineStats]:
+        return [self.stats()]
+
     def stats(self) -> EngineStats:
         return EngineStats(len(self.running), 0, 0.25, 0, len(self.aborted))
 

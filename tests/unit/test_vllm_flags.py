@@ -39,7 +39,6 @@ REFUSED = [
     ("--revision main", "downloads nothing"),
     ("--tokenizer other/dir", "tokenizer in the model's directory"),
     ("--speculative-config {}", "speculative"),
-    ("--data-parallel-size 2", "load balancer"),
 ]
 
 

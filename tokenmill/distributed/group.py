@@ -69,7 +69,7 @@ class ParallelGroup:
                 total += part
             return x.copy_(total)
         options = dist.AllreduceOptions()
-        options.reduceOp = dist.ReduceOp.SUM
+        options.reduceOp = dist.ReduceOp.SUM  # type: ignore[assignment]
         options.timeout = self.timeout
         self._wait(self.pg.allreduce([x], options))
         return x
@@ -93,7 +93,7 @@ class ParallelGroup:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         options = dist.AllreduceOptions()
-        options.reduceOp = dist.ReduceOp.MIN
+        options.reduceOp = dist.ReduceOp.MIN  # type: ignore[assignment]
         options.timeout = self.timeout
         self._wait(self.pg.allreduce([t], options))
         return int(t.item())
@@ -159,12 +159,17 @@ def create_group(
     join = timedelta(seconds=join_timeout_s)
     try:
         store = dist.TCPStore(host, port, size, rank == 0, timeout=join)
+        pg: Any
         if device.type == "cuda":
-            pg = dist.ProcessGroupNCCL(store, rank, size)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = join
+            pg = dist.ProcessGroupNCCL(store, rank, size, options)
         else:
             pg = dist.ProcessGroupGloo(store, rank, size, join)
     except RuntimeError as e:
-        raise ModelLoadError(f"tensor-parallel rank {rank} could not join {host}:{port}: {e}")
+        raise ModelLoadError(
+            f"tensor-parallel rank {rank} could not join {host}:{port}: {e}"
+        ) from None
     return ParallelGroup(rank, size, pg, timedelta(seconds=timeout_s), device, store)
 
 

@@ -182,6 +182,9 @@ class AsyncEngine:
             cpu_threads=kernels.cpu_threads_in_use(),
         )
 
+    def stats_per_engine(self) -> list[EngineStats]:
+        return [self.stats()]
+
     async def compile_grammar(self, spec: StructuredSpec) -> CompiledGrammar:
         return await self.structured_outputs.compile_async(spec)
 

@@ -29,6 +29,7 @@ class EngineStats:
     num_preemptions: int  # total since start
     num_aborted: int  # total since start
     cpu_threads: tuple[int, int] | None = None  # (in use now, reductions): CPU kernels only
+    num_routed: int = 0  # requests the server sent this engine (data parallel), total
 
 
 class EngineClient(Protocol):
@@ -85,6 +86,10 @@ class EngineClient(Protocol):
     async def shutdown(self) -> None: ...
 
     def stats(self) -> EngineStats: ...
+
+    def stats_per_engine(self) -> list[EngineStats]:
+        """One per engine (data parallel: several), for /metrics' `engine` label."""
+        ...
 
     def check_capacity(self) -> None:
         """OverloadedError when no more requests may wait; asked before a response starts."""

@@ -9,11 +9,11 @@ from dataclasses import replace
 import torch
 
 from tokenmill.config import EngineConfig, default_batched_tokens
+from tokenmill.distributed.group import PeerError
 from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import FinishReason
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
-from tokenmill.distributed.group import PeerError
 from tokenmill.errors import ModelLoadError
 from tokenmill.executor.base import Executor
 from tokenmill.executor.multiproc import MultiprocExecutor
@@ -210,7 +210,8 @@ class EngineCore:
             self.source.name,
             (self.source.hf_config.get("architectures") or ["?"])[0],
             info.num_parameters / 1e6,
-            f" (rank 0 of {size} tensor-parallel)" if (size := info.tensor_parallel_size) > 1
+            f" (rank 0 of {size} tensor-parallel)"
+            if (size := info.tensor_parallel_size) > 1
             else "",
             str(info.dtype).removeprefix("torch."),
             info.device,

@@ -43,6 +43,49 @@ Group = RequestGroup | BeamGroup | PoolingGroup
 AnyOutput = RequestOutput | PoolingRequestOutput
 
 
+@dataclasses.dataclass(slots=True)
+class Frontend:
+    """The request side of a model, built without its weights: what validates, renders and
+    defaults a request before any engine runs it (an LLMEngine's, or the data-parallel
+    server's in front of several engine processes)."""
+
+    tokenizer: Tokenizer
+    input_processor: InputProcessor
+    # SamplingParams field -> the model's default, for requests that leave it unset
+    sampling_defaults: dict[str, Any]
+    pooler: PoolerConfig
+    reasoning: ReasoningMarkers | None
+    image_processor: ImageProcessor | None  # a vision model's: expands image placeholders
+
+    @classmethod
+    def of(
+        cls,
+        config: EngineConfig,
+        source: ModelSource,
+        vocab_size: int,
+        max_model_len: int,
+        template: str | None = None,
+    ) -> Frontend:
+        if template is None and config.model.chat_template:
+            template = _chat_template_text(config.model.chat_template)
+        tokenizer = source.tokenizer
+        if template:
+            tokenizer.chat_template = template
+        return cls(
+            tokenizer=tokenizer,
+            input_processor=InputProcessor(
+                vocab_size,
+                max_model_len,
+                config.model.max_logprobs,
+                scheduling_policy=config.scheduler.scheduling_policy,
+            ),  # fmt: skip
+            sampling_defaults=sampling_defaults(config.model.generation_config, source.path),
+            pooler=_pooler_config(config.model.pooler_config, source.path),
+            reasoning=_reasoning_markers(config.structured_outputs.reasoning_parser, tokenizer),
+            image_processor=_image_processor(source, config.model.mm_processor_kwargs),
+        )
+
+
 class LLMEngine:
     """What both the offline API and the async server drive: requests in, RequestOutputs out."""
 
@@ -50,26 +93,15 @@ class LLMEngine:
         self.config = config
         template = config.model.chat_template and _chat_template_text(config.model.chat_template)
         self.core = EngineCore(config)
-        self.tokenizer: Tokenizer = self.core.source.tokenizer
-        if template:
-            self.tokenizer.chat_template = template
+        front = Frontend.of(config, self.core.source, self.core.vocab_size, self.core.max_model_len,
+                            template)  # fmt: skip
+        self.tokenizer: Tokenizer = front.tokenizer
         self.token_texts = TokenTexts(self.tokenizer)
-        self.input_processor = InputProcessor(
-            self.core.vocab_size,
-            self.core.max_model_len,
-            config.model.max_logprobs,
-            scheduling_policy=config.scheduler.scheduling_policy,
-        )
-        # SamplingParams field -> the model's default, for requests that leave it unset
-        self.sampling_defaults = sampling_defaults(
-            config.model.generation_config, self.core.source.path
-        )
-        self.pooler = _pooler_config(config.model.pooler_config, self.core.source.path)
-        self.reasoning = _reasoning_markers(
-            config.structured_outputs.reasoning_parser, self.tokenizer
-        )
-        # a vision model's own processor: expands image placeholders (None: text only)
-        self.image_processor = _image_processor(self.core.source, config.model.mm_processor_kwargs)
+        self.input_processor = front.input_processor
+        self.sampling_defaults = front.sampling_defaults
+        self.pooler = front.pooler
+        self.reasoning = front.reasoning
+        self.image_processor = front.image_processor
         self._groups: dict[str, Group] = {}
         self._group_of: dict[str, Group] = {}  # engine request id -> its group
 

@@ -6,18 +6,14 @@ failure as one line on stdout before exiting non-zero."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
-import pickle
-import signal
 import sys
 from dataclasses import dataclass
 
 from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.distributed.process import EXIT_PARENT_GONE, read_spec
 
-_PR_SET_PDEATHSIG = 1
-EXIT_PEER_GONE = 3  # the leader ended or failed first: nothing of this rank's to report
+EXIT_PEER_GONE = EXIT_PARENT_GONE  # the leader ended or failed first
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,25 +25,11 @@ class FollowerSpec:
     model_path: str
     model_config: ModelConfig
     cache_config: CacheConfig
-    leader_pid: int
     timeout_s: float
 
 
-def _die_with_leader(leader_pid: int) -> None:
-    """Get SIGKILL when the leader exits, however it exits (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != leader_pid:  # it died before the request took effect
-        os._exit(EXIT_PEER_GONE)
-
-
 def main() -> int:
-    spec: FollowerSpec = pickle.loads(sys.stdin.buffer.read())
-    _die_with_leader(spec.leader_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    spec: FollowerSpec = read_spec()
     logging.basicConfig(
         level=logging.WARNING, format=f"%(levelname)s tp rank {spec.rank}: %(message)s"
     )
@@ -76,5 +58,7 @@ def main() -> int:
             tp.close()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as the module itself, so what it pickles names it
+    from tokenmill.executor.follower import main as module_main
+
+    sys.exit(module_main())

@@ -11,12 +11,9 @@ watcher thread: `check_health()` then raises and the engine stops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import pickle
-import socket
 import subprocess
-import sys
 import threading
 import time
 import weakref
@@ -32,6 +29,7 @@ from tokenmill.distributed.group import (
     PeerError,
     create_group,
 )
+from tokenmill.distributed.process import failure_line, free_port, start_child, stop_children
 from tokenmill.errors import ModelLoadError
 from tokenmill.executor.base import Executor, ModelInfo
 from tokenmill.executor.follower import EXIT_PEER_GONE, FollowerSpec
@@ -57,13 +55,22 @@ class MultiprocExecutor(Executor):
         size = tensor_parallel_size
         device = resolve_device(model_config.device)
         model_config, cache_config = _per_rank(model_config, cache_config, device, size)
-        port = _free_port()
+        port = free_port()
         self.failure: str | None = None  # why the group broke, once it has
         self._stopping = threading.Event()
         self.followers = [
-            _start_follower(
-                FollowerSpec(rank, size, "127.0.0.1", port, source.path, model_config,
-                             cache_config, os.getpid(), DEFAULT_TIMEOUT_S)  # fmt: skip
+            start_child(
+                "tokenmill.executor.follower",
+                FollowerSpec(
+                    rank,
+                    size,
+                    "127.0.0.1",
+                    port,
+                    source.path,
+                    model_config,
+                    cache_config,
+                    DEFAULT_TIMEOUT_S,
+                ),  # fmt: skip
             )
             for rank in range(1, size)
         ]
@@ -83,9 +90,7 @@ class MultiprocExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-        threading.Thread(
-            target=self._watch, name="tokenmill-tp-watch", daemon=True
-        ).start()
+        threading.Thread(target=self._watch, name="tokenmill-tp-watch", daemon=True).start()
         worker = self.worker
         self.info = ModelInfo(
             arch=worker.model.config,
@@ -147,9 +152,8 @@ class MultiprocExecutor(Executor):
                 del sentinels[pid]
                 if self._stopping.is_set():
                     return
-                self.failure = (
-                    f"tensor-parallel worker (pid {pid}) exited with code {code}"
-                    + (f": {reason}" if (reason := _reason(process)) else "")
+                self.failure = f"tensor-parallel worker (pid {pid}) exited with code {code}" + (
+                    f": {reason}" if (reason := failure_line(process)) else ""
                 )
                 logger.error("%s; the engine stops", self.failure)
                 return
@@ -162,7 +166,7 @@ class MultiprocExecutor(Executor):
             for process in self.followers:
                 code = process.poll()
                 if code is not None and code != EXIT_PEER_GONE:
-                    return _reason(process) or f"a worker exited with code {code}"
+                    return failure_line(process) or f"a worker exited with code {code}"
             time.sleep(0.1)
         return None
 
@@ -181,35 +185,6 @@ def _per_rank(
     return model_config, replace(cache_config, kv_cache_memory=budget)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_follower(spec: FollowerSpec) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tokenmill.executor.follower"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stdin is not None
-    process.stdin.write(pickle.dumps(spec))
-    process.stdin.close()
-    return process
-
-
-def _reason(process: subprocess.Popen[bytes]) -> str:
-    """The one line a failed follower printed (its traceback is in the log)."""
-    if process.stdout is None or process.poll() is None:
-        return ""
-    try:
-        return process.stdout.read().decode(errors="replace").strip().splitlines()[-1]
-    except (OSError, ValueError, IndexError):
-        return ""
-
-
 def _stop_followers(
     followers: list[subprocess.Popen[bytes]],
     tp: ParallelGroup | None,
@@ -217,16 +192,8 @@ def _stop_followers(
 ) -> None:
     stopping.set()
     if tp is not None and tp.pg is not None and all(p.poll() is None for p in followers):
-        try:
+        with contextlib.suppress(PeerError):
             tp.broadcast_object(("stop", None))
-        except PeerError:
-            pass
-    deadline = time.monotonic() + _STOP_WAIT_S
-    for process in followers:
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_children(followers, _STOP_WAIT_S)
     if tp is not None:
         tp.close()

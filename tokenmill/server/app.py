@@ -61,7 +61,9 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     docs: dict[str, Any] = {} if settings.docs else dict(docs_url=None, redoc_url=None,
                                                           openapi_url=None)  # fmt: skip
     app = FastAPI(title="tokenmill", version=server_version(), lifespan=_lifespan, **docs)
-    metrics = ServerMetrics(engine.stats, settings.served_model_names[0], engine.max_model_len)
+    metrics = ServerMetrics(
+        engine.stats_per_engine, settings.served_model_names[0], engine.max_model_len
+    )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-tokenizer")
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     app.state.executor = executor

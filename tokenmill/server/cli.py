@@ -35,7 +35,7 @@ from tokenmill.server.settings import DEFAULT_MAX_REQUEST_BODY_BYTES
 from tokenmill.server.vllm_flags import RefusedFlag, add_vllm_flags, check_vllm_flags
 
 if TYPE_CHECKING:  # imported lazily at run time: `tokenmill --help` stays fast
-    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.engine.client import EngineClient
     from tokenmill.server.settings import ServerSettings
 
 logger = logging.getLogger("tokenmill.server.cli")
@@ -350,6 +350,13 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         "on CPU, NCCL on CUDA; docs/scaling.md) (default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
+        "--data-parallel-size", "-dp", type=int,
+        default=_DEFAULTS.parallel.data_parallel_size, metavar="N",
+        help="engines, each with the whole model in its own process, behind this server; "
+        "requests go to the least loaded, or to the one holding their prompt's prefix "
+        "(docs/scaling.md) (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--distributed-executor-backend", choices=get_args(DistributedBackend), default=None,
         help="how the tensor-parallel ranks run: mp, processes on this machine (default: mp "
         "with more than one rank)",
@@ -507,6 +514,8 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
     from tokenmill.server.limits import RequestLimits
     from tokenmill.server.settings import ServerSettings
 
+    if args.data_parallel_size < 1:
+        raise StartupError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
     if args.tensor_parallel_size < 1:
         raise StartupError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
     if args.cpu_threads is not None and args.cpu_threads < 1:
@@ -558,7 +567,7 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
     )
 
 
-def _load_engine(args: argparse.Namespace) -> AsyncEngine:
+def _load_engine(args: argparse.Namespace) -> EngineClient:
     from tokenmill.engine.async_engine import AsyncEngine
     from tokenmill.errors import TokenmillError
 
@@ -577,10 +586,17 @@ def _load_engine(args: argparse.Namespace) -> AsyncEngine:
         guided_decoding_backend=args.guided_decoding_backend,
         reasoning_parser=args.reasoning_parser,
         tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
     )  # fmt: skip
     logger.info("loading %s", args.model or "the bundled default model")
     try:
+        if args.data_parallel_size > 1:
+            from tokenmill.engine.data_parallel import DataParallelEngine
+
+            return DataParallelEngine(
+                config, args.data_parallel_size, args.max_waiting_requests or None
+            )
         return AsyncEngine.from_config(config, args.max_waiting_requests or None)
     except TokenmillError as exc:
         raise StartupError(exc.message) from None

@@ -60,7 +60,10 @@ class ServerMetrics:
     """Every metric lives in this app's own registry, so apps (and tests) never share counters."""
 
     def __init__(
-        self, engine_stats: Callable[[], EngineStats], model_name: str, max_model_len: int
+        self,
+        engine_stats: Callable[[], list[EngineStats]],  # one per engine (data parallel)
+        model_name: str,
+        max_model_len: int,
     ):
         self.registry = CollectorRegistry(auto_describe=True)
         r, labels, values = self.registry, _LABELS, (model_name, "0")
@@ -226,37 +229,53 @@ class RequestTimer:
 
 
 class _EngineCollector(Collector):
-    """Reads engine.stats() at scrape time: queue sizes, KV cache usage, engine totals."""
+    """Reads the engines' stats at scrape time: queue sizes, KV cache usage, engine totals,
+    one series per engine (the `engine` label: "0", "1", ... with --data-parallel-size)."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats], values: tuple[str, str]):
-        self.engine_stats, self.values = engine_stats, list(values)
+    def __init__(self, engine_stats: Callable[[], list[EngineStats]], values: tuple[str, str]):
+        self.engine_stats, self.model_name = engine_stats, values[0]
 
     def collect(self) -> Iterator[Metric]:
         try:
-            stats = self.engine_stats()
+            per_engine = self.engine_stats()
         except Exception:  # a dead engine must not break /metrics
             return
-        for name, doc, value in (
-            ("vllm:num_requests_running", "Number of requests in model execution batches.",
-             stats.num_running),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-             stats.num_waiting),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-             stats.kv_cache_usage),
-            # vLLM still serves it, and its published Grafana dashboard reads it
-            ("vllm:gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage. "
-             "DEPRECATED: Use vllm:kv_cache_usage_perc instead.", stats.kv_cache_usage),
-        ):  # fmt: skip
-            gauge = GaugeMetricFamily(name, doc, labels=_LABELS)
-            gauge.add_metric(self.values, value)
-            yield gauge
+        families = [
+            GaugeMetricFamily(name, doc, labels=_LABELS)
+            for name, doc in (
+                ("vllm:num_requests_running", "Number of requests in model execution batches."),
+                ("vllm:num_requests_waiting", "Number of requests waiting to be processed."),
+                ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+                # vLLM still serves it, and its published Grafana dashboard reads it
+                ("vllm:gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage. "
+                 "DEPRECATED: Use vllm:kv_cache_usage_perc instead."),
+            )
+        ]  # fmt: skip
         preemptions = CounterMetricFamily(
             "vllm:num_preemptions", "Cumulative number of preemption from the engine.",
             labels=_LABELS,
         )  # fmt: skip
-        preemptions.add_metric(self.values, stats.num_preemptions)
+        for index, stats in enumerate(per_engine):
+            values = [self.model_name, str(index)]
+            for family, value in zip(
+                families,
+                (stats.num_running, stats.num_waiting, stats.kv_cache_usage, stats.kv_cache_usage),
+                strict=True,
+            ):
+                family.add_metric(values, value)
+            preemptions.add_metric(values, stats.num_preemptions)
+        yield from families
         yield preemptions
-        if stats.cpu_threads is not None:
+        if len(per_engine) > 1:
+            routed = CounterMetricFamily(
+                "tokenmill:engine_requests_routed", "Requests the server sent to each engine "
+                "(data parallel).", labels=_LABELS,
+            )  # fmt: skip
+            for index, stats in enumerate(per_engine):
+                routed.add_metric([self.model_name, str(index)], stats.num_routed)
+            yield routed
+        stats = per_engine[0]
+        if len(per_engine) == 1 and stats.cpu_threads is not None:
             in_use, reductions = stats.cpu_threads
             yield GaugeMetricFamily(
                 "tokenmill:cpu_threads", "CPU threads the native kernels run on now (fewer "
