@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-
 MIN_MATCH = 0.5  # of the prompt's tokens, cached on an engine, to send it there
 
 
