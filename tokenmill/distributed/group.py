@@ -45,6 +45,7 @@ class ParallelGroup:
     timeout: timedelta = timedelta(seconds=DEFAULT_TIMEOUT_S)
     device: torch.device = torch.device("cpu")
     store: Any = field(default=None, repr=False)  # keeps the TCPStore alive
+    join_timeout: timedelta = timedelta(seconds=300)
 
     @property
     def is_leader(self) -> bool:
@@ -88,13 +89,14 @@ class ParallelGroup:
         return torch.cat(outputs[0], dim=-1) if self.is_leader else None
 
     def min_int(self, value: int) -> int:
-        """The smallest of the ranks' values."""
+        """The smallest of the ranks' values (at load: waits as long as joining may, as the
+        ranks finish loading at their own pace)."""
         if self.pg is None:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         options = dist.AllreduceOptions()
         options.reduceOp = dist.ReduceOp.MIN  # type: ignore[assignment]
-        options.timeout = self.timeout
+        options.timeout = self.join_timeout
         self._wait(self.pg.allreduce([t], options))
         return int(t.item())
 
@@ -170,7 +172,7 @@ def create_group(
         raise ModelLoadError(
             f"tensor-parallel rank {rank} could not join {host}:{port}: {e}"
         ) from None
-    return ParallelGroup(rank, size, pg, timedelta(seconds=timeout_s), device, store)
+    return ParallelGroup(rank, size, pg, timedelta(seconds=timeout_s), device, store, join)
 
 
 def from_environment(device: torch.device) -> ParallelGroup:

@@ -3,6 +3,7 @@ engines are started as `python -m <module>` with a pickled spec on stdin."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import os
 import pickle
@@ -16,9 +17,19 @@ _PR_SET_PDEATHSIG = 1
 EXIT_PARENT_GONE = 3  # the parent ended or failed first: nothing of the child's to report
 
 
+# Linux sends PR_SET_PDEATHSIG when the *thread* that forked the child ends, not the
+# process: children are started from this one thread, which lives as long as the process
+# (the engine loads on a thread that exits: its children would be killed with it).
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenmill-spawner")
+
+
 def start_child(module: str, spec: Any) -> subprocess.Popen[bytes]:
     """`python -m module` with `spec` pickled on its stdin; its stdout is a pipe for the
     one line a failed child prints (read with `failure_line`)."""
+    return _SPAWNER.submit(_start_child, module, spec).result()
+
+
+def _start_child(module: str, spec: Any) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", module],
         stdin=subprocess.PIPE,

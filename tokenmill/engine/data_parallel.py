@@ -30,7 +30,13 @@ from tokenmill.config import EngineConfig, SchedulingPolicy
 from tokenmill.distributed.process import failure_line, start_child, stop_children
 from tokenmill.engine.async_engine import EngineDeadError
 from tokenmill.engine.client import EngineStats
-from tokenmill.engine.engine_process import EngineProcessSpec, EngineReady, EngineState
+from tokenmill.engine.engine_process import (
+    EngineProcessSpec,
+    EngineReady,
+    EngineState,
+    receive,
+    send,
+)
 from tokenmill.engine.llm_engine import AnyOutput, Frontend
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.engine.router import PrefixAffinityRouter
@@ -66,7 +72,7 @@ class _Engine:
     def send(self, message: tuple[Any, ...]) -> None:
         assert self.conn is not None
         with self.lock:
-            self.conn.send(message)
+            send(self.conn, message)
 
 
 class DataParallelEngine:
@@ -174,7 +180,7 @@ class DataParallelEngine:
                 raise ModelLoadError("data-parallel engines did not connect")
             time.sleep(0.05)
         for conn in accepted:
-            kind, index = conn.recv()
+            kind, index = receive(conn)
             self.engines[index].conn = conn
         for engine in self.engines:
             assert engine.conn is not None
@@ -183,7 +189,7 @@ class DataParallelEngine:
                 if time.monotonic() > deadline:
                     raise ModelLoadError(f"data-parallel engine {engine.index} did not load")
             try:
-                message = engine.conn.recv()
+                message = receive(engine.conn)
             except EOFError:
                 self._check_load_failures(wait=True)
                 raise ModelLoadError(f"data-parallel engine {engine.index} exited") from None
@@ -302,9 +308,11 @@ class DataParallelEngine:
             await self.structured_outputs.compile_async(params.structured_outputs)  # a 400
         message = ("generate", request_id, prompt_token_ids, params, cache_salt, priority,
                    images)  # fmt: skip
-        async for output in self._run(request_id, prompt_token_ids, cache_salt, message):
-            assert isinstance(output, RequestOutput)
-            yield output
+        run = self._run(request_id, prompt_token_ids, cache_salt, message)
+        async with contextlib.aclosing(run):  # closed with this one: an early stop aborts
+            async for output in run:
+                assert isinstance(output, RequestOutput)
+                yield output
 
     async def encode(
         self,
@@ -315,9 +323,11 @@ class DataParallelEngine:
     ) -> PoolingRequestOutput:
         self._check_open()
         message = ("encode", request_id, prompt_token_ids, params, cache_salt)
-        async for output in self._run(request_id, prompt_token_ids, cache_salt, message):
-            assert isinstance(output, PoolingRequestOutput)
-            return output
+        run = self._run(request_id, prompt_token_ids, cache_salt, message)
+        async with contextlib.aclosing(run):  # a cancelled call aborts the request
+            async for output in run:
+                assert isinstance(output, PoolingRequestOutput)
+                return output
         raise EngineDeadError("the engine ended the request without an output")
 
     async def _run(
@@ -358,7 +368,7 @@ class DataParallelEngine:
         loop = self._loop
         try:
             while True:
-                message = engine.conn.recv()
+                message = receive(engine.conn)
                 kind = message[0]
                 if kind == "outputs":
                     engine.state = message[2]
@@ -368,7 +378,7 @@ class DataParallelEngine:
                     loop.call_soon_threadsafe(self._deliver, message[1], message[2])
                 elif kind == "failed":
                     raise RuntimeError(message[1])
-        except (EOFError, OSError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - the connection is unusable: the engine is lost
             if self._stopping:
                 return
             code = engine.process.wait()

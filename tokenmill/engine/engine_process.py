@@ -10,13 +10,16 @@ failure as one line on stdout before exiting non-zero.
 Messages in: ("generate", id, prompt ids, SamplingParams, cache salt, priority, images),
 ("encode", id, prompt ids, PoolingParams, cache salt), ("abort", id), ("stop",).
 Out: ("ready", EngineReady), ("outputs", [outputs], EngineState),
-("rejected", id, exception), ("failed", text).
+("rejected", id, exception), ("failed", text). Each is plain pickle over the connection's
+bytes (`send`/`receive`): multiprocessing's own pickler would pass tensors (an embedding)
+as shared-memory file descriptors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import queue
 import sys
 import threading
@@ -60,26 +63,35 @@ class EngineState:
     cpu_threads: tuple[int, int] | None
 
 
+def send(conn: Connection, message: tuple[Any, ...]) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def receive(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
 def main() -> int:
     spec: EngineProcessSpec = read_spec()
     logging.basicConfig(
         level=logging.INFO, format=f"%(levelname)s dp engine {spec.index}: %(message)s"
     )
     conn = Client(spec.address, authkey=spec.authkey)
-    conn.send(("hello", spec.index))
+    send(conn, ("hello", spec.index))
     try:
         from tokenmill.engine.async_engine import _load_off_thread
 
         engine = _load_off_thread(spec.config)
     except BaseException as e:  # noqa: BLE001 - reported to the server, then exit non-zero
         print(f"{type(e).__name__}: {e}", flush=True)
-        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        send(conn, ("failed", f"{type(e).__name__}: {e}"))
         return 1
     import os
 
     core = engine.core
-    conn.send(("ready", EngineReady(core.max_model_len, core.info.num_blocks,
-                                    spec.config.cache.block_size, os.getpid())))  # fmt: skip
+    ready = EngineReady(core.max_model_len, core.info.num_blocks, spec.config.cache.block_size,
+                        os.getpid())  # fmt: skip
+    send(conn, ("ready", ready))
     try:
         _serve(engine, conn)
     except (EOFError, OSError):
@@ -88,7 +100,7 @@ def main() -> int:
         logger.exception("engine loop died")
         print(f"{type(e).__name__}: {e}", flush=True)
         with contextlib.suppress(OSError):
-            conn.send(("failed", f"{type(e).__name__}: {e}"))
+            send(conn, ("failed", f"{type(e).__name__}: {e}"))
         return 1
     finally:
         engine.shutdown()
@@ -105,7 +117,7 @@ def _serve(engine: Any, conn: Connection) -> None:
     def read() -> None:  # drains the socket while steps run, so the server never blocks
         try:
             while True:
-                message = conn.recv()
+                message = receive(conn)
                 inbox.put(message)
                 if message[0] == "stop":
                     return
@@ -146,7 +158,7 @@ def _serve(engine: Any, conn: Connection) -> None:
                 elif kind == "abort":
                     engine.abort(message[1])
             except (TokenmillError, ValueError) as e:
-                conn.send(("rejected", message[1], e))
+                send(conn, ("rejected", message[1], e))
             try:
                 message = inbox.get_nowait()
             except queue.Empty:
@@ -154,7 +166,7 @@ def _serve(engine: Any, conn: Connection) -> None:
         engine.core.check_health()
         if engine.has_unfinished:
             outputs.extend(engine.step())
-        conn.send(("outputs", outputs, state()))  # idle: every _IDLE_WAIT_S, a heartbeat
+        send(conn, ("outputs", outputs, state()))  # idle: every _IDLE_WAIT_S, a heartbeat
 
 
 if __name__ == "__main__":  # run as the module itself, so what it pickles names it
