@@ -97,7 +97,9 @@ class StructuredOutputsConfig:
     reasoning_parser: str | None = None
 
 
-DistributedBackend = Literal["mp"]
+# mp: processes on this machine; ray: Ray actors on a Ray cluster's nodes; external_launcher:
+# every rank started by torchrun (or any env:// launcher), rank 0 serving
+DistributedBackend = Literal["mp", "ray", "external_launcher"]
 
 
 @dataclass(slots=True)
@@ -106,11 +108,12 @@ class ParallelConfig:
 
     # ranks that each hold a shard of every layer's weights (Megatron-style), 1 = one process
     tensor_parallel_size: int = 1
+    # ranks that each hold a run of the layers, the activations passed from one to the next
+    pipeline_parallel_size: int = 1
     # engines (each with the whole model, in its own process) behind the one server; each
     # request goes to one of them (engine/router.py), 1 = the engine runs in the server
     data_parallel_size: int = 1
-    # mp: the ranks are processes on this machine (vLLM's --distributed-executor-backend);
-    # None: mp where there is more than one rank
+    # how the ranks start (vLLM's --distributed-executor-backend); None: mp
     distributed_executor_backend: DistributedBackend | None = None
 
 

@@ -63,6 +63,7 @@ class StubEngine:
             kv_cache=SimpleNamespace(pool=Pool(self.scheduler)),
             source=SimpleNamespace(name="stub"),
             vocab_size=10,
+            check_health=lambda: None,  # one process: never fails
         )
         self.tokenizer: Any = None
         self.structured_outputs = SimpleNamespace(close=lambda: None)

@@ -33,7 +33,6 @@ IGNORED = [
     "--preemption-mode", "swap", "--chat-template-content-format", "openai",
 ]  # fmt: skip
 REFUSED = [
-    ("--pipeline-parallel-size 2", "--tensor-parallel-size"),
     ("--enable-lora", "merge_and_unload"),
     ("--lora-modules a=b", "LoRA"),
     ("--revision main", "downloads nothing"),

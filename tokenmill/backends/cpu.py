@@ -287,11 +287,13 @@ def _keep_gguf_blocks(
     if model.lm_head is None:  # tied: the output projection is the embedding
         targets.append(("lm_head", model.output_weight))
     sharded = _sharded(model)
+    first = int(getattr(model, "first_layer", 0))  # a pipeline stage's first layer
     for path, linear in targets:
-        parts = [blocks(name) for name in checkpoint_weight_names(model, path)]
+        checkpoint_path = _global_path(path, first)  # the layer's name in the checkpoint
+        parts = [blocks(name) for name in checkpoint_weight_names(model, checkpoint_path)]
         if sharded:
             parts = _rank_blocks(model, path, parts)
-        int8 = int8_activations and not path.startswith(formats.FLOAT_ACTIVATION_LAYERS)
+        int8 = int8_activations and not checkpoint_path.startswith(formats.FLOAT_ACTIVATION_LAYERS)
         replacement = gguf_linear(linear, parts, int8)
         if replacement is not None:
             _replace(model, path, replacement)
@@ -307,6 +309,15 @@ def _keep_gguf_blocks(
         for reason, paths in left.items()
     )
     return kept, summary
+
+
+def _global_path(path: str, first_layer: int) -> str:
+    """A pipeline stage's module path ("model.layers.2.mlp") as the whole model's."""
+    prefix = "model.layers."
+    if not first_layer or not path.startswith(prefix):
+        return path
+    index, _, rest = path[len(prefix) :].partition(".")
+    return f"{prefix}{int(index) + first_layer}.{rest}"
 
 
 def _sharded(model: CausalLM) -> bool:

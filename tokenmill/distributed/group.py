@@ -100,6 +100,14 @@ class ParallelGroup:
         self._wait(self.pg.allreduce([t], options))
         return int(t.item())
 
+    def send(self, x: torch.Tensor, rank: int) -> None:
+        """x (contiguous) to `rank`, which receives it with `recv` into a like tensor."""
+        self._wait(self.pg.send([x], rank, 0), self.timeout)
+
+    def recv(self, x: torch.Tensor, rank: int) -> None:
+        """Into x, what `rank` sends."""
+        self._wait(self.pg.recv([x], rank, 0), self.timeout)
+
     def broadcast_object(self, obj: Any = None, wait_forever: bool = False) -> Any:
         """The leader's `obj` on every rank (pickled; the others pass None)."""
         if self.pg is None:
@@ -128,17 +136,24 @@ class ParallelGroup:
         if on_device is not t:
             t.copy_(on_device.cpu())
 
-    def _wait(self, work: Any) -> None:
+    def _wait(self, work: Any, timeout: timedelta | None = None) -> None:
         try:
-            work.wait()
+            if timeout is None:
+                work.wait()  # the options' timeout
+            elif not work.wait(timeout):
+                raise RuntimeError(f"timed out after {timeout.total_seconds():g} s")
         except RuntimeError as e:  # gloo: "Connection closed by peer", "Timed out ..."
             raise PeerError(f"tensor-parallel rank {self.rank}: {e}") from None
 
     def close(self) -> None:
         """Drop the process group (the other ranks' next collective then fails)."""
         pg, self.pg = self.pg, None
-        if pg is not None:
-            with contextlib.suppress(Exception):
+        if pg is None:
+            return
+        with contextlib.suppress(Exception):
+            if self.store is None and dist.is_initialized():  # from_environment's
+                dist.destroy_process_group()
+            else:
                 pg.shutdown()
         self.store = None
 
@@ -175,14 +190,20 @@ def create_group(
     return ParallelGroup(rank, size, pg, timedelta(seconds=timeout_s), device, store, join)
 
 
-def from_environment(device: torch.device) -> ParallelGroup:
-    """The group a launcher set up through torch's environment variables (torchrun:
-    RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
-    env = os.environ
-    return create_group(
-        int(env["RANK"]), int(env["WORLD_SIZE"]), env.get("MASTER_ADDR", "127.0.0.1"),
-        int(env["MASTER_PORT"]), device,
-    )  # fmt: skip
+def from_environment(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelGroup:
+    """The group a launcher set up through torch's environment variables (torchrun: RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT; its agent's store, where it runs one): torch's
+    default process group, so one such group per process."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    join = timedelta(seconds=300)
+    try:
+        if not dist.is_initialized():
+            dist.init_process_group(backend, init_method="env://", timeout=join)
+        pg = dist.distributed_c10d._get_default_group()
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot join the launcher's process group (env://): {e}") from None
+    rank, size = dist.get_rank(), dist.get_world_size()
+    return ParallelGroup(rank, size, pg, timedelta(seconds=timeout_s), device, None, join)
 
 
 _building: ParallelGroup = SINGLE

@@ -15,7 +15,7 @@ from tokenmill.engine.outputs import FinishReason
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.errors import ModelLoadError
-from tokenmill.executor.base import Executor
+from tokenmill.executor.base import Executor, ModelInfo
 from tokenmill.executor.multiproc import MultiprocExecutor
 from tokenmill.executor.uniproc import UniprocExecutor
 from tokenmill.model.config import text_config
@@ -210,9 +210,7 @@ class EngineCore:
             self.source.name,
             (self.source.hf_config.get("architectures") or ["?"])[0],
             info.num_parameters / 1e6,
-            f" (rank 0 of {size} tensor-parallel)"
-            if (size := info.tensor_parallel_size) > 1
-            else "",
+            _rank_zero(info),
             str(info.dtype).removeprefix("torch."),
             info.device,
             f" ({info.cpu_threads})" if info.cpu_threads else "",
@@ -226,13 +224,35 @@ class EngineCore:
         )
 
 
+def _rank_zero(info: ModelInfo) -> str:
+    if info.tensor_parallel_size > 1:
+        return f" (rank 0 of {info.tensor_parallel_size}, tensor parallel)"
+    if info.pipeline_parallel_size > 1:
+        return f" (stage 0 of {info.pipeline_parallel_size}, pipeline parallel)"
+    return ""
+
+
 def _executor(
     config: EngineConfig, source: ModelSource, grammars: StructuredOutputManager
 ) -> Executor:
-    """One worker in this process, or a tensor-parallel group of processes."""
-    size = config.parallel.tensor_parallel_size
-    if size < 1:
-        raise ModelLoadError(f"tensor_parallel_size must be at least 1, got {size}")
-    if size == 1:
+    """One worker in this process, or a tensor- or pipeline-parallel group of processes."""
+    parallel = config.parallel
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    if tp < 1 or pp < 1:
+        raise ModelLoadError(f"parallel sizes must be at least 1, got tensor {tp}, pipeline {pp}")
+    if tp > 1 and pp > 1:
+        raise ModelLoadError(
+            "tensor and pipeline parallelism together are not supported yet: use one"
+        )
+    if parallel.data_parallel_size > 1:
+        raise ModelLoadError(
+            "data parallelism runs engine processes behind a server: "
+            "tokenmill serve --data-parallel-size N"
+        )
+    size = max(tp, pp)
+    if size == 1 and parallel.distributed_executor_backend in (None, "mp"):
         return UniprocExecutor(config.model, config.cache, source, grammars)
-    return MultiprocExecutor(config.model, config.cache, source, grammars, size)
+    return MultiprocExecutor(
+        config.model, config.cache, source, grammars, size, pipeline=pp > 1,
+        backend=parallel.distributed_executor_backend,
+    )  # fmt: skip

@@ -32,6 +32,7 @@ class ModelInfo:
     kv_cache_bytes: int  # over every rank
     kv_cache_dtype: torch.dtype
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
 
 class Executor(ABC):

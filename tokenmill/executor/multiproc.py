@@ -1,33 +1,39 @@
-"""Tensor parallelism on one node: the leader rank (0) in this process, one follower
-process per other rank (`python -m tokenmill.executor.follower`), joined in a
-torch.distributed group (gloo on CPU, NCCL on CUDA).
+"""Several processes run the model: tensor parallelism (every rank holds a shard of every
+layer) or pipeline parallelism (every rank holds a run of layers), the leader rank (0) in
+this process and a follower for every other rank, joined in a torch.distributed group (gloo
+on CPU, NCCL on CUDA).
+
+Followers are started by the backend named by --distributed-executor-backend: `mp`, child
+processes on this machine (`python -m tokenmill.executor.follower`); `ray`, Ray actors on
+the cluster's nodes (executor/ray_followers.py); `external_launcher`, processes torchrun
+started (they join through its env:// rendezvous; this process is rank 0).
 
 The engine above sees one executor: the leader's runner prepares each step, broadcasts
-it, runs its shard of the forward (the layers all-reduce between ranks) and samples from
-the logits the ranks gather to it. A follower that exits or hangs fails the step in
-flight (PeerError, fatal to the engine) or, while the server is idle, is noticed by a
-watcher thread: `check_health()` then raises and the engine stops.
+it, runs its part of the forward and samples. A follower that exits or hangs fails the
+step in flight (PeerError, fatal to the engine) or, while the server is idle, is noticed by
+a watcher thread: `check_health()` then raises and the engine stops.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
 import threading
 import time
 import weakref
 from dataclasses import replace
+from typing import Protocol
 
 import torch
 
 from tokenmill.backends.device import kv_cache_bytes, resolve_device
-from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.config import CacheConfig, DistributedBackend, ModelConfig
 from tokenmill.distributed.group import (
     DEFAULT_TIMEOUT_S,
     ParallelGroup,
     PeerError,
     create_group,
+    from_environment,
 )
 from tokenmill.distributed.process import failure_line, free_port, start_child, stop_children
 from tokenmill.errors import ModelLoadError
@@ -40,7 +46,70 @@ from tokenmill.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
 
-_STOP_WAIT_S = 10.0  # how long followers get to leave after "stop" before SIGKILL
+_STOP_WAIT_S = 10.0  # how long followers get to leave after "stop" before they are killed
+
+
+class Followers(Protocol):
+    describe: str  # for the log: pids, nodes
+
+    def failed(self) -> str | None:
+        """Why a follower ended, once one has; None while all run."""
+        ...
+
+    def load_failure(self, wait_s: float) -> str | None:
+        """What a follower that failed while loading said (waits up to wait_s for it)."""
+        ...
+
+    def stop(self, wait_s: float) -> None:
+        """After the "stop" step: wait for them to leave, then kill the rest."""
+        ...
+
+
+class ChildFollowers:
+    """Followers as child processes of this one (`mp`)."""
+
+    def __init__(self, specs: list[FollowerSpec]):
+        self.processes = [start_child("tokenmill.executor.follower", s) for s in specs]
+        self.describe = "pids " + ", ".join(str(p.pid) for p in self.processes)
+
+    def failed(self) -> str | None:
+        for process in self.processes:
+            code = process.poll()
+            if code is not None:
+                reason = failure_line(process)
+                return f"worker (pid {process.pid}) exited with code {code}" + (
+                    f": {reason}" if reason else ""
+                )
+        return None
+
+    def load_failure(self, wait_s: float) -> str | None:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            for process in self.processes:
+                code = process.poll()
+                if code is not None and code != EXIT_PEER_GONE:
+                    return failure_line(process) or f"a worker exited with code {code}"
+            time.sleep(0.1)
+        return None
+
+    def stop(self, wait_s: float) -> None:
+        stop_children(self.processes, wait_s)
+
+
+class LaunchedFollowers:
+    """Followers a launcher started (torchrun): not this process's to watch or stop; a
+    collective fails when one is gone."""
+
+    describe = "started by the launcher"
+
+    def failed(self) -> str | None:
+        return None
+
+    def load_failure(self, wait_s: float) -> str | None:
+        return None
+
+    def stop(self, wait_s: float) -> None:
+        pass
 
 
 class MultiprocExecutor(Executor):
@@ -50,47 +119,41 @@ class MultiprocExecutor(Executor):
         cache_config: CacheConfig,
         source: ModelSource,
         grammars: StructuredOutputManager | None,
-        tensor_parallel_size: int,
+        size: int,
+        pipeline: bool = False,
+        backend: DistributedBackend | None = None,
     ):
-        size = tensor_parallel_size
+        kind = "pipeline" if pipeline else "tensor"
         device = resolve_device(model_config.device)
-        model_config, cache_config = _per_rank(model_config, cache_config, device, size)
-        port = free_port()
+        backend = backend or "mp"
+        if backend != "external_launcher":
+            model_config, cache_config = _per_rank(model_config, cache_config, device, size)
         self.failure: str | None = None  # why the group broke, once it has
         self._stopping = threading.Event()
-        self.followers = [
-            start_child(
-                "tokenmill.executor.follower",
-                FollowerSpec(
-                    rank,
-                    size,
-                    "127.0.0.1",
-                    port,
-                    source.path,
-                    model_config,
-                    cache_config,
-                    DEFAULT_TIMEOUT_S,
-                ),  # fmt: skip
-            )
-            for rank in range(1, size)
-        ]
-        stopping = self._stopping
-        self._finalizer = weakref.finalize(self, _stop_followers, self.followers, None, stopping)
+        self.group: ParallelGroup | None = None
+        self.followers, (host, port) = _start_followers(
+            backend, size, pipeline, source, model_config, cache_config
+        )
+        self._finalizer = weakref.finalize(self, _stop, self.followers, None, self._stopping)
         try:
-            self.tp: ParallelGroup = create_group(0, size, "127.0.0.1", port, device)
+            self.group = (
+                from_environment(device)
+                if backend == "external_launcher"
+                else create_group(0, size, host, port, device)
+            )
             self._finalizer.detach()
             self._finalizer = weakref.finalize(
-                self, _stop_followers, self.followers, self.tp, stopping
+                self, _stop, self.followers, self.group, self._stopping
             )
-            self.worker = Worker(model_config, cache_config, source, grammars, self.tp)
+            self.worker = Worker(model_config, cache_config, source, grammars, self.group, pipeline)
         except (PeerError, ModelLoadError, RuntimeError) as e:
-            reason = self._followers_failure() or str(e)
+            reason = self.followers.load_failure(5.0) or str(e)
             self.shutdown()
-            raise ModelLoadError(f"tensor-parallel load failed: {reason}") from None
+            raise ModelLoadError(f"{kind}-parallel load failed: {reason}") from None
         except BaseException:
             self.shutdown()
             raise
-        threading.Thread(target=self._watch, name="tokenmill-tp-watch", daemon=True).start()
+        threading.Thread(target=self._watch, name="tokenmill-ranks-watch", daemon=True).start()
         worker = self.worker
         self.info = ModelInfo(
             arch=worker.model.config,
@@ -102,12 +165,13 @@ class MultiprocExecutor(Executor):
             num_blocks=worker.num_blocks,
             kv_cache_bytes=worker.kv_cache_bytes * size,
             kv_cache_dtype=worker.kv_cache_dtype,
-            tensor_parallel_size=size,
+            tensor_parallel_size=1 if pipeline else size,
+            pipeline_parallel_size=size if pipeline else 1,
         )
         logger.info(
-            "tensor parallel: %d ranks (%s), followers pid %s",
-            size, "nccl" if device.type == "cuda" else "gloo",
-            ", ".join(str(p.pid) for p in self.followers),
+            "%s parallel: %d ranks (%s, %s), followers %s",
+            kind, size, "nccl" if device.type == "cuda" else "gloo", backend,
+            self.followers.describe,
         )  # fmt: skip
 
     def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
@@ -134,41 +198,52 @@ class MultiprocExecutor(Executor):
             raise PeerError(self.failure)
 
     def shutdown(self) -> None:
-        """Stop the followers (a "stop" step, then SIGKILL for any that stay) and drop the
-        group."""
+        """Stop the followers (a "stop" step, then kill any that stay) and drop the group."""
         if self._stopping.is_set():
             return
         self._finalizer.detach()
-        _stop_followers(self.followers, getattr(self, "tp", None), self._stopping)
+        _stop(self.followers, self.group, self._stopping)
 
     def _watch(self) -> None:
-        """Notice a follower that exits while this process lives (idle or not)."""
-        sentinels = {p.pid: p for p in self.followers}
-        while sentinels and not self._stopping.is_set():
-            for pid, process in list(sentinels.items()):
-                code = process.poll()
-                if code is None:
-                    continue
-                del sentinels[pid]
-                if self._stopping.is_set():
-                    return
-                self.failure = f"tensor-parallel worker (pid {pid}) exited with code {code}" + (
-                    f": {reason}" if (reason := failure_line(process)) else ""
-                )
-                logger.error("%s; the engine stops", self.failure)
+        """Notice a follower that ends while this process lives (idle or not)."""
+        while not self._stopping.is_set():
+            failed = self.followers.failed()
+            if failed is not None:
+                if not self._stopping.is_set():
+                    self.failure = f"a {failed}"
+                    logger.error("%s; the engine stops", self.failure)
                 return
             time.sleep(0.2)
 
-    def _followers_failure(self) -> str | None:
-        """What a follower that failed at load said, waiting briefly for it to say it."""
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            for process in self.followers:
-                code = process.poll()
-                if code is not None and code != EXIT_PEER_GONE:
-                    return failure_line(process) or f"a worker exited with code {code}"
-            time.sleep(0.1)
-        return None
+
+def _start_followers(
+    backend: DistributedBackend,
+    size: int,
+    pipeline: bool,
+    source: ModelSource,
+    model_config: ModelConfig,
+    cache_config: CacheConfig,
+) -> tuple[Followers, tuple[str, int]]:
+    """The followers, and the address where the leader's group store listens for them."""
+    if backend == "external_launcher":
+        return LaunchedFollowers(), ("", 0)
+    host, port = "127.0.0.1", free_port()
+
+    def spec(rank: int, leader: str) -> FollowerSpec:
+        return FollowerSpec(rank, size, leader, port, source.path, model_config, cache_config,
+                            DEFAULT_TIMEOUT_S, pipeline)  # fmt: skip
+
+    followers: Followers
+    if backend == "ray":
+        from tokenmill.executor.ray_followers import RayFollowers
+
+        device = resolve_device(model_config.device)
+        threads = float(model_config.cpu_threads or 1)
+        # (the leader's store listens on every interface; its own client uses the loopback)
+        followers = RayFollowers(spec, size, threads, 1.0 if device.type == "cuda" else 0.0)
+    else:
+        followers = ChildFollowers([spec(rank, host) for rank in range(1, size)])
+    return followers, (host, port)
 
 
 def _per_rank(
@@ -185,15 +260,11 @@ def _per_rank(
     return model_config, replace(cache_config, kv_cache_memory=budget)
 
 
-def _stop_followers(
-    followers: list[subprocess.Popen[bytes]],
-    tp: ParallelGroup | None,
-    stopping: threading.Event,
-) -> None:
+def _stop(followers: Followers, group: ParallelGroup | None, stopping: threading.Event) -> None:
     stopping.set()
-    if tp is not None and tp.pg is not None and all(p.poll() is None for p in followers):
+    if group is not None and group.pg is not None and followers.failed() is None:
         with contextlib.suppress(PeerError):
-            tp.broadcast_object(("stop", None))
-    stop_children(followers, _STOP_WAIT_S)
-    if tp is not None:
-        tp.close()
+            group.broadcast_object(("stop", None))
+    followers.stop(_STOP_WAIT_S)
+    if group is not None:
+        group.close()

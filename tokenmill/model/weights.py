@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from tokenmill.errors import ModelLoadError
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.source import ModelSource
@@ -34,20 +36,62 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     max_model_len: int | None = None,
+    layers: range | None = None,
 ) -> CausalLM:
     """The model with the checkpoint's weights in `dtype` on `device`, in eval mode; its
-    rotary tables for sequences of up to max_model_len tokens (None: the model's own)."""
+    rotary tables for sequences of up to max_model_len tokens (None: the model's own).
+    `layers`: a pipeline stage's decoder layers only (model.layers[i] is then layer
+    layers.start + i; `first_layer` says so)."""
     with torch.device("meta"), skip_init():
         model = cls(source.hf_config)
     module: torch.nn.Module = model  # type: ignore[assignment]
+    weights = _converted(source, device, dtype)
+    if layers is not None:  # a pipeline stage: its run of the decoder layers
+        keep_layers(module, layers)
+        weights = _stage_weights(weights, layers)
     module.to_empty(device=device)
     module.to(dtype)
-    model.load_weights(_converted(source, device, dtype))
+    model.load_weights(weights)
     for rotary in module.modules():  # every rotary table the model has
         if isinstance(rotary, RotaryEmbedding):
             rotary.build(device, max_model_len)
     module.eval()
     return model
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def stage_layers(num_layers: int, stage: int, stages: int) -> range:
+    """The decoder layers of pipeline stage `stage`: an even split, earlier stages one
+    fewer where it does not divide."""
+    if stages > num_layers:
+        raise ModelLoadError(f"{num_layers} layers do not split over {stages} pipeline stages")
+    return range(stage * num_layers // stages, (stage + 1) * num_layers // stages)
+
+
+def keep_layers(model: torch.nn.Module, layers: range) -> None:
+    """Drop the decoder layers outside `layers` (before the weights load)."""
+    stack = model.get_submodule("model")
+    current = stack.get_submodule("layers")
+    assert isinstance(current, torch.nn.ModuleList)
+    stack.layers = torch.nn.ModuleList([current[i] for i in layers])
+    model.first_layer = layers.start  # type: ignore[assignment]
+
+
+def _stage_weights(
+    weights: Iterator[tuple[str, torch.Tensor]], layers: range
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A stage's tensors: its layers' renamed to their place in the stage, the others'
+    skipped (embedding, final norm and head load on every stage)."""
+    for name, tensor in weights:
+        match = _LAYER.match(name)
+        if match is None:
+            yield name, tensor
+            continue
+        index = int(match[1])
+        if index in layers:
+            yield f"model.layers.{index - layers.start}.{name[match.end() :]}", tensor
 
 
 @contextlib.contextmanager

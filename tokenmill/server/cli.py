@@ -9,6 +9,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
@@ -350,6 +351,12 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         "on CPU, NCCL on CUDA; docs/scaling.md) (default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
+        "--pipeline-parallel-size", "-pp", type=int,
+        default=_DEFAULTS.parallel.pipeline_parallel_size, metavar="N",
+        help="ranks that each hold a run of the layers, activations passed along "
+        "(docs/scaling.md) (default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--data-parallel-size", "-dp", type=int,
         default=_DEFAULTS.parallel.data_parallel_size, metavar="N",
         help="engines, each with the whole model in its own process, behind this server; "
@@ -358,8 +365,9 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
     )  # fmt: skip
     g.add_argument(
         "--distributed-executor-backend", choices=get_args(DistributedBackend), default=None,
-        help="how the tensor-parallel ranks run: mp, processes on this machine (default: mp "
-        "with more than one rank)",
+        help="how the ranks start: mp, processes on this machine; ray, actors on a Ray "
+        "cluster (pip install 'tokenmill[ray]'); external_launcher, every rank started by "
+        "torchrun, rank 0 serving (default: mp)",
     )  # fmt: skip
     g.add_argument(
         "--cpu-threads", type=int, default=None, metavar="N",
@@ -481,6 +489,8 @@ def _serve(args: argparse.Namespace) -> int:
     from tokenmill.server.settings import default_served_model_names
 
     settings = _server_settings(args)  # first: a bad flag or a taken port should not wait
+    if _launched_follower(args):
+        return _follow(args)
     sock = _bind_unix(args.uds) if args.uds else _bind(args.host, args.port)  # for the model
     if not settings.api_keys and not _is_loopback(sock):
         logger.warning(
@@ -516,6 +526,10 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
 
     if args.data_parallel_size < 1:
         raise StartupError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
+    if args.pipeline_parallel_size < 1:
+        raise StartupError(
+            f"--pipeline-parallel-size must be >= 1, got {args.pipeline_parallel_size}"
+        )
     if args.tensor_parallel_size < 1:
         raise StartupError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
     if args.cpu_threads is not None and args.cpu_threads < 1:
@@ -567,11 +581,40 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
     )
 
 
-def _load_engine(args: argparse.Namespace) -> EngineClient:
-    from tokenmill.engine.async_engine import AsyncEngine
-    from tokenmill.errors import TokenmillError
+def _launched_follower(args: argparse.Namespace) -> bool:
+    """A rank other than 0 that torchrun started (external_launcher): it serves no HTTP."""
+    return (
+        args.distributed_executor_backend == "external_launcher"
+        and os.environ.get("RANK", "0") != "0"
+    )
 
-    config = EngineConfig.from_kwargs(
+
+def _follow(args: argparse.Namespace) -> int:
+    """Rank RANK of the launcher's group: load this rank's part and follow rank 0's steps
+    until it stops (or is gone: exit 3)."""
+    from tokenmill.distributed.group import DEFAULT_TIMEOUT_S
+    from tokenmill.executor.follower import FollowerSpec, run
+    from tokenmill.model.loader import load_model_source
+
+    config = _engine_config(args)
+    size = max(args.tensor_parallel_size, args.pipeline_parallel_size)
+    rank = int(os.environ["RANK"])
+    if int(os.environ.get("WORLD_SIZE", "1")) != size:
+        raise StartupError(
+            f"the launcher started {os.environ.get('WORLD_SIZE')} processes for {size} ranks"
+        )
+    source = load_model_source(args.model)
+    logger.info("rank %d of %d (external launcher): loading its part of %s", rank, size,
+                source.name)  # fmt: skip
+    spec = FollowerSpec(rank, size, "", None, source.path, config.model, config.cache,
+                        DEFAULT_TIMEOUT_S, args.pipeline_parallel_size > 1)  # fmt: skip
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 stops the others
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return run(spec)
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig.from_kwargs(
         model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
         quantization=args.quantization,
         cpu_threads=args.cpu_threads, generation_config=args.generation_config,
@@ -586,9 +629,17 @@ def _load_engine(args: argparse.Namespace) -> EngineClient:
         guided_decoding_backend=args.guided_decoding_backend,
         reasoning_parser=args.reasoning_parser,
         tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
         data_parallel_size=args.data_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
     )  # fmt: skip
+
+
+def _load_engine(args: argparse.Namespace) -> EngineClient:
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.errors import TokenmillError
+
+    config = _engine_config(args)
     logger.info("loading %s", args.model or "the bundled default model")
     try:
         if args.data_parallel_size > 1:

@@ -21,7 +21,6 @@ _NO_DOWNLOADS = (
     "tokenmill downloads nothing: it serves local directories, .gguf files and models "
     "already in the local Hugging Face cache"
 )
-_NO_PIPELINE = "pipeline parallelism is not built yet; split the model with --tensor-parallel-size"
 _NO_GRAPHS = "tokenmill captures no CUDA graphs and compiles nothing: the model runs eagerly"
 _NO_LORA = (
     "LoRA adapters are not supported; merge the adapter into the weights (peft's "
@@ -64,7 +63,6 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
              takes_value=False, works=_is(True)),
     VllmFlag(("--enable-chunked-prefill",), "ignore", _SCHEDULER, takes_value=False,
              works=_is(True), boolean_optional=True),
-    VllmFlag(("--pipeline-parallel-size", "-pp"), "refuse", _NO_PIPELINE, works=_is(1)),
     VllmFlag(("--runner",), "refuse", _BOTH_SERVED, works=_is("auto", "generate", "pooling")),
     VllmFlag(("--convert",), "refuse", _EMBED_ONLY, works=_is("auto", "none", "embed")),
     VllmFlag(("--task",), "refuse", _EMBED_ONLY,

@@ -4,7 +4,9 @@ through its backend, and samples.
 Under tensor parallelism the leader's runner (rank 0) prepares and samples; before each
 forward and each logits computation it broadcasts what the other ranks need to run the
 same collectives (the flat step, the rows whose logits it gathers), and their runners
-`follow()` it."""
+`follow()` it. Under pipeline parallelism it broadcasts the step, runs the first stage's
+layers and sends their output down the stages; the last one's comes back to it, and it
+computes the logits (every stage holds the final norm and head; the leader uses them)."""
 
 from __future__ import annotations
 
@@ -65,10 +67,13 @@ class ModelRunner:
         sampler: Sampler,
         block_size: int,
         device: torch.device,
-        tp: ParallelGroup = SINGLE,
+        group: ParallelGroup = SINGLE,
+        pipeline: bool = False,
     ):
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
-        self.tp = tp  # the ranks that hold the model's shards; this runner leads or follows
+        # the ranks that hold the model (this runner leads or follows): shards of every
+        # layer (tensor parallel), or with `pipeline` runs of layers, the leader's first
+        self.group, self.pipeline = group, pipeline
         self.sampler, self.block_size, self.device = sampler, block_size, device
         # multimodal rotary positions ([3, T]; Qwen2.5-VL): each request's prompt positions and
         # delta, made once (multimodal/mrope.py) and dropped when the request ends
@@ -115,24 +120,33 @@ class ModelRunner:
 
     def _logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The float32 logits [N, V] of `rows` of the step's hidden states."""
-        if self.tp.size == 1:
+        if self.group.size == 1 or self.pipeline:  # (the leader holds the norm and head)
             return self.model.compute_logits(hidden.index_select(0, rows))
-        self.tp.broadcast_object(("logits", rows.cpu()))
-        with _in_step(self.tp):
+        self.group.broadcast_object(("logits", rows.cpu()))
+        with _in_step(self.group):
             return self.model.compute_logits(hidden.index_select(0, rows))
 
     def follow(self) -> None:
-        """A follower rank: run the leader's steps on this rank's shards until it stops."""
+        """A follower rank: run the leader's steps on this rank's part until it stops. A
+        pipeline stage takes the previous stage's hidden states and sends its own to the
+        next (the last stage's back to the leader)."""
         hidden: torch.Tensor | None = None
+        group = self.group
         with torch.inference_mode():
             while True:
-                command, payload = self.tp.broadcast_object(wait_forever=True)
+                command, payload = group.broadcast_object(wait_forever=True)
                 if command == "step":
                     input_ids, positions, layout = payload
+                    embeds = None
+                    if self.pipeline:
+                        embeds = self._hidden_buffer(len(input_ids))
+                        group.recv(embeds, group.rank - 1)
                     hidden = self.backend.forward(
                         self.model, input_ids.to(self.device), positions.to(self.device),
-                        self._context(layout),
+                        self._context(layout), embeds,
                     )  # fmt: skip
+                    if self.pipeline:
+                        group.send(hidden.contiguous(), (group.rank + 1) % group.size)
                 elif command == "logits" and hidden is not None:
                     self.model.compute_logits(hidden.index_select(0, payload.to(self.device)))
                 elif command == "stop":
@@ -140,8 +154,8 @@ class ModelRunner:
 
     def stop_followers(self) -> None:
         """The leader: end the followers' loops."""
-        if self.tp.size > 1 and self.tp.is_leader:
-            self.tp.broadcast_object(("stop", None))
+        if self.group.size > 1 and self.group.is_leader:
+            self.group.broadcast_object(("stop", None))
 
     def pool(self, hidden: torch.Tensor, batch: Batch) -> dict[str, tuple[int, torch.Tensor]]:
         """Each embedding chunk's part of its request's pooled vector (ModelOutput.pooled)."""
@@ -187,17 +201,30 @@ class ModelRunner:
     def forward(self, batch: Batch) -> torch.Tensor:
         """The hidden states [T, C] of every row of the batch, through the backend."""
         embeds = self.input_embeddings(batch) if batch.images else None
-        if self.tp.size == 1:
+        if self.group.size == 1:
             return self.backend.forward(
                 self.model, batch.input_ids, batch.positions, batch.ctx, embeds
             )
-        self.tp.broadcast_object(
+        group = self.group
+        group.broadcast_object(
             ("step", (batch.input_ids.cpu(), batch.positions.cpu(), _on_host(batch.layout)))
         )
-        with _in_step(self.tp):
-            return self.backend.forward(
+        with _in_step(group):
+            hidden = self.backend.forward(
                 self.model, batch.input_ids, batch.positions, batch.ctx, embeds
             )
+            if not self.pipeline:
+                return hidden
+            group.send(hidden.contiguous(), 1)  # the first stage's; the last's comes back
+            final = self._hidden_buffer(len(batch.input_ids))
+            group.recv(final, group.size - 1)
+            return final
+
+    def _hidden_buffer(self, num_tokens: int) -> torch.Tensor:
+        """Where a pipeline stage receives [T, C] hidden states."""
+        cfg = self.model.config
+        dtype = next(self.model.get_submodule("model.norm").parameters()).dtype
+        return torch.empty(num_tokens, cfg.hidden_size, dtype=dtype, device=self.device)
 
     def input_embeddings(self, batch: Batch) -> torch.Tensor:
         """The token embeddings [T, C] with the image tokens' rows from the vision encoder."""
