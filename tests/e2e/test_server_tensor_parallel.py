@@ -217,7 +217,7 @@ def test_two_ranks_answer_what_one_process_does(
     served: TPServer, reference: Callable[[list[int]], tuple[list[int], str]]
 ) -> None:
     log = served.log_text()
-    assert "tensor parallel: 2 ranks (gloo)" in log, log
+    assert "tensor parallel: 2 ranks (gloo, mp)" in log, log
     follower = _the_follower(served)
     logged = re.search(r"followers pid (\d+)", log)
     assert logged and int(logged.group(1)) == follower.pid, log
@@ -274,7 +274,7 @@ def test_sigterm_drains_then_stops_the_follower_and_exits_0(served: TPServer) ->
     assert _wait_exit(served) == 0, served.log_text()[-4000:]
     log = served.log_text()
     assert "engine stopped: 0 requests unfinished, KV cache 0% in use" in log, log[-4000:]
-    assert "tp rank 1" not in log, log[-4000:]  # the follower left on "stop", no error
+    assert "rank 1:" not in log, log[-4000:]  # the follower left on "stop", no error
     assert _health(served) is None
     _assert_no_leftovers(served, [follower])
     _assert_clean_log(log)

@@ -86,3 +86,8 @@ def test_two_stages_match_transformers(tiny_hf_model_dir, case):
 def test_tensor_and_pipeline_together_are_refused(tiny_hf_model_dir):
     with pytest.raises(ModelLoadError, match="together"):
         LLM(str(tiny_hf_model_dir("llama")), tensor_parallel_size=2, pipeline_parallel_size=2)
+
+
+def test_data_parallel_offline_is_refused_with_the_server_flag(tiny_hf_model_dir):
+    with pytest.raises(ModelLoadError, match="--data-parallel-size"):
+        LLM(str(tiny_hf_model_dir("llama")), data_parallel_size=2)

@@ -184,7 +184,7 @@ def test_a_follower_that_dies_fails_the_next_step_and_stays_failed(tiny_hf_model
               tensor_parallel_size=2)  # fmt: skip
     executor = llm.engine.core.executor
     assert llm.generate([PROMPT], GREEDY)[0].outputs[0].token_ids
-    follower = executor.followers[0]
+    follower = executor.followers.processes[0]
     os.kill(follower.pid, signal.SIGKILL)
     follower.wait()
     with pytest.raises(PeerError, match="tensor-parallel"):

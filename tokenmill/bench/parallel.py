@@ -903,6 +903,53 @@ def _table(columns: tuple[str, ...], cells: Sequence[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True, slots=True)
+class CpuUse:
+    """Cores' worth of CPU time over a part: this benchmark's (with its reaped child
+    processes: followers, servers and their engines) and every other process's (the
+    machine's busy time from /proc/stat less ours: a neighbour, or --background-load)."""
+
+    seconds: float
+    ours: float
+    others: float
+
+    def line(self) -> str:
+        return (
+            f"CPU over this part ({self.seconds:.0f} s): this benchmark {self.ours:.2f} cores, "
+            f"other processes {self.others:.2f} cores, of {os.cpu_count()}"
+        )
+
+
+def _cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall seconds, machine busy CPU seconds, our CPU seconds), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    ticks = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    ours = t.user + t.system + t.children_user + t.children_system
+    return time.perf_counter(), (user + nice + system + irq + softirq) / ticks, ours
+
+
+@contextlib.contextmanager
+def cpu_use(report: dict[str, Any], part: str, sections: list[str]) -> Iterator[None]:
+    """Measure the CPU use over the block; into the report and under the part's table."""
+    before = _cpu_snapshot()
+    yield
+    after = _cpu_snapshot()
+    if before is None or after is None or after[0] <= before[0]:
+        return
+    wall = after[0] - before[0]
+    ours = (after[2] - before[2]) / wall
+    use = CpuUse(wall, ours, max(0.0, (after[1] - before[1]) / wall - ours))
+    report.setdefault("cpu", {})[part] = asdict(use)
+    sections.append(use.line())
+    progress(use.line())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--follower"]:
@@ -932,15 +979,13 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"load average at the start: {_load()}")
         collectives: list[CollectiveResult] = []
         if "collectives" in parts:
-            for size in args.ranks:
-                progress(f"collectives: {size} ranks, {runs} runs")
-                collectives += time_collectives(size, runs, args.quick)
+            sections.append("### Collectives on this machine, us per call, median [min-max]")
+            with cpu_use(report, "collectives", sections):
+                for size in args.ranks:
+                    progress(f"collectives: {size} ranks, {runs} runs")
+                    collectives += time_collectives(size, runs, args.quick)
+                sections.append(format_collectives(collectives))
             report["collectives"] = [asdict(r) | {"median_us": r.median_us} for r in collectives]
-            sections += [
-                "### Collectives on this machine, us per call, median [min-max]",
-                format_collectives(collectives),
-            ]
-            progress(f"load average: {_load()}")
         if "paper" in parts:
             rows = paper_rows()
             report["paper"] = [asdict(r) | {"comm_share": r.comm_share} for r in rows]
@@ -949,15 +994,18 @@ def main(argv: list[str] | None = None) -> int:
                 format_paper(rows),
             ]
         if "tp" in parts:
-            tp = bench_tp(runs, args.quick, collectives)
+            sections.append("### Tensor parallel, offline decode")
+            with cpu_use(report, "tp", sections):
+                tp = bench_tp(runs, args.quick, collectives)
+                sections.append(format_tp(tp))
             report["tp"] = [asdict(r) for r in tp]
-            sections += ["### Tensor parallel, offline decode", format_tp(tp)]
-            progress(f"load average: {_load()}")
         if "dp" in parts:
-            dp = bench_dp(runs, args.quick)
+            sections.append("### Data parallel through the server")
+            with cpu_use(report, "dp", sections):
+                dp = bench_dp(runs, args.quick)
+                sections.append(format_dp(dp))
             report["dp"] = [asdict(r) for r in dp]
-            sections += ["### Data parallel through the server", format_dp(dp)]
-            progress(f"load average at the end: {_load()}")
+        progress(f"load average at the end: {_load()}")
     progress(f"done in {time.perf_counter() - started:.0f} s")
     print("\n\n".join(sections))
     if args.json:

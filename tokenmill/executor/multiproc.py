@@ -70,7 +70,7 @@ class ChildFollowers:
 
     def __init__(self, specs: list[FollowerSpec]):
         self.processes = [start_child("tokenmill.executor.follower", s) for s in specs]
-        self.describe = "pids " + ", ".join(str(p.pid) for p in self.processes)
+        self.describe = "pid " + ", ".join(str(p.pid) for p in self.processes)
 
     def failed(self) -> str | None:
         for process in self.processes:
@@ -123,7 +123,7 @@ class MultiprocExecutor(Executor):
         pipeline: bool = False,
         backend: DistributedBackend | None = None,
     ):
-        kind = "pipeline" if pipeline else "tensor"
+        kind = self._kind = "pipeline" if pipeline else "tensor"
         device = resolve_device(model_config.device)
         backend = backend or "mp"
         if backend != "external_launcher":
@@ -210,7 +210,7 @@ class MultiprocExecutor(Executor):
             failed = self.followers.failed()
             if failed is not None:
                 if not self._stopping.is_set():
-                    self.failure = f"a {failed}"
+                    self.failure = f"{self._kind}-parallel {failed}"
                     logger.error("%s; the engine stops", self.failure)
                 return
             time.sleep(0.2)

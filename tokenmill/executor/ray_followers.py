@@ -74,8 +74,8 @@ class RayFollowers:
         try:
             code = self.ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - RayActorError, the follower's exception
-            return f"a Ray follower failed: {type(e).__name__}: {e}"
-        return f"a Ray follower exited with code {code}"
+            return f"Ray follower failed: {type(e).__name__}: {e}"
+        return f"Ray follower exited with code {code}"
 
     def load_failure(self, wait_s: float) -> str | None:
         done, _ = self.ray.wait(self.runs, num_returns=1, timeout=wait_s)

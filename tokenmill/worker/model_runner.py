@@ -152,11 +152,6 @@ class ModelRunner:
                 elif command == "stop":
                     return
 
-    def stop_followers(self) -> None:
-        """The leader: end the followers' loops."""
-        if self.group.size > 1 and self.group.is_leader:
-            self.group.broadcast_object(("stop", None))
-
     def pool(self, hidden: torch.Tensor, batch: Batch) -> dict[str, tuple[int, torch.Tensor]]:
         """Each embedding chunk's part of its request's pooled vector (ModelOutput.pooled)."""
         pooled = {}
@@ -310,7 +305,7 @@ class ModelRunner:
 
 
 @contextlib.contextmanager
-def _in_step(tp: ParallelGroup) -> Iterator[None]:
+def _in_step(group: ParallelGroup) -> Iterator[None]:
     """A failure on the leader between collectives leaves the other ranks waiting in one:
     the group cannot run another step, so it is a PeerError (fatal to the engine), not a
     request's error to retry."""
