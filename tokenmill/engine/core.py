@@ -250,7 +250,7 @@ def _executor(
             "tokenmill serve --data-parallel-size N"
         )
     size = max(tp, pp)
-    if size == 1 and parallel.distributed_executor_backend in (None, "mp"):
+    if size == 1:  # whatever the backend: there are no other ranks to start
         return UniprocExecutor(config.model, config.cache, source, grammars)
     return MultiprocExecutor(
         config.model, config.cache, source, grammars, size, pipeline=pp > 1,
