@@ -179,7 +179,10 @@ def create_group(
         pg: Any
         if device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()
-            options._timeout = join
+            # NCCL's watchdog holds every operation to this (the per-call timeouts are
+            # gloo's): without a bound, an idle follower's wait for the next step is not
+            # aborted; a hung rank then waits too (docs/scaling.md says so)
+            options._timeout = _FOREVER
             pg = dist.ProcessGroupNCCL(store, rank, size, options)
         else:
             pg = dist.ProcessGroupGloo(store, rank, size, join)

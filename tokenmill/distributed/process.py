@@ -15,6 +15,7 @@ from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 EXIT_PARENT_GONE = 3  # the parent ended or failed first: nothing of the child's to report
+_PARENT = "TOKENMILL_PARENT_PID"
 
 
 # Linux sends PR_SET_PDEATHSIG when the *thread* that forked the child ends, not the
@@ -23,18 +24,21 @@ EXIT_PARENT_GONE = 3  # the parent ended or failed first: nothing of the child's
 _SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenmill-spawner")
 
 
-def start_child(module: str, spec: Any) -> subprocess.Popen[bytes]:
-    """`python -m module` with `spec` pickled on its stdin; its stdout is a pipe for the
-    one line a failed child prints (read with `failure_line`)."""
-    return _SPAWNER.submit(_start_child, module, spec).result()
+def start_child(
+    module: str, spec: Any, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m module` with `spec` pickled on its stdin (and `env` added to this
+    process's); its stdout is a pipe for the one line a failed child prints (read with
+    `failure_line`)."""
+    return _SPAWNER.submit(_start_child, module, spec, env).result()
 
 
-def _start_child(module: str, spec: Any) -> subprocess.Popen[bytes]:
+def _start_child(module: str, spec: Any, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", module],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", _PARENT: str(os.getpid()), **(env or {})},
     )
     assert process.stdin is not None
     process.stdin.write(pickle.dumps(spec))
@@ -46,13 +50,12 @@ def read_spec() -> Any:
     """In the child: the spec its parent wrote; then it dies with the parent (SIGKILL,
     Linux's PR_SET_PDEATHSIG) and leaves Ctrl-C to the parent, which stops it."""
     spec = pickle.loads(sys.stdin.buffer.read())
-    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
-    if os.getppid() != parent or parent == 1:  # the parent died before that took effect
+    if str(os.getppid()) != os.environ.get(_PARENT):  # it died before that took effect
         os._exit(EXIT_PARENT_GONE)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return spec

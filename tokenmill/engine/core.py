@@ -41,6 +41,13 @@ class EngineCore:
             config.structured_outputs.guided_decoding_backend,
         )
         self.executor = _executor(config, self.source, self.structured_outputs)
+        try:
+            self._init_scheduling(config, started)
+        except BaseException:
+            self.executor.shutdown()  # its worker processes, if any
+            raise
+
+    def _init_scheduling(self, config: EngineConfig, started: float) -> None:
         self.info = self.executor.info
         scheduler_config = config.scheduler
         budget = scheduler_config.max_num_batched_tokens
@@ -169,6 +176,8 @@ class EngineCore:
             alone = SchedulerOutput(scheduled=[item])
             try:
                 output.update(self.executor.execute(self.model_input(alone)))
+            except PeerError:
+                raise  # a rank is gone: no request can run any more
             except Exception as exc:
                 logger.exception("request %s failed in the engine", request.request_id)
                 out.scheduled.remove(item)

@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import secrets
+import subprocess
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -25,7 +28,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.backends.device import kv_cache_bytes, resolve_device
+from tokenmill.backends.device import cgroup_cpu_quota, kv_cache_bytes, resolve_device
 from tokenmill.config import EngineConfig, SchedulingPolicy
 from tokenmill.distributed.process import failure_line, start_child, stop_children
 from tokenmill.engine.async_engine import EngineDeadError
@@ -40,7 +43,12 @@ from tokenmill.engine.engine_process import (
 from tokenmill.engine.llm_engine import AnyOutput, Frontend
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.engine.router import PrefixAffinityRouter
-from tokenmill.errors import ModelLoadError, OverloadedError, ServiceUnavailableError
+from tokenmill.errors import (
+    ModelLoadError,
+    OverloadedError,
+    RequestFailedError,
+    ServiceUnavailableError,
+)
 from tokenmill.model.config import text_config
 from tokenmill.model.loader import load_model_source
 from tokenmill.multimodal.inputs import ImageInput
@@ -91,6 +99,7 @@ class DataParallelEngine:
                 start_child(
                     "tokenmill.engine.engine_process",
                     EngineProcessSpec(i, engine_config, listener.address, authkey),
+                    _engine_gpus(config, i),
                 ),
             )
             for i in range(size)
@@ -122,7 +131,6 @@ class DataParallelEngine:
         self._stopping = False
         self._started = False
         self._cut: ServiceUnavailableError | None = None
-        self._num_submitting = 0
         self._num_aborted = 0
         logger.info(
             "data parallel: %d engines (pids %s), max_model_len %d",
@@ -254,7 +262,7 @@ class DataParallelEngine:
 
     def check_capacity(self) -> None:
         limit = self.max_waiting_requests
-        waiting = self._num_submitting + self.stats().num_waiting
+        waiting = self.stats().num_waiting
         if limit is not None and waiting >= limit:
             raise OverloadedError(
                 f"the server is overloaded: {waiting} requests are waiting "
@@ -268,7 +276,9 @@ class DataParallelEngine:
         self._cut = error
         for target in self._queues.values():
             target.put_nowait(error)
-        return len(self._queues) + self._num_submitting
+        for request_id, engine in self._owner.items():  # their engines stop them too
+            self._send_abort(engine, request_id)
+        return len(self._queues)
 
     async def abort(self, request_id: str) -> None:
         engine = self._owner.get(request_id)
@@ -381,7 +391,11 @@ class DataParallelEngine:
         except Exception as e:  # noqa: BLE001 - the connection is unusable: the engine is lost
             if self._stopping:
                 return
-            code = engine.process.wait()
+            try:
+                code = engine.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # alive but unusable: it cannot be served
+                engine.process.kill()
+                code = engine.process.wait()
             reason = failure_line(engine.process) or str(e) or "connection closed"
             self._error = f"data-parallel engine {engine.index} (exit code {code}): {reason}"
             logger.error("%s; the server stops", self._error)
@@ -389,7 +403,12 @@ class DataParallelEngine:
 
     def _dispatch(self, outputs: list[AnyOutput]) -> None:
         for output in outputs:
-            self._deliver(output.request_id, output)
+            item: AnyOutput | BaseException = output
+            if output.error is not None:  # as AsyncEngine: the details stay in the log
+                item = RequestFailedError(
+                    "the engine failed while serving this request; the server log has the details"
+                )
+            self._deliver(output.request_id, item)
 
     def _deliver(self, request_id: str, item: AnyOutput | BaseException) -> None:
         target = self._queues.get(request_id)
@@ -405,15 +424,33 @@ class DataParallelEngine:
 
 
 def _per_engine(config: EngineConfig, size: int) -> EngineConfig:
-    """Each engine's config: on a CPU the engines share the machine, so each gets its share
-    of the threads and of the KV cache memory (unless they are set)."""
+    """Each engine's config: on a CPU the engines (and their ranks) share the machine, so
+    each gets its share of the threads and of the KV cache memory, unless they are set."""
     model, cache = config.model, config.cache
     device = resolve_device(model.device)
     if device.type == "cpu":
-        threads = max(1, torch.get_num_threads() // size)
-        if model.cpu_threads is None:
-            model = replace(model, cpu_threads=threads)
-        if cache.kv_cache_memory is None:
+        ranks = max(config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
+        threads, quota = torch.get_num_threads(), cgroup_cpu_quota()
+        if quota is not None:
+            threads = min(threads, max(1, math.ceil(quota)))
+        if model.cpu_threads is None:  # each rank's
+            model = replace(model, cpu_threads=max(1, threads // (size * ranks)))
+        if cache.kv_cache_memory is None:  # each engine's, which its ranks share
             cache = replace(cache, kv_cache_memory=kv_cache_bytes(cache, device) // size)
     return replace(config, model=model, cache=cache,
                    parallel=replace(config.parallel, data_parallel_size=1))  # fmt: skip
+
+
+def _engine_gpus(config: EngineConfig, index: int) -> dict[str, str] | None:
+    """On CUDA, engine `index`'s own GPUs (as many as its ranks), as CUDA_VISIBLE_DEVICES."""
+    if resolve_device(config.model.device).type != "cuda":
+        return None
+    ranks = max(config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    mine = gpus[index * ranks : (index + 1) * ranks]
+    if len(mine) < ranks:
+        raise ModelLoadError(
+            f"data-parallel engine {index} needs {ranks} GPU(s); only {len(gpus)} are visible"
+        )
+    return {"CUDA_VISIBLE_DEVICES": ",".join(mine)}

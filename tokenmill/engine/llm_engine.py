@@ -93,8 +93,12 @@ class LLMEngine:
         self.config = config
         template = config.model.chat_template and _chat_template_text(config.model.chat_template)
         self.core = EngineCore(config)
-        front = Frontend.of(config, self.core.source, self.core.vocab_size, self.core.max_model_len,
-                            template)  # fmt: skip
+        try:
+            front = Frontend.of(config, self.core.source, self.core.vocab_size,
+                                self.core.max_model_len, template)  # fmt: skip
+        except BaseException:
+            self.core.shutdown()  # its worker processes, if any
+            raise
         self.tokenizer: Tokenizer = front.tokenizer
         self.token_texts = TokenTexts(self.tokenizer)
         self.input_processor = front.input_processor

@@ -47,6 +47,15 @@ def run(spec: FollowerSpec) -> int:
     try:
         source = load_model_source(spec.model_path)
         device = resolve_device(spec.model_config.device)
+        if device.type == "cuda":  # a GPU per rank on this machine (torchrun: LOCAL_RANK's)
+            import os
+
+            import torch
+
+            local = int(os.environ.get("LOCAL_RANK", spec.rank))
+            index = local % max(1, torch.cuda.device_count())
+            torch.cuda.set_device(index)
+            device = torch.device("cuda", index)
         if spec.port is None:
             group = from_environment(device, spec.timeout_s)
         else:

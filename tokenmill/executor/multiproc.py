@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import threading
 import time
 import weakref
@@ -26,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from tokenmill.backends.device import kv_cache_bytes, resolve_device
+from tokenmill.backends.device import cgroup_cpu_quota, kv_cache_bytes, resolve_device
 from tokenmill.config import CacheConfig, DistributedBackend, ModelConfig
 from tokenmill.distributed.group import (
     DEFAULT_TIMEOUT_S,
@@ -126,34 +128,43 @@ class MultiprocExecutor(Executor):
         kind = self._kind = "pipeline" if pipeline else "tensor"
         device = resolve_device(model_config.device)
         backend = backend or "mp"
-        if backend != "external_launcher":
-            model_config, cache_config = _per_rank(model_config, cache_config, device, size)
-        self.failure: str | None = None  # why the group broke, once it has
+        local = size if backend != "external_launcher" else launched_here(size)
+        model_config, cache_config = per_rank_share(model_config, cache_config, device, local)
+        if device.type == "cuda" and backend == "external_launcher":
+            device = _local_gpu()
+        self._failure: list[str] = []  # why the group broke, once it has (the watcher's too)
         self._stopping = threading.Event()
         self.group: ParallelGroup | None = None
         self.followers, (host, port) = _start_followers(
             backend, size, pipeline, source, model_config, cache_config
         )
-        self._finalizer = weakref.finalize(self, _stop, self.followers, None, self._stopping)
+        self._finalizer = weakref.finalize(
+            self, _stop, self.followers, None, self._stopping, self._failure
+        )
         try:
             self.group = (
-                from_environment(device)
+                _launched_group(device, size)
                 if backend == "external_launcher"
                 else create_group(0, size, host, port, device)
             )
             self._finalizer.detach()
             self._finalizer = weakref.finalize(
-                self, _stop, self.followers, self.group, self._stopping
+                self, _stop, self.followers, self.group, self._stopping, self._failure
             )
             self.worker = Worker(model_config, cache_config, source, grammars, self.group, pipeline)
         except (PeerError, ModelLoadError, RuntimeError) as e:
             reason = self.followers.load_failure(5.0) or str(e)
+            self._failure.append(reason)  # the group may be mid-collective: no "stop" step
             self.shutdown()
             raise ModelLoadError(f"{kind}-parallel load failed: {reason}") from None
-        except BaseException:
+        except BaseException as e:
+            self._failure.append(str(e))
             self.shutdown()
             raise
-        threading.Thread(target=self._watch, name="tokenmill-ranks-watch", daemon=True).start()
+        threading.Thread(
+            target=_watch, args=(self.followers, self._stopping, self._failure, kind),
+            name="tokenmill-ranks-watch", daemon=True,
+        ).start()  # fmt: skip
         worker = self.worker
         self.info = ModelInfo(
             arch=worker.model.config,
@@ -179,7 +190,7 @@ class MultiprocExecutor(Executor):
         try:
             return self.worker.execute(scheduled)
         except PeerError as e:
-            self.failure = self.failure or str(e)  # the group is broken for good
+            self._failure.append(str(e))  # the group is broken for good
             raise
 
     def logits_for(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
@@ -187,33 +198,66 @@ class MultiprocExecutor(Executor):
         try:
             return self.worker.runner.logits_for(scheduled)
         except PeerError as e:
-            self.failure = self.failure or str(e)
+            self._failure.append(str(e))
             raise
 
     def forget(self, request_id: str) -> None:
         self.worker.forget(request_id)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the group broke, once it has."""
+        return self._failure[0] if self._failure else None
+
     def check_health(self) -> None:
-        if self.failure is not None:
-            raise PeerError(self.failure)
+        if self._failure:
+            raise PeerError(self._failure[0])
 
     def shutdown(self) -> None:
         """Stop the followers (a "stop" step, then kill any that stay) and drop the group."""
         if self._stopping.is_set():
             return
         self._finalizer.detach()
-        _stop(self.followers, self.group, self._stopping)
+        _stop(self.followers, self.group, self._stopping, self._failure)
 
-    def _watch(self) -> None:
-        """Notice a follower that ends while this process lives (idle or not)."""
-        while not self._stopping.is_set():
-            failed = self.followers.failed()
-            if failed is not None:
-                if not self._stopping.is_set():
-                    self.failure = f"{self._kind}-parallel {failed}"
-                    logger.error("%s; the engine stops", self.failure)
-                return
-            time.sleep(0.2)
+
+def _watch(followers: Followers, stopping: threading.Event, failure: list[str], kind: str) -> None:
+    """Notice a follower that ends while this process lives (idle or not). Holds no
+    reference to the executor, which is collected (and its followers stopped) when unused."""
+    while not stopping.is_set():
+        failed = followers.failed()
+        if failed is not None:
+            if not stopping.is_set():
+                failure.append(f"{kind}-parallel {failed}")
+                logger.error("%s; the engine stops", failure[-1])
+            return
+        time.sleep(0.2)
+
+
+def launched_here(size: int) -> int:
+    """How many of a launcher's ranks run on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", size))
+
+
+def _local_gpu() -> torch.device:
+    """This launched rank's GPU: LOCAL_RANK's (made the current device)."""
+    index = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _launched_group(device: torch.device, size: int) -> ParallelGroup:
+    """torchrun's group, which must be this engine's ranks with this process as rank 0 (the
+    others run `tokenmill serve`, which follows: server/cli.py)."""
+    group = from_environment(device)
+    if group.size != size or group.rank != 0:
+        group.close()
+        raise ModelLoadError(
+            f"external_launcher: this is rank {group.rank} of {group.size} launched "
+            f"processes; the engine needs {size} ranks, this one rank 0 (the others run "
+            "`tokenmill serve ... --distributed-executor-backend external_launcher`)"
+        )
+    return group
 
 
 def _start_followers(
@@ -238,31 +282,41 @@ def _start_followers(
         from tokenmill.executor.ray_followers import RayFollowers
 
         device = resolve_device(model_config.device)
-        threads = float(model_config.cpu_threads or 1)
         # (the leader's store listens on every interface; its own client uses the loopback)
-        followers = RayFollowers(spec, size, threads, 1.0 if device.type == "cuda" else 0.0)
+        followers = RayFollowers(spec, size, 1.0, 1.0 if device.type == "cuda" else 0.0)
     else:
         followers = ChildFollowers([spec(rank, host) for rank in range(1, size)])
     return followers, (host, port)
 
 
-def _per_rank(
-    model_config: ModelConfig, cache_config: CacheConfig, device: torch.device, size: int
+def per_rank_share(
+    model_config: ModelConfig, cache_config: CacheConfig, device: torch.device, ranks: int
 ) -> tuple[ModelConfig, CacheConfig]:
-    """On a CPU the ranks share the machine: each gets its share of the threads and of the
-    KV cache memory (which then holds as many tokens as one process would)."""
-    if device.type != "cpu":
+    """On a CPU the `ranks` processes on this machine share it: each gets its share of the
+    threads (of the cgroup's CPU quota, where there is one) and of the KV cache memory
+    (which then holds as many tokens as one process would), unless they are set."""
+    if device.type != "cpu" or ranks <= 1:
         return model_config, cache_config
     if model_config.cpu_threads is None:
-        threads = max(1, torch.get_num_threads() // size)
-        model_config = replace(model_config, cpu_threads=threads)
-    budget = kv_cache_bytes(cache_config, device) // size
+        threads, quota = torch.get_num_threads(), cgroup_cpu_quota()
+        if quota is not None:
+            threads = min(threads, max(1, math.ceil(quota)))
+        model_config = replace(model_config, cpu_threads=max(1, threads // ranks))
+    budget = kv_cache_bytes(cache_config, device) // ranks
     return model_config, replace(cache_config, kv_cache_memory=budget)
 
 
-def _stop(followers: Followers, group: ParallelGroup | None, stopping: threading.Event) -> None:
+def _stop(
+    followers: Followers,
+    group: ParallelGroup | None,
+    stopping: threading.Event,
+    failure: list[str],
+) -> None:
+    """A "stop" step where the group still works (a broken one may hold followers inside a
+    collective, where the step would wait out the timeout), then kill what stays."""
     stopping.set()
-    if group is not None and group.pg is not None and followers.failed() is None:
+    healthy = not failure and followers.failed() is None
+    if healthy and group is not None and group.pg is not None:
         with contextlib.suppress(PeerError):
             group.broadcast_object(("stop", None))
     followers.stop(_STOP_WAIT_S)

@@ -14,6 +14,8 @@ from tokenmill.executor.follower import EXIT_PEER_GONE, FollowerSpec, run
 
 logger = logging.getLogger(__name__)
 
+_PLACE_TIMEOUT_S = 300.0
+
 
 def _ray() -> Any:
     try:
@@ -58,7 +60,16 @@ class RayFollowers:
         self.ray = ray = _ray()
         actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Actor)
         self.actors = [actor.remote() for _ in range(1, size)]
-        nodes = ray.get([a.node_ip.remote() for a in self.actors])
+        try:
+            nodes = ray.get([a.node_ip.remote() for a in self.actors], timeout=_PLACE_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            for a in self.actors:
+                ray.kill(a)
+            raise ModelLoadError(
+                f"Ray could not place {size - 1} follower actors ({num_cpus:g} CPU, "
+                f"{num_gpus:g} GPU each) within {_PLACE_TIMEOUT_S:g} s: does the cluster "
+                "have the resources?"
+            ) from None
         here = str(ray.util.get_node_ip_address())
         self.runs = [
             a.run.remote(make_spec(rank, "127.0.0.1" if node == here else here))

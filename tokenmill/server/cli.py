@@ -526,6 +526,10 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
 
     if args.data_parallel_size < 1:
         raise StartupError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
+    if args.data_parallel_size > 1 and args.distributed_executor_backend == "external_launcher":
+        raise StartupError(
+            "--data-parallel-size runs its engines itself: not with external_launcher"
+        )
     if args.pipeline_parallel_size < 1:
         raise StartupError(
             f"--pipeline-parallel-size must be >= 1, got {args.pipeline_parallel_size}"
@@ -592,8 +596,10 @@ def _launched_follower(args: argparse.Namespace) -> bool:
 def _follow(args: argparse.Namespace) -> int:
     """Rank RANK of the launcher's group: load this rank's part and follow rank 0's steps
     until it stops (or is gone: exit 3)."""
+    from tokenmill.backends.device import resolve_device
     from tokenmill.distributed.group import DEFAULT_TIMEOUT_S
     from tokenmill.executor.follower import FollowerSpec, run
+    from tokenmill.executor.multiproc import launched_here, per_rank_share
     from tokenmill.model.loader import load_model_source
 
     config = _engine_config(args)
@@ -606,7 +612,11 @@ def _follow(args: argparse.Namespace) -> int:
     source = load_model_source(args.model)
     logger.info("rank %d of %d (external launcher): loading its part of %s", rank, size,
                 source.name)  # fmt: skip
-    spec = FollowerSpec(rank, size, "", None, source.path, config.model, config.cache,
+    device = resolve_device(config.model.device)
+    model_config, cache_config = per_rank_share(
+        config.model, config.cache, device, launched_here(size)
+    )
+    spec = FollowerSpec(rank, size, "", None, source.path, model_config, cache_config,
                         DEFAULT_TIMEOUT_S, args.pipeline_parallel_size > 1)  # fmt: skip
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 stops the others
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
