@@ -76,7 +76,8 @@ def test_quick_collectives_over_two_ranks(capsys: pytest.CaptureFixture[str], tm
     assert lines[0].startswith("### Collectives")
     header = [c.strip() for c in lines[2].strip("|").split("|")]
     assert header == ["ranks", "collective", "T=1", "T=8", "T=32", "T=256"]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:]]
+    table = [line for line in lines[4:] if line.startswith("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table]
     assert [(r[0], r[1]) for r in rows] == [
         ("2", "all_reduce [T, 576] f32"),
         ("2", "gather_last_dim [T, 24576] f32"),
@@ -89,6 +90,11 @@ def test_quick_collectives_over_two_ranks(capsys: pytest.CaptureFixture[str], tm
             found = re.fullmatch(r"(\d+) \[(\d+)-(\d+)\]( \(\d+ B\))?", cell)
             assert found, cell
             assert int(found[2]) <= int(found[1]) <= int(found[3])
+    assert re.fullmatch(
+        r"CPU over this part \(\d+ s\): this benchmark [\d.]+ cores, other "
+        r"processes [\d.]+ cores, of \d+",
+        lines[-1],
+    ), lines[-1]
     report = json.loads(out.read_text())
     assert report["runs"] == 2 and len(report["collectives"]) == 5 * 4
     for entry in report["collectives"]:

@@ -5,8 +5,8 @@ Four parts (`--only` picks some; each prints a markdown table on stdout, progres
 load average go to stderr):
 
 collectives  ParallelGroup's collectives between 2 and 3 ranks on this machine (gloo over
-    loopback; rank 0 in this process, the others `python -m tokenmill.bench.parallel
-    --follower` with their spec pickled on stdin, as the engine starts its followers):
+    loopback, groups made by tokenmill.distributed.group.create_group; rank 0 in this
+    process, the others in fresh interpreters, multiprocessing's spawn):
     all_reduce of [T, 576] float32 (SmolLM2's hidden size; T = 1, 8, 32 decode rows, 256 a
     prefill chunk), gather_last_dim of the logits [T, V / ranks] float32 to rank 0, and
     broadcast_object of the step message the leader sends each step (T decode rows of
@@ -17,7 +17,9 @@ collectives  ParallelGroup's collectives between 2 and 3 ranks on this machine (
     barriers (a 1-element all_reduce), timed on rank 0: a broadcast whose send returns
     before the others have received it is still counted to its end. Microseconds per call,
     median [min-max] over --runs. Each rank gets its share of the cores for torch's
-    threads, as the engine gives its ranks.
+    threads, as the engine gives its ranks; `--pin-ranks` places them on given CPUs (on a
+    VM a collective between ranks on two vCPUs costs several times one between ranks that
+    share a vCPU: the wake-up of the other vCPU, not the bytes, is the price).
 paper    `step_communication()`: the collectives and bytes of one tensor-parallel decode step
     from the model's shape, and their time at NVLink's bandwidth and latency (assumed below:
     NVLINK_BYTES_PER_S, COLLECTIVE_LATENCY_S) against the step's own floor on an H100 (the
@@ -45,7 +47,7 @@ same cores, so the benchmark measures what the split costs. `--background-load N
 busy loops (`while True: pass`, each in a session of its own) for the whole run.
 
 python -m tokenmill.bench.parallel [--runs 5] [--quick] [--only PART ...] [--ranks 2 3]
-    [--background-load N] [--json FILE]
+    [--pin-ranks CPU ...] [--background-load N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from tokenmill.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # imported when the benchmark runs: `tokenmill --help` stays fast
+    from multiprocessing.process import BaseProcess
+
     import torch
 
     from tokenmill.distributed.group import ParallelGroup
@@ -240,7 +244,7 @@ class Case:
 
 @dataclass(frozen=True, slots=True)
 class CollectiveSpec:
-    """What a follower rank runs (pickled on its stdin)."""
+    """What a follower rank runs."""
 
     rank: int
     size: int
@@ -248,6 +252,7 @@ class CollectiveSpec:
     cases: tuple[Case, ...]
     runs: int
     threads: int
+    cpu: int | None = None  # run on this CPU only (--pin-ranks)
 
 
 @dataclass
@@ -361,24 +366,34 @@ def run_cases(group: ParallelGroup, cases: tuple[Case, ...], runs: int) -> list[
     return results
 
 
-def time_collectives(size: int, runs: int, quick: bool) -> list[CollectiveResult]:
-    """Part 1 for a group of `size` ranks: rank 0 here, followers as child processes."""
+def time_collectives(
+    size: int, runs: int, quick: bool, pin: tuple[int, ...] = ()
+) -> list[CollectiveResult]:
+    """Part 1 for a group of `size` ranks: rank 0 here, followers as child processes; with
+    `pin`, rank r runs on CPU pin[r % len(pin)] only (its threads included)."""
     import torch
 
     from tokenmill.distributed.group import create_group
-    from tokenmill.distributed.process import failure_line, free_port, stop_children
+    from tokenmill.distributed.process import free_port
 
     cases = collective_cases(size, quick)
     threads = max(1, (os.cpu_count() or 1) // size)
     port = free_port()
+
+    def cpu(rank: int) -> int | None:
+        return pin[rank % len(pin)] if pin else None
+
     followers = [
-        _start_follower(CollectiveSpec(rank, size, port, cases, runs, threads))
+        _start_follower(CollectiveSpec(rank, size, port, cases, runs, threads, cpu(rank)))
         for rank in range(1, size)
     ]
     saved_threads = torch.get_num_threads()
+    saved_cpus = os.sched_getaffinity(0) if pin else None
     group = None
     try:
         torch.set_num_threads(threads)
+        if pin:
+            os.sched_setaffinity(0, {pin[0]})
         group = create_group(0, size, "127.0.0.1", port, torch.device("cpu"), 120.0, 120.0)
         timings = run_cases(group, cases, runs)
         return [
@@ -386,15 +401,17 @@ def time_collectives(size: int, runs: int, quick: bool) -> list[CollectiveResult
             for case, us in zip(cases, timings, strict=True)
         ]
     except BaseException:
-        reasons = [failure_line(p) for p in followers if p.poll() not in (None, 0)]
-        if reasons:
-            progress(f"follower failed: {'; '.join(r for r in reasons if r)}")
+        codes = [p.exitcode for p in followers if p.exitcode]
+        if codes:
+            progress(f"a follower rank failed (exit codes {codes}; its traceback is above)")
         raise
     finally:
         torch.set_num_threads(saved_threads)
+        if saved_cpus is not None:
+            os.sched_setaffinity(0, saved_cpus)
         if group is not None:
             group.close()
-        stop_children(followers, 30.0)
+        _stop_followers(followers, 30.0)
 
 
 def _payload(case: Case, size: int) -> int:
@@ -404,44 +421,44 @@ def _payload(case: Case, size: int) -> int:
     return len(pickle.dumps(make(case.tokens), protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _start_follower(spec: CollectiveSpec) -> subprocess.Popen[bytes]:
-    """`python -m tokenmill.bench.parallel --follower` with the spec on stdin (it reads it
-    with tokenmill.distributed.process.read_spec: it dies with this process)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tokenmill.bench.parallel", "--follower"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+def _start_follower(spec: CollectiveSpec) -> BaseProcess:
+    """A follower rank in a fresh interpreter (multiprocessing's spawn: no state of this
+    process's is inherited); a daemon, so it ends with this process."""
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(
+        target=follower_main, args=(spec,), name=f"bench-rank-{spec.rank}", daemon=True
     )
-    assert process.stdin is not None
-    process.stdin.write(pickle.dumps(spec))
-    process.stdin.close()
+    process.start()
     return process
 
 
-def follower_main() -> int:
-    """A follower rank of part 1: join rank 0's group, run the cases, leave."""
-    from tokenmill.distributed.process import read_spec
-
-    spec: CollectiveSpec = read_spec()
+def follower_main(spec: CollectiveSpec) -> None:
+    """A follower rank of part 1: join rank 0's group, run the cases, leave (a failure is
+    raised: its traceback goes to stderr, and rank 0's next collective fails)."""
     import torch
 
     from tokenmill.distributed.group import create_group
 
     torch.set_num_threads(spec.threads)
-    group = None
+    if spec.cpu is not None:
+        os.sched_setaffinity(0, {spec.cpu})
+    group = create_group(
+        spec.rank, spec.size, "127.0.0.1", spec.port, torch.device("cpu"), 120.0, 120.0
+    )
     try:
-        group = create_group(
-            spec.rank, spec.size, "127.0.0.1", spec.port, torch.device("cpu"), 120.0, 120.0
-        )
         run_cases(group, spec.cases, spec.runs)
-        return 0
-    except BaseException as e:  # noqa: BLE001 - one line for rank 0, then exit non-zero
-        print(f"{type(e).__name__}: {e}", flush=True)
-        return 1
     finally:
-        if group is not None:
-            group.close()
+        group.close()
+
+
+def _stop_followers(followers: list[BaseProcess], wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    for process in followers:
+        process.join(max(0.1, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def format_collectives(results: list[CollectiveResult]) -> str:
@@ -951,9 +968,6 @@ def cpu_use(report: dict[str, Any], part: str, sections: list[str]) -> Iterator[
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--follower"]:
-        return follower_main()
     parser = argparse.ArgumentParser(
         prog="python -m tokenmill.bench.parallel",
         description=__doc__,
@@ -967,8 +981,10 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.only or list(PARTS)
     from tokenmill.bench.serve import busy_processes
 
+    args.pin_ranks = tuple(args.pin_ranks or ())
     report: dict[str, Any] = {
         "runs": runs,
+        "pin_ranks": args.pin_ranks,
         "quick": args.quick,
         "background_load": args.background_load,
         "cpu_count": os.cpu_count(),
@@ -982,8 +998,9 @@ def main(argv: list[str] | None = None) -> int:
             sections.append("### Collectives on this machine, us per call, median [min-max]")
             with cpu_use(report, "collectives", sections):
                 for size in args.ranks:
-                    progress(f"collectives: {size} ranks, {runs} runs")
-                    collectives += time_collectives(size, runs, args.quick)
+                    where = f", pinned to CPUs {args.pin_ranks}" if args.pin_ranks else ""
+                    progress(f"collectives: {size} ranks, {runs} runs{where}")
+                    collectives += time_collectives(size, runs, args.quick, args.pin_ranks)
                 sections.append(format_collectives(collectives))
             report["collectives"] = [asdict(r) | {"median_us": r.median_us} for r in collectives]
         if "paper" in parts:
@@ -1048,10 +1065,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="busy loops beside the whole run, each in its own session",
     )
+    parser.add_argument(
+        "--pin-ranks",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="CPU",
+        help="collectives part: run rank r on CPU number PIN[r %% len(PIN)] only, e.g. "
+        "`--pin-ranks 0` puts every rank on CPU 0 (default: where the kernel schedules them)",
+    )
     parser.add_argument("--json", default=None, metavar="FILE", help="write the numbers here")
 
 
-if __name__ == "__main__":  # run as the module itself, so a follower's spec pickles by name
+if __name__ == "__main__":  # run as the module itself, so what a follower gets pickles by name
     from tokenmill.bench.parallel import main as module_main
 
     sys.exit(module_main())

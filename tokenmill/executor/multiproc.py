@@ -28,7 +28,12 @@ from typing import Protocol
 
 import torch
 
-from tokenmill.backends.device import cgroup_cpu_quota, kv_cache_bytes, resolve_device
+from tokenmill.backends.device import (
+    cgroup_cpu_quota,
+    configure_cpu_threads,
+    kv_cache_bytes,
+    resolve_device,
+)
 from tokenmill.config import CacheConfig, DistributedBackend, ModelConfig
 from tokenmill.distributed.group import (
     DEFAULT_TIMEOUT_S,
@@ -128,7 +133,9 @@ class MultiprocExecutor(Executor):
         kind = self._kind = "pipeline" if pipeline else "tensor"
         device = resolve_device(model_config.device)
         backend = backend or "mp"
+        self._threads = torch.get_num_threads()  # this process's, restored at shutdown
         local = size if backend != "external_launcher" else launched_here(size)
+        self.worker_threads_pinned = model_config.cpu_threads is None and device.type == "cpu"
         model_config, cache_config = per_rank_share(model_config, cache_config, device, local)
         if device.type == "cuda" and backend == "external_launcher":
             device = _local_gpu()
@@ -219,6 +226,9 @@ class MultiprocExecutor(Executor):
             return
         self._finalizer.detach()
         _stop(self.followers, self.group, self._stopping, self._failure)
+        if self.worker_threads_pinned:  # the rank's share of the threads was this process's
+            torch.set_num_threads(self._threads)
+            configure_cpu_threads(None)
 
 
 def _watch(followers: Followers, stopping: threading.Event, failure: list[str], kind: str) -> None:

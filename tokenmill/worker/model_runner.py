@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -136,7 +137,7 @@ class ModelRunner:
             while True:
                 command, payload = group.broadcast_object(wait_forever=True)
                 if command == "step":
-                    input_ids, positions, layout = payload
+                    input_ids, positions, layout = _from_step_message(payload)
                     embeds = None
                     if self.pipeline:
                         embeds = self._hidden_buffer(len(input_ids))
@@ -201,9 +202,7 @@ class ModelRunner:
                 self.model, batch.input_ids, batch.positions, batch.ctx, embeds
             )
         group = self.group
-        group.broadcast_object(
-            ("step", (batch.input_ids.cpu(), batch.positions.cpu(), _on_host(batch.layout)))
-        )
+        group.broadcast_object(("step", _step_message(batch)))
         with _in_step(group):
             hidden = self.backend.forward(
                 self.model, batch.input_ids, batch.positions, batch.ctx, embeds
@@ -317,10 +316,22 @@ def _in_step(group: ParallelGroup) -> Iterator[None]:
         raise PeerError(f"tensor-parallel rank 0 failed mid-step: {type(e).__name__}: {e}") from e
 
 
-def _on_host(layout: StepLayout) -> StepLayout:
-    """The layout with its tensors on the CPU, to send to the other ranks."""
-    return replace(layout, positions=layout.positions.cpu(),
-                   slot_mapping=layout.slot_mapping.cpu())  # fmt: skip
+def _step_message(batch: Batch) -> tuple[Any, ...]:
+    """What the other ranks need of a step, as numpy arrays: pickling a torch tensor costs
+    ~0.5 ms each way, an array ~20 us (docs/benchmarks.md, "Tensor and data parallel")."""
+    layout = batch.layout
+    return (
+        batch.input_ids.cpu().numpy(), batch.positions.cpu().numpy(), layout.chunks,
+        layout.num_decodes, layout.positions.cpu().numpy(), layout.slot_mapping.cpu().numpy(),
+        layout.block_size,
+    )  # fmt: skip
+
+
+def _from_step_message(message: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, StepLayout]:
+    ids, positions, chunks, num_decodes, layout_positions, slots, block_size = message
+    layout = StepLayout(chunks, num_decodes, torch.from_numpy(layout_positions),
+                        torch.from_numpy(slots), block_size)  # fmt: skip
+    return torch.from_numpy(ids), torch.from_numpy(positions), layout
 
 
 def _image_rows(images: tuple[ImageInput, ...], row: int, start: int, n: int) -> list[ImageRows]:
