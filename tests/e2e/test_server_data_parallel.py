@@ -25,7 +25,7 @@ DOCUMENT = " ".join(f"Clause {i}: the tenant keeps the garden tidy and pays on t
 
 def engine_processes(pid: int) -> list[int]:
     """The server's engine processes (not its template renderer)."""
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True,
+    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True,
                          text=True).stdout  # fmt: skip
     return [int(line.split()[0]) for line in out.splitlines() if "engine_process" in line]
 
