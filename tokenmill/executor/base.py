@@ -16,6 +16,7 @@ import torch
 from tokenmill.config import Quantization
 from tokenmill.model.config import ArchConfig
 from tokenmill.worker.inputs import ModelOutput, ScheduledSequence
+from tokenmill.worker.worker import Worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,23 @@ class ModelInfo:
     kv_cache_dtype: torch.dtype
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+
+    @classmethod
+    def of(cls, worker: Worker, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> ModelInfo:
+        """Rank 0's worker, described for the engine (the KV bytes over every rank)."""
+        return cls(
+            arch=worker.model.config,
+            num_parameters=worker.num_parameters,
+            device=worker.device,
+            dtype=worker.dtype,
+            quantization=worker.quantization,
+            cpu_threads=worker.cpu_threads,
+            num_blocks=worker.num_blocks,
+            kv_cache_bytes=worker.kv_cache_bytes * tensor_parallel * pipeline_parallel,
+            kv_cache_dtype=worker.kv_cache_dtype,
+            tensor_parallel_size=tensor_parallel,
+            pipeline_parallel_size=pipeline_parallel,
+        )
 
 
 class Executor(ABC):

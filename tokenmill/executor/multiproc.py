@@ -172,20 +172,7 @@ class MultiprocExecutor(Executor):
             target=_watch, args=(self.followers, self._stopping, self._failure, kind),
             name="tokenmill-ranks-watch", daemon=True,
         ).start()  # fmt: skip
-        worker = self.worker
-        self.info = ModelInfo(
-            arch=worker.model.config,
-            num_parameters=worker.num_parameters,
-            device=worker.device,
-            dtype=worker.dtype,
-            quantization=worker.quantization,
-            cpu_threads=worker.cpu_threads,
-            num_blocks=worker.num_blocks,
-            kv_cache_bytes=worker.kv_cache_bytes * size,
-            kv_cache_dtype=worker.kv_cache_dtype,
-            tensor_parallel_size=1 if pipeline else size,
-            pipeline_parallel_size=size if pipeline else 1,
-        )
+        self.info = ModelInfo.of(self.worker, 1 if pipeline else size, size if pipeline else 1)
         logger.info(
             "%s parallel: %d ranks (%s, %s), followers %s",
             kind, size, "nccl" if device.type == "cuda" else "gloo", backend,

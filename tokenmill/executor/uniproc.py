@@ -21,18 +21,7 @@ class UniprocExecutor(Executor):
         grammars: StructuredOutputManager | None = None,
     ):
         self.worker = Worker(model_config, cache_config, source, grammars)
-        worker = self.worker
-        self.info = ModelInfo(
-            arch=worker.model.config,
-            num_parameters=worker.num_parameters,
-            device=worker.device,
-            dtype=worker.dtype,
-            quantization=worker.quantization,
-            cpu_threads=worker.cpu_threads,
-            num_blocks=worker.num_blocks,
-            kv_cache_bytes=worker.kv_cache_bytes,
-            kv_cache_dtype=worker.kv_cache_dtype,
-        )
+        self.info = ModelInfo.of(self.worker)
 
     def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:
         return self.worker.execute(scheduled)
