@@ -118,6 +118,15 @@ class ParallelConfig:
 
 
 @dataclass(slots=True)
+class SpeculativeDecodingConfig:
+    """Speculative decoding (tokenmill/spec_decode)."""
+
+    # vLLM's --speculative-config: {"method": "ngram", "num_speculative_tokens": K,
+    # "prompt_lookup_min": ..., "prompt_lookup_max": ...}; None = off
+    speculative_config: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
 class EngineConfig:
     """The whole engine's configuration."""
 
@@ -126,6 +135,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeDecodingConfig = field(default_factory=SpeculativeDecodingConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -133,7 +143,7 @@ class EngineConfig:
         config = cls()
         sections = (
             config.model, config.cache, config.scheduler, config.structured_outputs,
-            config.parallel,
+            config.parallel, config.speculative,
         )  # fmt: skip
         for key, value in kwargs.items():
             for section in sections:

@@ -47,7 +47,7 @@ def run_greedy_with_logits(
         sampled = {}
         for request, row in zip(sampling, logits, strict=True):
             logits_by_request[request.request_id].append(row)
-            sampled[request.request_id] = int(row.argmax())
+            sampled[request.request_id] = [int(row.argmax())]
         scheduler.update(out, sampled)
     return logits_by_request
 

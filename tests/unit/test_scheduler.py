@@ -21,7 +21,7 @@ def make(rid: str, num_prompt: int, max_tokens: int = 4) -> Request:
 
 def run_step(s: Scheduler, token: int = 7):
     out = s.schedule()
-    sampled = {x.request.request_id: token for x in out.scheduled if x.samples}
+    sampled = {x.request.request_id: [token] for x in out.scheduled if x.samples}
     s.update(out, sampled)
     return out
 

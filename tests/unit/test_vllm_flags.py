@@ -37,7 +37,7 @@ REFUSED = [
     ("--lora-modules a=b", "LoRA"),
     ("--revision main", "downloads nothing"),
     ("--tokenizer other/dir", "tokenizer in the model's directory"),
-    ("--speculative-config {}", "speculative"),
+    ("--kv-transfer-config {}", "disaggregated"),
 ]
 
 

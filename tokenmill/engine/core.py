@@ -20,6 +20,8 @@ from tokenmill.executor.multiproc import MultiprocExecutor
 from tokenmill.executor.uniproc import UniprocExecutor
 from tokenmill.model.config import text_config
 from tokenmill.model.loader import ModelSource, load_model_source
+from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.spec_decode.speculator import Speculator
 from tokenmill.structured.manager import StructuredOutputManager
 from tokenmill.worker.inputs import ModelOutput, ScheduledSequence
 
@@ -61,7 +63,9 @@ class EngineCore:
             config.cache.enable_prefix_caching,
             self.info.arch.kv_window,
         )
-        self.scheduler = Scheduler(scheduler_config, self.kv_cache)
+        spec = config.speculative.speculative_config
+        self.speculator = None if spec is None else Speculator(SpeculativeConfig.from_dict(spec))
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache, self.speculator)
         self.requests: dict[str, Request] = {}
         self._log_summary(time.perf_counter() - started)
 
@@ -101,7 +105,10 @@ class EngineCore:
         if out.is_empty:
             return []
         try:
+            started = time.perf_counter()
             output = self.executor.execute(self.model_input(out))
+            if self.speculator is not None and out.is_decode_only:
+                self.speculator.observe_step(out.num_batched_tokens, time.perf_counter() - started)
             failed: list[Request] = []
         except PeerError:
             raise  # a rank is gone: no request can run any more
@@ -124,8 +131,9 @@ class EngineCore:
         """The step as the executor takes it: each request's new tokens and KV blocks."""
         return [
             ScheduledSequence(
-                s.request, s.start, s.num_new_tokens, s.samples, self.kv_cache.block_ids(s.request)
-            )
+                s.request, s.start, s.num_new_tokens, s.samples,
+                self.kv_cache.block_ids(s.request), s.draft_token_ids,
+            )  # fmt: skip
             for s in out.scheduled
         ]
 
@@ -138,8 +146,9 @@ class EngineCore:
         """Write the step's prompt and sample logprobs into their requests."""
         for request_id, entries in output.prompt_logprobs.items():
             self.requests[request_id].prompt_logprobs.extend(entries)
-        for request_id, entry in output.logprobs.items():
-            self.requests[request_id].add_logprobs(entry)
+        for request_id, entries in output.logprobs.items():
+            for entry in entries:
+                self.requests[request_id].add_logprobs(entry)
 
     def _record_pooled(self, output: ModelOutput) -> None:
         """Add each embedding chunk's part to its request: MEAN sums its chunks (one at

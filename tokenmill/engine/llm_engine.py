@@ -14,6 +14,7 @@ from tokenmill.engine.generation_config import sampling_defaults
 from tokenmill.engine.groups import BeamGroup, RequestGroup, SequenceState
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.outputs import (
+    CompletionOutput,
     PoolingRequestOutput,
     PositionLogprobs,
     PromptLogprobs,
@@ -361,24 +362,42 @@ class LLMEngine:
         return RequestOutput(group.request_id, group.prompt_token_ids, [], True, error=error)
 
     def _on_token(self, seq: SequenceState) -> None:
+        """Take a sequence's new tokens (several in a step with speculative decoding) into
+        its text and output, up to a stop string."""
         request, detok, output = seq.request, seq.detokenizer, seq.output
-        token_id = request.token_ids[-1]
+        first = len(output.token_ids)
+        new = request.token_ids[request.num_prompt_tokens + first :]
         ends_on_stop_token = request.finish_reason == "stop" and not isinstance(
             request.stop_reason, str
-        )  # EOS or a stop id
-        if not (ends_on_stop_token and not request.params.include_stop_str_in_output):
-            detok.add_token(token_id)
-        output.token_ids.append(token_id)
+        )  # EOS or a stop id, the last new token
+        for i, token_id in enumerate(new):
+            is_stop_token = ends_on_stop_token and i == len(new) - 1
+            if not (is_stop_token and not request.params.include_stop_str_in_output):
+                detok.add_token(token_id)
+            output.token_ids.append(token_id)
+            if detok.stop_string is not None and not request.is_finished:
+                request.stop_reason = detok.stop_string
+                self.core.finish(request.request_id, "stop")
+                break
         if request.logprobs:
-            output.logprobs = request.logprobs
-            output.cumulative_logprob = request.cumulative_logprob
-            self._name_tokens(request.logprobs[-1])
-        if detok.stop_string is not None and not request.is_finished:
-            request.stop_reason = detok.stop_string
-            self.core.finish(request.request_id, "stop")
+            self._logprobs_of(request, output, first)
         output.finish_reason = request.finish_reason if request.is_finished else None
         output.stop_reason = request.stop_reason
         output.text = detok.visible_text(request.is_finished)
+
+    def _logprobs_of(self, request: Request, output: CompletionOutput, first: int) -> None:
+        """The output's logprobs: the request's, but none past a stop string's token; the
+        new ones (from output token `first` on) get their tokens' text."""
+        entries = request.logprobs
+        for entry in entries[first : len(output.token_ids)]:
+            self._name_tokens(entry)
+        if len(entries) > len(output.token_ids):
+            entries = entries[: len(output.token_ids)]
+            output.logprobs = entries
+            output.cumulative_logprob = sum(next(iter(e.values())).logprob for e in entries)
+            return
+        output.logprobs = entries
+        output.cumulative_logprob = request.cumulative_logprob
 
     def _on_beam_token(self, group: BeamGroup, request: Request) -> None:
         beam = group.pending.pop(request.request_id)

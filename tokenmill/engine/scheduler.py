@@ -7,6 +7,12 @@ with what is left of the budget (chunked prefill). When the KV cache runs out of
 blocks, the policy's victim (the newest running request, or the least urgent) is
 preempted: its blocks are freed and it goes back to the waiting queue to be
 recomputed.
+
+With speculative decoding (a `Speculator`), a decoding request may also get its guessed
+next tokens as extra rows: 1 + k tokens in the step, k of them guesses the sampler
+checks. Guesses never preempt anyone: without blocks for them, the request decodes as
+usual. The KV of rejected guesses is left in the request's slots past its computed
+tokens, where later steps write over it.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import FinishReason
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.request_queue import RequestQueue, make_queue
+from tokenmill.spec_decode.speculator import Speculator
 
 
 @dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens whose K/V this step computes, from num_computed_tokens on
+    # guessed tokens after the request's last one, the step's last rows (speculative decoding)
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def start(self) -> int:
@@ -33,7 +42,8 @@ class ScheduledRequest:
     @property
     def samples(self) -> bool:
         """True when this step reaches the end of the request's tokens, so a token is sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        num_real = self.num_new_tokens - len(self.draft_token_ids)
+        return self.start + num_real == self.request.num_tokens
 
 
 @dataclass(slots=True)
@@ -49,13 +59,26 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    @property
+    def is_decode_only(self) -> bool:
+        """Every request computes its last token (and its guesses), none a prompt chunk."""
+        return all(
+            s.samples and s.num_new_tokens == 1 + len(s.draft_token_ids) for s in self.scheduled
+        )
+
 
 class Scheduler:
     """Decides which requests run each step and how many of their tokens."""
 
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache: KVCacheManager,
+        speculator: Speculator | None = None,
+    ):
         self.config = config
         self.kv_cache = kv_cache
+        self.speculator = speculator
         self.waiting: RequestQueue = make_queue(config.scheduling_policy)
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -77,11 +100,19 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        speculator = self.speculator
+        if speculator is not None and not speculator.begin_step(len(self.running)):
+            speculator = None
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv_cache.allocate(request, num_new):
+            drafts: list[int] = []
+            if speculator is not None and num_new == 1 and request.num_output_tokens:
+                drafts = speculator.propose(request, budget - 1)
+                if drafts and not self.kv_cache.allocate(request, 1 + len(drafts)):
+                    drafts = []  # no room for guesses: decode as usual
+            while not drafts and not self.kv_cache.allocate(request, num_new):
                 victim = self.waiting.victim(self.running)
                 if self.running.index(victim) < index:  # scheduled earlier in this step
                     index -= 1
@@ -90,7 +121,8 @@ class Scheduler:
                 self._preempt(victim, out)
                 if victim is request:
                     return budget
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            num_new += len(drafts)
+            out.scheduled.append(ScheduledRequest(request, num_new, drafts))
             budget -= num_new
             index += 1
         return budget
@@ -128,18 +160,31 @@ class Scheduler:
         out.scheduled.remove(item)
         return item.num_new_tokens
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish requests; return the changed ones."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+        """Append each request's new tokens (its accepted guesses, then the token sampled
+        after them) up to the first that stops it; advance computed counts over the tokens
+        kept; finish requests; return the changed ones."""
         changed = []
         for item in out.scheduled:
             request = item.request
-            request.num_computed_tokens += item.num_new_tokens
-            self.kv_cache.cache_full_blocks(request)
-            token_id = sampled.get(request.request_id)
-            if token_id is None:
+            end = item.start + item.num_new_tokens
+            tokens = sampled.get(request.request_id)
+            if not tokens:
+                request.num_computed_tokens = end
+                self.kv_cache.cache_full_blocks(request)
                 continue
-            request.append_token(token_id)
-            if request.check_stop():
+            if item.draft_token_ids and self.speculator is not None:
+                num_drafts = len(item.draft_token_ids)
+                self.speculator.observe(request.request_id, num_drafts, len(tokens) - 1)
+            stopped = False
+            for token_id in tokens:
+                request.append_token(token_id)
+                if stopped := request.check_stop():
+                    break
+            # the K/V of every token but the newest is computed (rejected guesses' is not)
+            request.num_computed_tokens = min(end, request.num_tokens - 1)
+            self.kv_cache.cache_full_blocks(request)
+            if stopped:
                 self.finish(request)
             changed.append(request)
         return changed
@@ -157,3 +202,5 @@ class Scheduler:
         self.waiting.forget(request)
         request.status = RequestStatus.FINISHED
         self.kv_cache.free(request)
+        if self.speculator is not None:
+            self.speculator.forget(request.request_id)

@@ -113,7 +113,6 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag(("--lora-modules",), "refuse", _NO_LORA),
     VllmFlag(("--max-loras",), "refuse", _NO_LORA),
     VllmFlag(("--max-lora-rank",), "refuse", _NO_LORA),
-    VllmFlag(("--speculative-config",), "refuse", "speculative decoding is not supported yet"),
     VllmFlag(("--allowed-local-media-path",), "refuse",
              "image files on the server are not read; send data: URLs or allowed http(s) URLs"),
     VllmFlag(("--cpu-offload-gb",), "refuse", "weights stay on the device they run on",

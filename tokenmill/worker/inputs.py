@@ -34,18 +34,23 @@ class ScheduledSequence:
     num_new_tokens: int
     samples: bool  # the step reaches the sequence's last token: sample the next one
     block_table: list[int]  # its KV blocks, in position order
+    # speculative decoding: guesses of the tokens after its last one, computed as decode
+    # rows after it (num_new_tokens counts them) and checked by the sampler
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:
-        return self.num_new_tokens == 1 and self.start > 0
+        """One decode row per token: the last token, and the guesses after it, if any."""
+        return self.num_new_tokens == 1 + len(self.draft_token_ids) and self.start > 0
 
 
 @dataclass(slots=True)
 class ModelOutput:
     """One step's results per request id."""
 
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)  # for the new token
+    # the new tokens: the guesses the sampler confirmed (speculative decoding), then its own
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)  # one per new token
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     # embedding requests: (the chunk's first position, its part of the pooled vector [C],
     # float32, after the final norm: the sum of its rows for MEAN, the row itself for LAST

@@ -27,6 +27,7 @@ from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.multimodal.mrope import mrope_positions
 from tokenmill.sample.logprobs import PromptChunk, prompt_logprobs
 from tokenmill.sample.sampler import Sampler
+from tokenmill.sample.speculative import verify
 from tokenmill.worker.encoder_cache import EncoderCache
 from tokenmill.worker.inputs import ModelOutput, ScheduledSequence, SequenceState
 
@@ -50,7 +51,9 @@ class Batch:
     ctx: ForwardContext
     layout: StepLayout
     sample_rows: torch.Tensor  # [N] rows whose hidden state is turned into logits
-    sampling: list[SequenceState]  # the N sequences, in sample_rows order
+    sampling: list[SequenceState]  # the sequences that sample, in sample_rows order
+    # their guessed tokens (speculative decoding): a sequence with k has 1 + k sample rows
+    drafts: list[list[int]]
     prompt_chunks: list[PromptChunk]  # chunks of sequences that want prompt logprobs
     pool_chunks: list[ScheduledChunk]  # chunks of embedding requests (parallel to pooling)
     pooling: list[SequenceState]
@@ -102,15 +105,24 @@ class ModelRunner:
         if not batch.sampling:
             return output
         logits = self._logits(hidden, batch.sample_rows)
-        sampled = self.sampler(logits, batch.sampling)
         ids = batch.sampling
+        if any(batch.drafts):
+            verified = verify(self.sampler, logits, ids, batch.drafts)
+            for request, tokens, entries in zip(
+                ids, verified.token_ids, verified.logprobs, strict=True
+            ):
+                output.sampled_token_ids[request.request_id] = tokens
+                if entries:
+                    output.logprobs[request.request_id] = entries
+            return output
+        sampled = self.sampler(logits, ids)
         output.sampled_token_ids = {
-            r.request_id: t for r, t in zip(ids, sampled.token_ids.tolist(), strict=True)
+            r.request_id: [t] for r, t in zip(ids, sampled.token_ids.tolist(), strict=True)
         }
         if sampled.logprobs is not None:
             entries = sampled.logprobs.entries()
             for row, entry in zip(sampled.logprob_rows, entries, strict=True):
-                output.logprobs[ids[row].request_id] = entry
+                output.logprobs[ids[row].request_id] = [entry]
         return output
 
     @torch.inference_mode()
@@ -249,6 +261,7 @@ class ModelRunner:
         chunks: list[ScheduledChunk] = []
         sample_rows: list[int] = []
         sampling: list[SequenceState] = []
+        drafts: list[list[int]] = []
         prompt_chunks: list[PromptChunk] = []
         pool_chunks: list[ScheduledChunk] = []
         pooling: list[SequenceState] = []
@@ -264,10 +277,17 @@ class ModelRunner:
             )
             row = len(ids)
             ids.extend(request.token_ids[start : start + n])
+            ids.extend(item.draft_token_ids)
             positions.extend(range(start, start + n))
             if self.uses_mrope:
                 rope_rows.append(self._rope_positions(request, start, n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if item.draft_token_ids:  # a decode row per token, each computed as a plain decode
+                chunks.extend(ScheduledChunk(row + i, start + i, 1, table) for i in range(n))
+                sample_rows.extend(range(row, row + n))
+                sampling.append(request)
+                drafts.append(item.draft_token_ids)
+                continue
             chunks.append(ScheduledChunk(row, start, n, table))
             if request.images:  # (a one-token chunk may be an image's last token too)
                 images.extend(_image_rows(request.images, row, start, n))
@@ -280,11 +300,12 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(row + n - 1)
                 sampling.append(request)
+                drafts.append([])
         device = self.device
         position_ids = torch.tensor(positions, dtype=torch.long, device=device)
         layout = StepLayout(
             chunks=chunks,
-            num_decodes=len(decodes),
+            num_decodes=len(decodes) + sum(len(s.draft_token_ids) for s in decodes),
             positions=position_ids,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             block_size=bs,
@@ -296,6 +317,7 @@ class ModelRunner:
             layout=layout,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sampling=sampling,
+            drafts=drafts,
             prompt_chunks=prompt_chunks,
             pool_chunks=pool_chunks,
             pooling=pooling,
