@@ -27,6 +27,7 @@ from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.errors import OverloadedError, RequestFailedError, ServiceUnavailableError
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
+from tokenmill.spec_decode.speculator import SpecDecodeCounts
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.manager import StructuredOutputManager
@@ -72,6 +73,7 @@ class _SchedulerState:
     num_waiting: int  # in the scheduler's waiting queue
     kv_cache_usage: float  # share of KV blocks in use, 0..1
     num_preemptions: int  # total since start
+    spec_decode: SpecDecodeCounts | None  # speculative decoding's totals, when on
 
     @classmethod
     def of(cls, engine: LLMEngine) -> _SchedulerState:
@@ -82,6 +84,7 @@ class _SchedulerState:
             num_waiting=len(scheduler.waiting),
             kv_cache_usage=engine.core.kv_cache.pool.usage,
             num_preemptions=scheduler.num_preemptions,
+            spec_decode=None if scheduler.speculator is None else scheduler.speculator.counts,
         )
 
 
@@ -180,6 +183,7 @@ class AsyncEngine:
             num_preemptions=state.num_preemptions,
             num_aborted=self._num_aborted,
             cpu_threads=kernels.cpu_threads_in_use(),
+            spec_decode=state.spec_decode,
         )
 
     def stats_per_engine(self) -> list[EngineStats]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tokenmill.config import SchedulingPolicy
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
@@ -18,6 +18,9 @@ from tokenmill.structured.spec import StructuredSpec
 from tokenmill.tokenizer.tokenizer import Tokenizer
 from tokenmill.tools.reasoning import ReasoningMarkers
 
+if TYPE_CHECKING:
+    from tokenmill.spec_decode.speculator import SpecDecodeCounts
+
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
@@ -30,6 +33,7 @@ class EngineStats:
     num_aborted: int  # total since start
     cpu_threads: tuple[int, int] | None = None  # (in use now, reductions): CPU kernels only
     num_routed: int = 0  # requests the server sent this engine (data parallel), total
+    spec_decode: SpecDecodeCounts | None = None  # speculative decoding's totals, when on
 
 
 class EngineClient(Protocol):

@@ -72,7 +72,7 @@ class _Engine:
     process: Popen[bytes]
     conn: Connection | None = None
     ready: EngineReady | None = None
-    state: EngineState = EngineState(0, 0, 0.0, 0, None)
+    state: EngineState = EngineState(0, 0, 0.0, 0, None, None)
     in_flight: int = 0  # requests routed here and not finished
     routed: int = 0  # total
     lock: threading.Lock = field(default_factory=threading.Lock)  # serializes sends
@@ -257,7 +257,8 @@ class DataParallelEngine:
             s = e.state
             unseen = max(0, e.in_flight - s.num_running - s.num_waiting)
             stats.append(EngineStats(s.num_running, s.num_waiting + unseen, s.kv_cache_usage,
-                                     s.num_preemptions, 0, s.cpu_threads, e.routed))  # fmt: skip
+                                     s.num_preemptions, 0, s.cpu_threads, e.routed,
+                                     s.spec_decode))  # fmt: skip
         return stats
 
     def check_capacity(self) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.process import read_spec
+from tokenmill.spec_decode.speculator import SpecDecodeCounts
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class EngineState:
     kv_cache_usage: float
     num_preemptions: int
     cpu_threads: tuple[int, int] | None
+    spec_decode: SpecDecodeCounts | None
 
 
 def send(conn: Connection, message: tuple[Any, ...]) -> None:
@@ -131,6 +133,7 @@ def _serve(engine: Any, conn: Connection) -> None:
         return EngineState(
             len(scheduler.running), len(scheduler.waiting), engine.core.kv_cache.pool.usage,
             scheduler.num_preemptions, kernels.cpu_threads_in_use(),
+            None if scheduler.speculator is None else scheduler.speculator.counts,
         )  # fmt: skip
 
     while True:

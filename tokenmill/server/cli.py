@@ -30,6 +30,7 @@ from tokenmill.server.flag_types import (
     parse_dtype,
     parse_json_object,
     parse_list,
+    parse_speculative_config,
     parse_tokens,
 )
 from tokenmill.server.settings import DEFAULT_MAX_REQUEST_BODY_BYTES
@@ -411,7 +412,7 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         "sentence-transformers config, else LAST, normalised)",
     )  # fmt: skip
     g.add_argument(
-        "--speculative-config", type=parse_json_object, default=None, metavar="JSON",
+        "--speculative-config", type=parse_speculative_config, default=None, metavar="JSON",
         help="speculative decoding, as vLLM: '{\"method\": \"ngram\", "
         "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' "
         "guesses up to 4 tokens a step from earlier text and checks them in one forward "

@@ -6,6 +6,9 @@ import argparse
 import json
 import re
 
+from tokenmill.errors import ModelLoadError
+from tokenmill.spec_decode.config import SpeculativeConfig
+
 _BYTE_UNITS = {
     "": 1, "b": 1,
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
@@ -66,4 +69,15 @@ def parse_json_object(value: str) -> dict[str, object]:
         raise argparse.ArgumentTypeError(f"not JSON: {value!r} ({exc})") from None
     if not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError(f"not a JSON object: {value!r}")
+    return parsed
+
+
+def parse_speculative_config(value: str) -> dict[str, object]:
+    """--speculative-config: a JSON object speculative decoding can run, checked before
+    the model loads (tokenmill/spec_decode/config.py names what is wrong)."""
+    parsed = parse_json_object(value)
+    try:
+        SpeculativeConfig.from_dict(parsed)
+    except ModelLoadError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return parsed

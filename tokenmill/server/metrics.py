@@ -235,6 +235,35 @@ class _EngineCollector(Collector):
     def __init__(self, engine_stats: Callable[[], list[EngineStats]], values: tuple[str, str]):
         self.engine_stats, self.model_name = engine_stats, values[0]
 
+    def _spec_decode(self, per_engine: list[EngineStats]) -> Iterator[Metric]:
+        """vLLM's speculative decoding counters, per engine, when speculation is on."""
+        if all(stats.spec_decode is None for stats in per_engine):
+            return
+        families = [
+            CounterMetricFamily(name, doc, labels=_LABELS)
+            for name, doc in (
+                ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts."),
+                ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens."),
+                ("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens."),
+            )
+        ]
+        per_position = CounterMetricFamily(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted tokens per draft position.", labels=[*_LABELS, "position"],
+        )  # fmt: skip
+        for index, stats in enumerate(per_engine):
+            counts = stats.spec_decode
+            if counts is None:
+                continue
+            values = [self.model_name, str(index)]
+            totals = (counts.num_drafts, counts.num_draft_tokens, counts.num_accepted_tokens)
+            for family, value in zip(families, totals, strict=True):
+                family.add_metric(values, value)
+            for position, value in enumerate(counts.accepted_per_position):
+                per_position.add_metric([*values, str(position)], value)
+        yield from families
+        yield per_position
+
     def collect(self) -> Iterator[Metric]:
         try:
             per_engine = self.engine_stats()
@@ -266,6 +295,7 @@ class _EngineCollector(Collector):
             preemptions.add_metric(values, stats.num_preemptions)
         yield from families
         yield preemptions
+        yield from self._spec_decode(per_engine)
         if len(per_engine) > 1:
             routed = CounterMetricFamily(
                 "tokenmill:engine_requests_routed", "Requests the server sent to each engine "

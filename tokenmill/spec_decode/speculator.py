@@ -17,10 +17,10 @@ again, so a request whose text later starts repeating is noticed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
-from tokenmill.engine.request import Request
 from tokenmill.spec_decode import ngram
 from tokenmill.spec_decode.config import SpeculativeConfig
 
@@ -29,6 +29,23 @@ _DECAY = 0.9  # weight of a request's past guesses against its newest
 _PRIOR_TRIALS = 2.0  # the engine-wide rate counts as this many guesses of a new request
 _STEP_DECAY = 0.98  # weight of past steps in the fit of step time against rows
 _ROW_COST = 0.4  # a row's share of a one-row step's time, until steps have been measured
+
+
+class DecodingRequest(Protocol):
+    """What the speculator reads of a request (the engine's Request)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def token_ids(self) -> list[int]: ...  # prompt + output
+    @property
+    def num_output_tokens(self) -> int: ...
+    @property
+    def max_output_tokens(self) -> int: ...
+    @property
+    def thought(self) -> Any: ...  # a reasoning model's place in its thought, if any
+    @property
+    def pooling_type(self) -> str | None: ...  # an embedding request's
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +160,7 @@ class Speculator:
         """A decode step's time (prefill chunks cost differently: they are not counted)."""
         self._fit.add(num_rows, seconds)
 
-    def propose(self, request: Request, limit: int) -> list[int]:
+    def propose(self, request: DecodingRequest, limit: int) -> list[int]:
         """Up to `limit` guessed next tokens for a request about to decode ([] for none)."""
         limit = min(limit, request.max_output_tokens - request.num_output_tokens - 1)
         if limit < 1 or request.thought is not None or request.pooling_type is not None:
