@@ -24,6 +24,7 @@ class WatchedScheduler:
         self._waiting: deque[str] = deque()
         self._running: list[str] = []
         self.num_preemptions = 0
+        self.speculator = None
         self.readers: set[str] = set()
 
     @property

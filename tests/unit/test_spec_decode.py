@@ -165,7 +165,12 @@ def test_scheduler_gives_a_decoding_request_its_guesses_as_rows() -> None:
     s.update(out, {"r": [10]})
     out = s.schedule()  # decoding now: the last token and three guesses
     (item,) = out.scheduled
-    assert (item.start, item.num_new_tokens, item.draft_token_ids, item.samples) == (5, 4, [11, 12, 13], True)
+    assert (item.start, item.num_new_tokens, item.draft_token_ids, item.samples) == (
+        5,
+        4,
+        [11, 12, 13],
+        True,
+    )
     assert out.is_decode_only
     s.update(out, {"r": [11, 12, 20]})  # two guesses held, then the model's own token
     assert r.output_token_ids == [10, 11, 12, 20]
@@ -243,7 +248,9 @@ def test_greedy_keeps_guesses_up_to_the_first_miss() -> None:
     result = verify(sampler, logits, seqs, [[3, 4, 5], [5, 1]])
     assert result.token_ids == [[3, 4, 6], [5, 1, 7]]
     with_logprobs = SamplingParams(temperature=0.0, logprobs=1)
-    result = verify(sampler, logits, [Seq("a", with_logprobs), Seq("b", greedy)], [[3, 4, 5], [5, 1]])
+    result = verify(
+        sampler, logits, [Seq("a", with_logprobs), Seq("b", greedy)], [[3, 4, 5], [5, 1]]
+    )
     assert result.token_ids == [[3, 4, 6], [5, 1, 7]]  # row by row, the same choices
     assert [list(entry)[0] for entry in result.logprobs[0]] == [3, 4, 6] and not result.logprobs[1]
 

@@ -27,7 +27,7 @@ DEFAULT_CONFIG = {
     "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
     "prompt_lookup_min": 2,
 }  # fmt: skip
-_CODE = '''def total_price(items, tax_rate):
+_CODE = """def total_price(items, tax_rate):
     subtotal = 0
     for item in items:
         subtotal += item["price"] * item["quantity"]
@@ -41,7 +41,7 @@ def cheapest(items):
         if best is None or item["price"] < best["price"]:
             best = item
     return best
-'''
+"""
 
 
 def workloads() -> dict[str, str]:

@@ -27,8 +27,8 @@ from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.errors import OverloadedError, RequestFailedError, ServiceUnavailableError
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
-from tokenmill.spec_decode.speculator import SpecDecodeCounts
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec_decode.speculator import SpecDecodeCounts
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.manager import StructuredOutputManager
 from tokenmill.structured.spec import StructuredSpec

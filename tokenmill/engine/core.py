@@ -131,8 +131,12 @@ class EngineCore:
         """The step as the executor takes it: each request's new tokens and KV blocks."""
         return [
             ScheduledSequence(
-                s.request, s.start, s.num_new_tokens, s.samples,
-                self.kv_cache.block_ids(s.request), s.draft_token_ids,
+                s.request,
+                s.start,
+                s.num_new_tokens,
+                s.samples,
+                self.kv_cache.block_ids(s.request),
+                s.draft_token_ids,
             )  # fmt: skip
             for s in out.scheduled
         ]

@@ -75,5 +75,7 @@ def _positive(value: dict[str, Any], key: str) -> int | None:
     if number is None:
         return None
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-        raise ModelLoadError(f"speculative_config: {key} must be a positive integer, got {number!r}")
+        raise ModelLoadError(
+            f"speculative_config: {key} must be a positive integer, got {number!r}"
+        )
     return number
