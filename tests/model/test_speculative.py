@@ -157,3 +157,26 @@ def test_structured_output_with_speculation(spec, plain):
     assert ours.token_ids == expected.token_ids
     assert len(json.loads(ours.text)) == 4
     assert_all_blocks_free(spec)
+
+
+def test_the_speculative_benchmark_reports_the_same_tokens_with_and_without(bundled_gguf_path):
+    from tokenmill.bench import speculative
+
+    report = speculative.run(bundled_gguf_path, SPEC, runs=1, max_tokens=24)
+    assert set(report["workloads"]) == set(speculative.workloads())
+    for figures in report["workloads"].values():
+        assert figures["same_tokens"] and figures["output_tokens"] > 0
+        assert figures["plain_tok_s"] > 0 and figures["speculative_tok_s"] > 0
+    assert 0 < report["acceptance"]["accepted_tokens"] <= report["acceptance"]["draft_tokens"]
+
+
+def test_host_overhead_runs_the_engine_around_a_stubbed_model(plain):
+    from tokenmill.bench import host_overhead
+
+    llm = LLM(plain.engine.config.model.model, kv_cache_memory=64 << 20)
+    host_overhead.stub_model(llm, 42)
+    result = host_overhead.measure(llm, 4, 5)
+    assert result["batch"] == 4 and result["step_ms"] > 0
+    assert set(result["phases_ms"]) >= {"schedule", "scheduler update"}
+    assert not llm.engine.has_unfinished
+    assert_all_blocks_free(llm)

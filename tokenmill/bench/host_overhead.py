@@ -1,0 +1,133 @@
+"""Host overhead per engine step, with the model stubbed out: what bounds a GPU's throughput.
+
+    python -m tokenmill.bench.host_overhead [MODEL] [--batch-sizes 1,256] [--steps 100]
+
+The engine runs as it serves (scheduler, input preparation, attention metadata, output
+handling, detokenizing, stop checks, output snapshots), but the forward returns zeros at
+once and the sampler returns a fixed token without touching logits: what is left is the
+work the host does around a forward and a sampling call, which on a GPU does not overlap
+them. Each batch size keeps `batch` greedy requests decoding (prompts of 24 tokens) and
+times `--steps` steps after the first; the report gives the median step and its phases.
+Prints one JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tokenmill.bench.offline import synthetic_prompt
+from tokenmill.llm import LLM
+from tokenmill.sample.interface import SamplerOutput
+from tokenmill.sampling_params import SamplingParams
+
+
+class _Timer:
+    """Wraps callables and sums their seconds per name over a step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+        return timed
+
+
+def stub_model(llm: LLM, token_id: int) -> None:
+    """The runner's forward returns zeros [T, C] and its sampler `token_id` for every row."""
+    runner = llm.engine.core.executor.worker.runner
+    hidden_size = runner.model.config.hidden_size
+
+    def forward(batch: Any) -> torch.Tensor:
+        return torch.zeros(len(batch.input_ids), hidden_size)
+
+    def logits(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.empty(len(rows), 0)
+
+    runner.forward, runner._logits = forward, logits  # type: ignore[method-assign]
+    runner.sampler = _FixedToken(token_id)  # type: ignore[assignment]
+
+
+class _FixedToken:
+    """A sampler that draws `token_id` for every row without reading the logits."""
+
+    def __init__(self, token_id: int) -> None:
+        self.token_id = token_id
+
+    def __call__(self, logits: torch.Tensor, requests: Any) -> SamplerOutput:
+        return SamplerOutput(torch.full((len(requests),), self.token_id), None, [])
+
+    def forget(self, request_id: str) -> None:
+        pass
+
+
+def measure(llm: LLM, batch: int, steps: int) -> dict[str, Any]:
+    engine = llm.engine
+    core = engine.core
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"host-{batch}-{i}", llm.tokenizer.encode(synthetic_prompt(i, 24)), params)
+    while any(r.num_output_tokens == 0 for r in core.requests.values()):
+        engine.step()  # prefill, in as many steps as the token budget takes
+    timer = _Timer()
+    saved = (core.scheduler.schedule, core.model_input, core.executor.execute, core.scheduler.update)
+    core.scheduler.schedule = timer.wrap("schedule", saved[0])  # type: ignore[method-assign]
+    core.model_input = timer.wrap("model_input", saved[1])  # type: ignore[method-assign]
+    core.executor.execute = timer.wrap("execute (prepare, stub forward, outputs)", saved[2])  # type: ignore[method-assign]
+    core.scheduler.update = timer.wrap("scheduler update", saved[3])  # type: ignore[method-assign]
+    totals: list[float] = []
+    phases: dict[str, list[float]] = {}
+    try:
+        for _ in range(steps):
+            timer.seconds.clear()
+            started = time.perf_counter()
+            engine.step()
+            totals.append(time.perf_counter() - started)
+            for name, seconds in timer.seconds.items():
+                phases.setdefault(name, []).append(seconds)
+    finally:
+        (core.scheduler.schedule, core.model_input, core.executor.execute,
+         core.scheduler.update) = saved  # type: ignore[method-assign]  # fmt: skip
+        while engine.has_unfinished:
+            engine.step()
+    step_ms = statistics.median(totals) * 1e3
+    named = {name: statistics.median(s) * 1e3 for name, s in phases.items()}
+    named["engine outputs (detokenize, stops, snapshots)"] = step_ms - sum(named.values())
+    return {
+        "batch": batch,
+        "step_ms": round(step_ms, 3),
+        "per_request_us": round(step_ms * 1e3 / batch, 1),
+        "phases_ms": {name: round(ms, 3) for name, ms in named.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tokenmill.bench.host_overhead", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("model", nargs="?", default=None, help="default: the bundled model")
+    parser.add_argument("--batch-sizes", default="1,256")
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    llm = LLM(args.model, max_num_seqs=max(batches), kv_cache_memory=1 << 30)
+    stub_model(llm, llm.tokenizer.encode(" the")[-1])
+    report = {"steps": args.steps, "results": [measure(llm, b, args.steps) for b in batches]}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
