@@ -139,6 +139,16 @@ def test_stop_strings_cut_accepted_guesses_as_without_them(spec, plain):
     )  # fmt: skip
     assert len(ours.logprobs) == len(ours.token_ids)
     assert ours.cumulative_logprob == pytest.approx(expected.cumulative_logprob, abs=1e-6)
+    # max_tokens ending the request on a token after the stop string's, in the same step
+    for max_tokens in range(6, 12):  # (8-11 end it on length within the stop string's step)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, stop=[" two three five one two"]
+        )
+        want = plain.generate(PROMPTS[1:2], params)[0].outputs[0]
+        got = spec.generate(PROMPTS[1:2], params)[0].outputs[0]
+        assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == (
+            want.text, want.token_ids, want.finish_reason, want.stop_reason,
+        )  # fmt: skip
     assert_all_blocks_free(spec)
 
 

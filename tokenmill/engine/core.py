@@ -137,7 +137,7 @@ class EngineCore:
                 s.samples,
                 self.kv_cache.block_ids(s.request),
                 s.draft_token_ids,
-            )  # fmt: skip
+            )
             for s in out.scheduled
         ]
 

@@ -375,10 +375,14 @@ class LLMEngine:
             if not (is_stop_token and not request.params.include_stop_str_in_output):
                 detok.add_token(token_id)
             output.token_ids.append(token_id)
-            if detok.stop_string is not None and not request.is_finished:
+            if detok.stop_string is None:
+                continue
+            if not request.is_finished:
                 request.stop_reason = detok.stop_string
                 self.core.finish(request.request_id, "stop")
-                break
+            elif i < len(new) - 1:  # it ended on a later token of this step: the string first
+                request.stop_reason, request.finish_reason = detok.stop_string, "stop"
+            break
         if request.logprobs:
             self._logprobs_of(request, output, first)
         output.finish_reason = request.finish_reason if request.is_finished else None
