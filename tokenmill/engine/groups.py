@@ -7,7 +7,6 @@ engine request per beam and step. Both turn their state into RequestOutputs.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from tokenmill.engine.beam_search import Beam, BeamSearch
@@ -97,14 +96,17 @@ class RequestGroup:
         return [self._public(s.output, j) for j, s in enumerate(sequences)]
 
     def _public(self, output: CompletionOutput, index: int) -> CompletionOutput:
-        """A copy for the client: logprobs only when it asked for them."""
+        """A copy for the client: logprobs only when it asked for them. (Built field by
+        field: replace() costs a few times more, once per request per step.)"""
         asked = self.params.logprobs is not None
-        return dataclasses.replace(
-            output,
-            index=index,
-            token_ids=list(output.token_ids),
-            logprobs=list(output.logprobs) if asked and output.logprobs is not None else None,
-            cumulative_logprob=output.cumulative_logprob if asked else None,
+        return CompletionOutput(
+            index,
+            output.text,
+            list(output.token_ids),
+            output.finish_reason,
+            output.stop_reason,
+            output.cumulative_logprob if asked else None,
+            list(output.logprobs) if asked and output.logprobs is not None else None,
         )
 
 
