@@ -173,6 +173,30 @@ def test_gguf_default_path_over_three_ranks(bundled_gguf_path):
     split.engine.core.shutdown()
 
 
+def test_speculative_decoding_over_three_ranks_changes_no_bit(bundled_gguf_path):
+    """Guessed tokens are decode rows in the step every rank runs: the same tokens and
+    logprobs as the same three ranks without speculation."""
+    kwargs = dict(kv_cache_memory=64 << 20, tensor_parallel_size=3)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+            "prompt_lookup_max": 3}  # fmt: skip
+    prompts = ["one two three four five one two three four five one two three", PROMPTS[1]]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+
+    def run(llm: LLM) -> list[tuple[list[int], list[dict[int, float]]]]:
+        outputs = [o.outputs[0] for o in llm.generate(prompts, greedy)]
+        llm.engine.core.shutdown()
+        return [
+            (o.token_ids, [{t: p.logprob for t, p in d.items()} for d in o.logprobs])
+            for o in outputs
+        ]
+
+    expected = run(LLM(bundled_gguf_path, **kwargs))
+    guessing = LLM(bundled_gguf_path, speculative_config=spec, **kwargs)
+    speculator = guessing.engine.core.speculator
+    assert run(guessing) == expected
+    assert speculator is not None and speculator.counts.num_accepted_tokens > 10
+
+
 def test_heads_that_do_not_split_are_a_load_error(bundled_gguf_path):
     with pytest.raises(ModelLoadError, match="9 attention heads do not split"):
         LLM(bundled_gguf_path, tensor_parallel_size=2, kv_cache_memory=16 << 20)
