@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from tokenmill.bench.offline import synthetic_prompt
+from tokenmill.executor.uniproc import UniprocExecutor
 from tokenmill.llm import LLM
 from tokenmill.sample.interface import SamplerOutput
 from tokenmill.sampling_params import SamplingParams
@@ -47,7 +48,9 @@ class _Timer:
 
 def stub_model(llm: LLM, token_id: int) -> None:
     """The runner's forward returns zeros [T, C] and its sampler `token_id` for every row."""
-    runner = llm.engine.core.executor.worker.runner
+    executor = llm.engine.core.executor
+    assert isinstance(executor, UniprocExecutor), "stubs the model in this process"
+    runner = executor.worker.runner
     hidden_size = runner.model.config.hidden_size
 
     def forward(batch: Any) -> torch.Tensor:
@@ -56,8 +59,8 @@ def stub_model(llm: LLM, token_id: int) -> None:
     def logits(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return torch.empty(len(rows), 0)
 
-    runner.forward, runner._logits = forward, logits  # type: ignore[method-assign]
-    runner.sampler = _FixedToken(token_id)  # type: ignore[assignment]
+    # instance attributes shadow the methods
+    vars(runner).update(forward=forward, _logits=logits, sampler=_FixedToken(token_id))
 
 
 class _FixedToken:
@@ -78,15 +81,20 @@ def measure(llm: LLM, batch: int, steps: int) -> dict[str, Any]:
     core = engine.core
     params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"host-{batch}-{i}", llm.tokenizer.encode(synthetic_prompt(i, 24)), params)
+        engine.add_request(
+            f"host-{batch}-{i}", llm.tokenizer.encode(synthetic_prompt(i, 24)), params
+        )
     while any(r.num_output_tokens == 0 for r in core.requests.values()):
         engine.step()  # prefill, in as many steps as the token budget takes
     timer = _Timer()
-    saved = (core.scheduler.schedule, core.model_input, core.executor.execute, core.scheduler.update)
-    core.scheduler.schedule = timer.wrap("schedule", saved[0])  # type: ignore[method-assign]
-    core.model_input = timer.wrap("model_input", saved[1])  # type: ignore[method-assign]
-    core.executor.execute = timer.wrap("execute (prepare, stub forward, outputs)", saved[2])  # type: ignore[method-assign]
-    core.scheduler.update = timer.wrap("scheduler update", saved[3])  # type: ignore[method-assign]
+    timed = {
+        (core.scheduler, "schedule"): "schedule",
+        (core, "model_input"): "model_input",
+        (core.executor, "execute"): "execute (prepare, stub forward, outputs)",
+        (core.scheduler, "update"): "scheduler update",
+    }
+    for (owner, method), name in timed.items():  # instance attributes shadow the methods
+        vars(owner)[method] = timer.wrap(name, getattr(owner, method))
     totals: list[float] = []
     phases: dict[str, list[float]] = {}
     try:
@@ -98,8 +106,8 @@ def measure(llm: LLM, batch: int, steps: int) -> dict[str, Any]:
             for name, seconds in timer.seconds.items():
                 phases.setdefault(name, []).append(seconds)
     finally:
-        (core.scheduler.schedule, core.model_input, core.executor.execute,
-         core.scheduler.update) = saved  # type: ignore[method-assign]  # fmt: skip
+        for owner, method in timed:
+            del vars(owner)[method]
         while engine.has_unfinished:
             engine.step()
     step_ms = statistics.median(totals) * 1e3
