@@ -49,6 +49,8 @@ class RequestGroup:
 
     @property
     def finished(self) -> bool:
+        if len(self.sequences) == 1:  # (most requests; read every step)
+            return self.sequences[0].output.finish_reason is not None
         return all(s.output.is_finished for s in self.sequences)
 
     @property
@@ -72,8 +74,13 @@ class RequestGroup:
         finished = self.finished
         if self._is_final_only and not finished:
             return None
-        cached = min((s.request.num_cached_tokens for s in self.sequences), default=0)
-        scheduled = [t for s in self.sequences if (t := s.request.first_scheduled_time)]
+        if len(self.sequences) == 1:
+            request = self.sequences[0].request
+            cached, first_scheduled = request.num_cached_tokens, request.first_scheduled_time
+        else:
+            cached = min(s.request.num_cached_tokens for s in self.sequences)
+            scheduled = [t for s in self.sequences if (t := s.request.first_scheduled_time)]
+            first_scheduled = min(scheduled, default=None)
         return RequestOutput(
             self.request_id,
             self.prompt_token_ids,
@@ -81,7 +88,7 @@ class RequestGroup:
             finished,
             cached,
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs else None,
-            first_scheduled_time=min(scheduled, default=None),
+            first_scheduled_time=first_scheduled,
         )
 
     def _outputs(self) -> list[CompletionOutput]:

@@ -135,6 +135,7 @@ class BlockPool:
 @dataclass(slots=True)
 class _RequestBlocks:
     blocks: list[KVBlock | None] = field(default_factory=list)  # None: freed, behind the window
+    block_ids: list[int] = field(default_factory=list)  # of `blocks`, NO_BLOCK for None
     num_freed: int = 0  # blocks [0, num_freed) are None
     hashes: list[BlockHash] = field(default_factory=list)  # of the full blocks, in order
 
@@ -155,8 +156,8 @@ class KVCacheManager:
         self._requests: dict[str, _RequestBlocks] = {}
 
     def block_ids(self, request: Request) -> list[int]:
-        blocks = self._requests[request.request_id].blocks
-        return [NO_BLOCK if b is None else b.block_id for b in blocks]
+        """The request's block table now (a copy of the one kept up to date as it changes)."""
+        return self._requests[request.request_id].block_ids.copy()
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """Longest run of cached full blocks at the start of the request's tokens.
@@ -183,6 +184,9 @@ class KVCacheManager:
         out. Blocks behind a sliding window are freed either way."""
         entry = self._requests.get(request.request_id)
         if entry is not None:
+            needed = request.num_computed_tokens + num_new_tokens
+            if self.kv_window is None and needed <= len(entry.blocks) * self.block_size:
+                return True  # (most decode steps: the last block has room)
             self._free_behind_window(request, entry)
         cached = cached or []
         num_held = len(entry.blocks) if entry else len(cached)
@@ -198,8 +202,11 @@ class KVCacheManager:
             entry = self._requests[request.request_id] = _RequestBlocks()
             self.pool.touch(cached)
             entry.blocks.extend(cached)
+            entry.block_ids.extend(b.block_id for b in cached)
             entry.hashes.extend(b.block_hash for b in cached if b.block_hash is not None)
-        entry.blocks.extend(self.pool.allocate(num_new_blocks))
+        new_blocks = self.pool.allocate(num_new_blocks)
+        entry.blocks.extend(new_blocks)
+        entry.block_ids.extend(b.block_id for b in new_blocks)
         return True
 
     def _free_behind_window(self, request: Request, entry: _RequestBlocks) -> None:
@@ -213,6 +220,7 @@ class KVCacheManager:
         if freed:
             self.pool.free([b for b in reversed(freed) if b is not None])
             entry.blocks[entry.num_freed : behind] = [None] * len(freed)
+            entry.block_ids[entry.num_freed : behind] = [NO_BLOCK] * len(freed)
             entry.num_freed = behind
 
     def cache_full_blocks(self, request: Request) -> None:

@@ -276,12 +276,17 @@ class ModelRunner:
                 item.block_table,
             )
             row = len(ids)
-            ids.extend(request.token_ids[start : start + n])
-            ids.extend(item.draft_token_ids)
-            positions.extend(range(start, start + n))
+            if n == 1:  # (most rows: a decode)
+                ids.append(request.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids.extend(request.token_ids[start : start + n])
+                ids.extend(item.draft_token_ids)
+                positions.extend(range(start, start + n))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             if self.uses_mrope:
                 rope_rows.append(self._rope_positions(request, start, n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             if item.draft_token_ids:  # a decode row per token, each computed as a plain decode
                 chunks.extend(ScheduledChunk(row + i, start + i, 1, table) for i in range(n))
                 sample_rows.extend(range(row, row + n))
