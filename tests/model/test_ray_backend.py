@@ -4,6 +4,8 @@ processes, and a follower actor that dies fails the engine."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import ray
 
@@ -18,6 +20,7 @@ PROMPTS = ["The weather today is", "Once upon a time"]
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
+    gc.collect()  # the tests' engines and their Ray handles go while Ray still runs
     ray.shutdown()
 
 

@@ -79,6 +79,8 @@ class RayFollowers:
 
     def failed(self) -> str | None:
         """Why a rank ended, once one has (an actor that returned or died)."""
+        if not self.runs:  # stopped
+            return None
         done, _ = self.ray.wait(self.runs, num_returns=1, timeout=0)
         if not done:
             return None
@@ -89,6 +91,8 @@ class RayFollowers:
         return f"Ray follower exited with code {code}"
 
     def load_failure(self, wait_s: float) -> str | None:
+        if not self.runs:
+            return None
         done, _ = self.ray.wait(self.runs, num_returns=1, timeout=wait_s)
         if not done:
             return None
@@ -99,7 +103,11 @@ class RayFollowers:
         return None if code == EXIT_PEER_GONE else f"a Ray follower exited with code {code}"
 
     def stop(self, wait_s: float) -> None:
-        """After the "stop" step: wait for the actors' runs to return, then kill them."""
-        self.ray.wait(self.runs, num_returns=len(self.runs), timeout=wait_s)
+        """After the "stop" step: wait for the actors' runs to return, then kill them and
+        drop their handles now, while Ray runs (a handle that outlives `ray.shutdown()`
+        makes Ray end the whole process when it is collected)."""
+        if self.runs:
+            self.ray.wait(self.runs, num_returns=len(self.runs), timeout=wait_s)
         for a in self.actors:
             self.ray.kill(a)
+        self.actors, self.runs = [], []
