@@ -49,6 +49,19 @@ class _BatchFlags:
             has_min_tokens=any(r.num_output_tokens < r.params.min_tokens for r in requests),
         )
 
+    @property
+    def argmax_only(self) -> bool:
+        """Every row greedy, with no logprobs, masks, bias or penalties to apply."""
+        return all(self.greedy) and not (
+            self.logprob_rows or self.penalty_rows or self.grammar_rows or self.has_logit_bias
+            or self.has_allowed or self.has_bad_words or self.has_min_tokens
+        )  # fmt: skip
+
+
+def argmax_only(requests: Sequence[Request]) -> bool:
+    """Whether the sampler would take these rows' argmax and nothing else."""
+    return _BatchFlags.of(requests).argmax_only
+
 
 class Sampler:
     """Applies every request's sampling parameters to its row, then draws.

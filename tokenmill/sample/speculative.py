@@ -26,7 +26,7 @@ import torch
 from tokenmill.sample.draw import greedy_tokens
 from tokenmill.sample.interface import SamplingRequest
 from tokenmill.sample.logprobs import PositionLogprobs
-from tokenmill.sample.sampler import Sampler
+from tokenmill.sample.sampler import Sampler, argmax_only
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import GrammarMatcher
 
@@ -86,7 +86,7 @@ def verify(
     drafts: Sequence[list[int]],
 ) -> Verified:
     """Each request's new tokens: the guesses its own sampling confirms, then one drawn."""
-    if all(_plain_greedy(r) for r in requests):
+    if argmax_only(requests):
         return _verify_greedy(logits, drafts)
     first_rows, row = [], 0
     for guesses in drafts:
@@ -115,21 +115,6 @@ def verify(
         if view.emitted and view.matcher is not None:
             view.matcher.rollback(len(view.emitted))
     return result
-
-
-def _plain_greedy(request: SamplingRequest) -> bool:
-    """Nothing but an argmax: no logprobs, masks, bias or penalties to apply."""
-    params = request.params
-    return (
-        params.is_greedy
-        and request.matcher is None
-        and params.logprobs is None
-        and not params.has_penalties
-        and not params.logit_bias
-        and params.allowed_token_ids is None
-        and not params.bad_words_token_ids
-        and request.num_output_tokens >= params.min_tokens
-    )
 
 
 def _verify_greedy(logits: torch.Tensor, drafts: Sequence[list[int]]) -> Verified:
