@@ -65,7 +65,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
         "--structured-outputs-config.backend", "xgrammar",
     )  # fmt: skip
     socket_path = tmp / "tokenmill.sock"
-    uds, uds_log = _launch(tmp, "uds", "--uds", str(socket_path), "--enable-prompt-tokens-details")
+    uds, uds_log = _launch(
+        tmp, "uds", "--uds", str(socket_path), "--enable-prompt-tokens-details",
+        "--disable-playground",
+    )  # fmt: skip
     https = httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=False, timeout=30)
     unix = httpx.Client(
         base_url="http://localhost", transport=httpx.HTTPTransport(uds=str(socket_path))
@@ -96,6 +99,8 @@ def test_a_vllm_command_line_serves_with_each_flags_effect(servers: dict[str, ob
     assert https.get("/v1/models").status_code == 401
     assert https.get("/health", headers={"x-request-id": "r-1"}).headers["x-request-id"] == "r-1"
     assert https.get("/docs").status_code == 404
+    page = https.get("/")  # the playground needs no key; the calls it makes do
+    assert page.status_code == 200 and "playground.js" in page.text
     body = {"prompt": "Hi", "max_tokens": 1}
     usage = https.post(
         "/v1/completions", json=body, headers={"authorization": f"Bearer {KEY_A}"}, timeout=120
@@ -117,6 +122,8 @@ def test_a_unix_socket_serves_completions(servers: dict[str, object]) -> None:
     assert first.status_code == 200 and first.json()["choices"][0]["text"]
     again = unix.post("/v1/completions", json=body, timeout=120).json()["usage"]
     assert again["prompt_tokens_details"]["cached_tokens"] >= 16  # the prefix cache, reported
+    for path in ("/", "/playground/playground.js", "/playground/config"):  # --disable-playground
+        assert unix.get(path).status_code == 404, path
 
 
 def test_a_refused_flag_stops_the_server_with_what_to_do_instead(tmp_path: Path) -> None:

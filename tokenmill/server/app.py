@@ -29,6 +29,7 @@ from tokenmill.server.routers import (
     infill,
     models,
     ops,
+    playground,
     responses,
     tokenize,
 )
@@ -71,14 +72,17 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     app.state.chat = ChatServer(engine, settings, metrics, executor)
     app.state.embedding = EmbeddingServer(engine, settings, metrics, executor, chat=app.state.chat)
     app.state.responses = ResponsesServer(engine, settings, metrics, executor, chat=app.state.chat)
-    for router in ROUTERS:
+    routers = ROUTERS + ((playground.router,) if settings.playground else ())
+    for router in routers:
         app.include_router(router)
     add_exception_handlers(app)
-    _add_middleware(app, settings, metrics)
+    _add_middleware(app, settings, metrics, routers)
     return app
 
 
-def _add_middleware(app: FastAPI, settings: ServerSettings, metrics: ServerMetrics) -> None:
+def _add_middleware(
+    app: FastAPI, settings: ServerSettings, metrics: ServerMetrics, routers: tuple[APIRouter, ...]
+) -> None:
     """Outermost last: request metrics, then the API key, the body limit, CORS."""
     if settings.allowed_origins is not None:
         app.add_middleware(
@@ -91,7 +95,7 @@ def _add_middleware(app: FastAPI, settings: ServerSettings, metrics: ServerMetri
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_keys:  # outside the body limit: no key, no body read
         app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys)
-    paths = frozenset(getattr(r, "path", "") for router in ROUTERS for r in router.routes)
+    paths = frozenset(getattr(r, "path", "") for router in routers for r in router.routes)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, paths=paths)
     if settings.request_id_headers:
         app.add_middleware(RequestIdMiddleware)

@@ -210,6 +210,10 @@ def _add_server_flags(g: argparse._ArgumentGroup) -> None:
         help="no /docs, /redoc or /openapi.json",
     )  # fmt: skip
     g.add_argument(
+        "--disable-playground", action="store_true",
+        help="no chat page at / (the playground: docs/server.md)",
+    )  # fmt: skip
+    g.add_argument(
         "--enable-prompt-tokens-details", action="store_true",
         help="usage.prompt_tokens_details.cached_tokens: prompt tokens from the prefix cache",
     )  # fmt: skip
@@ -587,6 +591,7 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
         max_request_body_bytes=args.max_request_body_bytes,
         request_id_headers=args.enable_request_id_headers,
         docs=not args.disable_fastapi_docs,
+        playground=not args.disable_playground,
         prompt_tokens_details=args.enable_prompt_tokens_details,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         tool_call_parser=args.tool_call_parser,

@@ -56,6 +56,7 @@ class ServerSettings:
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # larger bodies get a 413
     request_id_headers: bool = False  # echo X-Request-Id (or a new one) on every response
     docs: bool = True  # FastAPI's /docs, /redoc and /openapi.json
+    playground: bool = True  # the chat page at / (tokenmill/server/playground/)
     prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
     # logprobs name tokens "token_id:{id}" unless a request says otherwise (vLLM's flag)
     return_tokens_as_token_ids: bool = False
