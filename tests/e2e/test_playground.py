@@ -206,6 +206,19 @@ def test_stop_ends_a_long_generation_and_frees_the_server(page: Any, server: Ser
     assert len(_reply_text(reply)) == stopped_at  # nothing more arrives
     assert page.find_element(By.ID, "send").is_enabled()
 
+    # the stopped turn stays in the conversation: the next request carries it
+    partial = _reply_text(reply)
+    _settings(page, temperature="0", max_tokens="8")
+    follow_up = _send(page, "Go on.")
+    assert _finished(page, follow_up) == "done"
+    messages = [
+        {"role": "user", "content": "Tell me a very long story."},
+        {"role": "assistant", "content": partial},
+        {"role": "user", "content": "Go on."},
+    ]
+    expected = _api_chat(server, messages, temperature=0, max_tokens=8, top_p=1, ignore_eos=True)
+    assert _reply_text(follow_up) == expected["choices"][0]["message"]["content"]
+
 
 def test_a_json_schema_gives_valid_json(page: Any, server: Server) -> None:
     from selenium.webdriver.common.by import By

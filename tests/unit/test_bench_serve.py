@@ -310,9 +310,13 @@ def test_compare_prints_and_writes_ratios(
     code = serve.main(
         ["--base-url", f"{root}/ok/v1", "--compare-base-url", f"{root}/slow/v1",
          "--compare-name", "slowpoke", "--concurrency", "1", "2", "--num-requests", "2",
-         "--output-tokens", "4", "--warmup", "1", "--json", str(path)]
+         "--output-tokens", "4", "--warmup", "1", "--json", str(path),
+         "--plot", str(tmp_path / "chart.png")]
     )  # fmt: skip
     assert code == 0
+    assert (
+        (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
+    )  # tests/unit/test_bench_plot.py
     out = capsys.readouterr().out
     assert "fake-ok: " in out and "slowpoke: " in out and "ratio fake-ok/slowpoke" in out
     result = json.loads(path.read_text())

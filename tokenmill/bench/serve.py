@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -531,6 +532,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run N pure-Python busy loops, each in a session of its own, during the measured "
         "requests (after the warm-up), to measure the server sharing the CPU (default: 0)")  # fmt: skip
     add("--json", default=None, metavar="PATH", help="write the results as JSON here ('-': stdout)")
+    add("--plot", default=None, metavar="PNG",
+        help="draw output tok/s, TTFT and inter-token latency against concurrency for each "
+        "server into this file (needs matplotlib: pip install 'tokenmill[bench]')")  # fmt: skip
     add("--compare-base-url", default=None, metavar="URL",
         help="then run the same workload against this server and print the ratios")  # fmt: skip
     add("--compare-model", default=None, help="model on the compared server (default: its first)")
@@ -549,6 +553,10 @@ def run_command(args: argparse.Namespace) -> int:
     if args.background_load < 0:
         print("bench serve: error: --background-load must be at least 0", file=sys.stderr)
         return 2
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before a long run
+        print("bench serve: error: --plot needs matplotlib: pip install 'tokenmill[bench]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         result = asyncio.run(_run(args))
     except BenchError as exc:
@@ -560,6 +568,15 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    if args.plot:
+        from tokenmill.bench.plot import PlotError, save_plot
+
+        try:
+            save_plot(result, args.plot)
+        except (OSError, PlotError) as exc:
+            print(f"bench serve: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"chart written to {args.plot}", file=sys.stderr)
     return 0
 
 

@@ -737,9 +737,9 @@ def _configure_logging(uvicorn_level: str) -> None:
 
 def register_bench(subparsers: Subparsers) -> None:
     """Add `bench serve` (HTTP load generator), `bench offline` (engine throughput),
-    `bench structured` (structured-output overhead) and `bench quality` (perplexity and
-    greedy agreement of the CPU weight paths)."""
-    from tokenmill.bench import offline, quality, serve, structured
+    `bench structured` (structured-output overhead), `bench quality` (perplexity and
+    greedy agreement of the CPU weight paths) and `bench plot` (a `bench serve` result's chart)."""
+    from tokenmill.bench import offline, plot, quality, serve, structured
 
     p = subparsers.add_parser("bench", help="benchmark a server or the engine")
     p.set_defaults(run=lambda _: p.print_help() or 2)  # `tokenmill bench` alone: help, exit 2
@@ -749,6 +749,7 @@ def register_bench(subparsers: Subparsers) -> None:
         ("offline", offline, "single-request and batched throughput of the engine, no HTTP"),
         ("structured", structured, "structured outputs: guided vs free decoding, compile time"),
         ("quality", quality, "perplexity and greedy agreement of each CPU weight path"),
+        ("plot", plot, "chart a `bench serve --json` result: tok/s, TTFT, ITL by concurrency"),
     ]:
         sub = commands.add_parser(
             name, help=help_text, description=module.__doc__,

@@ -117,7 +117,8 @@ async function send(text) {
   const messages = [];
   const system = $("system").value.trim();
   if (system) messages.push({ role: "system", content: system });
-  messages.push(...state.history, { role: "user", content: text });
+  const history = state.history; // "New chat" replaces it: a late stop lands in the old one
+  messages.push(...history, { role: "user", content: text });
   let body;
   try {
     body = requestBody(messages);
@@ -143,11 +144,13 @@ async function send(text) {
     if (!response.ok) throw new Error(await errorText(response));
     await readStream(response, (chunk) => onChunk(chunk, reply, run, started));
     reply.box.dataset.state = "done";
-    state.history.push({ role: "user", content: text }, { role: "assistant", content: run.content });
+    history.push({ role: "user", content: text }, { role: "assistant", content: run.content });
   } catch (err) {
     if (err.name === "AbortError") {
       reply.box.dataset.state = "stopped";
       run.finish = "stopped";
+      // the turn stays in the conversation with what was written before the stop
+      history.push({ role: "user", content: text }, { role: "assistant", content: run.content });
     } else {
       reply.box.dataset.state = "error";
       reply.box.classList.add("error");
