@@ -615,6 +615,41 @@ def test_portable_build_computes_the_same_chains(tmp_path):
             assert torch.equal(got, want)
 
 
+@needs_quant
+def test_vnni_and_avx2_builds_give_the_same_bits(tmp_path):
+    """Where the compiler targets VNNI, the int8 dot products sum with it (one instruction for
+    maddubs + madd); a build without VNNI must give bit-identical outputs, every format and
+    tile shape (the integer sums are exact either way)."""
+    import ctypes
+
+    native = kernels.load()
+    if native is None or not native.tm_matmul_vnni():
+        pytest.skip("this machine's build has no VNNI")
+    source = Path(kernels.__file__).with_name("quant_matmul.c")
+    target = tmp_path / "no_vnni.so"
+    build = [kernels._compiler(), *kernels._FLAGS, "-mno-avxvnni", "-mno-avx512vnni",
+             "-o", str(target), str(source), "-lm"]  # fmt: skip
+    done = subprocess.run(build, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lib = ctypes.CDLL(str(target))
+    assert lib.tm_matmul_vectorized() == 1 and lib.tm_matmul_vnni() == 0
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.tm_quant_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, c_int, ptr, ptr, c_int]
+    torch.manual_seed(7)
+    weight = torch.randn(48, 128) * 0.1
+    for ggml_type in (quant_matmul.GGML_Q4_1, quant_matmul.GGML_Q5_1, quant_matmul.GGML_Q8_0):
+        blocks = gguf_blocks(weight, ggml_type)
+        values, scales = quant_matmul.pack_blocks(blocks, ggml_type, 128, True)
+        kernel_type = quant_matmul.kernel_type(ggml_type, True)
+        for rows in (1, 2, 3, 4, 7, 33):  # every tile shape
+            x = torch.randn(rows, 128) * 3
+            got = torch.empty(rows, 48)
+            args = (values.data_ptr(), scales.data_ptr(), 48, kernel_type, None, got.data_ptr(), 2)
+            assert lib.tm_quant_matmul(x.data_ptr(), rows, 128, *args) == 0
+            want = quant_matmul.quant_matmul(x, values, scales, ggml_type, 48, None, True)
+            assert torch.equal(got, want), (ggml_type, rows)
+
+
 def _torch_draw(logits, temperature, uniforms):
     """The sampler's torch rule: inverse CDF over softmax(logits / temperature)."""
     cdf = torch.softmax(logits / temperature[:, None], dim=-1).cumsum(-1)

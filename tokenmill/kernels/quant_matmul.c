@@ -109,6 +109,24 @@ static inline const char *scales_at(const uint16_t *scales, int64_t K, int64_t p
 #if defined(HAVE_AVX2) && defined(__F16C__)
 #define INLINE static inline __attribute__((always_inline))
 
+/* Unsigned-by-signed byte products summed in fours into 32-bit lanes, added to acc: one
+ * instruction where the compiler targets VNNI (AVX-VNNI, or AVX-512 VNNI with VL; -march=native
+ * on a CPU that has it), else maddubs and madd. No pair of products here comes near int16's
+ * limit (at most 2 x 128 x 127), so maddubs never saturates and both give the same exact
+ * sums: no result depends on which the build has. */
+#if defined(__AVXVNNI__)
+#define HAVE_VNNI 1
+INLINE __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define HAVE_VNNI 1
+INLINE __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+#else
+#define HAVE_VNNI 0
+INLINE __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#endif
+
 /* the block's scales of `panel` as floats: dm[0..15] = d, dm[16..31] = m (Q4_1, Q5_1) */
 INLINE void block_scales(const Matmul *p, int64_t panel, int64_t block, const int src, float *dm) {
     const char *sc = scales_at(p->scales, p->K, panel, block, src);
@@ -338,7 +356,8 @@ INLINE void dot_step(const Matmul *p, int64_t m, int64_t panel, const int R, con
         const __m256 xd = _mm256_broadcast_ss(p->xd + (m + r) * blocks + b);
         const __m256 xs = _mm256_broadcast_ss(p->xs + (m + r) * blocks + b);
         for (int c = 0; c < 2 * P; c++) {
-            const __m256i isum = src == SRC_Q4_1 ? _mm256_madd_epi16(sum[r][c], ones) : sum[r][c];
+            /* Q4_1 without VNNI sums in 16 bits (dot_tile) */
+            const __m256i isum = src == SRC_Q4_1 && !HAVE_VNNI ? _mm256_madd_epi16(sum[r][c], ones) : sum[r][c];
             const float *d = dm[c / 2] + 8 * (c % 2);
             acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(_mm256_loadu_ps(d), xd), acc[r][c]);
             if (has_min(src)) acc[r][c] = _mm256_fmadd_ps(_mm256_loadu_ps(d + PANEL), xs, acc[r][c]);
@@ -355,7 +374,8 @@ INLINE int64_t dot_group_bytes(const int src) {
  * Q4_1: u8 nibbles times s8 activations (maddubs), 16-bit sums over a block (at most
  * 8 x 2 x 15 x 127 = 30480); Q5_1: u8 5-bit values, 16-bit sums of 4 products (at most
  * 4 x 31 x 127 = 15748) added up in 32 bits; Q8_0 and Q6_K: |w| times sign(w) x, 32-bit
- * sums (Q6_K: one per 16 values, each with its own scale). */
+ * sums (Q6_K: one per 16 values, each with its own scale). With VNNI every format sums
+ * straight into 32 bits (dot_u8s8), the same exact sums. */
 INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, const int P, const int src) {
     const int64_t K = p->K, blocks = K / QBLOCK;
     const int vectors = src == SRC_Q4_1 || src == SRC_Q5_1 ? 4 : 8; /* per group of 8 columns and block */
@@ -394,7 +414,10 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
             }
             for (int r = 0; r < R; r++) {
                 const int8_t *xq = p->xq + (m + r) * K + b * QBLOCK;
-                if (src == SRC_Q4_1 || src == SRC_Q5_1) {
+                if (HAVE_VNNI && (src == SRC_Q4_1 || src == SRC_Q5_1)) { /* 32-bit sums at once */
+                    const __m256i lo = _mm256_set1_epi32(load4(xq + 4 * v)), hi = _mm256_set1_epi32(load4(xq + 16 + 4 * v));
+                    for (int c = 0; c < 2 * P; c++) sum[r][c] = dot_u8s8(dot_u8s8(sum[r][c], w[c], lo), w2[c], hi);
+                } else if (src == SRC_Q4_1 || src == SRC_Q5_1) {
                     const __m256i lo = _mm256_set1_epi32(load4(xq + 4 * v)), hi = _mm256_set1_epi32(load4(xq + 16 + 4 * v));
                     for (int c = 0; c < 2 * P; c++) {
                         const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w[c], lo),
@@ -404,10 +427,7 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
                     }
                 } else {
                     const __m256i a = _mm256_set1_epi32(load4(xq + 4 * v));
-                    for (int c = 0; c < 2 * P; c++) {
-                        const __m256i pairs = _mm256_maddubs_epi16(w[c], _mm256_sign_epi8(a, w2[c]));
-                        sum[r][c] = _mm256_add_epi32(sum[r][c], _mm256_madd_epi16(pairs, ones));
-                    }
+                    for (int c = 0; c < 2 * P; c++) sum[r][c] = dot_u8s8(sum[r][c], w[c], _mm256_sign_epi8(a, w2[c]));
                 }
                 /* the sums stay in registers: left alone, GCC defers the integer adds and
                  * spills every product first, far slower */
@@ -632,6 +652,15 @@ int tm_quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *values,
 int tm_matmul_vectorized(void) {
 #if defined(HAVE_AVX2) && defined(__F16C__)
     return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Whether the int8 dot products run on VNNI instructions (dot_u8s8) in this build. */
+int tm_matmul_vnni(void) {
+#if defined(HAVE_AVX2) && defined(__F16C__)
+    return HAVE_VNNI;
 #else
     return 0;
 #endif
