@@ -1,6 +1,7 @@
 // The tokenmill playground: a chat client of this server's own /v1/chat/completions.
 // Everything the model, the server or the user wrote reaches the page as text
-// (textContent, title), never as HTML.
+// (textContent, title), never as HTML. URLs are relative to the page, so the page also
+// works behind a path-based proxy (--root-path).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -135,7 +136,7 @@ async function send(text) {
   const started = performance.now();
   const run = { content: "", firstTokenAt: null, usage: null, finish: null };
   try {
-    const response = await fetch("/v1/chat/completions", {
+    const response = await fetch("v1/chat/completions", {
       method: "POST",
       headers: headers(),
       body: JSON.stringify(body),
@@ -279,7 +280,7 @@ function parseMetrics(text) {
 
 async function pollStatus() {
   try {
-    const response = await fetch("/metrics", { cache: "no-store" });
+    const response = await fetch("metrics", { cache: "no-store" });
     if (!response.ok) throw new Error(String(response.status));
     const m = parseMetrics(await response.text());
     $("stat-running").textContent = String(m.sum("vllm:num_requests_running") ?? "-");
@@ -307,7 +308,7 @@ function link(up) {
 }
 
 async function loadConfig() {
-  const response = await fetch("/playground/config", { cache: "no-store" });
+  const response = await fetch("playground/config", { cache: "no-store" });
   const config = await response.json();
   state.model = config.model;
   $("model").textContent = config.model;
