@@ -32,10 +32,7 @@ class PlotError(Exception):
 def plot_result(result: dict[str, Any]) -> Figure:
     """The chart of one result (`bench serve`'s JSON): a panel per measurement, a line per
     server and percentile; levels a server did not measure are left out of its line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed
+    try:  # a bare Figure draws to files without pyplot or a display backend
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise PlotError(

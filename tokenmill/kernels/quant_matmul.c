@@ -414,12 +414,13 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
             }
             for (int r = 0; r < R; r++) {
                 const int8_t *xq = p->xq + (m + r) * K + b * QBLOCK;
-                if (HAVE_VNNI && (src == SRC_Q4_1 || src == SRC_Q5_1)) { /* 32-bit sums at once */
-                    const __m256i lo = _mm256_set1_epi32(load4(xq + 4 * v)), hi = _mm256_set1_epi32(load4(xq + 16 + 4 * v));
-                    for (int c = 0; c < 2 * P; c++) sum[r][c] = dot_u8s8(dot_u8s8(sum[r][c], w[c], lo), w2[c], hi);
-                } else if (src == SRC_Q4_1 || src == SRC_Q5_1) {
+                if (src == SRC_Q4_1 || src == SRC_Q5_1) {
                     const __m256i lo = _mm256_set1_epi32(load4(xq + 4 * v)), hi = _mm256_set1_epi32(load4(xq + 16 + 4 * v));
                     for (int c = 0; c < 2 * P; c++) {
+                        if (HAVE_VNNI) { /* 32-bit sums at once */
+                            sum[r][c] = dot_u8s8(dot_u8s8(sum[r][c], w[c], lo), w2[c], hi);
+                            continue;
+                        }
                         const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w[c], lo),
                                                                _mm256_maddubs_epi16(w2[c], hi));
                         sum[r][c] = src == SRC_Q4_1 ? _mm256_add_epi16(sum[r][c], pairs)
