@@ -54,7 +54,7 @@ def test_prefix_hit_reuses_full_blocks_and_leaves_one_token():
     exact = make_request("c", list(range(8)))
     assert len(kv.find_cached_prefix(exact)) == 1  # never the whole prompt
     assert kv.allocate(again, 1, cached)
-    assert kv.block_ids(again)[:2] == [b.block_id for b in cached]
+    assert list(kv.block_ids(again)[:2]) == [b.block_id for b in cached]
 
 
 def test_salt_isolates_prefix_cache():
@@ -126,12 +126,12 @@ def test_blocks_behind_a_sliding_window_are_freed_and_stay_cached():
     kv = KVCacheManager(num_blocks=8, block_size=BS, kv_window=6)
     request = make_request("a", list(range(14)))
     assert kv.allocate(request, 14)  # blocks 0..3
-    held = kv.block_ids(request)
+    held = list(kv.block_ids(request))
     request.num_computed_tokens = 14
     kv.cache_full_blocks(request)
     request.append_token(99)
     assert kv.allocate(request, 1)
-    assert kv.block_ids(request) == [NO_BLOCK, NO_BLOCK, *held[2:]]
+    assert list(kv.block_ids(request)) == [NO_BLOCK, NO_BLOCK, *held[2:]]
     assert kv.pool.num_free_blocks == 8 - 2
     other = make_request("b", list(range(14)))
     assert [b.block_id for b in kv.find_cached_prefix(other)] == held[:3]

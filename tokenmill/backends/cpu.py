@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -124,15 +125,18 @@ class PagedAttention:
 
 
 def _row_tables(chunks: list[ScheduledChunk]) -> torch.Tensor:
-    """Every row's block table [T, max_blocks] (zero-padded): a chunk's rows share its."""
+    """Every row's block table [T, max_blocks] (zero-padded): a chunk's rows share its.
+    (Copied as int64 bytes: a tensor from nested lists would cost ~10x more.)"""
     width = max(len(c.block_table) for c in chunks)
-    padded = torch.tensor(
-        [c.block_table + [0] * (width - len(c.block_table)) for c in chunks], dtype=torch.long
-    )
+    padded = array("q", bytes(8 * width * len(chunks)))
+    for i, chunk in enumerate(chunks):
+        table = chunk.block_table
+        padded[i * width : i * width + len(table)] = table
+    tables = torch.frombuffer(padded, dtype=torch.long).view(len(chunks), width)
     counts = [c.num_tokens for c in chunks]
-    if sum(counts) == len(chunks):  # decodes only: a row per chunk
-        return padded
-    return padded.repeat_interleave(torch.tensor(counts), dim=0)
+    if len(counts) == sum(counts):  # decodes only: a row per chunk
+        return tables
+    return tables.repeat_interleave(torch.tensor(counts), dim=0)
 
 
 class CpuBackend(Backend):

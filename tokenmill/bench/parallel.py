@@ -293,13 +293,15 @@ def _payload_estimate(op: str, tokens: int, size: int) -> int:
 def step_message(rows: int) -> tuple[str, Any]:
     """The ("step", ...) message the leader broadcasts for `rows` decode rows of CONTEXT
     tokens of context each (tokenmill/worker/model_runner.py: forward)."""
+    from array import array
+
     import torch
 
     from tokenmill.layers.attention import ScheduledChunk, StepLayout
 
     blocks = CONTEXT // BLOCK_SIZE
     chunks = [
-        ScheduledChunk(row, CONTEXT - 1, 1, list(range(row * blocks, (row + 1) * blocks)))
+        ScheduledChunk(row, CONTEXT - 1, 1, array("q", range(row * blocks, (row + 1) * blocks)))
         for row in range(rows)
     ]
     positions = torch.full((rows,), CONTEXT - 1, dtype=torch.int64)

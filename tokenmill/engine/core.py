@@ -129,17 +129,14 @@ class EngineCore:
 
     def model_input(self, out: SchedulerOutput) -> list[ScheduledSequence]:
         """The step as the executor takes it: each request's new tokens and KV blocks."""
-        return [
-            ScheduledSequence(
-                s.request,
-                s.start,
-                s.num_new_tokens,
-                s.samples,
-                self.kv_cache.block_ids(s.request),
-                s.draft_token_ids,
-            )
-            for s in out.scheduled
-        ]
+        block_ids = self.kv_cache.block_ids
+        step = []
+        for s in out.scheduled:  # (each request every step: no properties)
+            request, n, drafts = s.request, s.num_new_tokens, s.draft_token_ids
+            start = request.num_computed_tokens
+            samples = start + n - len(drafts) == len(request.token_ids)  # (s.samples)
+            step.append(ScheduledSequence(request, start, n, samples, block_ids(request), drafts))
+        return step
 
     def logits_for(self, out: SchedulerOutput) -> torch.Tensor:
         """The float32 logits [N, V] a scheduled step's sampler would see; the step's

@@ -46,17 +46,17 @@ class RequestGroup:
         self.sequences = sequences
         self.prompt_logprobs: list[PositionLogprobs | None] | None = None
         self._by_id = {s.request.request_id: s for s in sequences}
+        # best_of ranks finished sequences; prompt-only requests drop their one token
+        self._is_final_only = params.num_sequences > params.n or params.max_tokens == 0
+        # one sequence, streamed as it grows: the engine's fast path
+        self.is_single = len(sequences) == 1 and not self._is_final_only
+        self._wants_logprobs = params.logprobs is not None
 
     @property
     def finished(self) -> bool:
         if len(self.sequences) == 1:  # (most requests; read every step)
             return self.sequences[0].output.finish_reason is not None
         return all(s.output.is_finished for s in self.sequences)
-
-    @property
-    def _is_final_only(self) -> bool:
-        """best_of ranks finished sequences; prompt-only requests drop their one token."""
-        return self.params.num_sequences > self.params.n or self.params.max_tokens == 0
 
     def sequence_of(self, request: Request) -> SequenceState:
         return self._by_id[request.request_id]
@@ -71,16 +71,25 @@ class RequestGroup:
 
     def snapshot(self) -> RequestOutput | None:
         """Every sequence so far (None while best_of or prompt-only requests still run)."""
+        if self.is_single:  # (most requests, each step)
+            seq = self.sequences[0]
+            request, output = seq.request, seq.output
+            return RequestOutput(
+                self.request_id,
+                self.prompt_token_ids,
+                [self._public(output, 0)],
+                output.finish_reason is not None,
+                request.num_cached_tokens,
+                None,
+                list(self.prompt_logprobs) if self.prompt_logprobs else None,
+                None,
+                request.first_scheduled_time,
+            )
         finished = self.finished
         if self._is_final_only and not finished:
             return None
-        if len(self.sequences) == 1:
-            request = self.sequences[0].request
-            cached, first_scheduled = request.num_cached_tokens, request.first_scheduled_time
-        else:
-            cached = min(s.request.num_cached_tokens for s in self.sequences)
-            scheduled = [t for s in self.sequences if (t := s.request.first_scheduled_time)]
-            first_scheduled = min(scheduled, default=None)
+        cached = min(s.request.num_cached_tokens for s in self.sequences)
+        scheduled = [t for s in self.sequences if (t := s.request.first_scheduled_time)]
         return RequestOutput(
             self.request_id,
             self.prompt_token_ids,
@@ -88,7 +97,7 @@ class RequestGroup:
             finished,
             cached,
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs else None,
-            first_scheduled_time=first_scheduled,
+            first_scheduled_time=min(scheduled, default=None),
         )
 
     def _outputs(self) -> list[CompletionOutput]:
@@ -105,11 +114,11 @@ class RequestGroup:
     def _public(self, output: CompletionOutput, index: int) -> CompletionOutput:
         """A copy for the client: logprobs only when it asked for them. (Built field by
         field: replace() costs a few times more, once per request per step.)"""
-        asked = self.params.logprobs is not None
+        asked = self._wants_logprobs
         return CompletionOutput(
             index,
             output.text,
-            list(output.token_ids),
+            output.token_ids[:],
             output.finish_reason,
             output.stop_reason,
             output.cumulative_logprob if asked else None,

@@ -135,7 +135,9 @@ class BlockPool:
 @dataclass(slots=True)
 class _RequestBlocks:
     blocks: list[KVBlock | None] = field(default_factory=list)  # None: freed, behind the window
-    block_ids: list[int] = field(default_factory=list)  # of `blocks`, NO_BLOCK for None
+    # of `blocks`, NO_BLOCK for None; an int64 array, which the runner copies into its
+    # tensors as bytes
+    block_ids: array[int] = field(default_factory=lambda: array("q"))
     num_freed: int = 0  # blocks [0, num_freed) are None
     hashes: list[BlockHash] = field(default_factory=list)  # of the full blocks, in order
 
@@ -155,9 +157,10 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self._requests: dict[str, _RequestBlocks] = {}
 
-    def block_ids(self, request: Request) -> list[int]:
-        """The request's block table now (a copy of the one kept up to date as it changes)."""
-        return self._requests[request.request_id].block_ids.copy()
+    def block_ids(self, request: Request) -> array[int]:
+        """The request's block table now (int64; a copy of the one kept up to date as it
+        changes)."""
+        return self._requests[request.request_id].block_ids[:]
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """Longest run of cached full blocks at the start of the request's tokens.
@@ -220,13 +223,15 @@ class KVCacheManager:
         if freed:
             self.pool.free([b for b in reversed(freed) if b is not None])
             entry.blocks[entry.num_freed : behind] = [None] * len(freed)
-            entry.block_ids[entry.num_freed : behind] = [NO_BLOCK] * len(freed)
+            entry.block_ids[entry.num_freed : behind] = array("q", [NO_BLOCK] * len(freed))
             entry.num_freed = behind
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's newly completed blocks under their chained hashes."""
         entry = self._requests[request.request_id]
         num_full = request.num_computed_tokens // self.block_size
+        if num_full == len(entry.hashes):
+            return  # (most steps: no block filled up)
         for i in range(len(entry.hashes), num_full):
             parent = entry.hashes[-1] if entry.hashes else None
             tokens = request.token_ids[i * self.block_size : (i + 1) * self.block_size]

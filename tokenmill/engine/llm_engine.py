@@ -324,33 +324,43 @@ class LLMEngine:
 
     def step(self) -> list[AnyOutput]:
         """Run one engine step; one output per request that changed."""
-        changed: dict[str, Group] = {}
-        failed: list[AnyOutput] = []
+        changed: dict[str, Group] = {}  # groups of several requests: one snapshot each
+        outputs: list[AnyOutput] = []
         for request in self.core.step():
             group = self._group_of.get(request.request_id)
             if group is None:
                 continue
             if request.finish_reason == "error":
-                failed.append(self._fail(group, request.error or "the engine failed"))
+                outputs.append(self._fail(group, request.error or "the engine failed"))
                 changed.pop(group.request_id, None)
                 continue
-            if isinstance(group, PoolingGroup):
+            if type(group) is RequestGroup and group.is_single:  # (most: no second pass)
+                self._on_token(group, group.sequences[0])
+                output = group.snapshot()
+                assert output is not None  # (a single sequence streams)
+                outputs.append(output)
+                if output.finished:
+                    self._release(group)
+                continue
+            if type(group) is RequestGroup:
+                self._on_token(group, group.sequence_of(request))
+            elif isinstance(group, PoolingGroup):
                 group.finish()
             elif isinstance(group, BeamGroup):
                 self._on_beam_token(group, request)
-            else:
-                self._on_token(group.sequence_of(request))
-                if group.prompt_logprobs is None and request.params.prompt_logprobs is not None:
-                    group.prompt_logprobs = self._named(request.prompt_logprobs)
             changed[group.request_id] = group
-        outputs = failed
         for group in changed.values():
-            if isinstance(group, BeamGroup) and not group.pending:
-                self._advance_beams(group)
-            snapshot = group.output if isinstance(group, PoolingGroup) else group.snapshot()
+            if isinstance(group, PoolingGroup):
+                snapshot: AnyOutput | None = group.output
+            else:
+                if isinstance(group, BeamGroup) and not group.pending:
+                    self._advance_beams(group)
+                snapshot = group.snapshot()
             if snapshot is not None:
                 outputs.append(snapshot)
-            if group.finished:
+                if snapshot.finished:
+                    self._release(group)
+            elif group.finished:
                 self._release(group)
         return outputs
 
@@ -361,12 +371,25 @@ class LLMEngine:
             return PoolingRequestOutput(group.request_id, group.prompt_token_ids, None, error=error)
         return RequestOutput(group.request_id, group.prompt_token_ids, [], True, error=error)
 
-    def _on_token(self, seq: SequenceState) -> None:
+    def _on_token(self, group: RequestGroup, seq: SequenceState) -> None:
         """Take a sequence's new tokens (several in a step with speculative decoding) into
-        its text and output, up to a stop string."""
+        its text and output, up to a stop string; and the prompt's logprobs, once."""
         request, detok, output = seq.request, seq.detokenizer, seq.output
+        if group.prompt_logprobs is None and request.params.prompt_logprobs is not None:
+            group.prompt_logprobs = self._named(request.prompt_logprobs)
         first = len(output.token_ids)
-        new = request.token_ids[request.num_prompt_tokens + first :]
+        new = request.token_ids[len(request.prompt_token_ids) + first :]
+        if (
+            len(new) == 1
+            and request.finish_reason is None
+            and detok.is_plain
+            and not request.logprobs
+        ):  # (most steps: one token, no stop strings, nothing to hide)
+            detok.add_token(new[0])
+            output.token_ids.append(new[0])
+            output.stop_reason = request.stop_reason
+            output.text = detok.text
+            return
         ends_on_stop_token = request.finish_reason == "stop" and not isinstance(
             request.stop_reason, str
         )  # EOS or a stop id, the last new token

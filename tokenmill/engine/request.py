@@ -144,13 +144,19 @@ class Request:
         """
         if self.finish_reason is not None:  # the grammar rejected the token, or failed
             return True
-        token_id = self.token_ids[-1]
-        enough = self.num_output_tokens >= self.params.min_tokens
-        ends_on_eos = self.matcher is not None or (enough and not self.params.ignore_eos)
+        # (runs for every request every step: attributes read once, no properties)
+        params, token_ids = self.params, self.token_ids
+        token_id = token_ids[-1]
+        num_prompt = len(self.prompt_token_ids)
+        num_output = len(token_ids) - num_prompt
+        enough = num_output >= params.min_tokens
+        ends_on_eos = self.matcher is not None or (enough and not params.ignore_eos)
         if ends_on_eos and token_id in self.eos_token_ids:
             self.finish_reason = "stop"
-        elif enough and token_id in self.params.stop_token_ids:
+        elif enough and params.stop_token_ids and token_id in params.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token_id
-        elif self.num_output_tokens >= self.max_output_tokens:
+        elif num_output >= self.max_model_len - num_prompt or (
+            params.max_tokens is not None and num_output >= params.max_tokens
+        ):
             self.finish_reason = "length"
         return self.finish_reason is not None

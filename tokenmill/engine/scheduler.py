@@ -104,15 +104,16 @@ class Scheduler:
         if speculator is not None and not speculator.begin_step(len(self.running)):
             speculator = None
         index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+        running, allocate, scheduled = self.running, self.kv_cache.allocate, out.scheduled
+        while index < len(running) and budget > 0:
+            request = running[index]
+            num_new = min(len(request.token_ids) - request.num_computed_tokens, budget)
             drafts: list[int] = []
             if speculator is not None and num_new == 1 and request.num_output_tokens:
                 drafts = speculator.propose(request, budget - 1)
-                if drafts and not self.kv_cache.allocate(request, 1 + len(drafts)):
+                if drafts and not allocate(request, 1 + len(drafts)):
                     drafts = []  # no room for guesses: decode as usual
-            while not drafts and not self.kv_cache.allocate(request, num_new):
+            while not drafts and not allocate(request, num_new):
                 victim = self.waiting.victim(self.running)
                 if self.running.index(victim) < index:  # scheduled earlier in this step
                     index -= 1
@@ -122,7 +123,7 @@ class Scheduler:
                 if victim is request:
                     return budget
             num_new += len(drafts)
-            out.scheduled.append(ScheduledRequest(request, num_new, drafts))
+            scheduled.append(ScheduledRequest(request, num_new, drafts))
             budget -= num_new
             index += 1
         return budget
@@ -165,13 +166,14 @@ class Scheduler:
         after them) up to the first that stops it; advance computed counts over the tokens
         kept; finish requests; return the changed ones."""
         changed = []
+        cache_full_blocks = self.kv_cache.cache_full_blocks
         for item in out.scheduled:
             request = item.request
-            end = item.start + item.num_new_tokens
+            end = request.num_computed_tokens + item.num_new_tokens
             tokens = sampled.get(request.request_id)
             if not tokens:
                 request.num_computed_tokens = end
-                self.kv_cache.cache_full_blocks(request)
+                cache_full_blocks(request)
                 continue
             if item.draft_token_ids and self.speculator is not None:
                 num_drafts = len(item.draft_token_ids)
@@ -182,8 +184,8 @@ class Scheduler:
                 if stopped := request.check_stop():
                     break
             # the K/V of every token but the newest is computed (rejected guesses' is not)
-            request.num_computed_tokens = min(end, request.num_tokens - 1)
-            self.kv_cache.cache_full_blocks(request)
+            request.num_computed_tokens = min(end, len(request.token_ids) - 1)
+            cache_full_blocks(request)
             if stopped:
                 self.finish(request)
             changed.append(request)

@@ -14,6 +14,7 @@ KV cache manager where every layer slides) are never read.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,7 +32,7 @@ class ScheduledChunk:
     row: int
     start: int
     num_tokens: int
-    block_table: list[int]
+    block_table: array[int]  # int64
 
     @property
     def is_decode(self) -> bool:

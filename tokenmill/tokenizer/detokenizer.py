@@ -57,6 +57,8 @@ class IncrementalDetokenizer:
         self._include_stop = params.include_stop_str_in_output
         self._min_tokens = params.min_tokens
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
+        # no stop strings and no added-token spacing rule: a token's text is its piece
+        self.is_plain = not self._stops and self._added is None
         self.num_tokens = 0
         self.text = ""
         self.stop_string: str | None = None  # the stop string that ended the text, if any
@@ -67,6 +69,9 @@ class IncrementalDetokenizer:
         if self.stop_string is not None:
             return
         self.num_tokens += 1
+        if self.is_plain:
+            self.text += self._step(token_id) or ""
+            return
         piece = self._decode(token_id)
         if piece:
             start = max(0, len(self.text) - self._max_stop_len + 1)

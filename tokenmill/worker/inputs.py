@@ -7,6 +7,7 @@ and logprob entries per request id), which the engine writes into its requests.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,7 +34,7 @@ class ScheduledSequence:
     start: int  # first position computed this step (the tokens before it are cached)
     num_new_tokens: int
     samples: bool  # the step reaches the sequence's last token: sample the next one
-    block_table: list[int]  # its KV blocks, in position order
+    block_table: array[int]  # its KV blocks, in position order (int64)
     # speculative decoding: guesses of the tokens after its last one, computed as decode
     # rows after it (num_new_tokens counts them) and checked by the sampler
     draft_token_ids: list[int] = field(default_factory=list)
