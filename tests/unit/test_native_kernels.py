@@ -650,6 +650,52 @@ def test_vnni_and_avx2_builds_give_the_same_bits(tmp_path):
             assert torch.equal(got, want), (ggml_type, rows)
 
 
+@needs_kernel
+def test_paired_and_single_row_attention_builds_give_the_same_bits(tmp_path):
+    """With 32 vector registers (AVX-512 VL) a prefill tile's rows are scored and weighed
+    two at a time; a build without them (one row at a time) must give the same bits, for
+    float32 and float16 caches, with and without a window."""
+    import ctypes
+
+    native = kernels.load()
+    if native is None or not native.tm_paged_attention_paired():
+        pytest.skip("this machine's build scores one row at a time")
+    source = Path(kernels.__file__).with_name("paged_attention.c")
+    target = tmp_path / "single_rows.so"
+    build = [kernels._compiler(), *kernels._FLAGS, "-mno-avx512f", "-o", str(target),
+             str(source), "-lm"]  # fmt: skip
+    done = subprocess.run(build, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lib = ctypes.CDLL(str(target))
+    assert lib.tm_paged_attention_paired() == 0
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.tm_paged_decode_attention.argtypes = [ptr] * 6 + [i64] * 6 + [
+        ctypes.c_float, i64, i64, ctypes.c_int,
+    ]  # fmt: skip
+    torch.manual_seed(5)
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    table = torch.randperm(32)[None]
+    lens = torch.cat([torch.arange(90, 131), torch.tensor([7, 300])])  # a chunk, then 2 decodes
+    tables = torch.cat([table.expand(41, -1), torch.randperm(32)[None], table]).contiguous()
+    q = torch.randn(len(lens), heads, head_dim)
+    for dtype in (torch.float32, torch.float16):
+        k_cache = torch.randn(512, kv_heads, head_dim).to(dtype)
+        v_cache = torch.randn(512, kv_heads, head_dim).to(dtype)
+        for window in (None, 13):
+            want = paged_attention.paged_decode_attention(
+                q, k_cache, v_cache, tables, lens, block_size, window=window
+            )
+            got = torch.empty_like(q)
+            status = lib.tm_paged_decode_attention(
+                q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                lens.data_ptr(), got.data_ptr(), len(lens), heads, kv_heads, head_dim,
+                block_size, tables.shape[1], head_dim**-0.5, window or 0, 2,
+                int(dtype == torch.float16),
+            )  # fmt: skip
+            assert status == 0
+            assert torch.equal(got, want), (dtype, window)
+
+
 def _torch_draw(logits, temperature, uniforms):
     """The sampler's torch rule: inverse CDF over softmax(logits / temperature)."""
     cdf = torch.softmax(logits / temperature[:, None], dim=-1).cumsum(-1)

@@ -123,6 +123,23 @@ INLINE __m256 load_kv(const char *at, const int f16) {
     return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)at)) : _mm256_loadu_ps((const float *)at);
 }
 
+/* the 8 lane sums of acc[0..8), scaled (lane r: key r's score), n of them stored (none when
+ * n <= 0); lane r is ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) of acc[r] */
+INLINE void store_sums(const __m256 *acc, float scale, float *scores, int64_t n) {
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                      _mm256_permute2f128_ps(s0123, s4567, 0x31));
+    const __m256 scaled = _mm256_mul_ps(sums, _mm256_set1_ps(scale));
+    if (n >= 8) {
+        _mm256_storeu_ps(scores, scaled);
+    } else if (n > 0) {
+        float all[8];
+        _mm256_storeu_ps(all, scaled);
+        memcpy(scores, all, sizeof(float) * n);
+    }
+}
+
 /* scores[0 .. n) = q . k[l] * scale for 8 keys k[0..8) (consecutive slots, `row` bytes
  * apart; lanes past n are computed and dropped): one accumulator per key, the 8 reduced
  * together in one tree, so a key's score does not depend on its neighbours. */
@@ -135,19 +152,18 @@ INLINE void key_scores(const float *q, const char *k, int64_t row, int64_t D, fl
         const __m256 qd = _mm256_loadu_ps(q + d);
         for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qd, load_kv(k + r * row + d * size, f16), acc[r]);
     }
-    /* lane r of the result: ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) of acc[r] */
-    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                                      _mm256_permute2f128_ps(s0123, s4567, 0x31));
-    const __m256 scaled = _mm256_mul_ps(sums, _mm256_set1_ps(scale));
-    if (n >= 8) {
-        _mm256_storeu_ps(scores, scaled);
-    } else {
-        float all[8];
-        _mm256_storeu_ps(all, scaled);
-        memcpy(scores, all, sizeof(float) * n);
-    }
+    store_sums(acc, scale, scores, n);
+}
+
+/* the scores of keys [i, n) of one block (i + 8 > the block size: its last few keys) from a
+ * zero-padded copy */
+INLINE void tail_scores(const Job *j, const float *q, const char *k, int64_t i, int64_t n,
+                        float *scores, const int f16) {
+    const int64_t D = j->head_dim, size = f16 ? 2 : 4, row = j->num_kv_heads * D * size;
+    char copy[8 * 256 * 4]; /* D <= 256 */
+    memset(copy, 0, (size_t)(8 * D * size));
+    for (int64_t r = 0; r < n - i; r++) memcpy(copy + r * D * size, k + (i + r) * row, (size_t)(D * size));
+    key_scores(q, copy, D * size, D, j->scale, scores + i, n - i, f16);
 }
 
 /* the scores of keys [0, n) of one block: 8 slots at a time, read in place while 8 fit in
@@ -158,13 +174,44 @@ INLINE void block_scores(const Job *j, const float *q, const char *k, int64_t n,
     int64_t i = 0;
     for (; i < n && i + 8 <= j->block_size; i += 8)
         key_scores(q, k + i * row, row, D, j->scale, scores + i, n - i, f16);
-    if (i < n) {
-        char copy[8 * 256 * 4]; /* D <= 256 */
-        memset(copy, 0, (size_t)(8 * D * size));
-        for (int64_t r = 0; r < n - i; r++) memcpy(copy + r * D * size, k + (i + r) * row, (size_t)(D * size));
-        key_scores(q, copy, D * size, D, j->scale, scores + i, n - i, f16);
-    }
+    if (i < n) tail_scores(j, q, k, i, n, scores, f16);
 }
+
+#if defined(__AVX512VL__)
+/* 32 vector registers: two rows' scores of the same 8 keys at once, each key loaded (and
+ * converted) once for both. Each score is the same fma chain and reduction tree as
+ * key_scores', so the bits do not change. */
+#define PAIRED_ROWS 1
+
+INLINE void key_scores2(const float *q0, const float *q1, const char *k, int64_t row, int64_t D,
+                        float scale, float *s0, int64_t n0, float *s1, int64_t n1, const int f16) {
+    const int64_t size = f16 ? 2 : 4;
+    __m256 a0[8], a1[8];
+    for (int r = 0; r < 8; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+        const __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
+        for (int r = 0; r < 8; r++) {
+            const __m256 key = load_kv(k + r * row + d * size, f16);
+            a0[r] = _mm256_fmadd_ps(x0, key, a0[r]);
+            a1[r] = _mm256_fmadd_ps(x1, key, a1[r]);
+        }
+    }
+    store_sums(a0, scale, s0, n0);
+    store_sums(a1, scale, s1, n1);
+}
+
+/* block_scores for two rows at once: keys [0, n0) and [0, n1) of one block */
+INLINE void block_scores2(const Job *j, const float *q0, const float *q1, const char *k,
+                          int64_t n0, int64_t n1, float *s0, float *s1, const int f16) {
+    const int64_t D = j->head_dim, size = f16 ? 2 : 4, row = j->num_kv_heads * D * size;
+    const int64_t n = n0 > n1 ? n0 : n1;
+    int64_t i = 0;
+    for (; i < n && i + 8 <= j->block_size; i += 8)
+        key_scores2(q0, q1, k + i * row, row, D, j->scale, s0 + i, n0 - i, s1 + i, n1 - i, f16);
+    if (i < n0) tail_scores(j, q0, k, i, n0, s0, f16);
+    if (i < n1) tail_scores(j, q1, k, i, n1, s1, f16);
+}
+#endif
 
 /* out[r][d0 .. d0 + 8 NV) = sum over row r's keys [lo[r], L[r]) of p[r][l] v[l] for one
  * head, R rows of one tile at a time (each value row read once for all of them); every
@@ -210,7 +257,24 @@ INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
         const int64_t kv = h0 + qh / G, head = h0 * G + qh;
         for (int64_t start = lo[0] / bs * bs; start < longest; start += bs) {
             const char *k = j->k_cache + table[start / bs] * bs * row + kv * D * size;
-            for (int64_t r = 0; r < R; r++) {
+            int64_t r = 0;
+#ifdef PAIRED_ROWS
+            for (; r + 1 < R; r += 2) {
+                const int64_t n0 = lens[r] - start < bs ? lens[r] - start : bs;
+                const int64_t n1 = lens[r + 1] - start < bs ? lens[r + 1] - start : bs;
+                if (n0 > 0 && n1 > 0 && start + bs > lo[r] && start + bs > lo[r + 1]) {
+                    block_scores2(j, j->q + ((b + r) * H + head) * D, j->q + ((b + r + 1) * H + head) * D,
+                                  k, n0, n1, scores + r * longest + start, scores + (r + 1) * longest + start, f16);
+                    continue;
+                }
+                for (int64_t e = r; e < r + 2; e++) {
+                    const int64_t n = lens[e] - start < bs ? lens[e] - start : bs;
+                    if (n > 0 && start + bs > lo[e])
+                        block_scores(j, j->q + ((b + e) * H + head) * D, k, n, scores + e * longest + start, f16);
+                }
+            }
+#endif
+            for (; r < R; r++) {
                 const int64_t n = lens[r] - start < bs ? lens[r] - start : bs;
                 if (n > 0 && start + bs > lo[r])
                     block_scores(j, j->q + ((b + r) * H + head) * D, k, n, scores + r * longest + start, f16);
@@ -220,7 +284,11 @@ INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
         for (int64_t r0 = 0; r0 < R; r0 += 2) {
             const int two = R - r0 >= 2;
             const float *p[2] = {scores + r0 * longest, scores + (r0 + two) * longest};
+#ifdef PAIRED_ROWS
+            const int64_t step = 64; /* 16 accumulators (and 8 values) of 32 registers */
+#else
             const int64_t step = two ? 32 : 64; /* 8 accumulators per row, 16 at most */
+#endif
             for (int64_t d = 0; d < D; d += step) {
                 float *out[2] = {j->out + ((b + r0) * H + head) * D + d,
                                  j->out + ((b + r0 + two) * H + head) * D + d};
@@ -231,7 +299,7 @@ INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
                             weighted_values(j, table, lens + r0 + r, lo + r0 + r, p + r, kv * D + e, &slice, 1, 1, f16);
                         }
                 } else if (two) {
-                    weighted_values(j, table, lens + r0, lo + r0, p, kv * D + d, out, 2, 4, f16);
+                    weighted_values(j, table, lens + r0, lo + r0, p, kv * D + d, out, 2, (int)(step / 8), f16);
                 } else {
                     weighted_values(j, table, lens + r0, lo + r0, p, kv * D + d, out, 1, 8, f16);
                 }
@@ -306,6 +374,15 @@ int tm_paged_attention_reads_f16(int64_t head_dim) {
     return head_dim % 8 == 0 && head_dim <= 256;
 #else
     (void)head_dim;
+    return 0;
+#endif
+}
+
+/* Whether this build scores and weighs two rows of a prefill tile at once (PAIRED_ROWS). */
+int tm_paged_attention_paired(void) {
+#ifdef PAIRED_ROWS
+    return 1;
+#else
     return 0;
 #endif
 }
