@@ -393,7 +393,7 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
             for (int c = 0; c < 2 * P; c++) {
                 const uint8_t *group = p->w + (((panel + c / 2) * blocks + b) * 2 + c % 2) * gb;
                 const uint8_t *at = group + v * 32;
-                if (R == 1 && (v & 1) == 0) _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
+                if ((R == 1 || p->M <= 4) && (v & 1) == 0) _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)at);
                 if (src == SRC_Q4_1 || src == SRC_Q5_1) {
                     w[c] = _mm256_and_si256(raw, nibble);
