@@ -201,7 +201,8 @@ INLINE int64_t weight_bytes(const int src) {
 
 /* Batches of 1-2 rows read the weights once, faster than the hardware prefetcher fetches
  * them: ask for the line PREFETCH_BYTES ahead in the panel (and the next block's scales)
- * (docs/benchmarks.md, "Native CPU kernels"). */
+ * (docs/benchmarks.md, "Native CPU kernels"). The int8 tiles do so in the first row tile
+ * of each block of rows, the one that brings a panel in from memory (dot_tile). */
 enum { PREFETCH_BYTES = 512 };
 INLINE void prefetch(const Matmul *p, int64_t panel, int64_t k, const int src) {
     _mm_prefetch((const char *)p->w + (panel * p->K + k) * weight_bytes(src) + PREFETCH_BYTES, _MM_HINT_T0);
@@ -393,7 +394,7 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
             for (int c = 0; c < 2 * P; c++) {
                 const uint8_t *group = p->w + (((panel + c / 2) * blocks + b) * 2 + c % 2) * gb;
                 const uint8_t *at = group + v * 32;
-                if ((R == 1 || p->M <= 4) && (v & 1) == 0) _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
+                if ((R == 1 || m % ROWS_PER_BLOCK == 0) && (v & 1) == 0) _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)at);
                 if (src == SRC_Q4_1 || src == SRC_Q5_1) {
                     w[c] = _mm256_and_si256(raw, nibble);
