@@ -88,6 +88,12 @@ class _SchedulerState:
         )
 
 
+def _deliver(deliveries: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    """On the event loop: each output into its request's queue."""
+    for target, item in deliveries:
+        target.put_nowait(item)
+
+
 class EngineDeadError(ServiceUnavailableError):
     """The engine loop died; the process should be restarted."""
 
@@ -369,7 +375,11 @@ class AsyncEngine:
         self._state = _SchedulerState.of(self.engine)
 
     def _dispatch(self, outputs: list[AnyOutput]) -> None:
+        """Hand a step's outputs to their requests' queues in one callback on the event loop
+        (each call_soon_threadsafe wakes the loop with a write to its self-pipe: one per
+        request per step cost a system call each and woke the loop again and again)."""
         assert self._loop is not None
+        deliveries: list[tuple[asyncio.Queue[AnyOutput | BaseException], Any]] = []
         for output in outputs:
             target = self._queues.get(output.request_id)
             if target is None:
@@ -380,7 +390,9 @@ class AsyncEngine:
                 item = RequestFailedError(
                     "the engine failed while serving this request; the server log has the details"
                 )
-            self._loop.call_soon_threadsafe(target.put_nowait, item)
+            deliveries.append((target, item))
+        if deliveries:
+            self._loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _fail_all(self, error: BaseException) -> None:
         if self._loop is None:
