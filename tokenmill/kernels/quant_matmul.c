@@ -180,7 +180,7 @@ INLINE void weights_at(const Matmul *p, int64_t panel, int64_t k, const int src,
 }
 
 INLINE void store_tile(const Matmul *p, int64_t m, int64_t panel, const int R, const int P,
-                       __m256 acc[6][8]) {
+                       __m256 acc[8][8]) {
     const int64_t col = panel * PANEL, valid = p->N - col;
     for (int r = 0; r < R; r++) {
         float *y = p->y + (m + r) * p->N + col;
@@ -218,7 +218,7 @@ INLINE void tile_in_registers(const Matmul *p, int64_t m, int64_t panel, const i
     const int64_t K = p->K, step = src == SRC_F16 ? K : group_size(src);
     const int64_t every = src == SRC_F16 ? 2 : src == SRC_Q4_1 ? 8 : 4; /* k per cache line */
     const float *x = p->x + m * K;
-    __m256 acc[6][8];
+    __m256 acc[8][8];
     float dm[4][2 * PANEL];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 2 * P; c++) acc[r][c] = _mm256_setzero_ps();
@@ -245,7 +245,7 @@ INLINE void tile_from_buffer(const Matmul *p, int64_t m, int64_t panel, const in
                              const float *wbuf) {
     const int64_t K = p->K;
     const float *x = p->x + m * K;
-    __m256 acc[6][8];
+    __m256 acc[8][8];
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k++) {
         const __m256 lo = _mm256_loadu_ps(wbuf + k * PANEL), hi = _mm256_loadu_ps(wbuf + k * PANEL + 8);
@@ -348,7 +348,7 @@ INLINE int32_t load4(const int8_t *x) {
 
 /* acc += float(sum) * (d_w * d_x) (+ m_w * s_x): one block's (Q6_K: half block's) step */
 INLINE void dot_step(const Matmul *p, int64_t m, int64_t panel, const int R, const int P,
-                     const int src, int64_t b, int64_t scale_block, __m256i sum[4][4], __m256 acc[6][8]) {
+                     const int src, int64_t b, int64_t scale_block, __m256i sum[8][4], __m256 acc[8][8]) {
     const int64_t blocks = p->K / QBLOCK;
     const __m256i ones = _mm256_set1_epi16(1);
     float dm[2][2 * PANEL];
@@ -366,6 +366,15 @@ INLINE void dot_step(const Matmul *p, int64_t m, int64_t panel, const int R, con
     }
 }
 
+/* rows of x per int8 tile: 8 where 32 vector registers hold their sums (AVX-512 VL), else 4 */
+#if defined(__AVX512VL__)
+#define DOT_ROWS 8
+#define SUM_IN_REGISTER(x) "+v"(x)
+#else
+#define DOT_ROWS 4
+#define SUM_IN_REGISTER(x) "+x"(x)
+#endif
+
 /* bytes of a group of 8 columns' values in one block, dot-product order */
 INLINE int64_t dot_group_bytes(const int src) {
     return src == SRC_Q4_1 ? 128 : src == SRC_Q5_1 ? Q5_GROUP_BYTES : 256;
@@ -382,11 +391,11 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
     const int vectors = src == SRC_Q4_1 || src == SRC_Q5_1 ? 4 : 8; /* per group of 8 columns and block */
     const int64_t gb = dot_group_bytes(src);
     const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    __m256 acc[6][8];
+    __m256 acc[8][8];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 2 * P; c++) acc[r][c] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
-        __m256i sum[4][4];
+        __m256i sum[8][4];
         for (int r = 0; r < R; r++)
             for (int c = 0; c < 2 * P; c++) sum[r][c] = _mm256_setzero_si256();
         for (int v = 0; v < vectors; v++) {
@@ -433,7 +442,7 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
                 }
                 /* the sums stay in registers: left alone, GCC defers the integer adds and
                  * spills every product first, far slower */
-                for (int c = 0; c < 2 * P; c++) __asm__("" : "+x"(sum[r][c]));
+                for (int c = 0; c < 2 * P; c++) __asm__("" : SUM_IN_REGISTER(sum[r][c]));
             }
             if (src == SRC_Q6_K && v == 3) { /* the block's first 16 values: their own scale */
                 dot_step(p, m, panel, R, P, src, b, 2 * b, sum, acc);
@@ -455,8 +464,14 @@ INLINE void run_dot_panels(const Matmul *p, int64_t begin, int64_t end, const in
             for (; panel + 2 <= end; panel += 2) dot_tile(p, m0, panel, 1, 2, src);
         for (; panel < end; panel++) {
             int64_t m = m0;
-            for (; m + 4 <= m1; m += 4) dot_tile(p, m, panel, 4, 1, src);
+            for (; m + DOT_ROWS <= m1; m += DOT_ROWS) dot_tile(p, m, panel, DOT_ROWS, 1, src);
             switch (m1 - m) {
+#if DOT_ROWS == 8
+            case 7: dot_tile(p, m, panel, 7, 1, src); break;
+            case 6: dot_tile(p, m, panel, 6, 1, src); break;
+            case 5: dot_tile(p, m, panel, 5, 1, src); break;
+            case 4: dot_tile(p, m, panel, 4, 1, src); break;
+#endif
             case 3: dot_tile(p, m, panel, 3, 1, src); break;
             case 2: dot_tile(p, m, panel, 2, 1, src); break;
             case 1: dot_tile(p, m, panel, 1, 1, src); break;
