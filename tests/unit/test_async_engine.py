@@ -162,3 +162,53 @@ def test_an_admitted_request_counts_as_waiting_before_its_generate_resumes() -> 
             await engine.shutdown()
 
     run(main())
+
+
+def test_a_step_reaches_every_stream_with_one_wake_up_of_the_event_loop() -> None:
+    """The engine thread posts each step's outputs in one call_soon_threadsafe (each call
+    writes to the loop's self-pipe), not one per request; every stream still gets every
+    output of its request, in order."""
+    stub = StubEngine(num_tokens=5)
+    engine = AsyncEngine(stub)  # type: ignore[arg-type]
+    steps_with_outputs = 0
+    step = stub.step
+
+    def counted_step() -> list[RequestOutput]:
+        nonlocal steps_with_outputs
+        outputs = step()
+        steps_with_outputs += bool(outputs)
+        return outputs
+
+    stub.step = counted_step  # type: ignore[method-assign]
+    wake_ups = 0
+
+    async def main() -> list[list[int]]:
+        nonlocal wake_ups
+        loop = asyncio.get_running_loop()
+        post = loop.call_soon_threadsafe
+
+        def counted_post(*args: Any, **kwargs: Any) -> Any:
+            nonlocal wake_ups
+            callback = getattr(args[0], "__name__", "")
+            if threading.current_thread().name == "tokenmill-engine" and callback in (
+                "_deliver",
+                "put_nowait",
+            ):  # outputs (admissions complete their futures with posts of their own)
+                wake_ups += 1
+            return post(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted_post  # type: ignore[method-assign]
+        await engine.start()
+        try:
+
+            async def collect(request_id: str) -> list[int]:
+                stream = engine.generate([1], SamplingParams(), request_id)
+                return [len(o.outputs[0].token_ids) async for o in stream]
+
+            return await asyncio.gather(*(collect(f"r{i}") for i in range(8)))
+        finally:
+            await engine.shutdown()
+
+    lengths = run(main())
+    assert all(seen == sorted(set(seen)) and seen[-1] == 5 for seen in lengths)
+    assert steps_with_outputs >= 5 and wake_ups <= steps_with_outputs
