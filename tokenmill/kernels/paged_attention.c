@@ -257,27 +257,19 @@ INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
         const int64_t kv = h0 + qh / G, head = h0 * G + qh;
         for (int64_t start = lo[0] / bs * bs; start < longest; start += bs) {
             const char *k = j->k_cache + table[start / bs] * bs * row + kv * D * size;
-            int64_t r = 0;
+            for (int64_t r = 0; r < R; r++) {
+                const int64_t n = lens[r] - start < bs ? lens[r] - start : bs;
+                if (n <= 0 || start + bs <= lo[r]) continue; /* none of its keys here */
 #ifdef PAIRED_ROWS
-            for (; r + 1 < R; r += 2) {
-                const int64_t n0 = lens[r] - start < bs ? lens[r] - start : bs;
-                const int64_t n1 = lens[r + 1] - start < bs ? lens[r + 1] - start : bs;
-                if (n0 > 0 && n1 > 0 && start + bs > lo[r] && start + bs > lo[r + 1]) {
+                const int64_t n1 = r + 1 < R ? (lens[r + 1] - start < bs ? lens[r + 1] - start : bs) : 0;
+                if (n1 > 0 && start + bs > lo[r + 1]) { /* the next row's keys here too */
                     block_scores2(j, j->q + ((b + r) * H + head) * D, j->q + ((b + r + 1) * H + head) * D,
-                                  k, n0, n1, scores + r * longest + start, scores + (r + 1) * longest + start, f16);
+                                  k, n, n1, scores + r * longest + start, scores + (r + 1) * longest + start, f16);
+                    r++;
                     continue;
                 }
-                for (int64_t e = r; e < r + 2; e++) {
-                    const int64_t n = lens[e] - start < bs ? lens[e] - start : bs;
-                    if (n > 0 && start + bs > lo[e])
-                        block_scores(j, j->q + ((b + e) * H + head) * D, k, n, scores + e * longest + start, f16);
-                }
-            }
 #endif
-            for (; r < R; r++) {
-                const int64_t n = lens[r] - start < bs ? lens[r] - start : bs;
-                if (n > 0 && start + bs > lo[r])
-                    block_scores(j, j->q + ((b + r) * H + head) * D, k, n, scores + r * longest + start, f16);
+                block_scores(j, j->q + ((b + r) * H + head) * D, k, n, scores + r * longest + start, f16);
             }
         }
         for (int64_t r = 0; r < R; r++) softmax_row(scores + r * longest + lo[r], lens[r] - lo[r]);
