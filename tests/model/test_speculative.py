@@ -190,3 +190,110 @@ def test_host_overhead_runs_the_engine_around_a_stubbed_model(plain):
     assert set(result["phases_ms"]) >= {"schedule", "scheduler update"}
     assert not llm.engine.has_unfinished
     assert_all_blocks_free(llm)
+
+
+# -- a draft model ---------------------------------------------------------------------------
+# The bundled model drafting for itself: its guesses are the model's own greedy tokens, so
+# nearly all hold - a draft cache that fell out of step with the target's would show as
+# rejected guesses, while the output stays the model's own either way.
+
+
+def drafting(path: str, draft: str, k: int = 3, **kwargs) -> LLM:
+    return LLM(path, speculative_config={"model": draft, "num_speculative_tokens": k}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def drafted(bundled_gguf_path):
+    return drafting(bundled_gguf_path, bundled_gguf_path, kv_cache_memory=64 << 20)
+
+
+def acceptance(llm: LLM) -> float:
+    counts = llm.engine.core.speculator.counts
+    return counts.num_accepted_tokens / counts.num_draft_tokens
+
+
+def test_a_draft_models_greedy_output_is_the_models_own_bit_for_bit(drafted, alone):
+    with Accepted(drafted) as accepted:
+        ours = [with_logprobs(drafted.generate([p], WITH_LOGPROBS))[0] for p in PROMPTS]
+        assert ours == alone
+        assert with_logprobs(drafted.generate(PROMPTS, WITH_LOGPROBS)) == alone  # batched
+    assert accepted.count > 100
+    assert acceptance(drafted) > 0.9
+    assert_all_blocks_free(drafted)
+
+
+def test_a_draft_model_under_chunking_preemption_and_prefix_cache_hits(
+    bundled_gguf_path, alone, plain
+):
+    # the draft's cache has as many blocks as the target's: 8 blocks of both force preemption
+    per_block = 16 * 2 * 30 * 3 * 64 * 2  # (the float16 cache of the GGUF default)
+    # (and 24 tokens a step: long prompts come in chunks, which the draft mirrors too)
+    small = drafting(bundled_gguf_path, bundled_gguf_path, kv_cache_memory=8 * 2 * per_block,
+                     max_model_len=128, max_num_batched_tokens=24)  # fmt: skip
+    assert small.engine.core.info.num_blocks == 8
+    with Accepted(small) as accepted:
+        assert with_logprobs(small.generate(PROMPTS, WITH_LOGPROBS)) == alone
+    assert small.engine.core.scheduler.num_preemptions > 0
+    assert accepted.count > 20 and acceptance(small) > 0.9
+    assert_all_blocks_free(small)
+    prefix = f"Read this and answer.\n{PASSAGE}\n"
+    prompts = [prefix + "What did the keeper polish?", prefix + "Copy the text again:"]
+    expected = tokens(plain.generate(prompts, GREEDY))
+    small.generate(prompts[:1], GREEDY)  # caches the prefix: the draft's blocks are filled too
+    counts = small.engine.core.speculator.counts
+    warm = small.generate(prompts, GREEDY)
+    assert all(o.num_cached_tokens >= 32 for o in warm)
+    assert tokens(warm) == expected
+    now = small.engine.core.speculator.counts  # the cached blocks' draft K/V is right:
+    accepted = now.num_accepted_tokens - counts.num_accepted_tokens
+    assert accepted > 0.9 * (now.num_draft_tokens - counts.num_draft_tokens)
+
+
+def test_seeded_sampling_and_structured_output_are_the_same_with_a_draft_model(drafted, plain):
+    params = SamplingParams(temperature=0.7, top_p=0.95, seed=11, max_tokens=40, ignore_eos=True,
+                            frequency_penalty=0.2, logprobs=1)  # fmt: skip
+    expected = with_logprobs(plain.generate(PROMPTS[:2], params))
+    with Accepted(drafted) as accepted:
+        assert with_logprobs(drafted.generate(PROMPTS[:2], params)) == expected
+    assert accepted.count > 0
+    schema = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "string"}}
+    params = SamplingParams(temperature=0.0, max_tokens=60, structured_outputs={"json": schema})
+    prompt = "Three fruits as a JSON array of strings:"
+    expected_text = plain.generate([prompt], params)[0].outputs[0].text
+    with Accepted(drafted) as accepted:
+        ours = drafted.generate([prompt], params)[0].outputs[0].text
+    assert ours == expected_text and len(json.loads(ours)) == 3
+    assert accepted.count > 0
+    assert_all_blocks_free(drafted)
+
+
+def test_a_draft_of_another_shape_keeps_greedy_output(tiny_hf_model_dir):
+    target = tiny_hf_model_dir("llama", num_hidden_layers=3)
+    # one layer, one KV head of 32 dims: a cache of another shape on the same blocks
+    draft = tiny_hf_model_dir("qwen2", num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=32)  # fmt: skip
+    prompts = ["one two three four", "The capital of France is", "a b a b a b"]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    expected = with_logprobs(LLM(str(target)).generate(prompts, params))
+    llm = drafting(str(target), str(draft), k=2)
+    assert with_logprobs(llm.generate(prompts, params)) == expected
+    assert llm.engine.core.speculator.counts.num_draft_tokens > 0
+    assert_all_blocks_free(llm)
+
+
+def test_a_draft_model_it_cannot_run_is_refused_by_name(tiny_hf_model_dir, tiny_vision_model_dir):
+    from transformers import AutoTokenizer
+
+    from tokenmill.errors import ModelLoadError
+
+    target = tiny_hf_model_dir("llama")
+    other = tiny_hf_model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(other))
+    tokenizer.add_tokens(["<not-in-the-target>"])
+    tokenizer.save_pretrained(str(other))
+    with pytest.raises(ModelLoadError, match="another vocabulary"):
+        drafting(str(target), str(other))
+    with pytest.raises(ModelLoadError, match="vision-language"):
+        drafting(str(target), str(tiny_vision_model_dir("llava")))
+    with pytest.raises(ModelLoadError, match="one worker"):
+        drafting(str(target), str(target), tensor_parallel_size=2)

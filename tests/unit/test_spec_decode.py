@@ -36,6 +36,20 @@ def test_config_takes_vllms_keys_and_defaults() -> None:
                                           "prompt_lookup_min": 2, "prompt_lookup_max": 3,
                                           "disable_by_batch_size": 8})  # fmt: skip
     assert (config.prompt_lookup_min, config.disable_by_batch_size) == (2, 8)
+    assert not config.uses_draft_model
+
+
+def test_config_takes_a_draft_model_by_path_as_vllm_does() -> None:
+    config = SpeculativeConfig.from_dict({"model": "/models/draft", "num_speculative_tokens": 3})
+    assert (config.method, config.model, config.num_speculative_tokens) == (
+        "draft_model", "/models/draft", 3,
+    )  # fmt: skip
+    assert config.uses_draft_model and config.quantization is None
+    config = SpeculativeConfig.from_dict({
+        "method": "draft_model", "model": "d.gguf", "num_speculative_tokens": 2,
+        "quantization": "gguf", "draft_tensor_parallel_size": 1, "disable_by_batch_size": 4,
+    })  # fmt: skip
+    assert (config.quantization, config.disable_by_batch_size) == ("gguf", 4)
 
 
 @pytest.mark.parametrize(
@@ -43,7 +57,15 @@ def test_config_takes_vllms_keys_and_defaults() -> None:
     [
         ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "lookahead"),
         ({"method": "eagle", "num_speculative_tokens": 2}, "eagle"),
-        ({"model": "some/draft-model", "num_speculative_tokens": 2}, "some/draft-model"),
+        ({"method": "eagle", "model": "some/eagle-head", "num_speculative_tokens": 2}, "eagle"),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "'model' path"),
+        ({"model": "draft", "num_speculative_tokens": 2, "prompt_lookup_max": 3}, "ngram only"),
+        ({"model": "draft", "num_speculative_tokens": 2, "revision": "main"}, "revision"),
+        ({"model": "draft", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2},
+         "draft_tensor_parallel_size"),
+        ({"model": "draft"}, "num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "quantization": "fp16"},
+         "draft models only"),
         ({"method": "ngram"}, "num_speculative_tokens"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"method": "ngram", "num_speculative_tokens": "3"}, "num_speculative_tokens"),
@@ -151,6 +173,9 @@ class FixedGuesses:
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         self.observed.append((request_id, num_drafts, num_accepted))
 
+    def lookahead(self, request: Request) -> int:
+        return 0
+
     def forget(self, request_id: str) -> None:
         pass
 
@@ -205,6 +230,50 @@ def test_guesses_never_preempt_and_never_pass_the_budget() -> None:
     s.add(r)
     s.update(s.schedule(), {"r": [10]})
     assert s.schedule().scheduled[0].draft_token_ids == [11, 12]  # 3 tokens of budget
+
+
+def draft_model_speculator(k: int = 3) -> Speculator:
+    """A draft model's speculator whose guesses have held so far."""
+    spec = Speculator(SpeculativeConfig.from_dict({"model": "d", "num_speculative_tokens": k}))
+    for _ in range(5):
+        spec.observe("earlier", k, k)
+    return spec
+
+
+def test_scheduler_sets_slots_aside_for_a_draft_models_guesses_and_hands_them_out() -> None:
+    spec = draft_model_speculator()
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64), KVCacheManager(16, 4), spec)
+    r = request("r", [1, 2, 3, 4, 5])
+    s.add(r)
+    out = s.schedule()
+    (item,) = out.scheduled
+    assert (item.num_new_tokens, item.num_lookahead) == (5, 3)  # the draft writes 3 ahead
+    assert len(s.kv_cache.block_ids(r)) == 2  # 5 tokens + the newest + 2 guesses: 8 slots
+    s.update(out, {"r": [10]})
+    spec.offer({"r": (6, [11, 12, 13])})  # what the worker's draft model guessed
+    out = s.schedule()
+    (item,) = out.scheduled
+    assert (item.start, item.draft_token_ids, item.num_lookahead) == (5, [11, 12, 13], 3)
+    assert len(s.kv_cache.block_ids(r)) == 3  # 6 + 3 rows + 3 ahead of the newest token
+    s.update(out, {"r": [11, 30]})
+    assert r.num_tokens == 8
+    spec.offer({"r": (7, [40])})  # made for a token count it no longer has: dropped
+    assert s.schedule().scheduled[0].draft_token_ids == []
+
+
+def test_a_draft_models_slots_never_preempt() -> None:
+    spec = draft_model_speculator(k=4)
+    # 2 blocks of 4: the 6-token prompt fits, 4 slots ahead do not: it prefills without them
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64), KVCacheManager(2, 4), spec)
+    r = request("r", [1, 2, 3, 4, 5, 6])
+    s.add(r)
+    out = s.schedule()
+    assert out.scheduled[0].num_lookahead == 0 and not out.preempted
+    s.update(out, {"r": [10]})
+    spec.offer({"r": (7, [11])})
+    out = s.schedule()  # 1 + 1 rows fit the 8 slots; nothing ahead of them does
+    (item,) = out.scheduled
+    assert (item.draft_token_ids, item.num_lookahead, out.preempted) == ([11], 0, [])
 
 
 # -- verification ----------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from tokenmill.executor.multiproc import MultiprocExecutor
 from tokenmill.executor.uniproc import UniprocExecutor
 from tokenmill.model.config import text_config
 from tokenmill.model.loader import ModelSource, load_model_source
+from tokenmill.model.registry import model_class
+from tokenmill.model.vision import VisionLanguageModel
 from tokenmill.spec_decode.config import SpeculativeConfig
 from tokenmill.spec_decode.speculator import Speculator
 from tokenmill.structured.manager import StructuredOutputManager
@@ -42,7 +44,10 @@ class EngineCore:
             int(text_config(self.source.hf_config)["vocab_size"]),
             config.structured_outputs.guided_decoding_backend,
         )
-        self.executor = _executor(config, self.source, self.structured_outputs)
+        spec = config.speculative.speculative_config
+        self.spec_config = None if spec is None else SpeculativeConfig.from_dict(spec)
+        draft = _draft_source(self.spec_config, self.source, config)
+        self.executor = _executor(config, self.source, self.structured_outputs, draft)
         try:
             self._init_scheduling(config, started)
         except BaseException:
@@ -63,8 +68,8 @@ class EngineCore:
             config.cache.enable_prefix_caching,
             self.info.arch.kv_window,
         )
-        spec = config.speculative.speculative_config
-        self.speculator = None if spec is None else Speculator(SpeculativeConfig.from_dict(spec))
+        spec = self.spec_config
+        self.speculator = None if spec is None else Speculator(spec)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache, self.speculator)
         self.requests: dict[str, Request] = {}
         self._log_summary(time.perf_counter() - started)
@@ -117,6 +122,8 @@ class EngineCore:
                 "engine step failed; retrying its %d requests one by one", len(out.scheduled)
             )
             output, failed = self._execute_one_by_one(out)
+        if output.draft_token_ids and self.speculator is not None:
+            self.speculator.offer(output.draft_token_ids)
         self._record_logprobs(output)
         self._record_pooled(output)
         changed = self.scheduler.update(out, output.sampled_token_ids) + failed
@@ -135,7 +142,11 @@ class EngineCore:
             request, n, drafts = s.request, s.num_new_tokens, s.draft_token_ids
             start = request.num_computed_tokens
             samples = start + n - len(drafts) == len(request.token_ids)  # (s.samples)
-            step.append(ScheduledSequence(request, start, n, samples, block_ids(request), drafts))
+            step.append(
+                ScheduledSequence(
+                    request, start, n, samples, block_ids(request), drafts, s.num_lookahead
+                )
+            )
         return step
 
     def logits_for(self, out: SchedulerOutput) -> torch.Tensor:
@@ -251,8 +262,38 @@ def _rank_zero(info: ModelInfo) -> str:
     return ""
 
 
+def _draft_source(
+    spec: SpeculativeConfig | None, target: ModelSource, config: EngineConfig
+) -> tuple[ModelSource, str | None] | None:
+    """A draft model's checkpoint and quantization, checked against the target's."""
+    if spec is None or spec.model is None:
+        return None
+    parallel = config.parallel
+    if max(parallel.tensor_parallel_size, parallel.pipeline_parallel_size) > 1:
+        raise ModelLoadError(
+            "speculative_config: a draft model runs with one worker; tensor and pipeline "
+            "parallelism take ngram speculation"
+        )
+    draft = load_model_source(spec.model)
+    for source in (target, draft):
+        if issubclass(model_class(source.hf_config), VisionLanguageModel):
+            raise ModelLoadError(
+                f"speculative_config: {source.name} is a vision-language model; draft "
+                "models speculate for text models"
+            )
+    if draft.tokenizer.hf.get_vocab() != target.tokenizer.hf.get_vocab():
+        raise ModelLoadError(
+            f"speculative_config: the draft model {spec.model} has another vocabulary "
+            "than the model; its guesses would be other tokens"
+        )
+    return draft, spec.quantization
+
+
 def _executor(
-    config: EngineConfig, source: ModelSource, grammars: StructuredOutputManager
+    config: EngineConfig,
+    source: ModelSource,
+    grammars: StructuredOutputManager,
+    draft: tuple[ModelSource, str | None] | None = None,
 ) -> Executor:
     """One worker in this process, or a tensor- or pipeline-parallel group of processes."""
     parallel = config.parallel
@@ -270,7 +311,7 @@ def _executor(
         )
     size = max(tp, pp)
     if size == 1:  # whatever the backend: there are no other ranks to start
-        return UniprocExecutor(config.model, config.cache, source, grammars)
+        return UniprocExecutor(config.model, config.cache, source, grammars, draft)
     return MultiprocExecutor(
         config.model, config.cache, source, grammars, size, pipeline=pp > 1,
         backend=parallel.distributed_executor_backend,

@@ -12,7 +12,9 @@ With speculative decoding (a `Speculator`), a decoding request may also get its 
 next tokens as extra rows: 1 + k tokens in the step, k of them guesses the sampler
 checks. Guesses never preempt anyone: without blocks for them, the request decodes as
 usual. The KV of rejected guesses is left in the request's slots past its computed
-tokens, where later steps write over it.
+tokens, where later steps write over it. A draft model guesses after the step for the
+next one, writing its guesses' K/V past the step's tokens: a request that samples also
+gets slots for those (its lookahead), where blocks allow.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class ScheduledRequest:
     num_new_tokens: int  # tokens whose K/V this step computes, from num_computed_tokens on
     # guessed tokens after the request's last one, the step's last rows (speculative decoding)
     draft_token_ids: list[int] = field(default_factory=list)
+    num_lookahead: int = 0  # slots set aside past its tokens for a draft model's guesses
 
     @property
     def start(self) -> int:
@@ -109,9 +112,15 @@ class Scheduler:
             request = running[index]
             num_new = min(len(request.token_ids) - request.num_computed_tokens, budget)
             drafts: list[int] = []
-            if speculator is not None and num_new == 1 and request.num_output_tokens:
-                drafts = speculator.propose(request, budget - 1)
-                if drafts and not allocate(request, 1 + len(drafts)):
+            lookahead = 0
+            if speculator is not None:
+                if num_new == 1 and request.num_output_tokens:
+                    drafts = speculator.propose(request, budget - 1)
+                if request.num_computed_tokens + num_new == len(request.token_ids):
+                    lookahead = speculator.lookahead(request)
+                if lookahead and not allocate(request, num_new + len(drafts) + lookahead):
+                    lookahead = 0  # no room to guess ahead: the next step decodes as usual
+                if drafts and not lookahead and not allocate(request, 1 + len(drafts)):
                     drafts = []  # no room for guesses: decode as usual
             while not drafts and not allocate(request, num_new):
                 victim = self.waiting.victim(self.running)
@@ -123,7 +132,7 @@ class Scheduler:
                 if victim is request:
                     return budget
             num_new += len(drafts)
-            scheduled.append(ScheduledRequest(request, num_new, drafts))
+            scheduled.append(ScheduledRequest(request, num_new, drafts, lookahead))
             budget -= num_new
             index += 1
         return budget
@@ -134,8 +143,13 @@ class Scheduler:
             cached = self.kv_cache.find_cached_prefix(request)
             num_cached_tokens = len(cached) * self.kv_cache.block_size
             num_new = min(request.num_tokens - num_cached_tokens, budget)
-            if not self.kv_cache.allocate(request, num_new, cached):
-                break
+            lookahead = 0
+            if self.speculator is not None and num_cached_tokens + num_new == request.num_tokens:
+                lookahead = self.speculator.lookahead(request)
+            if not (lookahead and self.kv_cache.allocate(request, num_new + lookahead, cached)):
+                lookahead = 0
+                if not self.kv_cache.allocate(request, num_new, cached):
+                    break
             self.waiting.pop()
             request.num_computed_tokens = num_cached_tokens
             if request.status is RequestStatus.WAITING:
@@ -143,7 +157,7 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            out.scheduled.append(ScheduledRequest(request, num_new, num_lookahead=lookahead))
             budget -= num_new
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:

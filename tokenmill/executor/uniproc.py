@@ -19,8 +19,13 @@ class UniprocExecutor(Executor):
         cache_config: CacheConfig,
         source: ModelSource,
         grammars: StructuredOutputManager | None = None,
+        draft: tuple[ModelSource, str | None] | None = None,  # a draft model, its quantization
     ):
-        self.worker = Worker(model_config, cache_config, source, grammars)
+        draft_source, draft_quantization = draft or (None, None)
+        self.worker = Worker(
+            model_config, cache_config, source, grammars,
+            draft_source=draft_source, draft_quantization=draft_quantization,
+        )  # fmt: skip
         self.info = ModelInfo.of(self.worker)
 
     def execute(self, scheduled: list[ScheduledSequence]) -> ModelOutput:

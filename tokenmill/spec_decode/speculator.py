@@ -12,6 +12,10 @@ memory-bound step, much where the step is compute-bound. Each request guesses th
 (0 to K) with the most tokens per unit of step time; where that is 0 (open chat, where
 n-gram guesses rarely hold), it waits 1, 2, 4 ... 32 steps before trying one guess
 again, so a request whose text later starts repeating is noticed.
+
+A draft model's guesses come from the worker after each step (`offer`), made for the
+requests the scheduler set KV slots aside for (`lookahead`); `propose` hands them out as
+it does n-gram guesses.
 """
 
 from __future__ import annotations
@@ -134,6 +138,8 @@ class Speculator:
     _row_cost: float = _ROW_COST
     _counts: SpecDecodeCounts = field(default_factory=SpecDecodeCounts)
     _per_position: list[int] = field(default_factory=list)
+    # a draft model's guesses per request: (the token count they follow, the guesses)
+    _offered: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._per_position = [0] * self.config.num_speculative_tokens
@@ -178,8 +184,32 @@ class Speculator:
             pace.pause, pace.backoff = pace.backoff, min(2 * pace.backoff, _MAX_PAUSE)
             k = 1
         config = self.config
+        if config.uses_draft_model:
+            offered = self._offered.pop(request.request_id, None)
+            if offered is None or offered[0] != len(request.token_ids):
+                return []  # none made, or made for tokens it no longer has
+            return offered[1][:k]
         tokens = pace.token_array(request.token_ids)
         return ngram.propose(tokens, config.prompt_lookup_min, config.prompt_lookup_max, k)
+
+    def lookahead(self, request: DecodingRequest) -> int:
+        """How many guesses a draft model should make for a request after this step (it
+        samples in it): as many as its next step may take, 0 while it pauses."""
+        if not self.config.uses_draft_model:
+            return 0
+        left = request.max_output_tokens - request.num_output_tokens - 2
+        if left < 1 or request.thought is not None or request.pooling_type is not None:
+            return 0  # (the step's token leaves room for `left` guesses and one more token)
+        pace = self._pace.get(request.request_id)
+        if pace is not None and pace.pause:
+            return 0
+        rate = (pace.rate if pace is not None else self._engine_rate).value
+        limit = min(left, self.config.num_speculative_tokens)
+        return max(1, self._best_k(rate, limit))
+
+    def offer(self, guesses: dict[str, tuple[int, list[int]]]) -> None:
+        """A draft model's guesses for the next step."""
+        self._offered.update(guesses)
 
     def _best_k(self, rate: float, limit: int) -> int:
         """The number of guesses with the most expected tokens per unit of step time."""
@@ -212,3 +242,4 @@ class Speculator:
 
     def forget(self, request_id: str) -> None:
         self._pace.pop(request_id, None)
+        self._offered.pop(request_id, None)

@@ -38,6 +38,9 @@ class ScheduledSequence:
     # speculative decoding: guesses of the tokens after its last one, computed as decode
     # rows after it (num_new_tokens counts them) and checked by the sampler
     draft_token_ids: list[int] = field(default_factory=list)
+    # a draft model's guesses to make after the step, for the next (where it samples): the
+    # scheduler set aside KV slots for them past the step's tokens
+    num_lookahead: int = 0
 
     @property
     def is_decode(self) -> bool:
@@ -57,9 +60,12 @@ class ModelOutput:
     # float32, after the final norm: the sum of its rows for MEAN, the row itself for LAST
     # and CLS, sent by the chunk that holds it)
     pooled: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    # a draft model's guesses for the next step: (the token count they follow, the guesses)
+    draft_token_ids: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
 
     def update(self, other: ModelOutput) -> None:
         self.sampled_token_ids.update(other.sampled_token_ids)
+        self.draft_token_ids.update(other.draft_token_ids)
         self.pooled.update(other.pooled)
         self.logprobs.update(other.logprobs)
         self.prompt_logprobs.update(other.prompt_logprobs)

@@ -323,20 +323,20 @@ class ModelRunner:
                 sampling.append(request)
                 drafts.append([])
         device = self.device
-        position_ids = _long_tensor(positions, device)
+        position_ids = long_tensor(positions, device)
         layout = StepLayout(
             chunks=chunks,
             num_decodes=len(decodes) + sum(len(s.draft_token_ids) for s in decodes),
             positions=position_ids,
-            slot_mapping=_long_tensor(slots, device),
+            slot_mapping=long_tensor(slots, device),
             block_size=bs,
         )
         return Batch(
-            input_ids=_long_tensor(ids, device),
+            input_ids=long_tensor(ids, device),
             positions=torch.cat(rope_rows, dim=1).to(device) if rope_rows else position_ids,
             ctx=self._context(layout),
             layout=layout,
-            sample_rows=_long_tensor(sample_rows, device),
+            sample_rows=long_tensor(sample_rows, device),
             sampling=sampling,
             drafts=drafts,
             prompt_chunks=prompt_chunks,
@@ -346,7 +346,7 @@ class ModelRunner:
         )
 
 
-def _long_tensor(values: array[int], device: torch.device) -> torch.Tensor:
+def long_tensor(values: array[int], device: torch.device) -> torch.Tensor:
     """An int64 array as a tensor on `device` (sharing the array's memory on the CPU)."""
     if not values:
         return torch.empty(0, dtype=torch.long, device=device)
