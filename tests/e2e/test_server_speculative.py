@@ -1,6 +1,7 @@
-"""A server with --speculative-config (vLLM's n-gram speculation): the same answers as the
-server without it, streamed or not; vLLM's spec-decode counters on /metrics; a config it
-cannot run stops it before the model loads, naming what is wrong."""
+"""Servers with --speculative-config (vLLM's n-gram speculation, and a draft model: the
+bundled model drafting for itself): the same answers as the server without it, streamed or
+not; vLLM's spec-decode counters on /metrics; a config it cannot run stops it before the
+model loads, naming what is wrong."""
 
 from __future__ import annotations
 
@@ -19,8 +20,15 @@ COPY = [{"role": "user", "content": "Repeat exactly: the red fox ran to the old 
 
 
 @pytest.fixture(scope="module")
-def spec_server(start_server) -> Server:
-    return start_server("speculative", "--speculative-config", json.dumps(SPEC))  # type: ignore[no-any-return]
+def spec_servers(start_server, bundled_gguf_path) -> dict[str, Server]:
+    draft = {"model": bundled_gguf_path, "num_speculative_tokens": 3}  # (2 after a 1st guess)
+    servers = {
+        "ngram": start_server("speculative", "--speculative-config", json.dumps(SPEC), wait=False),
+        "draft": start_server("drafted", "--speculative-config", json.dumps(draft), wait=False),
+    }
+    for server in servers.values():
+        start_server.wait_healthy(server)
+    return servers
 
 
 def client(server: Server) -> OpenAI:
@@ -42,7 +50,11 @@ def chat(server: Server, model: str, stream: bool = False) -> tuple[str, list[st
     return text, tokens
 
 
-def test_answers_match_the_server_without_speculation(spec_server: Server, server: Server) -> None:
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_answers_match_the_server_without_speculation(
+    spec_servers: dict[str, Server], server: Server, method: str
+) -> None:
+    spec_server = spec_servers[method]
     expected = chat(server, "smol")
     spec_model = client(spec_server).models.list().data[0].id
     assert chat(spec_server, spec_model) == expected
@@ -50,6 +62,8 @@ def test_answers_match_the_server_without_speculation(spec_server: Server, serve
     drafts = metric(spec_server, "vllm:spec_decode_num_draft_tokens_total")
     accepted = metric(spec_server, "vllm:spec_decode_num_accepted_tokens_total")
     assert 0 < accepted <= drafts
+    if method == "draft":  # the model's own greedy guesses hold, but for those guessed after
+        assert drafts - accepted <= 2 * 2  # the end of the answer: 2 at most in each chat
     assert metric(spec_server, "vllm:spec_decode_num_drafts_total") > 0
     first = metric(spec_server, "vllm:spec_decode_num_accepted_tokens_per_pos_total", position="0")
     assert 0 < first <= accepted
@@ -63,3 +77,10 @@ def test_a_config_it_cannot_run_stops_the_server_naming_the_problem() -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "method 'eagle' is not supported" in done.stderr
+    missing = json.dumps({"model": "/no/such/draft", "num_speculative_tokens": 2})
+    done = subprocess.run(
+        serve_command("--speculative-config", missing, "--port", str(free_port())),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "/no/such/draft" in done.stderr

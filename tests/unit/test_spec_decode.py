@@ -212,6 +212,12 @@ def test_scheduler_stops_at_the_first_stop_token_among_new_tokens() -> None:
     out = s.schedule()
     s.update(out, {"r": [0, 12, 14]})  # EOS (0) first: nothing after it is kept
     assert r.output_token_ids == [10, 0] and r.is_finished and r.finish_reason == "stop"
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64), KVCacheManager(16, 4), guesses)  # type: ignore[arg-type]
+    r = request("r", [1, 2, 3])
+    s.add(r)
+    s.update(s.schedule(), {"r": [10]})
+    s.update(s.schedule(), {"r": [0]})  # the guessed EOS held and ended it: a kept guess
+    assert guesses.observed[-1] == ("r", 2, 1)
     assert not s.running and s.kv_cache.pool.num_free_blocks == 16
 
 

@@ -189,9 +189,12 @@ class Scheduler:
                 request.num_computed_tokens = end
                 cache_full_blocks(request)
                 continue
-            if item.draft_token_ids and self.speculator is not None:
-                num_drafts = len(item.draft_token_ids)
-                self.speculator.observe(request.request_id, num_drafts, len(tokens) - 1)
+            drafts = item.draft_token_ids
+            if drafts and self.speculator is not None:
+                # the guesses kept: all new tokens but the sampler's own after them, or all
+                # where a kept guess ended the request (a stop token)
+                kept = len(tokens) - (tokens[: len(drafts)] != drafts[: len(tokens)])
+                self.speculator.observe(request.request_id, len(drafts), min(kept, len(drafts)))
             stopped = False
             for token_id in tokens:
                 request.append_token(token_id)
