@@ -420,7 +420,9 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         help="speculative decoding, as vLLM: '{\"method\": \"ngram\", "
         "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' "
         "guesses up to 4 tokens a step from earlier text and checks them in one forward "
-        "(output unchanged; faster where the output repeats its input) (default: off)",
+        "(output unchanged; faster where the output repeats its input); "
+        "'{\"model\": \"path/of/a/draft\", \"num_speculative_tokens\": 4}' takes a "
+        "smaller model's guesses (default: off)",
     )  # fmt: skip
     g.add_argument(
         "--mm-processor-kwargs", type=parse_json_object, default=None, metavar="JSON",
