@@ -63,8 +63,10 @@ class DraftRunner:
     ) -> dict[str, tuple[int, list[int]]]:
         """Mirror the step just run and guess the next tokens of the sequences that sampled
         and asked for guesses: request id -> (its token count the guesses follow, guesses)."""
-        rows = _Rows(self.block_size)
-        guessing: list[_Guessing] = []
+        # a decoding sequence's rows are one-row decode chunks, as the target's guess rows
+        # are (a step of decodes only runs fused); prompt chunks go after them
+        decodes, prompts = _Rows(self.block_size), _Rows(self.block_size)
+        guessing: list[tuple[_Guessing, bool]] = []  # and whether its row is a prompt's
         for item in scheduled:
             request = item.request
             if request.pooling_type is not None:
@@ -73,7 +75,7 @@ class DraftRunner:
             capacity = min(len(table) * self.block_size, self.max_positions)
             if not item.samples:  # a prompt chunk
                 end = min(start + item.num_new_tokens, capacity)
-                rows.add(request.token_ids[start:end], start, table)
+                prompts.add(request.token_ids[start:end], start, table)
                 continue
             new = sampled.get(request.request_id)
             if not new:
@@ -81,18 +83,32 @@ class DraftRunner:
             # the step's real tokens (its guesses are in `new` where kept), then what it sampled
             tokens = request.token_ids[start:] + new
             num_tokens = start + len(tokens)  # the sequence's, once the step is applied
-            row = rows.add(tokens[: max(0, capacity - start)], start, table)
+            rows = decodes if item.is_decode else prompts
+            row = rows.add(tokens[: max(0, capacity - start)], start, table, item.is_decode)
             num_guesses = min(item.num_lookahead, capacity - num_tokens + 1)
             if num_guesses > 0:
                 last = row + len(tokens) - 1
                 guessing.append(
-                    _Guessing(request.request_id, table, last, num_tokens - 1, num_guesses)
+                    (
+                        _Guessing(request.request_id, table, last, num_tokens - 1, num_guesses),
+                        rows is prompts,
+                    )
                 )
-        if not rows.chunks:
+        num_decodes = len(decodes.ids)
+        decodes.extend(prompts)
+        if not decodes.chunks:
             return {}
-        hidden = self._forward(rows, num_decodes=0)
+        hidden = self._forward(decodes, num_decodes)
         if not guessing:
             return {}
+        for g, in_prompts in guessing:
+            g.row += num_decodes if in_prompts else 0
+        return self._guess(hidden, [g for g, _ in guessing])
+
+    def _guess(
+        self, hidden: torch.Tensor, guessing: list[_Guessing]
+    ) -> dict[str, tuple[int, list[int]]]:
+        """The first guesses from the mirror's `hidden` rows, then one-row steps for the rest."""
         last_rows = torch.tensor([g.row for g in guessing], device=self.device)
         guesses = [[token] for token in self._argmax(hidden, last_rows)]
         for i in range(1, max(g.num_guesses for g in guessing)):
@@ -142,8 +158,9 @@ class _Rows:
         self.ids, self.positions, self.slots = array("q"), array("q"), array("q")
         self.chunks: list[ScheduledChunk] = []
 
-    def add(self, tokens: list[int], start: int, table: array[int]) -> int:
-        """Add tokens at positions [start, start + len(tokens)); returns the first's row."""
+    def add(self, tokens: list[int], start: int, table: array[int], one_row: bool = False) -> int:
+        """Add tokens at positions [start, start + len(tokens)), as one chunk or with
+        `one_row` a chunk per row (decode rows); returns the first's row."""
         row = len(self.ids)
         if tokens:
             bs = self.block_size
@@ -151,5 +168,21 @@ class _Rows:
             self.ids.extend(tokens)
             self.positions.extend(range(start, end))
             self.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            self.chunks.append(ScheduledChunk(row, start, len(tokens), table))
+            if one_row:
+                self.chunks.extend(
+                    ScheduledChunk(row + i, start + i, 1, table) for i in range(len(tokens))
+                )
+            else:
+                self.chunks.append(ScheduledChunk(row, start, len(tokens), table))
         return row
+
+    def extend(self, other: _Rows) -> None:
+        """Append another batch's rows after these."""
+        offset = len(self.ids)
+        self.ids.extend(other.ids)
+        self.positions.extend(other.positions)
+        self.slots.extend(other.slots)
+        self.chunks.extend(
+            ScheduledChunk(c.row + offset, c.start, c.num_tokens, c.block_table)
+            for c in other.chunks
+        )
