@@ -1,4 +1,5 @@
-"""Speculative decoding benchmark: one stream's tokens/s with and without n-gram guesses.
+"""Speculative decoding benchmark: one stream's tokens/s with and without guesses (n-gram
+prompt lookup by default, or any --speculative-config: a draft model's).
 
     python -m tokenmill.bench.speculative [MODEL] [--speculative-config JSON] [--runs 5]
 
