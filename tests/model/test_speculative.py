@@ -7,10 +7,12 @@ so none passes with speculation silently off."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.spec_decode.speculator import Speculator
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
         "prompt_lookup_max": 3}  # fmt: skip
@@ -279,6 +281,44 @@ def test_a_draft_of_another_shape_keeps_greedy_output(tiny_hf_model_dir):
     assert with_logprobs(llm.generate(prompts, params)) == expected
     assert llm.engine.core.speculator.counts.num_draft_tokens > 0
     assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("kv_blocks", [None, 6])  # 6 blocks of 16: preemptions
+def test_a_draft_models_guesses_are_its_own_greedy_continuation(
+    tiny_hf_model_dir, kv_blocks, monkeypatch
+):
+    """Whatever the draft's cache kept (guesses that held, a request that paused and caught
+    up, a preempted one starting over), its guesses are what the draft model itself would
+    generate greedily after the request's tokens."""
+    target = tiny_hf_model_dir("llama", num_hidden_layers=3)
+    draft = tiny_hf_model_dir("qwen2", num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=32)  # fmt: skip
+    # bytes per block: the target's 3 layers x 2 heads x 16 dims, the draft's 1 x 1 x 32, float32
+    per_block = 2 * 16 * (3 * 2 * 16 + 1 * 32) * 4
+    memory = {} if kv_blocks is None else {"kv_cache_memory": kv_blocks * per_block}
+    llm = drafting(str(target), str(draft), k=3, **memory)
+    offers: list[tuple[Any, int, list[int]]] = []
+    requests = llm.engine.core.requests
+    offer = Speculator.offer
+
+    def recording(self: Speculator, guesses: dict[str, tuple[int, list[int]]]) -> None:
+        offers.extend((requests[rid], count, tokens) for rid, (count, tokens) in guesses.items())
+        offer(self, guesses)
+
+    monkeypatch.setattr(Speculator, "offer", recording)
+    prompts = ["one two three four", "The capital of France is", "a b a b a b", "Once upon a"]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    llm.generate(prompts, params)
+    if kv_blocks is not None:
+        assert llm.engine.core.scheduler.num_preemptions > 0
+    assert len(offers) > 20
+    contexts = [list(request.token_ids[:count]) for request, count, _ in offers]
+    greedy = LLM(str(draft)).generate(
+        [{"prompt_token_ids": c} for c in contexts],
+        [SamplingParams(temperature=0.0, max_tokens=len(g), ignore_eos=True)
+         for _, _, g in offers],
+    )  # fmt: skip
+    assert [o.outputs[0].token_ids for o in greedy] == [g for _, _, g in offers]
 
 
 def test_a_draft_model_it_cannot_run_is_refused_by_name(tiny_hf_model_dir, tiny_vision_model_dir):

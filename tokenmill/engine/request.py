@@ -43,6 +43,7 @@ class Request:
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    num_preemptions: int = 0  # times its blocks were freed to be recomputed later
     first_scheduled_time: float | None = None  # time.monotonic() when first scheduled
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -163,6 +163,7 @@ class Scheduler:
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv_cache.free(request)
         request.num_computed_tokens = 0
+        request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.waiting.add_preempted(request)
         self.num_preemptions += 1

@@ -2,15 +2,21 @@
 tokens (speculative decoding's "draft_model" method).
 
 It runs in the target's worker, after each step, on KV caches of its own laid out like the
-target's: the same blocks and slots, so every block table the scheduler hands out serves
-both. First it mirrors what the step computed, with the step's outcome in place of its
-guesses: for a sequence that sampled, its positions from the step's first to its newest
-token (the guesses the target kept and the token it sampled after them); for a prompt
-chunk, the chunk. Its cache then holds every position the target's does, and the newest
-token's, so a prefix-cache hit or a preemption's recompute serves it as it serves the
-target. The mirror's row of a sequence's newest token gives its first guess; k - 1 more
-one-row steps give the rest, their K/V written into the slots the scheduler set aside
-ahead (`ScheduledSequence.num_lookahead`) and written over by the next step.
+target's: the same blocks and slots, so the block table the scheduler gives a request
+serves both. What it keeps per request is how many leading positions of its cache hold
+the request's tokens (`_Draft.valid`); a preemption frees the blocks, and it starts over.
+
+After a step, for each sequence that sampled and is to guess (the scheduler set KV slots
+aside for its guesses: `ScheduledSequence.num_lookahead`), it runs the positions it lacks,
+from its first invalid one to the sequence's newest token, and takes the newest token's
+row's argmax as the first guess; k - 1 one-row steps give the rest, their K/V written
+into the slots set aside. Guesses the target keeps leave their K/V valid, so a step where
+every guess held runs two rows (the last guess's and the new token's); one where none did,
+one row. A sequence that is not to guess (it paused: its guesses kept failing) costs
+nothing and catches up, in one run of rows, when it guesses again. A prompt chunk is
+mirrored as the target computes it, so the draft's prefill comes chunk by chunk too. It
+never reads the prefix cache: a request's blocks found there are computed again, into
+the same slots, as the same values.
 
 A guess is the draft's argmax: a one-hot draft distribution, for which the verification
 (sample/speculative.py) is exact rejection sampling, whatever the request's sampling.
@@ -19,7 +25,7 @@ A guess is the draft's argmax: a one-hot draft distribution, for which the verif
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,15 +38,28 @@ from tokenmill.worker.model_runner import long_tensor
 
 
 @dataclass(slots=True)
+class _Draft:
+    """What the draft's cache holds of one request."""
+
+    num_preemptions: int  # the request's, when this was recorded
+    valid: int = 0  # positions [0, valid) hold its tokens' K/V
+    # the K/V of guesses written at positions [guessed_at, guessed_at + len(written)) by
+    # the one-row steps: valid as far as the request's tokens turn out to be these
+    guessed_at: int = 0
+    written: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class _Guessing:
     """A sequence the draft guesses for: its newest token's row and position, and how
     many guesses it wants."""
 
     request_id: str
     block_table: array[int]
-    row: int  # in the mirror batch
-    position: int  # of its newest token
+    row: int
+    position: int
     num_guesses: int
+    state: _Draft
 
 
 class DraftRunner:
@@ -56,54 +75,87 @@ class DraftRunner:
         self.model, self.backend, self.kv_caches = model, backend, kv_caches
         self.block_size, self.device, self.vocab_size = block_size, device, vocab_size
         self.max_positions = model.config.max_context  # its rotary tables' reach
+        self._drafts: dict[str, _Draft] = {}
+
+    def forget(self, request_id: str) -> None:
+        self._drafts.pop(request_id, None)
 
     @torch.inference_mode()
     def propose(
         self, scheduled: list[ScheduledSequence], sampled: dict[str, list[int]]
     ) -> dict[str, tuple[int, list[int]]]:
-        """Mirror the step just run and guess the next tokens of the sequences that sampled
-        and asked for guesses: request id -> (its token count the guesses follow, guesses)."""
-        # a decoding sequence's rows are one-row decode chunks, as the target's guess rows
-        # are (a step of decodes only runs fused); prompt chunks go after them
-        decodes, prompts = _Rows(self.block_size), _Rows(self.block_size)
-        guessing: list[tuple[_Guessing, bool]] = []  # and whether its row is a prompt's
+        """Bring the draft's cache up to the step just run and guess the next tokens of
+        the sequences that asked: request id -> (its token count the guesses follow, guesses)."""
+        # a step's own rows are one-row decode chunks, as the target's guess rows are (a
+        # batch of decodes runs fused); prompt chunks and catching up go after them
+        decodes, chunks = _Rows(self.block_size), _Rows(self.block_size)
+        guessing: list[tuple[_Guessing, bool]] = []  # and whether its row is in `chunks`
+        updates: list[tuple[_Draft, int]] = []  # valid once the forward has run
         for item in scheduled:
             request = item.request
             if request.pooling_type is not None:
                 continue  # embeddings never decode
+            state = self._state(request.request_id, request.num_preemptions)
             start, table = item.start, item.block_table
             capacity = min(len(table) * self.block_size, self.max_positions)
-            if not item.samples:  # a prompt chunk
+            if not item.samples:  # a prompt chunk: the draft's prefill follows the target's
                 end = min(start + item.num_new_tokens, capacity)
-                prompts.add(request.token_ids[start:end], start, table)
+                if state.valid < end:
+                    chunks.add(request.token_ids[state.valid : end], state.valid, table)
+                    updates.append((state, end))
                 continue
             new = sampled.get(request.request_id)
-            if not new:
-                continue  # its step failed
-            # the step's real tokens (its guesses are in `new` where kept), then what it sampled
-            tokens = request.token_ids[start:] + new
-            num_tokens = start + len(tokens)  # the sequence's, once the step is applied
-            rows = decodes if item.is_decode else prompts
-            row = rows.add(tokens[: max(0, capacity - start)], start, table, item.is_decode)
+            if not new or not item.num_lookahead:
+                continue  # its step failed, or it is not to guess: it may catch up later
+            num_tokens = len(request.token_ids) + len(new)  # once the step is applied
             num_guesses = min(item.num_lookahead, capacity - num_tokens + 1)
-            if num_guesses > 0:
-                last = row + len(tokens) - 1
-                guessing.append(
-                    (
-                        _Guessing(request.request_id, table, last, num_tokens - 1, num_guesses),
-                        rows is prompts,
-                    )
+            if num_guesses < 1:
+                continue
+            first = self._keep_guesses(state, request.token_ids, new)
+            tokens = _tail(request.token_ids, new, first)
+            in_step = item.is_decode and first >= start
+            rows = decodes if in_step else chunks
+            row = rows.add(tokens, first, table, one_row=in_step) + len(tokens) - 1
+            guessing.append(
+                (
+                    _Guessing(request.request_id, table, row, num_tokens - 1, num_guesses, state),
+                    not in_step,
                 )
+            )
+            updates.append((state, num_tokens))
         num_decodes = len(decodes.ids)
-        decodes.extend(prompts)
+        decodes.extend(chunks)
         if not decodes.chunks:
             return {}
         hidden = self._forward(decodes, num_decodes)
+        for state, valid in updates:
+            state.valid = valid
         if not guessing:
             return {}
-        for g, in_prompts in guessing:
-            g.row += num_decodes if in_prompts else 0
+        for g, in_chunks in guessing:
+            g.row += num_decodes if in_chunks else 0
         return self._guess(hidden, [g for g, _ in guessing])
+
+    def _state(self, request_id: str, num_preemptions: int) -> _Draft:
+        state = self._drafts.get(request_id)
+        if state is None or state.num_preemptions != num_preemptions:
+            state = self._drafts[request_id] = _Draft(num_preemptions)
+        return state
+
+    @staticmethod
+    def _keep_guesses(state: _Draft, token_ids: list[int], new: list[int]) -> int:
+        """The first position whose K/V the draft lacks: past its guesses' K/V where those
+        turned out to be the sequence's tokens."""
+        if state.written and state.valid == state.guessed_at:
+            kept = 0
+            tokens = _tail(token_ids, new, state.valid)  # (may be fewer than the guesses)
+            for guess, token in zip(state.written, tokens, strict=False):
+                if guess != token:
+                    break
+                kept += 1
+            state.valid += kept
+        state.written = []
+        return state.valid
 
     def _guess(
         self, hidden: torch.Tensor, guessing: list[_Guessing]
@@ -121,6 +173,8 @@ class DraftRunner:
             every_row = torch.arange(len(going), device=self.device)
             for j, token in zip(going, self._argmax(hidden, every_row), strict=True):
                 guesses[j].append(token)
+        for g, tokens in zip(guessing, guesses, strict=True):  # the one-row steps' K/V
+            g.state.guessed_at, g.state.written = g.position + 1, tokens[:-1]
         return {
             g.request_id: (g.position + 1, self._known(tokens))
             for g, tokens in zip(guessing, guesses, strict=True)
@@ -148,6 +202,13 @@ class DraftRunner:
             if token >= self.vocab_size:
                 return tokens[:i]
         return tokens
+
+
+def _tail(token_ids: list[int], new: list[int], first: int) -> list[int]:
+    """The sequence's tokens from position `first` on, once `new` follow `token_ids`."""
+    if first >= len(token_ids):
+        return new[first - len(token_ids) :]
+    return token_ids[first:] + new
 
 
 class _Rows:

@@ -24,6 +24,7 @@ class SequenceState(SamplingRequest, Protocol):
     # "LAST" | "MEAN" | "CLS": an embedding request, pooled instead of sampled; else None
     pooling_type: str | None
     images: tuple[ImageInput, ...]  # the prompt's images (their tokens take encoder rows)
+    num_preemptions: int  # times its blocks were freed (what the worker kept in them is gone)
 
     def prompt_logprob_positions(self, start: int, num_tokens: int) -> range: ...
 

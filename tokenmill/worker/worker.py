@@ -134,8 +134,10 @@ class Worker:
         return output
 
     def forget(self, request_id: str) -> None:
-        """Drop what the sampler keeps for a request that ended."""
+        """Drop what the sampler (and a draft model) keeps for a request that ended."""
         self.runner.forget(request_id)
+        if self.draft is not None:
+            self.draft.forget(request_id)
 
 
 @dataclass(slots=True)
