@@ -145,7 +145,10 @@ def test_gguf_default_path_over_three_ranks(bundled_gguf_path):
     """int8 activations amplify the ranks' reordered sums as they amplify any rounding
     (layer 1 differs by 1e-3, the last by ~1%): held to the bound tests/model/
     test_quantized.py holds int8 to against float32, along the whole model's greedy
-    continuations. Within three ranks, a batch equals each prompt alone bit for bit."""
+    continuations; the mean logprob to twice it, as both runs are int8 runs, each within
+    the bound of float32, possibly on either side of it (an AMD EPYC measured split - whole
+    -0.028 where whole - float32 was +0.021 and split - float32 -0.008). Within three
+    ranks, a batch equals each prompt alone bit for bit."""
     whole, split = three_ranks_and_one(bundled_gguf_path, "gguf")
     greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=3)
     expected = whole.generate(PROMPTS, greedy)
@@ -162,7 +165,7 @@ def test_gguf_default_path_over_three_ranks(bundled_gguf_path):
             torch.log_softmax(logits[-n - 1 : -1], -1).gather(1, target).mean().item()
             for logits in (ours, reference)
         )
-        assert abs(ours_lp - reference_lp) < INT8_LOGPROB_ATOL, prompt
+        assert abs(ours_lp - reference_lp) < 2 * INT8_LOGPROB_ATOL, prompt
     assert same_argmax / positions >= INT8_ARGMAX_AGREEMENT
     batched = split.generate(PROMPTS, greedy)
     for prompt, together in list(zip(PROMPTS, batched, strict=True))[1::2]:
