@@ -121,13 +121,18 @@ def test_prefix_cache_hits_with_speculation(spec, plain):
     assert_all_blocks_free(spec)
 
 
-def test_seeded_sampling_with_penalties_is_the_same_with_speculation(spec, plain):
+def assert_seeded_sampling_unchanged(llm: LLM, plain: LLM) -> None:
+    """Seeded sampling with a penalty draws the same tokens and logprobs, guesses kept."""
     params = SamplingParams(temperature=0.7, top_p=0.95, seed=11, max_tokens=40, ignore_eos=True,
                             frequency_penalty=0.2, logprobs=1)  # fmt: skip
     expected = with_logprobs(plain.generate(PROMPTS[:2], params))
-    with Accepted(spec) as accepted:
-        assert with_logprobs(spec.generate(PROMPTS[:2], params)) == expected
+    with Accepted(llm) as accepted:
+        assert with_logprobs(llm.generate(PROMPTS[:2], params)) == expected
     assert accepted.count > 0
+
+
+def test_seeded_sampling_with_penalties_is_the_same_with_speculation(spec, plain):
+    assert_seeded_sampling_unchanged(spec, plain)
 
 
 def test_stop_strings_cut_accepted_guesses_as_without_them(spec, plain):
@@ -252,12 +257,7 @@ def test_a_draft_model_under_chunking_preemption_and_prefix_cache_hits(
 
 
 def test_seeded_sampling_and_structured_output_are_the_same_with_a_draft_model(drafted, plain):
-    params = SamplingParams(temperature=0.7, top_p=0.95, seed=11, max_tokens=40, ignore_eos=True,
-                            frequency_penalty=0.2, logprobs=1)  # fmt: skip
-    expected = with_logprobs(plain.generate(PROMPTS[:2], params))
-    with Accepted(drafted) as accepted:
-        assert with_logprobs(drafted.generate(PROMPTS[:2], params)) == expected
-    assert accepted.count > 0
+    assert_seeded_sampling_unchanged(drafted, plain)
     schema = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "string"}}
     params = SamplingParams(temperature=0.0, max_tokens=60, structured_outputs={"json": schema})
     prompt = "Three fruits as a JSON array of strings:"
