@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -61,10 +62,22 @@ def metric(server: Server, name: str, **labels: str) -> float:
     return sum(found)
 
 
+_random = random.SystemRandom()  # (not the random module's: a test plugin may reseed it)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, below Linux's ephemeral range (32768 up): the ports the
+    kernel hands out to binds of port 0 and outgoing connections (torchrun's store, gloo's
+    links) never take it between this check and the server's own bind."""
+    for _ in range(200):
+        port = _random.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def serve_command(*args: str) -> list[str]:
