@@ -269,34 +269,40 @@ def test_seeded_sampling_and_structured_output_are_the_same_with_a_draft_model(d
     assert_all_blocks_free(drafted)
 
 
-def test_a_draft_of_another_shape_keeps_greedy_output(tiny_hf_model_dir):
+TINY_KV = {"kv_cache_memory": 16 << 20}
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_hf_model_dir) -> tuple[str, str]:
+    """A tiny random target and a draft of another shape: one layer, one KV head of 32
+    dims (a cache of another shape on the same blocks)."""
     target = tiny_hf_model_dir("llama", num_hidden_layers=3)
-    # one layer, one KV head of 32 dims: a cache of another shape on the same blocks
     draft = tiny_hf_model_dir("qwen2", num_hidden_layers=1, num_attention_heads=2,
                               num_key_value_heads=1, head_dim=32)  # fmt: skip
+    return str(target), str(draft)
+
+
+def test_a_draft_of_another_shape_keeps_greedy_output(tiny_pair):
+    target, draft = tiny_pair
     prompts = ["one two three four", "The capital of France is", "a b a b a b"]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
-    expected = with_logprobs(LLM(str(target)).generate(prompts, params))
-    llm = drafting(str(target), str(draft), k=2)
+    expected = with_logprobs(LLM(target, **TINY_KV).generate(prompts, params))
+    llm = drafting(target, draft, k=2, **TINY_KV)
     assert with_logprobs(llm.generate(prompts, params)) == expected
     assert llm.engine.core.speculator.counts.num_draft_tokens > 0
     assert_all_blocks_free(llm)
 
 
 @pytest.mark.parametrize("kv_blocks", [None, 6])  # 6 blocks of 16: preemptions
-def test_a_draft_models_guesses_are_its_own_greedy_continuation(
-    tiny_hf_model_dir, kv_blocks, monkeypatch
-):
+def test_a_draft_models_guesses_are_its_own_greedy_continuation(tiny_pair, kv_blocks, monkeypatch):
     """Whatever the draft's cache kept (guesses that held, a request that paused and caught
     up, a preempted one starting over), its guesses are what the draft model itself would
     generate greedily after the request's tokens."""
-    target = tiny_hf_model_dir("llama", num_hidden_layers=3)
-    draft = tiny_hf_model_dir("qwen2", num_hidden_layers=1, num_attention_heads=2,
-                              num_key_value_heads=1, head_dim=32)  # fmt: skip
+    target, draft = tiny_pair
     # bytes per block: the target's 3 layers x 2 heads x 16 dims, the draft's 1 x 1 x 32, float32
     per_block = 2 * 16 * (3 * 2 * 16 + 1 * 32) * 4
-    memory = {} if kv_blocks is None else {"kv_cache_memory": kv_blocks * per_block}
-    llm = drafting(str(target), str(draft), k=3, **memory)
+    memory = TINY_KV if kv_blocks is None else {"kv_cache_memory": kv_blocks * per_block}
+    llm = drafting(target, draft, k=3, **memory)
     offers: list[tuple[Any, int, list[int]]] = []
     requests = llm.engine.core.requests
     offer = Speculator.offer
@@ -313,7 +319,7 @@ def test_a_draft_models_guesses_are_its_own_greedy_continuation(
         assert llm.engine.core.scheduler.num_preemptions > 0
     assert len(offers) > 20
     contexts = [list(request.token_ids[:count]) for request, count, _ in offers]
-    greedy = LLM(str(draft)).generate(
+    greedy = LLM(draft, **TINY_KV).generate(
         [{"prompt_token_ids": c} for c in contexts],
         [SamplingParams(temperature=0.0, max_tokens=len(g), ignore_eos=True)
          for _, _, g in offers],

@@ -23,6 +23,7 @@ FAMILIES = ("llava", "idefics3", "qwen2_5_vl")
 # (the parity tests only: their engine path is LLaVA's)
 ALL_FAMILIES = (*FAMILIES, "llava_full", "llava_next")
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+SMALL_KV = {"kv_cache_memory": 64 << 20}  # (the default, a tenth of the RAM, takes seconds to zero)
 PLACEMENTS = {
     "first": "<image>Describe the picture.",
     "middle": "Look at <image> and tell me what it is.",
@@ -90,7 +91,7 @@ def _qwen_inputs(processor, text: str, images: list[Image.Image], **options) -> 
 @pytest.fixture(scope="module")
 def llms(tiny_vision_model_dir):
     return {
-        family: LLM(str(tiny_vision_model_dir(family)), dtype="float32", device="cpu")
+        family: LLM(str(tiny_vision_model_dir(family)), dtype="float32", device="cpu", **SMALL_KV)
         for family in ALL_FAMILIES
     }
 
@@ -143,7 +144,7 @@ def test_prefix_cache_shares_blocks_of_the_same_image_only(
     """A long text, then the image: a second request with the same image reuses the blocks
     holding its tokens; one with another image (same size, so the same placeholder tokens)
     reuses only the text's blocks before it, and both equal transformers."""
-    llm = LLM(str(tiny_vision_model_dir(family)), dtype="float32", device="cpu")
+    llm = LLM(str(tiny_vision_model_dir(family)), dtype="float32", device="cpu", **SMALL_KV)
     text = "Here is a long description of the scene before the picture. " * 4 + "<image> Say it."
     a, b = image(10), image(11)  # same size: identical token ids, different pixels
     cold = llm.generate(prompt(family, text, [a]), GREEDY)[0]
@@ -277,7 +278,7 @@ def test_qwen2_5_vl_with_the_hubs_flat_config(tiny_vision_model_dir, references,
         "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]},
     }
     (directory / "config.json").write_text(json.dumps(config))
-    llm = LLM(str(directory), dtype="float32", device="cpu")
+    llm = LLM(str(directory), dtype="float32", device="cpu", **SMALL_KV)
     out = llm.generate(prompt(family, PLACEMENTS["two"], [IMAGES[0], IMAGES[1]]), GREEDY)[0]
     want = reference(references, family, PLACEMENTS["two"], [IMAGES[0], IMAGES[1]])[1]
     assert list(out.outputs[0].token_ids) == want
