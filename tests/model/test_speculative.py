@@ -246,12 +246,12 @@ def test_a_draft_model_under_chunking_preemption_and_prefix_cache_hits(
     prefix = f"Read this and answer.\n{PASSAGE}\n"
     prompts = [prefix + "What did the keeper polish?", prefix + "Copy the text again:"]
     expected = tokens(plain.generate(prompts, GREEDY))
-    small.generate(prompts[:1], GREEDY)  # caches the prefix: the draft's blocks are filled too
+    small.generate(prompts[:1], GREEDY)  # caches the prefix (the draft computes it again)
     counts = small.engine.core.speculator.counts
     warm = small.generate(prompts, GREEDY)
     assert all(o.num_cached_tokens >= 32 for o in warm)
     assert tokens(warm) == expected
-    now = small.engine.core.speculator.counts  # the cached blocks' draft K/V is right:
+    now = small.engine.core.speculator.counts  # the draft's K/V over the hit is right:
     accepted = now.num_accepted_tokens - counts.num_accepted_tokens
     assert accepted > 0.9 * (now.num_draft_tokens - counts.num_draft_tokens)
 

@@ -168,9 +168,9 @@ class Speculator:
 
     def propose(self, request: DecodingRequest, limit: int) -> list[int]:
         """Up to `limit` guessed next tokens for a request about to decode ([] for none)."""
-        limit = min(limit, request.max_output_tokens - request.num_output_tokens - 1)
-        if limit < 1 or request.thought is not None or request.pooling_type is not None:
-            return []  # (a thought's state moves as tokens come: it is not speculated on)
+        limit = min(limit, self._room(request, 0))
+        if limit < 1:
+            return []
         pace = self._pace.get(request.request_id)
         if pace is None:
             rate = self._engine_rate
@@ -197,15 +197,24 @@ class Speculator:
         samples in it): as many as its next step may take, 0 while it pauses."""
         if not self.config.uses_draft_model:
             return 0
-        left = request.max_output_tokens - request.num_output_tokens - 2
-        if left < 1 or request.thought is not None or request.pooling_type is not None:
-            return 0  # (the step's token leaves room for `left` guesses and one more token)
+        left = self._room(request, 1)  # (after this step's token)
+        if left < 1:
+            return 0
         pace = self._pace.get(request.request_id)
         if pace is not None and pace.pause:
             return 0
         rate = (pace.rate if pace is not None else self._engine_rate).value
         limit = min(left, self.config.num_speculative_tokens)
         return max(1, self._best_k(rate, limit))
+
+    @staticmethod
+    def _room(request: DecodingRequest, ahead: int) -> int:
+        """Guesses a request may take once `ahead` more tokens are out, leaving room for the
+        step's own token; none while it thinks (a thought's state moves as tokens come: it
+        is not speculated on) or pools."""
+        if request.thought is not None or request.pooling_type is not None:
+            return 0
+        return request.max_output_tokens - request.num_output_tokens - ahead - 1
 
     def offer(self, guesses: dict[str, tuple[int, list[int]]]) -> None:
         """A draft model's guesses for the next step."""
