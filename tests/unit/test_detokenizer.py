@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -84,6 +85,38 @@ def test_skip_special_tokens(tokenizer: Tokenizer) -> None:
     ids = [*tokenizer.encode(" Paris", add_special_tokens=False), IM_END]
     assert stream(tokenizer, ids)[0].text == " Paris"
     assert stream(tokenizer, ids, skip_special_tokens=False)[0].text == " Paris<|im_end|>"
+
+
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_table_of_token_texts_gives_the_streams_text(
+    tokenizer: Tokenizer, skip_special: bool
+) -> None:
+    """Byte-level tokens that are whole characters come from a table, not the tokenizer's
+    stream: text after every token is the stream's own, through split characters, special
+    tokens, U+FFFD and random ids."""
+    from tokenizers.decoders import DecodeStream
+
+    rng = random.Random(7)
+    mixed = tokenizer.encode(" héllo 😀 你好，世界 🎉\ufffd <|im_end|> x", add_special_tokens=False)
+    ids = [*mixed, IM_END, *mixed]
+    ids += [rng.randrange(tokenizer.vocab_size) for _ in range(3000)]
+    ids += [rng.choice([*mixed, IM_END, 0, 1]) for _ in range(500)]
+    prompt = tokenizer.encode("Say:")
+    params = SamplingParams(skip_special_tokens=skip_special)
+    detok = IncrementalDetokenizer(tokenizer, params, prompt)
+    reference = DecodeStream(ids=prompt[-6:], skip_special_tokens=skip_special)
+    backend, expected = tokenizer.hf.backend_tokenizer, ""
+    for i, token_id in enumerate(ids):
+        try:
+            expected += reference.step(backend, token_id) or ""
+        except Exception:  # an invalid prefix: the detokenizer starts its stream afresh too
+            reference = DecodeStream(skip_special_tokens=skip_special)
+            expected += reference.step(backend, token_id) or ""
+        detok.add_token(token_id)
+        assert detok.text == expected, (i, token_id)
+    table = tokenizer.pieces
+    assert table and sum(1 for piece in table.values() if piece) > 1000  # the table served
+    assert any(piece == "" for piece in table.values())  # and the stream the rest
 
 
 def _wordpiece_tokenizer() -> Tokenizer:

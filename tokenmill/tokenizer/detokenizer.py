@@ -6,7 +6,7 @@ import logging
 import re
 from typing import Any, Protocol
 
-from tokenizers.decoders import DecodeStream
+from tokenizers.decoders import ByteLevel, DecodeStream
 
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
@@ -51,6 +51,12 @@ class IncrementalDetokenizer:
         self._stream = DecodeStream(
             ids=prompt_token_ids[-_PROMPT_CONTEXT:], skip_special_tokens=self._skip_special
         )
+        self._pieces = _byte_pieces(tokenizer)
+        # the text so far is whole characters, so a token that is whole characters adds
+        # exactly its own text (its table entry); set once the stream gives text. The stream
+        # does not see the tokens taken from the table: byte-level text is their bytes one
+        # after another, so what it holds still decodes the next token's text the same.
+        self._clean = False
         self._added = _added_tokens(tokenizer, params)
         self._last_added = False
         self._stops = params.stop
@@ -89,14 +95,23 @@ class IncrementalDetokenizer:
         return piece or ""
 
     def _step(self, token_id: int) -> str | None:
+        pieces = self._pieces
+        if self._clean and pieces is not None:
+            piece = pieces.get(token_id)
+            if piece is None:
+                piece = pieces.learn(token_id)
+            if piece:  # (most tokens: no call into the tokenizer)
+                return piece
         try:
-            return self._stream.step(self._backend, token_id)
+            piece = self._stream.step(self._backend, token_id)
         except Exception as e:
             if not str(e).startswith(_INVALID_PREFIX):
                 raise
             logger.warning("detokenizer state reset after an invalid UTF-8 prefix")
             self._stream = DecodeStream(skip_special_tokens=self._skip_special)
-            return self._stream.step(self._backend, token_id)
+            piece = self._stream.step(self._backend, token_id)
+        self._clean = piece is not None
+        return piece
 
     def _find_stop(self, search_from: int) -> None:
         for stop in self._stops:
@@ -146,6 +161,38 @@ def _added_tokens(tokenizer: Tokenizer, params: DetokenizeOptions) -> dict[int, 
         return None
     decoder = getattr(tokenizer.hf, "added_tokens_decoder", None) or {}
     return {int(i): str(getattr(t, "content", t)) for i, t in decoder.items()} or None
+
+
+class _BytePieces(dict[int, str]):
+    """The text of each token that decodes on its own to whole characters, for byte-level
+    tokenizers (GPT-2's alphabet: a token's text is its bytes, whatever came before).
+
+    A DecodeStream step costs ~1 us, a lookup ~0.05 us: at batch 256 the difference is a
+    quarter of a millisecond per step. An entry "" marks a token the stream must decode:
+    an added or special token, one with part of a UTF-8 character (or U+FFFD itself, which
+    the stream also holds back), one with no text.
+    """
+
+    def __init__(self, backend: Any):
+        super().__init__()
+        self._backend = backend
+        self._added = set(backend.get_added_tokens_decoder())
+
+    def learn(self, token_id: int) -> str:
+        piece = "" if token_id in self._added else self._backend.decode([token_id], False)
+        if "\ufffd" in piece:
+            piece = ""
+        self[token_id] = piece
+        return piece
+
+
+def _byte_pieces(tokenizer: Tokenizer) -> _BytePieces | None:
+    """The tokenizer's table of token texts, when it decodes byte-level (else None)."""
+    if tokenizer.pieces is None:
+        backend = getattr(tokenizer.hf, "backend_tokenizer", None)
+        is_byte_level = backend is not None and type(backend.decoder) is ByteLevel
+        tokenizer.pieces = _BytePieces(backend) if is_byte_level else False
+    return tokenizer.pieces if isinstance(tokenizer.pieces, _BytePieces) else None
 
 
 class TokenTexts:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -15,6 +15,8 @@ class Tokenizer:
     chat_template: str | None  # Jinja source, or None when the model has none
     bos_token: str | None = None
     eos_token: str | None = None
+    # detokenizer.py's table of tokens' own texts, filled as tokens are first generated
+    pieces: Any = field(default=None, repr=False, compare=False)
 
     @property
     def vocab_size(self) -> int:
