@@ -134,20 +134,10 @@ class EngineCore:
                 self.executor.forget(request.request_id)
         return changed
 
-    def model_input(self, out: SchedulerOutput) -> list[ScheduledSequence]:
-        """The step as the executor takes it: each request's new tokens and KV blocks."""
-        block_ids = self.kv_cache.block_ids
-        step = []
-        for s in out.scheduled:  # (each request every step: no properties)
-            request, n, drafts = s.request, s.num_new_tokens, s.draft_token_ids
-            start = request.num_computed_tokens
-            samples = start + n - len(drafts) == len(request.token_ids)  # (s.samples)
-            step.append(
-                ScheduledSequence(
-                    request, start, n, samples, block_ids(request), drafts, s.num_lookahead
-                )
-            )
-        return step
+    def model_input(self, out: SchedulerOutput) -> list[ScheduledSequence[Request]]:
+        """The step as the executor takes it: each request's new tokens and KV blocks (the
+        scheduler makes them in that form)."""
+        return out.scheduled
 
     def logits_for(self, out: SchedulerOutput) -> torch.Tensor:
         """The float32 logits [N, V] a scheduled step's sampler would see; the step's

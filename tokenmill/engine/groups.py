@@ -29,6 +29,27 @@ class SequenceState:
     def __post_init__(self) -> None:
         self.output = CompletionOutput(index=self.index)
 
+    def take_plain_token(self, has_prompt_logprobs: bool) -> bool:
+        """Take the step's new token into the text and output, when it is the common case:
+        one token, no stop string to look for, no logprobs to show, the request not ended
+        (and prompt logprobs, if asked for, already taken). False: the engine takes it."""
+        request, output, detok = self.request, self.output, self.detokenizer
+        token_ids = request.token_ids
+        if not (
+            len(token_ids) == len(request.prompt_token_ids) + len(output.token_ids) + 1
+            and request.finish_reason is None
+            and detok.is_plain
+            and not request.logprobs
+            and (has_prompt_logprobs or request.params.prompt_logprobs is None)
+        ):
+            return False
+        token_id = token_ids[-1]
+        detok.add_token(token_id)
+        output.token_ids.append(token_id)
+        output.stop_reason = request.stop_reason
+        output.text = detok.text
+        return True
+
 
 class RequestGroup:
     """The n (or best_of) sequences of one prompt."""
@@ -74,10 +95,20 @@ class RequestGroup:
         if self.is_single:  # (most requests, each step)
             seq = self.sequences[0]
             request, output = seq.request, seq.output
+            asked = self._wants_logprobs
+            public = CompletionOutput(  # (inline: a call per request per step costs)
+                0,
+                output.text,
+                output.token_ids[:],
+                output.finish_reason,
+                output.stop_reason,
+                output.cumulative_logprob if asked else None,
+                list(output.logprobs) if asked and output.logprobs is not None else None,
+            )
             return RequestOutput(
                 self.request_id,
                 self.prompt_token_ids,
-                [self._public(output, 0)],
+                [public],
                 output.finish_reason is not None,
                 request.num_cached_tokens,
                 None,

@@ -335,7 +335,9 @@ class LLMEngine:
                 changed.pop(group.request_id, None)
                 continue
             if type(group) is RequestGroup and group.is_single:  # (most: no second pass)
-                self._on_token(group, group.sequences[0])
+                seq = group.sequences[0]
+                if not seq.take_plain_token(group.prompt_logprobs is not None):
+                    self._on_token(group, seq)
                 output = group.snapshot()
                 assert output is not None  # (a single sequence streams)
                 outputs.append(output)
@@ -377,19 +379,10 @@ class LLMEngine:
         request, detok, output = seq.request, seq.detokenizer, seq.output
         if group.prompt_logprobs is None and request.params.prompt_logprobs is not None:
             group.prompt_logprobs = self._named(request.prompt_logprobs)
+        if seq.take_plain_token(True):
+            return
         first = len(output.token_ids)
         new = request.token_ids[len(request.prompt_token_ids) + first :]
-        if (
-            len(new) == 1
-            and request.finish_reason is None
-            and detok.is_plain
-            and not request.logprobs
-        ):  # (most steps: one token, no stop strings, nothing to hide)
-            detok.add_token(new[0])
-            output.token_ids.append(new[0])
-            output.stop_reason = request.stop_reason
-            output.text = detok.text
-            return
         ends_on_stop_token = request.finish_reason == "stop" and not isinstance(
             request.stop_reason, str
         )  # EOS or a stop id, the last new token

@@ -28,30 +28,14 @@ from tokenmill.engine.outputs import FinishReason
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.request_queue import RequestQueue, make_queue
 from tokenmill.spec_decode.speculator import Speculator
-
-
-@dataclass(slots=True)
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int  # tokens whose K/V this step computes, from num_computed_tokens on
-    # guessed tokens after the request's last one, the step's last rows (speculative decoding)
-    draft_token_ids: list[int] = field(default_factory=list)
-    num_lookahead: int = 0  # slots set aside past its tokens for a draft model's guesses
-
-    @property
-    def start(self) -> int:
-        return self.request.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the request's tokens, so a token is sampled."""
-        num_real = self.num_new_tokens - len(self.draft_token_ids)
-        return self.start + num_real == self.request.num_tokens
+from tokenmill.worker.inputs import ScheduledSequence
 
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # a request's new tokens: from num_computed_tokens on, guesses (draft_token_ids) last;
+    # made here as the executor takes them, block tables as they stand after scheduling
+    scheduled: list[ScheduledSequence[Request]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
     @property
@@ -108,15 +92,17 @@ class Scheduler:
             speculator = None
         index = 0
         running, allocate, scheduled = self.running, self.kv_cache.allocate, out.scheduled
+        block_ids = self.kv_cache.block_ids
         while index < len(running) and budget > 0:
             request = running[index]
-            num_new = min(len(request.token_ids) - request.num_computed_tokens, budget)
+            start, num_tokens = request.num_computed_tokens, len(request.token_ids)
+            num_new = min(num_tokens - start, budget)
             drafts: list[int] = []
             lookahead = 0
             if speculator is not None:
                 if num_new == 1 and request.num_output_tokens:
                     drafts = speculator.propose(request, budget - 1)
-                if request.num_computed_tokens + num_new == len(request.token_ids):
+                if start + num_new == num_tokens:
                     lookahead = speculator.lookahead(request)
                 if lookahead and not allocate(request, num_new + len(drafts) + lookahead):
                     lookahead = 0  # no room to guess ahead: the next step decodes as usual
@@ -131,8 +117,13 @@ class Scheduler:
                 self._preempt(victim, out)
                 if victim is request:
                     return budget
+            samples = start + num_new == num_tokens
             num_new += len(drafts)
-            scheduled.append(ScheduledRequest(request, num_new, drafts, lookahead))
+            scheduled.append(
+                ScheduledSequence(
+                    request, start, num_new, samples, block_ids(request), drafts, lookahead
+                )
+            )
             budget -= num_new
             index += 1
         return budget
@@ -157,7 +148,13 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, num_lookahead=lookahead))
+            samples = num_cached_tokens + num_new == request.num_tokens
+            table = self.kv_cache.block_ids(request)
+            out.scheduled.append(
+                ScheduledSequence(
+                    request, num_cached_tokens, num_new, samples, table, [], lookahead
+                )
+            )
             budget -= num_new
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:

@@ -52,6 +52,7 @@ class IncrementalDetokenizer:
             ids=prompt_token_ids[-_PROMPT_CONTEXT:], skip_special_tokens=self._skip_special
         )
         self._pieces = _byte_pieces(tokenizer)
+        self._table: dict[int, str] = {} if self._pieces is None else self._pieces
         # the text so far is whole characters, so a token that is whole characters adds
         # exactly its own text (its table entry); set once the stream gives text. The stream
         # does not see the tokens taken from the table: byte-level text is their bytes one
@@ -76,6 +77,11 @@ class IncrementalDetokenizer:
             return
         self.num_tokens += 1
         if self.is_plain:
+            if self._clean:  # (most tokens: the table's, inline)
+                piece = self._table.get(token_id)
+                if piece:
+                    self.text += piece
+                    return
             self.text += self._step(token_id) or ""
             return
         piece = self._decode(token_id)

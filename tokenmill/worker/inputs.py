@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
@@ -29,9 +29,15 @@ class SequenceState(SamplingRequest, Protocol):
     def prompt_logprob_positions(self, start: int, num_tokens: int) -> range: ...
 
 
+S = TypeVar("S", bound=SequenceState)
+
+
 @dataclass(slots=True)
-class ScheduledSequence:
-    request: SequenceState
+class ScheduledSequence(Generic[S]):
+    """One sequence's part of a step, as the scheduler decided it (the engine's scheduler
+    makes these with its own Request type, and the executor takes them as they are)."""
+
+    request: S
     start: int  # first position computed this step (the tokens before it are cached)
     num_new_tokens: int
     samples: bool  # the step reaches the sequence's last token: sample the next one
