@@ -161,3 +161,15 @@ def test_kernel_warm_up_loads_on_cpu_only(monkeypatch: pytest.MonkeyPatch) -> No
     assert calls == []
     kernels.warm_up("cpu")
     assert calls == ["load"]
+
+
+def test_serving_processes_freeze_the_loaded_heap_and_collect_young_objects_less_often() -> None:
+    """engine/heap.py, run where the server runs it (in a process of its own: it sets the
+    whole process's collector)."""
+    code = (
+        "import gc; from tokenmill.engine.heap import YOUNG_THRESHOLD, settle_heap; "
+        "before = gc.get_threshold(); loaded = [[i] for i in range(1000)]; settle_heap(); "
+        "assert gc.get_freeze_count() >= 1000, gc.get_freeze_count(); "
+        "assert gc.get_threshold() == (YOUNG_THRESHOLD, *before[1:]) != before"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -6,7 +6,8 @@ The engine runs as it serves (scheduler, input preparation, attention metadata, 
 handling, detokenizing, stop checks, output snapshots), but the forward returns zeros at
 once and the sampler returns a fixed token without touching logits: what is left is the
 work the host does around a forward and a sampling call, which on a GPU does not overlap
-them. Each batch size keeps `batch` greedy requests decoding (prompts of 24 tokens) and
+them. The garbage collector is set as the server sets it (engine/heap.py; --default-gc:
+Python's own settings). Each batch size keeps `batch` greedy requests decoding (prompts of 24 tokens) and
 times `--steps` steps after the first; the report gives the median step and its phases.
 Prints one JSON report.
 """
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from tokenmill.bench.offline import synthetic_prompt
+from tokenmill.engine.heap import settle_heap
 from tokenmill.executor.uniproc import UniprocExecutor
 from tokenmill.llm import LLM
 from tokenmill.sample.interface import SamplerOutput
@@ -129,11 +131,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", nargs="?", default=None, help="default: the bundled model")
     parser.add_argument("--batch-sizes", default="1,256")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument(
+        "--default-gc", action="store_true",
+        help="keep Python's garbage collector settings (default: the server's, engine/heap.py)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     llm = LLM(args.model, max_num_seqs=max(batches), kv_cache_memory=1 << 30)
     stub_model(llm, llm.tokenizer.encode(" the")[-1])
-    report = {"steps": args.steps, "results": [measure(llm, b, args.steps) for b in batches]}
+    if not args.default_gc:
+        settle_heap()
+    report = {
+        "steps": args.steps,
+        "gc": "python's default" if args.default_gc else "the server's",
+        "results": [measure(llm, b, args.steps) for b in batches],
+    }
     print(json.dumps(report, indent=2))
 
 

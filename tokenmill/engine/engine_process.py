@@ -90,6 +90,9 @@ def main() -> int:
         return 1
     import os
 
+    from tokenmill.engine.heap import settle_heap
+
+    settle_heap()  # what is loaded lives as long as the process
     core = engine.core
     ready = EngineReady(core.max_model_len, core.info.num_blocks, spec.config.cache.block_size,
                         os.getpid())  # fmt: skip

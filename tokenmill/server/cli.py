@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import gc
 import ipaddress
 import json
 import logging
@@ -498,6 +497,7 @@ class StartupError(Exception):
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from tokenmill.engine.heap import settle_heap
     from tokenmill.server.app import build_app
     from tokenmill.server.lifecycle import serve_app
     from tokenmill.server.settings import default_served_model_names
@@ -517,10 +517,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.model or engine.model_name
     )
     app = build_app(engine, settings)
-    # What is loaded by now (model, tokenizer, app) lives as long as the server: keep it out
-    # of the garbage collector's full passes, which would otherwise walk it while serving.
-    gc.collect()
-    gc.freeze()
+    settle_heap()  # what is loaded lives as long as the server (engine/heap.py)
     config = uvicorn.Config(
         app,
         log_level=args.uvicorn_log_level,
