@@ -12,7 +12,7 @@ from tokenmill.config import EngineConfig, default_batched_tokens
 from tokenmill.distributed.group import PeerError
 from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import FinishReason
-from tokenmill.engine.request import Request
+from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.errors import ModelLoadError
 from tokenmill.executor.base import Executor, ModelInfo
@@ -129,7 +129,7 @@ class EngineCore:
         changed = self.scheduler.update(out, output.sampled_token_ids) + failed
         changed += self._finish_pooled(out)
         for request in changed:
-            if request.is_finished:
+            if request.status is RequestStatus.FINISHED:  # (is_finished, inline: every request)
                 self.requests.pop(request.request_id, None)
                 self.executor.forget(request.request_id)
         return changed

@@ -29,27 +29,6 @@ class SequenceState:
     def __post_init__(self) -> None:
         self.output = CompletionOutput(index=self.index)
 
-    def take_plain_token(self, has_prompt_logprobs: bool) -> bool:
-        """Take the step's new token into the text and output, when it is the common case:
-        one token, no stop string to look for, no logprobs to show, the request not ended
-        (and prompt logprobs, if asked for, already taken). False: the engine takes it."""
-        request, output, detok = self.request, self.output, self.detokenizer
-        token_ids = request.token_ids
-        if not (
-            len(token_ids) == len(request.prompt_token_ids) + len(output.token_ids) + 1
-            and request.finish_reason is None
-            and detok.is_plain
-            and not request.logprobs
-            and (has_prompt_logprobs or request.params.prompt_logprobs is None)
-        ):
-            return False
-        token_id = token_ids[-1]
-        detok.add_token(token_id)
-        output.token_ids.append(token_id)
-        output.stop_reason = request.stop_reason
-        output.text = detok.text
-        return True
-
 
 class RequestGroup:
     """The n (or best_of) sequences of one prompt."""
@@ -90,25 +69,48 @@ class RequestGroup:
             if not seq.output.is_finished:
                 seq.output.finish_reason = "abort"
 
+    def take_plain_token(self) -> RequestOutput | None:
+        """A single sequence's step in the common case, taken whole (one call per request
+        per step): one new token, no stop string to look for, no logprobs to show, the
+        request not ended, its prompt logprobs (if asked for) taken. Returns the snapshot;
+        None when the engine must take the token (LLMEngine._on_token)."""
+        seq = self.sequences[0]
+        request, output, detok = seq.request, seq.output, seq.detokenizer
+        token_ids = request.token_ids
+        if not (
+            len(token_ids) == len(request.prompt_token_ids) + len(output.token_ids) + 1
+            and request.finish_reason is None
+            and detok.is_plain
+            and not request.logprobs
+            and (self.prompt_logprobs is not None or request.params.prompt_logprobs is None)
+        ):
+            return None
+        token_id = token_ids[-1]
+        detok.add_token(token_id)
+        output.token_ids.append(token_id)
+        output.stop_reason = stop_reason = request.stop_reason
+        output.text = text = detok.text
+        return RequestOutput(
+            self.request_id,
+            self.prompt_token_ids,
+            [CompletionOutput(0, text, output.token_ids[:], None, stop_reason)],
+            False,
+            request.num_cached_tokens,
+            None,
+            list(self.prompt_logprobs) if self.prompt_logprobs else None,
+            None,
+            request.first_scheduled_time,
+        )
+
     def snapshot(self) -> RequestOutput | None:
         """Every sequence so far (None while best_of or prompt-only requests still run)."""
-        if self.is_single:  # (most requests, each step)
+        if self.is_single:
             seq = self.sequences[0]
             request, output = seq.request, seq.output
-            asked = self._wants_logprobs
-            public = CompletionOutput(  # (inline: a call per request per step costs)
-                0,
-                output.text,
-                output.token_ids[:],
-                output.finish_reason,
-                output.stop_reason,
-                output.cumulative_logprob if asked else None,
-                list(output.logprobs) if asked and output.logprobs is not None else None,
-            )
             return RequestOutput(
                 self.request_id,
                 self.prompt_token_ids,
-                [public],
+                [self._public(output, 0)],
                 output.finish_reason is not None,
                 request.num_cached_tokens,
                 None,

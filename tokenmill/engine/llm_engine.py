@@ -335,11 +335,11 @@ class LLMEngine:
                 changed.pop(group.request_id, None)
                 continue
             if type(group) is RequestGroup and group.is_single:  # (most: no second pass)
-                seq = group.sequences[0]
-                if not seq.take_plain_token(group.prompt_logprobs is not None):
-                    self._on_token(group, seq)
-                output = group.snapshot()
-                assert output is not None  # (a single sequence streams)
+                output = group.take_plain_token()
+                if output is None:
+                    self._on_token(group, group.sequences[0])
+                    output = group.snapshot()
+                    assert output is not None  # (a single sequence streams)
                 outputs.append(output)
                 if output.finished:
                     self._release(group)
@@ -379,8 +379,6 @@ class LLMEngine:
         request, detok, output = seq.request, seq.detokenizer, seq.output
         if group.prompt_logprobs is None and request.params.prompt_logprobs is not None:
             group.prompt_logprobs = self._named(request.prompt_logprobs)
-        if seq.take_plain_token(True):
-            return
         first = len(output.token_ids)
         new = request.token_ids[len(request.prompt_token_ids) + first :]
         ends_on_stop_token = request.finish_reason == "stop" and not isinstance(

@@ -179,15 +179,27 @@ class Scheduler:
         kept; finish requests; return the changed ones."""
         changed = []
         cache_full_blocks = self.kv_cache.cache_full_blocks
+        bs = self.kv_cache.block_size
         for item in out.scheduled:
             request = item.request
-            end = request.num_computed_tokens + item.num_new_tokens
+            start = request.num_computed_tokens
+            end = start + item.num_new_tokens
             tokens = sampled.get(request.request_id)
             if not tokens:
                 request.num_computed_tokens = end
                 cache_full_blocks(request)
                 continue
             drafts = item.draft_token_ids
+            if len(tokens) == 1 and not drafts:  # (most: a decode's one token)
+                request.append_token(tokens[0])
+                # the K/V of every token but the newest is computed
+                request.num_computed_tokens = end
+                if end // bs != start // bs:  # a block filled up (else none did)
+                    cache_full_blocks(request)
+                if request.check_stop():
+                    self.finish(request)
+                changed.append(request)
+                continue
             if drafts and self.speculator is not None:
                 # the guesses kept: all new tokens but the sampler's own after them, or all
                 # where a kept guess ended the request (a stop token)
