@@ -92,7 +92,7 @@ class Scheduler:
             speculator = None
         index = 0
         running, allocate, scheduled = self.running, self.kv_cache.allocate, out.scheduled
-        block_ids = self.kv_cache.block_ids
+        table_after = self.kv_cache.table_after
         while index < len(running) and budget > 0:
             request = running[index]
             start, num_tokens = request.num_computed_tokens, len(request.token_ids)
@@ -108,7 +108,8 @@ class Scheduler:
                     lookahead = 0  # no room to guess ahead: the next step decodes as usual
                 if drafts and not lookahead and not allocate(request, 1 + len(drafts)):
                     drafts = []  # no room for guesses: decode as usual
-            while not drafts and not allocate(request, num_new):
+            # (with guesses, their allocation above made room for the step's own tokens)
+            while (table := table_after(request, 0 if drafts else num_new)) is None:
                 victim = self.waiting.victim(self.running)
                 if self.running.index(victim) < index:  # scheduled earlier in this step
                     index -= 1
@@ -120,9 +121,7 @@ class Scheduler:
             samples = start + num_new == num_tokens
             num_new += len(drafts)
             scheduled.append(
-                ScheduledSequence(
-                    request, start, num_new, samples, block_ids(request), drafts, lookahead
-                )
+                ScheduledSequence(request, start, num_new, samples, table, drafts, lookahead)
             )
             budget -= num_new
             index += 1
