@@ -7,9 +7,9 @@ handling, detokenizing, stop checks, output snapshots), but the forward returns 
 once and the sampler returns a fixed token without touching logits: what is left is the
 work the host does around a forward and a sampling call, which on a GPU does not overlap
 them. The garbage collector is set as the server sets it (engine/heap.py; --default-gc:
-Python's own settings). Each batch size keeps `batch` greedy requests decoding (prompts of 24 tokens) and
-times `--steps` steps after the first; the report gives the median step and its phases.
-Prints one JSON report.
+Python's own settings). Each batch size keeps `batch` greedy requests decoding (prompts
+of 24 tokens) and times `--steps` steps after the first; the report gives the median step
+and its phases. Prints one JSON report.
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ class ModelRunner:
         )
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> Batch:
-        if not self.uses_mrope and all(map(_is_plain_decode, scheduled)):
+        if scheduled and not self.uses_mrope and all(map(_is_plain_decode, scheduled)):
             return self._prepare_plain_decodes(scheduled)
         decodes = [s for s in scheduled if s.is_decode]
         items = scheduled if len(decodes) == len(scheduled) else decodes + [
