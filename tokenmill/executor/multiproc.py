@@ -310,12 +310,13 @@ def _stop(
     failure: list[str],
 ) -> None:
     """A "stop" step where the group still works (a broken one may hold followers inside a
-    collective, where the step would wait out the timeout), then kill what stays."""
+    collective, where the step would wait out the timeout), then kill what stays. Without
+    the stop step no follower leaves of its own accord: they are killed at once."""
     stopping.set()
     healthy = not failure and followers.failed() is None
     if healthy and group is not None and group.pg is not None:
         with contextlib.suppress(PeerError):
             group.broadcast_object(("stop", None))
-    followers.stop(_STOP_WAIT_S)
+    followers.stop(_STOP_WAIT_S if healthy else 0.0)
     if group is not None:
         group.close()
