@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -141,7 +142,15 @@ def test_gguf_blocks_over_three_ranks_float_activations(bundled_gguf_path):
     split.engine.core.shutdown()
 
 
-def test_gguf_default_path_over_three_ranks(bundled_gguf_path):
+@pytest.fixture(scope="module")
+def gguf_three_ranks(bundled_gguf_path: str) -> Iterator[tuple[LLM, LLM]]:
+    """The bundled model on the GGUF default path (int8 activations), whole and in three."""
+    whole, split = three_ranks_and_one(bundled_gguf_path, "gguf")
+    yield whole, split
+    split.engine.core.shutdown()
+
+
+def test_gguf_default_path_over_three_ranks(gguf_three_ranks: tuple[LLM, LLM]) -> None:
     """int8 activations amplify the ranks' reordered sums as they amplify any rounding
     (layer 1 differs by 1e-3, the last by ~1%): held to the bound tests/model/
     test_quantized.py holds int8 to against float32, along the whole model's greedy
@@ -149,7 +158,7 @@ def test_gguf_default_path_over_three_ranks(bundled_gguf_path):
     the bound of float32, possibly on either side of it (an AMD EPYC measured split - whole
     -0.028 where whole - float32 was +0.021 and split - float32 -0.008). Within three
     ranks, a batch equals each prompt alone bit for bit."""
-    whole, split = three_ranks_and_one(bundled_gguf_path, "gguf")
+    whole, split = gguf_three_ranks
     greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=3)
     expected = whole.generate(PROMPTS, greedy)
     same_argmax = positions = 0
@@ -173,13 +182,14 @@ def test_gguf_default_path_over_three_ranks(bundled_gguf_path):
         assert alone.token_ids == together.outputs[0].token_ids
         for x, y in zip(alone.logprobs, together.outputs[0].logprobs, strict=True):
             assert {t: p.logprob for t, p in x.items()} == {t: p.logprob for t, p in y.items()}
-    split.engine.core.shutdown()
 
 
-def test_speculative_decoding_over_three_ranks_changes_no_bit(bundled_gguf_path):
+def test_speculative_decoding_over_three_ranks_changes_no_bit(
+    bundled_gguf_path: str, gguf_three_ranks: tuple[LLM, LLM]
+) -> None:
     """Guessed tokens are decode rows in the step every rank runs: the same tokens and
     logprobs as the same three ranks without speculation."""
-    kwargs = dict(kv_cache_memory=64 << 20, tensor_parallel_size=3)
+    kwargs = dict(kv_cache_memory=64 << 20, enable_prefix_caching=False, quantization="gguf")
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
             "prompt_lookup_max": 3}  # fmt: skip
     prompts = ["one two three four five one two three four five one two three", PROMPTS[1]]
@@ -187,16 +197,17 @@ def test_speculative_decoding_over_three_ranks_changes_no_bit(bundled_gguf_path)
 
     def run(llm: LLM) -> list[tuple[list[int], list[dict[int, float]]]]:
         outputs = [o.outputs[0] for o in llm.generate(prompts, greedy)]
-        llm.engine.core.shutdown()
         return [
             (o.token_ids, [{t: p.logprob for t, p in d.items()} for d in o.logprobs])
             for o in outputs
         ]
 
-    expected = run(LLM(bundled_gguf_path, **kwargs))
-    guessing = LLM(bundled_gguf_path, speculative_config=spec, **kwargs)
+    expected = run(gguf_three_ranks[1])  # the same three ranks, without speculation
+    guessing = LLM(bundled_gguf_path, tensor_parallel_size=3, speculative_config=spec, **kwargs)
     speculator = guessing.engine.core.speculator
-    assert run(guessing) == expected
+    got = run(guessing)
+    guessing.engine.core.shutdown()
+    assert got == expected
     assert speculator is not None and speculator.counts.num_accepted_tokens > 10
 
 
