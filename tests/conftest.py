@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled SmolLM2 GGUF and tiny Hugging Face model directories."""
+"""Shared fixtures: the bundled SmolLM2 GGUF, transformers' reading of it, and tiny Hugging
+Face model directories."""
 
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ def bundled_gguf_path() -> str:
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.is_file(), path
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(bundled_gguf_path: str) -> Any:
+    """The reference: transformers loading the bundled GGUF, dequantized to float32 (once a
+    session: it takes ~12 s)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(bundled_gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval()
 
 
 @pytest.fixture(scope="session")

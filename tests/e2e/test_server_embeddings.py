@@ -74,11 +74,12 @@ def test_dimensions_on_a_matryoshka_model_and_token_id_inputs(tiny: tuple[Server
     assert short.usage.prompt_tokens == 4
 
 
-def test_bundled_model_embeds_beside_a_running_generation(server: Server) -> None:
+def test_bundled_model_embeds_beside_a_running_generation(
+    server: Server, hf_reference: Any
+) -> None:
     """An embedding answered while a long stream generates, on the same engine; the vector is
     transformers' (the same GGUF, dequantized) within cosine 0.99 (the default path's weights
     stay 4-bit and its activations are quantized for the integer kernels)."""
-    from transformers import AutoModel
 
     async def run() -> tuple[list[float], int]:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused")
@@ -96,18 +97,10 @@ def test_bundled_model_embeds_beside_a_running_generation(server: Server) -> Non
         raise AssertionError("the stream ended early")
 
     embedding, _ = asyncio.run(run())
-    gguf = Path(server_model_path())
     ids = httpx.post(f"{server.url}/tokenize", json={"prompt": TEXTS[0]}).json()["tokens"]
-    reference = AutoModel.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
-    expected = F.normalize(_last_hidden(reference, ids)[-1].float(), dim=-1)
+    expected = F.normalize(_last_hidden(hf_reference.model, ids)[-1].float(), dim=-1)
     cosine = float(torch.dot(torch.tensor(embedding), expected))
     assert cosine > 0.99, cosine
-
-
-def server_model_path() -> str:
-    from tokenmill.model.loader import bundled_model_path
-
-    return str(bundled_model_path())
 
 
 def test_pooling_endpoint_and_the_chat_form(server: Server) -> None:
