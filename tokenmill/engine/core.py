@@ -72,7 +72,6 @@ class EngineCore:
         self.speculator = None if spec is None else Speculator(spec)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache, self.speculator)
         self.requests: dict[str, Request] = {}
-        self._num_pooling = 0  # embedding requests among them (most steps have none)
         self._log_summary(time.perf_counter() - started)
 
     @property
@@ -88,7 +87,6 @@ class EngineCore:
         prompt against the context and the vocabulary)."""
         request.max_model_len = self.max_model_len
         self.requests[request.request_id] = request
-        self._num_pooling += request.pooling_type is not None
         self.scheduler.add(request)
 
     def shutdown(self) -> None:
@@ -103,7 +101,6 @@ class EngineCore:
         """End a request now (abort, or a stop string found after detokenizing)."""
         request = self.requests.pop(request_id, None)
         if request is not None:
-            self._num_pooling -= request.pooling_type is not None
             self.scheduler.finish(request, reason)
             self.executor.forget(request_id)
 
@@ -130,12 +127,10 @@ class EngineCore:
         self._record_logprobs(output)
         self._record_pooled(output)
         changed = self.scheduler.update(out, output.sampled_token_ids) + failed
-        if self._num_pooling:
-            changed += self._finish_pooled(out)
+        changed += self._finish_pooled(out)
         for request in changed:
             if request.status is RequestStatus.FINISHED:  # (is_finished, inline: every request)
-                if self.requests.pop(request.request_id, None) is not None:
-                    self._num_pooling -= request.pooling_type is not None
+                self.requests.pop(request.request_id, None)
                 self.executor.forget(request.request_id)
         return changed
 

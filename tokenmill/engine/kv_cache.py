@@ -182,17 +182,10 @@ class KVCacheManager:
 
     def table_after(self, request: Request, num_new_tokens: int) -> array[int] | None:
         """allocate() for a running request, then its block table (a copy); None (and nothing
-        taken) when blocks run out. One call for the scheduler's every request every step."""
-        entry = self._requests.get(request.request_id)
-        if not (
-            entry is not None
-            and self.kv_window is None
-            and request.num_computed_tokens + num_new_tokens <= len(entry.blocks) * self.block_size
-        ):  # (most decode steps skip this: the last block has room)
-            if not self.allocate(request, num_new_tokens):
-                return None
-            entry = self._requests[request.request_id]
-        return entry.block_ids[:]
+        taken) when blocks run out."""
+        if not self.allocate(request, num_new_tokens):
+            return None
+        return self._requests[request.request_id].block_ids[:]
 
     def allocate(
         self, request: Request, num_new_tokens: int, cached: list[KVBlock] | None = None
