@@ -128,10 +128,12 @@ def _row_tables(chunks: list[ScheduledChunk]) -> torch.Tensor:
     """Every row's block table [T, max_blocks] (zero-padded): a chunk's rows share its.
     (Copied as int64 bytes: a tensor from nested lists would cost ~10x more.)"""
     width = max(len(c.block_table) for c in chunks)
-    padded = array("q", bytes(8 * width * len(chunks)))
-    for i, chunk in enumerate(chunks):
+    pads = [array("q", bytes(8 * n)) for n in range(width + 1)]  # by what a table lacks
+    padded = array("q")
+    for chunk in chunks:
         table = chunk.block_table
-        padded[i * width : i * width + len(table)] = table
+        padded += table
+        padded += pads[width - len(table)]
     tables = torch.frombuffer(padded, dtype=torch.long).view(len(chunks), width)
     counts = [c.num_tokens for c in chunks]
     if len(counts) == sum(counts):  # decodes only: a row per chunk

@@ -49,14 +49,21 @@ class _Timer:
 
 
 def stub_model(llm: LLM, token_id: int) -> None:
-    """The runner's forward returns zeros [T, C] and its sampler `token_id` for every row."""
+    """The runner's forward returns zeros [T, C] (rows of one buffer) and its sampler
+    `token_id` for every row."""
     executor = llm.engine.core.executor
     assert isinstance(executor, UniprocExecutor), "stubs the model in this process"
     runner = executor.worker.runner
     hidden_size = runner.model.config.hidden_size
+    hidden = torch.zeros(0, hidden_size)
 
     def forward(batch: Any) -> torch.Tensor:
-        return torch.zeros(len(batch.input_ids), hidden_size)
+        # (rows of one buffer: on a GPU the forward's output is on the device, made by
+        # its kernels; zeroing fresh host memory each step is no part of the host's work)
+        nonlocal hidden
+        if len(hidden) < len(batch.input_ids):
+            hidden = torch.zeros(len(batch.input_ids), hidden_size)
+        return hidden[: len(batch.input_ids)]
 
     def logits(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return torch.empty(len(rows), 0)

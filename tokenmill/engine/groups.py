@@ -51,6 +51,14 @@ class RequestGroup:
         # one sequence, streamed as it grows: the engine's fast path
         self.is_single = len(sequences) == 1 and not self._is_final_only
         self._wants_logprobs = params.logprobs is not None
+        # ... and its tokens' text is their own, with no logprobs to show: take_plain_token
+        self.is_plain = (
+            self.is_single
+            and sequences[0].detokenizer.is_plain
+            and params.logprobs is None
+            and params.prompt_logprobs is None
+        )
+        self._num_prompt_tokens = len(prompt_token_ids)
 
     @property
     def finished(self) -> bool:
@@ -70,34 +78,31 @@ class RequestGroup:
                 seq.output.finish_reason = "abort"
 
     def take_plain_token(self) -> RequestOutput | None:
-        """A single sequence's step in the common case, taken whole (one call per request
-        per step): one new token, no stop string to look for, no logprobs to show, the
-        request not ended, its prompt logprobs (if asked for) taken. Returns the snapshot;
+        """An `is_plain` sequence's step in the common case, taken whole (one call per
+        request per step): one new token, the request not ended. Returns the snapshot;
         None when the engine must take the token (LLMEngine._on_token)."""
         seq = self.sequences[0]
-        request, output, detok = seq.request, seq.output, seq.detokenizer
-        token_ids = request.token_ids
-        if not (
-            len(token_ids) == len(request.prompt_token_ids) + len(output.token_ids) + 1
-            and request.finish_reason is None
-            and detok.is_plain
-            and not request.logprobs
-            and (self.prompt_logprobs is not None or request.params.prompt_logprobs is None)
+        request, output = seq.request, seq.output
+        token_ids, output_ids = request.token_ids, output.token_ids
+        if (
+            request.finish_reason is not None
+            or len(token_ids) != self._num_prompt_tokens + len(output_ids) + 1
         ):
             return None
         token_id = token_ids[-1]
+        detok = seq.detokenizer
         detok.add_token(token_id)
-        output.token_ids.append(token_id)
+        output_ids.append(token_id)
         output.stop_reason = stop_reason = request.stop_reason
         output.text = text = detok.text
         return RequestOutput(
             self.request_id,
             self.prompt_token_ids,
-            [CompletionOutput(0, text, output.token_ids[:], None, stop_reason)],
+            [CompletionOutput(0, text, output_ids[:], None, stop_reason)],
             False,
             request.num_cached_tokens,
             None,
-            list(self.prompt_logprobs) if self.prompt_logprobs else None,
+            None,
             None,
             request.first_scheduled_time,
         )

@@ -181,11 +181,12 @@ class KVCacheManager:
         return found
 
     def table_after(self, request: Request, num_new_tokens: int) -> array[int] | None:
-        """allocate() for a running request, then its block table (a copy); None (and nothing
-        taken) when blocks run out."""
+        """allocate() for a running request, then its block table; None (and nothing taken)
+        when blocks run out. The table is the one kept up to date, not a copy: it holds
+        until the request's next allocate() or free() (a step runs between two schedules)."""
         if not self.allocate(request, num_new_tokens):
             return None
-        return self._requests[request.request_id].block_ids[:]
+        return self._requests[request.request_id].block_ids
 
     def allocate(
         self, request: Request, num_new_tokens: int, cached: list[KVBlock] | None = None

@@ -330,16 +330,19 @@ class LLMEngine:
             group = self._group_of.get(request.request_id)
             if group is None:
                 continue
+            if type(group) is RequestGroup and group.is_plain:  # (most requests)
+                output = group.take_plain_token()  # (most steps: a token that does not end it)
+                if output is not None:
+                    outputs.append(output)
+                    continue
             if request.finish_reason == "error":
                 outputs.append(self._fail(group, request.error or "the engine failed"))
                 changed.pop(group.request_id, None)
                 continue
-            if type(group) is RequestGroup and group.is_single:  # (most: no second pass)
-                output = group.take_plain_token()
-                if output is None:
-                    self._on_token(group, group.sequences[0])
-                    output = group.snapshot()
-                    assert output is not None  # (a single sequence streams)
+            if type(group) is RequestGroup and group.is_single:  # (no second pass)
+                self._on_token(group, group.sequences[0])
+                output = group.snapshot()
+                assert output is not None  # (a single sequence streams)
                 outputs.append(output)
                 if output.finished:
                     self._release(group)

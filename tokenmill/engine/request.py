@@ -67,9 +67,15 @@ class Request:
     # the prompt's images, in prompt order: their encoder rows replace the embeddings of
     # their image tokens, and their hashes key the prefix-cache blocks they touch
     images: tuple[ImageInput, ...] = ()
+    # check_stop's quick test: the token count that ends it (max_tokens or the context),
+    # and every id that may end it (EOS and stop ids, whatever min_tokens and ignore_eos say)
+    _length_limit: int = field(init=False, repr=False)
+    _ending_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        self._length_limit = len(self.prompt_token_ids) + self.max_output_tokens
+        self._ending_ids = self.eos_token_ids | frozenset(self.params.stop_token_ids or ())
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]
 
@@ -143,21 +149,21 @@ class Request:
         With a grammar, EOS is allowed only once the output is complete, so it always ends
         the request (ignore_eos and min_tokens notwithstanding).
         """
-        if self.finish_reason is not None:  # the grammar rejected the token, or failed
-            return True
-        # (runs for every request every step: attributes read once, no properties)
+        if self.finish_reason is None:  # (else the grammar rejected the token, or failed)
+            token_ids = self.token_ids  # (runs for every request every step)
+            if len(token_ids) < self._length_limit and token_ids[-1] not in self._ending_ids:
+                return False  # (most steps: below its length, no token that may end it)
+            self._find_finish_reason()
+        return self.finish_reason is not None
+
+    def _find_finish_reason(self) -> None:
         params, token_ids = self.params, self.token_ids
         token_id = token_ids[-1]
-        num_prompt = len(self.prompt_token_ids)
-        num_output = len(token_ids) - num_prompt
-        enough = num_output >= params.min_tokens
+        enough = len(token_ids) - len(self.prompt_token_ids) >= params.min_tokens
         ends_on_eos = self.matcher is not None or (enough and not params.ignore_eos)
         if ends_on_eos and token_id in self.eos_token_ids:
             self.finish_reason = "stop"
         elif enough and params.stop_token_ids and token_id in params.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token_id
-        elif num_output >= self.max_model_len - num_prompt or (
-            params.max_tokens is not None and num_output >= params.max_tokens
-        ):
+        elif len(token_ids) >= self._length_limit:
             self.finish_reason = "length"
-        return self.finish_reason is not None
