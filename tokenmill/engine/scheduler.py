@@ -30,6 +30,8 @@ from tokenmill.engine.request_queue import RequestQueue, make_queue
 from tokenmill.spec_decode.speculator import Speculator
 from tokenmill.worker.inputs import ScheduledSequence
 
+_NO_DRAFTS: list[int] = []  # the guesses of a step without any (shared: never changed)
+
 
 @dataclass(slots=True)
 class SchedulerOutput:
@@ -96,8 +98,10 @@ class Scheduler:
         while index < len(running) and budget > 0:
             request = running[index]
             start, num_tokens = request.num_computed_tokens, len(request.token_ids)
-            num_new = min(num_tokens - start, budget)
-            drafts: list[int] = []
+            num_new = num_tokens - start
+            if num_new > budget:
+                num_new = budget
+            drafts = _NO_DRAFTS
             lookahead = 0
             if speculator is not None:
                 if num_new == 1 and request.num_output_tokens:
@@ -107,7 +111,7 @@ class Scheduler:
                 if lookahead and not allocate(request, num_new + len(drafts) + lookahead):
                     lookahead = 0  # no room to guess ahead: the next step decodes as usual
                 if drafts and not lookahead and not allocate(request, 1 + len(drafts)):
-                    drafts = []  # no room for guesses: decode as usual
+                    drafts = _NO_DRAFTS  # no room for guesses: decode as usual
             # (with guesses, their allocation above made room for the step's own tokens)
             while (table := table_after(request, 0 if drafts else num_new)) is None:
                 victim = self.waiting.victim(self.running)

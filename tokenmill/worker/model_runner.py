@@ -373,7 +373,7 @@ class ModelRunner:
             layout=layout,
             sample_rows=long_tensor(array("q", rows), device),
             sampling=sampling,
-            drafts=[[] for _ in rows],
+            drafts=[[]] * len(rows),  # (no guesses: one empty list, read only)
             prompt_chunks=[],
             pool_chunks=[],
             pooling=[],
