@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.errors import InvalidRequestError, RequestFailedError
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
@@ -250,8 +251,20 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 def _as_params_list(
     params: SamplingParams | Sequence[SamplingParams], count: int
 ) -> list[SamplingParams]:
+    """One per prompt, each asking for the final output only (generate returns those: no
+    snapshot is made at every step, as vLLM's LLM does); the caller's are not changed."""
     if isinstance(params, SamplingParams):
-        return [params] * count
+        return [_final_only(params)] * count
     if len(params) != count:
         raise ValueError(f"got {len(params)} sampling params for {count} prompts")
-    return list(params)
+    made: dict[int, SamplingParams] = {}  # (one copy per distinct params object)
+    for p in params:
+        if id(p) not in made:
+            made[id(p)] = _final_only(p)
+    return [made[id(p)] for p in params]
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    if params.output_kind is RequestOutputKind.FINAL_ONLY:
+        return params
+    return dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,14 @@ MAX_LOGPROBS = 20  # vLLM's default --max-logprobs: most top logprobs a request 
 MAX_NUM_BAD_WORDS = 128
 
 EarlyStopping = bool | Literal["never"]
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each RequestOutput of a request carries (vLLM's values)."""
+
+    CUMULATIVE = 0  # everything so far: the text, ids and logprobs since the first token
+    DELTA = 1  # what is new since the request's previous output (prompt logprobs once)
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass(slots=True)
@@ -62,6 +71,7 @@ class SamplingParams:
     # reasoning models: the most tokens a thought may take before its end marker is forced
     # (vLLM's thinking_token_budget); None = no limit
     thinking_token_budget: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -71,6 +81,8 @@ class SamplingParams:
         self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if self.top_k == 0:
             self.top_k = -1
+        if type(self.output_kind) is int and self.output_kind in iter(RequestOutputKind):
+            self.output_kind = RequestOutputKind(self.output_kind)  # (vLLM's values)
         self.validate()
 
     @property
@@ -183,6 +195,11 @@ class SamplingParams:
 
     def _validate_outputs(self) -> None:
         _check(self.n >= 1, "n", f"n must be at least 1, got {self.n}")
+        _check(
+            type(self.output_kind) is RequestOutputKind,
+            "output_kind",
+            f"output_kind must be a RequestOutputKind, got {self.output_kind!r}",
+        )
         if self.best_of is not None:
             _check(
                 self.best_of >= self.n,

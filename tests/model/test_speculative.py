@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.sampling_params import RequestOutputKind
 from tokenmill.spec_decode.speculator import Speculator
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
@@ -192,11 +193,12 @@ def test_host_overhead_runs_the_engine_around_a_stubbed_model(plain):
 
     llm = LLM(plain.engine.config.model.model, kv_cache_memory=64 << 20)
     host_overhead.stub_model(llm, 42)
-    result = host_overhead.measure(llm, 4, 5)
-    assert result["batch"] == 4 and result["step_ms"] > 0
-    assert set(result["phases_ms"]) >= {"schedule", "scheduler update"}
-    assert not llm.engine.has_unfinished
-    assert_all_blocks_free(llm)
+    for kind in RequestOutputKind:
+        result = host_overhead.measure(llm, 4, 5, kind)
+        assert result["batch"] == 4 and result["step_ms"] > 0
+        assert set(result["phases_ms"]) >= {"schedule", "scheduler update"}
+        assert not llm.engine.has_unfinished
+        assert_all_blocks_free(llm)
 
 
 # -- a draft model ---------------------------------------------------------------------------

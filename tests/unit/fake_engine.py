@@ -19,7 +19,7 @@ from tokenmill.engine.outputs import (
 )
 from tokenmill.errors import InvalidRequestError, OverloadedError, ServiceUnavailableError
 from tokenmill.pooling_params import PoolingParams
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.server.app import build_app
 from tokenmill.server.settings import ServerSettings
 from tokenmill.structured import StructuredOutputManager, StructuredSpec
@@ -135,6 +135,7 @@ class FakeAsyncEngine:
         self.grammars.append(grammar)
         self.running.add(request_id)
         seqs = [CompletionOutput(index=k) for k in range(params.n)]
+        sent = [CompletionOutput(index=k) for k in range(params.n)]  # (DELTA: as sent)
         try:
             assert params.max_tokens is not None
             for step in range(params.max_tokens):
@@ -144,7 +145,13 @@ class FakeAsyncEngine:
                 for k, seq in enumerate(seqs):
                     self._append(seq, ALPHABET[(step + k) % 26], params, step + 1)
                 finished = all(s.finish_reason for s in seqs)
-                yield RequestOutput(request_id, prompt_token_ids, _copy(seqs), finished=finished)
+                kind = params.output_kind
+                if kind is RequestOutputKind.FINAL_ONLY and not finished:
+                    continue
+                shown = _copy(seqs)
+                if kind is RequestOutputKind.DELTA:
+                    shown = _news(seqs, sent)
+                yield RequestOutput(request_id, prompt_token_ids, shown, finished=finished)
                 if finished:
                     return
         finally:
@@ -188,6 +195,23 @@ def _copy(seqs: list[CompletionOutput]) -> list[CompletionOutput]:
         CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason, s.stop_reason)
         for s in seqs
     ]
+
+
+def _news(seqs: list[CompletionOutput], sent: list[CompletionOutput]) -> list[CompletionOutput]:
+    """What each sequence has that `sent` (what went before) lacks; then `sent` has it."""
+    news = []
+    for seq, old in zip(seqs, sent, strict=True):
+        tokens, text = seq.token_ids[len(old.token_ids) :], seq.text[len(old.text) :]
+        if tokens or text or seq.finish_reason != old.finish_reason:
+            news.append(
+                CompletionOutput(seq.index, text, tokens, seq.finish_reason, seq.stop_reason)
+            )
+        old.token_ids, old.text, old.finish_reason = (
+            list(seq.token_ids),
+            seq.text,
+            seq.finish_reason,
+        )
+    return news
 
 
 def make_app(engine: EngineClient | None = None, **settings: Any) -> Any:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.unit.fake_engine import FakeAsyncEngine, assert_error, client_for, make_app, sse_events
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.tools.formats import FORMATS
 
 WEATHER = {
@@ -47,10 +47,13 @@ class ScriptedEngine(FakeAsyncEngine):
         self.grammars.append(kw.get("grammar"))
         cut = 0
         while cut < len(self.script):
+            start = cut if params.output_kind is RequestOutputKind.DELTA else 0
             cut = min(len(self.script), cut + self.rng.randint(1, 4))
             done = cut == len(self.script)
             seqs = [
-                CompletionOutput(k, self.script[:cut], list(range(cut)), "stop" if done else None)
+                CompletionOutput(
+                    k, self.script[start:cut], list(range(start, cut)), "stop" if done else None
+                )
                 for k in range(params.n)
             ]
             yield RequestOutput(request_id, prompt_token_ids, seqs, finished=done)

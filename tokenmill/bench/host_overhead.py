@@ -1,6 +1,7 @@
 """Host overhead per engine step, with the model stubbed out: what bounds a GPU's throughput.
 
     python -m tokenmill.bench.host_overhead [MODEL] [--batch-sizes 1,256] [--steps 100]
+        [--output-kind delta|cumulative|final_only]
 
 The engine runs as it serves (scheduler, input preparation, attention metadata, output
 handling, detokenizing, stop checks, output snapshots), but the forward returns zeros at
@@ -9,7 +10,9 @@ work the host does around a forward and a sampling call, which on a GPU does not
 them. The garbage collector is set as the server sets it (engine/heap.py; --default-gc:
 Python's own settings). Each batch size keeps `batch` greedy requests decoding (prompts
 of 24 tokens) and times `--steps` steps after the first; the report gives the median step
-and its phases. Prints one JSON report.
+and its phases. The requests' outputs are of `--output-kind`: delta by default, as the
+server asks for them (cumulative: a copy of each output so far every step, as the offline
+engine API gives by default; final_only: as LLM.generate asks). Prints one JSON report.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from tokenmill.engine.heap import settle_heap
 from tokenmill.executor.uniproc import UniprocExecutor
 from tokenmill.llm import LLM
 from tokenmill.sample.interface import SamplerOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 
 class _Timer:
@@ -85,10 +88,12 @@ class _FixedToken:
         pass
 
 
-def measure(llm: LLM, batch: int, steps: int) -> dict[str, Any]:
+def measure(llm: LLM, batch: int, steps: int, kind: RequestOutputKind) -> dict[str, Any]:
     engine = llm.engine
     core = engine.core
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=steps + 2, ignore_eos=True, output_kind=kind
+    )
     for i in range(batch):
         engine.add_request(
             f"host-{batch}-{i}", llm.tokenizer.encode(synthetic_prompt(i, 24)), params
@@ -142,7 +147,12 @@ def main(argv: list[str] | None = None) -> None:
         "--default-gc", action="store_true",
         help="keep Python's garbage collector settings (default: the server's, engine/heap.py)",
     )  # fmt: skip
+    parser.add_argument(
+        "--output-kind", default="delta", choices=[k.name.lower() for k in RequestOutputKind],
+        help="what each output carries (default: delta, as the server asks)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    kind = RequestOutputKind[args.output_kind.upper()]
     batches = [int(b) for b in args.batch_sizes.split(",")]
     llm = LLM(args.model, max_num_seqs=max(batches), kv_cache_memory=1 << 30)
     stub_model(llm, llm.tokenizer.encode(" the")[-1])
@@ -151,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "steps": args.steps,
         "gc": "python's default" if args.default_gc else "the server's",
-        "results": [measure(llm, b, args.steps) for b in batches],
+        "output_kind": kind.name.lower(),
+        "results": [measure(llm, b, args.steps, kind) for b in batches],
     }
     print(json.dumps(report, indent=2))
 

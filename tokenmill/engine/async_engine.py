@@ -23,11 +23,11 @@ from tokenmill import kernels
 from tokenmill.config import EngineConfig, SchedulingPolicy
 from tokenmill.engine.client import EngineStats
 from tokenmill.engine.llm_engine import AnyOutput, LLMEngine
-from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
+from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput, take_newest
 from tokenmill.errors import OverloadedError, RequestFailedError, ServiceUnavailableError
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.spec_decode.speculator import SpecDecodeCounts
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.manager import StructuredOutputManager
@@ -208,7 +208,8 @@ class AsyncEngine:
         priority: int = 0,
         images: tuple[ImageInput, ...] = (),
     ) -> AsyncGenerator[RequestOutput]:
-        """Yield a cumulative RequestOutput after every step that changed the request.
+        """Yield a RequestOutput (as params.output_kind asks) after every step that changed
+        the request; a slow reader gets what queued as one (take_newest).
 
         The last one has finished=True. Closing the iterator early (client gone)
         aborts the request and frees its KV blocks. A constrained request's grammar is
@@ -242,8 +243,9 @@ class AsyncEngine:
                 finished = True
                 yield immediate
                 return
+            delta = params.output_kind is RequestOutputKind.DELTA
             while not finished:
-                output = await self._next(outputs)
+                output = await self._next(outputs, delta)
                 finished = output.finished
                 yield output
         finally:
@@ -307,10 +309,8 @@ class AsyncEngine:
         self._commands.put(lambda: self.engine.abort(request_id))
 
     @staticmethod
-    async def _next(outputs: asyncio.Queue[AnyOutput | BaseException]) -> Any:
-        item = await outputs.get()
-        while not outputs.empty() and isinstance(item, RequestOutput) and not item.finished:
-            item = outputs.get_nowait()  # a newer cumulative snapshot supersedes this one
+    async def _next(outputs: asyncio.Queue[AnyOutput | BaseException], delta: bool = False) -> Any:
+        item = take_newest(await outputs.get(), outputs, delta)
         if isinstance(item, BaseException):
             raise item
         return item

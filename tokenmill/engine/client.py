@@ -113,7 +113,8 @@ class EngineClient(Protocol):
         priority: int = 0,
         images: tuple[ImageInput, ...] = (),
     ) -> AsyncIterator[RequestOutput]:
-        """Cumulative snapshots of one request, the last one finished; closing the iterator
+        """The outputs of one request as params.output_kind asks (cumulative snapshots by
+        default; queued deltas fold into one), the last one finished; closing the iterator
         early aborts the request."""
         ...
 

@@ -41,7 +41,7 @@ from tokenmill.engine.engine_process import (
     send,
 )
 from tokenmill.engine.llm_engine import AnyOutput, Frontend
-from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
+from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput, take_newest
 from tokenmill.engine.router import PrefixAffinityRouter
 from tokenmill.errors import (
     ModelLoadError,
@@ -53,7 +53,7 @@ from tokenmill.model.config import text_config
 from tokenmill.model.loader import load_model_source
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.manager import StructuredOutputManager
 from tokenmill.structured.spec import StructuredSpec
@@ -319,7 +319,8 @@ class DataParallelEngine:
             await self.structured_outputs.compile_async(params.structured_outputs)  # a 400
         message = ("generate", request_id, prompt_token_ids, params, cache_salt, priority,
                    images)  # fmt: skip
-        run = self._run(request_id, prompt_token_ids, cache_salt, message)
+        delta = params.output_kind is RequestOutputKind.DELTA
+        run = self._run(request_id, prompt_token_ids, cache_salt, message, delta)
         async with contextlib.aclosing(run):  # closed with this one: an early stop aborts
             async for output in run:
                 assert isinstance(output, RequestOutput)
@@ -342,7 +343,12 @@ class DataParallelEngine:
         raise EngineDeadError("the engine ended the request without an output")
 
     async def _run(
-        self, request_id: str, prompt: list[int], salt: str | None, message: tuple[Any, ...]
+        self,
+        request_id: str,
+        prompt: list[int],
+        salt: str | None,
+        message: tuple[Any, ...],
+        delta: bool = False,  # the request's outputs are DELTA: queued ones fold into one
     ) -> AsyncGenerator[AnyOutput]:
         outputs: asyncio.Queue[AnyOutput | BaseException] = asyncio.Queue()
         engine = self._route(prompt, salt)
@@ -352,10 +358,7 @@ class DataParallelEngine:
         try:
             engine.send(message)
             while not finished:
-                item = await outputs.get()
-                while (not outputs.empty() and isinstance(item, RequestOutput)
-                       and not item.finished):  # fmt: skip
-                    item = outputs.get_nowait()  # a newer cumulative snapshot supersedes it
+                item = take_newest(await outputs.get(), outputs, delta)
                 if isinstance(item, BaseException):
                     finished = True  # nothing more will come for it
                     raise item

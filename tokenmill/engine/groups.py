@@ -10,9 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.engine.beam_search import Beam, BeamSearch
-from tokenmill.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from tokenmill.engine.outputs import (
+    AnyOutput,
+    CompletionOutput,
+    PositionLogprobs,
+    RequestOutput,
+)
 from tokenmill.engine.request import Request
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, detokenize
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
@@ -25,6 +30,10 @@ class SequenceState:
     detokenizer: IncrementalDetokenizer
     index: int
     output: CompletionOutput = field(init=False)
+    # output_kind DELTA: how much of the output the client has had (tokens, characters)
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+    sent_finish: bool = False
 
     def __post_init__(self) -> None:
         self.output = CompletionOutput(index=self.index)
@@ -46,14 +55,24 @@ class RequestGroup:
         self.sequences = sequences
         self.prompt_logprobs: list[PositionLogprobs | None] | None = None
         self._by_id = {s.request.request_id: s for s in sequences}
+        self._kind = kind = params.output_kind
         # best_of ranks finished sequences; prompt-only requests drop their one token
-        self._is_final_only = params.num_sequences > params.n or params.max_tokens == 0
+        self._is_final_only = (
+            kind is RequestOutputKind.FINAL_ONLY
+            or params.num_sequences > params.n
+            or params.max_tokens == 0
+        )
+        self._is_delta = kind is RequestOutputKind.DELTA and not self._is_final_only
+        self._sent_prompt_logprobs = False  # (DELTA: they go once)
         # one sequence, streamed as it grows: the engine's fast path
         self.is_single = len(sequences) == 1 and not self._is_final_only
         self._wants_logprobs = params.logprobs is not None
-        # ... and its tokens' text is their own, with no logprobs to show: take_plain_token
+        # one sequence whose tokens' text is their own, with no logprobs to show, streamed
+        # or not: take_plain_token
         self.is_plain = (
-            self.is_single
+            len(sequences) == 1
+            and params.num_sequences == 1
+            and params.max_tokens != 0
             and sequences[0].detokenizer.is_plain
             and params.logprobs is None
             and params.prompt_logprobs is None
@@ -77,10 +96,11 @@ class RequestGroup:
             if not seq.output.is_finished:
                 seq.output.finish_reason = "abort"
 
-    def take_plain_token(self) -> RequestOutput | None:
+    def take_plain_token(self, outputs: list[AnyOutput]) -> bool:
         """An `is_plain` sequence's step in the common case, taken whole (one call per
-        request per step): one new token, the request not ended. Returns the snapshot;
-        None when the engine must take the token (LLMEngine._on_token)."""
+        request per step): one new token, the request not ended. Adds its output (unless
+        the request asked for the final one only) and returns True; False when the engine
+        must take the token (LLMEngine._on_token)."""
         seq = self.sequences[0]
         request, output = seq.request, seq.output
         token_ids, output_ids = request.token_ids, output.token_ids
@@ -88,38 +108,55 @@ class RequestGroup:
             request.finish_reason is not None
             or len(token_ids) != self._num_prompt_tokens + len(output_ids) + 1
         ):
-            return None
+            return False
         token_id = token_ids[-1]
         detok = seq.detokenizer
         detok.add_token(token_id)
         output_ids.append(token_id)
-        output.stop_reason = stop_reason = request.stop_reason
-        output.text = text = detok.text
-        return RequestOutput(
-            self.request_id,
-            self.prompt_token_ids,
-            [CompletionOutput(0, text, output_ids[:], None, stop_reason)],
-            False,
-            request.num_cached_tokens,
-            None,
-            None,
-            None,
-            request.first_scheduled_time,
+        kind = self._kind
+        if kind is RequestOutputKind.CUMULATIVE:  # (the ids so far: a copy, as they grow)
+            output.text = text = detok.text
+            completion = CompletionOutput(0, text, output_ids[:], None, None)
+        elif kind is RequestOutputKind.DELTA:
+            output.text = text = detok.text
+            completion = CompletionOutput(
+                0, text[seq.num_sent_chars :], output_ids[seq.num_sent_tokens :], None, None
+            )
+            seq.num_sent_chars, seq.num_sent_tokens = len(text), len(output_ids)
+        else:
+            output.text = detok.text
+            return True
+        outputs.append(
+            RequestOutput(
+                self.request_id,
+                self.prompt_token_ids,
+                [completion],
+                False,
+                request.num_cached_tokens,
+                None,
+                None,
+                None,
+                request.first_scheduled_time,
+            )
         )
+        return True
 
     def snapshot(self) -> RequestOutput | None:
-        """Every sequence so far (None while best_of or prompt-only requests still run)."""
+        """The sequences as the request's output_kind shows them: all of each so far
+        (CUMULATIVE), what changed since the last snapshot (DELTA), or, once the group
+        finishes, all of each (FINAL_ONLY, best_of, prompt-only). None while there is
+        nothing to show."""
         if self.is_single:
             seq = self.sequences[0]
             request, output = seq.request, seq.output
             return RequestOutput(
                 self.request_id,
                 self.prompt_token_ids,
-                [self._public(output, 0)],
+                [self._public(seq, 0)],
                 output.finish_reason is not None,
                 request.num_cached_tokens,
                 None,
-                list(self.prompt_logprobs) if self.prompt_logprobs else None,
+                self._prompt_logprobs(),
                 None,
                 request.first_scheduled_time,
             )
@@ -134,9 +171,15 @@ class RequestGroup:
             self._outputs(),
             finished,
             cached,
-            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs else None,
+            prompt_logprobs=self._prompt_logprobs(),
             first_scheduled_time=min(scheduled, default=None),
         )
+
+    def _prompt_logprobs(self) -> list[PositionLogprobs | None] | None:
+        if not self.prompt_logprobs or (self._is_delta and self._sent_prompt_logprobs):
+            return None
+        self._sent_prompt_logprobs = True
+        return list(self.prompt_logprobs)
 
     def _outputs(self) -> list[CompletionOutput]:
         n = self.params.n
@@ -147,20 +190,33 @@ class RequestGroup:
             sequences = sorted(
                 sequences, key=lambda s: s.output.cumulative_logprob or 0.0, reverse=True
             )[:n]
-        return [self._public(s.output, j) for j, s in enumerate(sequences)]
+        if self._is_delta:  # the sequences with news: tokens, or their end
+            return [
+                self._public(s, j)
+                for j, s in enumerate(sequences)
+                if len(s.output.token_ids) > s.num_sent_tokens
+                or (s.output.finish_reason is not None and not s.sent_finish)
+            ]
+        return [self._public(s, j) for j, s in enumerate(sequences)]
 
-    def _public(self, output: CompletionOutput, index: int) -> CompletionOutput:
-        """A copy for the client: logprobs only when it asked for them. (Built field by
-        field: replace() costs a few times more, once per request per step.)"""
-        asked = self._wants_logprobs
+    def _public(self, seq: SequenceState, index: int) -> CompletionOutput:
+        """A copy for the client (DELTA: of what is new): logprobs only when it asked for
+        them. (Built field by field: replace() costs a few times more, once per request
+        per step.)"""
+        output, asked = seq.output, self._wants_logprobs
+        first, chars = 0, 0
+        if self._is_delta:
+            first, chars = seq.num_sent_tokens, seq.num_sent_chars
+            seq.num_sent_tokens, seq.num_sent_chars = len(output.token_ids), len(output.text)
+            seq.sent_finish = output.finish_reason is not None
         return CompletionOutput(
             index,
-            output.text,
-            output.token_ids[:],
+            output.text[chars:],
+            output.token_ids[first:],
             output.finish_reason,
             output.stop_reason,
             output.cumulative_logprob if asked else None,
-            list(output.logprobs) if asked and output.logprobs is not None else None,
+            output.logprobs[first:] if asked and output.logprobs is not None else None,
         )
 
 

@@ -14,6 +14,7 @@ from tokenmill.engine.generation_config import sampling_defaults
 from tokenmill.engine.groups import BeamGroup, RequestGroup, SequenceState
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.outputs import (
+    AnyOutput,
     CompletionOutput,
     PoolingRequestOutput,
     PositionLogprobs,
@@ -41,7 +42,6 @@ from tokenmill.tools.reasoning import ReasoningMarkers, detect_reasoning
 logger = logging.getLogger(__name__)
 
 Group = RequestGroup | BeamGroup | PoolingGroup
-AnyOutput = RequestOutput | PoolingRequestOutput
 
 
 @dataclasses.dataclass(slots=True)
@@ -330,11 +330,8 @@ class LLMEngine:
             group = self._group_of.get(request.request_id)
             if group is None:
                 continue
-            if type(group) is RequestGroup and group.is_plain:  # (most requests)
-                output = group.take_plain_token()  # (most steps: a token that does not end it)
-                if output is not None:
-                    outputs.append(output)
-                    continue
+            if type(group) is RequestGroup and group.is_plain and group.take_plain_token(outputs):
+                continue  # (most requests, most steps: a token that does not end it)
             if request.finish_reason == "error":
                 outputs.append(self._fail(group, request.error or "the engine failed"))
                 changed.pop(group.request_id, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,6 +51,30 @@ class RequestOutput:
     # time.monotonic() when the engine first scheduled it (its queue time ends); None before
     first_scheduled_time: float | None = None
 
+    def add(self, later: RequestOutput) -> None:
+        """Fold a later output of the same DELTA request into this one (in place): then
+        this one holds what both hold, as if it were one delta."""
+        mine = {c.index: c for c in self.outputs}
+        for new in later.outputs:
+            seq = mine.get(new.index)
+            if seq is None:
+                self.outputs.append(new)
+                continue
+            seq.text += new.text
+            seq.token_ids.extend(new.token_ids)
+            if new.logprobs is not None:
+                seq.logprobs = [*(seq.logprobs or ()), *new.logprobs]
+            seq.cumulative_logprob = new.cumulative_logprob
+            seq.finish_reason, seq.stop_reason = new.finish_reason, new.stop_reason
+        self.outputs.sort(key=lambda c: c.index)
+        self.finished = later.finished
+        self.num_cached_tokens = later.num_cached_tokens
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
+        self.error = later.error
+        if self.first_scheduled_time is None:
+            self.first_scheduled_time = later.first_scheduled_time
+
 
 @dataclass(slots=True)
 class PoolingOutput:
@@ -74,3 +99,21 @@ class PoolingRequestOutput:
     prompt: str | None = None
     error: str | None = None
     first_scheduled_time: float | None = None
+
+
+AnyOutput = RequestOutput | PoolingRequestOutput
+
+
+def take_newest(
+    item: AnyOutput | BaseException, queue: asyncio.Queue[AnyOutput | BaseException], delta: bool
+) -> AnyOutput | BaseException:
+    """A request's first queued item and what queued after it, as one: a newer cumulative
+    snapshot supersedes an older one; DELTA outputs fold into one (RequestOutput.add).
+    Stops at a finished output or an error."""
+    while not queue.empty() and isinstance(item, RequestOutput) and not item.finished:
+        newer = queue.get_nowait()
+        if delta and isinstance(newer, RequestOutput):
+            item.add(newer)
+        else:
+            item = newer
+    return item

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TypeVar
@@ -15,6 +16,7 @@ from starlette.responses import Response
 from tokenmill.engine.client import EngineClient
 from tokenmill.engine.input_processor import EngineInput
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import RequestOutputKind
 from tokenmill.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -35,14 +37,19 @@ def generate(
 async def engine_stream(
     engine: EngineClient, metrics: ServerMetrics, item: EngineInput, request_id: str
 ) -> AsyncIterator[RequestOutput]:
-    """One engine request with its metrics; leaving early aborts it in the engine."""
+    """One engine request with its metrics; leaving early aborts it in the engine.
+
+    Yields the request's cumulative output after each step it changed in (the handlers
+    read snapshots that way), as one object that grows: the engine sends what is new
+    (output_kind DELTA, so no step copies a long output), folded in here. A handler
+    reads each snapshot before it asks for the next."""
     timer = metrics.start_request(len(item.prompt_token_ids), item.params)
     if item.params.max_tokens == 0 and item.params.prompt_logprobs is None:  # echo only
         yield _empty_output(item, request_id)
         return
     stream = engine.generate(
         item.prompt_token_ids,
-        item.params,
+        dataclasses.replace(item.params, output_kind=RequestOutputKind.DELTA),
         request_id,
         cache_salt=item.cache_salt,
         grammar=item.grammar,
@@ -50,13 +57,18 @@ async def engine_stream(
         images=item.images,
     )
     finished = False
+    so_far: RequestOutput | None = None
     try:
-        async for output in stream:
-            timer.on_output(output)
-            finished = output.finished
+        async for delta in stream:
+            if so_far is None:
+                so_far = delta  # (the first: all there is so far)
+            else:
+                so_far.add(delta)
+            timer.on_output(so_far)
+            finished = so_far.finished
             if finished:
-                timer.on_finish(output)
-            yield output
+                timer.on_finish(so_far)
+            yield so_far
     finally:
         if not finished:
             timer.on_abort()
