@@ -111,6 +111,7 @@ def measure(llm: LLM, batch: int, steps: int, kind: RequestOutputKind) -> dict[s
         vars(owner)[method] = timer.wrap(name, getattr(owner, method))
     totals: list[float] = []
     phases: dict[str, list[float]] = {}
+    preemptions = core.scheduler.num_preemptions
     try:
         for _ in range(steps):
             timer.seconds.clear()
@@ -129,6 +130,8 @@ def measure(llm: LLM, batch: int, steps: int, kind: RequestOutputKind) -> dict[s
     named["engine outputs (detokenize, stops, snapshots)"] = step_ms - sum(named.values())
     return {
         "batch": batch,
+        # requests the KV cache could not hold (then the steps ran fewer: --kv-cache-gib)
+        "preemptions": core.scheduler.num_preemptions - preemptions,
         "step_ms": round(step_ms, 3),
         "per_request_us": round(step_ms * 1e3 / batch, 1),
         "phases_ms": {name: round(ms, 3) for name, ms in named.items()},
@@ -151,10 +154,14 @@ def main(argv: list[str] | None = None) -> None:
         "--output-kind", default="delta", choices=[k.name.lower() for k in RequestOutputKind],
         help="what each output carries (default: delta, as the server asks)",
     )  # fmt: skip
+    parser.add_argument(
+        "--kv-cache-gib", type=float, default=1.0,
+        help="KV cache size (default 1: 256 requests of ~170 tokens on the bundled model)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     kind = RequestOutputKind[args.output_kind.upper()]
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    llm = LLM(args.model, max_num_seqs=max(batches), kv_cache_memory=1 << 30)
+    llm = LLM(args.model, max_num_seqs=max(batches), kv_cache_memory=int(args.kv_cache_gib * 2**30))
     stub_model(llm, llm.tokenizer.encode(" the")[-1])
     if not args.default_gc:
         settle_heap()

@@ -41,7 +41,9 @@ class ScheduledSequence(Generic[S]):
     start: int  # first position computed this step (the tokens before it are cached)
     num_new_tokens: int
     samples: bool  # the step reaches the sequence's last token: sample the next one
-    block_table: array[int]  # its KV blocks, in position order (int64)
+    # its KV blocks, in position order (int64): for a running request the KV cache
+    # manager's own table, read during the step (the next schedule may grow it)
+    block_table: array[int]
     # speculative decoding: guesses of the tokens after its last one, computed as decode
     # rows after it (num_new_tokens counts them) and checked by the sampler
     draft_token_ids: list[int] = field(default_factory=list)
