@@ -21,6 +21,7 @@ from tests.unit.fake_engine import (
     sse_events,
 )
 from tokenmill.engine.client import EngineStats
+from tokenmill.sampling_params import RequestOutputKind
 from tokenmill.server.app import build_app
 from tokenmill.server.settings import ServerSettings
 
@@ -144,6 +145,24 @@ async def test_stream_n_interleaves_by_index(client: httpx.AsyncClient) -> None:
         (choice,) = chunk["choices"]
         texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
     assert texts == {0: "abc", 1: "bcd"}
+
+
+async def test_the_engine_sends_deltas_and_the_server_folds_them(
+    client: httpx.AsyncClient, engine: FakeAsyncEngine
+) -> None:
+    """The server asks for what is new each step (no step copies a long output) and reads
+    the deltas folded into one cumulative output: the same text streamed or whole."""
+    body = {"prompt": "hi", "max_tokens": 6, "n": 2, "stop": ["e"]}
+    whole = (await client.post("/v1/completions", json=body)).json()
+    assert engine.requests[-1][1].output_kind is RequestOutputKind.DELTA
+    assert [c["text"] for c in whole["choices"]] == ["abcd", "bcd"]
+    assert whole["usage"]["completion_tokens"] == 5 + 4  # (the stop string's tokens count)
+    streamed = (await client.post("/v1/completions", json=body | {"stream": True})).text
+    texts: dict[int, str] = {}
+    for event in sse_events(streamed)[:-1]:
+        (choice,) = json.loads(event)["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {0: "abcd", 1: "bcd"}
 
 
 async def test_error_after_stream_started(client: httpx.AsyncClient) -> None:

@@ -62,8 +62,10 @@ class RequestOutput:
                 continue
             seq.text += new.text
             seq.token_ids.extend(new.token_ids)
-            if new.logprobs is not None:
-                seq.logprobs = [*(seq.logprobs or ()), *new.logprobs]
+            if seq.logprobs is None:
+                seq.logprobs = new.logprobs
+            elif new.logprobs is not None:
+                seq.logprobs.extend(new.logprobs)
             seq.cumulative_logprob = new.cumulative_logprob
             seq.finish_reason, seq.stop_reason = new.finish_reason, new.stop_reason
         self.outputs.sort(key=lambda c: c.index)
