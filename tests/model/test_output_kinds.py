@@ -92,6 +92,10 @@ def test_queued_outputs_fold_into_one() -> None:
     assert (folded.outputs[0].text, folded.outputs[0].token_ids) == ("abc", [1, 2, 3])
     assert queue.qsize() == 1  # it stopped at the finished one
     queue.get_nowait()
+    replaced = delta("a", [1])
+    replaced.add(delta("ab", [1, 2], finished=True), aggregate=False)  # (vLLM's other mode)
+    assert (replaced.outputs[0].text, replaced.outputs[0].token_ids) == ("ab", [1, 2])
+    assert replaced.finished
     newest = delta("ab", [1, 2])
     queue.put_nowait(newest)
     assert take_newest(delta("a", [1]), queue, delta=False) is newest

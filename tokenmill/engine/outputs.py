@@ -51,13 +51,16 @@ class RequestOutput:
     # time.monotonic() when the engine first scheduled it (its queue time ends); None before
     first_scheduled_time: float | None = None
 
-    def add(self, later: RequestOutput) -> None:
-        """Fold a later output of the same DELTA request into this one (in place): then
-        this one holds what both hold, as if it were one delta."""
+    def add(self, later: RequestOutput, aggregate: bool = True) -> None:
+        """Merge a later output of the same request into this one, in place (vLLM's
+        RequestOutput.add): aggregate, for DELTA outputs, appends each sequence's news to
+        it, as if the two were one delta; else a later sequence replaces its own."""
         mine = {c.index: c for c in self.outputs}
         for new in later.outputs:
             seq = mine.get(new.index)
-            if seq is None:
+            if seq is None or not aggregate:
+                if seq is not None:
+                    self.outputs.remove(seq)
                 self.outputs.append(new)
                 continue
             seq.text += new.text
