@@ -206,3 +206,13 @@ def test_a_preempted_request_waits_by_its_key() -> None:
     queue.remove(early)
     queue.forget(early)
     assert list(queue) == [late] and early not in queue and late in queue
+
+
+def test_a_request_ends_at_the_context_it_is_admitted_to() -> None:
+    """The engine sets its own context on admission; the length check follows it."""
+    request = make("r", 6, max_tokens=100)  # made with a context of 10,000
+    request.set_max_model_len(8)  # as EngineCore.add_request does
+    request.token_ids.append(7)
+    assert not request.check_stop()  # 7 tokens of 8
+    request.token_ids.append(7)
+    assert request.check_stop() and request.finish_reason == "length"

@@ -85,7 +85,7 @@ class EngineCore:
     def add_request(self, request: Request) -> None:
         """Admit a request to the waiting queue (the engine's InputProcessor has checked its
         prompt against the context and the vocabulary)."""
-        request.max_model_len = self.max_model_len
+        request.set_max_model_len(self.max_model_len)
         self.requests[request.request_id] = request
         self.scheduler.add(request)
 

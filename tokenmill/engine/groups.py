@@ -113,19 +113,17 @@ class RequestGroup:
         detok = seq.detokenizer
         detok.add_token(token_id)
         output_ids.append(token_id)
+        output.text = text = detok.text
         kind = self._kind
         if kind is RequestOutputKind.CUMULATIVE:  # (the ids so far: a copy, as they grow)
-            output.text = text = detok.text
             completion = CompletionOutput(0, text, output_ids[:], None, None)
         elif kind is RequestOutputKind.DELTA:
-            output.text = text = detok.text
             completion = CompletionOutput(
                 0, text[seq.num_sent_chars :], output_ids[seq.num_sent_tokens :], None, None
             )
             seq.num_sent_chars, seq.num_sent_tokens = len(text), len(output_ids)
         else:
-            output.text = detok.text
-            return True
+            return True  # (FINAL_ONLY)
         outputs.append(
             RequestOutput(
                 self.request_id,

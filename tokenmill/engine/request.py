@@ -74,10 +74,15 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        self._length_limit = len(self.prompt_token_ids) + self.max_output_tokens
         self._ending_ids = self.eos_token_ids | frozenset(self.params.stop_token_ids or ())
+        self.set_max_model_len(self.max_model_len)
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]
+
+    def set_max_model_len(self, max_model_len: int) -> None:
+        """The context it runs in (the engine's, when admitted), and so where it ends."""
+        self.max_model_len = max_model_len
+        self._length_limit = len(self.prompt_token_ids) + self.max_output_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
