@@ -43,7 +43,7 @@ def reference(q, k_cache, v_cache, tables, lens, block_size):
         (6, 1, 32, [64, 64, 64, 1, 100, 7, 31]),
     ],
 )
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.float8_e5m2])
 def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens, cache_dtype):
     torch.manual_seed(0)
     block_size, num_blocks = 16, 64
@@ -51,7 +51,8 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens, ca
     v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
     if not paged_attention.supports(k_cache):
         pytest.skip(
-            "float16 caches need the F16C vector loops (head sizes that are a multiple of 8)"
+            "float16 and e5m2 caches need the F16C vector loops (head sizes that are a "
+            "multiple of 8)"
         )
     width = max(-(-n // block_size) for n in lens)
     # each sequence gets distinct, scattered blocks; unused table entries stay 0
@@ -65,7 +66,7 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens, ca
     lens_t = torch.tensor(lens, dtype=torch.long)
     q = torch.randn(len(lens), heads, head_dim) * 3  # peaked softmax too
     got = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens_t, block_size)
-    # float16 caches: the same math over the values they hold
+    # float16 and e5m2 caches: the same math over the values they hold
     want = reference(q, k_cache.float(), v_cache.float(), tables, lens_t, block_size)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
@@ -89,7 +90,7 @@ def test_each_sequence_is_independent_of_its_batch():
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "cache_dtype"),
     [(9, 3, 64, torch.float32), (4, 4, 48, torch.float32), (2, 1, 20, torch.float32),
-     (9, 3, 64, torch.float16)],
+     (9, 3, 64, torch.float16), (9, 3, 64, torch.float8_e5m2), (4, 2, 40, torch.float8_e5m2)],
 )  # fmt: skip
 def test_prefill_rows_equal_the_same_rows_alone(heads, kv_heads, head_dim, cache_dtype):
     """A prefill chunk's rows (one block table, consecutive lengths) are attended in tiles
@@ -116,8 +117,9 @@ def test_prefill_rows_equal_the_same_rows_alone(heads, kv_heads, head_dim, cache
 @needs_kernel
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "cache_dtype"),
-    [(9, 3, 64, torch.float32), (2, 1, 20, torch.float32), (8, 2, 128, torch.float16)],
-)
+    [(9, 3, 64, torch.float32), (2, 1, 20, torch.float32), (8, 2, 128, torch.float16),
+     (9, 3, 64, torch.float8_e5m2)],
+)  # fmt: skip
 @pytest.mark.parametrize("window", [1, 13, 40])
 def test_a_sliding_window_reads_only_its_keys(heads, kv_heads, head_dim, cache_dtype, window):
     """Rows see their last `window` keys (SDPA over just those); the blocks before a row's
@@ -302,6 +304,38 @@ def test_rope_and_cache_writes_float16_caches_rounded():
     q16, k16 = layer_ops.rope_and_cache(qkv, cos_sin, positions, slots, *half, heads)
     assert torch.equal(q16, q32) and torch.equal(k16, k32)  # q and k stay float32
     assert torch.equal(half[0], wide[0].half()) and torch.equal(half[1], wide[1].half())
+
+
+@needs_layer_ops
+def test_rope_and_cache_writes_e5m2_caches_through_float16():
+    """An e5m2 cache holds each value rounded to float16, then to its top byte (ties to
+    even): the bytes torch's conversion gives from that float16, for every float16 there
+    is (written as values, which are not rotated; NaN and infinities included), and the
+    torch path's write_cache stores the same bytes."""
+    if not layer_ops.writes_f16():
+        pytest.skip("no F16C")
+    from tokenmill.layers.attention import write_cache
+
+    heads, kv_heads, dim = 1, 1, 64
+    halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    v = halves.view(torch.float16).float().view(-1, kv_heads, dim)  # every float16, exactly
+    rows = v.shape[0]
+    k = torch.randn(rows, kv_heads, dim) * 1000
+    qkv = torch.cat([torch.randn(rows, heads * dim), k.flatten(1), v.flatten(1)], 1)
+    cos_sin = torch.stack([torch.ones(1, dim), torch.zeros(1, dim)], 1)  # no rotation
+    positions, slots = torch.zeros(rows, dtype=torch.long), torch.randperm(rows)
+
+    def empty():
+        return tuple(torch.zeros(rows, kv_heads, dim, dtype=torch.float8_e5m2) for _ in "kv")
+
+    native, fallback = empty(), empty()
+    layer_ops.rope_and_cache(qkv, cos_sin, positions, slots, *native, heads)
+    write_cache(k, v, fallback, slots)
+    for written, x in zip(native, (k, v), strict=True):
+        want = x.half().to(torch.float8_e5m2)  # NaN too: the same sign, torch's payload
+        assert torch.equal(written[slots].view(torch.uint8), want.view(torch.uint8))
+    for a, b in zip(native, fallback, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 @needs_layer_ops
@@ -654,7 +688,7 @@ def test_vnni_and_avx2_builds_give_the_same_bits(tmp_path):
 def test_paired_and_single_row_attention_builds_give_the_same_bits(tmp_path):
     """With 32 vector registers (AVX-512 VL) a prefill tile's rows are scored and weighed
     two at a time; a build without them (one row at a time) must give the same bits, for
-    float32 and float16 caches, with and without a window."""
+    float32, float16 and e5m2 caches, with and without a window."""
     import ctypes
 
     native = kernels.load()
@@ -678,7 +712,7 @@ def test_paired_and_single_row_attention_builds_give_the_same_bits(tmp_path):
     lens = torch.cat([torch.arange(90, 131), torch.tensor([7, 300])])  # a chunk, then 2 decodes
     tables = torch.cat([table.expand(41, -1), torch.randperm(32)[None], table]).contiguous()
     q = torch.randn(len(lens), heads, head_dim)
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16, torch.float8_e5m2):
         k_cache = torch.randn(512, kv_heads, head_dim).to(dtype)
         v_cache = torch.randn(512, kv_heads, head_dim).to(dtype)
         for window in (None, 13):
@@ -690,7 +724,7 @@ def test_paired_and_single_row_attention_builds_give_the_same_bits(tmp_path):
                 q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                 lens.data_ptr(), got.data_ptr(), len(lens), heads, kv_heads, head_dim,
                 block_size, tables.shape[1], head_dim**-0.5, window or 0, 2,
-                int(dtype == torch.float16),
+                kernels.kv_format(dtype),
             )  # fmt: skip
             assert status == 0
             assert torch.equal(got, want), (dtype, window)

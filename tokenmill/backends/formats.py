@@ -102,6 +102,11 @@ def fits_fp16(weight: torch.Tensor) -> bool:
     return bool(weight.detach().abs().max() <= _FP16_MAX)
 
 
+# caches narrower than float32, by --kv-cache-dtype: fp8_e5m2 is vLLM's name for 8-bit
+# floats of 5 exponent and 2 mantissa bits (a float16's top byte: half the bytes again)
+_NARROW_CACHES = {"float16": torch.float16, "fp8_e5m2": torch.float8_e5m2}
+
+
 def resolve_kv_cache_dtype(
     setting: str,
     model_dtype: torch.dtype,
@@ -115,15 +120,17 @@ def resolve_kv_cache_dtype(
     )
     if setting == "float32":
         return torch.float32
-    if setting == "float16":
+    if setting in _NARROW_CACHES:
         if not cpu_f16:
             raise ModelLoadError(
-                "--kv-cache-dtype float16 needs the native kernels' float16 loops (an x86 "
+                f"--kv-cache-dtype {setting} needs the native kernels' float16 loops (an x86 "
                 "build with F16C) on this CPU; use float32"
             )
-        return torch.float16
+        return _NARROW_CACHES[setting]
     if setting != "auto":
-        raise ModelLoadError(f"unknown kv_cache_dtype {setting!r}; use auto, float16 or float32")
+        raise ModelLoadError(
+            f"unknown kv_cache_dtype {setting!r}; use auto, float16, float32 or fp8_e5m2"
+        )
     if device.type == "cpu" and quantization == "gguf" and cpu_f16:
         return torch.float16
     return model_dtype

@@ -88,6 +88,18 @@ def function(symbol: str, *argtypes: Any) -> Callable[..., int] | None:
     return fn
 
 
+# the KV cache element types the kernels read and write, by their format code (kv_format.h)
+_KV_FORMATS = {torch.float32: 0, torch.float16: 1, torch.float8_e5m2: 2}
+
+
+def kv_format(dtype: torch.dtype) -> int:
+    """kv_format.h's code for a KV cache of `dtype` (float32, float16 or float8_e5m2)."""
+    try:
+        return _KV_FORMATS[dtype]
+    except KeyError:
+        raise ValueError(f"the native kernels hold no {dtype} KV cache") from None
+
+
 def set_cpu_threads(threads: int | None) -> None:
     """Pin the CPU thread count (torch's and the kernels'), or with None let the kernels'
     pool adapt it to the CPU time the process gets (the default; parallel.h)."""

@@ -21,13 +21,13 @@ typedef struct {
 typedef struct {
     const float *input_norm, *post_attention_norm; /* [C] */
     Projection qkv, o, gate_up, down;
-    void *k_cache, *v_cache; /* [S, Hkv, D] float32, or float16 when cache_f16 */
+    void *k_cache, *v_cache; /* [S, Hkv, D] in cache_format (kv_format.h) */
     int64_t window;          /* sliding window of its attention; 0: none */
 } Layer;
 
 typedef struct {
     int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate;
-    int64_t num_positions, num_slots, block_size, cache_f16;
+    int64_t num_positions, num_slots, block_size, cache_format;
     float eps, scale;
 } Shape;
 
@@ -66,11 +66,11 @@ int tm_decode_layers(const Layer *layers, int64_t num_layers, const Shape *s, fl
         }
         status |= project(&l->qkv, h, rows, C, qkv, n_threads);
         status |= tm_rope_and_cache(qkv, cos_sin, positions, slots, q, k, l->k_cache, l->v_cache,
-                                    rows, H, Hkv, D, s->num_positions, s->num_slots, (int)s->cache_f16);
+                                    rows, H, Hkv, D, s->num_positions, s->num_slots, (int)s->cache_format);
         if (status) break;
         status |= tm_paged_decode_attention(q, l->k_cache, l->v_cache, tables, lens, attn, rows,
                                             H, Hkv, D, s->block_size, max_blocks, s->scale,
-                                            l->window, attention_threads, (int)s->cache_f16);
+                                            l->window, attention_threads, (int)s->cache_format);
         status |= project(&l->o, attn, rows, H * D, x, n_threads);
         tm_add_rms_norm(x, residual, l->post_attention_norm, h, rows, C, s->eps, 1);
         status |= project(&l->gate_up, h, rows, C, gate_up, n_threads);

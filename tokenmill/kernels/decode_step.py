@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from tokenmill.kernels import function
+from tokenmill.kernels import function, kv_format
 from tokenmill.kernels.paged_attention import attention_threads
 
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -70,7 +70,7 @@ class _Shape(ctypes.Structure):
             "num_positions",
             "num_slots",
             "block_size",
-            "cache_f16",
+            "cache_format",
         )
     ] + [("eps", _f32), ("scale", _f32)]
 
@@ -131,7 +131,7 @@ class DecodeLayers:
         self._window = windows.pop() if len(windows) == 1 else None  # for the thread count
         self._shape = _Shape(
             hidden, num_heads, num_kv_heads, head_dim, intermediate,
-            cos_sin.shape[0], num_slots, block_size, k_cache.dtype == torch.float16,
+            cos_sin.shape[0], num_slots, block_size, kv_format(k_cache.dtype),
             eps, head_dim**-0.5,
         )  # fmt: skip
         self._keep = (layers, kv_caches)  # the pointers above stay valid while these live

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "fast_math.h"
+#include "kv_format.h"
 #include "parallel.h"
 
 #if defined(__F16C__)
@@ -115,7 +116,21 @@ static inline void store_half(uint16_t *to, const float *from, int64_t n) {
 #endif
 }
 
-/* Whether float16 caches can be written (tm_rope_and_cache's f16). */
+/* n floats -> fp8 e5m2 bytes through float16 (kv_format.h); only built with F16C */
+static inline void store_e5m2(uint8_t *to, const float *from, int64_t n) {
+#if defined(__F16C__)
+    uint16_t half[8];
+    for (int64_t i = 0; i < n; i += 8) {
+        const int64_t m = n - i < 8 ? n - i : 8;
+        store_half(half, from + i, m);
+        for (int64_t e = 0; e < m; e++) to[i + e] = e5m2_from_half(half[e]);
+    }
+#else
+    (void)to, (void)from, (void)n;
+#endif
+}
+
+/* Whether float16 and e5m2 caches can be written (tm_rope_and_cache's format). */
 int tm_rope_writes_f16(void) {
 #if defined(__F16C__)
     return 1;
@@ -130,7 +145,7 @@ typedef struct {
     float *q_out, *k_out;
     void *k_cache, *v_cache;
     int64_t num_heads, num_kv_heads, head_dim;
-    int f16;
+    int format;
 } RopeRows;
 
 static void rope_rows(void *arg, int64_t begin, int64_t end) {
@@ -149,9 +164,12 @@ static void rope_rows(void *arg, int64_t begin, int64_t end) {
         }
         const int64_t kv = num_kv_heads * D, slot = a->slots[t];
         const float *k = a->k_out + t * kv, *v = row + (num_heads + num_kv_heads) * D;
-        if (a->f16) {
+        if (a->format == CACHE_F16) {
             store_half((uint16_t *)a->k_cache + slot * kv, k, kv);
             store_half((uint16_t *)a->v_cache + slot * kv, v, kv);
+        } else if (a->format == CACHE_E5M2) {
+            store_e5m2((uint8_t *)a->k_cache + slot * kv, k, kv);
+            store_e5m2((uint8_t *)a->v_cache + slot * kv, v, kv);
         } else {
             memcpy((float *)a->k_cache + slot * kv, k, sizeof(float) * kv);
             memcpy((float *)a->v_cache + slot * kv, v, sizeof(float) * kv);
@@ -162,20 +180,21 @@ static void rope_rows(void *arg, int64_t begin, int64_t end) {
 /* One step's rows of qkv [T, (H + 2 Hkv) * D] (q | k | v): q and k rotated by their
  * token's position ("rotate half" layout, table cos_sin [P, 2, D]) into q_out [T, H, D]
  * and k_out [T, Hkv, D]; k and v also written to the caches [S, Hkv, D] at slots[t]
- * (float32, or float16 when f16: rounded to nearest). Returns 1 (writing nothing) on a
- * position or slot out of range, 2 on f16 without tm_rope_writes_f16. */
+ * in `format` (kv_format.h: float32, or float16 or e5m2 rounded to nearest). Returns 1
+ * (writing nothing) on a position or slot out of range, 2 on a narrow format without
+ * tm_rope_writes_f16. */
 int tm_rope_and_cache(const float *qkv, const float *cos_sin, const int64_t *positions,
                       const int64_t *slots, float *q_out, float *k_out, void *k_cache,
                       void *v_cache, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
-                      int64_t head_dim, int64_t num_positions, int64_t num_slots, int f16) {
+                      int64_t head_dim, int64_t num_positions, int64_t num_slots, int format) {
     const int64_t width = (num_heads + 2 * num_kv_heads) * head_dim;
-    if (f16 && !tm_rope_writes_f16()) return 2;
+    if (format != CACHE_F32 && !tm_rope_writes_f16()) return 2;
     for (int64_t t = 0; t < rows; t++)
         if (positions[t] < 0 || positions[t] >= num_positions || slots[t] < 0 ||
             slots[t] >= num_slots)
             return 1;
     RopeRows a = {qkv, cos_sin, positions, slots, q_out, k_out, k_cache, v_cache,
-                  num_heads, num_kv_heads, head_dim, f16};
+                  num_heads, num_kv_heads, head_dim, format};
     for_rows(rope_rows, &a, rows, width);
     return 0;
 }

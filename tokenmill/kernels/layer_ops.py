@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from tokenmill.kernels import function
+from tokenmill.kernels import function, kv_format
 
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 
@@ -27,7 +27,7 @@ def available() -> bool:
 
 
 def writes_f16() -> bool:
-    """Whether rope_and_cache can write float16 caches (an F16C build)."""
+    """Whether rope_and_cache can write float16 and e5m2 caches (an F16C build)."""
     fn = function("tm_rope_writes_f16")
     return fn is not None and bool(fn())
 
@@ -58,7 +58,7 @@ def rope_and_cache(
     cos_sin: torch.Tensor,  # [P, 2, D] float32
     positions: torch.Tensor,  # [T] int64
     slots: torch.Tensor,  # [T] int64
-    k_cache: torch.Tensor,  # [S, Hkv, D] float32, or float16 (see writes_f16)
+    k_cache: torch.Tensor,  # [S, Hkv, D] float32, or float16 / float8_e5m2 (see writes_f16)
     v_cache: torch.Tensor,
     num_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # q [T, H, D], k [T, Hkv, D], rotated
@@ -84,10 +84,10 @@ def rope_and_cache(
         head_dim,
         cos_sin.shape[0],
         k_cache.shape[0],
-        k_cache.dtype == torch.float16,
+        kv_format(k_cache.dtype),
     )
     if status == 2:
-        raise ValueError("this build cannot write a float16 KV cache (no F16C)")
+        raise ValueError("this build cannot write a float16 or fp8 KV cache (no F16C)")
     if status != 0:
         raise IndexError("a token position or cache slot is out of range")
     return q, k

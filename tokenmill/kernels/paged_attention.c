@@ -4,10 +4,10 @@
  * values of row b are the first lens[b] slots named by its block table: a decode, or one
  * token of a prefill chunk (then lens[b] = its position + 1). With a sliding window w > 0,
  * only its last w of them: blocks before the window's first are never read (the engine
- * may have freed them). float32 math over a float32
- * or float16 cache (float16: the AVX2 + F16C loops only, converted on load); two passes
- * over the keys (scores, then softmax) and one over the values (AVX2 loops for head sizes
- * that are a multiple of 8). A row's result depends on its query, keys and values only:
+ * may have freed them). float32 math over a float32, float16 or fp8 e5m2 cache
+ * (kv_format.h; the narrow ones: the AVX2 + F16C loops only, converted on load); two
+ * passes over the keys (scores, then softmax) and one over the values (AVX2 loops for head
+ * sizes that are a multiple of 8). A row's result depends on its query, keys and values only:
  * consecutive rows of one sequence (a prefill chunk) form a tile that reads each key and
  * value once for all its rows, but each row still sums in the same order as alone. Work
  * items are tiles (or (tile, kv head) pairs when there are fewer tiles than threads), taken
@@ -19,13 +19,14 @@
 #include <string.h>
 
 #include "fast_math.h"
+#include "kv_format.h"
 #include "parallel.h"
 
 enum { TILE_ROWS = 16 }; /* rows of one sequence that share their key and value reads */
 
 typedef struct {
     const float *q;          /* [B, H, D] */
-    const char *k_cache;     /* [S, Hkv, D] float32, or float16 when f16 */
+    const char *k_cache;     /* [S, Hkv, D] in `format` (kv_format.h) */
     const char *v_cache;
     const int64_t *tables;   /* [B, max_blocks] */
     const int64_t *lens;     /* [B] */
@@ -33,7 +34,7 @@ typedef struct {
     int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
     float scale;
     int64_t window;          /* keys a row sees, its last ones; 0: all */
-    int f16;                 /* the caches hold float16 (F16C builds only) */
+    int format;              /* CACHE_F32, or CACHE_F16 / CACHE_E5M2 (F16C builds only) */
     int64_t splits;          /* items per tile: 1, or Hkv (one per kv head) */
     const int64_t *tiles;    /* [num_tiles + 1]: tile t is rows tiles[t] .. tiles[t + 1] - 1 */
     int64_t num_tiles;       /* work items: num_tiles * splits */
@@ -118,9 +119,26 @@ INLINE void softmax_row(float *s, int64_t L) {
     if (full < L) _mm256_maskstore_ps(s + full, tail, _mm256_mul_ps(_mm256_maskload_ps(s + full, tail), inv));
 }
 
-/* 8 cache values from `at` as floats (float16 converted exactly) */
-INLINE __m256 load_kv(const char *at, const int f16) {
-    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)at)) : _mm256_loadu_ps((const float *)at);
+/* 8 cache values from `at` as floats (float16 and e5m2 converted exactly: an e5m2 byte is
+ * a float16's top byte) */
+INLINE __m256 load_kv(const char *at, const int fmt) {
+    if (fmt == CACHE_E5M2) /* each byte under a zero byte: the float16 it is the top of */
+        return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i *)at)));
+    if (fmt == CACHE_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)at));
+    return _mm256_loadu_ps((const float *)at);
+}
+
+/* 16 cache values from `at` into two[0] (the first 8) and two[1]: load_kv twice, but an
+ * e5m2 cache's 16 bytes are loaded once */
+INLINE void load_kv16(const char *at, const int fmt, __m256 *two) {
+    if (fmt == CACHE_E5M2) {
+        const __m128i bytes = _mm_loadu_si128((const __m128i *)at);
+        two[0] = _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), bytes));
+        two[1] = _mm256_cvtph_ps(_mm_unpackhi_epi8(_mm_setzero_si128(), bytes));
+    } else {
+        two[0] = load_kv(at, fmt);
+        two[1] = load_kv(at + 8 * value_size(fmt), fmt);
+    }
 }
 
 /* the 8 lane sums of acc[0..8), scaled (lane r: key r's score), n of them stored (none when
@@ -144,13 +162,22 @@ INLINE void store_sums(const __m256 *acc, float scale, float *scores, int64_t n)
  * apart; lanes past n are computed and dropped): one accumulator per key, the 8 reduced
  * together in one tree, so a key's score does not depend on its neighbours. */
 INLINE void key_scores(const float *q, const char *k, int64_t row, int64_t D, float scale,
-                       float *scores, int64_t n, const int f16) {
-    const int64_t size = f16 ? 2 : 4; /* bytes per cache value */
+                       float *scores, int64_t n, const int fmt) {
+    const int64_t size = value_size(fmt); /* bytes per cache value */
     __m256 acc[8];
     for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) { /* the same fma chain as 8 at a time, in fewer loads */
+        const __m256 q0 = _mm256_loadu_ps(q + d), q1 = _mm256_loadu_ps(q + d + 8);
+        for (int r = 0; r < 8; r++) {
+            __m256 key[2];
+            load_kv16(k + r * row + d * size, fmt, key);
+            acc[r] = _mm256_fmadd_ps(q1, key[1], _mm256_fmadd_ps(q0, key[0], acc[r]));
+        }
+    }
+    for (; d < D; d += 8) {
         const __m256 qd = _mm256_loadu_ps(q + d);
-        for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qd, load_kv(k + r * row + d * size, f16), acc[r]);
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qd, load_kv(k + r * row + d * size, fmt), acc[r]);
     }
     store_sums(acc, scale, scores, n);
 }
@@ -158,23 +185,23 @@ INLINE void key_scores(const float *q, const char *k, int64_t row, int64_t D, fl
 /* the scores of keys [i, n) of one block (i + 8 > the block size: its last few keys) from a
  * zero-padded copy */
 INLINE void tail_scores(const Job *j, const float *q, const char *k, int64_t i, int64_t n,
-                        float *scores, const int f16) {
-    const int64_t D = j->head_dim, size = f16 ? 2 : 4, row = j->num_kv_heads * D * size;
+                        float *scores, const int fmt) {
+    const int64_t D = j->head_dim, size = value_size(fmt), row = j->num_kv_heads * D * size;
     char copy[8 * 256 * 4]; /* D <= 256 */
     memset(copy, 0, (size_t)(8 * D * size));
     for (int64_t r = 0; r < n - i; r++) memcpy(copy + r * D * size, k + (i + r) * row, (size_t)(D * size));
-    key_scores(q, copy, D * size, D, j->scale, scores + i, n - i, f16);
+    key_scores(q, copy, D * size, D, j->scale, scores + i, n - i, fmt);
 }
 
 /* the scores of keys [0, n) of one block: 8 slots at a time, read in place while 8 fit in
  * the block, else from a zero-padded copy (block sizes that are not a multiple of 8) */
 INLINE void block_scores(const Job *j, const float *q, const char *k, int64_t n, float *scores,
-                         const int f16) {
-    const int64_t D = j->head_dim, size = f16 ? 2 : 4, row = j->num_kv_heads * D * size;
+                         const int fmt) {
+    const int64_t D = j->head_dim, size = value_size(fmt), row = j->num_kv_heads * D * size;
     int64_t i = 0;
     for (; i < n && i + 8 <= j->block_size; i += 8)
-        key_scores(q, k + i * row, row, D, j->scale, scores + i, n - i, f16);
-    if (i < n) tail_scores(j, q, k, i, n, scores, f16);
+        key_scores(q, k + i * row, row, D, j->scale, scores + i, n - i, fmt);
+    if (i < n) tail_scores(j, q, k, i, n, scores, fmt);
 }
 
 #if defined(__AVX512VL__)
@@ -184,14 +211,25 @@ INLINE void block_scores(const Job *j, const float *q, const char *k, int64_t n,
 #define PAIRED_ROWS 1
 
 INLINE void key_scores2(const float *q0, const float *q1, const char *k, int64_t row, int64_t D,
-                        float scale, float *s0, int64_t n0, float *s1, int64_t n1, const int f16) {
-    const int64_t size = f16 ? 2 : 4;
+                        float scale, float *s0, int64_t n0, float *s1, int64_t n1, const int fmt) {
+    const int64_t size = value_size(fmt);
     __m256 a0[8], a1[8];
     for (int r = 0; r < 8; r++) a0[r] = a1[r] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+        const __m256 x0 = _mm256_loadu_ps(q0 + d), y0 = _mm256_loadu_ps(q0 + d + 8);
+        const __m256 x1 = _mm256_loadu_ps(q1 + d), y1 = _mm256_loadu_ps(q1 + d + 8);
+        for (int r = 0; r < 8; r++) {
+            __m256 key[2];
+            load_kv16(k + r * row + d * size, fmt, key);
+            a0[r] = _mm256_fmadd_ps(y0, key[1], _mm256_fmadd_ps(x0, key[0], a0[r]));
+            a1[r] = _mm256_fmadd_ps(y1, key[1], _mm256_fmadd_ps(x1, key[0], a1[r]));
+        }
+    }
+    for (; d < D; d += 8) {
         const __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
         for (int r = 0; r < 8; r++) {
-            const __m256 key = load_kv(k + r * row + d * size, f16);
+            const __m256 key = load_kv(k + r * row + d * size, fmt);
             a0[r] = _mm256_fmadd_ps(x0, key, a0[r]);
             a1[r] = _mm256_fmadd_ps(x1, key, a1[r]);
         }
@@ -202,14 +240,14 @@ INLINE void key_scores2(const float *q0, const float *q1, const char *k, int64_t
 
 /* block_scores for two rows at once: keys [0, n0) and [0, n1) of one block */
 INLINE void block_scores2(const Job *j, const float *q0, const float *q1, const char *k,
-                          int64_t n0, int64_t n1, float *s0, float *s1, const int f16) {
-    const int64_t D = j->head_dim, size = f16 ? 2 : 4, row = j->num_kv_heads * D * size;
+                          int64_t n0, int64_t n1, float *s0, float *s1, const int fmt) {
+    const int64_t D = j->head_dim, size = value_size(fmt), row = j->num_kv_heads * D * size;
     const int64_t n = n0 > n1 ? n0 : n1;
     int64_t i = 0;
     for (; i < n && i + 8 <= j->block_size; i += 8)
-        key_scores2(q0, q1, k + i * row, row, D, j->scale, s0 + i, n0 - i, s1 + i, n1 - i, f16);
-    if (i < n0) tail_scores(j, q0, k, i, n0, s0, f16);
-    if (i < n1) tail_scores(j, q1, k, i, n1, s1, f16);
+        key_scores2(q0, q1, k + i * row, row, D, j->scale, s0 + i, n0 - i, s1 + i, n1 - i, fmt);
+    if (i < n0) tail_scores(j, q0, k, i, n0, s0, fmt);
+    if (i < n1) tail_scores(j, q1, k, i, n1, s1, fmt);
 }
 #endif
 
@@ -218,8 +256,8 @@ INLINE void block_scores2(const Job *j, const float *q0, const float *q1, const 
  * output lane is one fma chain over the keys in order, whatever R and NV */
 INLINE void weighted_values(const Job *j, const int64_t *table, const int64_t *L,
                             const int64_t *lo, const float *const *p, int64_t offset,
-                            float *const *out, const int R, const int NV, const int f16) {
-    const int64_t bs = j->block_size, size = f16 ? 2 : 4, row = j->num_kv_heads * j->head_dim * size;
+                            float *const *out, const int R, const int NV, const int fmt) {
+    const int64_t bs = j->block_size, size = value_size(fmt), row = j->num_kv_heads * j->head_dim * size;
     const int64_t longest = L[R - 1];
     __m256 acc[2][8];
     for (int r = 0; r < R; r++)
@@ -229,7 +267,8 @@ INLINE void weighted_values(const Job *j, const int64_t *table, const int64_t *L
         const char *v = j->v_cache + table[start / bs] * bs * row + offset * size;
         for (int64_t i = 0; i < n; i++, v += row) {
             __m256 values[8];
-            for (int c = 0; c < NV; c++) values[c] = load_kv(v + 8 * c * size, f16);
+            for (int c = 0; c + 1 < NV; c += 2) load_kv16(v + 8 * c * size, fmt, values + c);
+            if (NV % 2) values[NV - 1] = load_kv(v + 8 * (NV - 1) * size, fmt);
             for (int r = 0; r < R; r++) {
                 if (start + i >= L[r] || start + i < lo[r]) continue;
                 const __m256 w = _mm256_broadcast_ss(p[r] + start + i);
@@ -246,9 +285,9 @@ INLINE void weighted_values(const Job *j, const int64_t *table, const int64_t *L
  * scores stay in cache); scores of 8 keys at a time, each key block read once for every
  * row of the tile */
 INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R, int64_t h0,
-                        int64_t heads, float *scores, const int f16) {
+                        int64_t heads, float *scores, const int fmt) {
     const int64_t Hkv = j->num_kv_heads, D = j->head_dim, bs = j->block_size;
-    const int64_t size = f16 ? 2 : 4, row = Hkv * D * size; /* bytes between slots */
+    const int64_t size = value_size(fmt), row = Hkv * D * size; /* bytes between slots */
     const int64_t G = j->num_heads / Hkv, H = j->num_heads, *lens = j->lens + b;
     const int64_t longest = lens[R - 1];
     int64_t lo[TILE_ROWS]; /* each row's first key (ascending, as lens is) */
@@ -264,12 +303,12 @@ INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
                 const int64_t n1 = r + 1 < R ? (lens[r + 1] - start < bs ? lens[r + 1] - start : bs) : 0;
                 if (n1 > 0 && start + bs > lo[r + 1]) { /* the next row's keys here too */
                     block_scores2(j, j->q + ((b + r) * H + head) * D, j->q + ((b + r + 1) * H + head) * D,
-                                  k, n, n1, scores + r * longest + start, scores + (r + 1) * longest + start, f16);
+                                  k, n, n1, scores + r * longest + start, scores + (r + 1) * longest + start, fmt);
                     r++;
                     continue;
                 }
 #endif
-                block_scores(j, j->q + ((b + r) * H + head) * D, k, n, scores + r * longest + start, f16);
+                block_scores(j, j->q + ((b + r) * H + head) * D, k, n, scores + r * longest + start, fmt);
             }
         }
         for (int64_t r = 0; r < R; r++) softmax_row(scores + r * longest + lo[r], lens[r] - lo[r]);
@@ -288,12 +327,12 @@ INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
                     for (int r = 0; r <= two; r++)
                         for (int64_t e = d; e < D; e += 8) {
                             float *slice = out[r] + e - d;
-                            weighted_values(j, table, lens + r0 + r, lo + r0 + r, p + r, kv * D + e, &slice, 1, 1, f16);
+                            weighted_values(j, table, lens + r0 + r, lo + r0 + r, p + r, kv * D + e, &slice, 1, 1, fmt);
                         }
                 } else if (two) {
-                    weighted_values(j, table, lens + r0, lo + r0, p, kv * D + d, out, 2, (int)(step / 8), f16);
+                    weighted_values(j, table, lens + r0, lo + r0, p, kv * D + d, out, 2, (int)(step / 8), fmt);
                 } else {
-                    weighted_values(j, table, lens + r0, lo + r0, p, kv * D + d, out, 1, 8, f16);
+                    weighted_values(j, table, lens + r0, lo + r0, p, kv * D + d, out, 1, 8, fmt);
                 }
             }
         }
@@ -310,12 +349,13 @@ static int run_item(const Job *j, int64_t b, int64_t R, int64_t h0, int64_t h1, 
     if (j->lens[b] <= 0 || R * j->lens[b + R - 1] > j->capacity || heads * j->lens[b + R - 1] > j->capacity) return 1;
 #ifdef VECTOR_HEADS
     if (D % 8 == 0 && D <= 256) {
-        if (j->f16) vector_item(j, table, b, R, h0, heads, scores, 1);
-        else vector_item(j, table, b, R, h0, heads, scores, 0);
+        if (j->format == CACHE_F16) vector_item(j, table, b, R, h0, heads, scores, CACHE_F16);
+        else if (j->format == CACHE_E5M2) vector_item(j, table, b, R, h0, heads, scores, CACHE_E5M2);
+        else vector_item(j, table, b, R, h0, heads, scores, CACHE_F32);
         return 0;
     }
 #endif
-    if (j->f16) return 1; /* float16 caches need the F16C loops */
+    if (j->format != CACHE_F32) return 1; /* narrower caches need the F16C loops */
     const int64_t row = Hkv * D; /* floats between consecutive slots */
     for (int64_t rb = b; rb < b + R; rb++) {
         const int64_t lo = first_key(j, j->lens[rb]), L = j->lens[rb] - lo; /* keys lo + l */
@@ -360,7 +400,7 @@ static void run_job(void *arg, int index, int count) {
     if (status) __atomic_fetch_or(&j->status, status, __ATOMIC_RELAXED);
 }
 
-/* Whether float16 caches can be read for this head size (the vector loops only). */
+/* Whether float16 and e5m2 caches can be read for this head size (the vector loops only). */
 int tm_paged_attention_reads_f16(int64_t head_dim) {
 #ifdef VECTOR_HEADS
     return head_dim % 8 == 0 && head_dim <= 256;
@@ -379,13 +419,14 @@ int tm_paged_attention_paired(void) {
 #endif
 }
 
-/* Returns 0 on success, nonzero if a length was empty, memory ran out or the caches are
- * float16 where tm_paged_attention_reads_f16 says no. */
+/* The caches are in `format` (kv_format.h). Returns 0 on success, nonzero if a length was
+ * empty, memory ran out or the caches are float16 or e5m2 where
+ * tm_paged_attention_reads_f16 says no. */
 int tm_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                               const int64_t *tables, const int64_t *lens, float *out,
                               int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                               int64_t head_dim, int64_t block_size, int64_t max_blocks,
-                              float scale, int64_t window, int64_t n_threads, int f16) {
+                              float scale, int64_t window, int64_t n_threads, int format) {
     /* tiles: runs of rows with one block table and consecutive lengths (a prefill chunk) */
     int64_t *tiles = malloc(sizeof(int64_t) * (batch + 1)), num_tiles = 0, widest = 0;
     if (tiles == NULL) return 1;
@@ -407,7 +448,7 @@ int tm_paged_decode_attention(const float *q, const void *k_cache, const void *v
     /* scores: the tile's rows of one head (AVX2), or one row's heads (portable) */
     const int64_t capacity = num_kv_heads / splits * (num_heads / num_kv_heads) * widest;
     Job job = {q, k_cache, v_cache, tables, lens, out, num_heads, num_kv_heads, head_dim,
-               block_size, max_blocks, scale, window, f16, splits, tiles, num_tiles, capacity, 0, 0};
+               block_size, max_blocks, scale, window, format, splits, tiles, num_tiles, capacity, 0, 0};
     parallel(run_job, &job, (int)n_threads);
     free(tiles);
     return job.status;

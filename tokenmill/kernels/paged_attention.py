@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from tokenmill.kernels import function
+from tokenmill.kernels import function, kv_format
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 # (query head x key) pairs per thread: below it a thread's start-up outweighs its share
@@ -25,17 +25,19 @@ def available() -> bool:
 
 
 def reads_f16(head_dim: int) -> bool:
-    """Whether float16 caches of this head size can be read (an F16C build's vector loops)."""
+    """Whether float16 and e5m2 caches of this head size can be read (an F16C build's vector
+    loops)."""
     fn = function("tm_paged_attention_reads_f16", _i64)
     return fn is not None and bool(fn(head_dim))
 
 
 def supports(cache: torch.Tensor) -> bool:
-    """Whether the kernel reads this cache [S, Hkv, D]: CPU float32, or float16 where it can."""
+    """Whether the kernel reads this cache [S, Hkv, D]: CPU float32, or float16 or
+    float8_e5m2 where it can."""
     if cache.device.type != "cpu" or not available():
         return False
     return cache.dtype == torch.float32 or (
-        cache.dtype == torch.float16 and reads_f16(cache.shape[-1])
+        cache.dtype in (torch.float16, torch.float8_e5m2) and reads_f16(cache.shape[-1])
     )
 
 
@@ -49,7 +51,7 @@ def attention_threads(num_heads: int, lens: torch.Tensor, window: int | None = N
 
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H, D] float32
-    k_cache: torch.Tensor,  # [S, Hkv, D] float32 or float16 (see supports)
+    k_cache: torch.Tensor,  # [S, Hkv, D] float32, float16 or float8_e5m2 (see supports)
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [B, max_blocks] int64
     lens: torch.Tensor,  # [B] int64, keys per sequence (>= 1)
@@ -79,7 +81,7 @@ def paged_decode_attention(
         head_dim**-0.5 if scale is None else scale,
         window or 0,
         threads,
-        k_cache.dtype == torch.float16,
+        kv_format(k_cache.dtype),
     )
     if status != 0:
         raise RuntimeError("paged decode attention failed (empty sequence or out of memory)")

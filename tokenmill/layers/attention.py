@@ -146,8 +146,8 @@ class TorchAttention:
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
             if chunk.slots is None:  # as the cache holds them (rounded, if it is narrower)
-                keys = k[rows].to(k_cache.dtype).to(q.dtype)
-                values = v[rows].to(v_cache.dtype).to(q.dtype)
+                keys = cache_values(k[rows], k_cache.dtype).to(q.dtype)
+                values = cache_values(v[rows], v_cache.dtype).to(q.dtype)
             else:
                 keys = _gather(k_cache, chunk.slots, q.dtype)
                 values = _gather(v_cache, chunk.slots, q.dtype)
@@ -190,11 +190,21 @@ def _attend(
     return torch.softmax(scores.float(), dim=-1).to(values.dtype) @ values
 
 
+def cache_values(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a cache of `dtype` holds it: an fp8 e5m2 cache rounds through float16 (its
+    bytes are a float16's top byte), as the native kernels' writes do (kv_format.h)."""
+    if dtype == torch.float8_e5m2:
+        return x.to(torch.float16).to(dtype)
+    return x.to(dtype)
+
+
 def write_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slots: torch.Tensor) -> None:
     """Store the step's keys and values [T, Hkv, D] at their cache slots [T]."""
-    k_cache, v_cache = kv_cache
-    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+    for cache, x in zip(kv_cache, (k, v), strict=True):
+        x = cache_values(x, cache.dtype)
+        if cache.element_size() == 1:  # torch has no index_copy_ of fp8 on CPU: copy bytes
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache.index_copy_(0, slots, x)
 
 
 def _step_keys(layout: StepLayout, window: int | None) -> StepKeys:
