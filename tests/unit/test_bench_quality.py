@@ -56,7 +56,8 @@ def test_quality_on_a_tiny_model(
     text_file.write_text(quality.default_text()[:1500], encoding="utf-8")
     code = cli.main(
         ["bench", "quality", str(model_dir), "--text", str(text_file), "--ctx", str(CTX),
-         "--paths", "gguf,fp16,none", "--question", "", "--kv-cache-memory", "8MiB", "--json"]
+         "--paths", "gguf,fp16,none", "--question", "", "--kv-cache-memory", "8MiB",
+         "--kv-cache-dtype", "fp8_e5m2", "--json"]
     )  # fmt: skip
     assert code == 0
     captured = capsys.readouterr()
@@ -69,6 +70,7 @@ def test_quality_on_a_tiny_model(
     assert paths["gguf"]["status"].startswith("skipped")  # not a GGUF file
     reference = paths["none"]
     assert reference["status"] == "ok" and reference["weights"] == "float32"
+    assert reference["kv_cache_dtype"] == "float32"  # the reference keeps its cache
     assert reference["scored_tokens"] == report["chunks"] * (CTX - CTX // 2 - 1)
     assert math.isfinite(reference["perplexity"]) and reference["perplexity"] > 1
     assert reference["greedy_agreement"] == 1.0
@@ -77,6 +79,7 @@ def test_quality_on_a_tiny_model(
     if fp16["status"] == "ok":  # fp16 needs the native kernels or fbgemm
         assert math.isfinite(fp16["perplexity"]) and fp16["perplexity"] > 1
         assert 0 <= fp16["greedy_agreement"] <= 1
+        assert fp16["kv_cache_dtype"] == "float8_e5m2"
 
     tokenizer_tokens = quality.make_chunks(
         _tokenize(model_dir, text_file.read_text(encoding="utf-8")), CTX, None

@@ -11,7 +11,13 @@ import httpx
 import pytest
 
 from tests.unit.fake_engine import client_for, make_app
-from tokenmill.server.cli import StartupError, _server_settings, build_parser, with_config_file
+from tokenmill.server.cli import (
+    StartupError,
+    _engine_config,
+    _server_settings,
+    build_parser,
+    with_config_file,
+)
 from tokenmill.server.settings import ServerSettings
 from tokenmill.server.vllm_flags import VLLM_FLAGS, RefusedFlag, check_vllm_flags
 
@@ -24,6 +30,7 @@ WORKS = [
     "--response-role", "assistant", "--chat-template-content-format", "auto",
     "--enable-log-requests", "--cpu-offload-gb", "0",
     "--structured-outputs-config.backend", "outlines", "--return-tokens-as-token-ids",
+    "--kv-cache-dtype", "fp8_e5m2",
 ]  # fmt: skip
 IGNORED = [
     "--trust-remote-code", "--enforce-eager", "--swap-space", "4", "--download-dir", "/tmp/x",
@@ -52,6 +59,7 @@ def test_flags_that_work_start_quietly_and_map_onto_tokenmills() -> None:
     assert isinstance(settings, ServerSettings)
     assert args.model == "some-model" and args.guided_decoding_backend == "outlines"
     assert args.scheduling_policy == "priority" and settings.return_tokens_as_token_ids
+    assert _engine_config(args).cache.kv_cache_dtype == "fp8_e5m2"
 
 
 def test_scheduling_policy_and_token_ids_defaults_and_bad_values(

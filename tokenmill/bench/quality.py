@@ -4,7 +4,8 @@ For one model (default: the bundled SmolLM2 GGUF), each CPU weight path that app
 it is loaded in turn: gguf (the file's blocks, int8 activations), gguf-float32 (the same
 blocks, float32 math), fp16 and none (float32 weights: the reference); the GGUF paths
 apply to .gguf files only. Each path keeps its own defaults otherwise (the KV cache
-dtype of "auto": float16 for gguf). On a fixed text (shipped in tokenmill/bench/data;
+dtype of "auto": float16 for gguf), or takes --kv-cache-dtype (the reference keeps its
+float32 cache). On a fixed text (shipped in tokenmill/bench/data;
 --text for another) it reports:
 
 - perplexity, by llama-perplexity's method so the figures compare with llama.cpp's: the
@@ -33,8 +34,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
+from tokenmill.config import KVCacheDtype
 from tokenmill.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # imported when the benchmark runs: `tokenmill --help` stays fast
@@ -151,9 +153,11 @@ def run(
     question: str | None = DEFAULT_QUESTION,
     max_tokens: int = 32,
     max_chunks: int | None = None,
+    kv_cache_dtype: str | None = None,
     **engine_kwargs: Any,
 ) -> dict[str, Any]:
-    """Score every path of `paths` that applies to `model`; the JSON report."""
+    """Score every path of `paths` that applies to `model`, each but the reference with
+    its KV cache in `kv_cache_dtype` when given; the JSON report."""
     from tokenmill.errors import ModelLoadError
     from tokenmill.llm import LLM
 
@@ -174,8 +178,13 @@ def run(
         if path in GGUF_ONLY and header.get("file_format") != "gguf":
             result.status = "skipped: not a GGUF file"
             continue
+        cache = (
+            {}
+            if kv_cache_dtype is None or path == REFERENCE
+            else {"kv_cache_dtype": kv_cache_dtype}
+        )
         try:
-            llm = LLM(model, quantization=path, **engine_kwargs)
+            llm = LLM(model, quantization=path, **engine_kwargs, **cache)
         except ModelLoadError as exc:
             if path == REFERENCE:
                 raise
@@ -285,6 +294,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="KV cache size of each path's engine, e.g. 256MiB (default: sized to the machine)",
     )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=get_args(KVCacheDtype),
+        default=None,
+        help="KV cache of the paths scored against the reference, e.g. fp8_e5m2 (default: "
+        "each path's own; the reference keeps float32)",
+    )
     parser.add_argument("--json", action="store_true", help="print the JSON report")
 
 
@@ -329,6 +345,7 @@ def run_command(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             max_chunks=args.chunks,
             kv_cache_memory=args.kv_cache_memory,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
     except ValueError as exc:  # a text too short for ctx, an unknown path
         print(f"tokenmill bench quality: {exc}", file=sys.stderr)
