@@ -87,9 +87,11 @@ typedef struct {
     int64_t M, K, N, panels;
     int64_t next; /* the first panel no thread has taken yet */
     int src, status;
-    /* int8 activations (DOT): x quantized, [M][K] values, [M][K/32] d and s */
+    /* int8 activations (DOT): x quantized, [M][K] values, [M][K/32] d and s, and [M][K/16]
+     * the integer sums of each half block's values */
     const int8_t *xq;
     const float *xd, *xs;
+    const int32_t *xh;
 } Matmul;
 
 /* scales per block (d, m), values per scale, bytes per nibble group (Q5_1) */
@@ -313,7 +315,15 @@ INLINE void run_panels(const Matmul *p, int64_t begin, int64_t end, const int sr
 
 /* x [blocks][32] -> q, d, s per block (the header's formula; cvtps rounds to nearest even,
  * as nearbyintf does in the portable path) */
-static void quantize_blocks(const float *x, int64_t blocks, int8_t *q, float *d, float *s) {
+/* the sum of 8 int32 lanes */
+INLINE int32_t lane_sum(__m256i v) {
+    __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+    return _mm_cvtsi128_si32(t4);
+}
+
+static void quantize_blocks(const float *x, int64_t blocks, int8_t *q, float *d, float *s, int32_t *h) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < blocks; b++) {
@@ -329,14 +339,12 @@ static void quantize_blocks(const float *x, int64_t blocks, int8_t *q, float *d,
         const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
         __m256i n[4];
         for (int i = 0; i < 4; i++) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], inv));
-        const __m256i total = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
-        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
-        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
-        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+        h[2 * b] = lane_sum(_mm256_add_epi32(n[0], n[1]));
+        h[2 * b + 1] = lane_sum(_mm256_add_epi32(n[2], n[3]));
         const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
         _mm256_storeu_si256((__m256i *)(q + b * QBLOCK), _mm256_permutevar8x32_epi32(bytes, order));
         d[b] = top / 127.0f;
-        s[b] = d[b] * (float)_mm_cvtsi128_si32(t4);
+        s[b] = d[b] * (float)(h[2 * b] + h[2 * b + 1]);
     }
 }
 
@@ -374,6 +382,21 @@ INLINE void dot_step(const Matmul *p, int64_t m, int64_t panel, const int R, con
 #define DOT_ROWS 4
 #define SUM_IN_REGISTER(x) "+x"(x)
 #endif
+
+/* Signed weights (Q8_0, Q6_K) with VNNI go into the dot products as w + 128 (unsigned, as
+ * the instruction takes them), one instruction a product instead of two (|w| and a sign
+ * moved onto x): sum((w + 128) x) - 128 sum(x) = sum(w x), the same exact integer sums.
+ * This takes 128 x (the sum of the rows' values over half blocks [half, half + halves)) off
+ * each row's sums; nothing for other formats or builds. */
+INLINE void unbias(const Matmul *p, int64_t m, const int R, const int P, const int src,
+                   int64_t half, const int halves, __m256i sum[8][4]) {
+    if (!HAVE_VNNI || (src != SRC_Q8_0 && src != SRC_Q6_K)) return;
+    for (int r = 0; r < R; r++) {
+        const int32_t *h = p->xh + (m + r) * (p->K / 16) + half;
+        const __m256i bias = _mm256_set1_epi32(128 * (halves == 2 ? h[0] + h[1] : h[0]));
+        for (int c = 0; c < 2 * P; c++) sum[r][c] = _mm256_sub_epi32(sum[r][c], bias);
+    }
+}
 
 /* bytes of a group of 8 columns' values in one block, dot-product order */
 INLINE int64_t dot_group_bytes(const int src) {
@@ -417,6 +440,8 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
                         default: w[c] = _mm256_or_si256(w[c], fifth_bits(plane, 6)), w2[c] = _mm256_or_si256(w2[c], fifth_bits(plane, 7)); break;
                         }
                     }
+                } else if (HAVE_VNNI) { /* w + 128, unsigned: unbias takes 128 sum(x) off */
+                    w[c] = _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80));
                 } else {
                     w[c] = _mm256_abs_epi8(raw);
                     w2[c] = raw;
@@ -438,18 +463,23 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
                     }
                 } else {
                     const __m256i a = _mm256_set1_epi32(load4(xq + 4 * v));
-                    for (int c = 0; c < 2 * P; c++) sum[r][c] = dot_u8s8(sum[r][c], w[c], _mm256_sign_epi8(a, w2[c]));
+                    for (int c = 0; c < 2 * P; c++)
+                        sum[r][c] = HAVE_VNNI ? dot_u8s8(sum[r][c], w[c], a)
+                                              : dot_u8s8(sum[r][c], w[c], _mm256_sign_epi8(a, w2[c]));
                 }
                 /* the sums stay in registers: left alone, GCC defers the integer adds and
                  * spills every product first, far slower */
                 for (int c = 0; c < 2 * P; c++) __asm__("" : SUM_IN_REGISTER(sum[r][c]));
             }
             if (src == SRC_Q6_K && v == 3) { /* the block's first 16 values: their own scale */
+                unbias(p, m, R, P, src, 2 * b, 1, sum);
                 dot_step(p, m, panel, R, P, src, b, 2 * b, sum, acc);
                 for (int r = 0; r < R; r++)
                     for (int c = 0; c < 2 * P; c++) sum[r][c] = _mm256_setzero_si256();
             }
         }
+        if (src == SRC_Q6_K) unbias(p, m, R, P, src, 2 * b + 1, 1, sum);
+        else unbias(p, m, R, P, src, 2 * b, 2, sum);
         dot_step(p, m, panel, R, P, src, b, src == SRC_Q6_K ? 2 * b + 1 : b, sum, acc);
     }
     store_tile(p, m, panel, R, P, acc);
@@ -515,19 +545,19 @@ static void matmul_job(void *arg, int index, int count) {
     free(wbuf);
 }
 #else /* portable: the same chain per output, one output at a time */
-static void quantize_blocks(const float *x, int64_t blocks, int8_t *q, float *d, float *s) {
+static void quantize_blocks(const float *x, int64_t blocks, int8_t *q, float *d, float *s, int32_t *h) {
     for (int64_t b = 0; b < blocks; b++) {
         const float *v = x + b * QBLOCK;
         float top = 0.0f;
         for (int i = 0; i < QBLOCK; i++) top = __builtin_fmaxf(top, __builtin_fabsf(v[i]));
         const float inv = top > 0.0f ? 127.0f / top : 0.0f;
-        int32_t total = 0;
+        h[2 * b] = h[2 * b + 1] = 0;
         for (int i = 0; i < QBLOCK; i++) {
             q[b * QBLOCK + i] = (int8_t)__builtin_nearbyintf(v[i] * inv);
-            total += q[b * QBLOCK + i];
+            h[2 * b + i / 16] += q[b * QBLOCK + i];
         }
         d[b] = top / 127.0f;
-        s[b] = d[b] * (float)total;
+        s[b] = d[b] * (float)(h[2 * b] + h[2 * b + 1]);
     }
 }
 
@@ -612,12 +642,14 @@ typedef struct {
     int64_t blocks;
     int8_t *q;
     float *d, *s;
+    int32_t *h;
 } Quantize;
 
 static void quantize_job(void *arg, int index, int count) {
     const Quantize *j = arg;
     const int64_t begin = j->blocks * index / count, end = j->blocks * (index + 1) / count;
-    quantize_blocks(j->x + begin * QBLOCK, end - begin, j->q + begin * QBLOCK, j->d + begin, j->s + begin);
+    quantize_blocks(j->x + begin * QBLOCK, end - begin, j->q + begin * QBLOCK, j->d + begin, j->s + begin,
+                    j->h + 2 * begin);
 }
 
 static int matmul(Matmul *p, const float *bias, int n_threads) {
@@ -635,7 +667,7 @@ static int matmul(Matmul *p, const float *bias, int n_threads) {
 int tm_f16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N,
                   const float *bias, float *y, int n_threads) {
     if (M < 1 || K < 1 || N < 1) return 1;
-    Matmul p = {x, (const uint8_t *)w, NULL, y, M, K, N, (N + PANEL - 1) / PANEL, 0, SRC_F16, 0, NULL, NULL, NULL};
+    Matmul p = {x, (const uint8_t *)w, NULL, y, M, K, N, (N + PANEL - 1) / PANEL, 0, SRC_F16, 0, NULL, NULL, NULL, NULL};
     return matmul(&p, bias, n_threads);
 }
 
@@ -650,16 +682,17 @@ int tm_quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *values,
     const int src = type == TYPE_Q4_1 ? SRC_Q4_1 : type == TYPE_Q8_0 ? SRC_Q8_0
                   : type == TYPE_Q5_1 ? SRC_Q5_1 : type == TYPE_Q6_K ? SRC_Q6_K : -1;
     if (src < 0 || K % QBLOCK != 0 || K < 1 || M < 1 || N < 1) return 1;
-    Matmul p = {x, values, scales, y, M, K, N, (N + PANEL - 1) / PANEL, 0, src, 0, NULL, NULL, NULL};
+    Matmul p = {x, values, scales, y, M, K, N, (N + PANEL - 1) / PANEL, 0, src, 0, NULL, NULL, NULL, NULL};
     if (!dot) return matmul(&p, bias, n_threads);
     const int64_t blocks = M * K / QBLOCK;
-    int8_t *xq = malloc(M * K + 2 * sizeof(float) * blocks);
+    int8_t *xq = malloc(M * K + 2 * sizeof(float) * blocks + 2 * sizeof(int32_t) * blocks);
     if (xq == NULL) return 1;
     float *xd = (float *)(xq + M * K), *xs = xd + blocks;
-    Quantize job = {x, blocks, xq, xd, xs};
+    int32_t *xh = (int32_t *)(xs + blocks);
+    Quantize job = {x, blocks, xq, xd, xs, xh};
     const int64_t parts = blocks / QUANTIZE_BLOCKS_PER_THREAD;
     parallel(quantize_job, &job, (int)(parts < n_threads ? (parts < 1 ? 1 : parts) : n_threads));
-    p.xq = xq, p.xd = xd, p.xs = xs;
+    p.xq = xq, p.xd = xd, p.xs = xs, p.xh = xh;
     const int status = matmul(&p, bias, n_threads);
     free(xq);
     return status;
