@@ -43,7 +43,9 @@ def reference(q, k_cache, v_cache, tables, lens, block_size):
         (6, 1, 32, [64, 64, 64, 1, 100, 7, 31]),
     ],
 )
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.float8_e5m2])
+@pytest.mark.parametrize(
+    "cache_dtype", [torch.float32, torch.float16, torch.float8_e5m2, torch.float8_e4m3fn]
+)
 def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens, cache_dtype):
     torch.manual_seed(0)
     block_size, num_blocks = 16, 64
@@ -51,7 +53,7 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens, ca
     v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
     if not paged_attention.supports(k_cache):
         pytest.skip(
-            "float16 and e5m2 caches need the F16C vector loops (head sizes that are a "
+            "float16 and fp8 caches need the F16C vector loops (head sizes that are a "
             "multiple of 8)"
         )
     width = max(-(-n // block_size) for n in lens)
@@ -66,7 +68,7 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens, ca
     lens_t = torch.tensor(lens, dtype=torch.long)
     q = torch.randn(len(lens), heads, head_dim) * 3  # peaked softmax too
     got = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens_t, block_size)
-    # float16 and e5m2 caches: the same math over the values they hold
+    # float16 and fp8 caches: the same math over the values they hold
     want = reference(q, k_cache.float(), v_cache.float(), tables, lens_t, block_size)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
@@ -90,7 +92,8 @@ def test_each_sequence_is_independent_of_its_batch():
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "cache_dtype"),
     [(9, 3, 64, torch.float32), (4, 4, 48, torch.float32), (2, 1, 20, torch.float32),
-     (9, 3, 64, torch.float16), (9, 3, 64, torch.float8_e5m2), (4, 2, 40, torch.float8_e5m2)],
+     (9, 3, 64, torch.float16), (9, 3, 64, torch.float8_e5m2), (4, 2, 40, torch.float8_e5m2),
+     (9, 3, 64, torch.float8_e4m3fn), (4, 2, 40, torch.float8_e4m3fn)],
 )  # fmt: skip
 def test_prefill_rows_equal_the_same_rows_alone(heads, kv_heads, head_dim, cache_dtype):
     """A prefill chunk's rows (one block table, consecutive lengths) are attended in tiles
@@ -118,7 +121,7 @@ def test_prefill_rows_equal_the_same_rows_alone(heads, kv_heads, head_dim, cache
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "cache_dtype"),
     [(9, 3, 64, torch.float32), (2, 1, 20, torch.float32), (8, 2, 128, torch.float16),
-     (9, 3, 64, torch.float8_e5m2)],
+     (9, 3, 64, torch.float8_e5m2), (4, 2, 40, torch.float8_e4m3fn)],
 )  # fmt: skip
 @pytest.mark.parametrize("window", [1, 13, 40])
 def test_a_sliding_window_reads_only_its_keys(heads, kv_heads, head_dim, cache_dtype, window):
@@ -307,11 +310,13 @@ def test_rope_and_cache_writes_float16_caches_rounded():
 
 
 @needs_layer_ops
-def test_rope_and_cache_writes_e5m2_caches_through_float16():
-    """An e5m2 cache holds each value rounded to float16, then to its top byte (ties to
-    even): the bytes torch's conversion gives from that float16, for every float16 there
-    is (written as values, which are not rotated; NaN and infinities included), and the
-    torch path's write_cache stores the same bytes."""
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+def test_rope_and_cache_writes_fp8_caches_through_float16(cache_dtype):
+    """An fp8 cache holds each value rounded to float16, then to 8 bits (ties to even; e5m2
+    past 57344 to infinity, e4m3 saturating at 448): the bytes torch's conversion gives
+    from that float16, for every float16 there is (written as values, which are not
+    rotated; NaN and infinities included), and the torch path's write_cache stores the
+    same bytes."""
     if not layer_ops.writes_f16():
         pytest.skip("no F16C")
     from tokenmill.layers.attention import write_cache
@@ -326,13 +331,13 @@ def test_rope_and_cache_writes_e5m2_caches_through_float16():
     positions, slots = torch.zeros(rows, dtype=torch.long), torch.randperm(rows)
 
     def empty():
-        return tuple(torch.zeros(rows, kv_heads, dim, dtype=torch.float8_e5m2) for _ in "kv")
+        return tuple(torch.zeros(rows, kv_heads, dim, dtype=cache_dtype) for _ in "kv")
 
     native, fallback = empty(), empty()
     layer_ops.rope_and_cache(qkv, cos_sin, positions, slots, *native, heads)
     write_cache(k, v, fallback, slots)
     for written, x in zip(native, (k, v), strict=True):
-        want = x.half().to(torch.float8_e5m2)  # NaN too: the same sign, torch's payload
+        want = x.half().to(cache_dtype)  # NaN too: the same sign, torch's payload
         assert torch.equal(written[slots].view(torch.uint8), want.view(torch.uint8))
     for a, b in zip(native, fallback, strict=True):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
@@ -688,7 +693,7 @@ def test_vnni_and_avx2_builds_give_the_same_bits(tmp_path):
 def test_paired_and_single_row_attention_builds_give_the_same_bits(tmp_path):
     """With 32 vector registers (AVX-512 VL) a prefill tile's rows are scored and weighed
     two at a time; a build without them (one row at a time) must give the same bits, for
-    float32, float16 and e5m2 caches, with and without a window."""
+    float32, float16 and fp8 caches, with and without a window."""
     import ctypes
 
     native = kernels.load()
@@ -712,7 +717,7 @@ def test_paired_and_single_row_attention_builds_give_the_same_bits(tmp_path):
     lens = torch.cat([torch.arange(90, 131), torch.tensor([7, 300])])  # a chunk, then 2 decodes
     tables = torch.cat([table.expand(41, -1), torch.randperm(32)[None], table]).contiguous()
     q = torch.randn(len(lens), heads, head_dim)
-    for dtype in (torch.float32, torch.float16, torch.float8_e5m2):
+    for dtype in (torch.float32, torch.float16, torch.float8_e5m2, torch.float8_e4m3fn):
         k_cache = torch.randn(512, kv_heads, head_dim).to(dtype)
         v_cache = torch.randn(512, kv_heads, head_dim).to(dtype)
         for window in (None, 13):

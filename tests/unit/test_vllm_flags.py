@@ -45,6 +45,7 @@ REFUSED = [
     ("--revision main", "downloads nothing"),
     ("--tokenizer other/dir", "tokenizer in the model's directory"),
     ("--kv-transfer-config {}", "disaggregated"),
+    ("--calculate-kv-scales", "scale of 1"),
 ]
 
 
@@ -60,6 +61,8 @@ def test_flags_that_work_start_quietly_and_map_onto_tokenmills() -> None:
     assert args.model == "some-model" and args.guided_decoding_backend == "outlines"
     assert args.scheduling_policy == "priority" and settings.return_tokens_as_token_ids
     assert _engine_config(args).cache.kv_cache_dtype == "fp8_e5m2"
+    for name in ("fp8", "fp8_e4m3"):  # vLLM's e4m3 names, with its default scale of 1
+        assert _engine_config(parse("--kv-cache-dtype", name)).cache.kv_cache_dtype == name
 
 
 def test_scheduling_policy_and_token_ids_defaults_and_bad_values(

@@ -116,21 +116,23 @@ static inline void store_half(uint16_t *to, const float *from, int64_t n) {
 #endif
 }
 
-/* n floats -> fp8 e5m2 bytes through float16 (kv_format.h); only built with F16C */
-static inline void store_e5m2(uint8_t *to, const float *from, int64_t n) {
+/* n floats -> fp8 bytes (CACHE_E5M2 or CACHE_E4M3) through float16 (kv_format.h); only
+ * built with F16C */
+static inline void store_fp8(uint8_t *to, const float *from, int64_t n, const int format) {
 #if defined(__F16C__)
     uint16_t half[8];
     for (int64_t i = 0; i < n; i += 8) {
         const int64_t m = n - i < 8 ? n - i : 8;
         store_half(half, from + i, m);
-        for (int64_t e = 0; e < m; e++) to[i + e] = e5m2_from_half(half[e]);
+        for (int64_t e = 0; e < m; e++)
+            to[i + e] = format == CACHE_E5M2 ? e5m2_from_half(half[e]) : e4m3_from_half(half[e]);
     }
 #else
-    (void)to, (void)from, (void)n;
+    (void)to, (void)from, (void)n, (void)format;
 #endif
 }
 
-/* Whether float16 and e5m2 caches can be written (tm_rope_and_cache's format). */
+/* Whether float16 and fp8 caches can be written (tm_rope_and_cache's format). */
 int tm_rope_writes_f16(void) {
 #if defined(__F16C__)
     return 1;
@@ -167,9 +169,9 @@ static void rope_rows(void *arg, int64_t begin, int64_t end) {
         if (a->format == CACHE_F16) {
             store_half((uint16_t *)a->k_cache + slot * kv, k, kv);
             store_half((uint16_t *)a->v_cache + slot * kv, v, kv);
-        } else if (a->format == CACHE_E5M2) {
-            store_e5m2((uint8_t *)a->k_cache + slot * kv, k, kv);
-            store_e5m2((uint8_t *)a->v_cache + slot * kv, v, kv);
+        } else if (a->format != CACHE_F32) {
+            store_fp8((uint8_t *)a->k_cache + slot * kv, k, kv, a->format);
+            store_fp8((uint8_t *)a->v_cache + slot * kv, v, kv, a->format);
         } else {
             memcpy((float *)a->k_cache + slot * kv, k, sizeof(float) * kv);
             memcpy((float *)a->v_cache + slot * kv, v, sizeof(float) * kv);
@@ -180,7 +182,7 @@ static void rope_rows(void *arg, int64_t begin, int64_t end) {
 /* One step's rows of qkv [T, (H + 2 Hkv) * D] (q | k | v): q and k rotated by their
  * token's position ("rotate half" layout, table cos_sin [P, 2, D]) into q_out [T, H, D]
  * and k_out [T, Hkv, D]; k and v also written to the caches [S, Hkv, D] at slots[t]
- * in `format` (kv_format.h: float32, or float16 or e5m2 rounded to nearest). Returns 1
+ * in `format` (kv_format.h: float32, or float16 or fp8 rounded to nearest). Returns 1
  * (writing nothing) on a position or slot out of range, 2 on a narrow format without
  * tm_rope_writes_f16. */
 int tm_rope_and_cache(const float *qkv, const float *cos_sin, const int64_t *positions,

@@ -27,7 +27,7 @@ def available() -> bool:
 
 
 def writes_f16() -> bool:
-    """Whether rope_and_cache can write float16 and e5m2 caches (an F16C build)."""
+    """Whether rope_and_cache can write float16 and fp8 caches (an F16C build)."""
     fn = function("tm_rope_writes_f16")
     return fn is not None and bool(fn())
 
@@ -58,7 +58,7 @@ def rope_and_cache(
     cos_sin: torch.Tensor,  # [P, 2, D] float32
     positions: torch.Tensor,  # [T] int64
     slots: torch.Tensor,  # [T] int64
-    k_cache: torch.Tensor,  # [S, Hkv, D] float32, or float16 / float8_e5m2 (see writes_f16)
+    k_cache: torch.Tensor,  # [S, Hkv, D] float32, or float16 / fp8 (see writes_f16)
     v_cache: torch.Tensor,
     num_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # q [T, H, D], k [T, Hkv, D], rotated

@@ -4,7 +4,7 @@
  * values of row b are the first lens[b] slots named by its block table: a decode, or one
  * token of a prefill chunk (then lens[b] = its position + 1). With a sliding window w > 0,
  * only its last w of them: blocks before the window's first are never read (the engine
- * may have freed them). float32 math over a float32, float16 or fp8 e5m2 cache
+ * may have freed them). float32 math over a float32, float16 or fp8 (e5m2, e4m3) cache
  * (kv_format.h; the narrow ones: the AVX2 + F16C loops only, converted on load); two
  * passes over the keys (scores, then softmax) and one over the values (AVX2 loops for head
  * sizes that are a multiple of 8). A row's result depends on its query, keys and values only:
@@ -34,7 +34,7 @@ typedef struct {
     int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks;
     float scale;
     int64_t window;          /* keys a row sees, its last ones; 0: all */
-    int format;              /* CACHE_F32, or CACHE_F16 / CACHE_E5M2 (F16C builds only) */
+    int format;              /* CACHE_F32, or a narrower one (F16C builds only) */
     int64_t splits;          /* items per tile: 1, or Hkv (one per kv head) */
     const int64_t *tiles;    /* [num_tiles + 1]: tile t is rows tiles[t] .. tiles[t + 1] - 1 */
     int64_t num_tiles;       /* work items: num_tiles * splits */
@@ -119,11 +119,23 @@ INLINE void softmax_row(float *s, int64_t L) {
     if (full < L) _mm256_maskstore_ps(s + full, tail, _mm256_mul_ps(_mm256_maskload_ps(s + full, tail), inv));
 }
 
+/* what load_kv's floats are multiplied by to give the cache's values: 256 for e4m3, else 1
+ * (a power of two: the scores' scale and the weighted values take it, exactly) */
+INLINE float value_scale(const int fmt) { return fmt == CACHE_E4M3 ? 256.0f : 1.0f; }
+
+/* e4m3 bytes (sign-extended to 16 bits) -> the float16s of their bits moved up 7 places,
+ * the sign's copy at bit 14 cleared: each value / 256, exactly (kv_format.h) */
+INLINE __m128i e4m3_halves(__m128i widened) {
+    return _mm_and_si128(_mm_slli_epi16(widened, 7), _mm_set1_epi16((short)0xBFFF));
+}
+
 /* 8 cache values from `at` as floats (float16 and e5m2 converted exactly: an e5m2 byte is
- * a float16's top byte) */
+ * a float16's top byte; e4m3 exactly too, but / 256: value_scale) */
 INLINE __m256 load_kv(const char *at, const int fmt) {
     if (fmt == CACHE_E5M2) /* each byte under a zero byte: the float16 it is the top of */
         return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i *)at)));
+    if (fmt == CACHE_E4M3)
+        return _mm256_cvtph_ps(e4m3_halves(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)at))));
     if (fmt == CACHE_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)at));
     return _mm256_loadu_ps((const float *)at);
 }
@@ -135,6 +147,10 @@ INLINE void load_kv16(const char *at, const int fmt, __m256 *two) {
         const __m128i bytes = _mm_loadu_si128((const __m128i *)at);
         two[0] = _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), bytes));
         two[1] = _mm256_cvtph_ps(_mm_unpackhi_epi8(_mm_setzero_si128(), bytes));
+    } else if (fmt == CACHE_E4M3) {
+        const __m128i bytes = _mm_loadu_si128((const __m128i *)at);
+        two[0] = _mm256_cvtph_ps(e4m3_halves(_mm_cvtepi8_epi16(bytes)));
+        two[1] = _mm256_cvtph_ps(e4m3_halves(_mm_cvtepi8_epi16(_mm_srli_si128(bytes, 8))));
     } else {
         two[0] = load_kv(at, fmt);
         two[1] = load_kv(at + 8 * value_size(fmt), fmt);
@@ -190,7 +206,7 @@ INLINE void tail_scores(const Job *j, const float *q, const char *k, int64_t i, 
     char copy[8 * 256 * 4]; /* D <= 256 */
     memset(copy, 0, (size_t)(8 * D * size));
     for (int64_t r = 0; r < n - i; r++) memcpy(copy + r * D * size, k + (i + r) * row, (size_t)(D * size));
-    key_scores(q, copy, D * size, D, j->scale, scores + i, n - i, fmt);
+    key_scores(q, copy, D * size, D, j->scale * value_scale(fmt), scores + i, n - i, fmt);
 }
 
 /* the scores of keys [0, n) of one block: 8 slots at a time, read in place while 8 fit in
@@ -200,7 +216,7 @@ INLINE void block_scores(const Job *j, const float *q, const char *k, int64_t n,
     const int64_t D = j->head_dim, size = value_size(fmt), row = j->num_kv_heads * D * size;
     int64_t i = 0;
     for (; i < n && i + 8 <= j->block_size; i += 8)
-        key_scores(q, k + i * row, row, D, j->scale, scores + i, n - i, fmt);
+        key_scores(q, k + i * row, row, D, j->scale * value_scale(fmt), scores + i, n - i, fmt);
     if (i < n) tail_scores(j, q, k, i, n, scores, fmt);
 }
 
@@ -245,7 +261,7 @@ INLINE void block_scores2(const Job *j, const float *q0, const float *q1, const 
     const int64_t n = n0 > n1 ? n0 : n1;
     int64_t i = 0;
     for (; i < n && i + 8 <= j->block_size; i += 8)
-        key_scores2(q0, q1, k + i * row, row, D, j->scale, s0 + i, n0 - i, s1 + i, n1 - i, fmt);
+        key_scores2(q0, q1, k + i * row, row, D, j->scale * value_scale(fmt), s0 + i, n0 - i, s1 + i, n1 - i, fmt);
     if (i < n0) tail_scores(j, q0, k, i, n0, s0, fmt);
     if (i < n1) tail_scores(j, q1, k, i, n1, s1, fmt);
 }
@@ -276,8 +292,10 @@ INLINE void weighted_values(const Job *j, const int64_t *table, const int64_t *L
             }
         }
     }
+    const __m256 unit = _mm256_set1_ps(value_scale(fmt));
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < NV; c++) _mm256_storeu_ps(out[r] + 8 * c, acc[r][c]);
+        for (int c = 0; c < NV; c++)
+            _mm256_storeu_ps(out[r] + 8 * c, fmt == CACHE_E4M3 ? _mm256_mul_ps(acc[r][c], unit) : acc[r][c]);
 }
 
 /* run_item for a head size that is a multiple of 8: rows b .. b + R - 1 of one sequence
@@ -351,6 +369,7 @@ static int run_item(const Job *j, int64_t b, int64_t R, int64_t h0, int64_t h1, 
     if (D % 8 == 0 && D <= 256) {
         if (j->format == CACHE_F16) vector_item(j, table, b, R, h0, heads, scores, CACHE_F16);
         else if (j->format == CACHE_E5M2) vector_item(j, table, b, R, h0, heads, scores, CACHE_E5M2);
+        else if (j->format == CACHE_E4M3) vector_item(j, table, b, R, h0, heads, scores, CACHE_E4M3);
         else vector_item(j, table, b, R, h0, heads, scores, CACHE_F32);
         return 0;
     }
@@ -400,7 +419,7 @@ static void run_job(void *arg, int index, int count) {
     if (status) __atomic_fetch_or(&j->status, status, __ATOMIC_RELAXED);
 }
 
-/* Whether float16 and e5m2 caches can be read for this head size (the vector loops only). */
+/* Whether float16 and fp8 caches can be read for this head size (the vector loops only). */
 int tm_paged_attention_reads_f16(int64_t head_dim) {
 #ifdef VECTOR_HEADS
     return head_dim % 8 == 0 && head_dim <= 256;
@@ -420,7 +439,7 @@ int tm_paged_attention_paired(void) {
 }
 
 /* The caches are in `format` (kv_format.h). Returns 0 on success, nonzero if a length was
- * empty, memory ran out or the caches are float16 or e5m2 where
+ * empty, memory ran out or the caches are narrower than float32 where
  * tm_paged_attention_reads_f16 says no. */
 int tm_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                               const int64_t *tables, const int64_t *lens, float *out,

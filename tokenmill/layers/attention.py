@@ -191,9 +191,9 @@ def _attend(
 
 
 def cache_values(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x as a cache of `dtype` holds it: an fp8 e5m2 cache rounds through float16 (its
-    bytes are a float16's top byte), as the native kernels' writes do (kv_format.h)."""
-    if dtype == torch.float8_e5m2:
+    """x as a cache of `dtype` holds it: an fp8 cache (e5m2, e4m3) rounds through float16,
+    as the native kernels' writes do (kv_format.h)."""
+    if dtype in (torch.float8_e5m2, torch.float8_e4m3fn):
         return x.to(torch.float16).to(dtype)
     return x.to(dtype)
 
