@@ -264,6 +264,11 @@ def _decode_layout(
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """cache [S, Hkv, D] rows at slots [...] -> [..., Hkv, D] in dtype (index_select on the
-    flat slots: far faster on CPU than advanced indexing)."""
-    rows = cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
-    return rows.to(dtype)
+    flat slots: far faster on CPU than advanced indexing; an fp8 cache's rows as bytes,
+    which every device's index_select takes)."""
+    flat = slots.reshape(-1)
+    if cache.element_size() == 1:
+        rows = cache.view(torch.uint8).index_select(0, flat).view(cache.dtype)
+    else:
+        rows = cache.index_select(0, flat)
+    return rows.view(*slots.shape, *cache.shape[1:]).to(dtype)
