@@ -62,7 +62,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
         "--trust-remote-code", "--enforce-eager", "--swap-space", "4",
         "--tensor-parallel-size", "1", "--disable-log-stats", "--enable-chunked-prefill",
         "--enable-request-id-headers", "--disable-fastapi-docs",
-        "--structured-outputs-config.backend", "xgrammar",
+        "--structured-outputs-config.backend", "xgrammar", "--kv-cache-dtype", "fp8",
     )  # fmt: skip
     socket_path = tmp / "tokenmill.sock"
     uds, uds_log = _launch(
@@ -101,12 +101,14 @@ def test_a_vllm_command_line_serves_with_each_flags_effect(servers: dict[str, ob
     assert https.get("/docs").status_code == 404
     page = https.get("/")  # the playground needs no key; the calls it makes do
     assert page.status_code == 200 and "playground.js" in page.text
-    body = {"prompt": "Hi", "max_tokens": 1}
+    body = {"prompt": "Hi", "max_tokens": 8, "ignore_eos": True}
     usage = https.post(
         "/v1/completions", json=body, headers={"authorization": f"Bearer {KEY_A}"}, timeout=120
     ).json()["usage"]
     assert "prompt_tokens_details" not in usage  # vLLM's default
+    assert usage["completion_tokens"] == 8  # decoded over the fp8 cache
     log = Path(str(servers["tls_log"])).read_text()
+    assert "float8_e4m3fn)" in log  # --kv-cache-dtype fp8: the load line names the cache
     for flag in ("--trust-remote-code", "--enforce-eager", "--swap-space 4"):
         assert f"{flag} has no effect here" in log, flag
     for quiet in ("--tensor-parallel-size", "--disable-log-stats", "--enable-chunked-prefill"):
