@@ -140,18 +140,18 @@ def test_torch_reference_backend_equals_native_kernels(llm, alone, bundled_gguf_
     assert tokens == [a[0] if BIT_EXACT else a for a in alone]
 
 
-@pytest.mark.parametrize("cache_dtype", ["float16", "fp8_e5m2", "fp8"])
+@pytest.mark.parametrize("cache_dtype", ["float16", "bfloat16", "fp8_e5m2", "fp8"])
 def test_narrow_caches_read_the_same_in_the_kernel_and_the_torch_fallback(
     bundled_gguf_path, cache_dtype
 ):
-    """--kv-cache-dtype float16 (the GGUF default's cache), fp8_e5m2 or fp8 (e4m3) on exact
-    float32 weights: the native kernels and the torch fallback (SDPA over the cache
-    converted back) attend over the same rounded keys and values, so greedy tokens agree
-    (fp8: until two tokens are within 0.1 nats, since the paths' keys differ by float
-    rounding before the cache rounds them, and a value on a boundary of fp8's coarse steps
-    lands either side). A float16 cache (11 significant bits) stays close to the float32
-    cache's tokens; an fp8 one (3 or 4 bits) drifts sooner, but holds twice the tokens and
-    still starts every answer alike."""
+    """--kv-cache-dtype float16 (the GGUF default's cache), bfloat16, fp8_e5m2 or fp8 (e4m3)
+    on exact float32 weights: the native kernels and the torch fallback (SDPA over the
+    cache converted back) attend over the same rounded keys and values, so greedy tokens
+    agree (but for float16: until two tokens are within 0.1 nats, since the paths' keys
+    differ by float rounding before the cache rounds them, and a value on a boundary of a
+    coarse format's steps lands either side). A float16 cache (11 significant bits) stays
+    close to the float32 cache's tokens; the others (8, 4 or 3 bits) drift sooner, but
+    still start every answer alike, an fp8 one in half float16's bytes."""
     wide = LLM(bundled_gguf_path, dtype="float32", kv_cache_memory=64 << 20)
     narrow = LLM(
         bundled_gguf_path, dtype="float32", kv_cache_dtype=cache_dtype, kv_cache_memory=64 << 20
@@ -159,7 +159,7 @@ def test_narrow_caches_read_the_same_in_the_kernel_and_the_torch_fallback(
     if not narrow.engine.core.executor.worker.backend.native:
         pytest.skip("the native kernels (with F16C) are not available here")
     slots = [llm.engine.core.executor.worker.num_blocks for llm in (wide, narrow)]
-    assert slots[1] == slots[0] * (2 if cache_dtype == "float16" else 4)
+    assert slots[1] == slots[0] * (2 if cache_dtype in ("float16", "bfloat16") else 4)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
     native_outputs = [o.outputs[0] for o in narrow.generate(PROMPTS, params)]
     native = [o.token_ids for o in native_outputs]

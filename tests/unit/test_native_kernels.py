@@ -44,7 +44,8 @@ def reference(q, k_cache, v_cache, tables, lens, block_size):
     ],
 )
 @pytest.mark.parametrize(
-    "cache_dtype", [torch.float32, torch.float16, torch.float8_e5m2, torch.float8_e4m3fn]
+    "cache_dtype",
+    [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn],
 )
 def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens, cache_dtype):
     torch.manual_seed(0)
@@ -53,8 +54,8 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens, ca
     v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
     if not paged_attention.supports(k_cache):
         pytest.skip(
-            "float16 and fp8 caches need the F16C vector loops (head sizes that are a "
-            "multiple of 8)"
+            "float16, bfloat16 and fp8 caches need the F16C vector loops (head sizes that "
+            "are a multiple of 8)"
         )
     width = max(-(-n // block_size) for n in lens)
     # each sequence gets distinct, scattered blocks; unused table entries stay 0
@@ -68,7 +69,7 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens, ca
     lens_t = torch.tensor(lens, dtype=torch.long)
     q = torch.randn(len(lens), heads, head_dim) * 3  # peaked softmax too
     got = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens_t, block_size)
-    # float16 and fp8 caches: the same math over the values they hold
+    # float16, bfloat16 and fp8 caches: the same math over the values they hold
     want = reference(q, k_cache.float(), v_cache.float(), tables, lens_t, block_size)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
@@ -93,7 +94,8 @@ def test_each_sequence_is_independent_of_its_batch():
     ("heads", "kv_heads", "head_dim", "cache_dtype"),
     [(9, 3, 64, torch.float32), (4, 4, 48, torch.float32), (2, 1, 20, torch.float32),
      (9, 3, 64, torch.float16), (9, 3, 64, torch.float8_e5m2), (4, 2, 40, torch.float8_e5m2),
-     (9, 3, 64, torch.float8_e4m3fn), (4, 2, 40, torch.float8_e4m3fn)],
+     (9, 3, 64, torch.float8_e4m3fn), (4, 2, 40, torch.float8_e4m3fn),
+     (9, 3, 64, torch.bfloat16)],
 )  # fmt: skip
 def test_prefill_rows_equal_the_same_rows_alone(heads, kv_heads, head_dim, cache_dtype):
     """A prefill chunk's rows (one block table, consecutive lengths) are attended in tiles
@@ -121,7 +123,7 @@ def test_prefill_rows_equal_the_same_rows_alone(heads, kv_heads, head_dim, cache
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "cache_dtype"),
     [(9, 3, 64, torch.float32), (2, 1, 20, torch.float32), (8, 2, 128, torch.float16),
-     (9, 3, 64, torch.float8_e5m2), (4, 2, 40, torch.float8_e4m3fn)],
+     (9, 3, 64, torch.float8_e5m2), (4, 2, 40, torch.float8_e4m3fn), (4, 2, 40, torch.bfloat16)],
 )  # fmt: skip
 @pytest.mark.parametrize("window", [1, 13, 40])
 def test_a_sliding_window_reads_only_its_keys(heads, kv_heads, head_dim, cache_dtype, window):
@@ -341,6 +343,40 @@ def test_rope_and_cache_writes_fp8_caches_through_float16(cache_dtype):
         assert torch.equal(written[slots].view(torch.uint8), want.view(torch.uint8))
     for a, b in zip(native, fallback, strict=True):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@needs_layer_ops
+def test_rope_and_cache_writes_bfloat16_caches_rounded_to_nearest_even():
+    """A bfloat16 cache holds each value rounded to nearest even: torch's bytes for random
+    bit patterns (every exponent, NaN and infinities among them) and for exact ties, and
+    the torch path's write_cache stores the same; NaN stays NaN."""
+    if not layer_ops.writes_f16():
+        pytest.skip("no F16C")
+    from tokenmill.layers.attention import write_cache
+
+    torch.manual_seed(6)
+    heads, kv_heads, dim = 1, 1, 64
+    patterns = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), dtype=torch.int64).to(torch.int32)
+    ties = (torch.randint(0, 1 << 15, (1 << 12,), dtype=torch.int32) << 16) | 0x8000
+    v = torch.cat([patterns, ties]).view(torch.float32).view(-1, kv_heads, dim)
+    rows = v.shape[0]
+    k = torch.randn(rows, kv_heads, dim) * 1000
+    qkv = torch.cat([torch.randn(rows, heads * dim), k.flatten(1), v.flatten(1)], 1)
+    cos_sin = torch.stack([torch.ones(1, dim), torch.zeros(1, dim)], 1)  # no rotation
+    positions, slots = torch.zeros(rows, dtype=torch.long), torch.randperm(rows)
+
+    def empty():
+        return tuple(torch.zeros(rows, kv_heads, dim, dtype=torch.bfloat16) for _ in "kv")
+
+    native, fallback = empty(), empty()
+    layer_ops.rope_and_cache(qkv, cos_sin, positions, slots, *native, heads)
+    write_cache(k, v, fallback, slots)
+    for written, stored, x in zip(native, fallback, (k, v), strict=True):
+        want = x.to(torch.bfloat16)
+        nan = want.isnan()
+        for got in (written[slots], stored[slots]):
+            assert torch.equal(got.isnan(), nan)
+            assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
 
 
 @needs_layer_ops
@@ -693,7 +729,7 @@ def test_vnni_and_avx2_builds_give_the_same_bits(tmp_path):
 def test_paired_and_single_row_attention_builds_give_the_same_bits(tmp_path):
     """With 32 vector registers (AVX-512 VL) a prefill tile's rows are scored and weighed
     two at a time; a build without them (one row at a time) must give the same bits, for
-    float32, float16 and fp8 caches, with and without a window."""
+    float32, float16, bfloat16 and fp8 caches, with and without a window."""
     import ctypes
 
     native = kernels.load()
@@ -717,7 +753,9 @@ def test_paired_and_single_row_attention_builds_give_the_same_bits(tmp_path):
     lens = torch.cat([torch.arange(90, 131), torch.tensor([7, 300])])  # a chunk, then 2 decodes
     tables = torch.cat([table.expand(41, -1), torch.randperm(32)[None], table]).contiguous()
     q = torch.randn(len(lens), heads, head_dim)
-    for dtype in (torch.float32, torch.float16, torch.float8_e5m2, torch.float8_e4m3fn):
+    for dtype in (
+        torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn,
+    ):  # fmt: skip
         k_cache = torch.randn(512, kv_heads, head_dim).to(dtype)
         v_cache = torch.randn(512, kv_heads, head_dim).to(dtype)
         for window in (None, 13):

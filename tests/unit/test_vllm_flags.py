@@ -61,7 +61,7 @@ def test_flags_that_work_start_quietly_and_map_onto_tokenmills() -> None:
     assert args.model == "some-model" and args.guided_decoding_backend == "outlines"
     assert args.scheduling_policy == "priority" and settings.return_tokens_as_token_ids
     assert _engine_config(args).cache.kv_cache_dtype == "fp8_e5m2"
-    for name in ("fp8", "fp8_e4m3"):  # vLLM's e4m3 names, with its default scale of 1
+    for name in ("fp8", "fp8_e4m3", "bfloat16"):  # vLLM's other names (e4m3: scale 1)
         assert _engine_config(parse("--kv-cache-dtype", name)).cache.kv_cache_dtype == name
 
 

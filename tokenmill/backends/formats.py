@@ -102,11 +102,14 @@ def fits_fp16(weight: torch.Tensor) -> bool:
     return bool(weight.detach().abs().max() <= _FP16_MAX)
 
 
-# caches narrower than float32, by --kv-cache-dtype, with vLLM's names for 8-bit floats:
-# fp8_e5m2 (5 exponent, 2 mantissa bits: a float16's top byte), fp8 and fp8_e4m3 (4 and 3,
-# no infinities, saturating at +-448; vLLM's default scale of 1: values stored as they are)
+# caches narrower than float32, by --kv-cache-dtype: bfloat16 (float32's range, 8
+# significant bits: for keys or values past float16's 65504), and vLLM's names for 8-bit
+# floats: fp8_e5m2 (5 exponent, 2 mantissa bits: a float16's top byte), fp8 and fp8_e4m3
+# (4 and 3, no infinities, saturating at +-448; vLLM's default scale of 1: values stored
+# as they are)
 _NARROW_CACHES = {
     "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
     "fp8_e5m2": torch.float8_e5m2,
     "fp8": torch.float8_e4m3fn,
     "fp8_e4m3": torch.float8_e4m3fn,
@@ -135,8 +138,8 @@ def resolve_kv_cache_dtype(
         return _NARROW_CACHES[setting]
     if setting != "auto":
         raise ModelLoadError(
-            f"unknown kv_cache_dtype {setting!r}; use auto, float16, float32, fp8, fp8_e4m3 "
-            "or fp8_e5m2"
+            f"unknown kv_cache_dtype {setting!r}; use auto, float16, bfloat16, float32, fp8, "
+            "fp8_e4m3 or fp8_e5m2"
         )
     if device.type == "cpu" and quantization == "gguf" and cpu_f16:
         return torch.float16

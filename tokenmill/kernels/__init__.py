@@ -89,12 +89,18 @@ def function(symbol: str, *argtypes: Any) -> Callable[..., int] | None:
 
 
 # the KV cache element types the kernels read and write, by their format code (kv_format.h)
-_KV_FORMATS = {torch.float32: 0, torch.float16: 1, torch.float8_e5m2: 2, torch.float8_e4m3fn: 3}
+_KV_FORMATS = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.float8_e5m2: 2,
+    torch.float8_e4m3fn: 3,
+    torch.bfloat16: 4,
+}
 
 
 def kv_format(dtype: torch.dtype) -> int:
-    """kv_format.h's code for a KV cache of `dtype` (float32, float16, float8_e5m2 or
-    float8_e4m3fn)."""
+    """kv_format.h's code for a KV cache of `dtype` (float32, float16, bfloat16,
+    float8_e5m2 or float8_e4m3fn)."""
     try:
         return _KV_FORMATS[dtype]
     except KeyError:

@@ -1,6 +1,9 @@
 /* The KV cache's element formats, shared by its writer (layer_ops.c) and its reader
- * (paged_attention.c): float32, float16, and vLLM's 8-bit floats (--kv-cache-dtype
- * fp8_e5m2, and fp8 / fp8_e4m3 with vLLM's default scale of 1).
+ * (paged_attention.c): float32, float16, bfloat16, and vLLM's 8-bit floats
+ * (--kv-cache-dtype fp8_e5m2, and fp8 / fp8_e4m3 with vLLM's default scale of 1).
+ *
+ * bfloat16 is a float32's top half: written rounded to nearest even, the bytes torch's
+ * conversion gives (NaN: a NaN), and read back exactly by a shift.
  *
  * Both 8-bit formats are written as the float rounded to float16 and then to the byte
  * (both to nearest even); the torch path (tokenmill/layers/attention.py) writes through
@@ -18,11 +21,18 @@
 
 #include <stdint.h>
 
-enum { CACHE_F32 = 0, CACHE_F16 = 1, CACHE_E5M2 = 2, CACHE_E4M3 = 3 };
+enum { CACHE_F32 = 0, CACHE_F16 = 1, CACHE_E5M2 = 2, CACHE_E4M3 = 3, CACHE_BF16 = 4 };
 
 /* bytes per cache value */
 static inline int64_t value_size(const int format) {
-    return format == CACHE_F32 ? 4 : format == CACHE_F16 ? 2 : 1;
+    return format == CACHE_F32 ? 4 : format == CACHE_F16 || format == CACHE_BF16 ? 2 : 1;
+}
+
+/* a float's bits -> the bfloat16 nearest to it (ties to even; NaN to a quiet NaN of the
+ * same sign) */
+static inline uint16_t bf16_from_bits(uint32_t bits) {
+    if ((bits & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)(((bits >> 16) & 0x8000) | 0x7FC0);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
 /* a float16's bits -> the e5m2 byte nearest to it (ties to even; past the largest finite

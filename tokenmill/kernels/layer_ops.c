@@ -116,6 +116,15 @@ static inline void store_half(uint16_t *to, const float *from, int64_t n) {
 #endif
 }
 
+/* n floats -> bfloat16 (round to nearest even, kv_format.h) */
+static inline void store_bf16(uint16_t *to, const float *from, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, from + i, sizeof bits);
+        to[i] = bf16_from_bits(bits);
+    }
+}
+
 /* n floats -> fp8 bytes (CACHE_E5M2 or CACHE_E4M3) through float16 (kv_format.h); only
  * built with F16C */
 static inline void store_fp8(uint8_t *to, const float *from, int64_t n, const int format) {
@@ -132,7 +141,7 @@ static inline void store_fp8(uint8_t *to, const float *from, int64_t n, const in
 #endif
 }
 
-/* Whether float16 and fp8 caches can be written (tm_rope_and_cache's format). */
+/* Whether float16, bfloat16 and fp8 caches can be written (tm_rope_and_cache's format). */
 int tm_rope_writes_f16(void) {
 #if defined(__F16C__)
     return 1;
@@ -169,6 +178,9 @@ static void rope_rows(void *arg, int64_t begin, int64_t end) {
         if (a->format == CACHE_F16) {
             store_half((uint16_t *)a->k_cache + slot * kv, k, kv);
             store_half((uint16_t *)a->v_cache + slot * kv, v, kv);
+        } else if (a->format == CACHE_BF16) {
+            store_bf16((uint16_t *)a->k_cache + slot * kv, k, kv);
+            store_bf16((uint16_t *)a->v_cache + slot * kv, v, kv);
         } else if (a->format != CACHE_F32) {
             store_fp8((uint8_t *)a->k_cache + slot * kv, k, kv, a->format);
             store_fp8((uint8_t *)a->v_cache + slot * kv, v, kv, a->format);
@@ -182,7 +194,7 @@ static void rope_rows(void *arg, int64_t begin, int64_t end) {
 /* One step's rows of qkv [T, (H + 2 Hkv) * D] (q | k | v): q and k rotated by their
  * token's position ("rotate half" layout, table cos_sin [P, 2, D]) into q_out [T, H, D]
  * and k_out [T, Hkv, D]; k and v also written to the caches [S, Hkv, D] at slots[t]
- * in `format` (kv_format.h: float32, or float16 or fp8 rounded to nearest). Returns 1
+ * in `format` (kv_format.h: float32, or float16, bfloat16 or fp8 rounded to nearest). Returns 1
  * (writing nothing) on a position or slot out of range, 2 on a narrow format without
  * tm_rope_writes_f16. */
 int tm_rope_and_cache(const float *qkv, const float *cos_sin, const int64_t *positions,

@@ -4,7 +4,7 @@
  * values of row b are the first lens[b] slots named by its block table: a decode, or one
  * token of a prefill chunk (then lens[b] = its position + 1). With a sliding window w > 0,
  * only its last w of them: blocks before the window's first are never read (the engine
- * may have freed them). float32 math over a float32, float16 or fp8 (e5m2, e4m3) cache
+ * may have freed them). float32 math over a float32, float16, bfloat16 or fp8 cache
  * (kv_format.h; the narrow ones: the AVX2 + F16C loops only, converted on load); two
  * passes over the keys (scores, then softmax) and one over the values (AVX2 loops for head
  * sizes that are a multiple of 8). A row's result depends on its query, keys and values only:
@@ -129,14 +129,16 @@ INLINE __m128i e4m3_halves(__m128i widened) {
     return _mm_and_si128(_mm_slli_epi16(widened, 7), _mm_set1_epi16((short)0xBFFF));
 }
 
-/* 8 cache values from `at` as floats (float16 and e5m2 converted exactly: an e5m2 byte is
- * a float16's top byte; e4m3 exactly too, but / 256: value_scale) */
+/* 8 cache values from `at` as floats (float16, bfloat16 and e5m2 converted exactly: an e5m2
+ * byte is a float16's top byte; e4m3 exactly too, but / 256: value_scale) */
 INLINE __m256 load_kv(const char *at, const int fmt) {
     if (fmt == CACHE_E5M2) /* each byte under a zero byte: the float16 it is the top of */
         return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i *)at)));
     if (fmt == CACHE_E4M3)
         return _mm256_cvtph_ps(e4m3_halves(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)at))));
     if (fmt == CACHE_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)at));
+    if (fmt == CACHE_BF16) /* a float's top half */
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)at)), 16));
     return _mm256_loadu_ps((const float *)at);
 }
 
@@ -370,6 +372,7 @@ static int run_item(const Job *j, int64_t b, int64_t R, int64_t h0, int64_t h1, 
         if (j->format == CACHE_F16) vector_item(j, table, b, R, h0, heads, scores, CACHE_F16);
         else if (j->format == CACHE_E5M2) vector_item(j, table, b, R, h0, heads, scores, CACHE_E5M2);
         else if (j->format == CACHE_E4M3) vector_item(j, table, b, R, h0, heads, scores, CACHE_E4M3);
+        else if (j->format == CACHE_BF16) vector_item(j, table, b, R, h0, heads, scores, CACHE_BF16);
         else vector_item(j, table, b, R, h0, heads, scores, CACHE_F32);
         return 0;
     }
@@ -419,7 +422,8 @@ static void run_job(void *arg, int index, int count) {
     if (status) __atomic_fetch_or(&j->status, status, __ATOMIC_RELAXED);
 }
 
-/* Whether float16 and fp8 caches can be read for this head size (the vector loops only). */
+/* Whether float16, bfloat16 and fp8 caches can be read for this head size (the vector
+ * loops only). */
 int tm_paged_attention_reads_f16(int64_t head_dim) {
 #ifdef VECTOR_HEADS
     return head_dim % 8 == 0 && head_dim <= 256;

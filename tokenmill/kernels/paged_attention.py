@@ -14,7 +14,7 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 # (docs/benchmarks.md, "Paged attention")
 _MIN_WORK_PER_THREAD = 1024
 # caches narrower than float32 the vector loops read (kv_format.h)
-_NARROW = (torch.float16, torch.float8_e5m2, torch.float8_e4m3fn)
+_NARROW = (torch.float16, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn)
 
 
 def _function() -> Callable[..., int] | None:
@@ -27,15 +27,15 @@ def available() -> bool:
 
 
 def reads_f16(head_dim: int) -> bool:
-    """Whether float16 and fp8 caches of this head size can be read (an F16C build's vector
-    loops)."""
+    """Whether float16, bfloat16 and fp8 caches of this head size can be read (an F16C
+    build's vector loops)."""
     fn = function("tm_paged_attention_reads_f16", _i64)
     return fn is not None and bool(fn(head_dim))
 
 
 def supports(cache: torch.Tensor) -> bool:
-    """Whether the kernel reads this cache [S, Hkv, D]: CPU float32, or float16 or fp8
-    (float8_e5m2, float8_e4m3fn) where it can."""
+    """Whether the kernel reads this cache [S, Hkv, D]: CPU float32, or float16, bfloat16
+    or fp8 (float8_e5m2, float8_e4m3fn) where it can."""
     if cache.device.type != "cpu" or not available():
         return False
     return cache.dtype == torch.float32 or (cache.dtype in _NARROW and reads_f16(cache.shape[-1]))
@@ -51,7 +51,7 @@ def attention_threads(num_heads: int, lens: torch.Tensor, window: int | None = N
 
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H, D] float32
-    k_cache: torch.Tensor,  # [S, Hkv, D] float32, float16 or fp8 (see supports)
+    k_cache: torch.Tensor,  # [S, Hkv, D] float32, float16, bfloat16 or fp8 (see supports)
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [B, max_blocks] int64
     lens: torch.Tensor,  # [B] int64, keys per sequence (>= 1)

@@ -381,8 +381,9 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--kv-cache-dtype", choices=get_args(KVCacheDtype), default=_DEFAULTS.cache.kv_cache_dtype,
         help="KV cache element type; auto: float16 on a CPU with the GGUF default (int8 "
-        "activations), else the model's dtype; fp8 (= fp8_e4m3, scale 1) and fp8_e5m2: 8-bit "
-        "floats, twice the tokens of float16 (default: %(default)s)",
+        "activations), else the model's dtype; float16, bfloat16 or float32; fp8 (= fp8_e4m3, "
+        "scale 1) and fp8_e5m2: 8-bit floats, twice the tokens of float16 (default: "
+        "%(default)s)",
     )  # fmt: skip
     g.add_argument(
         "--gpu-memory-utilization", type=float, default=_DEFAULTS.cache.gpu_memory_utilization,
