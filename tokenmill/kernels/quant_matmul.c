@@ -313,8 +313,6 @@ INLINE void run_panels(const Matmul *p, int64_t begin, int64_t end, const int sr
 
 /* ---- int8 activations (DOT) ---- */
 
-/* x [blocks][32] -> q, d, s per block (the header's formula; cvtps rounds to nearest even,
- * as nearbyintf does in the portable path) */
 /* the sum of 8 int32 lanes */
 INLINE int32_t lane_sum(__m256i v) {
     __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -322,6 +320,9 @@ INLINE int32_t lane_sum(__m256i v) {
     t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
     return _mm_cvtsi128_si32(t4);
 }
+
+/* x [blocks][32] -> q, d, s per block (the header's formula; cvtps rounds to nearest even,
+ * as nearbyintf does in the portable path), and h, the sums of q over each half block */
 
 static void quantize_blocks(const float *x, int64_t blocks, int8_t *q, float *d, float *s, int32_t *h) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
