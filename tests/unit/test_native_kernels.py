@@ -311,6 +311,28 @@ def test_rope_and_cache_writes_float16_caches_rounded():
     assert torch.equal(half[0], wide[0].half()) and torch.equal(half[1], wide[1].half())
 
 
+def _write_both_ways(v, cache_dtype):
+    """Values v [rows, 1, 64] (and random keys) written to caches of `cache_dtype` by
+    rope_and_cache (no rotation: cos 1, sin 0) and by the torch path's write_cache at the
+    same shuffled slots: (native caches, torch caches, (k, v), slots)."""
+    from tokenmill.layers.attention import write_cache
+
+    heads, kv_heads, dim = 1, 1, 64
+    rows = v.shape[0]
+    k = torch.randn(rows, kv_heads, dim) * 1000
+    qkv = torch.cat([torch.randn(rows, heads * dim), k.flatten(1), v.flatten(1)], 1)
+    cos_sin = torch.stack([torch.ones(1, dim), torch.zeros(1, dim)], 1)
+    positions, slots = torch.zeros(rows, dtype=torch.long), torch.randperm(rows)
+
+    def empty():
+        return tuple(torch.zeros(rows, kv_heads, dim, dtype=cache_dtype) for _ in "kv")
+
+    native, fallback = empty(), empty()
+    layer_ops.rope_and_cache(qkv, cos_sin, positions, slots, *native, heads)
+    write_cache(k, v, fallback, slots)
+    return native, fallback, (k, v), slots
+
+
 @needs_layer_ops
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
 def test_rope_and_cache_writes_fp8_caches_through_float16(cache_dtype):
@@ -321,24 +343,10 @@ def test_rope_and_cache_writes_fp8_caches_through_float16(cache_dtype):
     same bytes."""
     if not layer_ops.writes_f16():
         pytest.skip("no F16C")
-    from tokenmill.layers.attention import write_cache
-
-    heads, kv_heads, dim = 1, 1, 64
     halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
-    v = halves.view(torch.float16).float().view(-1, kv_heads, dim)  # every float16, exactly
-    rows = v.shape[0]
-    k = torch.randn(rows, kv_heads, dim) * 1000
-    qkv = torch.cat([torch.randn(rows, heads * dim), k.flatten(1), v.flatten(1)], 1)
-    cos_sin = torch.stack([torch.ones(1, dim), torch.zeros(1, dim)], 1)  # no rotation
-    positions, slots = torch.zeros(rows, dtype=torch.long), torch.randperm(rows)
-
-    def empty():
-        return tuple(torch.zeros(rows, kv_heads, dim, dtype=cache_dtype) for _ in "kv")
-
-    native, fallback = empty(), empty()
-    layer_ops.rope_and_cache(qkv, cos_sin, positions, slots, *native, heads)
-    write_cache(k, v, fallback, slots)
-    for written, x in zip(native, (k, v), strict=True):
+    every_half = halves.view(torch.float16).float().view(-1, 1, 64)
+    native, fallback, inputs, slots = _write_both_ways(every_half, cache_dtype)
+    for written, x in zip(native, inputs, strict=True):
         want = x.half().to(cache_dtype)  # NaN too: the same sign, torch's payload
         assert torch.equal(written[slots].view(torch.uint8), want.view(torch.uint8))
     for a, b in zip(native, fallback, strict=True):
@@ -352,26 +360,12 @@ def test_rope_and_cache_writes_bfloat16_caches_rounded_to_nearest_even():
     the torch path's write_cache stores the same; NaN stays NaN."""
     if not layer_ops.writes_f16():
         pytest.skip("no F16C")
-    from tokenmill.layers.attention import write_cache
-
     torch.manual_seed(6)
-    heads, kv_heads, dim = 1, 1, 64
     patterns = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), dtype=torch.int64).to(torch.int32)
     ties = (torch.randint(0, 1 << 15, (1 << 12,), dtype=torch.int32) << 16) | 0x8000
-    v = torch.cat([patterns, ties]).view(torch.float32).view(-1, kv_heads, dim)
-    rows = v.shape[0]
-    k = torch.randn(rows, kv_heads, dim) * 1000
-    qkv = torch.cat([torch.randn(rows, heads * dim), k.flatten(1), v.flatten(1)], 1)
-    cos_sin = torch.stack([torch.ones(1, dim), torch.zeros(1, dim)], 1)  # no rotation
-    positions, slots = torch.zeros(rows, dtype=torch.long), torch.randperm(rows)
-
-    def empty():
-        return tuple(torch.zeros(rows, kv_heads, dim, dtype=torch.bfloat16) for _ in "kv")
-
-    native, fallback = empty(), empty()
-    layer_ops.rope_and_cache(qkv, cos_sin, positions, slots, *native, heads)
-    write_cache(k, v, fallback, slots)
-    for written, stored, x in zip(native, fallback, (k, v), strict=True):
+    values = torch.cat([patterns, ties]).view(torch.float32).view(-1, 1, 64)
+    native, fallback, inputs, slots = _write_both_ways(values, torch.bfloat16)
+    for written, stored, x in zip(native, fallback, inputs, strict=True):
         want = x.to(torch.bfloat16)
         nan = want.isnan()
         for got in (written[slots], stored[slots]):
