@@ -300,6 +300,20 @@ INLINE void weighted_values(const Job *j, const int64_t *table, const int64_t *L
             _mm256_storeu_ps(out[r] + 8 * c, fmt == CACHE_E4M3 ? _mm256_mul_ps(acc[r][c], unit) : acc[r][c]);
 }
 
+/* Ask for one kv head's keys or values of one block (from `at`, a slot's row apart) ahead
+ * of their reads. The blocks of a sequence lie anywhere in the cache, and the hardware
+ * prefetchers do not follow a jump from one to the next: without this, decode attention
+ * waits on memory at every block (docs/benchmarks.md, "Paged attention"). While a block's
+ * keys are scored the next block's keys come into L1 and this block's values into L2. */
+INLINE void prefetch_block(const char *at, const Job *j, const int fmt, const int to_l1) {
+    const int64_t bytes = j->head_dim * value_size(fmt), row = j->num_kv_heads * bytes;
+    for (int64_t i = 0; i < j->block_size; i++, at += row)
+        for (int64_t o = 0; o < bytes; o += 64) {
+            if (to_l1) _mm_prefetch(at + o, _MM_HINT_T0);
+            else _mm_prefetch(at + o, _MM_HINT_T1);
+        }
+}
+
 /* run_item for a head size that is a multiple of 8: rows b .. b + R - 1 of one sequence
  * (lens ascending), query heads [h0 G, h0 G + heads), one head at a time (its R rows of
  * scores stay in cache); scores of 8 keys at a time, each key block read once for every
@@ -316,6 +330,11 @@ INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
         const int64_t kv = h0 + qh / G, head = h0 * G + qh;
         for (int64_t start = lo[0] / bs * bs; start < longest; start += bs) {
             const char *k = j->k_cache + table[start / bs] * bs * row + kv * D * size;
+            if (qh % G == 0) { /* the kv head's first query head: its reads come from memory */
+                if (start + bs < longest)
+                    prefetch_block(j->k_cache + table[start / bs + 1] * bs * row + kv * D * size, j, fmt, 1);
+                prefetch_block(j->v_cache + table[start / bs] * bs * row + kv * D * size, j, fmt, 0);
+            }
             for (int64_t r = 0; r < R; r++) {
                 const int64_t n = lens[r] - start < bs ? lens[r] - start : bs;
                 if (n <= 0 || start + bs <= lo[r]) continue; /* none of its keys here */
