@@ -75,6 +75,38 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, lens, ca
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "cache_dtype", [torch.float16, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn]
+)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "window"),
+    [(9, 3, 64, None), (9, 3, 64, 40), (8, 2, 128, 13), (6, 3, 72, None), (4, 1, 256, None)],
+)
+def test_narrow_caches_attend_as_float32_holding_the_same_values(
+    cache_dtype, heads, kv_heads, head_dim, window
+):
+    """Decode rows of grouped heads over a narrow cache convert each block once for all
+    the query heads that read it (staged_item); the result is the same bits as over a
+    float32 cache holding the same values (read in place, one head at a time)."""
+    torch.manual_seed(7)
+    block_size, num_blocks = 16, 256
+    k_cache = (torch.randn(num_blocks * block_size, kv_heads, head_dim) * 3).to(cache_dtype)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(cache_dtype)
+    if not paged_attention.supports(k_cache):
+        pytest.skip("narrow caches need the F16C vector loops")
+    lens = torch.tensor([1, 7, 16, 17, 100, 199, 230])
+    tables = torch.stack([torch.randperm(num_blocks)[:15] for _ in lens])
+    q = torch.randn(len(lens), heads, head_dim)
+    got = paged_attention.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, block_size, window=window
+    )
+    want = paged_attention.paged_decode_attention(
+        q, k_cache.float(), v_cache.float(), tables, lens, block_size, window=window
+    )
+    assert torch.equal(got, want)
+
+
+@needs_kernel
 def test_each_sequence_is_independent_of_its_batch():
     torch.manual_seed(1)
     k_cache, v_cache = torch.randn(512, 2, 64), torch.randn(512, 2, 64)

@@ -377,6 +377,97 @@ INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
         }
     }
 }
+
+enum { STAGE_SLOTS = 16 }; /* slots of a block a staged decode converts at a time */
+
+/* n slots of one kv head's keys or values from `at` (a slot's `row` bytes apart) as floats
+ * to[n][D] (load_kv's floats, exactly); slots n .. fill - 1 zeroed */
+INLINE void stage_rows(const char *at, int64_t row, int64_t D, int64_t n, int64_t fill, float *to,
+                       const int fmt) {
+    const int64_t size = value_size(fmt);
+    for (int64_t i = 0; i < n; i++, at += row, to += D) {
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16) {
+            __m256 two[2];
+            load_kv16(at + d * size, fmt, two);
+            _mm256_storeu_ps(to + d, two[0]);
+            _mm256_storeu_ps(to + d + 8, two[1]);
+        }
+        for (; d < D; d += 8) _mm256_storeu_ps(to + d, load_kv(at + d * size, fmt));
+    }
+    if (fill > n) memset(to, 0, sizeof(float) * (fill - n) * D);
+}
+
+/* out[0 .. D) += sum over i < count of p[i] vals[i] (vals [count][D] floats): each lane one
+ * fma chain over i in order, as weighted_values' */
+INLINE void add_weighted(const float *vals, int64_t count, int64_t D, const float *p, float *out) {
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) {
+        __m256 acc[8];
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_loadu_ps(out + d + 8 * c);
+        for (int64_t i = 0; i < count; i++) {
+            const __m256 w = _mm256_broadcast_ss(p + i);
+            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vals + i * D + d + 8 * c), acc[c]);
+        }
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + d + 8 * c, acc[c]);
+    }
+    for (; d < D; d += 8) {
+        __m256 acc = _mm256_loadu_ps(out + d);
+        for (int64_t i = 0; i < count; i++)
+            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + i), _mm256_loadu_ps(vals + i * D + d), acc);
+        _mm256_storeu_ps(out + d, acc);
+    }
+}
+
+/* vector_item for one decode row (R = 1) of grouped heads over a float16, bfloat16 or fp8
+ * cache: each block's keys, then its values, converted to floats once (STAGE_SLOTS slots
+ * at a time) for all G query heads that read them, where vector_item converts them once
+ * per query head. The same floats in the same fma chains: the same bits. */
+INLINE void staged_item(const Job *j, const int64_t *table, int64_t b, int64_t h0, int64_t heads,
+                        float *scores, const int fmt) {
+    const int64_t Hkv = j->num_kv_heads, D = j->head_dim, bs = j->block_size, H = j->num_heads;
+    const int64_t G = H / Hkv, size = value_size(fmt), row = Hkv * D * size;
+    const int64_t L = j->lens[b], lo = first_key(j, L), first = lo / bs * bs;
+    const float scale = j->scale * value_scale(fmt);
+    float stage[STAGE_SLOTS * 256]; /* D <= 256 */
+    for (int64_t kv = h0; kv < h0 + heads / G; kv++) {
+        const float *q = j->q + (b * H + kv * G) * D;
+        float *out = j->out + (b * H + kv * G) * D; /* G heads' rows */
+        for (int64_t start = first; start < L; start += bs) { /* scores[g L + key] */
+            const int64_t n = L - start < bs ? L - start : bs;
+            const char *k = j->k_cache + table[start / bs] * bs * row + kv * D * size;
+            if (start + bs < L)
+                prefetch_block(j->k_cache + table[start / bs + 1] * bs * row + kv * D * size, j, fmt, 1);
+            prefetch_block(j->v_cache + table[start / bs] * bs * row + kv * D * size, j, fmt, 0);
+            for (int64_t c0 = 0; c0 < n; c0 += STAGE_SLOTS) {
+                const int64_t m = n - c0 < STAGE_SLOTS ? n - c0 : STAGE_SLOTS;
+                stage_rows(k + c0 * row, row, D, m, (m + 7) & ~(int64_t)7, stage, fmt);
+                for (int64_t g = 0; g < G; g++)
+                    for (int64_t i = 0; i < m; i += 8)
+                        key_scores(q + g * D, (const char *)(stage + i * D), D * 4, D, scale,
+                                   scores + g * L + start + c0 + i, m - i, CACHE_F32);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) softmax_row(scores + g * L + lo, L - lo);
+        memset(out, 0, sizeof(float) * G * D);
+        for (int64_t start = first; start < L; start += bs) {
+            const int64_t n = L - start < bs ? L - start : bs;
+            const char *v = j->v_cache + table[start / bs] * bs * row + kv * D * size;
+            for (int64_t c0 = 0; c0 < n; c0 += STAGE_SLOTS) {
+                const int64_t m = n - c0 < STAGE_SLOTS ? n - c0 : STAGE_SLOTS;
+                const int64_t from = start + c0 < lo ? lo - start - c0 : 0; /* the window's first */
+                if (from >= m) continue;
+                stage_rows(v + (c0 + from) * row, row, D, m - from, m - from, stage, fmt);
+                for (int64_t g = 0; g < G; g++)
+                    add_weighted(stage, m - from, D, scores + g * L + start + c0 + from, out + g * D);
+            }
+        }
+        if (fmt == CACHE_E4M3) {
+            const __m256 unit = _mm256_set1_ps(value_scale(fmt));
+            for (int64_t e = 0; e < G * D; e += 8) _mm256_storeu_ps(out + e, _mm256_mul_ps(_mm256_loadu_ps(out + e), unit));
+        }
+    }
+}
 #endif
 
 /* Item = (tile rows b .. b + R - 1, kv heads [h0, h1)): reading every head of a slot
@@ -388,6 +479,13 @@ static int run_item(const Job *j, int64_t b, int64_t R, int64_t h0, int64_t h1, 
     if (j->lens[b] <= 0 || R * j->lens[b + R - 1] > j->capacity || heads * j->lens[b + R - 1] > j->capacity) return 1;
 #ifdef VECTOR_HEADS
     if (D % 8 == 0 && D <= 256) {
+        if (R == 1 && G > 1 && j->format != CACHE_F32) {
+            if (j->format == CACHE_F16) staged_item(j, table, b, h0, heads, scores, CACHE_F16);
+            else if (j->format == CACHE_E5M2) staged_item(j, table, b, h0, heads, scores, CACHE_E5M2);
+            else if (j->format == CACHE_E4M3) staged_item(j, table, b, h0, heads, scores, CACHE_E4M3);
+            else staged_item(j, table, b, h0, heads, scores, CACHE_BF16);
+            return 0;
+        }
         if (j->format == CACHE_F16) vector_item(j, table, b, R, h0, heads, scores, CACHE_F16);
         else if (j->format == CACHE_E5M2) vector_item(j, table, b, R, h0, heads, scores, CACHE_E5M2);
         else if (j->format == CACHE_E4M3) vector_item(j, table, b, R, h0, heads, scores, CACHE_E4M3);
