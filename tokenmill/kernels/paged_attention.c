@@ -9,9 +9,12 @@
  * passes over the keys (scores, then softmax) and one over the values (AVX2 loops for head
  * sizes that are a multiple of 8). A row's result depends on its query, keys and values only:
  * consecutive rows of one sequence (a prefill chunk) form a tile that reads each key and
- * value once for all its rows, but each row still sums in the same order as alone. Work
- * items are tiles (or (tile, kv head) pairs when there are fewer tiles than threads), taken
- * from a shared counter by n_threads threads (parallel.h).
+ * value once for all its rows, but each row still sums in the same order as alone. A
+ * decode row of grouped heads over a narrow cache converts each block to floats once for
+ * the query heads that share its kv head (staged_item), the same floats in the same sums.
+ * Each block's successor is prefetched while it is read (prefetch_block): a sequence's
+ * blocks lie anywhere. Work items are tiles (or (tile, kv head) pairs when there are
+ * fewer tiles than threads), taken from a shared counter by n_threads threads (parallel.h).
  */
 #include <math.h>
 #include <stdint.h>
