@@ -89,7 +89,7 @@ def function(symbol: str, *argtypes: Any) -> Callable[..., int] | None:
 
 
 # the KV cache element types the kernels read and write, by their format code (kv_format.h)
-_KV_FORMATS = {
+KV_FORMATS = {
     torch.float32: 0,
     torch.float16: 1,
     torch.float8_e5m2: 2,
@@ -102,7 +102,7 @@ def kv_format(dtype: torch.dtype) -> int:
     """kv_format.h's code for a KV cache of `dtype` (float32, float16, bfloat16,
     float8_e5m2 or float8_e4m3fn)."""
     try:
-        return _KV_FORMATS[dtype]
+        return KV_FORMATS[dtype]
     except KeyError:
         raise ValueError(f"the native kernels hold no {dtype} KV cache") from None
 

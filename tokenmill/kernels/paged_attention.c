@@ -317,6 +317,16 @@ INLINE void prefetch_block(const char *at, const Job *j, const int fmt, const in
         }
 }
 
+/* as its keys from `start` (a block's first slot) are scored: kv head `kv`'s keys of the
+ * next block (if any below `end`) into L1 and its values of this block into L2 */
+INLINE void prefetch_around(const Job *j, const int64_t *table, int64_t start, int64_t end,
+                            int64_t kv, const int fmt) {
+    const int64_t bs = j->block_size, bytes = j->head_dim * value_size(fmt);
+    const int64_t block = bs * j->num_kv_heads * bytes; /* bytes of a block */
+    if (start + bs < end) prefetch_block(j->k_cache + table[start / bs + 1] * block + kv * bytes, j, fmt, 1);
+    prefetch_block(j->v_cache + table[start / bs] * block + kv * bytes, j, fmt, 0);
+}
+
 /* run_item for a head size that is a multiple of 8: rows b .. b + R - 1 of one sequence
  * (lens ascending), query heads [h0 G, h0 G + heads), one head at a time (its R rows of
  * scores stay in cache); scores of 8 keys at a time, each key block read once for every
@@ -333,11 +343,7 @@ INLINE void vector_item(const Job *j, const int64_t *table, int64_t b, int64_t R
         const int64_t kv = h0 + qh / G, head = h0 * G + qh;
         for (int64_t start = lo[0] / bs * bs; start < longest; start += bs) {
             const char *k = j->k_cache + table[start / bs] * bs * row + kv * D * size;
-            if (qh % G == 0) { /* the kv head's first query head: its reads come from memory */
-                if (start + bs < longest)
-                    prefetch_block(j->k_cache + table[start / bs + 1] * bs * row + kv * D * size, j, fmt, 1);
-                prefetch_block(j->v_cache + table[start / bs] * bs * row + kv * D * size, j, fmt, 0);
-            }
+            if (qh % G == 0) prefetch_around(j, table, start, longest, kv, fmt); /* its first head */
             for (int64_t r = 0; r < R; r++) {
                 const int64_t n = lens[r] - start < bs ? lens[r] - start : bs;
                 if (n <= 0 || start + bs <= lo[r]) continue; /* none of its keys here */
@@ -439,9 +445,7 @@ INLINE void staged_item(const Job *j, const int64_t *table, int64_t b, int64_t h
         for (int64_t start = first; start < L; start += bs) { /* scores[g L + key] */
             const int64_t n = L - start < bs ? L - start : bs;
             const char *k = j->k_cache + table[start / bs] * bs * row + kv * D * size;
-            if (start + bs < L)
-                prefetch_block(j->k_cache + table[start / bs + 1] * bs * row + kv * D * size, j, fmt, 1);
-            prefetch_block(j->v_cache + table[start / bs] * bs * row + kv * D * size, j, fmt, 0);
+            prefetch_around(j, table, start, L, kv, fmt);
             for (int64_t c0 = 0; c0 < n; c0 += STAGE_SLOTS) {
                 const int64_t m = n - c0 < STAGE_SLOTS ? n - c0 : STAGE_SLOTS;
                 stage_rows(k + c0 * row, row, D, m, (m + 7) & ~(int64_t)7, stage, fmt);

@@ -7,14 +7,12 @@ from collections.abc import Callable
 
 import torch
 
-from tokenmill.kernels import function, kv_format
+from tokenmill.kernels import KV_FORMATS, function, kv_format
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 # (query head x key) pairs per thread: below it a thread's start-up outweighs its share
 # (docs/benchmarks.md, "Paged attention")
 _MIN_WORK_PER_THREAD = 1024
-# caches narrower than float32 the vector loops read (kv_format.h)
-_NARROW = (torch.float16, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn)
 
 
 def _function() -> Callable[..., int] | None:
@@ -38,7 +36,9 @@ def supports(cache: torch.Tensor) -> bool:
     or fp8 (float8_e5m2, float8_e4m3fn) where it can."""
     if cache.device.type != "cpu" or not available():
         return False
-    return cache.dtype == torch.float32 or (cache.dtype in _NARROW and reads_f16(cache.shape[-1]))
+    return cache.dtype == torch.float32 or (
+        cache.dtype in KV_FORMATS and reads_f16(cache.shape[-1])
+    )
 
 
 def attention_threads(num_heads: int, lens: torch.Tensor, window: int | None = None) -> int:
