@@ -19,8 +19,8 @@ POISON = 7  # a prompt starting with this token id makes the model "fail"
 
 
 @pytest.fixture(scope="module")
-def llm(bundled_llm: Any) -> Any:
-    return bundled_llm
+def llm(default_llm: Any) -> Any:
+    return default_llm
 
 
 @pytest.fixture(scope="module")

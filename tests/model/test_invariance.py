@@ -38,12 +38,12 @@ def token_ids(outputs):
 
 
 @pytest.fixture(scope="module", params=["float32", "gguf"])
-def llm(request, bundled_llm, bundled_gguf_path):
+def llm(request):
     global BIT_EXACT
     if request.param == "float32":
-        yield bundled_llm
+        yield request.getfixturevalue("bundled_llm")
         return
-    gguf = LLM(bundled_gguf_path, kv_cache_memory=256 << 20)  # the CPU default: gguf blocks
+    gguf = request.getfixturevalue("default_llm")  # the CPU default: gguf blocks
     worker = gguf.engine.core.executor.worker
     BIT_EXACT = worker.backend.native and any(
         isinstance(m, GGUFLinear) for m in worker.model.modules()
@@ -140,9 +140,18 @@ def test_torch_reference_backend_equals_native_kernels(llm, alone, bundled_gguf_
     assert tokens == [a[0] if BIT_EXACT else a for a in alone]
 
 
+NARROW_PARAMS = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def float32_cache_tokens(bundled_llm):
+    """The float32 cache's greedy tokens, for each narrow cache to compare with."""
+    return [o.outputs[0].token_ids for o in bundled_llm.generate(PROMPTS, NARROW_PARAMS)]
+
+
 @pytest.mark.parametrize("cache_dtype", ["float16", "bfloat16", "fp8_e5m2", "fp8"])
 def test_narrow_caches_read_the_same_in_the_kernel_and_the_torch_fallback(
-    bundled_gguf_path, cache_dtype
+    bundled_gguf_path, bundled_llm, float32_cache_tokens, cache_dtype
 ):
     """--kv-cache-dtype float16 (the GGUF default's cache), bfloat16, fp8_e5m2 or fp8 (e4m3)
     on exact float32 weights: the native kernels and the torch fallback (SDPA over the
@@ -152,26 +161,25 @@ def test_narrow_caches_read_the_same_in_the_kernel_and_the_torch_fallback(
     coarse format's steps lands either side). A float16 cache (11 significant bits) stays
     close to the float32 cache's tokens; the others (8, 4 or 3 bits) drift sooner, but
     still start every answer alike, an fp8 one in half float16's bytes."""
-    wide = LLM(bundled_gguf_path, dtype="float32", kv_cache_memory=64 << 20)
+    memory = bundled_llm.engine.config.cache.kv_cache_memory  # the float32 cache's bytes
     narrow = LLM(
-        bundled_gguf_path, dtype="float32", kv_cache_dtype=cache_dtype, kv_cache_memory=64 << 20
+        bundled_gguf_path, dtype="float32", kv_cache_dtype=cache_dtype, kv_cache_memory=memory
     )
     if not narrow.engine.core.executor.worker.backend.native:
         pytest.skip("the native kernels (with F16C) are not available here")
-    slots = [llm.engine.core.executor.worker.num_blocks for llm in (wide, narrow)]
+    slots = [llm.engine.core.executor.worker.num_blocks for llm in (bundled_llm, narrow)]
     assert slots[1] == slots[0] * (2 if cache_dtype in ("float16", "bfloat16") else 4)
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
-    native_outputs = [o.outputs[0] for o in narrow.generate(PROMPTS, params)]
+    native_outputs = [o.outputs[0] for o in narrow.generate(PROMPTS, NARROW_PARAMS)]
     native = [o.token_ids for o in native_outputs]
     del narrow
     narrow_torch = LLM(
         bundled_gguf_path,
         dtype="float32",
         kv_cache_dtype=cache_dtype,
-        kv_cache_memory=64 << 20,
+        kv_cache_memory=memory,
         backend="torch",
     )
-    fallback_outputs = [o.outputs[0] for o in narrow_torch.generate(PROMPTS, params)]
+    fallback_outputs = [o.outputs[0] for o in narrow_torch.generate(PROMPTS, NARROW_PARAMS)]
     fallback = [o.token_ids for o in fallback_outputs]
     if cache_dtype == "float16":
         assert fallback == native
@@ -186,7 +194,7 @@ def test_narrow_caches_read_the_same_in_the_kernel_and_the_torch_fallback(
                 assert rival in chosen, (i, a.token_ids, b.token_ids)
                 gap = chosen[one.token_ids[i]].logprob - chosen[rival].logprob
                 assert gap < 0.1, (i, gap, a.token_ids, b.token_ids)
-    exact = [o.outputs[0].token_ids for o in wide.generate(PROMPTS, params)]
+    exact = float32_cache_tokens
     if cache_dtype == "float16":
         same = sum(a == b for a, b in zip(exact, native, strict=True))
         assert same >= len(PROMPTS) - 1, (exact, native)

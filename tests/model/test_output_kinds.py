@@ -51,11 +51,11 @@ def same(a: RequestOutput, b: RequestOutput) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_deltas_add_up_to_the_cumulative_output(bundled_llm, case: str) -> None:
+def test_deltas_add_up_to_the_cumulative_output(default_llm, case: str) -> None:
     params = CASES[case]
-    cumulative = run(bundled_llm, params, RequestOutputKind.CUMULATIVE)
-    deltas = run(bundled_llm, params, RequestOutputKind.DELTA)
-    final = run(bundled_llm, params, RequestOutputKind.FINAL_ONLY)
+    cumulative = run(default_llm, params, RequestOutputKind.CUMULATIVE)
+    deltas = run(default_llm, params, RequestOutputKind.DELTA)
+    final = run(default_llm, params, RequestOutputKind.FINAL_ONLY)
     assert len(final) == 1
     same(final[0], cumulative[-1])
     # each delta holds only what is new: the ids and logprobs of a sequence, laid end to
@@ -102,13 +102,13 @@ def test_queued_outputs_fold_into_one() -> None:
 
 
 def test_generate_asks_for_final_outputs_without_changing_the_callers_params(
-    bundled_llm,
+    default_llm,
 ) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=5)
-    [output] = bundled_llm.generate(PROMPT, params)
+    [output] = default_llm.generate(PROMPT, params)
     assert params.output_kind is RequestOutputKind.CUMULATIVE  # the caller's, unchanged
     assert len(output.outputs[0].token_ids) == 5
-    cumulative = run(bundled_llm, params, RequestOutputKind.CUMULATIVE)
+    cumulative = run(default_llm, params, RequestOutputKind.CUMULATIVE)
     same(output, cumulative[-1])
 
 

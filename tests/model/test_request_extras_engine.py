@@ -25,7 +25,6 @@ def priority_llm(bundled_gguf_path: str) -> Iterator[LLM]:
     """Its own engine, one running request at a time."""
     llm = LLM(
         bundled_gguf_path,
-        dtype="float32",
         kv_cache_memory=64 << 20,
         scheduling_policy="priority",
         max_num_seqs=1,
@@ -47,28 +46,28 @@ def word_token(llm: LLM, text: str) -> int:
 
 
 def test_a_banned_word_is_not_generated_and_the_text_before_it_is_unchanged(
-    bundled_llm: LLM,
+    default_llm: LLM,
 ) -> None:
-    text, ids = greedy(bundled_llm)
-    answer = word_token(bundled_llm, " answer")
-    assert "answer" in text and answer in ids  # " Paris.\n\nThe answer is: ..."
-    banned_text, banned_ids = greedy(bundled_llm, SamplingParams(**_greedy(bad_words=["answer"])))
-    cut = ids.index(answer)
-    assert banned_ids[:cut] == ids[:cut] and banned_ids[cut] != answer
-    assert "answer" not in banned_text
+    text, ids = greedy(default_llm)
+    united = word_token(default_llm, " United")
+    assert "United" in text and united in ids  # " Paris.\n\nThe United States has ..."
+    banned_text, banned_ids = greedy(default_llm, SamplingParams(**_greedy(bad_words=["United"])))
+    cut = ids.index(united)
+    assert banned_ids[:cut] == ids[:cut] and banned_ids[cut] != united
+    assert "United" not in banned_text
 
 
-def test_a_multi_token_word_bans_only_its_last_token_after_the_rest(bundled_llm: LLM) -> None:
-    text, ids = greedy(bundled_llm)
-    answer = word_token(bundled_llm, " answer")
-    cut = ids.index(answer)
-    assert "The answer" in text
+def test_a_multi_token_word_bans_only_its_last_token_after_the_rest(default_llm: LLM) -> None:
+    text, ids = greedy(default_llm)
+    united = word_token(default_llm, " United")
+    cut = ids.index(united)
+    assert "The United" in text
     banned_text, banned_ids = greedy(
-        bundled_llm, SamplingParams(**_greedy(bad_words=["The answer"]))
+        default_llm, SamplingParams(**_greedy(bad_words=["The United"]))
     )
-    # "The" alone is still generated; " answer" right after it is not
-    assert banned_ids[:cut] == ids[:cut] and banned_ids[cut] != answer
-    assert "The answer" not in banned_text
+    # "The" alone is still generated; " United" right after it is not
+    assert banned_ids[:cut] == ids[:cut] and banned_ids[cut] != united
+    assert "The United" not in banned_text
 
 
 def _greedy(**changes: Any) -> dict[str, Any]:
@@ -79,20 +78,20 @@ def _greedy(**changes: Any) -> dict[str, Any]:
 
 
 def test_fcfs_refuses_priorities_and_priorities_must_match_the_prompts(
-    bundled_llm: LLM, priority_llm: LLM
+    default_llm: LLM, priority_llm: LLM
 ) -> None:
     with pytest.raises(InvalidRequestError) as refused:
-        bundled_llm.generate([PROMPT], GREEDY, priority=[1])
+        default_llm.generate([PROMPT], GREEDY, priority=[1])
     assert refused.value.param == "priority"
     with pytest.raises(ValueError, match="2 priorities for 1 prompts"):
         priority_llm.generate([PROMPT], GREEDY, priority=[0, 1])
 
 
 def test_priority_orders_admission_and_never_changes_greedy_outputs(
-    bundled_llm: LLM, priority_llm: LLM
+    default_llm: LLM, priority_llm: LLM
 ) -> None:
     prompts = [PROMPT, "Once upon a time", "def add(a, b):", "The sky is"]
-    expected = [o.outputs[0].token_ids for o in bundled_llm.generate(prompts, GREEDY)]
+    expected = [o.outputs[0].token_ids for o in default_llm.generate(prompts, GREEDY)]
     outputs = priority_llm.generate(prompts, GREEDY, priority=[3, 1, 2, 0])
     assert [o.outputs[0].token_ids for o in outputs] == expected
     # one request runs at a time: they finish in priority order, not in arrival order
@@ -112,9 +111,9 @@ def test_priority_orders_admission_and_never_changes_greedy_outputs(
 
 
 def test_server_bad_words_priority_and_token_ids(
-    bundled_llm: LLM, priority_llm: LLM, monkeypatch: pytest.MonkeyPatch
+    default_llm: LLM, priority_llm: LLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    baseline_text, _ = greedy(bundled_llm)
+    baseline_text, _ = greedy(default_llm)
     # the module's engine outlives this AsyncEngine: its shutdown must not close it
     monkeypatch.setattr(priority_llm.engine, "shutdown", lambda: None)
     monkeypatch.setattr(priority_llm.engine.structured_outputs, "close", lambda: None)
@@ -137,11 +136,11 @@ def test_server_bad_words_priority_and_token_ids(
 
 
 async def _check_bad_words(client: Any, baseline_text: str) -> None:
-    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "bad_words": ["answer"]}
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "bad_words": ["United"]}
     response = await client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
     text = response.json()["choices"][0]["text"]
-    assert "answer" not in text and "answer" in baseline_text
+    assert "United" not in text and "United" in baseline_text
     assert text.split("\n")[0] == baseline_text.split("\n")[0]  # " Paris." either way
 
 

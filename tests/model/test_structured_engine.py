@@ -48,15 +48,15 @@ def assert_valid(text: str, options: dict[str, Any]) -> None:
         assert re.fullmatch(r"[0-9]{1,2}(\+[0-9]{1,2}){0,4}", text), text
 
 
-def test_free_requests_are_unaffected_by_constrained_neighbours(bundled_llm: Any) -> None:
-    alone = token_ids(bundled_llm.generate(FREE_PROMPTS, GREEDY))
+def test_free_requests_are_unaffected_by_constrained_neighbours(default_llm: Any) -> None:
+    alone = token_ids(default_llm.generate(FREE_PROMPTS, GREEDY))
     prompts: list[str] = []
     params: list[SamplingParams] = []
     for free, (prompt, options, backend) in zip(FREE_PROMPTS, CONSTRAINED, strict=False):
         prompts += [prompt, free]
         params += [constrained_params(options, backend), GREEDY]
     prompt, options, backend = CONSTRAINED[-1]
-    outputs = bundled_llm.generate(
+    outputs = default_llm.generate(
         [*prompts, prompt], [*params, constrained_params(options, backend)]
     )
     assert token_ids(outputs[1::2]) == alone
@@ -65,11 +65,11 @@ def test_free_requests_are_unaffected_by_constrained_neighbours(bundled_llm: Any
         assert_valid(output.outputs[0].text, options)
 
 
-def test_preemption_recomputes_without_advancing_the_grammar(bundled_llm: Any) -> None:
+def test_preemption_recomputes_without_advancing_the_grammar(default_llm: Any) -> None:
     params = constrained_params({"regex": r"[0-9]{8}"}, None)
-    (expected,) = bundled_llm.generate(["Digits:"], params)
-    engine = bundled_llm.engine
-    ids = bundled_llm.tokenizer.encode("Digits:")
+    (expected,) = default_llm.generate(["Digits:"], params)
+    engine = default_llm.engine
+    ids = default_llm.tokenizer.encode("Digits:")
     engine.add_request("preempted", ids, params)
     for _ in range(4):
         engine.step()
@@ -85,10 +85,10 @@ def test_preemption_recomputes_without_advancing_the_grammar(bundled_llm: Any) -
     assert re.fullmatch(r"[0-9]{8}", outputs[-1].outputs[0].text)
 
 
-def test_ignore_eos_and_min_tokens_still_end_with_the_grammar(bundled_llm: Any) -> None:
+def test_ignore_eos_and_min_tokens_still_end_with_the_grammar(default_llm: Any) -> None:
     choice = {"choice": ["yes", "no"]}
     digits = {"regex": r"[0-9]{1,8}"}
-    outputs = bundled_llm.generate(
+    outputs = default_llm.generate(
         ["Yes or no?", "Yes or no?", "Digits:"],
         [
             constrained_params(choice, None, ignore_eos=True, max_tokens=50),
@@ -102,22 +102,22 @@ def test_ignore_eos_and_min_tokens_still_end_with_the_grammar(bundled_llm: Any) 
     assert len(outputs[2].outputs[0].token_ids) >= 5  # EOS was held back until then
 
 
-def test_n_and_best_of_give_each_sequence_its_own_matcher(bundled_llm: Any) -> None:
+def test_n_and_best_of_give_each_sequence_its_own_matcher(default_llm: Any) -> None:
     options = {"regex": r"[a-z]{2,4} [a-z]{2,4}"}
     params = constrained_params(options, None, temperature=1.0, n=2, best_of=3, seed=11)
-    (output,) = bundled_llm.generate(["Two words:"], params)
+    (output,) = default_llm.generate(["Two words:"], params)
     assert len(output.outputs) == 2
     for sequence in output.outputs:
         assert_valid(sequence.text, options)
 
 
-def test_offline_spellings_and_errors(bundled_llm: Any) -> None:
+def test_offline_spellings_and_errors(default_llm: Any) -> None:
     by_dict = SamplingParams(temperature=0.0, structured_outputs={"choice": ["up", "down"]})
-    (output,) = bundled_llm.generate(["Up or down?"], by_dict)
+    (output,) = default_llm.generate(["Up or down?"], by_dict)
     assert output.outputs[0].text in ("up", "down")
     with pytest.raises(InvalidRequestError, match="beam search"):
         SamplingParams(use_beam_search=True, n=2, structured_outputs={"regex": "a+"})
     with pytest.raises(InvalidRequestError, match="regex") as info:
-        bundled_llm.generate(["x"], SamplingParams(structured_outputs={"regex": "(a"}))
+        default_llm.generate(["x"], SamplingParams(structured_outputs={"regex": "(a"}))
     assert info.value.param == "structured_outputs.regex"
-    assert not bundled_llm.engine.has_unfinished
+    assert not default_llm.engine.has_unfinished

@@ -30,7 +30,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": SC
 @pytest.mark.parametrize(
     "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
 )
-def test_constrained_calls_parse_and_validate(bundled_llm, fmt_name, choice):
+def test_constrained_calls_parse_and_validate(default_llm, fmt_name, choice):
     fmt = FORMATS[fmt_name]
     use = tool_use([TOOL], choice, False, fmt, 8)
     assert use is not None
@@ -38,19 +38,19 @@ def test_constrained_calls_parse_and_validate(bundled_llm, fmt_name, choice):
         temperature=0.7, seed=5, max_tokens=120, structured_outputs=use.constraint()
     )
     prompt = "Question: what is the weather in Paris?\nAnswer with a call:\n"
-    out = bundled_llm.generate([prompt], params)[0].outputs[0]
+    out = default_llm.generate([prompt], params)[0].outputs[0]
     assert out.finish_reason == "stop", out.text
     parsed = parse(out.text, fmt, final=True)
     assert [c.name for c in parsed.calls] == ["get_weather"], out.text
     jsonschema.validate(json.loads(parsed.calls[0].arguments), SCHEMA)
 
 
-def test_offline_chat_gives_the_template_the_tools(bundled_llm):
+def test_offline_chat_gives_the_template_the_tools(default_llm):
     """LLM.chat(tools=...): the bundled template renders none, so a system message lists them."""
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     params = SamplingParams(temperature=0, max_tokens=1)
-    out = bundled_llm.chat(messages, params, tools=[TOOL])[0]
-    prompt = bundled_llm.tokenizer.decode(out.prompt_token_ids)
+    out = default_llm.chat(messages, params, tools=[TOOL])[0]
+    prompt = default_llm.tokenizer.decode(out.prompt_token_ids)
     assert "You can call the following functions" in prompt and '"get_weather"' in prompt
-    plain = bundled_llm.chat(messages, params)[0]
+    plain = default_llm.chat(messages, params)[0]
     assert len(plain.prompt_token_ids) < len(out.prompt_token_ids)
