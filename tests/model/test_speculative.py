@@ -43,8 +43,8 @@ def with_logprobs(outputs) -> list[tuple[list[int], list[dict[int, float]]]]:
 
 
 @pytest.fixture(scope="module")
-def plain(bundled_gguf_path):
-    return LLM(bundled_gguf_path, kv_cache_memory=64 << 20)
+def plain(default_llm):
+    return default_llm
 
 
 @pytest.fixture(scope="module")

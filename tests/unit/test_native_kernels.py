@@ -216,13 +216,24 @@ def test_empty_sequence_is_an_error_not_garbage():
 
 
 def test_build_is_cached_and_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
+    """A compiler that only writes its output and counts its runs (a real first build is
+    tests/e2e/test_server_first_run.py's): the library lands in the cache directory, once."""
+    runs = tmp_path / "runs"
+    compiler = tmp_path / "cc"
+    compiler.write_text(
+        '#!/bin/sh\necho run >> "%s"\nwhile [ "$1" != -o ]; do shift; done\n: > "$2"\n' % runs
+    )
+    compiler.chmod(0o755)
     monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path))
     kernels.load.cache_clear()
     try:
-        if paged_attention.available():
+        with monkeypatch.context() as fake:
+            fake.setattr(kernels, "_compiler", lambda: str(compiler))
             first = kernels._build("all")
             assert first.parent == tmp_path / "kernels" and first.exists()
             assert kernels._build("all") == first  # no second compile
+        assert runs.read_text() == "run\n"
+        assert [p.name for p in first.parent.iterdir()] == [first.name]  # no partial file left
         kernels.load.cache_clear()
         monkeypatch.setattr(kernels, "_compiler", lambda: "/bin/false")
         monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path / "other"))

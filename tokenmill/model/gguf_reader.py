@@ -20,6 +20,7 @@ _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)  # v1 used 32-bit counts; llama.cpp has not written it since 2023
 _MAX_COUNT = 1 << 24  # more keys or tensors than this is a corrupt header, not a model
 _DEFAULT_ALIGNMENT = 32
+_ROW_BLOCKS = 1024  # blocks per row handed to gguf's dequantize (read_tensor)
 
 # GGUF metadata value types (gguf.GGUFValueType): scalars by struct format, then string and array.
 _SCALAR_FORMATS = {
@@ -199,7 +200,12 @@ class GGUFFile:
         """The tensor dequantized to a fresh float32 CPU tensor of shape `info.shape`."""
         raw = np.frombuffer(self._buf, dtype=np.uint8, count=info.num_bytes, offset=info.offset)
         block_size, type_size = gguf.GGML_QUANT_SIZES[_T(info.ggml_type)]
-        rows = raw.reshape(*info.shape[:-1], info.shape[-1] // block_size * type_size)
+        row_blocks = info.shape[-1] // block_size
+        # gguf dequantizes 16 rows a pass: rows of k of the tensor's rows each make the
+        # passes fewer and larger (twice the speed on the bundled model). Blocks are
+        # independent, so the values are the same.
+        k = math.gcd(math.prod(info.shape[:-1]), max(1, _ROW_BLOCKS // row_blocks))
+        rows = raw.reshape(-1, k * row_blocks * type_size)
         values = gguf.quants.dequantize(rows, _T(info.ggml_type))
         if not values.flags.writeable:  # F32 comes back as a view of the read-only mmap
             values = values.copy()
