@@ -49,14 +49,25 @@ def load_model(
     if layers is not None:  # a pipeline stage: its run of the decoder layers
         keep_layers(module, layers)
         weights = _stage_weights(weights, layers)
-    module.to_empty(device=device)
-    module.to(dtype)
+    _allocate(module, device, dtype)
     model.load_weights(weights)
     for rotary in module.modules():  # every rotary table the model has
         if isinstance(rotary, RotaryEmbedding):
             rotary.build(device, max_model_len)
     module.eval()
     return model
+
+
+def _allocate(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """`module.to_empty(device=device).to(dtype)` in one allocation per tensor (floating
+    point ones in `dtype`), through torch.empty: to_empty's empty_like goes through torch's
+    reference implementation, whose first call imports sympy (~0.25 s of every start)."""
+
+    def empty(tensor: torch.Tensor) -> torch.Tensor:
+        kind = dtype if tensor.is_floating_point() else tensor.dtype
+        return torch.empty(tensor.shape, dtype=kind, device=device)
+
+    module._apply(empty)
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
