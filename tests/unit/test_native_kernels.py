@@ -221,7 +221,7 @@ def test_build_is_cached_and_a_failed_build_falls_back(tmp_path, monkeypatch, ca
     runs = tmp_path / "runs"
     compiler = tmp_path / "cc"
     compiler.write_text(
-        '#!/bin/sh\necho run >> "%s"\nwhile [ "$1" != -o ]; do shift; done\n: > "$2"\n' % runs
+        f'#!/bin/sh\necho run >> "{runs}"\nwhile [ "$1" != -o ]; do shift; done\n: > "$2"\n'
     )
     compiler.chmod(0o755)
     monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path))
