@@ -107,7 +107,7 @@ async def test_both_gguf_names_answer() -> None:
 
 
 def _source(count: int) -> Any:
-    def read() -> Iterator[tuple[str, torch.Tensor]]:
+    def read(skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         for i in range(count):
             yield f"w{i}", torch.ones(4, dtype=torch.float16)
 

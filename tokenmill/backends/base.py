@@ -30,10 +30,16 @@ class Backend:
         """One line for the startup log."""
         return "torch ops, SDPA attention"
 
-    def prepare(
+    def keep_blocks(
         self, model: CausalLM, quantization: Quantization | None, blocks: BlockLookup | None
-    ) -> None:
-        """Once after loading: put the weights in the format this backend runs."""
+    ) -> frozenset[str]:
+        """Once before loading, on the model's structure (meta tensors): swap in the modules
+        that run on the checkpoint's stored blocks; returns the checkpoint names they hold,
+        which are then never read (nor dequantized, nor held in float)."""
+        return frozenset()
+
+    def prepare(self, model: CausalLM, quantization: Quantization | None) -> None:
+        """Once after loading: put the other weights in the format this backend runs."""
 
     def forward(
         self,

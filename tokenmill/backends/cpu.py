@@ -162,27 +162,33 @@ class CpuBackend(Backend):
             return "native (element-wise ops, attention over the paged cache)"
         return "torch (no C compiler, TOKENMILL_NATIVE_KERNELS=0, or not CPU float32)"
 
-    def prepare(
+    def keep_blocks(
         self, model: CausalLM, quantization: Quantization | None, blocks: BlockLookup | None
-    ) -> None:
-        """Pack the linears: GGUF blocks where the checkpoint has them in a type the kernel
-        reads ("gguf*"), float16 the rest (where fast), and the output projection too;
-        without packing, a transposed copy of the output projection for few rows."""
+    ) -> frozenset[str]:
+        """"gguf*": GGUFLinear for every linear the checkpoint stores in a type the kernel
+        reads, from its stored blocks; their weights are never dequantized (the bundled
+        model then peaks at a quarter of the float32 model's memory while loading)."""
+        if quantization not in ("gguf", "gguf-float32") or blocks is None:
+            return frozenset()
+        kept, left = _keep_gguf_blocks(model, blocks, quantization == "gguf")
+        if left is not None:
+            logger.info("weights: quantized linear layers loaded dequantized: %s", left)
+        if kept:
+            logger.info(
+                "weights: %d linear layers kept as GGUF blocks, %s activations",
+                len(kept),
+                "int8" if quantization == "gguf" else "float32",
+            )
+        return frozenset(name for names in kept.values() for name in names)
+
+    def prepare(self, model: CausalLM, quantization: Quantization | None) -> None:
+        """Pack the linears keep_blocks left: float16 (where fast; for "gguf*" whatever the
+        checkpoint does not store in blocks), and the output projection too; without
+        packing, a transposed copy of the output projection for few rows."""
         if model.config.attn_logit_softcapping is not None and self.native:
             self.attention = TorchAttention()  # the native kernel does not soft-cap scores
         rest = quantization  # the format of what is not kept as GGUF blocks
         if quantization in ("gguf", "gguf-float32"):
-            int8 = quantization == "gguf"
-            kept, left = (0, None) if blocks is None else _keep_gguf_blocks(model, blocks, int8)
-            if left is not None:
-                logger.info("weights: quantized linear layers loaded dequantized: %s", left)
-            if kept:
-                activations = "int8" if quantization == "gguf" else "float32"
-                logger.info(
-                    "weights: %d linear layers kept as GGUF blocks, %s activations",
-                    kept,
-                    activations,
-                )
             rest = "fp16" if formats.fast_fp16() else None
         if rest is not None:
             pack_fp16(model)  # type: ignore[arg-type]
@@ -284,11 +290,13 @@ def _replace(model: CausalLM | nn.Module, path: str, module: nn.Module) -> None:
 
 def _keep_gguf_blocks(
     model: CausalLM, blocks: BlockLookup, int8_activations: bool
-) -> tuple[int, str | None]:
+) -> tuple[dict[str, list[str]], str | None]:
     """Swap in GGUFLinear wherever the checkpoint stores a linear's weights (every shard of
-    a fused one) in a type the kernel reads; returns how many it swapped, and a summary of
-    the quantized ones it left to load dequantized (which, in what types, why), if any."""
-    kept, left = 0, dict[str, list[str]]()
+    a fused one) in a type the kernel reads; returns the swapped module paths with the
+    checkpoint weights they hold (none for a tied output projection: the embedding still
+    loads), and a summary of the quantized ones it left to load dequantized (which, in what
+    types, why), if any."""
+    kept, left = dict[str, list[str]](), dict[str, list[str]]()
     targets: list[tuple[str, nn.Linear | torch.Tensor]] = list(_linears(model))
     if model.lm_head is None:  # tied: the output projection is the embedding
         targets.append(("lm_head", model.output_weight))
@@ -296,14 +304,15 @@ def _keep_gguf_blocks(
     first = int(getattr(model, "first_layer", 0))  # a pipeline stage's first layer
     for path, linear in targets:
         checkpoint_path = _global_path(path, first)  # the layer's name in the checkpoint
-        parts = [blocks(name) for name in checkpoint_weight_names(model, checkpoint_path)]
+        names = checkpoint_weight_names(model, checkpoint_path)
+        parts = [blocks(name) for name in names]
         if sharded:
             parts = _rank_blocks(model, path, parts)
         int8 = int8_activations and not checkpoint_path.startswith(formats.FLOAT_ACTIVATION_LAYERS)
         replacement = gguf_linear(linear, parts, int8)
         if replacement is not None:
             _replace(model, path, replacement)
-            kept += 1
+            kept[path] = [] if isinstance(linear, torch.Tensor) else names
             continue
         reason = gguf_fallback_reason(linear, parts) or "scales beyond float16"
         if reason != "not stored quantized":

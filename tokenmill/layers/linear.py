@@ -23,6 +23,8 @@ from tokenmill.kernels import quant_matmul
 
 # HF weight name -> (GGML type, [N, row_bytes] uint8 blocks), or None when not stored quantized
 BlockLookup = Callable[[str], "tuple[int, torch.Tensor] | None"]
+# a module's copy of a checkpoint tensor (or a fused one's shard) into one of its parameters
+WeightLoader = Callable[[torch.Tensor, torch.Tensor, "int | None"], None]
 
 
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard: int | None) -> None:
@@ -209,7 +211,8 @@ class GGUFLinear(nn.Module):
     projection; types that differ share one format where one holds them all).
     int8_activations: x is quantized to int8 per 32-value block and each block's dot
     product is integer (llama.cpp's numerics); else float32 math over the dequantized
-    weights."""
+    weights. The bias is a float32 parameter: on a model still on the meta device, loading
+    fills it through `weight_loader` (the replaced linear's: shards, ranks)."""
 
     def __init__(
         self,
@@ -217,6 +220,7 @@ class GGUFLinear(nn.Module):
         in_features: int,
         bias: torch.Tensor | None,
         int8_activations: bool = False,
+        weight_loader: WeightLoader | None = None,
     ):
         super().__init__()
         types = {t for t, _ in parts}
@@ -228,7 +232,9 @@ class GGUFLinear(nn.Module):
         self.ggml_type = types.pop() if len(types) == 1 else self.format
         self.in_features, self.out_features = in_features, sum(len(b) for _, b in parts)
         self.int8_activations = int8_activations
-        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.bias = _float_bias(bias)
+        if weight_loader is not None:
+            self.weight_loader = weight_loader
 
     @property
     def weight_bytes(self) -> int:
@@ -260,17 +266,34 @@ class GGUFLinear(nn.Module):
 class SplitGGUFLinear(nn.Module):
     """A fused projection whose parts no one kernel format holds (larger models' Q4_K_M:
     Q4_K q|k beside a Q6_K v): runs of consecutive parts one format holds, each a
-    GGUFLinear of its own blocks, their outputs side by side. Not a projection the fused
-    decode step reads (a model with one decodes layer by layer)."""
+    GGUFLinear of its own blocks, their outputs side by side, then the bias (the whole
+    projection's, loaded as GGUFLinear's is). Not a projection the fused decode step reads
+    (a model with one decodes layer by layer)."""
 
-    def __init__(self, pieces: list[GGUFLinear]):
+    def __init__(
+        self,
+        pieces: list[GGUFLinear],
+        bias: torch.Tensor | None = None,
+        weight_loader: WeightLoader | None = None,
+    ):
         super().__init__()
         self.pieces = nn.ModuleList(pieces)
         self.in_features = pieces[0].in_features
         self.out_features = sum(p.out_features for p in pieces)
+        self.bias = _float_bias(bias)
+        if weight_loader is not None:
+            self.weight_loader = weight_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
-        return torch.cat([piece(x) for piece in self.pieces], dim=-1)
+        y = torch.cat([piece(x) for piece in self.pieces], dim=-1)
+        return y if self.bias is None else y + self.bias
+
+
+def _float_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
+    """A bias as a float32 parameter (a meta one stays meta until the model is allocated)."""
+    if bias is None:
+        return None
+    return nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
 
 
 def gguf_linear(
@@ -286,17 +309,15 @@ def gguf_linear(
         return None
     weight = linear.weight if isinstance(linear, nn.Linear) else linear
     bias = linear.bias if isinstance(linear, nn.Linear) else None
+    loader = getattr(linear, "weight_loader", None)
     kept = [p for p in parts if p is not None]
     try:
         if quant_matmul.common_format({t for t, _ in kept}) is not None:
-            return GGUFLinear(kept, weight.shape[1], bias, int8_activations)
-        pieces, row = [], 0
-        for run in _format_runs(kept):
-            rows = sum(len(blocks) for _, blocks in run)
-            piece_bias = None if bias is None else bias[row : row + rows]
-            pieces.append(GGUFLinear(run, weight.shape[1], piece_bias, int8_activations))
-            row += rows
-        return SplitGGUFLinear(pieces)
+            return GGUFLinear(kept, weight.shape[1], bias, int8_activations, loader)
+        pieces = [
+            GGUFLinear(run, weight.shape[1], None, int8_activations) for run in _format_runs(kept)
+        ]
+        return SplitGGUFLinear(pieces, bias, loader)
     except ValueError:  # e.g. a K-quant scale beyond float16
         return None
 

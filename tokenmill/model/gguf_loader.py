@@ -53,9 +53,10 @@ def load_gguf(path: str, name: str) -> ModelSource:
     tokenizer = load_gguf_tokenizer(gguf_file)
     by_name = {weight.hf_name: weight for weight in plan}
 
-    def read_weights() -> Iterator[tuple[str, torch.Tensor]]:
+    def read_weights(skip: frozenset[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for weight in plan:
-            yield weight.hf_name, weight.read(gguf_file)
+            if weight.hf_name not in skip:
+                yield weight.hf_name, weight.read(gguf_file)
 
     def read_blocks(hf_name: str) -> tuple[int, torch.Tensor] | None:
         return by_name[hf_name].read_blocks(gguf_file) if hf_name in by_name else None

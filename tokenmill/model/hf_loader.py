@@ -38,11 +38,12 @@ def load_hf_directory(path: Path, name: str) -> ModelSource:
     for weight_name, (file, _) in shards.items():
         by_file.setdefault(file, []).append(weight_name)
 
-    def read_weights() -> Iterator[tuple[str, torch.Tensor]]:
+    def read_weights(skip: frozenset[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for file, names in by_file.items():
             with safe_open(str(file), framework="pt") as f:
                 for weight_name in names:
-                    yield weight_name, f.get_tensor(weight_name)
+                    if weight_name not in skip:
+                        yield weight_name, f.get_tensor(weight_name)
 
     return ModelSource(
         name=name,

@@ -30,18 +30,19 @@ class ModelSource:
     hf_config: dict[str, Any]
     tokenizer: Tokenizer
     num_weights: int  # how many tensors iter_weights yields (for a progress bar)
-    read_weights: Callable[[], WeightStream] = field(repr=False)
+    read_weights: Callable[[frozenset[str]], WeightStream] = field(repr=False)
     # GGUF: HF weight name -> (GGML type, [N, row_bytes] uint8 blocks as stored, rows in HF
     # order), for `quantization="gguf"`; None for other formats
     read_blocks: Callable[[str], tuple[int, torch.Tensor] | None] | None = field(
         default=None, repr=False
     )
 
-    def iter_weights(self) -> WeightStream:
+    def iter_weights(self, skip: frozenset[str] = frozenset()) -> WeightStream:
         """(HF parameter name, CPU tensor) pairs, read lazily one at a time from the mmap.
 
         Names are as in transformers' state dict ("model.layers.0.self_attn.q_proj.weight");
         "lm_head.weight" is absent when the embeddings are tied. Tensors keep the stored dtype
-        (GGUF: dequantized to float32). Each call starts a fresh pass over the files.
+        (GGUF: dequantized to float32). Each call starts a fresh pass over the files. The
+        names in `skip` are passed over unread (weights the backend runs on as stored).
         """
-        return self.read_weights()
+        return self.read_weights(skip)

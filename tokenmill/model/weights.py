@@ -30,24 +30,32 @@ _INITIALIZERS = (
 )  # fmt: skip
 
 
-def load_model(
-    cls: type[CausalLM],
+def build_model(cls: type[CausalLM], source: ModelSource, layers: range | None = None) -> CausalLM:
+    """The model's structure on the meta device, no weights yet (fill_model loads them).
+    `layers`: a pipeline stage's decoder layers only (model.layers[i] is then layer
+    layers.start + i; `first_layer` says so)."""
+    with torch.device("meta"), skip_init():
+        model = cls(source.hf_config)
+    if layers is not None:  # a pipeline stage: its run of the decoder layers
+        keep_layers(model, layers)  # type: ignore[arg-type]
+    return model
+
+
+def fill_model(
+    model: CausalLM,
     source: ModelSource,
     device: torch.device,
     dtype: torch.dtype,
     max_model_len: int | None = None,
     layers: range | None = None,
-) -> CausalLM:
-    """The model with the checkpoint's weights in `dtype` on `device`, in eval mode; its
-    rotary tables for sequences of up to max_model_len tokens (None: the model's own).
-    `layers`: a pipeline stage's decoder layers only (model.layers[i] is then layer
-    layers.start + i; `first_layer` says so)."""
-    with torch.device("meta"), skip_init():
-        model = cls(source.hf_config)
+    skip: frozenset[str] = frozenset(),
+) -> None:
+    """Give build_model's model the checkpoint's weights in `dtype` on `device` (but those
+    named in `skip`, which a backend holds as stored: never read), its rotary tables for
+    sequences of up to max_model_len tokens (None: the model's own), and eval mode."""
     module: torch.nn.Module = model  # type: ignore[assignment]
-    weights = _converted(source, device, dtype)
-    if layers is not None:  # a pipeline stage: its run of the decoder layers
-        keep_layers(module, layers)
+    weights = _converted(source, device, dtype, skip)
+    if layers is not None:
         weights = _stage_weights(weights, layers)
     _allocate(module, device, dtype)
     model.load_weights(weights)
@@ -55,7 +63,6 @@ def load_model(
         if isinstance(rotary, RotaryEmbedding):
             rotary.build(device, max_model_len)
     module.eval()
-    return model
 
 
 def _allocate(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -128,18 +135,21 @@ def skip_init() -> Iterator[None]:
 
 
 def _converted(
-    source: ModelSource, device: torch.device, dtype: torch.dtype
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    skip: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    stream = source.iter_weights()
+    stream, total = source.iter_weights(skip), source.num_weights - len(skip)
     if _stderr_is_a_terminal():
         weights: Iterator[tuple[str, torch.Tensor]] = tqdm(
-            stream, total=source.num_weights, desc="Loading weights", unit="tensor", leave=False
+            stream, total=total, desc="Loading weights", unit="tensor", leave=False
         )
         for name, tensor in weights:
             yield name, tensor.to(device=device, dtype=dtype)
         return
     # a log file or a pipe: a bar would write a carriage-return line per update into it
-    logger.info("loading %d weight tensors from %s", source.num_weights, source.path)
+    logger.info("loading %d weight tensors from %s", total, source.path)
     start, count, size = time.monotonic(), 0, 0
     for name, tensor in stream:
         count += 1

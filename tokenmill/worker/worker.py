@@ -29,7 +29,7 @@ from tokenmill.model.interface import CausalLM
 from tokenmill.model.registry import model_class
 from tokenmill.model.source import ModelSource
 from tokenmill.model.vision import VisionLanguageModel
-from tokenmill.model.weights import load_model, stage_layers
+from tokenmill.model.weights import build_model, fill_model, stage_layers
 from tokenmill.sample.sampler import Sampler
 from tokenmill.structured.manager import StructuredOutputManager
 from tokenmill.worker.draft_runner import DraftRunner
@@ -199,10 +199,7 @@ def load_on_device(
         formats.check_quantization(resolved, device, dtype)
     started = time.perf_counter()
     with parallel.building_for(tp):
-        model: CausalLM = load_model(
-            model_class(source.hf_config), source, device, dtype, model_config.max_model_len,
-            layers,
-        )  # fmt: skip
+        model: CausalLM = build_model(model_class(source.hf_config), source, layers)
     cfg = model.config
     stack = model.get_submodule("model.layers")
     assert isinstance(stack, torch.nn.ModuleList)
@@ -211,7 +208,9 @@ def load_on_device(
         cache_config.kv_cache_dtype, dtype, device, resolved, cfg.head_dim
     )
     backend = select_backend(model_config.backend, device, dtype, kv_cache_dtype, cfg.head_dim)
-    backend.prepare(model, resolved, source.read_blocks)
+    kept = backend.keep_blocks(model, resolved, source.read_blocks)
+    fill_model(model, source, device, dtype, model_config.max_model_len, layers, kept)
+    backend.prepare(model, resolved)
     logger.debug("%s loaded in %.1f s", source.name, time.perf_counter() - started)
     return LoadedModel(model, resolved, backend, kv_cache_dtype, len(stack), kv_heads)
 
