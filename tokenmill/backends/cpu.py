@@ -165,7 +165,7 @@ class CpuBackend(Backend):
     def keep_blocks(
         self, model: CausalLM, quantization: Quantization | None, blocks: BlockLookup | None
     ) -> frozenset[str]:
-        """"gguf*": GGUFLinear for every linear the checkpoint stores in a type the kernel
+        """With "gguf*": GGUFLinear for every linear the checkpoint stores in a type the kernel
         reads, from its stored blocks; their weights are never dequantized (the bundled
         model then peaks at a quarter of the float32 model's memory while loading)."""
         if quantization not in ("gguf", "gguf-float32") or blocks is None:
