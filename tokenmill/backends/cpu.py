@@ -166,8 +166,8 @@ class CpuBackend(Backend):
         self, model: CausalLM, quantization: Quantization | None, blocks: BlockLookup | None
     ) -> frozenset[str]:
         """With "gguf*": GGUFLinear for every linear the checkpoint stores in a type the kernel
-        reads, from its stored blocks; their weights are never dequantized (the bundled
-        model then peaks at a quarter of the float32 model's memory while loading)."""
+        reads, from its stored blocks; their weights are never dequantized, nor held in
+        float32 while the model loads (docs/benchmarks.md, "Loading")."""
         if quantization not in ("gguf", "gguf-float32") or blocks is None:
             return frozenset()
         kept, left = _keep_gguf_blocks(model, blocks, quantization == "gguf")
