@@ -214,6 +214,17 @@ INLINE void prefetch(const Matmul *p, int64_t panel, int64_t k, const int src) {
     }
 }
 
+/* An int8 tile streams its panel's values once per step (batch 1: the whole model, ~85 MB
+ * for the bundled one). Besides the line PREFETCH_BYTES ahead into L1, it asks for the line
+ * FAR_PREFETCH_BYTES ahead into L2: a core's misses then stay in flight while it multiplies,
+ * where on their own the loads and the products took turns (docs/benchmarks.md, "Far
+ * prefetch"). */
+enum { FAR_PREFETCH_BYTES = 2048 };
+INLINE void prefetch_values(const uint8_t *at) {
+    _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
+    _mm_prefetch((const char *)at + FAR_PREFETCH_BYTES, _MM_HINT_T1);
+}
+
 /* R rows (from m) by P panels (from panel), weights converted in registers */
 INLINE void tile_in_registers(const Matmul *p, int64_t m, int64_t panel, const int R,
                               const int P, const int src) {
@@ -427,7 +438,7 @@ INLINE void dot_tile(const Matmul *p, int64_t m, int64_t panel, const int R, con
             for (int c = 0; c < 2 * P; c++) {
                 const uint8_t *group = p->w + (((panel + c / 2) * blocks + b) * 2 + c % 2) * gb;
                 const uint8_t *at = group + v * 32;
-                if ((R == 1 || m % ROWS_PER_BLOCK == 0) && (v & 1) == 0) _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
+                if ((R == 1 || m % ROWS_PER_BLOCK == 0) && (v & 1) == 0) prefetch_values(at);
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)at);
                 if (src == SRC_Q4_1 || src == SRC_Q5_1) {
                     w[c] = _mm256_and_si256(raw, nibble);
