@@ -206,23 +206,23 @@ INLINE int64_t weight_bytes(const int src) {
  * (docs/benchmarks.md, "Native CPU kernels"). The int8 tiles do so in the first row tile
  * of each block of rows, the one that brings a panel in from memory (dot_tile). */
 enum { PREFETCH_BYTES = 512 };
-INLINE void prefetch(const Matmul *p, int64_t panel, int64_t k, const int src) {
-    _mm_prefetch((const char *)p->w + (panel * p->K + k) * weight_bytes(src) + PREFETCH_BYTES, _MM_HINT_T0);
-    if (src != SRC_F16 && (k & (group_size(src) - 1)) == 0) {
-        const char *sc = scales_at(p->scales, p->K, panel, k / group_size(src), src);
-        _mm_prefetch(sc + PREFETCH_BYTES / 4, _MM_HINT_T0);
-    }
-}
-
-/* An int8 tile streams its panel's values once per step (batch 1: the whole model, ~85 MB
- * for the bundled one). Besides the line PREFETCH_BYTES ahead into L1, it asks for the line
- * FAR_PREFETCH_BYTES ahead into L2: a core's misses then stay in flight while it multiplies,
- * where on their own the loads and the products took turns (docs/benchmarks.md, "Far
+/* Besides the line PREFETCH_BYTES ahead into L1, the tiles ask for the line
+ * FAR_PREFETCH_BYTES ahead into L2: a core's misses then stay in flight while it
+ * multiplies, where on their own the loads and the products took turns (batch 1 streams
+ * the whole model every step, ~85 MB for the bundled one; docs/benchmarks.md, "Far
  * prefetch"). */
 enum { FAR_PREFETCH_BYTES = 2048 };
 INLINE void prefetch_values(const uint8_t *at) {
     _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
     _mm_prefetch((const char *)at + FAR_PREFETCH_BYTES, _MM_HINT_T1);
+}
+
+INLINE void prefetch(const Matmul *p, int64_t panel, int64_t k, const int src) {
+    prefetch_values(p->w + (panel * p->K + k) * weight_bytes(src));
+    if (src != SRC_F16 && (k & (group_size(src) - 1)) == 0) {
+        const char *sc = scales_at(p->scales, p->K, panel, k / group_size(src), src);
+        _mm_prefetch(sc + PREFETCH_BYTES / 4, _MM_HINT_T0);
+    }
 }
 
 /* R rows (from m) by P panels (from panel), weights converted in registers */
