@@ -13,8 +13,9 @@
  * decode row of grouped heads over a narrow cache converts each block to floats once for
  * the query heads that share its kv head (staged_item), the same floats in the same sums.
  * The next KEY_BLOCKS_AHEAD blocks are prefetched while one is read (prefetch_block): a
- * sequence's blocks lie anywhere. Work items are tiles (or (tile, kv head) pairs when there are
- * fewer tiles than threads), taken from a shared counter by n_threads threads (parallel.h).
+ * sequence's blocks lie anywhere. Work items are tiles (or (tile, kv head) pairs when
+ * there are fewer tiles than threads), taken from a shared counter by n_threads threads
+ * (parallel.h).
  */
 #include <math.h>
 #include <stdint.h>
