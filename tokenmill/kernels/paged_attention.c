@@ -321,27 +321,24 @@ INLINE void prefetch_block(const char *at, const Job *j, const int fmt, const in
         }
 }
 
+/* kv head `kv`'s keys of `count` blocks from `from` (a block's first slot), those below
+ * `end`: the first into L1 if to_l1, the rest into L2 */
+INLINE void prefetch_keys(const Job *j, const int64_t *table, int64_t from, int64_t count,
+                          int64_t end, int64_t kv, const int fmt, const int to_l1) {
+    const int64_t bs = j->block_size, bytes = j->head_dim * value_size(fmt);
+    const int64_t block = bs * j->num_kv_heads * bytes; /* bytes of a block */
+    for (int64_t start = from; start < end && start < from + count * bs; start += bs)
+        prefetch_block(j->k_cache + table[start / bs] * block + kv * bytes, j, fmt, to_l1 && start == from);
+}
+
 /* as its keys from `start` (a block's first slot) are scored: kv head `kv`'s keys of the
  * next block (if any below `end`) into L1, of the KEY_BLOCKS_AHEAD - 1 after it into L2,
  * and its values of this block into L2 */
 INLINE void prefetch_around(const Job *j, const int64_t *table, int64_t start, int64_t end,
                             int64_t kv, const int fmt) {
     const int64_t bs = j->block_size, bytes = j->head_dim * value_size(fmt);
-    const int64_t block = bs * j->num_kv_heads * bytes; /* bytes of a block */
-    if (start + bs < end) prefetch_block(j->k_cache + table[start / bs + 1] * block + kv * bytes, j, fmt, 1);
-    for (int64_t ahead = 2; ahead <= KEY_BLOCKS_AHEAD; ahead++)
-        if (start + ahead * bs < end) prefetch_block(j->k_cache + table[start / bs + ahead] * block + kv * bytes, j, fmt, 0);
-    prefetch_block(j->v_cache + table[start / bs] * block + kv * bytes, j, fmt, 0);
-}
-
-/* kv head `kv`'s keys of the blocks from `first` (a block's first slot) up to
- * KEY_BLOCKS_AHEAD after it, below `end`: the first into L1 if to_l1, the rest into L2 */
-INLINE void prefetch_first_keys(const Job *j, const int64_t *table, int64_t first, int64_t end,
-                                int64_t kv, const int fmt, const int to_l1) {
-    const int64_t bs = j->block_size, bytes = j->head_dim * value_size(fmt);
-    const int64_t block = bs * j->num_kv_heads * bytes;
-    for (int64_t start = first; start < end && start <= first + KEY_BLOCKS_AHEAD * bs; start += bs)
-        prefetch_block(j->k_cache + table[start / bs] * block + kv * bytes, j, fmt, to_l1 && start == first);
+    prefetch_keys(j, table, start + bs, KEY_BLOCKS_AHEAD, end, kv, fmt, 1);
+    prefetch_block(j->v_cache + table[start / bs] * bs * j->num_kv_heads * bytes + kv * bytes, j, fmt, 0);
 }
 
 /* run_item for a head size that is a multiple of 8: rows b .. b + R - 1 of one sequence
@@ -458,7 +455,7 @@ INLINE void staged_item(const Job *j, const int64_t *table, int64_t b, int64_t h
     float stage[STAGE_SLOTS * 256]; /* D <= 256 */
     for (int64_t kv = h0; kv < h0 + heads / G; kv++) {
         /* the first blocks' keys; a later kv head's come while the one before weighs values */
-        if (kv == h0) prefetch_first_keys(j, table, first, L, kv, fmt, 1);
+        if (kv == h0) prefetch_keys(j, table, first, KEY_BLOCKS_AHEAD + 1, L, kv, fmt, 1);
         const float *q = j->q + (b * H + kv * G) * D;
         float *out = j->out + (b * H + kv * G) * D; /* G heads' rows */
         for (int64_t start = first; start < L; start += bs) { /* scores[g L + key] */
@@ -476,7 +473,7 @@ INLINE void staged_item(const Job *j, const int64_t *table, int64_t b, int64_t h
         }
         for (int64_t g = 0; g < G; g++) softmax_row(scores + g * L + lo, L - lo);
         memset(out, 0, sizeof(float) * G * D);
-        if (kv + 1 < h0 + heads / G) prefetch_first_keys(j, table, first, L, kv + 1, fmt, 0);
+        if (kv + 1 < h0 + heads / G) prefetch_keys(j, table, first, KEY_BLOCKS_AHEAD + 1, L, kv + 1, fmt, 0);
         for (int64_t start = first; start < L; start += bs) {
             const int64_t n = L - start < bs ? L - start : bs;
             const char *v = j->v_cache + table[start / bs] * bs * row + kv * D * size;
