@@ -8,8 +8,8 @@ from typing import Any, Literal
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # CPU weight formats (tokenmill/backends/formats.py says what each is and picks the default);
 # "none" = the dtype's own weights
-Quantization = Literal["gguf", "gguf-float32", "fp16"]
-QuantizationSetting = Literal["gguf", "gguf-float32", "fp16", "none"]
+Quantization = Literal["gguf", "gguf-float32", "rtn", "fp16"]
+QuantizationSetting = Literal["gguf", "gguf-float32", "rtn", "fp16", "none"]
 KVCacheDtype = Literal["auto", "float16", "bfloat16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2"]
 Device = Literal["auto", "cpu", "cuda"]
 # how the model runs (tokenmill/backends): "auto" = the CPU backend (native kernels where
@@ -40,7 +40,7 @@ class ModelConfig:
     # generation_config.json, "vllm" = none, else a directory holding one
     generation_config: str = "auto"
     max_logprobs: int = 20  # most logprobs/prompt_logprobs a request may ask for (vLLM's default)
-    # the weight format (gguf, gguf-float32, fp16, none); None = the device's default.
+    # the weight format (gguf, gguf-float32, rtn, fp16, none); None = the device's default.
     # What each is and which is the default: backends/formats.py.
     quantization: QuantizationSetting | None = None
     # how embeddings pool the last hidden states (vLLM's --pooler-config):

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tokenmill.backends import formats
+from tokenmill.backends import formats, rtn
 from tokenmill.backends.base import Backend
 from tokenmill.config import Quantization
-from tokenmill.kernels import decode_step, layer_ops, paged_attention
+from tokenmill.kernels import decode_step, layer_ops, paged_attention, quant_matmul
 from tokenmill.layers.attention import (
     AttentionMetadata,
     ScheduledChunk,
@@ -188,8 +188,10 @@ class CpuBackend(Backend):
         if model.config.attn_logit_softcapping is not None and self.native:
             self.attention = TorchAttention()  # the native kernel does not soft-cap scores
         rest = quantization  # the format of what is not kept as GGUF blocks
-        if quantization in ("gguf", "gguf-float32"):
+        if quantization in ("gguf", "gguf-float32", "rtn"):
             rest = "fp16" if formats.fast_fp16() else None
+        if quantization == "rtn":
+            self._round_to_blocks(model)
         if rest is not None:
             pack_fp16(model)  # type: ignore[arg-type]
         if isinstance(model.lm_head, GGUFLinear | PackedLinear):
@@ -199,6 +201,21 @@ class CpuBackend(Backend):
             model.lm_head = PackedLinear(weight, None, formats.native_fp16_panels())
         else:
             model.lm_head = TransposedHead(weight)
+
+    @staticmethod
+    def _round_to_blocks(model: CausalLM) -> None:
+        """With "rtn": the float linears rounded to GGUF blocks (rtn.py), a tied output
+        projection too."""
+        ggml_type = rtn.weight_type()
+        targets: list[tuple[str, nn.Linear | torch.Tensor]] = list(_linears(model))
+        if model.lm_head is None:  # tied: the output projection is the embedding
+            targets.append(("lm_head", model.output_weight))
+        swapped = rtn.quantize_linears(model, targets, ggml_type)  # type: ignore[arg-type]
+        logger.info(
+            "weights: %d linear layers rounded to %s blocks (rtn), int8 activations",
+            swapped,
+            quant_matmul.type_name(ggml_type),
+        )
 
     def forward(
         self,

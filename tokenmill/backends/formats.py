@@ -14,6 +14,9 @@ Weight formats (`--quantization`; CPU, float32 math only):
   named in one log line.
 - "gguf-float32": the same blocks in float32 math (logits equal the dequantized model's up
   to summation order); slower than int8 activations.
+- "rtn": vLLM's online round-to-nearest quantization of a float checkpoint: each linear's
+  weights rounded at load to Q8_0 blocks (RTN_NUM_BITS=4: Q4_1; the output projection
+  Q8_0), then run as "gguf" runs a file's blocks (rtn.py).
 - "fp16": float16 weights, float32 activations and accumulation: the native kernel's
   panels where its vector tiles run, else fbgemm's fp16 GEMM. Half the bytes of float32
   weights; greedy output matched float32 in tests.
@@ -23,7 +26,7 @@ Default (dtype auto on a CPU): "gguf" for a GGUF file where the vector tiles run
 the dtype's own weights. The measured speed of each is in docs/benchmarks.md ("Weight
 formats").
 
-KV cache (`--kv-cache-dtype`): "auto" is float16 on a CPU running the "gguf" default
+KV cache (`--kv-cache-dtype`): "auto" is float16 on a CPU running "gguf" or "rtn"
 (already approximate; llama.cpp's default cache type; half the bytes attention reads)
 where the kernels read and write float16, else the model's dtype.
 """
@@ -73,7 +76,7 @@ def check_quantization(
             f"quantization {quantization!r} runs on CPU in float32 only "
             f"(got device {device.type}, dtype {str(dtype).removeprefix('torch.')})"
         )
-    if quantization in ("gguf", "gguf-float32"):
+    if quantization in ("gguf", "gguf-float32", "rtn"):
         if not quant_matmul.available():
             raise ModelLoadError(
                 f"quantization {quantization!r} needs the native kernels (a C compiler; "
@@ -141,6 +144,6 @@ def resolve_kv_cache_dtype(
             f"unknown kv_cache_dtype {setting!r}; use auto, float16, bfloat16, float32, fp8, "
             "fp8_e4m3 or fp8_e5m2"
         )
-    if device.type == "cpu" and quantization == "gguf" and cpu_f16:
+    if device.type == "cpu" and quantization in ("gguf", "rtn") and cpu_f16:
         return torch.float16
     return model_dtype

@@ -2,9 +2,10 @@
 
 For one model (default: the bundled SmolLM2 GGUF), each CPU weight path that applies to
 it is loaded in turn: gguf (the file's blocks, int8 activations), gguf-float32 (the same
-blocks, float32 math), fp16 and none (float32 weights: the reference); the GGUF paths
-apply to .gguf files only. Each path keeps its own defaults otherwise (the KV cache
-dtype of "auto": float16 for gguf), or takes --kv-cache-dtype (the reference keeps its
+blocks, float32 math), rtn (the float weights rounded to Q8_0 blocks at load, int8
+activations), fp16 and none (float32 weights: the reference); the GGUF paths apply to
+.gguf files only. Each path keeps its own defaults otherwise (the KV cache dtype of
+"auto": float16 for gguf and rtn), or takes --kv-cache-dtype (the reference keeps its
 float32 cache). On a fixed text (shipped in tokenmill/bench/data;
 --text for another) it reports:
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # imported when the benchmark runs: `tokenmill --help` stays 
     from tokenmill.llm import LLM
     from tokenmill.sample.logprobs import PositionLogprobs
 
-PATHS = ("gguf", "gguf-float32", "fp16", "none")  # display order; "none" is the reference
+PATHS = ("gguf", "gguf-float32", "rtn", "fp16", "none")  # display order; "none" is the reference
 REFERENCE = "none"
 GGUF_ONLY = ("gguf", "gguf-float32")
 DEFAULT_QUESTION = "What is the capital of France?"
