@@ -309,7 +309,9 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         help="weight format (CPU): gguf = a GGUF file's own quantized blocks through the "
         "native kernel, activations quantized to int8 per 32 values (llama.cpp's numerics; a "
         "third of fp16's weight memory, the fastest), gguf-float32 = the same blocks, float32 "
-        "activations (closer to the dequantized model), fp16 = float16 weights, float32 math "
+        "activations (closer to the dequantized model), rtn = a float checkpoint's linears "
+        "rounded at load to Q8_0 blocks (RTN_NUM_BITS=4: Q4_1) and run as gguf (vLLM's online "
+        "round-to-nearest), fp16 = float16 weights, float32 math "
         "(half of float32's weight memory), none = the dtype's own weights (default, when "
         "--dtype is auto on a CPU: gguf for a .gguf file, else fp16; speeds: "
         "docs/benchmarks.md)",
