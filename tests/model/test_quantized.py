@@ -148,12 +148,14 @@ def test_the_cpu_default_is_gguf_for_gguf_files_and_fp16_else_only_when_dtype_is
 
 
 def test_a_weight_past_float16_range_stays_float32():
-    from tokenmill.backends.cpu import pack_fp16
+    from tokenmill.backends.cpu import CpuBackend
 
+    backend = CpuBackend(torch.float32, torch.float32, 16)
     block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     with torch.no_grad():
         block[1].weight[0, 0] = 1e6
-    pack_fp16(block)
+    for path in ("0", "1"):
+        backend.pack_loaded(block, "fp16", path)  # type: ignore[arg-type]
     assert isinstance(block[0], PackedLinear)
     assert isinstance(block[1], torch.nn.Linear)
 

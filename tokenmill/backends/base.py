@@ -38,6 +38,10 @@ class Backend:
         which are then never read (nor dequantized, nor held in float)."""
         return frozenset()
 
+    def pack_loaded(self, model: CausalLM, quantization: Quantization | None, path: str) -> None:
+        """While loading, as the linear at `path` has all its weights: put it in the format
+        this backend runs (what prepare would), so its float weights can go."""
+
     def prepare(self, model: CausalLM, quantization: Quantization | None) -> None:
         """Once after loading: put the other weights in the format this backend runs."""
 

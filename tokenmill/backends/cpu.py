@@ -155,6 +155,7 @@ class CpuBackend(Backend):
             self.attention = PagedAttention()
         self.fused_decode = True  # decode-only steps in one native call, where layers allow
         self._fused: tuple[object, decode_step.DecodeLayers | None] | None = None
+        self._rtn_ggml_type: int | None = None  # RTN_NUM_BITS's, once read
 
     @property
     def description(self) -> str:
@@ -181,41 +182,65 @@ class CpuBackend(Backend):
             )
         return frozenset(name for names in kept.values() for name in names)
 
+    def pack_loaded(self, model: CausalLM, quantization: Quantization | None, path: str) -> None:
+        linear = model.get_submodule(path)
+        if path != "lm_head" and isinstance(linear, nn.Linear) and _packable(model, path):
+            self._pack(model, path, linear, quantization)
+
     def prepare(self, model: CausalLM, quantization: Quantization | None) -> None:
-        """Pack the linears keep_blocks left: float16 (where fast; for "gguf*" whatever the
-        checkpoint does not store in blocks), and the output projection too; without
-        packing, a transposed copy of the output projection for few rows."""
+        """Pack the linears keep_blocks left (pack_loaded, as each loaded, packs them too):
+        with "rtn" rounded to GGUF blocks, else float16 where fast (for "gguf*" whatever the
+        checkpoint does not store in blocks); then the output projection: "rtn"'s Q8_0,
+        float16, or without packing a transposed copy for few rows."""
         if model.config.attn_logit_softcapping is not None and self.native:
             self.attention = TorchAttention()  # the native kernel does not soft-cap scores
-        rest = quantization  # the format of what is not kept as GGUF blocks
-        if quantization in ("gguf", "gguf-float32", "rtn"):
-            rest = "fp16" if formats.fast_fp16() else None
+        for path, linear in _linears(model):
+            if path != "lm_head":
+                self._pack(model, path, linear, quantization)
         if quantization == "rtn":
-            self._round_to_blocks(model)
-        if rest is not None:
-            pack_fp16(model)  # type: ignore[arg-type]
+            self._round_head(model)
+            rounded = sum(isinstance(m, GGUFLinear) for m in model.modules())
+            logger.info(
+                "weights: %d linear layers rounded to %s blocks (rtn), int8 activations",
+                rounded,
+                quant_matmul.type_name(self._rtn_type()),
+            )
         if isinstance(model.lm_head, GGUFLinear | PackedLinear):
             return
         weight = model.output_weight
-        if rest is not None and formats.fits_fp16(weight):
+        if _fp16_rest(quantization) and formats.fits_fp16(weight):
             model.lm_head = PackedLinear(weight, None, formats.native_fp16_panels())
         else:
             model.lm_head = TransposedHead(weight)
 
-    @staticmethod
-    def _round_to_blocks(model: CausalLM) -> None:
-        """With "rtn": the float linears rounded to GGUF blocks (rtn.py), a tied output
-        projection too."""
-        ggml_type = rtn.weight_type()
-        targets: list[tuple[str, nn.Linear | torch.Tensor]] = list(_linears(model))
-        if model.lm_head is None:  # tied: the output projection is the embedding
-            targets.append(("lm_head", model.output_weight))
-        swapped = rtn.quantize_linears(model, targets, ggml_type)  # type: ignore[arg-type]
-        logger.info(
-            "weights: %d linear layers rounded to %s blocks (rtn), int8 activations",
-            swapped,
-            quant_matmul.type_name(ggml_type),
-        )
+    def _pack(
+        self,
+        model: CausalLM | nn.Module,
+        path: str,
+        linear: nn.Linear,
+        quantization: Quantization | None,
+    ) -> None:
+        """One linear (not the head) in the format `quantization` gives it, if any."""
+        if quantization == "rtn" and linear.in_features % rtn.GROUP == 0:
+            packed: nn.Module = rtn.rounded(path, linear.weight, linear.bias, self._rtn_type())
+        elif _fp16_rest(quantization) and formats.fits_fp16(linear.weight):
+            packed = PackedLinear(linear.weight, linear.bias, formats.native_fp16_panels())
+        else:
+            return
+        _replace(model, path, packed)
+
+    def _round_head(self, model: CausalLM) -> None:
+        """The output projection (the embedding, when tied) as Q8_0 blocks, for "rtn"."""
+        weight = model.output_weight
+        if weight.shape[1] % rtn.GROUP == 0:
+            bias = getattr(model.lm_head, "bias", None)
+            model.lm_head = rtn.rounded("lm_head", weight, bias, self._rtn_type())
+
+    def _rtn_type(self) -> int:
+        """RTN_NUM_BITS's block type, read once."""
+        if self._rtn_ggml_type is None:
+            self._rtn_ggml_type = rtn.weight_type()
+        return self._rtn_ggml_type
 
     def forward(
         self,
@@ -290,14 +315,20 @@ def _kernel_projection(linear: nn.Module) -> decode_step.Projection | None:
 
 
 def _linears(model: CausalLM | nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every nn.Linear of the model with its path, the output projection included; not
-    those under the model's `unpacked_modules` (a vision encoder, run as it is)."""
-    skip = tuple(f"{name}." for name in getattr(model, "unpacked_modules", ()))
+    """Every nn.Linear of the model a backend packs, with its path, the output projection
+    included."""
     return [
         (path, m)
         for path, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not path.startswith(skip)
+        if isinstance(m, nn.Linear) and _packable(model, path)
     ]
+
+
+def _packable(model: CausalLM | nn.Module, path: str) -> bool:
+    """Whether the module at `path` is not under the model's `unpacked_modules` (a vision
+    encoder, run as it is)."""
+    skip = tuple(f"{name}." for name in getattr(model, "unpacked_modules", ()))
+    return not path.startswith(skip)
 
 
 def _replace(model: CausalLM | nn.Module, path: str, module: nn.Module) -> None:
@@ -368,10 +399,9 @@ def _rank_blocks(
     return [shard_blocks(p, *s) for p, s in zip(parts, slices(), strict=True)]
 
 
-def pack_fp16(model: nn.Module) -> None:
-    """Every nn.Linear under `model` but its output projection ("lm_head") whose weight
-    fits float16, as a PackedLinear."""
-    native = formats.native_fp16_panels()
-    for path, linear in _linears(model):
-        if path != "lm_head" and formats.fits_fp16(linear.weight):
-            _replace(model, path, PackedLinear(linear.weight, linear.bias, native))
+def _fp16_rest(quantization: Quantization | None) -> bool:
+    """Whether the linears not in GGUF blocks are packed as float16: asked ("fp16"), or
+    beside blocks ("gguf*", "rtn") where a fast float16 kernel runs."""
+    if quantization in ("gguf", "gguf-float32", "rtn"):
+        return formats.fast_fp16()
+    return quantization == "fp16"

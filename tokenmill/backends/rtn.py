@@ -22,7 +22,6 @@ import logging
 import os
 
 import torch
-from torch import nn
 
 from tokenmill.backends import formats
 from tokenmill.errors import ModelLoadError
@@ -89,22 +88,12 @@ def _f16_bytes(values: torch.Tensor) -> torch.Tensor:
     return values.to(torch.float16).view(torch.uint8)
 
 
-def quantize_linears(
-    model: nn.Module, targets: list[tuple[str, nn.Linear | torch.Tensor]], ggml_type: int
-) -> int:
-    """Swap each of `targets` (path, a linear or a tied head's weight) whose input size is a
-    multiple of 32 for a GGUFLinear of its rounded weights (the output projection,
-    "lm_head", in Q8_0); returns how many were swapped."""
-    swapped = 0
-    for path, linear in targets:
-        weight = linear.weight if isinstance(linear, nn.Linear) else linear
-        if weight.shape[1] % GROUP:
-            continue
-        kind = GGML_Q8_0 if path == "lm_head" else ggml_type
-        int8 = not path.startswith(formats.FLOAT_ACTIVATION_LAYERS)
-        bias = linear.bias if isinstance(linear, nn.Linear) else None
-        replacement = GGUFLinear([(kind, quantize(weight, kind))], weight.shape[1], bias, int8)
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, replacement)
-        swapped += 1
-    return swapped
+def rounded(
+    path: str, weight: torch.Tensor, bias: torch.Tensor | None, ggml_type: int
+) -> GGUFLinear:
+    """The GGUFLinear of the linear at `path` with its weights rounded to `ggml_type`
+    blocks (the output projection, "lm_head", to Q8_0); int8 activations but in the
+    layers formats.py keeps in float32."""
+    kind = GGML_Q8_0 if path == "lm_head" else ggml_type
+    int8 = not path.startswith(formats.FLOAT_ACTIVATION_LAYERS)
+    return GGUFLinear([(kind, quantize(weight, kind))], weight.shape[1], bias, int8)

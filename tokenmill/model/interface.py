@@ -11,7 +11,9 @@ one: backends pack and fuse whatever the model's modules are.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -93,6 +95,49 @@ def checkpoint_weight_names(model: CausalLM, module_path: str) -> list[str]:
 _EXPERT = re.compile(r"(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight")
 
 
+# called with a linear's module path once its every parameter (each shard of a fused one)
+# has loaded: a backend packs it then, so the float weights of the whole model are never
+# all held at once (weights.py: fill_model)
+_ON_LINEAR_LOADED: ContextVar[Callable[[str], None] | None] = ContextVar(
+    "on_linear_loaded", default=None
+)
+
+
+@contextmanager
+def on_linear_loaded(callback: Callable[[str], None] | None) -> Iterator[None]:
+    """Within: load_checkpoint calls `callback(module path)` as each nn.Linear completes."""
+    token = _ON_LINEAR_LOADED.set(callback)
+    try:
+        yield
+    finally:
+        _ON_LINEAR_LOADED.reset(token)
+
+
+class _LinearProgress:
+    """Which (parameter, shard) copies each nn.Linear of a model still waits for."""
+
+    def __init__(self, model: nn.Module, packed_modules_mapping: dict[str, list[str]]):
+        self.waiting: dict[str, set[tuple[str, int | None]]] = {}
+        for path, module in model.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            parts = packed_modules_mapping.get(path.rpartition(".")[2])
+            shards: list[int | None] = list(range(len(parts))) if parts else [None]
+            leaves = [name for name, _ in module.named_parameters(recurse=False)]
+            self.waiting[path] = {(leaf, shard) for leaf in leaves for shard in shards}
+
+    def loaded(self, module_path: str, leaf: str, shard: Any) -> bool:
+        """Record a copy; True when it was the module's last."""
+        waiting = self.waiting.get(module_path)
+        if waiting is None or (leaf, shard) not in waiting:
+            return False
+        waiting.discard((leaf, shard))
+        if waiting:
+            return False
+        del self.waiting[module_path]
+        return True
+
+
 def load_checkpoint(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
@@ -108,6 +153,8 @@ def load_checkpoint(
     params = dict(model.named_parameters())
     missing = set(params)
     fused_of = unpacked(packed_modules_mapping)
+    callback = _ON_LINEAR_LOADED.get()
+    progress = _LinearProgress(model, packed_modules_mapping) if callback else None
     for name, tensor in weights:
         if any(s in name for s in skip):
             continue
@@ -133,5 +180,9 @@ def load_checkpoint(
         except ModelLoadError as e:
             raise ModelLoadError(f"{target}: {e}") from None
         missing.discard(target)
+        if progress is not None and callback and progress.loaded(module_path, leaf, shard):
+            callback(module_path)
+            for name in [n for n in params if n.rpartition(".")[0] == module_path]:
+                del params[name]  # the module's float tensors go with it
     if missing:
         raise ModelLoadError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:5])}")

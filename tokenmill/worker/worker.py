@@ -209,7 +209,10 @@ def load_on_device(
     )
     backend = select_backend(model_config.backend, device, dtype, kv_cache_dtype, cfg.head_dim)
     kept = backend.keep_blocks(model, resolved, source.read_blocks)
-    fill_model(model, source, device, dtype, model_config.max_model_len, layers, kept)
+    fill_model(
+        model, source, device, dtype, model_config.max_model_len, layers, kept,
+        lambda path: backend.pack_loaded(model, resolved, path),
+    )  # fmt: skip
     backend.prepare(model, resolved)
     logger.debug("%s loaded in %.1f s", source.name, time.perf_counter() - started)
     return LoadedModel(model, resolved, backend, kv_cache_dtype, len(stack), kv_heads)
