@@ -21,6 +21,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.engine.request import Request
 from tokenmill.kernels import quant_matmul
 from tokenmill.layers.linear import GGUFLinear
+from tokenmill.layers.vocab import GGUFEmbedding
 from tokenmill.model.config import FULL, SLIDING, ArchConfig
 from tokenmill.model.gguf_layout import weight_plan
 from tokenmill.model.gguf_loader import gguf_hf_config
@@ -327,10 +328,10 @@ def test_phi3_longrope_factors_become_its_rope_scaling(tmp_path: Path):
 def test_linears_kept_as_blocks_are_never_dequantized(
     tiny_hf_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """The backend swaps its GGUFLinears in before the weights load: the tensors they hold
-    are never read as floats (the embedding, norms, biases and router are),
-    and Qwen2-MoE's fused q|k|v keeps its bias, loaded through the projection's shards:
-    the dequantized model's greedy tokens."""
+    """The backend swaps its GGUFLinears and GGUFEmbedding in before the weights load: the
+    tensors they hold are never read as floats (norms, biases and router are), and
+    Qwen2-MoE's fused q|k|v keeps its bias, loaded through the projection's shards: the
+    dequantized model's greedy tokens."""
     if not quant_matmul.available():
         pytest.skip("GGUF blocks need the native kernels")
     model_type, config = CASES["qwen2-moe"]
@@ -350,7 +351,11 @@ def test_linears_kept_as_blocks_are_never_dequantized(
     linears = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                "ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight")  # fmt: skip
     assert read and not [name for name in read if name.endswith(linears)], read
-    assert {"blk.0.attn_q.bias", "blk.0.ffn_gate_inp.weight", "token_embd.weight"} <= set(read)
+    assert {"blk.0.attn_q.bias", "blk.0.ffn_gate_inp.weight"} <= set(read)
+    assert "token_embd.weight" not in read
+    assert isinstance(
+        blocks_llm.engine.core.executor.worker.model.model.embed_tokens, GGUFEmbedding
+    )
     ids = blocks_llm.tokenizer.encode(PROMPT)
     tokens, logits = greedy_and_logits(blocks_llm, ids)
     exact_tokens, exact_logits = greedy_and_logits(engine(path), ids)

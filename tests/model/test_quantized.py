@@ -194,6 +194,27 @@ def test_gguf_keeps_every_linear_layer_and_the_head_as_blocks(gguf_llm, gguf_flo
 
 
 @needs_kernel
+def test_the_embedding_stays_in_blocks_with_the_float_tables_bits(
+    gguf_llm, bundled_gguf_path, monkeypatch
+):
+    """The embedding's rows are decoded from the file's Q8_0 blocks as looked up (no float32
+    table: 113 MB for this 49,152 x 576 one), giving what the dequantized table gives."""
+    from tokenmill.backends import cpu
+    from tokenmill.layers.vocab import GGUFEmbedding
+
+    embedding = gguf_llm.engine.core.executor.worker.model.model.embed_tokens
+    assert isinstance(embedding, GGUFEmbedding)
+    assert embedding.ggml_type == quant_matmul.GGML_Q8_0
+    assert embedding.blocks.numel() == 49152 * 576 // 32 * 34
+    monkeypatch.setattr(cpu, "_keep_gguf_embedding", lambda model, blocks: set())
+    table = no_prefix_cache_llm(bundled_gguf_path, quantization="gguf")
+    assert type(table.engine.core.executor.worker.model.model.embed_tokens) is torch.nn.Embedding
+    assert_same_tokens_and_logprobs(
+        gguf_llm.generate(PROMPTS, LOGPROBS), table.generate(PROMPTS, LOGPROBS)
+    )
+
+
+@needs_kernel
 def test_gguf_float32_greedy_tokens_and_logits_match_float32(gguf_float32_llm, fp32_llm):
     exact = token_ids(fp32_llm.generate(PROMPTS, GREEDY))
     assert token_ids(gguf_float32_llm.generate(PROMPTS, GREEDY)) == exact

@@ -24,7 +24,7 @@ from torch import nn
 from tokenmill.backends import formats, rtn
 from tokenmill.backends.base import Backend
 from tokenmill.config import Quantization
-from tokenmill.kernels import decode_step, layer_ops, paged_attention, quant_matmul
+from tokenmill.kernels import decode_step, gguf_rows, layer_ops, paged_attention, quant_matmul
 from tokenmill.layers.attention import (
     AttentionMetadata,
     ScheduledChunk,
@@ -43,6 +43,7 @@ from tokenmill.layers.linear import (
 )
 from tokenmill.layers.ops import ForwardContext, KVCache, TorchOps
 from tokenmill.layers.rotary import RotaryTables
+from tokenmill.layers.vocab import GGUFEmbedding
 from tokenmill.model.interface import CausalLM, checkpoint_weight_names
 
 logger = logging.getLogger(__name__)
@@ -180,7 +181,8 @@ class CpuBackend(Backend):
                 len(kept),
                 "int8" if quantization == "gguf" else "float32",
             )
-        return frozenset(name for names in kept.values() for name in names)
+        names = {name for names in kept.values() for name in names}
+        return frozenset(names | _keep_gguf_embedding(model, blocks))
 
     def pack_loaded(self, model: CausalLM, quantization: Quantization | None, path: str) -> None:
         linear = model.get_submodule(path)
@@ -372,6 +374,27 @@ def _keep_gguf_blocks(
         for reason, paths in left.items()
     )
     return kept, summary
+
+
+def _keep_gguf_embedding(model: CausalLM, blocks: BlockLookup) -> set[str]:
+    """Swap in a GGUFEmbedding where the checkpoint stores the token embedding in a type
+    gguf_rows decodes and nothing else reads the table: the output projection is its own
+    module (untied, or tied and kept as blocks), the model is whole on one rank (not
+    vocabulary-parallel) and has no encoder that takes the embedding's dtype. Returns the
+    checkpoint name it holds (none when not swapped)."""
+    path = "model.embed_tokens"
+    embedding = model.get_submodule(path)
+    if model.lm_head is None or type(embedding) is not nn.Embedding:
+        return set()
+    stored = blocks(f"{path}.weight")
+    if getattr(model, "unpacked_modules", ()) or stored is None:
+        return set()
+    ggml_type, data = stored
+    if not gguf_rows.decodes(ggml_type, embedding.embedding_dim):
+        return set()
+    _replace(model, path, GGUFEmbedding(ggml_type, data, embedding.embedding_dim))
+    logger.info("weights: the token embedding kept as %s blocks", quant_matmul.type_name(ggml_type))
+    return {f"{path}.weight"}
 
 
 def _global_path(path: str, first_layer: int) -> str:

@@ -11,6 +11,7 @@ from torch import nn
 
 from tokenmill.distributed import group as parallel
 from tokenmill.distributed.group import ParallelGroup
+from tokenmill.kernels import gguf_rows
 from tokenmill.layers.linear import _copy
 
 
@@ -90,3 +91,21 @@ def gather_logits(logits: torch.Tensor, tp: ParallelGroup, vocab_size: int) -> t
         return logits
     whole = tp.gather_last_dim(logits)
     return logits if whole is None else whole[:, :vocab_size]
+
+
+class GGUFEmbedding(nn.Module):
+    """The token embedding kept as a GGUF file's blocks ([V, row_bytes] uint8, any type
+    gguf_rows.ROW_LAYOUT lists): the rows looked up are decoded to float32, equal to the
+    dequantized table's; the float32 table is never made (a quarter to an eighth of its
+    memory; ~2 GB less for an 8B model's 128K-token vocabulary)."""
+
+    def __init__(self, ggml_type: int, blocks: torch.Tensor, embedding_dim: int):
+        super().__init__()
+        self.ggml_type, self.blocks = ggml_type, blocks.contiguous()
+        self.num_embeddings, self.embedding_dim = blocks.shape[0], embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, C] float32
+        return gguf_rows.gguf_rows(self.blocks, self.ggml_type, self.embedding_dim, input_ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, type {self.ggml_type}"

@@ -127,10 +127,8 @@ class Gemma3ForCausalLM(nn.Module):
         return _rope(hf)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight
-        return self.model.embed_tokens(input_ids) * torch.tensor(
-            self.embed_scale, dtype=weight.dtype
-        )
+        rows = self.model.embed_tokens(input_ids)
+        return rows * torch.tensor(self.embed_scale, dtype=rows.dtype)
 
     def forward(
         self,

@@ -24,6 +24,7 @@ from tokenmill.distributed.group import SINGLE, ParallelGroup
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import GGUFLinear, PackedLinear, TransposedHead
 from tokenmill.layers.ops import KVCache
+from tokenmill.layers.vocab import GGUFEmbedding
 from tokenmill.model.config import head_shards, text_config
 from tokenmill.model.interface import CausalLM
 from tokenmill.model.registry import model_class
@@ -227,4 +228,6 @@ def parameter_count(model: CausalLM) -> int:
             continue  # the embedding, counted already
         if isinstance(module, PackedLinear | GGUFLinear | TransposedHead):
             count += module.in_features * module.out_features
+        elif isinstance(module, GGUFEmbedding):
+            count += module.num_embeddings * module.embedding_dim
     return count
