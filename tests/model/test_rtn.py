@@ -1,10 +1,10 @@
 """--quantization rtn (vLLM's online round-to-nearest): a float checkpoint's linears rounded
-to GGUF blocks at load (Q8_0; RTN_NUM_BITS=4: Q4_1; the head Q8_0), run as "gguf" runs a
-file's blocks.
+to GGUF blocks at load (Q8_0; RTN_NUM_BITS=4: Q4_1; the head and the embedding Q8_0), run
+as "gguf" runs a file's blocks.
 
 - The blocks are llama.cpp's: equal byte for byte to gguf-py's reference quantizer.
-- Placed right (every shard of a fused projection, the tied head): with float32
-  activations everywhere, a tiny safetensors checkpoint's logits equal transformers' on
+- Placed right (every shard of a fused projection, the head and the embedding, tied or
+  not): with float32 activations everywhere, a tiny safetensors checkpoint's logits equal transformers' on
   the same weights rounded and restored (gguf-py's dequantizer), up to summation order.
 - Quality, on the bundled SmolLM2-135M (its Q4_1 GGUF dequantized, then rounded again to
   Q8_0), teacher-forced along float32's greedy continuations: measured 97.2% of positions
@@ -35,6 +35,7 @@ from tokenmill.backends import formats, rtn
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels import quant_matmul
 from tokenmill.layers.linear import GGUFLinear, PackedLinear
+from tokenmill.layers.vocab import GGUFEmbedding
 
 pytestmark = pytest.mark.skipif(not quant_matmul.available(), reason="no C compiler")
 
@@ -76,17 +77,16 @@ def test_rtn_num_bits_picks_the_block_type(monkeypatch, caplog):
 
 
 def rounded_reference(directory, ggml_type: int) -> torch.nn.Module:
-    """transformers' model of `directory` with every linear's weight (the head too, Q8_0)
-    rounded to `ggml_type` blocks and restored by gguf-py's dequantizer."""
+    """transformers' model of `directory` with every linear's weight rounded to
+    `ggml_type` blocks (the head and the embedding to Q8_0) and restored by gguf-py's
+    dequantizer."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
-    # a tied head: its own copy, so the embedding's lookups stay float (tokenmill's do)
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     with torch.no_grad():
         for path, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                kind = quant_matmul.GGML_Q8_0 if path == "lm_head" else ggml_type
+            if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+                kind = ggml_type if path.startswith("model.layers.") else quant_matmul.GGML_Q8_0
                 blocks = rtn.quantize(module.weight, kind).numpy()
                 restored = quants.dequantize(blocks, gguf.GGMLQuantizationType(kind))
                 module.weight.copy_(torch.from_numpy(restored))
@@ -113,6 +113,8 @@ def test_a_safetensors_checkpoints_logits_equal_its_rounded_weights_in_transform
     assert {m.ggml_type for path, m in blocks.items() if path != "lm_head"} == {ggml_type}
     assert blocks["lm_head"].ggml_type == quant_matmul.GGML_Q8_0
     assert not any(isinstance(m, torch.nn.Linear | PackedLinear) for m in model.modules())
+    assert isinstance(model.model.embed_tokens, GGUFEmbedding)
+    assert model.model.embed_tokens.ggml_type == quant_matmul.GGML_Q8_0
     assert llm.engine.core.info.quantization == "rtn"
 
     reference = rounded_reference(directory, ggml_type)

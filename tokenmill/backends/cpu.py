@@ -232,11 +232,18 @@ class CpuBackend(Backend):
         _replace(model, path, packed)
 
     def _round_head(self, model: CausalLM) -> None:
-        """The output projection (the embedding, when tied) as Q8_0 blocks, for "rtn"."""
+        """For "rtn": the output projection (the embedding, when tied) as Q8_0 blocks, and
+        the embedding too where nothing else reads its table (_keep_gguf_embedding's rule)."""
         weight = model.output_weight
-        if weight.shape[1] % rtn.GROUP == 0:
-            bias = getattr(model.lm_head, "bias", None)
-            model.lm_head = rtn.rounded("lm_head", weight, bias, self._rtn_type())
+        if weight.shape[1] % rtn.GROUP:
+            return
+        bias = getattr(model.lm_head, "bias", None)
+        model.lm_head = rtn.rounded("lm_head", weight, bias, self._rtn_type())
+        path = "model.embed_tokens"
+        embedding = model.get_submodule(path)
+        if type(embedding) is nn.Embedding and not getattr(model, "unpacked_modules", ()):
+            blocks = rtn.quantize(embedding.weight, quant_matmul.GGML_Q8_0)
+            _replace(model, path, GGUFEmbedding(quant_matmul.GGML_Q8_0, blocks, weight.shape[1]))
 
     def _rtn_type(self) -> int:
         """RTN_NUM_BITS's block type, read once."""

@@ -16,7 +16,7 @@ Weight formats (`--quantization`; CPU, float32 math only):
   to summation order); slower than int8 activations.
 - "rtn": vLLM's online round-to-nearest quantization of a float checkpoint: each linear's
   weights rounded at load to Q8_0 blocks (RTN_NUM_BITS=4: Q4_1; the output projection
-  Q8_0), then run as "gguf" runs a file's blocks (rtn.py).
+  and the token embedding Q8_0), then run as "gguf" runs a file's blocks (rtn.py).
 - "fp16": float16 weights, float32 activations and accumulation: the native kernel's
   panels where its vector tiles run, else fbgemm's fp16 GEMM. Half the bytes of float32
   weights; greedy output matched float32 in tests.

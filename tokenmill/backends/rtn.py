@@ -12,7 +12,8 @@ The rounding is llama.cpp's own (quantize_row_q8_0_ref / quantize_row_q4_1_ref: 
 away from zero), so the blocks equal what llama-quantize writes for the same float weights.
 vLLM groups `RTN_GROUP_SIZE` weights (default 128) under one scale; GGUF blocks are 32,
 finer (a logged line says so when the variable asks for another size). The output
-projection is always Q8_0 (as llama.cpp keeps it wider than 4 bits); a linear whose input
+projection is always Q8_0 (as llama.cpp keeps it wider than 4 bits), and so is the token
+embedding (a GGUFEmbedding, where nothing else reads its table); a linear whose input
 size is not a multiple of 32 is packed as "fp16" instead.
 """
 
