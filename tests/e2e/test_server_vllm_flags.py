@@ -67,7 +67,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
     socket_path = tmp / "tokenmill.sock"
     uds, uds_log = _launch(
         tmp, "uds", "--uds", str(socket_path), "--enable-prompt-tokens-details",
-        "--disable-playground",
+        "--disable-playground", "--quantization", "rtn",
     )  # fmt: skip
     https = httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=False, timeout=30)
     unix = httpx.Client(
@@ -76,7 +76,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
     try:
         _wait(tls, tls_log, lambda: https.get("/health").status_code == 200)
         _wait(uds, uds_log, lambda: unix.get("/health").status_code == 200)
-        yield {"https": https, "unix": unix, "tls_log": tls_log}
+        yield {"https": https, "unix": unix, "tls_log": tls_log, "uds_log": uds_log}
     finally:
         https.close()  # first: an open keep-alive connection holds a graceful shutdown up
         unix.close()
@@ -116,7 +116,9 @@ def test_a_vllm_command_line_serves_with_each_flags_effect(servers: dict[str, ob
     assert "https://127.0.0.1" in log  # the ready line
 
 
-def test_a_unix_socket_serves_completions(servers: dict[str, object]) -> None:
+def test_a_unix_socket_serves_completions_from_weights_rounded_at_load(
+    servers: dict[str, object],
+) -> None:
     unix = servers["unix"]
     assert isinstance(unix, httpx.Client)
     body = {"prompt": "The capital of France is " * 10, "max_tokens": 3, "temperature": 0}
@@ -126,6 +128,8 @@ def test_a_unix_socket_serves_completions(servers: dict[str, object]) -> None:
     assert again["prompt_tokens_details"]["cached_tokens"] >= 16  # the prefix cache, reported
     for path in ("/", "/playground/playground.js", "/playground/config"):  # --disable-playground
         assert unix.get(path).status_code == 404, path
+    log = Path(str(servers["uds_log"])).read_text()  # --quantization rtn: rounded at load
+    assert "rounded to Q8_0 blocks (rtn)" in log and "weights rtn" in log
 
 
 def test_a_refused_flag_stops_the_server_with_what_to_do_instead(tmp_path: Path) -> None:

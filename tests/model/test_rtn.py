@@ -210,3 +210,24 @@ def test_the_decode_step_in_one_call_is_bit_identical_to_layer_by_layer(rtn_llm)
 def test_refused_off_cpu_float32(bundled_gguf_path):
     with pytest.raises(ModelLoadError, match="CPU in float32 only"):
         LLM(bundled_gguf_path, dtype="bfloat16", kv_cache_memory=16 << 20, quantization="rtn")
+
+
+def test_a_mixture_of_experts_routers_keep_their_weights(tiny_hf_model_dir):
+    """As vLLM: the gates that pick experts are not rounded (a small change in their logits
+    sends a token elsewhere); every other linear is."""
+    from tests.model.test_qwen2_moe import CASES
+
+    directory = tiny_hf_model_dir("qwen2_moe", **CASES["qwen2-moe"])
+    llm = LLM(str(directory), quantization="rtn", kv_cache_memory=16 << 20)
+    model = llm.engine.core.executor.worker.model
+    moe = model.model.layers[1].mlp
+    for router in (moe.gate, moe.shared_expert_gate):
+        assert not isinstance(router, GGUFLinear)
+        assert isinstance(router, PackedLinear | torch.nn.Linear)
+    rounded = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert (
+        len(rounded) == 4 + 2 + 3 + 1
+    )  # layer 0's dense, layer 1's attention and shared expert; the head
+    params = GREEDY.clone()
+    params.max_tokens = 8
+    assert len(llm.generate(["The capital of France is"], params)[0].outputs[0].token_ids) == 8

@@ -223,7 +223,7 @@ class CpuBackend(Backend):
         quantization: Quantization | None,
     ) -> None:
         """One linear (not the head) in the format `quantization` gives it, if any."""
-        if quantization == "rtn" and linear.in_features % rtn.GROUP == 0:
+        if quantization == "rtn" and rtn.rounds(linear):
             packed: nn.Module = rtn.rounded(path, linear.weight, linear.bias, self._rtn_type())
         elif _fp16_rest(quantization) and formats.fits_fp16(linear.weight):
             packed = PackedLinear(linear.weight, linear.bias, formats.native_fp16_panels())
@@ -233,17 +233,18 @@ class CpuBackend(Backend):
 
     def _round_head(self, model: CausalLM) -> None:
         """For "rtn": the output projection (the embedding, when tied) as Q8_0 blocks, and
-        the embedding too where nothing else reads its table (_keep_gguf_embedding's rule)."""
+        the embedding too where only lookups read its table (_lone_embedding)."""
         weight = model.output_weight
         if weight.shape[1] % rtn.GROUP:
             return
         bias = getattr(model.lm_head, "bias", None)
         model.lm_head = rtn.rounded("lm_head", weight, bias, self._rtn_type())
-        path = "model.embed_tokens"
-        embedding = model.get_submodule(path)
-        if type(embedding) is nn.Embedding and not getattr(model, "unpacked_modules", ()):
+        embedding = _lone_embedding(model)
+        if embedding is not None:
             blocks = rtn.quantize(embedding.weight, quant_matmul.GGML_Q8_0)
-            _replace(model, path, GGUFEmbedding(quant_matmul.GGML_Q8_0, blocks, weight.shape[1]))
+            _replace(
+                model, _EMBEDDING, GGUFEmbedding(quant_matmul.GGML_Q8_0, blocks, weight.shape[1])
+            )
 
     def _rtn_type(self) -> int:
         """RTN_NUM_BITS's block type, read once."""
@@ -383,25 +384,33 @@ def _keep_gguf_blocks(
     return kept, summary
 
 
-def _keep_gguf_embedding(model: CausalLM, blocks: BlockLookup) -> set[str]:
-    """Swap in a GGUFEmbedding where the checkpoint stores the token embedding in a type
-    gguf_rows decodes and nothing else reads the table: the output projection is its own
-    module (untied, or tied and kept as blocks), the model is whole on one rank (not
-    vocabulary-parallel) and has no encoder that takes the embedding's dtype. Returns the
-    checkpoint name it holds (none when not swapped)."""
-    path = "model.embed_tokens"
-    embedding = model.get_submodule(path)
+_EMBEDDING = "model.embed_tokens"
+
+
+def _lone_embedding(model: CausalLM) -> nn.Embedding | None:
+    """The token embedding where only lookups read its table, so a GGUFEmbedding can take
+    its place: the output projection is its own module (untied, or tied and already packed
+    from the same weights), the model is whole on one rank (not vocabulary-parallel) and
+    has no encoder that takes the embedding's dtype."""
+    embedding = model.get_submodule(_EMBEDDING)
     if model.lm_head is None or type(embedding) is not nn.Embedding:
-        return set()
-    stored = blocks(f"{path}.weight")
-    if getattr(model, "unpacked_modules", ()) or stored is None:
+        return None
+    return None if getattr(model, "unpacked_modules", ()) else embedding
+
+
+def _keep_gguf_embedding(model: CausalLM, blocks: BlockLookup) -> set[str]:
+    """Swap in a GGUFEmbedding where the checkpoint stores a lone embedding (above) in a
+    type gguf_rows decodes; returns the checkpoint name it holds (none when not swapped)."""
+    embedding = _lone_embedding(model)
+    stored = None if embedding is None else blocks(f"{_EMBEDDING}.weight")
+    if embedding is None or stored is None:
         return set()
     ggml_type, data = stored
     if not gguf_rows.decodes(ggml_type, embedding.embedding_dim):
         return set()
-    _replace(model, path, GGUFEmbedding(ggml_type, data, embedding.embedding_dim))
+    _replace(model, _EMBEDDING, GGUFEmbedding(ggml_type, data, embedding.embedding_dim))
     logger.info("weights: the token embedding kept as %s blocks", quant_matmul.type_name(ggml_type))
-    return {f"{path}.weight"}
+    return {f"{_EMBEDDING}.weight"}
 
 
 def _global_path(path: str, first_layer: int) -> str:

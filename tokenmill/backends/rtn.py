@@ -14,7 +14,8 @@ vLLM groups `RTN_GROUP_SIZE` weights (default 128) under one scale; GGUF blocks 
 finer (a logged line says so when the variable asks for another size). The output
 projection is always Q8_0 (as llama.cpp keeps it wider than 4 bits), and so is the token
 embedding (a GGUFEmbedding, where nothing else reads its table); a linear whose input
-size is not a multiple of 32 is packed as "fp16" instead.
+size is not a multiple of 32, and a mixture of experts' router (as vLLM), are packed as
+"fp16" instead; the experts' stacked weights keep the dtype's.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import logging
 import os
 
 import torch
+from torch import nn
 
 from tokenmill.backends import formats
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels.quant_matmul import BLOCK_LAYOUT, GGML_Q4_1, GGML_Q8_0, type_name
 from tokenmill.layers.linear import GGUFLinear
+from tokenmill.layers.moe import Router
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,12 @@ def _round_away(x: torch.Tensor) -> torch.Tensor:
 def _f16_bytes(values: torch.Tensor) -> torch.Tensor:
     """[..., 1] float32 as [..., 2] uint8: float16, little-endian as GGUF stores it."""
     return values.to(torch.float16).view(torch.uint8)
+
+
+def rounds(linear: nn.Linear) -> bool:
+    """Whether "rtn" rounds this linear: its input size a multiple of 32, and not a router
+    (MoE's gates keep their float weights)."""
+    return linear.in_features % GROUP == 0 and not isinstance(linear, Router)
 
 
 def rounded(

@@ -77,6 +77,12 @@ class Experts(nn.Module):
         return out
 
 
+class Router(nn.Linear):
+    """A linear whose outputs choose experts (or weigh the shared one): a quantization that
+    rounds weights (--quantization rtn) leaves it alone, as vLLM does, since a small change
+    in its logits can send a token to another expert."""
+
+
 class SparseMoeBlock(nn.Module):
     """The router (`gate`) and the experts: softmax over the experts, the top k, their
     weights renormalised to sum to 1 where the model says so. Where the model gives a
@@ -97,12 +103,10 @@ class SparseMoeBlock(nn.Module):
             raise ModelLoadError(f"{top_k} experts per token out of {num_experts}")
         self.top_k, self.renormalize = top_k, renormalize
         self.tp = parallel.current()
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.gate = Router(hidden, num_experts, bias=False)
         self.experts = Experts(num_experts, hidden, intermediate)
         self.shared_expert = shared_expert
-        self.shared_expert_gate = (
-            None if shared_expert is None else nn.Linear(hidden, 1, bias=False)
-        )
+        self.shared_expert_gate = None if shared_expert is None else Router(hidden, 1, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [T, C] -> [T, C]
         probs = torch.softmax(self.gate(x).float(), dim=-1)  # [T, E]

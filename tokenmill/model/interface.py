@@ -182,7 +182,7 @@ def load_checkpoint(
         missing.discard(target)
         if progress is not None and callback and progress.loaded(module_path, leaf, shard):
             callback(module_path)
-            for name in [n for n in params if n.rpartition(".")[0] == module_path]:
-                del params[name]  # the module's float tensors go with it
+            for done in [n for n in params if n.rpartition(".")[0] == module_path]:
+                del params[done]  # the module's float tensors go with it
     if missing:
         raise ModelLoadError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:5])}")
