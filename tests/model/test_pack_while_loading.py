@@ -1,5 +1,5 @@
-"""The CPU backend packs each linear ("fp16", "rtn") as soon as its checkpoint tensors have
-all loaded, and the float tensors go then: a model is never held whole in float32 (an 8B
+"""The CPU backend packs each linear ("fp16", "rtn"), and a mixture's experts, as soon as
+its checkpoint tensors have all loaded, and the float tensors go then: a model is never held whole in float32 (an 8B
 checkpoint would need 32 GB). Packing while loading gives the same bits as packing after."""
 
 import weakref
@@ -11,6 +11,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.backends.cpu import CpuBackend
 from tokenmill.kernels import quant_matmul
 from tokenmill.layers.linear import GGUFLinear, PackedLinear
+from tokenmill.layers.moe import Experts, PackedExperts
 
 pytestmark = pytest.mark.skipif(not quant_matmul.available(), reason="no C compiler")
 
@@ -76,3 +77,28 @@ def test_packing_while_loading_gives_the_bits_of_packing_after(
             assert {t: p.logprob for t, p in step_a.items()} == {
                 t: p.logprob for t, p in step_b.items()
             }
+
+
+@pytest.mark.parametrize("quantization", ["fp16", "rtn"])
+def test_a_mixtures_experts_are_packed_as_they_load(tiny_hf_model_dir, monkeypatch, quantization):
+    from tests.model.test_qwen2_moe import CASES
+
+    directory = tiny_hf_model_dir("qwen2_moe", **CASES["qwen2-moe"])
+    packed_while_loading: list[str] = []
+    pack_loaded, prepare = CpuBackend.pack_loaded, CpuBackend.prepare
+    experts_at_prepare: list[str] = []
+
+    def spy_pack_loaded(self, model, quantization, path):
+        packed_while_loading.append(path)
+        pack_loaded(self, model, quantization, path)
+
+    def spy_prepare(self, model, quantization):
+        experts_at_prepare.extend(p for p, m in model.named_modules() if isinstance(m, Experts))
+        prepare(self, model, quantization)
+
+    monkeypatch.setattr(CpuBackend, "pack_loaded", spy_pack_loaded)
+    monkeypatch.setattr(CpuBackend, "prepare", spy_prepare)
+    model = load(directory, quantization).engine.core.executor.worker.model
+    assert "model.layers.1.mlp.experts" in packed_while_loading
+    assert experts_at_prepare == []
+    assert isinstance(model.model.layers[1].mlp.experts, PackedExperts)

@@ -12,6 +12,7 @@ as "gguf" runs a file's blocks.
   the file's own blocks: 96.0%, 0.010).
 - 4 bits of that dequantized file give back its own Q4_1 blocks byte for byte.
 - Batch-invariant, and the decode step in one native call equals layer by layer.
+- A mixture's experts are packed expert by expert, its routers never rounded.
 """
 
 import gguf
@@ -30,11 +31,12 @@ from tests.model.test_quantized import (
     no_prefix_cache_llm,
     token_ids,
 )
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM
 from tokenmill.backends import formats, rtn
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels import quant_matmul
 from tokenmill.layers.linear import GGUFLinear, PackedLinear
+from tokenmill.layers.moe import PackedExperts
 from tokenmill.layers.vocab import GGUFEmbedding
 
 pytestmark = pytest.mark.skipif(not quant_matmul.available(), reason="no C compiler")
@@ -212,21 +214,51 @@ def test_refused_off_cpu_float32(bundled_gguf_path):
         LLM(bundled_gguf_path, dtype="bfloat16", kv_cache_memory=16 << 20, quantization="rtn")
 
 
-def test_a_mixture_of_experts_routers_keep_their_weights(tiny_hf_model_dir):
-    """As vLLM: the gates that pick experts are not rounded (a small change in their logits
-    sends a token elsewhere); every other linear is."""
+def mixture_reference(directory, quantization: str) -> torch.nn.Module:
+    """transformers' Qwen2-MoE of `directory` with its weights as tokenmill packs them:
+    under "rtn" rounded to Q8_0 where the input size allows, but the routers; else (and
+    under "fp16" everywhere but the embedding) rounded to float16."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() < 2 or (quantization == "fp16" and "embed_tokens" in name):
+                continue
+            router = name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
+            inputs = param.shape[-1]
+            if quantization == "rtn" and not router and inputs % 32 == 0:
+                blocks = rtn.quantize(param.reshape(-1, inputs), quant_matmul.GGML_Q8_0).numpy()
+                restored = quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
+                param.copy_(torch.from_numpy(restored).reshape(param.shape))
+            else:
+                param.copy_(param.half().float())
+    return model
+
+
+@pytest.mark.parametrize("quantization", ["rtn", "fp16"])
+def test_a_mixtures_experts_are_packed_and_its_routers_keep_float16(
+    tiny_hf_model_dir, monkeypatch, quantization
+):
+    """Each expert's projections are packed (rounded under rtn where 32 divides their
+    input, the down projection's 48 not); the routers are never rounded (as vLLM: a small
+    change in their logits sends a token to another expert). With float32 activations,
+    the logits equal transformers' on the same weights."""
     from tests.model.test_qwen2_moe import CASES
 
     directory = tiny_hf_model_dir("qwen2_moe", **CASES["qwen2-moe"])
-    llm = LLM(str(directory), quantization="rtn", kv_cache_memory=16 << 20)
-    model = llm.engine.core.executor.worker.model
-    moe = model.model.layers[1].mlp
-    for router in (moe.gate, moe.shared_expert_gate):
-        assert not isinstance(router, GGUFLinear)
-        assert isinstance(router, PackedLinear | torch.nn.Linear)
-    rounded = [m for m in model.modules() if isinstance(m, GGUFLinear)]
-    # layer 0's q|k|v, o, gate|up, down; layer 1's q|k|v, o and shared expert's gate|up,
-    # down (the experts' stacked weights are not linears); the head
-    assert len(rounded) == 4 + 2 + 2 + 1
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    assert len(llm.generate(["The capital of France is"], params)[0].outputs[0].token_ids) == 8
+    monkeypatch.setattr(formats, "FLOAT_ACTIVATION_LAYERS", ("",))
+    llm = no_prefix_cache_llm(str(directory), quantization=quantization, kv_cache_dtype="float32")
+    moe = llm.engine.core.executor.worker.model.model.layers[1].mlp
+    assert isinstance(moe.experts, PackedExperts) and moe.experts.num_experts == 4
+    up = GGUFLinear if quantization == "rtn" else PackedLinear
+    assert all(isinstance(m, up) for m in moe.experts.gate_up)
+    assert all(isinstance(m, PackedLinear) for m in moe.experts.down)  # 48 inputs
+    assert isinstance(moe.gate, PackedLinear) and isinstance(moe.shared_expert_gate, PackedLinear)
+
+    ids = llm.tokenizer.encode("The capital of France is")
+    ours = all_logits(llm.engine.core, ids)
+    with torch.no_grad():
+        expected = mixture_reference(directory, quantization)(torch.tensor([ids])).logits[0]
+    assert (ours - expected).abs().max().item() < 2e-4 * expected.abs().max().item()
+    assert torch.equal(ours.argmax(-1), expected.argmax(-1))

@@ -41,6 +41,7 @@ from tokenmill.layers.linear import (
     gguf_linear,
     shard_blocks,
 )
+from tokenmill.layers.moe import Experts, PackedExperts
 from tokenmill.layers.ops import ForwardContext, KVCache, TorchOps
 from tokenmill.layers.rotary import RotaryTables
 from tokenmill.layers.vocab import GGUFEmbedding
@@ -185,9 +186,13 @@ class CpuBackend(Backend):
         return frozenset(names | _keep_gguf_embedding(model, blocks))
 
     def pack_loaded(self, model: CausalLM, quantization: Quantization | None, path: str) -> None:
-        linear = model.get_submodule(path)
-        if path != "lm_head" and isinstance(linear, nn.Linear) and _packable(model, path):
-            self._pack(model, path, linear, quantization)
+        module = model.get_submodule(path)
+        if not _packable(model, path):
+            return
+        if isinstance(module, Experts):
+            self._pack_experts(model, path, module, quantization)
+        elif path != "lm_head" and isinstance(module, nn.Linear):
+            self._pack(model, path, module, quantization)
 
     def prepare(self, model: CausalLM, quantization: Quantization | None) -> None:
         """Pack the linears keep_blocks left (pack_loaded, as each loaded, packs them too):
@@ -199,6 +204,9 @@ class CpuBackend(Backend):
         for path, linear in _linears(model):
             if path != "lm_head":
                 self._pack(model, path, linear, quantization)
+        for path, experts in [(p, m) for p, m in model.named_modules() if isinstance(m, Experts)]:
+            if _packable(model, path):
+                self._pack_experts(model, path, experts, quantization)
         if quantization == "rtn":
             self._round_head(model)
             rounded = sum(isinstance(m, GGUFLinear) for m in model.modules())
@@ -223,13 +231,44 @@ class CpuBackend(Backend):
         quantization: Quantization | None,
     ) -> None:
         """One linear (not the head) in the format `quantization` gives it, if any."""
-        if quantization == "rtn" and rtn.rounds(linear):
-            packed: nn.Module = rtn.rounded(path, linear.weight, linear.bias, self._rtn_type())
-        elif _fp16_rest(quantization) and formats.fits_fp16(linear.weight):
-            packed = PackedLinear(linear.weight, linear.bias, formats.native_fp16_panels())
-        else:
-            return
-        _replace(model, path, packed)
+        rounds = rtn.rounds(linear)
+        packed = self._packed(path, linear.weight, linear.bias, quantization, rounds)
+        if packed is not None:
+            _replace(model, path, packed)
+
+    def _pack_experts(
+        self,
+        model: CausalLM | nn.Module,
+        path: str,
+        experts: Experts,
+        quantization: Quantization | None,
+    ) -> None:
+        """A mixture's experts as PackedExperts, each projection in the format
+        `quantization` gives it (left as they are if one cannot be packed)."""
+        projections: list[list[nn.Module]] = []
+        for stacked in (experts.w13, experts.w2):
+            rounds = stacked.shape[2] % rtn.GROUP == 0
+            packed = [self._packed(path, w, None, quantization, rounds) for w in stacked]
+            if any(p is None for p in packed):
+                return
+            projections.append([p for p in packed if p is not None])
+        _replace(model, path, PackedExperts(*projections))
+
+    def _packed(
+        self,
+        path: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        quantization: Quantization | None,
+        rounds: bool,
+    ) -> nn.Module | None:
+        """The weight (of the module at `path`) in the format `quantization` gives it: "rtn"
+        rounds it where `rounds`, else float16 where fast and in range; None: as it is."""
+        if quantization == "rtn" and rounds:
+            return rtn.rounded(path, weight, bias, self._rtn_type())
+        if _fp16_rest(quantization) and formats.fits_fp16(weight):
+            return PackedLinear(weight, bias, formats.native_fp16_panels())
+        return None
 
     def _round_head(self, model: CausalLM) -> None:
         """For "rtn": the output projection (the embedding, when tied) as Q8_0 blocks, and

@@ -15,7 +15,7 @@ finer (a logged line says so when the variable asks for another size). The outpu
 projection is always Q8_0 (as llama.cpp keeps it wider than 4 bits), and so is the token
 embedding (a GGUFEmbedding, where nothing else reads its table); a linear whose input
 size is not a multiple of 32, and a mixture of experts' router (as vLLM), are packed as
-"fp16" instead; the experts' stacked weights keep the dtype's.
+"fp16" instead. A mixture's experts are rounded expert by expert (PackedExperts).
 """
 
 from __future__ import annotations

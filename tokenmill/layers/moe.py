@@ -5,6 +5,8 @@ shared expert (Qwen2-MoE) runs on every token beside them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -53,6 +55,14 @@ class Experts(nn.Module):
         with torch.no_grad():
             dst.copy_(loaded)
 
+    def load_shards(self) -> set[tuple[str, object]]:
+        """Every (parameter, shard) copy loading makes: each expert's gate, up and down."""
+        return {
+            (leaf, (expert, part))
+            for expert in range(self.num_experts)
+            for leaf, part in (("w13", 0), ("w13", 1), ("w2", None))
+        }
+
     def forward(
         self,
         x: torch.Tensor,  # [T, C]
@@ -60,21 +70,53 @@ class Experts(nn.Module):
         experts: torch.Tensor,  # [T, k] their indices
         ops: TorchOps,
     ) -> torch.Tensor:  # [T, C]
-        out = torch.zeros_like(x)
-        k = experts.shape[1]
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            picks = order[start : start + count]
-            start += count
-            tokens = picks // k
-            h = ops.silu_and_mul(x[tokens] @ self.w13[expert].t()) @ self.w2[expert].t()
-            out.index_add_(0, tokens, h * weights.flatten()[picks, None])
-        return out
+        def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
+            return ops.silu_and_mul(rows @ self.w13[expert].t()) @ self.w2[expert].t()
+
+        return route(x, weights, experts, self.num_experts, expert_mlp)
+
+
+class PackedExperts(nn.Module):
+    """Experts whose projections a backend packed (--quantization fp16, rtn): per expert,
+    gate|up [2I, C] and down [C, I] as modules x [T, K] -> [T, N]."""
+
+    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]):
+        super().__init__()
+        self.gate_up, self.down = nn.ModuleList(gate_up), nn.ModuleList(down)
+        self.num_experts = len(gate_up)
+
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, ops: TorchOps
+    ) -> torch.Tensor:  # as Experts
+        def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
+            return self.down[expert](ops.silu_and_mul(self.gate_up[expert](rows)))
+
+        return route(x, weights, experts, self.num_experts, expert_mlp)
+
+
+def route(
+    x: torch.Tensor,  # [T, C]
+    weights: torch.Tensor,  # [T, k]
+    experts: torch.Tensor,  # [T, k]
+    num_experts: int,
+    expert_mlp: Callable[[int, torch.Tensor], torch.Tensor],  # (expert, rows [n, C]) -> [n, C]
+) -> torch.Tensor:  # [T, C]
+    """Each expert's MLP over the tokens routed to it, weighted and summed per token."""
+    out = torch.zeros_like(x)
+    k = experts.shape[1]
+    flat = experts.flatten()
+    order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        picks = order[start : start + count]
+        start += count
+        tokens = picks // k
+        h = expert_mlp(expert, x[tokens])
+        out.index_add_(0, tokens, h * weights.flatten()[picks, None])
+    return out
 
 
 class Router(nn.Linear):

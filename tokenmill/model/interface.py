@@ -95,30 +95,35 @@ def checkpoint_weight_names(model: CausalLM, module_path: str) -> list[str]:
 _EXPERT = re.compile(r"(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight")
 
 
-# called with a linear's module path once its every parameter (each shard of a fused one)
-# has loaded: a backend packs it then, so the float weights of the whole model are never
-# all held at once (weights.py: fill_model)
-_ON_LINEAR_LOADED: ContextVar[Callable[[str], None] | None] = ContextVar(
-    "on_linear_loaded", default=None
+# called with the path of a module a backend packs (an nn.Linear, a mixture's experts)
+# once its every parameter (each shard of a fused one) has loaded: the backend packs it
+# then, so the float weights of the whole model are never all held at once (weights.py:
+# fill_model)
+_ON_MODULE_LOADED: ContextVar[Callable[[str], None] | None] = ContextVar(
+    "on_module_loaded", default=None
 )
 
 
 @contextmanager
-def on_linear_loaded(callback: Callable[[str], None] | None) -> Iterator[None]:
-    """Within: load_checkpoint calls `callback(module path)` as each nn.Linear completes."""
-    token = _ON_LINEAR_LOADED.set(callback)
+def on_module_loaded(callback: Callable[[str], None] | None) -> Iterator[None]:
+    """Within: load_checkpoint calls `callback(module path)` as each nn.Linear, and each
+    module with `load_shards()` (Experts), completes."""
+    token = _ON_MODULE_LOADED.set(callback)
     try:
         yield
     finally:
-        _ON_LINEAR_LOADED.reset(token)
+        _ON_MODULE_LOADED.reset(token)
 
 
-class _LinearProgress:
-    """Which (parameter, shard) copies each nn.Linear of a model still waits for."""
+class _LoadProgress:
+    """Which (parameter, shard) copies each nn.Linear, and each module that lists its own
+    (`load_shards`), still waits for."""
 
     def __init__(self, model: nn.Module, packed_modules_mapping: dict[str, list[str]]):
-        self.waiting: dict[str, set[tuple[str, int | None]]] = {}
+        self.waiting: dict[str, set[tuple[str, Any]]] = {}
         for path, module in model.named_modules():
+            if hasattr(module, "load_shards"):
+                self.waiting[path] = set(module.load_shards())
             if not isinstance(module, nn.Linear):
                 continue
             parts = packed_modules_mapping.get(path.rpartition(".")[2])
@@ -153,8 +158,8 @@ def load_checkpoint(
     params = dict(model.named_parameters())
     missing = set(params)
     fused_of = unpacked(packed_modules_mapping)
-    callback = _ON_LINEAR_LOADED.get()
-    progress = _LinearProgress(model, packed_modules_mapping) if callback else None
+    callback = _ON_MODULE_LOADED.get()
+    progress = _LoadProgress(model, packed_modules_mapping) if callback else None
     for name, tensor in weights:
         if any(s in name for s in skip):
             continue

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.rotary import RotaryEmbedding
-from tokenmill.model.interface import CausalLM, on_linear_loaded
+from tokenmill.model.interface import CausalLM, on_module_loaded
 from tokenmill.model.source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -49,19 +49,20 @@ def fill_model(
     max_model_len: int | None = None,
     layers: range | None = None,
     skip: frozenset[str] = frozenset(),
-    linear_loaded: Callable[[str], None] | None = None,
+    module_loaded: Callable[[str], None] | None = None,
 ) -> None:
     """Give build_model's model the checkpoint's weights in `dtype` on `device` (but those
     named in `skip`, which a backend holds as stored: never read), its rotary tables for
     sequences of up to max_model_len tokens (None: the model's own), and eval mode.
-    `linear_loaded(path)`: called as each nn.Linear's weights are all in (a backend packs
-    it then and its float tensors are freed: the whole model is never held in float)."""
+    `module_loaded(path)`: called as each nn.Linear's (or a mixture's experts') weights are
+    all in (a backend packs it then and its float tensors are freed: the whole model is
+    never held in float)."""
     module: torch.nn.Module = model  # type: ignore[assignment]
     weights = _converted(source, device, dtype, skip)
     if layers is not None:
         weights = _stage_weights(weights, layers)
     _allocate(module, device, dtype)
-    with on_linear_loaded(linear_loaded):
+    with on_module_loaded(module_loaded):
         model.load_weights(weights)
     for rotary in module.modules():  # every rotary table the model has
         if isinstance(rotary, RotaryEmbedding):
