@@ -21,6 +21,7 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.engine.request import Request
 from tokenmill.kernels import quant_matmul
 from tokenmill.layers.linear import GGUFLinear
+from tokenmill.layers.moe import PackedExperts
 from tokenmill.layers.vocab import GGUFEmbedding
 from tokenmill.model.config import FULL, SLIDING, ArchConfig
 from tokenmill.model.gguf_layout import weight_plan
@@ -361,5 +362,40 @@ def test_linears_kept_as_blocks_are_never_dequantized(
     exact_tokens, exact_logits = greedy_and_logits(engine(path), ids)
     assert tokens == exact_tokens
     # the blocks' float32 sums run in another order than torch's matmul, and Qwen2-MoE's
-    # gates amplify that (measured 5e-3, the same before the blocks loaded first)
+    # gates amplify that (measured 5e-3, the same before the blocks loaded first); its
+    # experts (48 inputs: the converter writes them in float) are packed as float16, as
+    # any layer a GGUF file stores in float (measured 2.0e-2 with those)
+    assert torch.allclose(logits, exact_logits, atol=5e-2)
+
+
+def test_experts_kept_as_blocks_are_never_dequantized(
+    tiny_hf_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A mixture's stacked expert tensors (ffn_*_exps) stay in their blocks, expert by
+    expert (PackedExperts of GGUFLinears): never read as floats, and the dequantized
+    model's greedy tokens. (Experts whose down projection has 48 inputs, as the Qwen MoE
+    cases', are written in float by llama.cpp's converter and load as floats.)"""
+    if not quant_matmul.available():
+        pytest.skip("GGUF blocks need the native kernels")
+    model_type, config = CASES["mixtral"]
+    path = write_llama_cpp_gguf(
+        tiny_hf_model_dir(model_type, **config), tmp_path / "m.gguf", Q.Q8_0
+    )
+    read: list[str] = []
+    read_tensor = GGUFFile.read_tensor
+    with monkeypatch.context() as watch:
+        watch.setattr(
+            GGUFFile, "read_tensor", lambda f, info: read.append(info.name) or read_tensor(f, info)
+        )
+        blocks_llm = engine(path, quantization="gguf-float32")
+    model = blocks_llm.engine.core.executor.worker.model
+    experts = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    assert experts and all(
+        isinstance(p, GGUFLinear) for e in experts for p in [*e.gate_up, *e.down]
+    )
+    assert read and not [name for name in read if "_exps" in name], read
+    ids = blocks_llm.tokenizer.encode(PROMPT)
+    tokens, logits = greedy_and_logits(blocks_llm, ids)
+    exact_tokens, exact_logits = greedy_and_logits(engine(path), ids)
+    assert tokens == exact_tokens
     assert torch.allclose(logits, exact_logits, atol=2e-2)

@@ -182,7 +182,10 @@ class CpuBackend(Backend):
                 len(kept),
                 "int8" if quantization == "gguf" else "float32",
             )
-        names = {name for names in kept.values() for name in names}
+        experts = _keep_gguf_experts(model, blocks, quantization == "gguf")
+        if experts:
+            logger.info("weights: the experts of %d layers kept as GGUF blocks", len(experts))
+        names = {name for names in [*kept.values(), *experts.values()] for name in names}
         return frozenset(names | _keep_gguf_embedding(model, blocks))
 
     def pack_loaded(self, model: CausalLM, quantization: Quantization | None, path: str) -> None:
@@ -421,6 +424,44 @@ def _keep_gguf_blocks(
         for reason, paths in left.items()
     )
     return kept, summary
+
+
+def _keep_gguf_experts(
+    model: CausalLM, blocks: BlockLookup, int8_activations: bool
+) -> dict[str, list[str]]:
+    """Swap in PackedExperts of GGUFLinears wherever the checkpoint stores every expert's
+    projections in types the kernel reads (on one rank: a tensor-parallel rank's share of
+    a down projection is a slice of its columns, not of its block rows); returns the
+    swapped module paths with the checkpoint weights they hold."""
+    mapping = getattr(model, "expert_params_mapping", None) or {}
+    names = {target: part for part, target in mapping.items()}  # ("w13", 0) -> "gate_proj"
+    first = int(getattr(model, "first_layer", 0))
+    kept: dict[str, list[str]] = {}
+    for path, experts in [(p, m) for p, m in model.named_modules() if isinstance(m, Experts)]:
+        if experts.tp_size > 1 or not _packable(model, path):
+            continue
+        prefix = _global_path(path, first)  # the layer's name in the checkpoint
+        int8 = int8_activations and not prefix.startswith(formats.FLOAT_ACTIVATION_LAYERS)
+        held: list[str] = []
+        gate_up: list[nn.Module] = []
+        down: list[nn.Module] = []
+        for expert in range(experts.num_experts):
+            parts = {key: f"{prefix}.{expert}.{name}.weight" for key, name in names.items()}
+            w13 = [parts.get(("w13", 0)), parts.get(("w13", 1))]
+            w2 = parts.get(("w2", None))
+            if None in w13 or w2 is None:
+                break
+            up = gguf_linear(experts.w13[expert], [blocks(n) for n in w13 if n], int8)
+            out = gguf_linear(experts.w2[expert], [blocks(w2)], int8)
+            if not isinstance(up, GGUFLinear) or not isinstance(out, GGUFLinear):
+                break
+            gate_up.append(up)
+            down.append(out)
+            held += [n for n in w13 if n] + [w2]
+        else:
+            _replace(model, path, PackedExperts(gate_up, down))
+            kept[path] = held
+    return kept
 
 
 _EMBEDDING = "model.embed_tokens"
