@@ -10,8 +10,9 @@ Weight formats (`--quantization`; CPU, float32 math only):
   the least time (docs/benchmarks.md, "Quality of the CPU paths"). Repacking at load is exact but for
   Q4_K/Q5_K's sub-block scales and mins, rounded to float16 (quant_matmul.py). Fused
   parts no one format holds (Q4_K q|k beside a Q6_K v) run as a SplitGGUFLinear, each
-  run in its own format. A layer stored in another type is packed as "fp16" instead,
-  named in one log line.
+  run in its own format. A mixture's experts keep their blocks expert by expert, and the
+  token embedding its blocks (rows decoded as looked up). A layer stored in another type
+  is packed as "fp16" instead, named in one log line.
 - "gguf-float32": the same blocks in float32 math (logits equal the dequantized model's up
   to summation order); slower than int8 activations.
 - "rtn": vLLM's online round-to-nearest quantization of a float checkpoint: each linear's
