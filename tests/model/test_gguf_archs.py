@@ -326,18 +326,16 @@ def test_phi3_longrope_factors_become_its_rope_scaling(tmp_path: Path):
     ]
 
 
-def test_linears_kept_as_blocks_are_never_dequantized(
-    tiny_hf_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    """The backend swaps its GGUFLinears and GGUFEmbedding in before the weights load: the
-    tensors they hold are never read as floats (norms, biases and router are), and
-    Qwen2-MoE's fused q|k|v keeps its bias, loaded through the projection's shards: the
-    dequantized model's greedy tokens."""
+def q8_0_blocks_watching_reads(
+    case: str, tiny_hf_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, LLM, list[str]]:
+    """CASES[case] written as a Q8_0 GGUF, loaded with quantization gguf-float32: (the
+    file, the engine, the names of the tensors it read as floats)."""
     if not quant_matmul.available():
         pytest.skip("GGUF blocks need the native kernels")
-    model_type, config = CASES["qwen2-moe"]
+    model_type, config = CASES[case]
     path = write_llama_cpp_gguf(
-        tiny_hf_model_dir(model_type, **config), tmp_path / "q.gguf", Q.Q8_0
+        tiny_hf_model_dir(model_type, **config), tmp_path / f"{case}.gguf", Q.Q8_0
     )
     read: list[str] = []
     read_tensor = GGUFFile.read_tensor
@@ -345,7 +343,19 @@ def test_linears_kept_as_blocks_are_never_dequantized(
         watch.setattr(
             GGUFFile, "read_tensor", lambda f, info: read.append(info.name) or read_tensor(f, info)
         )
-        blocks_llm = engine(path, quantization="gguf-float32")
+        return path, engine(path, quantization="gguf-float32"), read
+
+
+def test_linears_kept_as_blocks_are_never_dequantized(
+    tiny_hf_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The backend swaps its GGUFLinears and GGUFEmbedding in before the weights load: the
+    tensors they hold are never read as floats (norms, biases and router are), and
+    Qwen2-MoE's fused q|k|v keeps its bias, loaded through the projection's shards: the
+    dequantized model's greedy tokens."""
+    path, blocks_llm, read = q8_0_blocks_watching_reads(
+        "qwen2-moe", tiny_hf_model_dir, tmp_path, monkeypatch
+    )
     layer = blocks_llm.engine.core.executor.worker.model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, GGUFLinear)
     assert layer.self_attn.qkv_proj.bias is not None
@@ -375,19 +385,9 @@ def test_experts_kept_as_blocks_are_never_dequantized(
     expert (PackedExperts of GGUFLinears): never read as floats, and the dequantized
     model's greedy tokens. (Experts whose down projection has 48 inputs, as the Qwen MoE
     cases', are written in float by llama.cpp's converter and load as floats.)"""
-    if not quant_matmul.available():
-        pytest.skip("GGUF blocks need the native kernels")
-    model_type, config = CASES["mixtral"]
-    path = write_llama_cpp_gguf(
-        tiny_hf_model_dir(model_type, **config), tmp_path / "m.gguf", Q.Q8_0
+    path, blocks_llm, read = q8_0_blocks_watching_reads(
+        "mixtral", tiny_hf_model_dir, tmp_path, monkeypatch
     )
-    read: list[str] = []
-    read_tensor = GGUFFile.read_tensor
-    with monkeypatch.context() as watch:
-        watch.setattr(
-            GGUFFile, "read_tensor", lambda f, info: read.append(info.name) or read_tensor(f, info)
-        )
-        blocks_llm = engine(path, quantization="gguf-float32")
     model = blocks_llm.engine.core.executor.worker.model
     experts = [m for m in model.modules() if isinstance(m, PackedExperts)]
     assert experts and all(
