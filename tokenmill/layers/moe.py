@@ -77,8 +77,9 @@ class Experts(nn.Module):
 
 
 class PackedExperts(nn.Module):
-    """Experts whose projections a backend packed (--quantization fp16, rtn): per expert,
-    gate|up [2I, C] and down [C, I] as modules x [T, K] -> [T, N]."""
+    """Experts whose projections a backend packed (float16 panels, rtn's blocks, a GGUF
+    file's blocks): per expert, gate|up [2I, C] and down [C, I] as modules x [T, K] ->
+    [T, N]."""
 
     def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]):
         super().__init__()
