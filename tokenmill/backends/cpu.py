@@ -194,7 +194,9 @@ class CpuBackend(Backend):
             return
         if isinstance(module, Experts):
             self._pack_experts(model, path, module, quantization)
-        elif path != "lm_head" and isinstance(module, nn.Linear):
+        elif path == "lm_head":  # untied: packed now where it packs (else in prepare)
+            self._pack_head(model, quantization)
+        elif isinstance(module, nn.Linear):
             self._pack(model, path, module, quantization)
 
     def prepare(self, model: CausalLM, quantization: Quantization | None) -> None:
@@ -210,21 +212,29 @@ class CpuBackend(Backend):
         for path, experts in [(p, m) for p, m in model.named_modules() if isinstance(m, Experts)]:
             if _packable(model, path):
                 self._pack_experts(model, path, experts, quantization)
+        self._pack_head(model, quantization)
         if quantization == "rtn":
-            self._round_head(model)
+            self._round_embedding(model)
             rounded = sum(isinstance(m, GGUFLinear) for m in model.modules())
             logger.info(
                 "weights: %d linear layers rounded to %s blocks (rtn), int8 activations",
                 rounded,
                 quant_matmul.type_name(self._rtn_type()),
             )
+        if not isinstance(model.lm_head, GGUFLinear | PackedLinear):
+            model.lm_head = TransposedHead(model.output_weight)
+
+    def _pack_head(self, model: CausalLM, quantization: Quantization | None) -> None:
+        """The output projection (the embedding's table, when tied) as "rtn"'s Q8_0 blocks,
+        or float16 where the other linears are and it fits; else left as it is."""
         if isinstance(model.lm_head, GGUFLinear | PackedLinear):
             return
         weight = model.output_weight
-        if _fp16_rest(quantization) and formats.fits_fp16(weight):
+        if quantization == "rtn" and weight.shape[1] % rtn.GROUP == 0:
+            bias = getattr(model.lm_head, "bias", None)
+            model.lm_head = rtn.rounded("lm_head", weight, bias, self._rtn_type())
+        elif _fp16_rest(quantization) and formats.fits_fp16(weight):
             model.lm_head = PackedLinear(weight, None, formats.native_fp16_panels())
-        else:
-            model.lm_head = TransposedHead(weight)
 
     def _pack(
         self,
@@ -273,20 +283,14 @@ class CpuBackend(Backend):
             return PackedLinear(weight, bias, formats.native_fp16_panels())
         return None
 
-    def _round_head(self, model: CausalLM) -> None:
-        """For "rtn": the output projection (the embedding, when tied) as Q8_0 blocks, and
-        the embedding too where only lookups read its table (_lone_embedding)."""
-        weight = model.output_weight
-        if weight.shape[1] % rtn.GROUP:
-            return
-        bias = getattr(model.lm_head, "bias", None)
-        model.lm_head = rtn.rounded("lm_head", weight, bias, self._rtn_type())
+    def _round_embedding(self, model: CausalLM) -> None:
+        """For "rtn", once every weight is in: the token embedding as Q8_0 blocks, where only
+        lookups read its table (_lone_embedding)."""
         embedding = _lone_embedding(model)
-        if embedding is not None:
+        if embedding is not None and embedding.embedding_dim % rtn.GROUP == 0:
             blocks = rtn.quantize(embedding.weight, quant_matmul.GGML_Q8_0)
-            _replace(
-                model, _EMBEDDING, GGUFEmbedding(quant_matmul.GGML_Q8_0, blocks, weight.shape[1])
-            )
+            dim = embedding.embedding_dim
+            _replace(model, _EMBEDDING, GGUFEmbedding(quant_matmul.GGML_Q8_0, blocks, dim))
 
     def _rtn_type(self) -> int:
         """RTN_NUM_BITS's block type, read once."""
