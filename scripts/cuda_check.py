@@ -1,5 +1,7 @@
 """CUDA check of the engine, for a machine with a GPU: parity with transformers on CUDA,
-batching invariance, and offline throughput of random-weight models (speed only).
+batching invariance, and offline throughput of random-weight models (speed only), each
+with the CUDA backend (Triton paged attention; what a GPU gets by default) and with the
+torch reference (SDPA over gathered keys) side by side.
 
     python scripts/cuda_check.py TOKENIZER_DIR OUT.json [--quick] [--structured-only]
 
@@ -25,8 +27,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.offline import run as bench_run
+from tokenmill.executor.uniproc import UniprocExecutor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script
+BACKENDS = ("auto", "torch") if DEVICE == "cuda" else ("torch",)  # auto on a GPU: the CUDA backend
 PROMPTS = ["The capital of France is", "List three colors:", "def add(a, b):", "Once upon a"]
 
 SHAPES = {  # name -> LlamaConfig overrides (vocab of the SmolLM2 tokenizer)
@@ -55,10 +59,11 @@ def make_model(root: Path, tokenizer_dir: Path, shape: str, dtype: torch.dtype) 
     return directory
 
 
-def parity(directory: Path, dtype: str) -> dict[str, Any]:
+def parity(directory: Path, dtype: str, backend: str) -> dict[str, Any]:
     """Greedy tokens of tokenmill vs transformers on CUDA, and batched vs alone."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    llm = LLM(str(directory), dtype=dtype, device=DEVICE, kv_cache_memory=256 << 20)
+    llm = LLM(str(directory), dtype=dtype, device=DEVICE, kv_cache_memory=256 << 20,
+              backend=backend)  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     batched = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in PROMPTS]
@@ -73,10 +78,16 @@ def parity(directory: Path, dtype: str) -> dict[str, Any]:
         sum(a == b for a, b in zip(got, want, strict=True)) / len(want)
         for got, want in zip(batched, expected, strict=True)
     ]
+    executor = llm.engine.core.executor
+    assert isinstance(executor, UniprocExecutor)
+    attention = executor.worker.backend.attention
     del llm, reference
     release_memory()
     return {
         "dtype": dtype,
+        "backend": backend,
+        "attention": attention.name,
+        "triton_failed": getattr(attention, "failed", None),  # a compile error, if any
         "greedy_equal_to_transformers": batched == expected,
         "token_agreement_with_transformers": round(statistics.mean(agree), 3),
         "batched_equals_alone": batched == alone,
@@ -162,8 +173,9 @@ def _safe(check: Any, text: str) -> Any:
         return False
 
 
-def throughput(directory: Path, quick: bool) -> dict[str, Any]:
-    llm = LLM(str(directory), dtype="bfloat16", device=DEVICE, kv_cache_memory=8 << 30)
+def throughput(directory: Path, quick: bool, backend: str) -> dict[str, Any]:
+    llm = LLM(str(directory), dtype="bfloat16", device=DEVICE, kv_cache_memory=8 << 30,
+              backend=backend)  # fmt: skip
     bench_run(llm, 2, 24, 8)  # warm-up
     output_len = 8 if quick else 128
     result: dict[str, Any] = {"kv_cache_blocks": llm.engine.core.info.num_blocks}
@@ -201,15 +213,17 @@ def main() -> int:
             return 0
         for dtype in ("float32", "bfloat16"):
             directory = make_model(root, tokenizer_dir, "tiny", getattr(torch, dtype))
-            report[f"parity_tiny_{dtype}"] = parity(directory, dtype)
-            print(json.dumps(report, indent=1), flush=True)
+            for backend in BACKENDS:
+                report[f"parity_tiny_{dtype}_{backend}"] = parity(directory, dtype, backend)
+                print(json.dumps(report, indent=1), flush=True)
         report["structured_tiny_bf16"] = structured(directory)
         report["fp8_kv_cache_tiny_bf16"] = fp8_cache(directory)
         print(json.dumps(report, indent=1), flush=True)
         for shape in ("smollm2-135m",) if quick else ("smollm2-135m", "llama-1b"):
             directory = make_model(root, tokenizer_dir, shape, torch.bfloat16)
-            report[f"throughput_{shape}_bf16"] = throughput(directory, quick)
-            print(json.dumps(report, indent=1), flush=True)
+            for backend in BACKENDS:
+                report[f"throughput_{shape}_bf16_{backend}"] = throughput(directory, quick, backend)
+                print(json.dumps(report, indent=1), flush=True)
     out_path.write_text(json.dumps(report, indent=1))
     return 0
 

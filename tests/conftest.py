@@ -4,12 +4,17 @@ Face model directories."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+# No GPU here: Triton kernels (the CUDA backend's attention) run in Triton's interpreter on
+# CPU tensors. It is chosen when triton.language is first imported, so before anything is.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

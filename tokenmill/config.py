@@ -13,8 +13,9 @@ QuantizationSetting = Literal["gguf", "gguf-float32", "rtn", "fp16", "none"]
 KVCacheDtype = Literal["auto", "float16", "bfloat16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2"]
 Device = Literal["auto", "cpu", "cuda"]
 # how the model runs (tokenmill/backends): "auto" = the CPU backend (native kernels where
-# they run) on a CPU, torch elsewhere; "torch" = the plain-torch reference anywhere
-Backend = Literal["auto", "cpu", "torch"]
+# they run) on a CPU, the CUDA backend (Triton paged attention) on a GPU; "torch" = the
+# plain-torch reference anywhere
+Backend = Literal["auto", "cpu", "cuda", "torch"]
 # the grammar backends of tokenmill/structured (its BACKENDS registry; a unit test keeps them equal)
 GuidedDecodingBackend = Literal["xgrammar", "outlines", "lm-format-enforcer"]
 # fcfs: requests run in arrival order; priority: by (request priority, arrival), lower first

@@ -323,7 +323,8 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--backend", choices=get_args(Backend), default=_DEFAULTS.model.backend,
         help="how the model runs: auto = the CPU backend (native kernels where they run) on "
-        "a CPU, torch on a GPU; torch = the plain-torch reference, exact weights "
+        "a CPU, the CUDA backend (Triton paged attention) on a GPU; cpu; cuda; torch = the "
+        "plain-torch reference, exact weights "
         "(default: %(default)s)",
     )  # fmt: skip
     g.add_argument(

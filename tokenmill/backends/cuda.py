@@ -1,0 +1,171 @@
+"""The CUDA backend: torch ops, with attention as a Triton kernel over the paged cache.
+
+`TritonAttention` reads each query's keys and values through its block table in the
+kernel (kernels/triton_attention.py) where the reference gathers them into padded copies
+first. It takes the cases the kernel is written for (a cache in the model's dtype, KV
+blocks of a power of two from 16 tokens, heads up to 256 wide) and hands the rest (an fp8
+cache, say) to the reference. A kernel that fails to compile on a GPU it was never run on
+logs why, once, and the reference takes over for good: the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.backends.base import Backend
+from tokenmill.kernels import triton_attention
+from tokenmill.layers.attention import (
+    AttentionMetadata,
+    KVCache,
+    StepLayout,
+    TorchAttention,
+    TorchAttentionMetadata,
+    write_cache,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Launch:
+    tiles: torch.Tensor  # [P, 2] int64: chunk, first token of the tile
+    block_m: int  # rows a program: (token, query head) pairs
+
+
+@dataclass(slots=True)
+class TritonAttentionMetadata(TorchAttentionMetadata):
+    """The step's chunks as the kernel reads them, built on first use; the reference's own
+    metadata (inherited) for the cases the kernel leaves to it."""
+
+    tables: torch.Tensor | None = None  # [C, W] int64: each chunk's block table, padded
+    chunks: torch.Tensor | None = None  # [C, 3] int64: first row, new tokens, first position
+    launches: dict[int, list[Launch]] = field(default_factory=dict)  # by query heads per KV head
+
+    def launches_for(self, group: int) -> list[Launch]:
+        launches = self.launches.get(group)
+        if launches is None:
+            launches = self.launches[group] = self._build(group)
+        return launches
+
+    def _build(self, group: int) -> list[Launch]:
+        """One launch for the single-token chunks (decodes), one for the longer ones, each
+        with the fewest rows a program that fits them; all of it in one host-to-device copy."""
+        chunks = self.layout.chunks
+        width = max((len(c.block_table) for c in chunks), default=0) or 1
+        data = array("q")
+        for chunk in chunks:
+            data.extend(chunk.block_table)
+            data.extend([0] * (width - len(chunk.block_table)))
+        for chunk in chunks:
+            data.extend((chunk.row, chunk.num_tokens, chunk.start))
+        singles = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
+        longer = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
+        plans: list[tuple[int, int]] = []  # (block_m, tiles) per launch
+        if singles:
+            for i in singles:
+                data.extend((i, 0))
+            plans.append((triton_attention.rows_per_program(1, group), len(singles)))
+        if longer:
+            block_m = triton_attention.rows_per_program(
+                max(chunks[i].num_tokens for i in longer), group
+            )
+            per_tile, count = block_m // group, 0
+            for i in longer:
+                for first in range(0, chunks[i].num_tokens, per_tile):
+                    data.extend((i, first))
+                    count += 1
+            plans.append((block_m, count))
+        device = self.slot_mapping.device
+        flat = torch.frombuffer(data, dtype=torch.int64).to(device)
+        self.tables = flat[: len(chunks) * width].view(len(chunks), width)
+        at = len(chunks) * width
+        self.chunks = flat[at : at + 3 * len(chunks)].view(len(chunks), 3)
+        at += 3 * len(chunks)
+        launches = []
+        for block_m, count in plans:
+            launches.append(Launch(flat[at : at + 2 * count].view(count, 2), block_m))
+            at += 2 * count
+        return launches
+
+
+class TritonAttention:
+    """Paged attention in one Triton kernel (kernels/triton_attention.py); the reference for
+    what the kernel does not take."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        self.reference = TorchAttention()
+        self.failed: str | None = None  # why the kernel stopped being used (a GPU compile error)
+
+    def build_metadata(self, layout: StepLayout) -> TritonAttentionMetadata:
+        return TritonAttentionMetadata(layout.slot_mapping, layout.num_decodes, layout)
+
+    def runs(self, q: torch.Tensor, k_cache: torch.Tensor, block_size: int) -> bool:
+        """Whether the kernel takes this call (else the reference does)."""
+        return (
+            self.failed is None
+            and k_cache.dtype == q.dtype
+            and block_size >= 16
+            and block_size & (block_size - 1) == 0
+            and q.shape[-1] <= triton_attention.MAX_HEAD_DIM
+            and q.shape[1] % k_cache.shape[1] == 0
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        cache_written: bool = False,
+        scale: float | None = None,
+        softcap: float | None = None,
+        window: int | None = None,
+    ) -> torch.Tensor:
+        assert isinstance(meta, TritonAttentionMetadata)
+        k_cache, v_cache = kv_cache
+        block_size = meta.layout.block_size
+        if not self.runs(q, k_cache, block_size):
+            return self.reference.forward(
+                q, k, v, kv_cache, meta, cache_written, scale, softcap, window
+            )
+        if not cache_written:
+            write_cache(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        group = q.shape[1] // k_cache.shape[1]
+        launches = meta.launches_for(group)
+        assert meta.tables is not None and meta.chunks is not None
+        try:
+            for launch in launches:
+                triton_attention.paged_attention(
+                    q, k_cache, v_cache, out, meta.tables, meta.chunks, launch.tiles,
+                    launch.block_m, block_size, q.shape[-1] ** -0.5 if scale is None else scale,
+                    softcap, window,
+                )  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - a kernel no GPU here has compiled yet
+            if q.device.type != "cuda":
+                raise  # the interpreter (CPU tensors) is what the tests check: never hide it
+            self.failed = f"{type(error).__name__}: {error}"
+            logger.warning("the Triton attention kernel failed (%s); using SDPA", self.failed)
+            return self.reference.forward(q, k, v, kv_cache, meta, True, scale, softcap, window)
+        return out
+
+
+class CudaBackend(Backend):
+    """torch ops, Triton paged attention."""
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = TritonAttention()
+
+    @property
+    def description(self) -> str:
+        return "torch ops, Triton paged attention"
