@@ -106,6 +106,19 @@ def test_float16_matches_the_reference_to_float16_rounding():
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize(
+    "cache_dtype", [torch.float16, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn]
+)
+def test_a_narrower_cache_is_read_as_the_reference_reads_it(cache_dtype):
+    """float32 queries over a float16, bfloat16 or fp8 cache (written through float16, as
+    the reference writes it): the same values, converted as they load."""
+    layout = _step(STEPS["mixed"], 64, seed=13)
+    narrow = dict(cache_dtype=cache_dtype)
+    got = _run(TritonAttention(), layout, 4, 2, 16, torch.float32, seed=14, **narrow)
+    want = _run(TorchAttention(), layout, 4, 2, 16, torch.float32, seed=14, **narrow)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_keys_past_a_sequence_are_never_read():
     """Slots of a sequence's last block past its end hold NaN: the output stays finite."""
     layout = _step([(5, 1), (0, 3), (20, 2)], 64, seed=9)
@@ -125,15 +138,18 @@ def test_keys_past_a_sequence_are_never_read():
 
 
 def test_what_the_kernel_does_not_take_goes_to_the_reference():
-    """An fp8 cache (or blocks narrower than a tensor-core tile): the reference's result."""
+    """KV blocks narrower than a tensor-core tile, or not a power of two: the reference's
+    result, bit for bit."""
     attention = TritonAttention()
     q = torch.zeros(1, 4, 16)
-    assert not attention.runs(q, torch.zeros(1, 2, 16, dtype=torch.float8_e5m2), 16)
     assert not attention.runs(q, torch.zeros(1, 2, 16), 8)
     assert not attention.runs(q, torch.zeros(1, 2, 16), 24)
     assert attention.runs(q, torch.zeros(1, 2, 16), 16)
+    assert attention.runs(q, torch.zeros(1, 2, 16, dtype=torch.float8_e5m2), 32)
     layout = _step(STEPS["mixed"], 64, seed=11)
-    fp8 = dict(cache_dtype=torch.float8_e5m2)
-    got = _run(attention, layout, 4, 2, 16, torch.float32, seed=12, **fp8)
-    want = _run(TorchAttention(), layout, 4, 2, 16, torch.float32, seed=12, **fp8)
+    layout.block_size = 8  # the same slots, read as blocks of 8 by the reference
+    for chunk in layout.chunks:
+        chunk.block_table = array("q", [b * 2 + i for b in chunk.block_table for i in (0, 1)])
+    got = _run(attention, layout, 4, 2, 16, torch.float32, seed=12)
+    want = _run(TorchAttention(), layout, 4, 2, 16, torch.float32, seed=12)
     assert torch.equal(got, want)

@@ -2,9 +2,9 @@
 
 `TritonAttention` reads each query's keys and values through its block table in the
 kernel (kernels/triton_attention.py) where the reference gathers them into padded copies
-first. It takes the cases the kernel is written for (a cache in the model's dtype, KV
-blocks of a power of two from 16 tokens, heads up to 256 wide) and hands the rest (an fp8
-cache, say) to the reference. A kernel that fails to compile on a GPU it was never run on
+first. It takes the cases the kernel is written for (KV blocks of a power of two from 16
+tokens, heads up to 256 wide; a cache of any float type, fp8 included) and hands the rest
+to the reference. A kernel that fails to compile on a GPU it was never run on
 logs why, once, and the reference takes over for good: the server keeps serving.
 """
 
@@ -28,6 +28,15 @@ from tokenmill.layers.attention import (
 )
 
 logger = logging.getLogger(__name__)
+
+# what the kernel reads (converting to the queries' dtype as it loads)
+_CACHE_DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e5m2,
+    torch.float8_e4m3fn,
+)
 
 
 @dataclass(slots=True)
@@ -109,7 +118,7 @@ class TritonAttention:
         """Whether the kernel takes this call (else the reference does)."""
         return (
             self.failed is None
-            and k_cache.dtype == q.dtype
+            and k_cache.dtype in _CACHE_DTYPES
             and block_size >= 16
             and block_size & (block_size - 1) == 0
             and q.shape[-1] <= triton_attention.MAX_HEAD_DIM
