@@ -39,10 +39,16 @@ _CACHE_DTYPES = (
 )
 
 
+_MIN_BLOCKS_PER_SPLIT = 4  # KV blocks a decode's program reads at least, when split
+_MAX_SPLITS = 16
+
+
 @dataclass(slots=True)
 class Launch:
     tiles: torch.Tensor  # [P, 2] int64: chunk, first token of the tile
     block_m: int  # rows a program: (token, query head) pairs
+    splits: int = 1  # programs sharing each tile's keys (flash decoding)
+    blocks_per_split: int = 0
 
 
 @dataclass(slots=True)
@@ -52,15 +58,18 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
 
     tables: torch.Tensor | None = None  # [C, W] int64: each chunk's block table, padded
     chunks: torch.Tensor | None = None  # [C, 3] int64: first row, new tokens, first position
-    launches: dict[int, list[Launch]] = field(default_factory=dict)  # by query heads per KV head
+    launches: dict[tuple[int, int], list[Launch]] = field(default_factory=dict)
 
-    def launches_for(self, group: int) -> list[Launch]:
-        launches = self.launches.get(group)
+    def launches_for(self, group: int, kv_heads: int, min_programs: int) -> list[Launch]:
+        """The kernel launches for heads in groups of `group` over `kv_heads` KV heads;
+        decodes split their keys over more programs while fewer than `min_programs` run."""
+        launches = self.launches.get((group, kv_heads))
         if launches is None:
-            launches = self.launches[group] = self._build(group)
+            launches = self._build(group, kv_heads, min_programs)
+            self.launches[group, kv_heads] = launches
         return launches
 
-    def _build(self, group: int) -> list[Launch]:
+    def _build(self, group: int, kv_heads: int, min_programs: int) -> list[Launch]:
         """One launch for the single-token chunks (decodes), one for the longer ones, each
         with the fewest rows a program that fits them; all of it in one host-to-device copy."""
         chunks = self.layout.chunks
@@ -73,11 +82,15 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
             data.extend((chunk.row, chunk.num_tokens, chunk.start))
         singles = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
         longer = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
-        plans: list[tuple[int, int]] = []  # (block_m, tiles) per launch
+        plans: list[tuple[int, int, int, int]] = []  # (tiles, block_m, splits, per split)
         if singles:
             for i in singles:
                 data.extend((i, 0))
-            plans.append((triton_attention.rows_per_program(1, group), len(singles)))
+            longest = max(chunks[i].start for i in singles) + 1
+            splits, per_split = _splits(len(singles) * kv_heads, min_programs,
+                                        -(-longest // self.layout.block_size))  # fmt: skip
+            block_m = triton_attention.rows_per_program(1, group)
+            plans.append((len(singles), block_m, splits, per_split))
         if longer:
             block_m = triton_attention.rows_per_program(
                 max(chunks[i].num_tokens for i in longer), group
@@ -87,7 +100,7 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
                 for first in range(0, chunks[i].num_tokens, per_tile):
                     data.extend((i, first))
                     count += 1
-            plans.append((block_m, count))
+            plans.append((count, block_m, 1, 0))
         device = self.slot_mapping.device
         flat = torch.frombuffer(data, dtype=torch.int64).to(device)
         self.tables = flat[: len(chunks) * width].view(len(chunks), width)
@@ -95,10 +108,22 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
         self.chunks = flat[at : at + 3 * len(chunks)].view(len(chunks), 3)
         at += 3 * len(chunks)
         launches = []
-        for block_m, count in plans:
-            launches.append(Launch(flat[at : at + 2 * count].view(count, 2), block_m))
+        for count, block_m, splits, per_split in plans:
+            tiles = flat[at : at + 2 * count].view(count, 2)
+            launches.append(Launch(tiles, block_m, splits, per_split))
             at += 2 * count
         return launches
+
+
+def _splits(programs: int, min_programs: int, blocks: int) -> tuple[int, int]:
+    """(splits, blocks per split) for decodes that run `programs` programs over up to
+    `blocks` KV blocks each: enough splits to reach min_programs, none shorter than
+    _MIN_BLOCKS_PER_SPLIT."""
+    if programs >= min_programs or blocks < 2 * _MIN_BLOCKS_PER_SPLIT:
+        return 1, 0
+    splits = min(-(-min_programs // programs), blocks // _MIN_BLOCKS_PER_SPLIT, _MAX_SPLITS)
+    per_split = -(-blocks // splits)
+    return -(-blocks // per_split), per_split
 
 
 class TritonAttention:
@@ -107,9 +132,12 @@ class TritonAttention:
 
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, min_programs: int | None = None) -> None:
         self.reference = TorchAttention()
         self.failed: str | None = None  # why the kernel stopped being used (a GPU compile error)
+        # decodes split their keys while fewer programs than this would run; None: twice the
+        # GPU's multiprocessors (none in Triton's interpreter)
+        self.min_programs = min_programs
 
     def build_metadata(self, layout: StepLayout) -> TritonAttentionMetadata:
         return TritonAttentionMetadata(layout.slot_mapping, layout.num_decodes, layout)
@@ -147,15 +175,17 @@ class TritonAttention:
         if not cache_written:
             write_cache(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        group = q.shape[1] // k_cache.shape[1]
-        launches = meta.launches_for(group)
+        if self.min_programs is None:
+            self.min_programs = _min_programs(q.device)
+        kv_heads = k_cache.shape[1]
+        launches = meta.launches_for(q.shape[1] // kv_heads, kv_heads, self.min_programs)
         assert meta.tables is not None and meta.chunks is not None
         try:
             for launch in launches:
                 triton_attention.paged_attention(
                     q, k_cache, v_cache, out, meta.tables, meta.chunks, launch.tiles,
                     launch.block_m, block_size, q.shape[-1] ** -0.5 if scale is None else scale,
-                    softcap, window,
+                    softcap, window, launch.splits, launch.blocks_per_split,
                 )  # fmt: skip
         except Exception as error:  # noqa: BLE001 - a kernel no GPU here has compiled yet
             if q.device.type != "cuda":
@@ -164,6 +194,12 @@ class TritonAttention:
             logger.warning("the Triton attention kernel failed (%s); using SDPA", self.failed)
             return self.reference.forward(q, k, v, kv_cache, meta, True, scale, softcap, window)
         return out
+
+
+def _min_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class CudaBackend(Backend):

@@ -26,11 +26,12 @@ MAX_HEAD_DIM = 256  # wider heads need more registers than a program has
 @triton.jit
 def _paged_attention(
     q_ptr, k_ptr, v_ptr, out_ptr,
-    tables_ptr,  # [C, table_width] int32: each chunk's block table
-    chunks_ptr,  # [C, 3] int32: first row in q, new tokens, position of the first new token
-    tiles_ptr,  # [P, 2] int32: chunk, first token of the tile within it
+    tables_ptr,  # [C, table_width] int64: each chunk's block table
+    chunks_ptr,  # [C, 3] int64: first row in q, new tokens, position of the first new token
+    tiles_ptr,  # [P, 2] int64: chunk, first token of the tile within it
+    partials_ptr,  # SPLITS > 1: [SPLITS, P, Hkv, BLOCK_M, HEAD_PAD + 2] float32, written
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
-    table_width, scale, softcap, window,
+    table_width, scale, softcap, window, blocks_per_split,
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,  # HEAD_DIM up to a power of two
     GROUP: tl.constexpr,  # query heads per KV head
@@ -39,9 +40,11 @@ def _paged_attention(
     SOFTCAP: tl.constexpr,
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,  # of float32 dot products: "ieee" (exact) or "tf32"
+    SPLITS: tl.constexpr,  # programs that share a tile's keys, blocks_per_split blocks each
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     chunk = tl.load(tiles_ptr + 2 * tile)
     first_token = tl.load(tiles_ptr + 2 * tile + 1)
     q_row = tl.load(chunks_ptr + 3 * chunk)
@@ -68,7 +71,12 @@ def _paged_attention(
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     offsets = tl.arange(0, BLOCK_SIZE)
-    for block in range(key_start // BLOCK_SIZE, tl.cdiv(key_end, BLOCK_SIZE)):
+    first_block = key_start // BLOCK_SIZE
+    end_block = tl.cdiv(key_end, BLOCK_SIZE)
+    if SPLITS > 1:  # this program's share of the blocks (none, for a short sequence's last)
+        first_block = tl.maximum(first_block, split * blocks_per_split)
+        end_block = tl.minimum(end_block, (split + 1) * blocks_per_split)
+    for block in range(first_block, end_block):
         physical = tl.load(tables_ptr + chunk * table_width + block).to(tl.int64)
         slots = physical * BLOCK_SIZE + offsets
         k_pos = block * BLOCK_SIZE + offsets
@@ -95,10 +103,63 @@ def _paged_attention(
         )
         best = new_best
 
+    if SPLITS > 1:  # the unnormalized sums and their softmax state, for _combine_splits
+        width = HEAD_PAD + 2
+        at = (((split * tl.num_programs(0) + tile) * tl.num_programs(1) + kv_head) * BLOCK_M
+              + rows).to(tl.int64) * width  # fmt: skip
+        tl.store(partials_ptr + at[:, None] + dims[None, :], acc)
+        tl.store(partials_ptr + at + HEAD_PAD, best)
+        tl.store(partials_ptr + at + HEAD_PAD + 1, total)
+    else:
+        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+        out_at = (q_row + token).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
+        tl.store(out_ptr + out_at + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & dim_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def _combine_splits(
+    partials_ptr, out_ptr, chunks_ptr, tiles_ptr, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SPLITS: tl.constexpr,
+):  # fmt: skip
+    """Each row's output from its splits' partial sums: rescaled to the largest score."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    num_tiles = tl.num_programs(0)
+    num_kv_heads = tl.num_programs(1)
+    chunk = tl.load(tiles_ptr + 2 * tile)
+    first_token = tl.load(tiles_ptr + 2 * tile + 1)
+    q_row = tl.load(chunks_ptr + 3 * chunk)
+    q_len = tl.load(chunks_ptr + 3 * chunk + 1)
+    rows = tl.arange(0, BLOCK_M)
+    token = first_token + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < (BLOCK_M // GROUP) * GROUP) & (token < q_len)
+    dims = tl.arange(0, HEAD_PAD)
+    width = HEAD_PAD + 2
+
+    best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for split in range(SPLITS):
+        at = ((((split * num_tiles + tile) * num_kv_heads + kv_head) * BLOCK_M + rows)
+              .to(tl.int64) * width)  # fmt: skip
+        best = tl.maximum(best, tl.load(partials_ptr + at + HEAD_PAD))
+    shift = tl.where(best == float("-inf"), 0.0, best)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    for split in range(SPLITS):
+        at = ((((split * num_tiles + tile) * num_kv_heads + kv_head) * BLOCK_M + rows)
+              .to(tl.int64) * width)  # fmt: skip
+        weight = tl.exp(tl.load(partials_ptr + at + HEAD_PAD) - shift)
+        total += weight * tl.load(partials_ptr + at + HEAD_PAD + 1)
+        acc += weight[:, None] * tl.load(partials_ptr + at[:, None] + dims[None, :])
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     out_at = (q_row + token).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
     tl.store(out_ptr + out_at + dims[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])  # fmt: skip
+             mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])  # fmt: skip
 
 
 def rows_per_program(num_tokens: int, group: int) -> int:
@@ -114,29 +175,45 @@ def paged_attention(
     k_cache: torch.Tensor,  # [S, Hkv, D], slot = block * block_size + offset
     v_cache: torch.Tensor,
     out: torch.Tensor,  # [T, H, D], written
-    tables: torch.Tensor,  # [C, W] int32
-    chunks: torch.Tensor,  # [C, 3] int32: first row, new tokens, first position
-    tiles: torch.Tensor,  # [P, 2] int32: chunk, first token; every tile has BLOCK_M // group tokens
+    tables: torch.Tensor,  # [C, W] int64
+    chunks: torch.Tensor,  # [C, 3] int64: first row, new tokens, first position
+    tiles: torch.Tensor,  # [P, 2] int64: chunk, first token; every tile has BLOCK_M // group tokens
     block_m: int,
     block_size: int,
     scale: float,
     softcap: float | None,
     window: int | None,
+    splits: int = 1,  # programs per tile and KV head, each over blocks_per_split KV blocks
+    blocks_per_split: int = 0,
 ) -> None:
-    """Attention of q's rows over their chunks' cached keys (which include the step's own)."""
+    """Attention of q's rows over their chunks' cached keys (which include the step's own).
+    With splits > 1 each tile's keys are shared out (flash decoding: a few long sequences
+    still fill the GPU) and a second kernel combines the partial sums."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
     if tiles.shape[0] == 0:
         return
     for x in (q, k_cache, v_cache, out):
         assert x.stride(-1) == 1, "the head dimension must be contiguous"
-    _paged_attention[(tiles.shape[0], num_kv_heads)](
-        q, k_cache, v_cache, out, tables, chunks, tiles,
+    head_pad = max(16, triton.next_power_of_2(head_dim))
+    group = num_heads // num_kv_heads
+    partials = out  # unused without splits
+    if splits > 1:
+        partials = torch.empty(
+            splits * tiles.shape[0] * num_kv_heads * block_m * (head_pad + 2),
+            dtype=torch.float32, device=q.device,
+        )  # fmt: skip
+    _paged_attention[(tiles.shape[0], num_kv_heads, splits)](
+        q, k_cache, v_cache, out, tables, chunks, tiles, partials,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1),
-        tables.shape[1], scale, softcap or 0.0, window or 0,
-        HEAD_DIM=head_dim, HEAD_PAD=max(16, triton.next_power_of_2(head_dim)),
-        GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_SIZE=block_size,
-        SOFTCAP=softcap is not None, WINDOW=window is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        tables.shape[1], scale, softcap or 0.0, window or 0, blocks_per_split,
+        HEAD_DIM=head_dim, HEAD_PAD=head_pad, GROUP=group, BLOCK_M=block_m,
+        BLOCK_SIZE=block_size, SOFTCAP=softcap is not None, WINDOW=window is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLITS=splits,
     )  # fmt: skip
+    if splits > 1:
+        _combine_splits[(tiles.shape[0], num_kv_heads)](
+            partials, out, chunks, tiles, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, HEAD_PAD=head_pad, GROUP=group, BLOCK_M=block_m, SPLITS=splits,
+        )  # fmt: skip
