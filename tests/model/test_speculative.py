@@ -7,6 +7,7 @@ so none passes with speculation silently off."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -327,6 +328,34 @@ def test_a_draft_models_guesses_are_its_own_greedy_continuation(tiny_pair, kv_bl
          for _, _, g in offers],
     )  # fmt: skip
     assert [o.outputs[0].token_ids for o in greedy] == [g for _, _, g in offers]
+
+
+def test_fewer_guesses_offered_than_the_draft_made(tiny_pair, monkeypatch, caplog):
+    """The speculator may offer fewer guesses than the draft made (its guess count follows
+    the measured cost of a row). The target as its own draft: a greedy request's guesses
+    all hold, so the token after the offered one is the draft's next guess, whose K/V the
+    draft wrote; the newest token still has to run, for its row's guess (a step batched
+    with a request whose guess failed once read row -1 for it)."""
+    target, _ = tiny_pair
+    llm = drafting(target, target, k=3, **TINY_KV)
+    propose = Speculator.propose
+
+    def one_guess(self: Speculator, request: Any, limit: int) -> list[int]:
+        return propose(self, request, limit)[:1]
+
+    monkeypatch.setattr(Speculator, "propose", one_guess)
+    monkeypatch.setattr(Speculator, "_best_k", lambda self, rate, limit: limit)  # the draft: 3
+    prompts = ["one two three four", "The capital of France is", "a b a b a b"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True, logprobs=1)
+    params = [greedy, sampled, greedy]  # the sampled one's guesses fail now and then
+    expected = with_logprobs(LLM(target, **TINY_KV).generate(prompts, params))
+    with caplog.at_level(logging.ERROR):
+        assert with_logprobs(llm.generate(prompts, params)) == expected
+    assert "engine step failed" not in caplog.text
+    counts = llm.engine.core.speculator.counts
+    assert counts.num_draft_tokens > counts.num_accepted_tokens > 20
+    assert_all_blocks_free(llm)
 
 
 def test_a_draft_model_it_cannot_run_is_refused_by_name(tiny_hf_model_dir, tiny_vision_model_dir):

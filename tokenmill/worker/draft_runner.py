@@ -144,11 +144,13 @@ class DraftRunner:
 
     @staticmethod
     def _keep_guesses(state: _Draft, token_ids: list[int], new: list[int]) -> int:
-        """The first position whose K/V the draft lacks: past its guesses' K/V where those
-        turned out to be the sequence's tokens."""
+        """The first position whose K/V the draft runs: past its guesses' K/V where those
+        turned out to be the sequence's tokens, but never past the newest token, whose row
+        gives the next guess (the speculator may have offered fewer guesses than were
+        written, so the token after them can be the next one written)."""
         if state.written and state.valid == state.guessed_at:
             kept = 0
-            tokens = _tail(token_ids, new, state.valid)  # (may be fewer than the guesses)
+            tokens = _tail(token_ids, new, state.valid)[:-1]  # (may be fewer than the guesses)
             for guess, token in zip(state.written, tokens, strict=False):
                 if guess != token:
                     break
