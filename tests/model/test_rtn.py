@@ -35,7 +35,7 @@ from tests.model.test_quantized import (
 from tokenmill import LLM
 from tokenmill.backends import formats, rtn
 from tokenmill.errors import ModelLoadError
-from tokenmill.kernels import quant_matmul
+from tokenmill.kernels import gguf_rows, quant_matmul
 from tokenmill.layers.linear import GGUFLinear, PackedLinear
 from tokenmill.layers.moe import PackedExperts
 from tokenmill.layers.vocab import GGUFEmbedding
@@ -130,6 +130,28 @@ def test_a_safetensors_checkpoints_logits_equal_its_rounded_weights_in_transform
     assert torch.equal(ours.argmax(-1), expected.argmax(-1))
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fp16_keeps_the_embedding_as_float16_rows(tiny_hf_model_dir, monkeypatch, tied):
+    """ "fp16" on a float checkpoint: the embedding's table too is float16 (half its float32
+    memory), so the logits equal transformers' with every weight rounded to float16."""
+    directory = tiny_hf_model_dir("llama", tie_word_embeddings=tied)
+    monkeypatch.setattr(formats, "FLOAT_ACTIVATION_LAYERS", ("",))
+    llm = no_prefix_cache_llm(str(directory), quantization="fp16", kv_cache_dtype="float32")
+    model = llm.engine.core.executor.worker.model
+    embedding = model.model.embed_tokens
+    assert isinstance(embedding, GGUFEmbedding) and embedding.ggml_type == gguf_rows.GGML_F16
+    assert embedding.blocks.numel() == 2 * embedding.num_embeddings * embedding.embedding_dim
+    assert isinstance(model.lm_head, PackedLinear)
+    reference = packed_reference(directory, "fp16")
+    assert llm.engine.core.info.num_parameters == sum(p.numel() for p in reference.parameters())
+    ids = llm.tokenizer.encode("The capital of France is")
+    ours = all_logits(llm.engine.core, ids)
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+    assert (ours - expected).abs().max().item() < 2e-4 * expected.abs().max().item()
+    assert torch.equal(ours.argmax(-1), expected.argmax(-1))
+
+
 @pytest.fixture(scope="module")
 def fp32_llm(bundled_gguf_path):
     return no_prefix_cache_llm(bundled_gguf_path)
@@ -193,16 +215,16 @@ def test_refused_off_cpu_float32(bundled_gguf_path):
         LLM(bundled_gguf_path, dtype="bfloat16", kv_cache_memory=16 << 20, quantization="rtn")
 
 
-def mixture_reference(directory, quantization: str) -> torch.nn.Module:
-    """transformers' Qwen2-MoE of `directory` with its weights as tokenmill packs them:
+def packed_reference(directory, quantization: str) -> torch.nn.Module:
+    """transformers' model of `directory` with its weights as tokenmill packs them:
     under "rtn" rounded to Q8_0 where the input size allows, but the routers; else (and
-    under "fp16" everywhere but the embedding) rounded to float16."""
+    under "fp16" everywhere, the embedding too) rounded to float16."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() < 2 or (quantization == "fp16" and "embed_tokens" in name):
+            if param.dim() < 2:
                 continue
             router = name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
             inputs = param.shape[-1]
@@ -238,6 +260,6 @@ def test_a_mixtures_experts_are_packed_and_its_routers_keep_float16(
     ids = llm.tokenizer.encode("The capital of France is")
     ours = all_logits(llm.engine.core, ids)
     with torch.no_grad():
-        expected = mixture_reference(directory, quantization)(torch.tensor([ids])).logits[0]
+        expected = packed_reference(directory, quantization)(torch.tensor([ids])).logits[0]
     assert (ours - expected).abs().max().item() < 2e-4 * expected.abs().max().item()
     assert torch.equal(ours.argmax(-1), expected.argmax(-1))

@@ -47,6 +47,19 @@ def test_rows_equal_gguf_pys_dequantization(ggml_type):
     assert np.array_equal(rows.numpy(), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float16_and_bfloat16_rows_are_the_tables_rows(dtype):
+    """GGML's F16 and BF16 (an embedding a file stores so, or fp16's): the rows as stored,
+    in float32."""
+    ggml_type = {torch.float16: gguf_rows.GGML_F16, torch.bfloat16: gguf_rows.GGML_BF16}[dtype]
+    table = torch.randn(ROWS, 96).to(dtype)
+    assert gguf_rows.decodes(ggml_type, 96)
+    rows = gguf_rows.gguf_rows(table.view(torch.uint8), ggml_type, 96, IDS)
+    assert torch.equal(rows, table[IDS].float())
+    with pytest.raises(IndexError, match="out of range"):
+        gguf_rows.gguf_rows(table.view(torch.uint8), ggml_type, 96, torch.tensor([ROWS]))
+
+
 def test_no_ids_give_no_rows():
     blocks = torch.from_numpy(blocks_of(8))
     assert gguf_rows.gguf_rows(blocks, 8, DIM, torch.tensor([], dtype=torch.int64)).shape == (
@@ -63,5 +76,4 @@ def test_an_id_out_of_range_and_a_wrong_layout_are_refused():
         gguf_rows.gguf_rows(blocks, 8, DIM, torch.tensor([-1]))
     with pytest.raises(ValueError, match="type 3 with 512 values"):
         gguf_rows.gguf_rows(blocks, 3, DIM, IDS)  # Q8_0's bytes read as Q4_1
-    assert not gguf_rows.decodes(1, DIM)  # F16: an embedding stored so stays a float table
     assert not gguf_rows.decodes(12, 96)  # a K-quant row is whole 256-value blocks

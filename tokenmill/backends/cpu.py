@@ -203,7 +203,8 @@ class CpuBackend(Backend):
         """Pack the linears keep_blocks left (pack_loaded, as each loaded, packs them too):
         with "rtn" rounded to GGUF blocks, else float16 where fast (for "gguf*" whatever the
         checkpoint does not store in blocks); then the output projection: "rtn"'s Q8_0,
-        float16, or without packing a transposed copy for few rows."""
+        float16, or without packing a transposed copy for few rows; then a token embedding
+        only lookups read: "rtn"'s Q8_0 rows, "fp16"'s float16 rows."""
         if model.config.attn_logit_softcapping is not None and self.native:
             self.attention = TorchAttention()  # the native kernel does not soft-cap scores
         for path, linear in _linears(model):
@@ -212,7 +213,14 @@ class CpuBackend(Backend):
         for path, experts in [(p, m) for p, m in model.named_modules() if isinstance(m, Experts)]:
             if _packable(model, path):
                 self._pack_experts(model, path, experts, quantization)
-        self._pack_head(model, quantization)
+        halved = quantization == "fp16" and _halve_embedding(model)
+        self._pack_head(model, quantization)  # tied and halved: from the float16 rows
+        if halved:
+            assert model.lm_head is not None, "a tied head packs from the float16 rows"
+            embedding = model.get_submodule(_EMBEDDING)
+            rows = embedding.weight.view(torch.uint8)
+            dim = embedding.embedding_dim
+            _replace(model, _EMBEDDING, GGUFEmbedding(gguf_rows.GGML_F16, rows, dim))
         if quantization == "rtn":
             self._round_embedding(model)
             rounded = sum(isinstance(m, GGUFLinear) for m in model.modules())
@@ -469,6 +477,20 @@ def _keep_gguf_experts(
 
 
 _EMBEDDING = "model.embed_tokens"
+
+
+def _halve_embedding(model: CausalLM) -> bool:
+    """For "fp16": the token embedding's table as float16, its float32 freed, where it is to
+    be a lone embedding (_lone_embedding) once the output projection is packed (its own
+    module, or tied and about to pack from these float16 rows: no float32 copy is made).
+    Half the table's memory, and the head packs from half as much."""
+    embedding = model.get_submodule(_EMBEDDING)
+    if type(embedding) is not nn.Embedding or getattr(model, "unpacked_modules", ()):
+        return False
+    if not formats.fits_fp16(embedding.weight):  # (tied, the head then stays float32 too)
+        return False
+    embedding.weight = nn.Parameter(embedding.weight.detach().half(), requires_grad=False)
+    return True
 
 
 def _lone_embedding(model: CausalLM) -> nn.Embedding | None:

@@ -1,5 +1,6 @@
 """Python side of gguf_rows.c: rows of a GGUF tensor's quantized blocks decoded to float32,
-equal to gguf-py's (and ggml's) dequantization of those rows."""
+equal to gguf-py's (and ggml's) dequantization of those rows; rows stored as float16 or
+bfloat16 are read by torch."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ ROW_LAYOUT = {
     13: (256, 176),  # Q5_K
     14: (256, 210),  # Q6_K
 }
+GGML_F16, GGML_BF16 = 1, 30
+FLOAT_ROWS = {GGML_F16: torch.float16, GGML_BF16: torch.bfloat16}  # plain values
 
 
 def _function() -> Callable[..., int] | None:
@@ -34,6 +37,8 @@ def available() -> bool:
 
 def decodes(ggml_type: int, dim: int) -> bool:
     """Whether rows of `dim` values of `ggml_type` can be decoded here."""
+    if ggml_type in FLOAT_ROWS:
+        return True
     layout = ROW_LAYOUT.get(ggml_type)
     return layout is not None and dim % layout[0] == 0 and available()
 
@@ -45,10 +50,13 @@ def gguf_rows(
     ids: torch.Tensor,  # [T] integer, each in [0, V)
 ) -> torch.Tensor:  # [T, dim] float32
     """Rows `ids` of the tensor whose GGUF blocks are `blocks`, as float32."""
-    fn = _function()
-    assert fn is not None, "check available() first"
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= blocks.shape[0]):
         raise IndexError(f"token id out of range [0, {blocks.shape[0]})")
+    dtype = FLOAT_ROWS.get(ggml_type)
+    if dtype is not None:
+        return blocks.view(dtype).index_select(0, ids.reshape(-1).to(torch.int64)).float()
+    fn = _function()
+    assert fn is not None, "check available() first"
     ids = ids.reshape(-1).to(torch.int64).contiguous()
     out = torch.empty(len(ids), dim, dtype=torch.float32)
     row_bytes = blocks.shape[1]

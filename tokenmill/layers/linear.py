@@ -179,14 +179,14 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native: bool):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
+        weight, bias = weight.detach(), None if bias is None else bias.detach().float()
         self.native = native
-        if native:
+        if native:  # (from any float dtype: a float16 weight packs without a float32 copy)
             self.panels = quant_matmul.pack_f16(weight)
             self.bias = bias
         else:
             with _fbgemm_engine():
-                self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+                self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
 
     @property
     def weight_bytes(self) -> int:

@@ -95,9 +95,9 @@ def gather_logits(logits: torch.Tensor, tp: ParallelGroup, vocab_size: int) -> t
 
 class GGUFEmbedding(nn.Module):
     """The token embedding kept as a GGUF file's blocks ([V, row_bytes] uint8, any type
-    gguf_rows.ROW_LAYOUT lists): the rows looked up are decoded to float32, equal to the
-    dequantized table's; the float32 table is never made (a quarter to an eighth of its
-    memory; ~2 GB less for an 8B model's 128K-token vocabulary)."""
+    gguf_rows.ROW_LAYOUT lists, or float16 / bfloat16 rows): the rows looked up are decoded
+    to float32, equal to the dequantized table's; the float32 table is never made (a half
+    to an eighth of its memory; ~2 GB less for an 8B model's 128K-token vocabulary)."""
 
     def __init__(self, ggml_type: int, blocks: torch.Tensor, embedding_dim: int):
         super().__init__()
