@@ -45,7 +45,7 @@ _MAX_SPLITS = 16
 
 @dataclass(slots=True)
 class Launch:
-    tiles: torch.Tensor  # [P, 2] int64: chunk, first token of the tile
+    tiles: torch.Tensor  # [2, P] int64: each tile's chunk, and its first token in the chunk
     block_m: int  # rows a program: (token, query head) pairs
     splits: int = 1  # programs sharing each tile's keys (flash decoding)
     blocks_per_split: int = 0
@@ -57,7 +57,7 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
     metadata (inherited) for the cases the kernel leaves to it."""
 
     tables: torch.Tensor | None = None  # [C, W] int64: each chunk's block table, padded
-    chunks: torch.Tensor | None = None  # [C, 3] int64: first row, new tokens, first position
+    chunks: torch.Tensor | None = None  # [3, C] int64: first rows, new tokens, first positions
     launches: dict[tuple[int, int], list[Launch]] = field(default_factory=dict)
 
     def launches_for(self, group: int, kv_heads: int, min_programs: int) -> list[Launch]:
@@ -74,18 +74,26 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
         with the fewest rows a program that fits them; all of it in one host-to-device copy."""
         chunks = self.layout.chunks
         width = max((len(c.block_table) for c in chunks), default=0) or 1
-        data = array("q")
+        # (int64 bytes throughout: tensors from lists cost ~10x more)
+        data = array("q", bytes(8 * len(chunks) * width))  # the tables, zero-padded
+        at = 0
         for chunk in chunks:
-            data.extend(chunk.block_table)
-            data.extend([0] * (width - len(chunk.block_table)))
-        for chunk in chunks:
-            data.extend((chunk.row, chunk.num_tokens, chunk.start))
-        singles = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
-        longer = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
+            table = chunk.block_table
+            data[at : at + len(table)] = table
+            at += width
+        num_tokens = [c.num_tokens for c in chunks]
+        data.extend([c.row for c in chunks])
+        data.extend(num_tokens)
+        data.extend([c.start for c in chunks])
+        if len(chunks) == sum(num_tokens):  # decodes only: a tile each
+            singles, longer = range(len(chunks)), []
+        else:
+            singles = [i for i, n in enumerate(num_tokens) if n == 1]
+            longer = [i for i, n in enumerate(num_tokens) if n > 1]
         plans: list[tuple[int, int, int, int]] = []  # (tiles, block_m, splits, per split)
         if singles:
-            for i in singles:
-                data.extend((i, 0))
+            data.extend(singles)
+            data += array("q", bytes(8 * len(singles)))  # each from its first token
             longest = max(chunks[i].start for i in singles) + 1
             splits, per_split = _splits(len(singles) * kv_heads, min_programs,
                                         -(-longest // self.layout.block_size))  # fmt: skip
@@ -95,22 +103,23 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
             block_m = triton_attention.rows_per_program(
                 max(chunks[i].num_tokens for i in longer), group
             )
-            per_tile, count = block_m // group, 0
-            for i in longer:
-                for first in range(0, chunks[i].num_tokens, per_tile):
-                    data.extend((i, first))
-                    count += 1
+            per_tile = block_m // group
+            tiles = [(i, first) for i in longer for first in range(0, num_tokens[i], per_tile)]
+            count = len(tiles)
+            data.extend([i for i, _ in tiles])
+            data.extend([first for _, first in tiles])
             plans.append((count, block_m, 1, 0))
         device = self.slot_mapping.device
         flat = torch.frombuffer(data, dtype=torch.int64).to(device)
         self.tables = flat[: len(chunks) * width].view(len(chunks), width)
         at = len(chunks) * width
-        self.chunks = flat[at : at + 3 * len(chunks)].view(len(chunks), 3)
+        self.chunks = flat[at : at + 3 * len(chunks)].view(3, len(chunks))
         at += 3 * len(chunks)
         launches = []
         for count, block_m, splits, per_split in plans:
-            tiles = flat[at : at + 2 * count].view(count, 2)
-            launches.append(Launch(tiles, block_m, splits, per_split))
+            launches.append(
+                Launch(flat[at : at + 2 * count].view(2, count), block_m, splits, per_split)
+            )
             at += 2 * count
         return launches
 

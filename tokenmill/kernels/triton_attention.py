@@ -27,11 +27,11 @@ MAX_HEAD_DIM = 256  # wider heads need more registers than a program has
 def _paged_attention(
     q_ptr, k_ptr, v_ptr, out_ptr,
     tables_ptr,  # [C, table_width] int64: each chunk's block table
-    chunks_ptr,  # [C, 3] int64: first row in q, new tokens, position of the first new token
-    tiles_ptr,  # [P, 2] int64: chunk, first token of the tile within it
+    chunks_ptr,  # [3, C] int64: first row in q, new tokens, position of the first new token
+    tiles_ptr,  # [2, P] int64: chunk, first token of the tile within it
     partials_ptr,  # SPLITS > 1: [SPLITS, P, Hkv, BLOCK_M, HEAD_PAD + 2] float32, written
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
-    table_width, scale, softcap, window, blocks_per_split,
+    table_width, num_chunks, scale, softcap, window, blocks_per_split,
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,  # HEAD_DIM up to a power of two
     GROUP: tl.constexpr,  # query heads per KV head
@@ -45,11 +45,11 @@ def _paged_attention(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    chunk = tl.load(tiles_ptr + 2 * tile)
-    first_token = tl.load(tiles_ptr + 2 * tile + 1)
-    q_row = tl.load(chunks_ptr + 3 * chunk)
-    q_len = tl.load(chunks_ptr + 3 * chunk + 1)
-    start = tl.load(chunks_ptr + 3 * chunk + 2)
+    chunk = tl.load(tiles_ptr + tile)
+    first_token = tl.load(tiles_ptr + tl.num_programs(0) + tile)
+    q_row = tl.load(chunks_ptr + chunk)
+    q_len = tl.load(chunks_ptr + num_chunks + chunk)
+    start = tl.load(chunks_ptr + 2 * num_chunks + chunk)
 
     rows = tl.arange(0, BLOCK_M)
     token = first_token + rows // GROUP
@@ -119,7 +119,7 @@ def _paged_attention(
 
 @triton.jit
 def _combine_splits(
-    partials_ptr, out_ptr, chunks_ptr, tiles_ptr, stride_ot, stride_oh,
+    partials_ptr, out_ptr, chunks_ptr, tiles_ptr, stride_ot, stride_oh, num_chunks,
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     GROUP: tl.constexpr,
@@ -131,10 +131,10 @@ def _combine_splits(
     kv_head = tl.program_id(1)
     num_tiles = tl.num_programs(0)
     num_kv_heads = tl.num_programs(1)
-    chunk = tl.load(tiles_ptr + 2 * tile)
-    first_token = tl.load(tiles_ptr + 2 * tile + 1)
-    q_row = tl.load(chunks_ptr + 3 * chunk)
-    q_len = tl.load(chunks_ptr + 3 * chunk + 1)
+    chunk = tl.load(tiles_ptr + tile)
+    first_token = tl.load(tiles_ptr + num_tiles + tile)
+    q_row = tl.load(chunks_ptr + chunk)
+    q_len = tl.load(chunks_ptr + num_chunks + chunk)
     rows = tl.arange(0, BLOCK_M)
     token = first_token + rows // GROUP
     head = kv_head * GROUP + rows % GROUP
@@ -176,8 +176,8 @@ def paged_attention(
     v_cache: torch.Tensor,
     out: torch.Tensor,  # [T, H, D], written
     tables: torch.Tensor,  # [C, W] int64
-    chunks: torch.Tensor,  # [C, 3] int64: first row, new tokens, first position
-    tiles: torch.Tensor,  # [P, 2] int64: chunk, first token; every tile has BLOCK_M // group tokens
+    chunks: torch.Tensor,  # [3, C] int64: first rows, new tokens, first positions
+    tiles: torch.Tensor,  # [2, P] int64: chunks, first tokens; a tile has BLOCK_M // group tokens
     block_m: int,
     block_size: int,
     scale: float,
@@ -191,7 +191,8 @@ def paged_attention(
     still fill the GPU) and a second kernel combines the partial sums."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
-    if tiles.shape[0] == 0:
+    num_tiles = tiles.shape[1]
+    if num_tiles == 0:
         return
     for x in (q, k_cache, v_cache, out):
         assert x.stride(-1) == 1, "the head dimension must be contiguous"
@@ -200,20 +201,20 @@ def paged_attention(
     partials = out  # unused without splits
     if splits > 1:
         partials = torch.empty(
-            splits * tiles.shape[0] * num_kv_heads * block_m * (head_pad + 2),
+            splits * num_tiles * num_kv_heads * block_m * (head_pad + 2),
             dtype=torch.float32, device=q.device,
         )  # fmt: skip
-    _paged_attention[(tiles.shape[0], num_kv_heads, splits)](
+    _paged_attention[(num_tiles, num_kv_heads, splits)](
         q, k_cache, v_cache, out, tables, chunks, tiles, partials,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1),
-        tables.shape[1], scale, softcap or 0.0, window or 0, blocks_per_split,
+        tables.shape[1], chunks.shape[1], scale, softcap or 0.0, window or 0, blocks_per_split,
         HEAD_DIM=head_dim, HEAD_PAD=head_pad, GROUP=group, BLOCK_M=block_m,
         BLOCK_SIZE=block_size, SOFTCAP=softcap is not None, WINDOW=window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLITS=splits,
     )  # fmt: skip
     if splits > 1:
-        _combine_splits[(tiles.shape[0], num_kv_heads)](
-            partials, out, chunks, tiles, out.stride(0), out.stride(1),
+        _combine_splits[(num_tiles, num_kv_heads)](
+            partials, out, chunks, tiles, out.stride(0), out.stride(1), chunks.shape[1],
             HEAD_DIM=head_dim, HEAD_PAD=head_pad, GROUP=group, BLOCK_M=block_m, SPLITS=splits,
         )  # fmt: skip
