@@ -34,15 +34,21 @@ def test_each_linear_is_packed_as_it_loads_and_its_float_weights_freed(
     alive_at_each_pack: list[int] = []
     pack_loaded, prepare = CpuBackend.pack_loaded, CpuBackend.prepare
 
+    embedding: list[weakref.ref] = []  # its float32 table, once loaded
+
     def spy_pack_loaded(self, model, quantization, path):
+        packed_while_loading.append(path)
+        if path == "model.embed_tokens":  # fp16 halves it now; rtn rounds it in prepare
+            embedding.append(weakref.ref(model.get_submodule(path).weight))
+            return pack_loaded(self, model, quantization, path)
         alive_at_each_pack.append(sum(ref() is not None for ref in floats))
         floats.append(weakref.ref(model.get_submodule(path).weight))
-        packed_while_loading.append(path)
         pack_loaded(self, model, quantization, path)
 
     left_for_prepare: list[str] = []
 
     def spy_prepare(self, model, quantization):
+        left_for_prepare.extend(p for p in ["model.embed_tokens"] if embedding[0]() is not None)
         left_for_prepare.extend(
             p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)
         )
@@ -53,9 +59,9 @@ def test_each_linear_is_packed_as_it_loads_and_its_float_weights_freed(
     model = load(directory, quantization).engine.core.executor.worker.model
 
     layers = model.config.num_layers
-    assert len(packed_while_loading) == 4 * layers + 1  # and the (untied) head
-    assert "lm_head" in packed_while_loading
-    assert left_for_prepare == []
+    assert len(packed_while_loading) == 4 * layers + 2  # and the (untied) head, the embedding
+    assert "lm_head" in packed_while_loading and "model.embed_tokens" in packed_while_loading
+    assert left_for_prepare == ([] if quantization == "fp16" else ["model.embed_tokens"])
     assert set(alive_at_each_pack) == {0}  # each earlier linear's float weight already gone
     kind = GGUFLinear if quantization == "rtn" else PackedLinear
     assert sum(isinstance(m, kind) for m in model.modules()) == 4 * layers + 1

@@ -196,6 +196,8 @@ class CpuBackend(Backend):
             self._pack_experts(model, path, module, quantization)
         elif path == "lm_head":  # untied: packed now where it packs (else in prepare)
             self._pack_head(model, quantization)
+        elif path == _EMBEDDING and quantization == "fp16":  # its float32 goes at once
+            self._embedding_as_float16(model)
         elif isinstance(module, nn.Linear):
             self._pack(model, path, module, quantization)
 
@@ -213,14 +215,9 @@ class CpuBackend(Backend):
         for path, experts in [(p, m) for p, m in model.named_modules() if isinstance(m, Experts)]:
             if _packable(model, path):
                 self._pack_experts(model, path, experts, quantization)
-        halved = quantization == "fp16" and _halve_embedding(model)
-        self._pack_head(model, quantization)  # tied and halved: from the float16 rows
-        if halved:
-            assert model.lm_head is not None, "a tied head packs from the float16 rows"
-            embedding = model.get_submodule(_EMBEDDING)
-            rows = embedding.weight.view(torch.uint8)
-            dim = embedding.embedding_dim
-            _replace(model, _EMBEDDING, GGUFEmbedding(gguf_rows.GGML_F16, rows, dim))
+        if quantization == "fp16":  # (done as the embedding loaded, unless it was not whole)
+            self._embedding_as_float16(model)
+        self._pack_head(model, quantization)
         if quantization == "rtn":
             self._round_embedding(model)
             rounded = sum(isinstance(m, GGUFLinear) for m in model.modules())
@@ -299,6 +296,20 @@ class CpuBackend(Backend):
             blocks = rtn.quantize(embedding.weight, quant_matmul.GGML_Q8_0)
             dim = embedding.embedding_dim
             _replace(model, _EMBEDDING, GGUFEmbedding(quant_matmul.GGML_Q8_0, blocks, dim))
+
+    def _embedding_as_float16(self, model: CausalLM) -> None:
+        """For "fp16": the token embedding as float16 rows where only lookups are to read
+        its table: its float32 freed first, then a tied head packed from these rows (no
+        float32 copy), then the rows swapped in as a GGUFEmbedding of type F16."""
+        if not _halve_embedding(model):
+            return
+        if model.lm_head is None:  # tied (an untied head packs as its own weight loads)
+            self._pack_head(model, "fp16")
+            assert model.lm_head is not None, "a tied head packs from the float16 rows"
+        embedding = model.get_submodule(_EMBEDDING)
+        rows = embedding.weight.view(torch.uint8)
+        dim = embedding.embedding_dim
+        _replace(model, _EMBEDDING, GGUFEmbedding(gguf_rows.GGML_F16, rows, dim))
 
     def _rtn_type(self) -> int:
         """RTN_NUM_BITS's block type, read once."""

@@ -106,8 +106,8 @@ _ON_MODULE_LOADED: ContextVar[Callable[[str], None] | None] = ContextVar(
 
 @contextmanager
 def on_module_loaded(callback: Callable[[str], None] | None) -> Iterator[None]:
-    """Within: load_checkpoint calls `callback(module path)` as each nn.Linear, and each
-    module with `load_shards()` (Experts), completes."""
+    """Within: load_checkpoint calls `callback(module path)` as each nn.Linear and
+    nn.Embedding, and each module with `load_shards()` (Experts), completes."""
     token = _ON_MODULE_LOADED.set(callback)
     try:
         yield
@@ -116,15 +116,15 @@ def on_module_loaded(callback: Callable[[str], None] | None) -> Iterator[None]:
 
 
 class _LoadProgress:
-    """Which (parameter, shard) copies each nn.Linear, and each module that lists its own
-    (`load_shards`), still waits for."""
+    """Which (parameter, shard) copies each nn.Linear and nn.Embedding, and each module that
+    lists its own (`load_shards`), still waits for."""
 
     def __init__(self, model: nn.Module, packed_modules_mapping: dict[str, list[str]]):
         self.waiting: dict[str, set[tuple[str, Any]]] = {}
         for path, module in model.named_modules():
             if hasattr(module, "load_shards"):
                 self.waiting[path] = set(module.load_shards())
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, nn.Linear | nn.Embedding):
                 continue
             parts = packed_modules_mapping.get(path.rpartition(".")[2])
             shards: list[int | None] = list(range(len(parts))) if parts else [None]
@@ -186,8 +186,11 @@ def load_checkpoint(
             raise ModelLoadError(f"{target}: {e}") from None
         missing.discard(target)
         if progress is not None and callback and progress.loaded(module_path, leaf, shard):
-            callback(module_path)
+            # the module's float tensors go once the callback has packed them: drop this
+            # loop's references first (a large one, the embedding, would be held twice)
+            del tensor
             for done in [n for n in params if n.rpartition(".")[0] == module_path]:
-                del params[done]  # the module's float tensors go with it
+                del params[done]
+            callback(module_path)
     if missing:
         raise ModelLoadError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:5])}")

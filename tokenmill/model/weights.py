@@ -58,7 +58,7 @@ def fill_model(
     all in (a backend packs it then and its float tensors are freed: the whole model is
     never held in float)."""
     module: torch.nn.Module = model  # type: ignore[assignment]
-    weights = _converted(source, device, dtype, skip)
+    weights = _on_device(source, device, skip)
     if layers is not None:
         weights = _stage_weights(weights, layers)
     _allocate(module, device, dtype)
@@ -139,19 +139,21 @@ def skip_init() -> Iterator[None]:
             setattr(init, name, function)
 
 
-def _converted(
+def _on_device(
     source: ModelSource,
     device: torch.device,
-    dtype: torch.dtype,
     skip: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors on `device`, in their stored dtype: a parameter's copy_
+    converts to `dtype` as it copies (no converted copy of the tensor, the largest of which
+    would double its memory while it loads)."""
     stream, total = source.iter_weights(skip), source.num_weights - len(skip)
     if _stderr_is_a_terminal():
         weights: Iterator[tuple[str, torch.Tensor]] = tqdm(
             stream, total=total, desc="Loading weights", unit="tensor", leave=False
         )
         for name, tensor in weights:
-            yield name, tensor.to(device=device, dtype=dtype)
+            yield name, tensor.to(device=device)
         return
     # a log file or a pipe: a bar would write a carriage-return line per update into it
     logger.info("loading %d weight tensors from %s", total, source.path)
@@ -159,7 +161,7 @@ def _converted(
     for name, tensor in stream:
         count += 1
         size += tensor.numel() * tensor.element_size()
-        yield name, tensor.to(device=device, dtype=dtype)
+        yield name, tensor.to(device=device)
     logger.info(
         "loaded %d weight tensors (%.1f MiB) in %.1f s",
         count, size / 2**20, time.monotonic() - start,
