@@ -119,7 +119,7 @@ def test_weight_progress_is_plain_log_lines_without_a_terminal(
 ) -> None:
     caplog.set_level(logging.INFO, logger="tokenmill.model.weights")
     assert not sys.stderr.isatty()  # pytest captures it
-    out = list(weights._on_device(_source(5), torch.device("cpu")))
+    out = list(weights._on_device(_source(5), torch.device("cpu"), torch.float32))
     assert [t.dtype for _, t in out] == [torch.float16] * 5  # as stored: copy_ converts
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "Loading weights" not in captured.err
@@ -133,7 +133,7 @@ def test_weight_progress_bar_on_a_terminal(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(weights, "_stderr_is_a_terminal", lambda: True)
-    assert len(list(weights._on_device(_source(3), torch.device("cpu")))) == 3
+    assert len(list(weights._on_device(_source(3), torch.device("cpu"), torch.float32))) == 3
     assert "Loading weights" in capsys.readouterr().err
 
 

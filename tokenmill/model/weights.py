@@ -58,7 +58,7 @@ def fill_model(
     all in (a backend packs it then and its float tensors are freed: the whole model is
     never held in float)."""
     module: torch.nn.Module = model  # type: ignore[assignment]
-    weights = _on_device(source, device, skip)
+    weights = _on_device(source, device, dtype, skip)
     if layers is not None:
         weights = _stage_weights(weights, layers)
     _allocate(module, device, dtype)
@@ -142,18 +142,20 @@ def skip_init() -> Iterator[None]:
 def _on_device(
     source: ModelSource,
     device: torch.device,
+    dtype: torch.dtype,
     skip: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors on `device`, in their stored dtype: a parameter's copy_
-    converts to `dtype` as it copies (no converted copy of the tensor, the largest of which
-    would double its memory while it loads)."""
+    """The checkpoint's tensors on `device`: on the CPU in their stored dtype, a parameter's
+    copy_ converting as it copies (a converted copy of the largest tensor, the embedding,
+    would double its memory while it loads); to another device converted as they move."""
     stream, total = source.iter_weights(skip), source.num_weights - len(skip)
+    moved = None if device.type == "cpu" else dtype
     if _stderr_is_a_terminal():
         weights: Iterator[tuple[str, torch.Tensor]] = tqdm(
             stream, total=total, desc="Loading weights", unit="tensor", leave=False
         )
         for name, tensor in weights:
-            yield name, tensor.to(device=device)
+            yield name, tensor.to(device=device, dtype=moved)
         return
     # a log file or a pipe: a bar would write a carriage-return line per update into it
     logger.info("loading %d weight tensors from %s", total, source.path)
@@ -161,7 +163,7 @@ def _on_device(
     for name, tensor in stream:
         count += 1
         size += tensor.numel() * tensor.element_size()
-        yield name, tensor.to(device=device)
+        yield name, tensor.to(device=device, dtype=moved)
     logger.info(
         "loaded %d weight tensors (%.1f MiB) in %.1f s",
         count, size / 2**20, time.monotonic() - start,
