@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 pytest.importorskip("triton")  # the CUDA backend's kernels; pip installs it beside torch on Linux
 
+from tests.model.test_sliding_window import hf_greedy
 from tokenmill import LLM, SamplingParams
 from tokenmill.backends import select_backend
 from tokenmill.backends.cuda import CudaBackend, TritonAttention
@@ -41,15 +41,6 @@ def _greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
 
 
-def _hf_greedy(directory, prompt: list[int], n: int) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def test_greedy_tokens_equal_the_reference_and_transformers(tiny_hf_model_dir, monkeypatch):
     """Prompts chunked by a 32-token step budget, batched with decodes, a shared prefix
     read from the cache, a cache too small for all of them (preemption), and the longest
@@ -73,7 +64,7 @@ def test_greedy_tokens_equal_the_reference_and_transformers(tiny_hf_model_dir, m
     assert _greedy(llm, prompts) == want
     assert max(splits) > 1
     assert attention.failed is None and llm.engine.core.scheduler.num_preemptions > 0
-    assert _greedy(llm, prompts[:1]) == [_hf_greedy(directory, prompts[0], 12)]
+    assert _greedy(llm, prompts[:1]) == [hf_greedy(directory, prompts[0], 12)]
 
 
 def test_speculative_verify_rows_keep_the_greedy_tokens(tiny_hf_model_dir):
@@ -96,7 +87,7 @@ def test_a_sliding_window_equals_transformers(tiny_hf_model_dir):
     _with_triton(llm)
     prompts = _prompts(3, (90, 41))
     got = _greedy(llm, prompts)
-    assert got[0] == _hf_greedy(directory, prompts[0], 12)
+    assert got[0] == hf_greedy(directory, prompts[0], 12)
     assert got == [_greedy(llm, [p])[0] for p in prompts]
 
 
