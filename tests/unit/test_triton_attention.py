@@ -83,15 +83,18 @@ def test_the_kernel_matches_the_reference(step, heads, kv_heads, head_dim):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("window", [None, 40, 100])
 def test_decodes_split_over_their_keys_match_the_reference(window):
     """Few programs for long sequences: each decode's keys are shared out over programs
     (one split holds nothing for the shortest sequence) and the partial sums combined."""
     layout = _step([(200, 1), (70, 1), (129, 1)], 64, seed=15)
     attention = TritonAttention(min_programs=64)
     meta = attention.build_metadata(layout)
-    (launch,) = meta.launches_for(2, 2, attention.min_programs)
-    assert launch.splits == 3 and launch.blocks_per_split == 5  # 13 blocks at most
+    (launch,) = meta.launches_for(2, 2, window, attention.min_programs)
+    # blocks of keys at most: 13 (position 200); in a window of 100, 8 (129: keys 30-129);
+    # of 40, 4: too few to split. Splits start at the window's first block.
+    expected = {None: (3, 5), 100: (2, 4), 40: (1, 0)}[window]
+    assert (launch.splits, launch.blocks_per_split) == expected
     kwargs = dict(window=window)
     got = _run(attention, layout, 4, 2, 16, torch.float32, seed=16, **kwargs)
     want = _run(TorchAttention(), layout, 4, 2, 16, torch.float32, seed=16, **kwargs)

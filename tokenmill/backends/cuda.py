@@ -58,18 +58,24 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
 
     tables: torch.Tensor | None = None  # [C, W] int64: each chunk's block table, padded
     chunks: torch.Tensor | None = None  # [3, C] int64: first rows, new tokens, first positions
-    launches: dict[tuple[int, int], list[Launch]] = field(default_factory=dict)
+    # by (query heads per KV head, KV heads, window)
+    launches: dict[tuple[int, int, int | None], list[Launch]] = field(default_factory=dict)
 
-    def launches_for(self, group: int, kv_heads: int, min_programs: int) -> list[Launch]:
-        """The kernel launches for heads in groups of `group` over `kv_heads` KV heads;
-        decodes split their keys over more programs while fewer than `min_programs` run."""
-        launches = self.launches.get((group, kv_heads))
+    def launches_for(
+        self, group: int, kv_heads: int, window: int | None, min_programs: int
+    ) -> list[Launch]:
+        """The kernel launches for heads in groups of `group` over `kv_heads` KV heads, keys
+        in `window`; decodes split their keys over more programs while fewer than
+        `min_programs` run."""
+        key = (group, kv_heads, window)
+        launches = self.launches.get(key)
         if launches is None:
-            launches = self._build(group, kv_heads, min_programs)
-            self.launches[group, kv_heads] = launches
+            launches = self.launches[key] = self._build(group, kv_heads, window, min_programs)
         return launches
 
-    def _build(self, group: int, kv_heads: int, min_programs: int) -> list[Launch]:
+    def _build(
+        self, group: int, kv_heads: int, window: int | None, min_programs: int
+    ) -> list[Launch]:
         """One launch for the single-token chunks (decodes), one for the longer ones, each
         with the fewest rows a program that fits them; all of it in one host-to-device copy."""
         chunks = self.layout.chunks
@@ -94,9 +100,9 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
         if singles:
             data.extend(singles)
             data += array("q", bytes(8 * len(singles)))  # each from its first token
-            longest = max(chunks[i].start for i in singles) + 1
-            splits, per_split = _splits(len(singles) * kv_heads, min_programs,
-                                        -(-longest // self.layout.block_size))  # fmt: skip
+            bs = self.layout.block_size
+            blocks = max(_key_blocks(chunks[i].start, window, bs) for i in singles)
+            splits, per_split = _splits(len(singles) * kv_heads, min_programs, blocks)
             block_m = triton_attention.rows_per_program(1, group)
             plans.append((len(singles), block_m, splits, per_split))
         if longer:
@@ -122,6 +128,12 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
             )
             at += 2 * count
         return launches
+
+
+def _key_blocks(position: int, window: int | None, block_size: int) -> int:
+    """How many KV blocks hold the keys a query at `position` sees."""
+    first = 0 if window is None else max(0, position - window + 1)
+    return position // block_size - first // block_size + 1
 
 
 def _splits(programs: int, min_programs: int, blocks: int) -> tuple[int, int]:
@@ -187,7 +199,7 @@ class TritonAttention:
         if self.min_programs is None:
             self.min_programs = _min_programs(q.device)
         kv_heads = k_cache.shape[1]
-        launches = meta.launches_for(q.shape[1] // kv_heads, kv_heads, self.min_programs)
+        launches = meta.launches_for(q.shape[1] // kv_heads, kv_heads, window, self.min_programs)
         assert meta.tables is not None and meta.chunks is not None
         try:
             for launch in launches:

@@ -74,8 +74,8 @@ def _paged_attention(
     first_block = key_start // BLOCK_SIZE
     end_block = tl.cdiv(key_end, BLOCK_SIZE)
     if SPLITS > 1:  # this program's share of the blocks (none, for a short sequence's last)
-        first_block = tl.maximum(first_block, split * blocks_per_split)
-        end_block = tl.minimum(end_block, (split + 1) * blocks_per_split)
+        first_block = first_block + split * blocks_per_split
+        end_block = tl.minimum(end_block, first_block + blocks_per_split)
     for block in range(first_block, end_block):
         physical = tl.load(tables_ptr + chunk * table_width + block).to(tl.int64)
         slots = physical * BLOCK_SIZE + offsets
