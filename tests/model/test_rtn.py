@@ -59,6 +59,17 @@ def test_blocks_equal_gguf_pys_reference_quantizer(ggml_type, scale):
     assert np.array_equal(rtn.quantize(weight, ggml_type).numpy(), reference)
 
 
+def test_a_bad_rtn_num_bits_is_refused_before_a_weight_loads(tiny_hf_model_dir, monkeypatch):
+    from tokenmill.backends.cpu import CpuBackend
+
+    monkeypatch.setenv("RTN_NUM_BITS", "3")
+    packed: list[str] = []
+    monkeypatch.setattr(CpuBackend, "pack_loaded", lambda self, m, q, path: packed.append(path))
+    with pytest.raises(ModelLoadError, match="RTN_NUM_BITS must be 4 or 8"):
+        no_prefix_cache_llm(str(tiny_hf_model_dir("llama")), quantization="rtn")
+    assert packed == []
+
+
 def test_an_input_size_off_the_block_size_is_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         rtn.quantize(torch.ones(4, 48), quant_matmul.GGML_Q8_0)

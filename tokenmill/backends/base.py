@@ -30,6 +30,10 @@ class Backend:
         """One line for the startup log."""
         return "torch ops, SDPA attention"
 
+    def check(self, quantization: Quantization | None) -> None:
+        """Before anything loads: raise ModelLoadError for a setting this backend cannot run
+        (an environment variable the format reads, say)."""
+
     def keep_blocks(
         self, model: CausalLM, quantization: Quantization | None, blocks: BlockLookup | None
     ) -> frozenset[str]:

@@ -188,6 +188,10 @@ class CpuBackend(Backend):
         names = {name for names in [*kept.values(), *experts.values()] for name in names}
         return frozenset(names | _keep_gguf_embedding(model, blocks))
 
+    def check(self, quantization: Quantization | None) -> None:
+        if quantization == "rtn":
+            self._rtn_type()  # RTN_NUM_BITS, read (and refused) before a weight loads
+
     def pack_loaded(self, model: CausalLM, quantization: Quantization | None, path: str) -> None:
         module = model.get_submodule(path)
         if not _packable(model, path):

@@ -209,6 +209,7 @@ def load_on_device(
         cache_config.kv_cache_dtype, dtype, device, resolved, cfg.head_dim
     )
     backend = select_backend(model_config.backend, device, dtype, kv_cache_dtype, cfg.head_dim)
+    backend.check(resolved)
     kept = backend.keep_blocks(model, resolved, source.read_blocks)
     fill_model(
         model, source, device, dtype, model_config.max_model_len, layers, kept,
