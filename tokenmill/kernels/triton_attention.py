@@ -23,7 +23,9 @@ import triton.language as tl
 MAX_HEAD_DIM = 256  # wider heads need more registers than a program has
 
 
-@triton.jit
+# integers that change from step to step: not specialized on (a compile for each of 1,
+# multiples of 16 and the rest would stall a step the first time each occurs)
+@triton.jit(do_not_specialize=["table_width", "num_chunks", "blocks_per_split"])
 def _paged_attention(
     q_ptr, k_ptr, v_ptr, out_ptr,
     tables_ptr,  # [C, table_width] int64: each chunk's block table
@@ -117,7 +119,7 @@ def _paged_attention(
                  mask=row_ok[:, None] & dim_ok[None, :])  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"])
 def _combine_splits(
     partials_ptr, out_ptr, chunks_ptr, tiles_ptr, stride_ot, stride_oh, num_chunks,
     HEAD_DIM: tl.constexpr,
