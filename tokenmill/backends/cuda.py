@@ -139,12 +139,12 @@ def _key_blocks(position: int, window: int | None, block_size: int) -> int:
 def _splits(programs: int, min_programs: int, blocks: int) -> tuple[int, int]:
     """(splits, blocks per split) for decodes that run `programs` programs over up to
     `blocks` KV blocks each: enough splits to reach min_programs, none shorter than
-    _MIN_BLOCKS_PER_SPLIT."""
+    _MIN_BLOCKS_PER_SPLIT, a power of two (each count is a kernel compiled on first use)."""
     if programs >= min_programs or blocks < 2 * _MIN_BLOCKS_PER_SPLIT:
         return 1, 0
     splits = min(-(-min_programs // programs), blocks // _MIN_BLOCKS_PER_SPLIT, _MAX_SPLITS)
-    per_split = -(-blocks // splits)
-    return -(-blocks // per_split), per_split
+    splits = 1 << (splits.bit_length() - 1)
+    return splits, -(-blocks // splits)
 
 
 class TritonAttention:
