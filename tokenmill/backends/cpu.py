@@ -311,6 +311,7 @@ class CpuBackend(Backend):
             self._pack_head(model, "fp16")
             assert model.lm_head is not None, "a tied head packs from the float16 rows"
         embedding = model.get_submodule(_EMBEDDING)
+        assert isinstance(embedding, nn.Embedding)
         rows = embedding.weight.view(torch.uint8)
         dim = embedding.embedding_dim
         _replace(model, _EMBEDDING, GGUFEmbedding(gguf_rows.GGML_F16, rows, dim))
@@ -500,7 +501,8 @@ def _halve_embedding(model: CausalLM) -> bool:
     module, or tied and about to pack from these float16 rows: no float32 copy is made).
     Half the table's memory, and the head packs from half as much."""
     embedding = model.get_submodule(_EMBEDDING)
-    if type(embedding) is not nn.Embedding or getattr(model, "unpacked_modules", ()):
+    unpacked: tuple[str, ...] = getattr(model, "unpacked_modules", ())
+    if type(embedding) is not nn.Embedding or unpacked:
         return False
     if not formats.fits_fp16(embedding.weight):  # (tied, the head then stays float32 too)
         return False

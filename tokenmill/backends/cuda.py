@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +92,8 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
         data.extend([c.row for c in chunks])
         data.extend(num_tokens)
         data.extend([c.start for c in chunks])
+        singles: Sequence[int]
+        longer: list[int]
         if len(chunks) == sum(num_tokens):  # decodes only: a tile each
             singles, longer = range(len(chunks)), []
         else:
