@@ -156,15 +156,22 @@ def _reference_kept(row: torch.Tensor, k: int, p: float) -> tuple[list[int], lis
         (3, 0.999, 1.0),
     ],
 )
-def test_top_k_top_p_keep_exactly_vllm_s_set(top_k: int, top_p: float, scale: float) -> None:
-    """Every kept token is drawn at the midpoint of its CDF interval; nothing else ever is."""
+@pytest.mark.parametrize("candidates", [None, 600], ids=["cpu-pool", "whole-vocabulary"])
+def test_top_k_top_p_keep_exactly_vllm_s_set(
+    top_k: int, top_p: float, scale: float, candidates: int | None
+) -> None:
+    """Every kept token is drawn at the midpoint of its CDF interval; nothing else ever is:
+    from the CPU's first pool of 256 candidates (redone wider when short) and from the whole
+    vocabulary at once (a GPU's pool: no redo, no wait on the host)."""
     vocab = 600  # > the 256 top-p candidates, so flat rows take the exact fallback
     row = torch.randn(vocab, generator=torch.Generator().manual_seed(7)) * scale
     ids, probs = _reference_kept(row, top_k, top_p)
     cdf = torch.tensor(probs).cumsum(0)
     midpoints = ((cdf - torch.tensor(probs) / 2) / cdf[-1]).tolist() + [0.0, 0.999999]
     n = len(midpoints)
-    drawn = draw_truncated(row.repeat(n, 1), [top_k] * n, [top_p] * n, torch.tensor(midpoints))
+    drawn = draw_truncated(
+        row.repeat(n, 1), [top_k] * n, [top_p] * n, torch.tensor(midpoints), candidates
+    )
     assert drawn.tolist() == [*ids, ids[0], ids[-1]]
 
 

@@ -8,7 +8,9 @@ Top-k and top-p look only at a candidate set from `topk`, never sorting the whol
 vocabulary (a sort costs far more than a `topk` of a few hundred; docs/benchmarks.md,
 "Sampler"). Rows with top-p but no top-k take the top `_TOP_P_CANDIDATES`
 tokens; a row whose candidates hold less than top_p of the mass is redone with
-16 times as many, up to the whole vocabulary, so the result is always exact.
+16 times as many, up to the whole vocabulary, so the result is always exact. On a GPU
+top-p-only rows take the whole vocabulary at once: knowing which rows to redo would make
+the host wait for the device.
 """
 
 from __future__ import annotations
@@ -60,14 +62,22 @@ def draw_full(
 
 
 def draw_truncated(
-    logits: torch.Tensor, top_k: list[int], top_p: list[float], uniforms: torch.Tensor
+    logits: torch.Tensor,
+    top_k: list[int],
+    top_p: list[float],
+    uniforms: torch.Tensor,
+    num_candidates: int | None = None,
 ) -> torch.Tensor:
     """One token per row after top-k (k <= 0: off) then top-p (1.0: off), as vLLM applies them.
 
     Top-p keeps the smallest set of most likely tokens whose mass reaches top_p,
-    measured after top-k has renormalised the distribution.
-    """
-    return _draw_from_candidates(torch.softmax(logits, dim=-1), top_k, top_p, uniforms)
+    measured after top-k has renormalised the distribution. `num_candidates`: the first
+    pool of a top-p-only row (None: _TOP_P_CANDIDATES on a CPU; on a GPU the whole
+    vocabulary, sorted at once, so no row is redone and the host never waits to know)."""
+    if num_candidates is None:
+        num_candidates = logits.shape[1] if logits.is_cuda else _TOP_P_CANDIDATES
+    probs = torch.softmax(logits, dim=-1)
+    return _draw_from_candidates(probs, top_k, top_p, uniforms, num_candidates)
 
 
 def _draw_from_candidates(
