@@ -303,15 +303,16 @@ class CpuBackend(Backend):
 
     def _embedding_as_float16(self, model: CausalLM) -> None:
         """For "fp16": the token embedding as float16 rows where only lookups are to read
-        its table: its float32 freed first, then a tied head packed from these rows (no
-        float32 copy), then the rows swapped in as a GGUFEmbedding of type F16."""
-        if not _halve_embedding(model):
-            return
+        its table (_lone_embedding once the head is packed): its float32 freed first, then
+        a tied head packed from these rows (no float32 copy), then the rows swapped in as a
+        GGUFEmbedding of type F16. Half the table's memory."""
+        embedding = _whole_embedding(model)
+        if embedding is None or not formats.fits_fp16(embedding.weight):
+            return  # (tied, the head then stays float32 too: it reads this table)
+        embedding.weight = nn.Parameter(embedding.weight.detach().half(), requires_grad=False)
         if model.lm_head is None:  # tied (an untied head packs as its own weight loads)
             self._pack_head(model, "fp16")
             assert model.lm_head is not None, "a tied head packs from the float16 rows"
-        embedding = model.get_submodule(_EMBEDDING)
-        assert isinstance(embedding, nn.Embedding)
         rows = embedding.weight.view(torch.uint8)
         dim = embedding.embedding_dim
         _replace(model, _EMBEDDING, GGUFEmbedding(gguf_rows.GGML_F16, rows, dim))
@@ -495,30 +496,21 @@ def _keep_gguf_experts(
 _EMBEDDING = "model.embed_tokens"
 
 
-def _halve_embedding(model: CausalLM) -> bool:
-    """For "fp16": the token embedding's table as float16, its float32 freed, where it is to
-    be a lone embedding (_lone_embedding) once the output projection is packed (its own
-    module, or tied and about to pack from these float16 rows: no float32 copy is made).
-    Half the table's memory, and the head packs from half as much."""
+def _whole_embedding(model: CausalLM) -> nn.Embedding | None:
+    """The token embedding where a GGUFEmbedding may take its place once nothing else reads
+    its table: whole on one rank (not vocabulary-parallel), in a model with no encoder that
+    takes the embedding's dtype."""
     embedding = model.get_submodule(_EMBEDDING)
     unpacked: tuple[str, ...] = getattr(model, "unpacked_modules", ())
     if type(embedding) is not nn.Embedding or unpacked:
-        return False
-    if not formats.fits_fp16(embedding.weight):  # (tied, the head then stays float32 too)
-        return False
-    embedding.weight = nn.Parameter(embedding.weight.detach().half(), requires_grad=False)
-    return True
+        return None
+    return embedding
 
 
 def _lone_embedding(model: CausalLM) -> nn.Embedding | None:
-    """The token embedding where only lookups read its table, so a GGUFEmbedding can take
-    its place: the output projection is its own module (untied, or tied and already packed
-    from the same weights), the model is whole on one rank (not vocabulary-parallel) and
-    has no encoder that takes the embedding's dtype."""
-    embedding = model.get_submodule(_EMBEDDING)
-    if model.lm_head is None or type(embedding) is not nn.Embedding:
-        return None
-    return None if getattr(model, "unpacked_modules", ()) else embedding
+    """The whole embedding (above) where only lookups read its table: the output projection
+    is its own module (untied, or tied and already packed from the same weights)."""
+    return None if model.lm_head is None else _whole_embedding(model)
 
 
 def _keep_gguf_embedding(model: CausalLM, blocks: BlockLookup) -> set[str]:

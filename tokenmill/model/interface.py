@@ -95,10 +95,10 @@ def checkpoint_weight_names(model: CausalLM, module_path: str) -> list[str]:
 _EXPERT = re.compile(r"(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight")
 
 
-# called with the path of a module a backend packs (an nn.Linear, a mixture's experts)
-# once its every parameter (each shard of a fused one) has loaded: the backend packs it
-# then, so the float weights of the whole model are never all held at once (weights.py:
-# fill_model)
+# called with the path of a module a backend packs (an nn.Linear, an nn.Embedding, a
+# mixture's experts) once its every parameter (each shard of a fused one) has loaded: the
+# backend packs it then, so the float weights of the whole model are never all held at
+# once (weights.py: fill_model)
 _ON_MODULE_LOADED: ContextVar[Callable[[str], None] | None] = ContextVar(
     "on_module_loaded", default=None
 )

@@ -54,8 +54,8 @@ def fill_model(
     """Give build_model's model the checkpoint's weights in `dtype` on `device` (but those
     named in `skip`, which a backend holds as stored: never read), its rotary tables for
     sequences of up to max_model_len tokens (None: the model's own), and eval mode.
-    `module_loaded(path)`: called as each nn.Linear's (or a mixture's experts') weights are
-    all in (a backend packs it then and its float tensors are freed: the whole model is
+    `module_loaded(path)`: called as each nn.Linear's (an nn.Embedding's, a mixture's
+    experts') weights are all in (a backend packs it then and its float tensors are freed: the whole model is
     never held in float)."""
     module: torch.nn.Module = model  # type: ignore[assignment]
     weights = _on_device(source, device, dtype, skip)
