@@ -92,8 +92,8 @@ def test_decodes_split_over_their_keys_match_the_reference(window):
     meta = attention.build_metadata(layout)
     (launch,) = meta.launches_for(2, 2, window, attention.min_programs)
     # blocks of keys at most: 13 (position 200: 3 splits of 4 or more, so 2 of 7); in a
-    # window of 100, 8 (129: keys 30-129); of 40, 4: too few to split. Splits start at the
-    # window's first block.
+    # window of 100, 8 (its 7 blocks' worth, starting inside one); of 40, 4: too few to
+    # split. Splits start at the window's first block.
     expected = {None: (2, 7), 100: (2, 4), 40: (1, 0)}[window]
     assert (launch.splits, launch.blocks_per_split) == expected
     kwargs = dict(window=window)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -48,6 +48,7 @@ _MAX_SPLITS = 16
 class Launch:
     tiles: torch.Tensor  # [2, P] int64: each tile's chunk, and its first token in the chunk
     block_m: int  # rows a program: (token, query head) pairs
+    decodes: bool  # the single-token chunks' launch (the one whose keys may split)
     splits: int = 1  # programs sharing each tile's keys (flash decoding)
     blocks_per_split: int = 0
 
@@ -59,6 +60,7 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
 
     tables: torch.Tensor | None = None  # [C, W] int64: each chunk's block table, padded
     chunks: torch.Tensor | None = None  # [3, C] int64: first rows, new tokens, first positions
+    tiled: dict[int, list[Launch]] = field(default_factory=dict)  # by group, unsplit
     # by (query heads per KV head, KV heads, window)
     launches: dict[tuple[int, int, int | None], list[Launch]] = field(default_factory=dict)
 
@@ -71,27 +73,47 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
         key = (group, kv_heads, window)
         launches = self.launches.get(key)
         if launches is None:
-            launches = self.launches[key] = self._build(group, kv_heads, window, min_programs)
+            tiled = self.tiled.get(group)
+            if tiled is None:
+                tiled = self.tiled[group] = self._build(group)
+            launches = [self._split(t, kv_heads, window, min_programs) for t in tiled]
+            self.launches[key] = launches
         return launches
 
-    def _build(
-        self, group: int, kv_heads: int, window: int | None, min_programs: int
-    ) -> list[Launch]:
+    def _split(
+        self, launch: Launch, kv_heads: int, window: int | None, min_programs: int
+    ) -> Launch:
+        """The decodes' launch with its keys shared out as `min_programs` asks; the others
+        as they are."""
+        if not launch.decodes:
+            return launch
+        bs = self.layout.block_size
+        longest = max(c.start for c in self.layout.chunks if c.num_tokens == 1) + 1
+        blocks = -(-longest // bs)  # of keys a decode reads, at most
+        if window is not None:
+            blocks = min(blocks, -(-window // bs) + 1)
+        splits, per_split = _splits(launch.tiles.shape[1] * kv_heads, min_programs, blocks)
+        return replace(launch, splits=splits, blocks_per_split=per_split)
+
+    def _build(self, group: int) -> list[Launch]:
         """One launch for the single-token chunks (decodes), one for the longer ones, each
-        with the fewest rows a program that fits them; all of it in one host-to-device copy."""
+        with the fewest rows a program that fits them; with the tables and chunks (the first
+        time) in one host-to-device copy."""
         chunks = self.layout.chunks
         width = max((len(c.block_table) for c in chunks), default=0) or 1
+        with_tables = self.tables is None
         # (int64 bytes throughout: tensors from lists cost ~10x more)
-        data = array("q", bytes(8 * len(chunks) * width))  # the tables, zero-padded
-        at = 0
-        for chunk in chunks:
-            table = chunk.block_table
-            data[at : at + len(table)] = table
-            at += width
+        data = array("q", bytes(8 * len(chunks) * width if with_tables else 0))
         num_tokens = [c.num_tokens for c in chunks]
-        data.extend([c.row for c in chunks])
-        data.extend(num_tokens)
-        data.extend([c.start for c in chunks])
+        if with_tables:
+            at = 0
+            for chunk in chunks:  # the tables, zero-padded
+                table = chunk.block_table
+                data[at : at + len(table)] = table
+                at += width
+            data.extend([c.row for c in chunks])
+            data.extend(num_tokens)
+            data.extend([c.start for c in chunks])
         singles: Sequence[int]
         longer: list[int]
         if len(chunks) == sum(num_tokens):  # decodes only: a tile each
@@ -99,44 +121,32 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
         else:
             singles = [i for i, n in enumerate(num_tokens) if n == 1]
             longer = [i for i, n in enumerate(num_tokens) if n > 1]
-        plans: list[tuple[int, int, int, int]] = []  # (tiles, block_m, splits, per split)
+        plans: list[tuple[int, int, bool]] = []  # (tiles, block_m, decodes)
         if singles:
             data.extend(singles)
             data += array("q", bytes(8 * len(singles)))  # each from its first token
-            bs = self.layout.block_size
-            blocks = max(_key_blocks(chunks[i].start, window, bs) for i in singles)
-            splits, per_split = _splits(len(singles) * kv_heads, min_programs, blocks)
-            block_m = triton_attention.rows_per_program(1, group)
-            plans.append((len(singles), block_m, splits, per_split))
+            plans.append((len(singles), triton_attention.rows_per_program(1, group), True))
         if longer:
             block_m = triton_attention.rows_per_program(
                 max(chunks[i].num_tokens for i in longer), group
             )
             per_tile = block_m // group
             tiles = [(i, first) for i in longer for first in range(0, num_tokens[i], per_tile)]
-            count = len(tiles)
             data.extend([i for i, _ in tiles])
             data.extend([first for _, first in tiles])
-            plans.append((count, block_m, 1, 0))
-        device = self.slot_mapping.device
-        flat = torch.frombuffer(data, dtype=torch.int64).to(device)
-        self.tables = flat[: len(chunks) * width].view(len(chunks), width)
-        at = len(chunks) * width
-        self.chunks = flat[at : at + 3 * len(chunks)].view(3, len(chunks))
-        at += 3 * len(chunks)
+            plans.append((len(tiles), block_m, False))
+        flat = torch.frombuffer(data, dtype=torch.int64).to(self.slot_mapping.device)
+        at = 0
+        if with_tables:
+            self.tables = flat[: len(chunks) * width].view(len(chunks), width)
+            at = len(chunks) * width
+            self.chunks = flat[at : at + 3 * len(chunks)].view(3, len(chunks))
+            at += 3 * len(chunks)
         launches = []
-        for count, block_m, splits, per_split in plans:
-            launches.append(
-                Launch(flat[at : at + 2 * count].view(2, count), block_m, splits, per_split)
-            )
+        for count, block_m, decodes in plans:
+            launches.append(Launch(flat[at : at + 2 * count].view(2, count), block_m, decodes))
             at += 2 * count
         return launches
-
-
-def _key_blocks(position: int, window: int | None, block_size: int) -> int:
-    """How many KV blocks hold the keys a query at `position` sees."""
-    first = 0 if window is None else max(0, position - window + 1)
-    return position // block_size - first // block_size + 1
 
 
 def _splits(programs: int, min_programs: int, blocks: int) -> tuple[int, int]:
