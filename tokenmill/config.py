@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from tokenmill.errors import ModelLoadError
+
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # CPU weight formats (tokenmill/backends/formats.py says what each is and picks the default);
 # "none" = the dtype's own weights
@@ -51,6 +53,13 @@ class ModelConfig:
     # a vision model's processor options for every image (vLLM's --mm-processor-kwargs, e.g.
     # Qwen2.5-VL's {"max_pixels": ...}); a request's mm_processor_kwargs add to them
     mm_processor_kwargs: dict[str, Any] | None = None
+    # CUDA: decode steps replay CUDA graphs captured at load (backends/cuda_graphs.py),
+    # unless enforce_eager; one per batch size of cuda_graph_sizes (vLLM's: one number N =
+    # 1, 2, 4, 8, 16, ... N; several = those; None = up to min(2 * max_num_seqs, 512)),
+    # for sequences of up to max_seq_len_to_capture tokens (longer ones run eagerly)
+    enforce_eager: bool = False
+    cuda_graph_sizes: list[int] | None = None
+    max_seq_len_to_capture: int = 8192
 
 
 @dataclass(slots=True)
@@ -77,6 +86,18 @@ class SchedulerConfig:
     # (priority, arrival), lower first, and the running request with the largest key is
     # preempted first (vLLM's --scheduling-policy)
     scheduling_policy: SchedulingPolicy = "fcfs"
+
+
+def capture_sizes(setting: list[int] | None, max_num_seqs: int) -> list[int]:
+    """The batch sizes of ModelConfig.cuda_graph_sizes (vLLM's --cuda-graph-sizes): none
+    given, up to min(2 * max_num_seqs, 512); one number N, 1, 2, 4 and every multiple of 8 up
+    to N; several, those sizes."""
+    if setting is not None and any(size < 1 for size in setting):
+        raise ModelLoadError(f"cuda_graph_sizes must be positive batch sizes, got {setting}")
+    if setting is not None and len(setting) > 1:
+        return sorted(set(setting))
+    largest = setting[0] if setting else min(2 * max_num_seqs, 512)
+    return [s for s in (1, 2, 4) if s <= largest] + list(range(8, largest + 1, 8))
 
 
 def default_batched_tokens(device_type: str) -> int:

@@ -7,19 +7,34 @@ step its own way (a fused decode). The reference is plain torch on any device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tokenmill.config import Quantization
 from tokenmill.layers.attention import AttentionBackend, TorchAttention
 from tokenmill.layers.linear import BlockLookup
-from tokenmill.layers.ops import ForwardContext, TorchOps
+from tokenmill.layers.ops import ForwardContext, KVCache, TorchOps
 from tokenmill.model.interface import CausalLM
+
+
+@dataclass(frozen=True, slots=True)
+class GraphSettings:
+    """What a backend that replays captured steps (CUDA graphs) may capture."""
+
+    sizes: tuple[int, ...]  # batch sizes, one graph each; () = none (--enforce-eager)
+    max_blocks: int  # KV blocks of the longest sequence a captured step holds
+    scratch_block: int  # the KV block past the pool's (Backend.extra_blocks) padding writes to
+    block_size: int
 
 
 class Backend:
     """The torch reference: torch ops, SDPA attention, the checkpoint's own weights."""
 
     name = "torch"
+    # KV blocks past the pool's that the backend keeps for itself (the scratch block that
+    # padding rows of a captured step write to)
+    extra_blocks = 0
 
     def __init__(self) -> None:
         self.ops = TorchOps()
@@ -48,6 +63,10 @@ class Backend:
 
     def prepare(self, model: CausalLM, quantization: Quantization | None) -> None:
         """Once after loading: put the other weights in the format this backend runs."""
+
+    def ready(self, model: CausalLM, kv_caches: list[KVCache], graphs: GraphSettings) -> None:
+        """Once the KV cache exists, in a worker without other ranks: capture the steps
+        this backend replays (CUDA graphs)."""
 
     def forward(
         self,

@@ -14,10 +14,11 @@ import logging
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
-from tokenmill.backends.base import Backend
+from tokenmill.backends.base import Backend, GraphSettings
 from tokenmill.kernels import triton_attention
 from tokenmill.layers.attention import (
     AttentionMetadata,
@@ -27,6 +28,11 @@ from tokenmill.layers.attention import (
     TorchAttentionMetadata,
     write_cache,
 )
+from tokenmill.layers.ops import ForwardContext
+from tokenmill.model.interface import CausalLM
+
+if TYPE_CHECKING:
+    from tokenmill.backends.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +56,6 @@ class Launch:
     block_m: int  # rows a program: (token, query head) pairs
     decodes: bool  # the single-token chunks' launch (the one whose keys may split)
     splits: int = 1  # programs sharing each tile's keys (flash decoding)
-    blocks_per_split: int = 0
 
 
 @dataclass(slots=True)
@@ -88,12 +93,15 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
         if not launch.decodes:
             return launch
         bs = self.layout.block_size
-        longest = max(c.start for c in self.layout.chunks if c.num_tokens == 1) + 1
-        blocks = -(-longest // bs)  # of keys a decode reads, at most
+        blocks = -(-self.longest_decode() // bs)  # of keys a decode reads, at most
         if window is not None:
             blocks = min(blocks, -(-window // bs) + 1)
-        splits, per_split = _splits(launch.tiles.shape[1] * kv_heads, min_programs, blocks)
-        return replace(launch, splits=splits, blocks_per_split=per_split)
+        splits = _splits(launch.tiles.shape[1] * kv_heads, min_programs, blocks)
+        return replace(launch, splits=splits)
+
+    def longest_decode(self) -> int:
+        """Keys the longest single-token chunk reads (its position + 1)."""
+        return max(c.start for c in self.layout.chunks if c.num_tokens == 1) + 1
 
     def _build(self, group: int) -> list[Launch]:
         """One launch for the single-token chunks (decodes), one for the longer ones, each
@@ -149,15 +157,15 @@ class TritonAttentionMetadata(TorchAttentionMetadata):
         return launches
 
 
-def _splits(programs: int, min_programs: int, blocks: int) -> tuple[int, int]:
-    """(splits, blocks per split) for decodes that run `programs` programs over up to
-    `blocks` KV blocks each: enough splits to reach min_programs, none shorter than
-    _MIN_BLOCKS_PER_SPLIT, a power of two (each count is a kernel compiled on first use)."""
+def _splits(programs: int, min_programs: int, blocks: int) -> int:
+    """Splits for decodes that run `programs` programs over up to `blocks` KV blocks each
+    (each tile's own blocks are shared out evenly, in the kernel): enough to reach
+    min_programs, none shorter than _MIN_BLOCKS_PER_SPLIT for the longest, a power of two
+    (each count is a kernel compiled on first use)."""
     if programs >= min_programs or blocks < 2 * _MIN_BLOCKS_PER_SPLIT:
-        return 1, 0
+        return 1
     splits = min(-(-min_programs // programs), blocks // _MIN_BLOCKS_PER_SPLIT, _MAX_SPLITS)
-    splits = 1 << (splits.bit_length() - 1)
-    return splits, -(-blocks // splits)
+    return 1 << (splits.bit_length() - 1)
 
 
 class TritonAttention:
@@ -219,7 +227,7 @@ class TritonAttention:
                 triton_attention.paged_attention(
                     q, k_cache, v_cache, out, meta.tables, meta.chunks, launch.tiles,
                     launch.block_m, block_size, q.shape[-1] ** -0.5 if scale is None else scale,
-                    softcap, window, launch.splits, launch.blocks_per_split,
+                    softcap, window, launch.splits,
                 )  # fmt: skip
         except Exception as error:  # noqa: BLE001 - a kernel no GPU here has compiled yet
             if q.device.type != "cuda":
@@ -237,14 +245,46 @@ def _min_programs(device: torch.device) -> int:
 
 
 class CudaBackend(Backend):
-    """torch ops, Triton paged attention."""
+    """torch ops, Triton paged attention; decode steps replayed as CUDA graphs
+    (backends/cuda_graphs.py)."""
 
     name = "cuda"
+    extra_blocks = 1  # the captured steps' scratch block
 
     def __init__(self) -> None:
         super().__init__()
-        self.attention = TritonAttention()
+        self.attention: TritonAttention = TritonAttention()
+        self.graphs: DecodeGraphs | None = None
 
     @property
     def description(self) -> str:
-        return "torch ops, Triton paged attention"
+        if self.graphs is None or self.graphs.failed is not None:
+            return "torch ops, Triton paged attention, eager"
+        return "torch ops, Triton paged attention, CUDA graphs"
+
+    def ready(self, model: CausalLM, kv_caches: list[KVCache], graphs: GraphSettings) -> None:
+        from tokenmill.backends.cuda_graphs import DecodeGraphs
+
+        device = kv_caches[0][0].device
+        k_cache = kv_caches[0][0]
+        q = k_cache.new_empty(0, model.config.num_heads, model.config.head_dim)
+        if not graphs.sizes or not self.attention.runs(q, k_cache, graphs.block_size):
+            return  # (--enforce-eager, or attention the kernel does not take)
+        self.graphs = DecodeGraphs(model, self.ops, self.attention, kv_caches, graphs, device)
+        with torch.inference_mode():
+            self.graphs.capture()
+
+    def forward(
+        self,
+        model: CausalLM,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: ForwardContext,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        graphs = self.graphs
+        if graphs is not None and inputs_embeds is None:
+            size = graphs.size_for(input_ids, positions, ctx)
+            if size:
+                return graphs.run(size, input_ids, ctx)
+        return model(input_ids, positions, ctx, inputs_embeds)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from tokenmill.config import EngineConfig, default_batched_tokens
+from tokenmill.config import EngineConfig, capture_sizes, default_batched_tokens
 from tokenmill.distributed.group import PeerError
 from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import FinishReason
@@ -301,7 +301,9 @@ def _executor(
         )
     size = max(tp, pp)
     if size == 1:  # whatever the backend: there are no other ranks to start
-        return UniprocExecutor(config.model, config.cache, source, grammars, draft)
+        sizes = capture_sizes(config.model.cuda_graph_sizes, config.scheduler.max_num_seqs)
+        model = replace(config.model, cuda_graph_sizes=sizes)  # (resolved)
+        return UniprocExecutor(model, config.cache, source, grammars, draft)
     return MultiprocExecutor(
         config.model, config.cache, source, grammars, size, pipeline=pp > 1,
         backend=parallel.distributed_executor_backend,

@@ -25,7 +25,7 @@ MAX_HEAD_DIM = 256  # wider heads need more registers than a program has
 
 # integers that change from step to step: not specialized on (a compile for each of 1,
 # multiples of 16 and the rest would stall a step the first time each occurs)
-@triton.jit(do_not_specialize=["table_width", "num_chunks", "blocks_per_split"])
+@triton.jit(do_not_specialize=["table_width", "num_chunks"])
 def _paged_attention(
     q_ptr, k_ptr, v_ptr, out_ptr,
     tables_ptr,  # [C, table_width] int64: each chunk's block table
@@ -33,7 +33,7 @@ def _paged_attention(
     tiles_ptr,  # [2, P] int64: chunk, first token of the tile within it
     partials_ptr,  # SPLITS > 1: [SPLITS, P, Hkv, BLOCK_M, HEAD_PAD + 2] float32, written
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
-    table_width, num_chunks, scale, softcap, window, blocks_per_split,
+    table_width, num_chunks, scale, softcap, window,
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,  # HEAD_DIM up to a power of two
     GROUP: tl.constexpr,  # query heads per KV head
@@ -42,7 +42,7 @@ def _paged_attention(
     SOFTCAP: tl.constexpr,
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,  # of float32 dot products: "ieee" (exact) or "tf32"
-    SPLITS: tl.constexpr,  # programs that share a tile's keys, blocks_per_split blocks each
+    SPLITS: tl.constexpr,  # programs that share a tile's KV blocks, in runs of equal length
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -75,9 +75,10 @@ def _paged_attention(
     offsets = tl.arange(0, BLOCK_SIZE)
     first_block = key_start // BLOCK_SIZE
     end_block = tl.cdiv(key_end, BLOCK_SIZE)
-    if SPLITS > 1:  # this program's share of the blocks (none, for a short sequence's last)
-        first_block = first_block + split * blocks_per_split
-        end_block = tl.minimum(end_block, first_block + blocks_per_split)
+    if SPLITS > 1:  # this program's share of the tile's blocks (none, for a short tile's last)
+        per_split = tl.cdiv(end_block - first_block, SPLITS)
+        first_block = first_block + split * per_split
+        end_block = tl.minimum(end_block, first_block + per_split)
     for block in range(first_block, end_block):
         physical = tl.load(tables_ptr + chunk * table_width + block).to(tl.int64)
         slots = physical * BLOCK_SIZE + offsets
@@ -185,8 +186,7 @@ def paged_attention(
     scale: float,
     softcap: float | None,
     window: int | None,
-    splits: int = 1,  # programs per tile and KV head, each over blocks_per_split KV blocks
-    blocks_per_split: int = 0,
+    splits: int = 1,  # programs per tile and KV head, each over a share of its KV blocks
 ) -> None:
     """Attention of q's rows over their chunks' cached keys (which include the step's own).
     With splits > 1 each tile's keys are shared out (flash decoding: a few long sequences
@@ -210,7 +210,7 @@ def paged_attention(
         q, k_cache, v_cache, out, tables, chunks, tiles, partials,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1),
-        tables.shape[1], chunks.shape[1], scale, softcap or 0.0, window or 0, blocks_per_split,
+        tables.shape[1], chunks.shape[1], scale, softcap or 0.0, window or 0,
         HEAD_DIM=head_dim, HEAD_PAD=head_pad, GROUP=group, BLOCK_M=block_m,
         BLOCK_SIZE=block_size, SOFTCAP=softcap is not None, WINDOW=window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLITS=splits,

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.backends import formats, select_backend
-from tokenmill.backends.base import Backend
+from tokenmill.backends.base import Backend, GraphSettings
 from tokenmill.backends.device import (
     configure_cpu_threads,
     kv_cache_bytes,
     resolve_device,
     resolve_dtype,
 )
-from tokenmill.config import CacheConfig, ModelConfig, Quantization
+from tokenmill.config import CacheConfig, ModelConfig, Quantization, capture_sizes
 from tokenmill.distributed import group as parallel
 from tokenmill.distributed.group import SINGLE, ParallelGroup
 from tokenmill.errors import ModelLoadError
@@ -101,7 +101,13 @@ class Worker:
         # every rank holds the same blocks (of its own heads): the fewest any can
         self.num_blocks = group.min_int(max(1, budget // bytes_per_block))
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
-        self.kv_caches = loaded.kv_caches(self.num_blocks, self.block_size, self.device)
+        self.kv_caches = loaded.kv_caches(
+            self.num_blocks + self.backend.extra_blocks, self.block_size, self.device
+        )
+        if group.size == 1:
+            self.backend.ready(self.model, self.kv_caches, graph_settings(
+                model_config, self.num_blocks, self.block_size
+            ))  # fmt: skip
         self.draft = None
         if draft is not None:
             self.draft = DraftRunner(
@@ -172,6 +178,14 @@ class LoadedModel:
             )
             for _ in range(self.num_layers)
         ]
+
+
+def graph_settings(config: ModelConfig, num_blocks: int, block_size: int) -> GraphSettings:
+    """What the backend may capture: config.cuda_graph_sizes (resolved by the engine, or
+    its default for 256 sequences), none with enforce_eager."""
+    sizes = () if config.enforce_eager else tuple(capture_sizes(config.cuda_graph_sizes, 256))
+    max_blocks = min(-(-config.max_seq_len_to_capture // block_size), num_blocks)
+    return GraphSettings(sizes, max(1, max_blocks), num_blocks, block_size)
 
 
 def load_on_device(

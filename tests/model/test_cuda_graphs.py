@@ -1,0 +1,201 @@
+"""The CUDA backend's captured decode steps (backends/cuda_graphs.py), off a GPU: the same
+functions over the same fixed buffers, run without capture (the Triton kernel in its
+interpreter on CPU tensors: tests/conftest.py). What is checked is everything but the
+capture itself: padding to a captured size, the buffers filled step by step, the scratch
+block, split decodes at sizes fixed at load, steps that must run eagerly, and the fallback
+when a graph disagrees with the eager step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # the CUDA backend's kernels; pip installs it beside torch on Linux
+
+from tests.model.test_sliding_window import hf_greedy
+from tokenmill import LLM, SamplingParams
+from tokenmill.backends import cuda_graphs
+from tokenmill.backends.cuda import CudaBackend
+from tokenmill.backends.cuda_graphs import DecodeGraphs
+from tokenmill.config import capture_sizes
+from tokenmill.errors import ModelLoadError
+from tokenmill.worker import worker as worker_module
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture
+def cuda_backend_on_cpu(monkeypatch):
+    """Calling it makes workers load from then on with the CUDA backend (on a CPU: its
+    graphs run uncaptured), decodes split over their keys while fewer than 64 programs would
+    run; returns the list of the backends made."""
+
+    def install() -> list[CudaBackend]:
+        made: list[CudaBackend] = []
+
+        def select(*args, **kwargs):
+            backend = CudaBackend()
+            backend.attention.min_programs = 64
+            made.append(backend)
+            return backend
+
+        monkeypatch.setattr(worker_module, "select_backend", select)
+        return made
+
+    return install
+
+
+def _replays(monkeypatch) -> list[tuple[int, int]]:
+    """(rows, captured size) of every step that ran from a graph."""
+    seen: list[tuple[int, int]] = []
+    run = DecodeGraphs.run
+
+    def counted(self, size, input_ids, ctx):
+        seen.append((int(input_ids.shape[0]), size))
+        return run(self, size, input_ids, ctx)
+
+    monkeypatch.setattr(DecodeGraphs, "run", counted)
+    return seen
+
+
+def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, 40000, (k,), generator=generator).tolist() for k in lengths]
+
+
+def _greedy(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def test_padded_decode_steps_keep_the_greedy_tokens(
+    tiny_hf_model_dir, cuda_backend_on_cpu, monkeypatch
+):
+    """Six sequences ending at different steps (6, 5 and 4 rows padded to 8, 8 and 4), one
+    past max_seq_len_to_capture (its steps run eagerly), a shared prefix read from the
+    cache, and decodes split over their keys at the small sizes."""
+    directory = tiny_hf_model_dir("llama", num_attention_heads=8, num_key_value_heads=2)
+    kwargs = dict(dtype="float32", backend="torch", max_num_batched_tokens=64,
+                  enable_prefix_caching=True)  # fmt: skip
+    prompts = _prompts(1, (70, 9, 45, 20, 3))
+    prompts.append(prompts[0][:48] + prompts[1])
+    max_tokens = [14, 4, 10, 7, 12, 9]
+    want = _greedy(LLM(str(directory), **kwargs), prompts, max_tokens)  # torch, no graphs
+    seen = _replays(monkeypatch)
+    made = cuda_backend_on_cpu()
+    llm = LLM(str(directory), cuda_graph_sizes=[1, 2, 4, 8], max_seq_len_to_capture=80, **kwargs)
+    (backend,) = made
+    assert backend.graphs is not None and sorted(backend.graphs.graphs) == [1, 2, 4, 8]
+    assert _greedy(llm, prompts, max_tokens) == want
+    assert {(6, 8), (5, 8), (4, 4)} <= set(seen)
+    # the longest sequence (70 + 14 tokens) outgrew the captured tables (80 tokens): its
+    # last steps ran eagerly, so fewer steps replayed than it decoded
+    assert len(seen) < max(max_tokens) - 1
+    alone = _greedy(llm, prompts[:1], max_tokens[:1])
+    assert alone == want[:1] and alone[0] == hf_greedy(directory, prompts[0], 14)
+    assert backend.graphs.failed is None
+
+
+def test_a_replayed_step_equals_the_eager_step_and_leaves_other_blocks_alone(
+    tiny_hf_model_dir, cuda_backend_on_cpu
+):
+    """One decode step of 3 sequences, through the graph of 4 rows and eagerly, on copies of
+    the same cache: the same hidden states, and the same cache but for the scratch block."""
+    directory = tiny_hf_model_dir("qwen2")
+    made = cuda_backend_on_cpu()
+    llm = LLM(str(directory), dtype="float32", backend="torch", cuda_graph_sizes=[4])
+    (backend,) = made
+    worker = llm.engine.core.executor.worker
+    graphs = backend.graphs
+    assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4]
+    core = llm.engine.core
+    for i, prompt in enumerate(_prompts(2, (30, 17, 5))):
+        llm.engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=3))
+    while not all(r.num_output_tokens for r in core.requests.values()):
+        core.step()  # prefill
+    step = core.model_input(core.scheduler.schedule())
+    runner = worker.runner
+    assert len(step) == 3 and all(s.num_new_tokens == 1 for s in step)
+    before = [(k.clone(), v.clone()) for k, v in worker.kv_caches]
+    batch = runner.prepare(step)
+    assert graphs.size_for(batch.input_ids, batch.positions, batch.ctx) == 4
+    replayed = runner.forward(batch).clone()
+    after_graph = [(k.clone(), v.clone()) for k, v in worker.kv_caches]
+    for (k, v), (k0, v0) in zip(worker.kv_caches, before, strict=True):
+        k.copy_(k0)
+        v.copy_(v0)
+    graphs.failed = "eager, for this test"
+    eager = runner.forward(runner.prepare(step))
+    torch.testing.assert_close(replayed, eager, atol=1e-5, rtol=1e-5)
+    scratch = slice(graphs.settings.scratch_block * 16, None)
+    for (k, v), (kg, vg) in zip(worker.kv_caches, after_graph, strict=True):
+        # (the projections of 4 rows and of 3 may round differently)
+        torch.testing.assert_close(k[: scratch.start], kg[: scratch.start], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v[: scratch.start], vg[: scratch.start], atol=1e-5, rtol=1e-5)
+        assert kg[scratch].abs().sum() > 0  # the padding row wrote there
+
+
+def test_speculative_verify_rows_replay_too(tiny_hf_model_dir, cuda_backend_on_cpu, monkeypatch):
+    """The model as its own draft (every guess holds): each sequence's step is 1 + 3
+    single-token rows, replayed as any other decode step."""
+    directory = tiny_hf_model_dir("qwen2")
+    spec = {"model": str(directory), "num_speculative_tokens": 3}
+    prompts = _prompts(3, (12, 30))
+    plain = _greedy(LLM(str(directory), dtype="float32", backend="torch"), prompts, [20, 20])
+    seen = _replays(monkeypatch)
+    cuda_backend_on_cpu()
+    llm = LLM(str(directory), dtype="float32", backend="torch", speculative_config=spec,
+              cuda_graph_sizes=[16])  # fmt: skip
+    assert _greedy(llm, prompts, [20, 20]) == plain
+    assert (8, 8) in seen  # two sequences' rows of guesses
+    speculator = llm.engine.core.speculator
+    assert speculator is not None and speculator.counts.num_accepted_tokens > 10
+
+
+def test_a_sliding_window_replays_as_transformers_decodes(tiny_hf_model_dir, cuda_backend_on_cpu):
+    directory = tiny_hf_model_dir("mistral", sliding_window=20)
+    cuda_backend_on_cpu()
+    llm = LLM(str(directory), dtype="float32", backend="torch", cuda_graph_sizes=[2])
+    prompt = _prompts(4, (41,))[0]
+    assert _greedy(llm, [prompt], [12]) == [hf_greedy(directory, prompt, 12)]
+
+
+def test_enforce_eager_captures_nothing(tiny_hf_model_dir, cuda_backend_on_cpu):
+    directory = tiny_hf_model_dir("llama")
+    made = cuda_backend_on_cpu()
+    LLM(str(directory), dtype="float32", backend="torch", enforce_eager=True)
+    (backend,) = made
+    assert backend.graphs is None and backend.description.endswith("eager")
+
+
+def test_a_graph_that_disagrees_with_eager_is_dropped(
+    tiny_hf_model_dir, cuda_backend_on_cpu, caplog
+):
+    """The check a GPU runs after capture: here a graph made to give wrong states; every
+    step then runs eagerly, with the same tokens."""
+    directory = tiny_hf_model_dir("llama")
+    made = cuda_backend_on_cpu()
+    llm = LLM(str(directory), dtype="float32", backend="torch", cuda_graph_sizes=[1, 8])
+    (backend,) = made
+    graphs = backend.graphs
+    assert graphs is not None
+    graphs._check()
+    assert graphs.failed is None
+    right = graphs.graphs[8]
+    graphs.graphs[8] = cuda_graphs._Eager(lambda: right.replay() + 1.0)
+    graphs._check()
+    assert graphs.failed is not None and "8 rows" in graphs.failed and not graphs.graphs
+    assert "decode steps run eagerly" in caplog.text
+    assert backend.description.endswith("eager")
+    prompt = _prompts(5, (9,))[0]
+    assert _greedy(llm, [prompt], [6]) == [hf_greedy(directory, prompt, 6)]
+
+
+def test_capture_sizes_follow_vllm():
+    assert capture_sizes(None, 256) == [1, 2, 4] + list(range(8, 513, 8))
+    assert capture_sizes(None, 4) == [1, 2, 4, 8]
+    assert capture_sizes([20], 256) == [1, 2, 4, 8, 16]
+    assert capture_sizes([3], 256) == [1, 2]
+    assert capture_sizes([64, 1, 8, 8], 256) == [1, 8, 64]
+    with pytest.raises(ModelLoadError, match="positive"):
+        capture_sizes([0, 4], 256)
