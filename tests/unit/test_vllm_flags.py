@@ -30,11 +30,12 @@ WORKS = [
     "--response-role", "assistant", "--chat-template-content-format", "auto",
     "--enable-log-requests", "--cpu-offload-gb", "0",
     "--structured-outputs-config.backend", "outlines", "--return-tokens-as-token-ids",
-    "--kv-cache-dtype", "fp8_e5m2",
+    "--kv-cache-dtype", "fp8_e5m2", "--enforce-eager", "--cuda-graph-sizes", "1", "4", "16",
+    "--max-seq-len-to-capture", "4k",
 ]  # fmt: skip
 IGNORED = [
-    "--trust-remote-code", "--enforce-eager", "--swap-space", "4", "--download-dir", "/tmp/x",
-    "--max-seq-len-to-capture", "8192",
+    "--trust-remote-code", "--swap-space", "4", "--download-dir", "/tmp/x",
+    "--compilation-config", "3",
     "--no-enable-chunked-prefill", "--disable-frontend-multiprocessing",
     "--max-num-partial-prefills", "2", "--hf-token", "hf_x", "--max-log-len", "100",
     "--preemption-mode", "swap", "--chat-template-content-format", "openai",
@@ -60,7 +61,13 @@ def test_flags_that_work_start_quietly_and_map_onto_tokenmills() -> None:
     assert isinstance(settings, ServerSettings)
     assert args.model == "some-model" and args.guided_decoding_backend == "outlines"
     assert args.scheduling_policy == "priority" and settings.return_tokens_as_token_ids
-    assert _engine_config(args).cache.kv_cache_dtype == "fp8_e5m2"
+    config = _engine_config(args)
+    assert config.cache.kv_cache_dtype == "fp8_e5m2"
+    assert config.model.enforce_eager and config.model.cuda_graph_sizes == [1, 4, 16]
+    assert config.model.max_seq_len_to_capture == 4096
+    defaults = _engine_config(parse()).model
+    assert not defaults.enforce_eager and defaults.cuda_graph_sizes is None
+    assert defaults.max_seq_len_to_capture == 8192
     for name in ("fp8", "fp8_e4m3", "bfloat16"):  # vLLM's other names (e4m3: scale 1)
         assert _engine_config(parse("--kv-cache-dtype", name)).cache.kv_cache_dtype == name
 
@@ -74,12 +81,16 @@ def test_scheduling_policy_and_token_ids_defaults_and_bad_values(
     with pytest.raises(SystemExit):
         parse("--scheduling-policy", "lifo")
     assert "invalid choice: 'lifo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("--cuda-graph-sizes", "8", "0")
+    assert "not a positive whole number: '0'" in capsys.readouterr().err
 
 
 def test_flags_with_no_effect_here_each_get_one_warning() -> None:
     args = parse(*IGNORED)
     warnings = check_vllm_flags(args)
-    assert len(warnings) == 12, warnings
+    assert len(warnings) == 11, warnings
+    assert any(w.startswith("--compilation-config 3 has no effect here") for w in warnings)
     assert any(w.startswith("--no-enable-chunked-prefill has no effect") for w in warnings)
     assert any(w.startswith("--trust-remote-code has no effect here: ") for w in warnings)
     assert any(w.startswith("--swap-space 4 has no effect here: ") for w in warnings)

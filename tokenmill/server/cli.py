@@ -29,6 +29,7 @@ from tokenmill.server.flag_types import (
     parse_dtype,
     parse_json_object,
     parse_list,
+    parse_positive_int,
     parse_speculative_config,
     parse_tokens,
 )
@@ -377,6 +378,22 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         "torchrun, rank 0 serving (default: mp)",
     )  # fmt: skip
     g.add_argument(
+        "--enforce-eager", action="store_true",
+        help="CUDA: run every step eagerly, capturing no CUDA graphs (a CPU always does)",
+    )  # fmt: skip
+    g.add_argument(
+        "--cuda-graph-sizes", type=parse_positive_int, nargs="+", default=None, metavar="N",
+        help="CUDA: the decode batch sizes captured as CUDA graphs at load, as vLLM: one "
+        "number N = 1, 2, 4 and every multiple of 8 up to N; several = those (default: up to "
+        "min(2 x --max-num-seqs, 512))",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-seq-len-to-capture", type=parse_tokens,
+        default=_DEFAULTS.model.max_seq_len_to_capture, metavar="TOKENS",
+        help="CUDA: a step with a longer sequence runs eagerly rather than from a CUDA graph "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--cpu-threads", type=int, default=None, metavar="N",
         help="CPU: threads for the model's work, pinned (default: torch's, capped at the "
         "cgroup's CPU quota, and lowered while other processes take the cores)",
@@ -645,6 +662,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
         quantization=args.quantization,
         cpu_threads=args.cpu_threads, generation_config=args.generation_config,
+        enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
+        max_seq_len_to_capture=args.max_seq_len_to_capture,
         pooler_config=args.pooler_config, mm_processor_kwargs=args.mm_processor_kwargs,
         speculative_config=args.speculative_config,
         max_model_len=args.max_model_len, chat_template=args.chat_template, seed=args.seed,

@@ -37,6 +37,13 @@ def parse_tokens(value: str) -> int:
     return int(match.group(1)) * scale
 
 
+def parse_positive_int(value: str) -> int:
+    """A whole number from 1 (a batch size)."""
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {value!r}")
+    return int(value)
+
+
 def parse_list(value: str) -> list[str]:
     """A JSON list of strings, or a comma-separated list."""
     text = value.strip()

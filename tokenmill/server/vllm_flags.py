@@ -21,7 +21,10 @@ _NO_DOWNLOADS = (
     "tokenmill downloads nothing: it serves local directories, .gguf files and models "
     "already in the local Hugging Face cache"
 )
-_NO_GRAPHS = "tokenmill captures no CUDA graphs and compiles nothing: the model runs eagerly"
+_NO_COMPILE = (
+    "tokenmill compiles nothing with torch.compile; CUDA graphs follow --enforce-eager and "
+    "--cuda-graph-sizes"
+)
 _NO_LORA = (
     "LoRA adapters are not supported; merge the adapter into the weights (peft's "
     "merge_and_unload) and serve the merged directory"
@@ -83,10 +86,7 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag(("--trust-remote-code",), "ignore",
              "tokenmill never runs code from a model repository: its own implementation of the "
              "architecture loads the weights", takes_value=False),
-    VllmFlag(("--enforce-eager",), "ignore", _NO_GRAPHS, takes_value=False),
-    VllmFlag(("--max-seq-len-to-capture",), "ignore", _NO_GRAPHS),
-    VllmFlag(("--cuda-graph-sizes",), "ignore", _NO_GRAPHS),
-    VllmFlag(("--compilation-config", "-O"), "ignore", _NO_GRAPHS),
+    VllmFlag(("--compilation-config", "-O"), "ignore", _NO_COMPILE),
     VllmFlag(("--swap-space",), "ignore",
              "a preempted request is recomputed, never swapped out to CPU memory"),
     VllmFlag(("--download-dir",), "ignore", _NO_DOWNLOADS),
