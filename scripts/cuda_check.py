@@ -1,7 +1,8 @@
 """CUDA check of the engine, for a machine with a GPU: parity with transformers on CUDA,
 batching invariance, and offline throughput of random-weight models (speed only), each
-with the CUDA backend (Triton paged attention; what a GPU gets by default) and with the
-torch reference (SDPA over gathered keys) side by side.
+with the CUDA backend (Triton paged attention, decode steps replayed as CUDA graphs; what a
+GPU gets by default), the same run eagerly (--enforce-eager), and the torch reference (SDPA
+over gathered keys) side by side.
 
     python scripts/cuda_check.py TOKENIZER_DIR OUT.json [--quick] [--structured-only]
 
@@ -30,7 +31,16 @@ from tokenmill.bench.offline import run as bench_run
 from tokenmill.executor.uniproc import UniprocExecutor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script
-BACKENDS = ("auto", "torch") if DEVICE == "cuda" else ("torch",)  # auto on a GPU: the CUDA backend
+# how the engine runs: auto on a GPU is the CUDA backend, with CUDA graphs unless eager
+CONFIGS: dict[str, dict[str, Any]] = (
+    {
+        "graphs": dict(backend="auto"),
+        "eager": dict(backend="auto", enforce_eager=True),
+        "torch": dict(backend="torch"),
+    }
+    if DEVICE == "cuda"
+    else {"torch": dict(backend="torch")}
+)
 PROMPTS = ["The capital of France is", "List three colors:", "def add(a, b):", "Once upon a"]
 
 SHAPES = {  # name -> LlamaConfig overrides (vocab of the SmolLM2 tokenizer)
@@ -59,11 +69,11 @@ def make_model(root: Path, tokenizer_dir: Path, shape: str, dtype: torch.dtype) 
     return directory
 
 
-def parity(directory: Path, dtype: str, backend: str) -> dict[str, Any]:
+def parity(directory: Path, dtype: str, config: str) -> dict[str, Any]:
     """Greedy tokens of tokenmill vs transformers on CUDA, and batched vs alone."""
     torch.backends.cuda.matmul.allow_tf32 = False
     llm = LLM(str(directory), dtype=dtype, device=DEVICE, kv_cache_memory=256 << 20,
-              backend=backend)  # fmt: skip
+              **CONFIGS[config])  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     batched = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in PROMPTS]
@@ -78,19 +88,30 @@ def parity(directory: Path, dtype: str, backend: str) -> dict[str, Any]:
         sum(a == b for a, b in zip(got, want, strict=True)) / len(want)
         for got, want in zip(batched, expected, strict=True)
     ]
-    executor = llm.engine.core.executor
-    assert isinstance(executor, UniprocExecutor)
-    attention = executor.worker.backend.attention
+    backend = _backend(llm)
     del llm, reference
     release_memory()
     return {
         "dtype": dtype,
-        "backend": backend,
-        "attention": attention.name,
-        "triton_failed": getattr(attention, "failed", None),  # a compile error, if any
+        "config": config,
+        **backend,
         "greedy_equal_to_transformers": batched == expected,
         "token_agreement_with_transformers": round(statistics.mean(agree), 3),
         "batched_equals_alone": batched == alone,
+    }
+
+
+def _backend(llm: LLM) -> dict[str, Any]:
+    """What ran: the backend, and why its kernel or its graphs gave up, if they did."""
+    executor = llm.engine.core.executor
+    assert isinstance(executor, UniprocExecutor)
+    backend = executor.worker.backend
+    graphs = getattr(backend, "graphs", None)
+    return {
+        "backend": backend.description,
+        "triton_failed": getattr(backend.attention, "failed", None),  # a compile error
+        "graphs_failed": None if graphs is None else graphs.failed,
+        "graph_sizes": [] if graphs is None else sorted(graphs.graphs),
     }
 
 
@@ -173,12 +194,17 @@ def _safe(check: Any, text: str) -> Any:
         return False
 
 
-def throughput(directory: Path, quick: bool, backend: str) -> dict[str, Any]:
+def throughput(directory: Path, quick: bool, config: str) -> dict[str, Any]:
+    started = time.perf_counter()
     llm = LLM(str(directory), dtype="bfloat16", device=DEVICE, kv_cache_memory=8 << 30,
-              backend=backend)  # fmt: skip
+              **CONFIGS[config])  # fmt: skip
+    result: dict[str, Any] = {
+        "load_s": round(time.perf_counter() - started, 1),  # CUDA graphs captured in it
+        "kv_cache_blocks": llm.engine.core.info.num_blocks,
+        **_backend(llm),
+    }
     bench_run(llm, 2, 24, 8)  # warm-up
     output_len = 8 if quick else 128
-    result: dict[str, Any] = {"kv_cache_blocks": llm.engine.core.info.num_blocks}
     for batch in (1, 4) if quick else (1, 64, 256):
         runs = [bench_run(llm, batch, 24, output_len) for _ in range(1 if quick else 3)]
         result[f"batch{batch}_tokens_per_s"] = statistics.median(
@@ -187,6 +213,8 @@ def throughput(directory: Path, quick: bool, backend: str) -> dict[str, Any]:
     started = time.perf_counter()
     bench_run(llm, 1, 100 if quick else 900, 1)  # a ~1,000-token prompt: prefill time
     result["prefill_1k_tokens_s"] = round(time.perf_counter() - started, 3)
+    del llm
+    release_memory()  # (its KV cache and graphs)
     return result
 
 
@@ -213,16 +241,16 @@ def main() -> int:
             return 0
         for dtype in ("float32", "bfloat16"):
             directory = make_model(root, tokenizer_dir, "tiny", getattr(torch, dtype))
-            for backend in BACKENDS:
-                report[f"parity_tiny_{dtype}_{backend}"] = parity(directory, dtype, backend)
+            for config in CONFIGS:
+                report[f"parity_tiny_{dtype}_{config}"] = parity(directory, dtype, config)
                 print(json.dumps(report, indent=1), flush=True)
         report["structured_tiny_bf16"] = structured(directory)
         report["fp8_kv_cache_tiny_bf16"] = fp8_cache(directory)
         print(json.dumps(report, indent=1), flush=True)
         for shape in ("smollm2-135m",) if quick else ("smollm2-135m", "llama-1b"):
             directory = make_model(root, tokenizer_dir, shape, torch.bfloat16)
-            for backend in BACKENDS:
-                report[f"throughput_{shape}_bf16_{backend}"] = throughput(directory, quick, backend)
+            for config in CONFIGS:
+                report[f"throughput_{shape}_bf16_{config}"] = throughput(directory, quick, config)
                 print(json.dumps(report, indent=1), flush=True)
     out_path.write_text(json.dumps(report, indent=1))
     return 0

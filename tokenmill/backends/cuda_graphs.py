@@ -110,7 +110,11 @@ class DecodeGraphs:
                 if not on_gpu:
                     self.graphs[size] = _Eager(forward)
                     continue
-                forward()  # compiles; builds the launches the capture reuses
+                side = torch.cuda.Stream(self.device)  # (as torch's docs warm up)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    forward()  # compiles; builds the launches the capture reuses
+                torch.cuda.current_stream(self.device).wait_stream(side)
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
