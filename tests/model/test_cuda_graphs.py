@@ -7,6 +7,8 @@ when a graph disagrees with the eager step."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -166,6 +168,18 @@ def test_enforce_eager_captures_nothing(tiny_hf_model_dir, cuda_backend_on_cpu):
     LLM(str(directory), dtype="float32", backend="torch", enforce_eager=True)
     (backend,) = made
     assert backend.graphs is None and backend.description.endswith("eager")
+
+
+def test_a_mixture_of_experts_runs_eagerly(tiny_hf_model_dir, cuda_backend_on_cpu, caplog):
+    """Its routing reads each expert's token count on the host: no graph can hold that."""
+    directory = tiny_hf_model_dir(
+        "qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48
+    )
+    made = cuda_backend_on_cpu()
+    caplog.set_level(logging.INFO, logger="tokenmill")
+    LLM(str(directory), dtype="float32", backend="torch")
+    (backend,) = made
+    assert backend.graphs is None and "none for a mixture of experts" in caplog.text
 
 
 def test_a_graph_that_disagrees_with_eager_is_dropped(
