@@ -11,6 +11,7 @@ import logging
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")  # the CUDA backend's kernels; pip installs it beside torch on Linux
 
@@ -203,6 +204,74 @@ def test_a_graph_that_disagrees_with_eager_is_dropped(
     assert backend.description.endswith("eager")
     prompt = _prompts(5, (9,))[0]
     assert _greedy(llm, [prompt], [6]) == [hf_greedy(directory, prompt, 6)]
+
+
+# ops whose result the host must read (a sync: no CUDA graph can capture them), or whose
+# output's shape depends on the data; .tolist() and .numpy() show as resolve_conj
+_HOST_READS = {"_local_scalar_dense", "item", "nonzero", "argwhere", "masked_select", "unique",
+               "_unique", "_unique2", "unique_consecutive", "bincount", "repeat_interleave",
+               "resolve_conj", "resolve_neg"}  # fmt: skip
+
+
+class _Ops(TorchDispatchMode):
+    """The aten ops a call runs, and the tensors made from host data (torch.tensor of more
+    than a scalar: on a GPU a copy from host memory the graph would replay stale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+        self.from_host: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.names.add(name)
+        if name.startswith("lift_fresh") and out.numel() > 1:
+            self.from_host.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize(
+    ("model_type", "config"),
+    [
+        ("llama", {}),
+        ("qwen3", {}),  # q/k norms
+        ("gemma2", {"sliding_window": 8, "attn_logit_softcapping": 30.0}),
+        ("gemma3_text", {"sliding_window": 8}),
+        ("phi3", {"pad_token_id": 0}),
+        ("granite", {}),
+    ],
+)
+def test_a_captured_step_reads_nothing_back_to_the_host(
+    tiny_hf_model_dir, cuda_backend_on_cpu, model_type, config
+):
+    """What breaks a capture on a GPU, checked on every architecture's decode step: no op
+    reads a value back to the host, none makes a tensor of data-dependent shape, and no
+    tensor is made from host data."""
+    directory = tiny_hf_model_dir(model_type, **config)
+    made = cuda_backend_on_cpu()
+    LLM(str(directory), dtype="float32", backend="torch", cuda_graph_sizes=[2])
+    (backend,) = made
+    graphs = backend.graphs
+    assert graphs is not None
+    ops = _Ops()
+    with torch.inference_mode(), ops:
+        graphs.graphs[2].replay()
+    assert {"embedding", "index_copy_", "linear"} <= ops.names  # (it saw the forward)
+    assert not ops.names & _HOST_READS and not ops.from_host
+
+
+def test_the_host_read_check_finds_a_mixture_of_experts_routing(tiny_hf_model_dir):
+    """The check above on a step it must fail: a mixture of experts' (which is why those
+    run eagerly)."""
+    directory = tiny_hf_model_dir(
+        "qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48
+    )
+    llm = LLM(str(directory), dtype="float32", backend="torch")
+    ops = _Ops()
+    with ops:
+        llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=1))
+    assert "bincount" in ops.names & _HOST_READS
 
 
 def test_capture_sizes_follow_vllm():
