@@ -22,9 +22,12 @@ from tokenmill.backends.cuda import CudaBackend
 from tokenmill.backends.cuda_graphs import DecodeGraphs
 from tokenmill.config import capture_sizes
 from tokenmill.errors import ModelLoadError
+from tokenmill.kernels import triton_attention
 from tokenmill.worker import worker as worker_module
+from tokenmill.worker.worker import graph_settings
 
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+# the reference's settings, with a KV cache of 512 blocks (copied whole by some tests)
+SMALL = dict(dtype="float32", backend="torch", kv_cache_memory=4 << 20)
 
 
 @pytest.fixture
@@ -78,7 +81,7 @@ def test_padded_decode_steps_keep_the_greedy_tokens(
     past max_seq_len_to_capture (its steps run eagerly), a shared prefix read from the
     cache, and decodes split over their keys at the small sizes."""
     directory = tiny_hf_model_dir("llama", num_attention_heads=8, num_key_value_heads=2)
-    kwargs = dict(dtype="float32", backend="torch", max_num_batched_tokens=64,
+    kwargs = dict(**SMALL, max_num_batched_tokens=64,
                   enable_prefix_caching=True)  # fmt: skip
     prompts = _prompts(1, (70, 9, 45, 20, 3))
     prompts.append(prompts[0][:48] + prompts[1])
@@ -106,7 +109,7 @@ def test_a_replayed_step_equals_the_eager_step_and_leaves_other_blocks_alone(
     the same cache: the same hidden states, and the same cache but for the scratch block."""
     directory = tiny_hf_model_dir("qwen2")
     made = cuda_backend_on_cpu()
-    llm = LLM(str(directory), dtype="float32", backend="torch", cuda_graph_sizes=[4])
+    llm = LLM(str(directory), **SMALL, cuda_graph_sizes=[4])
     (backend,) = made
     worker = llm.engine.core.executor.worker
     graphs = backend.graphs
@@ -144,10 +147,10 @@ def test_speculative_verify_rows_replay_too(tiny_hf_model_dir, cuda_backend_on_c
     directory = tiny_hf_model_dir("qwen2")
     spec = {"model": str(directory), "num_speculative_tokens": 3}
     prompts = _prompts(3, (12, 30))
-    plain = _greedy(LLM(str(directory), dtype="float32", backend="torch"), prompts, [20, 20])
+    plain = _greedy(LLM(str(directory), **SMALL), prompts, [20, 20])
     seen = _replays(monkeypatch)
     cuda_backend_on_cpu()
-    llm = LLM(str(directory), dtype="float32", backend="torch", speculative_config=spec,
+    llm = LLM(str(directory), **SMALL, speculative_config=spec,
               cuda_graph_sizes=[16])  # fmt: skip
     assert _greedy(llm, prompts, [20, 20]) == plain
     assert (8, 8) in seen  # two sequences' rows of guesses
@@ -158,15 +161,43 @@ def test_speculative_verify_rows_replay_too(tiny_hf_model_dir, cuda_backend_on_c
 def test_a_sliding_window_replays_as_transformers_decodes(tiny_hf_model_dir, cuda_backend_on_cpu):
     directory = tiny_hf_model_dir("mistral", sliding_window=20)
     cuda_backend_on_cpu()
-    llm = LLM(str(directory), dtype="float32", backend="torch", cuda_graph_sizes=[2])
+    llm = LLM(str(directory), **SMALL, cuda_graph_sizes=[2])
     prompt = _prompts(4, (41,))[0]
     assert _greedy(llm, [prompt], [12]) == [hf_greedy(directory, prompt, 12)]
+
+
+def test_the_warm_up_runs_each_prompt_variant_on_the_scratch_blocks(
+    tiny_hf_model_dir, cuda_backend_on_cpu, monkeypatch
+):
+    """What a GPU runs at load (here called by hand: the interpreter compiles nothing): a
+    prompt for each rows-a-program count (one KV head a group: 16, 32, 64) beside a decode,
+    on the scratch blocks only."""
+    directory = tiny_hf_model_dir("llama", num_key_value_heads=4)
+    made = cuda_backend_on_cpu()
+    llm = LLM(str(directory), **SMALL, enforce_eager=True)
+    (backend,) = made
+    worker = llm.engine.core.executor.worker
+    launched = []
+    launch = triton_attention.paged_attention
+
+    def counted(*args, **kwargs):
+        launched.append(args[7])  # rows a program
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention, "paged_attention", counted)
+    before = [k.clone() for k, _ in worker.kv_caches]
+    settings = graph_settings(llm.engine.core.config.model, worker.num_blocks, 16)
+    backend.warm_up(worker.model, worker.kv_caches, settings)
+    assert set(launched) == {16, 32, 64} and len(launched) == 2 * 3 * 2  # layers, steps, launches
+    scratch = worker.num_blocks * 16
+    for (k, _), k0 in zip(worker.kv_caches, before, strict=True):
+        assert torch.equal(k[:scratch], k0[:scratch]) and not torch.equal(k, k0)
 
 
 def test_enforce_eager_captures_nothing(tiny_hf_model_dir, cuda_backend_on_cpu):
     directory = tiny_hf_model_dir("llama")
     made = cuda_backend_on_cpu()
-    LLM(str(directory), dtype="float32", backend="torch", enforce_eager=True)
+    LLM(str(directory), **SMALL, enforce_eager=True)
     (backend,) = made
     assert backend.graphs is None and backend.description.endswith("eager")
 
@@ -178,7 +209,7 @@ def test_a_mixture_of_experts_runs_eagerly(tiny_hf_model_dir, cuda_backend_on_cp
     )
     made = cuda_backend_on_cpu()
     caplog.set_level(logging.INFO, logger="tokenmill")
-    LLM(str(directory), dtype="float32", backend="torch")
+    LLM(str(directory), **SMALL)
     (backend,) = made
     assert backend.graphs is None and "none for a mixture of experts" in caplog.text
 
@@ -190,7 +221,7 @@ def test_a_graph_that_disagrees_with_eager_is_dropped(
     step then runs eagerly, with the same tokens."""
     directory = tiny_hf_model_dir("llama")
     made = cuda_backend_on_cpu()
-    llm = LLM(str(directory), dtype="float32", backend="torch", cuda_graph_sizes=[1, 8])
+    llm = LLM(str(directory), **SMALL, cuda_graph_sizes=[1, 8])
     (backend,) = made
     graphs = backend.graphs
     assert graphs is not None
@@ -250,7 +281,7 @@ def test_a_captured_step_reads_nothing_back_to_the_host(
     tensor is made from host data."""
     directory = tiny_hf_model_dir(model_type, **config)
     made = cuda_backend_on_cpu()
-    LLM(str(directory), dtype="float32", backend="torch", cuda_graph_sizes=[2])
+    LLM(str(directory), **SMALL, cuda_graph_sizes=[2])
     (backend,) = made
     graphs = backend.graphs
     assert graphs is not None
@@ -267,7 +298,7 @@ def test_the_host_read_check_finds_a_mixture_of_experts_routing(tiny_hf_model_di
     directory = tiny_hf_model_dir(
         "qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48
     )
-    llm = LLM(str(directory), dtype="float32", backend="torch")
+    llm = LLM(str(directory), **SMALL)
     ops = _Ops()
     with ops:
         llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=1))

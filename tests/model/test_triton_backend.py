@@ -13,7 +13,8 @@ pytest.importorskip("triton")  # the CUDA backend's kernels; pip installs it bes
 from tests.model.test_sliding_window import hf_greedy
 from tokenmill import LLM, SamplingParams
 from tokenmill.backends import select_backend
-from tokenmill.backends.cuda import CudaBackend, TritonAttention
+from tokenmill.backends.cuda import CudaBackend
+from tokenmill.backends.cuda_attention import TritonAttention
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels import triton_attention
 

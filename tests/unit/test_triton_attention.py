@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")  # the CUDA backend's kernels; pip installs it beside torch on Linux
 
-from tokenmill.backends.cuda import TritonAttention
+from tokenmill.backends.cuda_attention import TritonAttention
 from tokenmill.layers.attention import ScheduledChunk, StepLayout, TorchAttention
 
 BLOCK = 16

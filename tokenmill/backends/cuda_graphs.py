@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.backends.base import GraphSettings
-from tokenmill.backends.cuda import Launch, TritonAttention, TritonAttentionMetadata
+from tokenmill.backends.cuda_attention import Launch, TritonAttention, TritonAttentionMetadata
 from tokenmill.kernels import triton_attention
 from tokenmill.layers.attention import StepLayout
 from tokenmill.layers.ops import ForwardContext, KVCache, TorchOps
