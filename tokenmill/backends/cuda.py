@@ -52,8 +52,8 @@ class CudaBackend(Backend):
         if device.type == "cuda":  # (Triton's interpreter compiles nothing)
             with torch.inference_mode():
                 self.warm_up(model, kv_caches, graphs)
-        if not graphs.sizes:
-            return  # (--enforce-eager)
+        if not graphs.sizes or not self.attention.runs(q, k_cache, graphs.block_size):
+            return  # (--enforce-eager, or the kernel failed to compile in the warm-up)
         if any(isinstance(m, SparseMoeBlock) for m in model.modules()):
             logger.info(
                 "CUDA graphs: none for a mixture of experts yet (its routing counts each "
