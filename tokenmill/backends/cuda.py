@@ -1,5 +1,6 @@
-"""The CUDA backend: torch ops, attention as a Triton kernel over the paged cache
-(backends/cuda_attention.py), decode steps replayed as CUDA graphs
+"""The CUDA backend: element-wise ops as Triton kernels (backends/cuda_ops.py), attention
+as a Triton kernel over the paged cache (backends/cuda_attention.py), the rest torch;
+decode steps replayed as CUDA graphs
 (backends/cuda_graphs.py), and the kernels compiled at load rather than on the first
 requests.
 """
@@ -14,6 +15,7 @@ import torch
 from tokenmill.backends.base import Backend, GraphSettings
 from tokenmill.backends.cuda_attention import TritonAttention
 from tokenmill.backends.cuda_graphs import DecodeGraphs
+from tokenmill.backends.cuda_ops import TritonOps
 from tokenmill.kernels import triton_attention
 from tokenmill.layers.attention import KVCache, ScheduledChunk, StepLayout
 from tokenmill.layers.moe import SparseMoeBlock
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 class CudaBackend(Backend):
-    """torch ops, Triton paged attention; decode steps replayed as CUDA graphs
+    """Triton element-wise ops and paged attention; decode steps replayed as CUDA graphs
     (backends/cuda_graphs.py)."""
 
     name = "cuda"
@@ -34,14 +36,15 @@ class CudaBackend(Backend):
 
     def __init__(self) -> None:
         super().__init__()
+        self.ops: TritonOps = TritonOps()
         self.attention: TritonAttention = TritonAttention()
         self.graphs: DecodeGraphs | None = None
 
     @property
     def description(self) -> str:
-        if self.graphs is None or self.graphs.failed is not None:
-            return "torch ops, Triton paged attention, eager"
-        return "torch ops, Triton paged attention, CUDA graphs"
+        ops = "torch ops" if self.ops.failed else "Triton element-wise ops"
+        graphs = "eager" if self.graphs is None or self.graphs.failed else "CUDA graphs"
+        return f"{ops}, Triton paged attention, {graphs}"
 
     def ready(self, model: CausalLM, kv_caches: list[KVCache], graphs: GraphSettings) -> None:
         device = kv_caches[0][0].device
