@@ -33,15 +33,16 @@ SMALL = dict(dtype="float32", backend="torch", kv_cache_memory=4 << 20)
 @pytest.fixture
 def cuda_backend_on_cpu(monkeypatch):
     """Calling it makes workers load from then on with the CUDA backend (on a CPU: its
-    graphs run uncaptured), decodes split over their keys while fewer than 64 programs would
-    run; returns the list of the backends made."""
+    graphs run uncaptured), decodes split over their keys while fewer than `min_programs`
+    programs would run (none by default: split programs cost the interpreter much); returns
+    the list of the backends made."""
 
-    def install() -> list[CudaBackend]:
+    def install(min_programs: int = 0) -> list[CudaBackend]:
         made: list[CudaBackend] = []
 
         def select(*args, **kwargs):
             backend = CudaBackend()
-            backend.attention.min_programs = 64
+            backend.attention.min_programs = min_programs
             made.append(backend)
             return backend
 
@@ -52,13 +53,17 @@ def cuda_backend_on_cpu(monkeypatch):
 
 
 def _replays(monkeypatch) -> list[tuple[int, int]]:
-    """(rows, captured size) of every step that ran from a graph."""
+    """(rows, captured size) of every step that ran from a graph ((-rows, size) while it
+    runs)."""
     seen: list[tuple[int, int]] = []
     run = DecodeGraphs.run
 
     def counted(self, size, input_ids, ctx):
-        seen.append((int(input_ids.shape[0]), size))
-        return run(self, size, input_ids, ctx)
+        seen.append((-int(input_ids.shape[0]), size))
+        try:
+            return run(self, size, input_ids, ctx)
+        finally:
+            seen[-1] = (-seen[-1][0], size)
 
     monkeypatch.setattr(DecodeGraphs, "run", counted)
     return seen
@@ -77,28 +82,35 @@ def _greedy(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> list[l
 def test_padded_decode_steps_keep_the_greedy_tokens(
     tiny_hf_model_dir, cuda_backend_on_cpu, monkeypatch
 ):
-    """Six sequences ending at different steps (6, 5 and 4 rows padded to 8, 8 and 4), one
+    """Six sequences ending at different steps (6 and 5 rows padded to 8), one
     past max_seq_len_to_capture (its steps run eagerly), a shared prefix read from the
-    cache, and decodes split over their keys at the small sizes."""
+    cache, and the graphs' decodes split over their keys."""
     directory = tiny_hf_model_dir("llama", num_attention_heads=8, num_key_value_heads=2)
-    kwargs = dict(**SMALL, max_num_batched_tokens=64,
-                  enable_prefix_caching=True)  # fmt: skip
-    prompts = _prompts(1, (70, 9, 45, 20, 3))
+    kwargs = dict(**SMALL, max_num_batched_tokens=64, enable_prefix_caching=True)
+    prompts = _prompts(1, (120, 9, 45, 20, 3))
     prompts.append(prompts[0][:48] + prompts[1])
     max_tokens = [14, 4, 10, 7, 12, 9]
     want = _greedy(LLM(str(directory), **kwargs), prompts, max_tokens)  # torch, no graphs
     seen = _replays(monkeypatch)
-    made = cuda_backend_on_cpu()
-    llm = LLM(str(directory), cuda_graph_sizes=[1, 2, 4, 8], max_seq_len_to_capture=80, **kwargs)
+    splits: list[int] = []
+    launch = triton_attention.paged_attention
+
+    def counted(*args, **kwargs):
+        if len(seen) and seen[-1][0] < 0:  # (inside a replay)
+            splits.append(args[12])
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention, "paged_attention", counted)
+    made = cuda_backend_on_cpu(min_programs=64)
+    llm = LLM(str(directory), cuda_graph_sizes=[1, 2, 4, 8], max_seq_len_to_capture=128, **kwargs)
     (backend,) = made
     assert backend.graphs is not None and sorted(backend.graphs.graphs) == [1, 2, 4, 8]
     assert _greedy(llm, prompts, max_tokens) == want
-    assert {(6, 8), (5, 8), (4, 4)} <= set(seen)
-    # the longest sequence (70 + 14 tokens) outgrew the captured tables (80 tokens): its
+    assert {(6, 8), (5, 8)} <= set(seen)
+    assert set(splits) == {2}  # (8 blocks of tables: two runs of 4 at most)
+    # the longest sequence (120 + 14 tokens) outgrew the captured tables (128 tokens): its
     # last steps ran eagerly, so fewer steps replayed than it decoded
     assert len(seen) < max(max_tokens) - 1
-    alone = _greedy(llm, prompts[:1], max_tokens[:1])
-    assert alone == want[:1] and alone[0] == hf_greedy(directory, prompts[0], 14)
     assert backend.graphs.failed is None
 
 
@@ -147,12 +159,12 @@ def test_speculative_verify_rows_replay_too(tiny_hf_model_dir, cuda_backend_on_c
     directory = tiny_hf_model_dir("qwen2")
     spec = {"model": str(directory), "num_speculative_tokens": 3}
     prompts = _prompts(3, (12, 30))
-    plain = _greedy(LLM(str(directory), **SMALL), prompts, [20, 20])
+    plain = _greedy(LLM(str(directory), **SMALL), prompts, [12, 12])
     seen = _replays(monkeypatch)
     cuda_backend_on_cpu()
     llm = LLM(str(directory), **SMALL, speculative_config=spec,
               cuda_graph_sizes=[16])  # fmt: skip
-    assert _greedy(llm, prompts, [20, 20]) == plain
+    assert _greedy(llm, prompts, [12, 12]) == plain
     assert (8, 8) in seen  # two sequences' rows of guesses
     speculator = llm.engine.core.speculator
     assert speculator is not None and speculator.counts.num_accepted_tokens > 10
@@ -221,16 +233,16 @@ def test_a_graph_that_disagrees_with_eager_is_dropped(
     step then runs eagerly, with the same tokens."""
     directory = tiny_hf_model_dir("llama")
     made = cuda_backend_on_cpu()
-    llm = LLM(str(directory), **SMALL, cuda_graph_sizes=[1, 8])
+    llm = LLM(str(directory), **SMALL, cuda_graph_sizes=[1, 2])
     (backend,) = made
     graphs = backend.graphs
     assert graphs is not None
     graphs._check()
     assert graphs.failed is None
-    right = graphs.graphs[8]
-    graphs.graphs[8] = cuda_graphs._Eager(lambda: right.replay() + 1.0)
+    right = graphs.graphs[2]
+    graphs.graphs[2] = cuda_graphs._Eager(lambda: right.replay() + 1.0)
     graphs._check()
-    assert graphs.failed is not None and "8 rows" in graphs.failed and not graphs.graphs
+    assert graphs.failed is not None and "2 rows" in graphs.failed and not graphs.graphs
     assert "decode steps run eagerly" in caplog.text
     assert backend.description.endswith("eager")
     prompt = _prompts(5, (9,))[0]

@@ -92,40 +92,45 @@ def _rope_and_cache(
     stride_table, stride_kc, stride_kh, stride_vc, stride_vh,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,  # NUM_HEADS + NUM_KV_HEADS up to a power of two
+    KV_PAD: tl.constexpr,  # NUM_KV_HEADS up to a power of two
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,
 ):  # fmt: skip
-    """One token's head (a query head, or a key head with its value): rotated by the
-    token's position ("rotate half"), a key and its value written to the token's slot."""
+    """One token: its query and key heads rotated by its position ("rotate half"), its key
+    and value heads written to its slot."""
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    dims = tl.arange(0, HEAD_PAD)
-    ok = dims < HEAD_DIM
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, HEAD_PAD)[None, :]
+    dim_ok = dims < HEAD_DIM
+    ok = (heads < NUM_HEADS + NUM_KV_HEADS) & dim_ok
     half: tl.constexpr = HEAD_DIM // 2
-    width: tl.constexpr = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
-    row = qkv_ptr + token * width + head * HEAD_DIM
-    x = tl.load(row + dims, mask=ok, other=0.0)
-    turned = tl.load(row + (dims + half) % HEAD_DIM, mask=ok, other=0.0)  # roll(x, half)
+    row = qkv_ptr + token * (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
+    x = tl.load(row + heads * HEAD_DIM + dims, mask=ok, other=0.0)
+    turned = tl.load(row + heads * HEAD_DIM + (dims + half) % HEAD_DIM, mask=ok, other=0.0)
     position = tl.load(positions_ptr + token)
     dtype = qkv_ptr.dtype.element_ty
-    cos = tl.load(table_ptr + position * stride_table + dims, mask=ok, other=0.0)
-    sin = tl.load(table_ptr + position * stride_table + HEAD_DIM + dims, mask=ok, other=0.0)
+    cos = tl.load(table_ptr + position * stride_table + dims, mask=dim_ok, other=0.0)
+    sin = tl.load(table_ptr + position * stride_table + HEAD_DIM + dims, mask=dim_ok, other=0.0)
     cos = cos.to(dtype).to(tl.float32)
     sin = tl.where(dims < half, -sin, sin).to(dtype).to(tl.float32)
     a = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
     b = (turned.to(tl.float32) * sin).to(dtype).to(tl.float32)
     rotated = (a + b).to(dtype)
-    if head < NUM_HEADS:
-        tl.store(q_ptr + (token * NUM_HEADS + head) * HEAD_DIM + dims, rotated, mask=ok)
-    else:
-        kv_head = head - NUM_HEADS
-        tl.store(k_ptr + (token * NUM_KV_HEADS + kv_head) * HEAD_DIM + dims, rotated, mask=ok)
-        slot = tl.load(slots_ptr + token)
-        k_at = k_cache_ptr + slot * stride_kc + kv_head * stride_kh
-        tl.store(k_at + dims, rotated.to(k_cache_ptr.dtype.element_ty), mask=ok)
-        v = tl.load(row + NUM_KV_HEADS * HEAD_DIM + dims, mask=ok, other=0.0)
-        v_at = v_cache_ptr + slot * stride_vc + kv_head * stride_vh
-        tl.store(v_at + dims, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+    is_q = heads < NUM_HEADS
+    tl.store(q_ptr + (token * NUM_HEADS + heads) * HEAD_DIM + dims, rotated, mask=ok & is_q)
+    kv_head = heads - NUM_HEADS
+    slot = tl.load(slots_ptr + token)
+    tl.store(k_ptr + (token * NUM_KV_HEADS + kv_head) * HEAD_DIM + dims, rotated,
+             mask=ok & ~is_q)  # fmt: skip
+    tl.store(k_cache_ptr + slot * stride_kc + kv_head * stride_kh + dims,
+             rotated.to(k_cache_ptr.dtype.element_ty), mask=ok & ~is_q)  # fmt: skip
+    kv_heads = tl.arange(0, KV_PAD)[:, None]
+    v_ok = (kv_heads < NUM_KV_HEADS) & dim_ok
+    v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims, mask=v_ok,
+                other=0.0)  # fmt: skip
+    tl.store(v_cache_ptr + slot * stride_vc + kv_heads * stride_vh + dims,
+             v.to(v_cache_ptr.dtype.element_ty), mask=v_ok)  # fmt: skip
 
 
 def rope_and_cache(
@@ -147,11 +152,13 @@ def rope_and_cache(
     q = qkv.new_empty(rows, num_heads, head_dim)
     k = qkv.new_empty(rows, num_kv_heads, head_dim)
     if rows:
-        _rope_and_cache[(rows, num_heads + num_kv_heads)](
+        _rope_and_cache[(rows,)](
             qkv, table, positions, slots, q, k, k_cache, v_cache,
             table.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
             v_cache.stride(1),
-            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+            HEADS_PAD=triton.next_power_of_2(num_heads + num_kv_heads),
+            KV_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
             HEAD_PAD=triton.next_power_of_2(head_dim),
         )  # fmt: skip
     return q, k
