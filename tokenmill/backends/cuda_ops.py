@@ -36,7 +36,9 @@ class TritonOps(TorchOps):
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.failed is None and (residual is None or residual.is_contiguous()):
+        if self.failed is None and (
+            residual is None or (residual.is_contiguous() and residual.dtype == x.dtype)
+        ):
             try:
                 return triton_ops.add_rms_norm(x, residual, weight, eps)
             except Exception as error:  # noqa: BLE001
