@@ -178,14 +178,15 @@ def test_a_sliding_window_replays_as_transformers_decodes(tiny_hf_model_dir, cud
     assert _greedy(llm, [prompt], [12]) == [hf_greedy(directory, prompt, 12)]
 
 
-def test_the_warm_up_runs_each_prompt_variant_on_the_scratch_blocks(
+def test_the_warm_up_runs_each_kernel_variant_on_the_scratch_blocks(
     tiny_hf_model_dir, cuda_backend_on_cpu, monkeypatch
 ):
     """What a GPU runs at load (here called by hand: the interpreter compiles nothing): a
     prompt for each rows-a-program count (one KV head a group: 16, 32, 64) beside a decode,
-    on the scratch blocks only."""
+    then a decode for each count of splits its 512 positions allow, on the scratch blocks
+    only."""
     directory = tiny_hf_model_dir("llama", num_key_value_heads=4)
-    made = cuda_backend_on_cpu()
+    made = cuda_backend_on_cpu(min_programs=64)
     llm = LLM(str(directory), **SMALL, enforce_eager=True)
     (backend,) = made
     worker = llm.engine.core.executor.worker
@@ -193,14 +194,17 @@ def test_the_warm_up_runs_each_prompt_variant_on_the_scratch_blocks(
     launch = triton_attention.paged_attention
 
     def counted(*args, **kwargs):
-        launched.append(args[7])  # rows a program
+        launched.append((args[7], args[12]))  # (rows a program, splits)
         return launch(*args, **kwargs)
 
     monkeypatch.setattr(triton_attention, "paged_attention", counted)
     before = [k.clone() for k, _ in worker.kv_caches]
     settings = graph_settings(llm.engine.core.config.model, worker.num_blocks, 16)
     backend.warm_up(worker.model, worker.kv_caches, settings)
-    assert set(launched) == {16, 32, 64} and len(launched) == 2 * 3 * 2  # layers, steps, launches
+    prompts = {(16, 1), (32, 1), (64, 1)}
+    splits = {(16, 2), (16, 4), (16, 8)}  # (16 splits: 64 blocks, past the model's 512 positions)
+    assert set(launched) == prompts | splits
+    assert len(launched) == 2 * (3 * 2 + 3)  # layers x (prompt steps x 2 launches + decodes)
     scratch = worker.num_blocks * 16
     for (k, _), k0 in zip(worker.kv_caches, before, strict=True):
         assert torch.equal(k[:scratch], k0[:scratch]) and not torch.equal(k, k0)

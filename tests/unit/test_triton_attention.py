@@ -171,3 +171,18 @@ def test_what_the_kernel_does_not_take_goes_to_the_reference():
     got = _run(attention, layout, 4, 2, 16, torch.float32, seed=12)
     want = _run(TorchAttention(), layout, 4, 2, 16, torch.float32, seed=12)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("sequences", [[(5, 1), (40, 1), (16, 1)], [(70, 1), (0, 20), (48, 5)]])
+def test_every_part_of_the_metadata_starts_16_bytes_in(sequences):
+    """Triton compiles a kernel per pointer alignment: tables, chunks and tiles each start
+    on 16 bytes whatever the counts (3 chunks, tables 3 or 5 wide), or a step would compile
+    a variant its neighbour did not need."""
+    layout = _step(sequences, 64, seed=17)
+    meta = TritonAttention().build_metadata(layout)
+    launches = meta.launches_for(2, 2, None, 0)
+    assert meta.tables is not None and meta.chunks is not None
+    for part in (meta.tables, meta.chunks, *(launch.tiles for launch in launches)):
+        assert part.data_ptr() % 16 == 0
+    assert meta.chunks[0].tolist() == [c.row for c in layout.chunks]
+    assert meta.chunks[2].tolist() == [c.start for c in layout.chunks]

@@ -20,6 +20,7 @@ from tokenmill.kernels import triton_attention
 from tokenmill.layers.attention import KVCache, ScheduledChunk, StepLayout
 from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.layers.ops import ForwardContext
+from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.model.interface import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class CudaBackend(Backend):
                 self.warm_up(model, kv_caches, graphs)
         if not graphs.sizes or not self.attention.runs(q, k_cache, graphs.block_size):
             return  # (--enforce-eager, or the kernel failed to compile in the warm-up)
+        if getattr(model, "uses_mrope", False):  # (its positions [3, T] run eagerly)
+            logger.info("CUDA graphs: none for multimodal rotary positions yet")
+            return
         if any(isinstance(m, SparseMoeBlock) for m in model.modules()):
             logger.info(
                 "CUDA graphs: none for a mixture of experts yet (its routing counts each "
@@ -68,9 +72,11 @@ class CudaBackend(Backend):
             self.graphs.capture()
 
     def warm_up(self, model: CausalLM, kv_caches: list[KVCache], graphs: GraphSettings) -> None:
-        """Compile the kernel's prompt variants at load (one per rows-a-program count, the
-        first time a prompt needs it: seconds on a GPU, which the first requests would
-        wait out): a step of a decode and a prompt of each size, on the scratch blocks."""
+        """Compile the kernels' variants at load (each the first time a step needs it:
+        seconds on a GPU, which the first requests would wait out), on the scratch blocks: a
+        step of a decode and a prompt for each rows-a-program count, then a lone decode over
+        8, 16, 32 and 64 blocks of keys (cycling through the scratch blocks), as far as the
+        model's positions go, for each count of splits."""
         bs, scratch = graphs.block_size, graphs.scratch_block
         cfg = model.config
         group = cfg.num_heads // cfg.num_kv_heads
@@ -78,22 +84,52 @@ class CudaBackend(Backend):
         sizes = {}  # rows a program -> the shortest prompt that takes it
         for n in range(longest, 1, -1):
             sizes[triton_attention.rows_per_program(n, group)] = n
+        steps = []  # (chunks: (start, tokens, table)) of each step
+        for n in sorted(sizes.values()):
+            table = array("q", range(scratch, scratch + -(-n // bs)))
+            steps.append([(1, 1, table), (0, n, table)])
+        # (a position past the rotary tables would be a device-side assert on a GPU)
+        positions = min(
+            [m.max_positions for m in model.modules() if isinstance(m, RotaryEmbedding)],
+            default=cfg.max_context,
+        )
+        for blocks in (8, 16, 32, 64):
+            if blocks * bs <= min(positions, cfg.max_context):
+                table = array("q", [scratch + i % self.extra_blocks for i in range(blocks)])
+                steps.append([(blocks * bs - 1, 1, table)])
         device = kv_caches[0][0].device
         try:
-            for n in sorted(sizes.values()):
-                table = array("q", range(scratch, scratch + -(-n // bs)))
-                chunks = [ScheduledChunk(0, 1, 1, table), ScheduledChunk(1, 0, n, table)]
-                positions = torch.tensor([1, *range(n)], device=device)
-                slots = scratch * bs + positions
-                layout = StepLayout(chunks, 1, positions, slots, bs)
-                ctx = ForwardContext(
-                    self.ops, self.attention, self.attention.build_metadata(layout), kv_caches
-                )
-                model(torch.zeros_like(positions), positions, ctx)
+            for step in steps:
+                self._warm_up_step(model, kv_caches, step, bs, device)
         except Exception as error:  # noqa: BLE001 - kernels no GPU here has compiled yet
             if device.type != "cuda":
                 raise
             logger.warning("warming the kernels up failed (%s: %s)", type(error).__name__, error)
+
+    def _warm_up_step(
+        self,
+        model: CausalLM,
+        kv_caches: list[KVCache],
+        step: list[tuple[int, int, array[int]]],
+        bs: int,
+        device: torch.device,
+    ) -> None:
+        chunks: list[ScheduledChunk] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        row = 0
+        for start, n, table in step:
+            chunks.append(ScheduledChunk(row, start, n, table))
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            row += n
+        position_ids = torch.tensor(positions, device=device)
+        num_decodes = sum(1 for c in chunks if c.is_decode)
+        layout = StepLayout(chunks, num_decodes, position_ids, torch.tensor(slots, device=device),
+                            bs)  # fmt: skip
+        meta = self.attention.build_metadata(layout)
+        model(torch.zeros_like(position_ids), position_ids,
+              ForwardContext(self.ops, self.attention, meta, kv_caches))  # fmt: skip
 
     def forward(
         self,

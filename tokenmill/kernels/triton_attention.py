@@ -206,6 +206,9 @@ def paged_attention(
             splits * num_tiles * num_kv_heads * block_m * (head_pad + 2),
             dtype=torch.float32, device=q.device,
         )  # fmt: skip
+    # big tiles (wide heads, many rows or keys a block) take more threads: fewer registers
+    # each, where four warps would spill
+    num_warps = 8 if head_pad * max(block_m, block_size) >= 8192 else 4
     _paged_attention[(num_tiles, num_kv_heads, splits)](
         q, k_cache, v_cache, out, tables, chunks, tiles, partials,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
@@ -214,6 +217,7 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_PAD=head_pad, GROUP=group, BLOCK_M=block_m,
         BLOCK_SIZE=block_size, SOFTCAP=softcap is not None, WINDOW=window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLITS=splits,
+        num_warps=num_warps,
     )  # fmt: skip
     if splits > 1:
         _combine_splits[(num_tiles, num_kv_heads)](

@@ -4,8 +4,9 @@ On a GPU with CUDA graphs a small model's decode step is a chain of short kernel
 count of them, not the bytes, sets its time.
 
 Each kernel rounds where the torch reference (layers/ops.py's TorchOps) rounds: every
-element-wise op of the model's dtype computed in float32 and rounded to that dtype, the
-norm's statistics in float32. Run by Triton's interpreter on CPU tensors in the tests
+element-wise op of the model's dtype computed in float32 and rounded to that dtype (no
+product fused into a sum where the reference rounds between them), the norm's statistics
+in float32. Run by Triton's interpreter on CPU tensors in the tests
 (TRITON_INTERPRET=1, tests/conftest.py), like kernels/triton_attention.py.
 """
 
@@ -50,9 +51,11 @@ def add_rms_norm(
     rows, size = x.shape
     out = torch.empty(rows, size, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if rows:
+        block = triton.next_power_of_2(size)
         _add_rms_norm[(rows,)](
             x, x if residual is None else residual, weight, out, size, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(size),
+            HAS_RESIDUAL=residual is not None, BLOCK=block,
+            num_warps=min(max(block // 256, 1), 8),  # (a wide row: more threads, fewer registers)
         )  # fmt: skip
     return out, x if residual is None else residual
 
@@ -160,5 +163,6 @@ def rope_and_cache(
             HEADS_PAD=triton.next_power_of_2(num_heads + num_kv_heads),
             KV_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
             HEAD_PAD=triton.next_power_of_2(head_dim),
+            enable_fp_fusion=False,  # (a product and a sum fused would skip a rounding)
         )  # fmt: skip
     return q, k
