@@ -24,15 +24,16 @@ class GraphSettings:
 
     sizes: tuple[int, ...]  # batch sizes, one graph each; () = none (--enforce-eager)
     max_blocks: int  # KV blocks of the longest sequence a captured step holds
-    scratch_block: int  # the KV block past the pool's (Backend.extra_blocks) padding writes to
+    scratch_block: int  # the first KV block past the pool's (Backend.extra_blocks)
     block_size: int
+    scratch_blocks: int = 1  # how many there are (padding rows write to the first)
 
 
 class Backend:
     """The torch reference: torch ops, SDPA attention, the checkpoint's own weights."""
 
     name = "torch"
-    # KV blocks past the pool's that the backend keeps for itself (the scratch block that
+    # KV blocks past the pool's that the backend keeps for itself (scratch blocks that
     # padding rows of a captured step write to)
     extra_blocks = 0
 

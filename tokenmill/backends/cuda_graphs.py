@@ -99,8 +99,8 @@ class DecodeGraphs:
 
     def capture(self) -> None:
         """Every size, largest first (smaller graphs reuse its memory pool). On a GPU each
-        is run once first (compiling its kernels), and the smallest and the largest up to a
-        block's tokens are checked against eager runs."""
+        is run once first (compiling its kernels), and the smallest and the largest the
+        scratch blocks hold are checked against eager runs."""
         started = time.perf_counter()
         on_gpu = self.device.type == "cuda"
         pool = None
@@ -205,9 +205,9 @@ class DecodeGraphs:
         return lambda: model(ids, positions, ctx)
 
     def _pad_everything(self, distinct: int = 0) -> None:
-        """Every row a padding row (on the scratch block); the first `distinct` rows at
-        positions 0, 1, ... of it with token ids 1, 2, ... (a step whose rows read each
-        other's keys, for checks)."""
+        """Every row a padding row (position 0 of the scratch block); the first `distinct`
+        rows at positions 0, 1, ... of the scratch blocks, with token ids 1, 2, ... (a step
+        whose rows read each other's keys, for checks)."""
         scratch, bs = self.settings.scratch_block, self.settings.block_size
         rows = torch.arange(self.inputs.shape[1], device=self.device)
         at = torch.where(rows < distinct, rows, 0)
@@ -217,13 +217,17 @@ class DecodeGraphs:
         self.inputs[3] = rows
         self.inputs[4] = 1
         self.inputs[5] = at
-        self.tables[:, 0] = scratch
+        blocks = self._checked_blocks()
+        self.tables[:, :blocks] = torch.arange(scratch, scratch + blocks, device=self.device)
+
+    def _checked_blocks(self) -> int:
+        """Scratch blocks a check's rows spread over (the tables' width allowing)."""
+        return min(self.settings.scratch_blocks, self.settings.max_blocks)
 
     def _check(self) -> None:
         """Replays against eager runs of the same steps, on rows that read each other's keys
-        in the scratch block: the smallest size, and the largest up to a block's tokens."""
-        bs = self.settings.block_size
-        fitting = [size for size in self.sizes if size <= bs]
+        in the scratch blocks: the smallest size, and the largest they hold."""
+        fitting = [s for s in self.sizes if s <= self._checked_blocks() * self.settings.block_size]
         for size in {fitting[0], fitting[-1]} if fitting else set():
             self._pad_everything(distinct=size)
             want = self._forward(size)().float()

@@ -106,7 +106,7 @@ class Worker:
         )
         if group.size == 1:
             self.backend.ready(self.model, self.kv_caches, graph_settings(
-                model_config, self.num_blocks, self.block_size
+                model_config, self.num_blocks, self.block_size, self.backend.extra_blocks
             ))  # fmt: skip
         self.draft = None
         if draft is not None:
@@ -180,12 +180,15 @@ class LoadedModel:
         ]
 
 
-def graph_settings(config: ModelConfig, num_blocks: int, block_size: int) -> GraphSettings:
+def graph_settings(
+    config: ModelConfig, num_blocks: int, block_size: int, scratch_blocks: int = 1
+) -> GraphSettings:
     """What the backend may capture: config.cuda_graph_sizes (resolved by the engine, or
-    its default for 256 sequences), none with enforce_eager."""
+    its default for 256 sequences), none with enforce_eager; scratch blocks from the
+    pool's end."""
     sizes = () if config.enforce_eager else tuple(capture_sizes(config.cuda_graph_sizes, 256))
     max_blocks = min(-(-config.max_seq_len_to_capture // block_size), num_blocks)
-    return GraphSettings(sizes, max(1, max_blocks), num_blocks, block_size)
+    return GraphSettings(sizes, max(1, max_blocks), num_blocks, block_size, scratch_blocks)
 
 
 def load_on_device(
