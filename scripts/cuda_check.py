@@ -110,6 +110,7 @@ def _backend(llm: LLM) -> dict[str, Any]:
     return {
         "backend": backend.description,
         "triton_failed": getattr(backend.attention, "failed", None),  # a compile error
+        "ops_failed": getattr(backend.ops, "failed", None),
         "graphs_failed": None if graphs is None else graphs.failed,
         "graph_sizes": [] if graphs is None else sorted(graphs.graphs),
     }
