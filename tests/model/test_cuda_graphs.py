@@ -210,6 +210,15 @@ def test_the_warm_up_runs_each_kernel_variant_on_the_scratch_blocks(
         assert torch.equal(k[:scratch], k0[:scratch]) and not torch.equal(k, k0)
 
 
+def test_the_default_sizes_follow_max_num_seqs(tiny_hf_model_dir, cuda_backend_on_cpu):
+    """No --cuda-graph-sizes: up to twice --max-num-seqs (room for rows of guesses)."""
+    directory = tiny_hf_model_dir("llama")
+    made = cuda_backend_on_cpu()
+    LLM(str(directory), **SMALL, max_num_seqs=4)
+    (backend,) = made
+    assert backend.graphs is not None and sorted(backend.graphs.graphs) == [1, 2, 4, 8]
+
+
 def test_enforce_eager_captures_nothing(tiny_hf_model_dir, cuda_backend_on_cpu):
     directory = tiny_hf_model_dir("llama")
     made = cuda_backend_on_cpu()
