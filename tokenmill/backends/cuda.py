@@ -48,8 +48,8 @@ class CudaBackend(Backend):
         return f"{ops}, Triton paged attention, {graphs}"
 
     def ready(self, model: CausalLM, kv_caches: list[KVCache], graphs: GraphSettings) -> None:
-        device = kv_caches[0][0].device
         k_cache = kv_caches[0][0]
+        device = k_cache.device
         q = k_cache.new_empty(0, model.config.num_heads, model.config.head_dim)
         if not self.attention.runs(q, k_cache, graphs.block_size):
             return  # (the reference attends: nothing to compile, nothing to capture)
@@ -90,11 +90,11 @@ class CudaBackend(Backend):
             steps.append([(1, 1, table), (0, n, table)])
         # (a position past the rotary tables would be a device-side assert on a GPU)
         positions = min(
-            [m.max_positions for m in model.modules() if isinstance(m, RotaryEmbedding)],
-            default=cfg.max_context,
+            [cfg.max_context]
+            + [m.max_positions for m in model.modules() if isinstance(m, RotaryEmbedding)]
         )
         for blocks in (8, 16, 32, 64):
-            if blocks * bs <= min(positions, cfg.max_context):
+            if blocks * bs <= positions:
                 table = array("q", [scratch + i % self.extra_blocks for i in range(blocks)])
                 steps.append([(blocks * bs - 1, 1, table)])
         device = kv_caches[0][0].device

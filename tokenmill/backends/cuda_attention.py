@@ -229,14 +229,20 @@ class TritonAttention:
                     softcap, window, launch.splits,
                 )  # fmt: skip
         except Exception as error:  # noqa: BLE001 - a kernel no GPU here has compiled yet
-            if q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-                # the interpreter (CPU tensors) is what the tests check: never hide it; a
-                # capture that failed gives up its graphs, not the kernel
-                raise
-            self.failed = f"{type(error).__name__}: {error}"
-            logger.warning("the Triton attention kernel failed (%s); using SDPA", self.failed)
+            self.failed = kernel_failure(error, q, "the Triton attention kernel", "SDPA")
             return self.reference.forward(q, k, v, kv_cache, meta, True, scale, softcap, window)
         return out
+
+
+def kernel_failure(error: Exception, tensor: torch.Tensor, kernel: str, instead: str) -> str:
+    """Why a Triton kernel stops being used, logged once: a GPU's compile error. Raises
+    `error` again where hiding it would be wrong: the interpreter (CPU tensors) is what the
+    tests check, and a capture that failed gives up its graphs, not the kernel."""
+    if tensor.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        raise error
+    why = f"{type(error).__name__}: {error}"
+    logger.warning("%s failed (%s); using %s", kernel, why, instead)
+    return why
 
 
 def _min_programs(device: torch.device) -> int:

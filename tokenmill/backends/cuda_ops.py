@@ -5,16 +5,13 @@ warning)."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
+from tokenmill.backends.cuda_attention import kernel_failure
 from tokenmill.kernels import triton_ops
 from tokenmill.layers.attention import KVCache
 from tokenmill.layers.ops import TorchOps
 from tokenmill.layers.rotary import RotaryTables
-
-logger = logging.getLogger(__name__)
 
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what rope_and_cache writes
 
@@ -70,9 +67,4 @@ class TritonOps(TorchOps):
             return None
 
     def _give_up(self, error: Exception, tensor: torch.Tensor) -> None:
-        if tensor.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            # the interpreter (CPU tensors) is what the tests check: never hide it; a capture
-            # that failed gives up its graphs, not the kernels
-            raise error
-        self.failed = f"{type(error).__name__}: {error}"
-        logger.warning("the Triton element-wise kernels failed (%s); using torch's", self.failed)
+        self.failed = kernel_failure(error, tensor, "the Triton element-wise kernels", "torch's")

@@ -18,7 +18,13 @@ from tokenmill.backends.device import (
     resolve_device,
     resolve_dtype,
 )
-from tokenmill.config import CacheConfig, ModelConfig, Quantization, capture_sizes
+from tokenmill.config import (
+    CacheConfig,
+    ModelConfig,
+    Quantization,
+    SchedulerConfig,
+    capture_sizes,
+)
 from tokenmill.distributed import group as parallel
 from tokenmill.distributed.group import SINGLE, ParallelGroup
 from tokenmill.errors import ModelLoadError
@@ -183,10 +189,11 @@ class LoadedModel:
 def graph_settings(
     config: ModelConfig, num_blocks: int, block_size: int, scratch_blocks: int = 1
 ) -> GraphSettings:
-    """What the backend may capture: config.cuda_graph_sizes (resolved by the engine, or
-    its default for 256 sequences), none with enforce_eager; scratch blocks from the
-    pool's end."""
-    sizes = () if config.enforce_eager else tuple(capture_sizes(config.cuda_graph_sizes, 256))
+    """What the backend may capture: config.cuda_graph_sizes (resolved by the engine; a
+    worker made without one takes the scheduler's default batch), none with enforce_eager;
+    scratch blocks from the pool's end."""
+    batch = SchedulerConfig().max_num_seqs
+    sizes = () if config.enforce_eager else tuple(capture_sizes(config.cuda_graph_sizes, batch))
     max_blocks = min(-(-config.max_seq_len_to_capture // block_size), num_blocks)
     return GraphSettings(sizes, max(1, max_blocks), num_blocks, block_size, scratch_blocks)
 
