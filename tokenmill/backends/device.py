@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 from pathlib import Path
 
@@ -50,32 +51,84 @@ def configure_cpu_threads(pinned: int | None) -> str:
     return f"{threads} CPU threads (adaptive{where})"
 
 
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros; on a CPU in private anonymous memory, which the kernel zeroes a page at a
+    time as it is first written: a KV cache of gigabytes is ready at once and takes memory
+    as requests fill it (torch.zeros writes every byte first: ~2 s a GiB on a 2-core VM)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # (a fork copies it on write)
+    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)
+
+
 def cgroup_cpu_quota(
     root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
 ) -> float | None:
     """CPUs' worth of time the process's cgroup may use (cgroup v2 cpu.max, or v1 CFS quota,
     the tightest along the path), or None when unlimited or unknown."""
+    limits: list[float] = []
+    for here, v2 in _cgroup_dirs(root, membership, "cpu", ("cpu,cpuacct", "cpu")):
+        if v2:
+            limits += _quota(here / "cpu.max", None)
+        else:
+            limits += _quota(here / "cpu.cfs_quota_us", here / "cpu.cfs_period_us")
+    return min(limits) if limits else None
+
+
+def available_memory(
+    meminfo: Path = Path("/proc/meminfo"),
+    root: Path = Path("/sys/fs/cgroup"),
+    membership: Path = Path("/proc/self/cgroup"),
+) -> int | None:
+    """Bytes this process may still take: the kernel's MemAvailable, and the room left under
+    the cgroup's memory limit (v2 memory.max, or v1 memory.limit_in_bytes; the tightest along
+    the path); None when neither is known."""
+    room: list[int] = []
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                room.append(int(line.split()[1]) * 1024)  # (kB)
+    except (OSError, ValueError, IndexError):
+        pass
+    for here, v2 in _cgroup_dirs(root, membership, "memory", ("memory",)):
+        limit, used = ("memory.max", "memory.current") if v2 else (
+            "memory.limit_in_bytes", "memory.usage_in_bytes")  # fmt: skip
+        try:
+            room.append(int((here / limit).read_text()) - int((here / used).read_text()))
+        except (OSError, ValueError):  # ("max": unlimited; v1 writes a huge number instead)
+            continue
+    return max(0, min(room)) if room else None
+
+
+def _cgroup_dirs(
+    root: Path, membership: Path, controller: str, v1_mounts: tuple[str, ...]
+) -> list[tuple[Path, bool]]:
+    """The directories that hold the process's limits of `controller`, each with whether it
+    is cgroup v2: on v2 every directory from the process's own up to the root (a limit
+    anywhere above binds it too); on v1 the process's directory under the controller's
+    mount."""
     try:
         lines = membership.read_text().splitlines()
     except OSError:
-        return None
-    limits: list[float] = []
+        return []
+    found: list[tuple[Path, bool]] = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2: cpu.max in every directory from ours up to the root
+        if controllers == "":
             here = root / path.lstrip("/")
             while True:
-                limits += _quota(here / "cpu.max", None)
+                found.append((here, True))
                 if here == root or root not in here.parents:
                     break
                 here = here.parent
-        elif "cpu" in controllers.split(","):  # v1
-            for base in (root / "cpu,cpuacct", root / "cpu"):
-                here = base / path.lstrip("/")
+        elif controller in controllers.split(","):
+            for base in v1_mounts:
+                here = root / base / path.lstrip("/")
                 if here.is_dir():
-                    limits += _quota(here / "cpu.cfs_quota_us", here / "cpu.cfs_period_us")
+                    found.append((here, False))
                     break
-    return min(limits) if limits else None
+    return found
 
 
 def _quota(quota_file: Path, period_file: Path | None) -> list[float]:
@@ -120,4 +173,17 @@ def kv_cache_bytes(config: CacheConfig, device: torch.device) -> int:
             )
         return budget
     total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(min(total_ram * _CPU_KV_SHARE, _CPU_KV_CAP))
+    room = available_memory()
+    half_the_room = room // 2 if room is not None else _CPU_KV_CAP
+    return int(min(total_ram * _CPU_KV_SHARE, _CPU_KV_CAP, half_the_room))
+
+
+def check_kv_cache_fits(nbytes: int, device: torch.device) -> None:
+    """Refuse a CPU KV cache larger than the memory left: it takes memory only as requests
+    fill it (zeros()), so one too large would otherwise be killed mid-serving, not here."""
+    room = available_memory() if device.type == "cpu" else None
+    if room is not None and nbytes > room:
+        raise ModelLoadError(
+            f"the KV cache would take {nbytes / 2**30:.2f} GiB, more than the "
+            f"{room / 2**30:.2f} GiB of memory left on this machine; lower --kv-cache-memory"
+        )

@@ -349,8 +349,11 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         "arrival (default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
-        "--kv-cache-memory", type=parse_bytes, default=None, metavar="BYTES",
-        help="KV cache size, e.g. 2GiB, 512MiB, 1e9 (default: sized to the machine)",
+        "--kv-cache-memory", "--kv-cache-memory-bytes", type=parse_bytes, default=None,
+        metavar="BYTES",
+        help="KV cache size, e.g. 2GiB, 512MiB, 1e9 (default: on CPU 10%% of RAM, at most "
+        "8GiB and half the memory left, taken as requests fill it; on CUDA what "
+        "--gpu-memory-utilization leaves)",
     )  # fmt: skip
     g.add_argument(
         "--tensor-parallel-size", "-tp", type=int,

@@ -13,10 +13,12 @@ import torch
 from tokenmill.backends import formats, select_backend
 from tokenmill.backends.base import Backend, GraphSettings
 from tokenmill.backends.device import (
+    check_kv_cache_fits,
     configure_cpu_threads,
     kv_cache_bytes,
     resolve_device,
     resolve_dtype,
+    zeros,
 )
 from tokenmill.config import (
     CacheConfig,
@@ -107,6 +109,7 @@ class Worker:
         # every rank holds the same blocks (of its own heads): the fewest any can
         self.num_blocks = group.min_int(max(1, budget // bytes_per_block))
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
+        check_kv_cache_fits(self.kv_cache_bytes, self.device)
         self.kv_caches = loaded.kv_caches(
             self.num_blocks + self.backend.extra_blocks, self.block_size, self.device
         )
@@ -179,8 +182,8 @@ class LoadedModel:
         shape = (num_blocks * block_size, self.kv_heads, self.model.config.head_dim)
         return [
             (
-                torch.zeros(shape, dtype=self.kv_cache_dtype, device=device),
-                torch.zeros(shape, dtype=self.kv_cache_dtype, device=device),
+                zeros(shape, self.kv_cache_dtype, device),
+                zeros(shape, self.kv_cache_dtype, device),
             )
             for _ in range(self.num_layers)
         ]
