@@ -372,12 +372,29 @@ async def test_text_format_json_schema_becomes_the_constraint():
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
         ({"max_output_tokens": 10_000}, "max_output_tokens"),
         ({"model": "nope"}, "model"),
+        ({"prompt": {"id": "pmpt_123"}}, "prompt"),
+        ({"n": 2}, "n"),
+        ({"return_token_ids": True}, "return_token_ids"),
+        ({"logits_processors": ["pkg.P"]}, "logits_processors"),
     ],
 )  # fmt: skip
 async def test_what_cannot_be_served_is_a_client_error_naming_the_field(extra, param):
     async with client_for(app_with()) as client:
         response = await client.post("/v1/responses", json={"input": "x", **extra})
     assert_error(response, 404 if param == "model" else 400, param)
+
+
+@pytest.mark.anyio
+async def test_vllm_extras_reach_the_chat_request_and_request_id_names_the_response():
+    app = app_with()
+    async with client_for(app) as client:
+        body = {"input": "x", "max_output_tokens": 2, "guided_choice": ["yes", "no"],
+                "request_id": "resp_mine", "n": 1}  # fmt: skip
+        response = await client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == "resp_mine"
+    spec = app.state.engine.grammars[0]
+    assert spec is not None and spec.kind == "choice"
 
 
 @pytest.mark.anyio

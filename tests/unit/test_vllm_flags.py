@@ -31,7 +31,11 @@ WORKS = [
     "--enable-log-requests", "--cpu-offload-gb", "0",
     "--structured-outputs-config.backend", "outlines", "--return-tokens-as-token-ids",
     "--kv-cache-dtype", "fp8_e5m2", "--enforce-eager", "--cuda-graph-sizes", "1", "4", "16",
-    "--max-seq-len-to-capture", "4k",
+    "--max-seq-len-to-capture", "4k", "--kv-cache-memory-bytes", "1GiB",
+    "--prefix-caching-hash-algo", "sha256", "--model-impl", "auto", "--api-server-count", "1",
+    "--logprobs-mode", "raw_logprobs", "--mm-processor-cache-gb", "0",
+    "--enable-force-include-usage", "--disable-uvicorn-access-log",
+    "--default-chat-template-kwargs", '{"enable_thinking": false}',
 ]  # fmt: skip
 IGNORED = [
     "--trust-remote-code", "--swap-space", "4", "--download-dir", "/tmp/x",
@@ -39,6 +43,10 @@ IGNORED = [
     "--no-enable-chunked-prefill", "--disable-frontend-multiprocessing",
     "--max-num-partial-prefills", "2", "--hf-token", "hf_x", "--max-log-len", "100",
     "--preemption-mode", "swap", "--chat-template-content-format", "openai",
+    "--async-scheduling", "--enable-log-outputs", "--log-config-file", "log.json",
+    "--enable-server-load-tracking", "--model-impl", "transformers", "--api-server-count", "4",
+    "--enable-expert-parallel", "--data-parallel-size-local", "2",
+    "--prefix-caching-hash-algo", "builtin", "--mm-processor-cache-gb", "4",
 ]  # fmt: skip
 REFUSED = [
     ("--enable-lora", "merge_and_unload"),
@@ -47,6 +55,11 @@ REFUSED = [
     ("--tokenizer other/dir", "tokenizer in the model's directory"),
     ("--kv-transfer-config {}", "disaggregated"),
     ("--calculate-kv-scales", "scale of 1"),
+    ("--max-cpu-loras 4", "LoRA"),
+    ("--enable-sleep-mode", "stop the server"),
+    ("--logits-processor-pattern .*", "no logits processors"),
+    ("--tool-parser-plugin p.py", "--tool-call-parser"),
+    ("--logprobs-mode processed_logprobs", "raw logits"),
 ]
 
 
@@ -61,8 +74,11 @@ def test_flags_that_work_start_quietly_and_map_onto_tokenmills() -> None:
     assert isinstance(settings, ServerSettings)
     assert args.model == "some-model" and args.guided_decoding_backend == "outlines"
     assert args.scheduling_policy == "priority" and settings.return_tokens_as_token_ids
+    assert settings.force_include_usage
+    assert settings.default_chat_template_kwargs == {"enable_thinking": False}
+    assert args.disable_uvicorn_access_log
     config = _engine_config(args)
-    assert config.cache.kv_cache_dtype == "fp8_e5m2"
+    assert config.cache.kv_cache_dtype == "fp8_e5m2" and config.cache.kv_cache_memory == 1 << 30
     assert config.model.enforce_eager and config.model.cuda_graph_sizes == [1, 4, 16]
     assert config.model.max_seq_len_to_capture == 4096
     defaults = _engine_config(parse()).model
@@ -89,7 +105,7 @@ def test_scheduling_policy_and_token_ids_defaults_and_bad_values(
 def test_flags_with_no_effect_here_each_get_one_warning() -> None:
     args = parse(*IGNORED)
     warnings = check_vllm_flags(args)
-    assert len(warnings) == 11, warnings
+    assert len(warnings) == 21, warnings
     assert any(w.startswith("--compilation-config 3 has no effect here") for w in warnings)
     assert any(w.startswith("--no-enable-chunked-prefill has no effect") for w in warnings)
     assert any(w.startswith("--trust-remote-code has no effect here: ") for w in warnings)
@@ -104,6 +120,33 @@ def test_flags_that_cannot_work_stop_with_what_to_do_instead(flag: str, says: st
         check_vllm_flags(args)
     with pytest.raises(StartupError, match=says):
         _server_settings(parse(*flag.split()))
+
+
+def test_tokenizer_works_naming_the_model_and_beside_a_gguf_file(tmp_path: Path) -> None:
+    assert check_vllm_flags(parse("./model-dir", "--tokenizer", "model-dir")) == []
+    warnings = check_vllm_flags(parse("m.gguf", "--tokenizer", "TinyLlama/TinyLlama-1.1B"))
+    assert warnings == [
+        "--tokenizer TinyLlama/TinyLlama-1.1B has no effect here: the GGUF file's own "
+        "tokenizer is used"
+    ]
+    with pytest.raises(RefusedFlag, match="tokenizer in the model's directory"):
+        check_vllm_flags(parse("model-dir", "--tokenizer", "other-dir"))
+
+
+def test_structured_outputs_backend_auto_is_the_default_and_guidance_is_named() -> None:
+    for argv in (
+        ["--structured-outputs-config.backend", "auto"],
+        ["--structured-outputs-config", '{"backend": "auto"}'],
+        ["--guided-decoding-backend", "auto"],
+    ):
+        args = parse(*argv)
+        _server_settings(args)
+        assert args.guided_decoding_backend == "xgrammar", argv
+    args = parse("--guided-decoding-backend", "lm_format_enforcer")
+    _server_settings(args)
+    assert args.guided_decoding_backend == "lm-format-enforcer"
+    with pytest.raises(StartupError, match="'guidance' \\(llguidance\\) is not part of"):
+        _server_settings(parse("--structured-outputs-config.backend", "guidance"))
 
 
 def test_every_flag_of_the_table_is_documented() -> None:

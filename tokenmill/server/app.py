@@ -27,6 +27,7 @@ from tokenmill.server.routers import (
     completions,
     embeddings,
     infill,
+    invocations,
     models,
     ops,
     playground,
@@ -52,6 +53,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     embeddings.router,
     embeddings.pooling_router,
     infill.router,
+    invocations.router,
     ops.router,
     tokenize.router,
 )

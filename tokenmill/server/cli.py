@@ -218,6 +218,16 @@ def _add_server_flags(g: argparse._ArgumentGroup) -> None:
         help="usage.prompt_tokens_details.cached_tokens: prompt tokens from the prefix cache",
     )  # fmt: skip
     g.add_argument(
+        "--default-chat-template-kwargs", type=parse_json_object, default=None,
+        metavar="JSON", help="keyword arguments to every chat template (e.g. "
+        "'{\"enable_thinking\": false}'); a request's chat_template_kwargs override them",
+    )  # fmt: skip
+    g.add_argument(
+        "--enable-force-include-usage", action="store_true",
+        help="usage in a last chunk of every stream, as if each request sent "
+        "stream_options.include_usage",
+    )  # fmt: skip
+    g.add_argument(
         "--return-tokens-as-token-ids", action="store_true",
         help='logprobs name tokens "token_id:{id}" (a request\'s return_tokens_as_token_ids '
         "overrides it)",
@@ -269,6 +279,10 @@ def _add_server_flags(g: argparse._ArgumentGroup) -> None:
         help="CORS: allowed headers, JSON or comma list (default: all)",
     )  # fmt: skip
     g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    g.add_argument(
+        "--disable-uvicorn-access-log", action="store_true",
+        help="no access log line per HTTP request",
+    )  # fmt: skip
     g.add_argument(
         "--uvicorn-log-level", default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -459,10 +473,10 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
         help="seed for requests that give none (default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
-        "--guided-decoding-backend", choices=get_args(GuidedDecodingBackend),
+        "--guided-decoding-backend", metavar="{" + ",".join(get_args(GuidedDecodingBackend)) + "}",
         default=_DEFAULTS.structured_outputs.guided_decoding_backend,
-        help="structured outputs: the grammar backend of requests that name none "
-        "(default: %(default)s)",
+        help="structured outputs: the grammar backend of requests that name none; vLLM's "
+        "auto is the default (default: %(default)s)",
     )  # fmt: skip
 
 
@@ -546,6 +560,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app,
         log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
         root_path=args.root_path,
         ssl_keyfile=args.ssl_keyfile,
         ssl_certfile=args.ssl_certfile,
@@ -553,6 +568,24 @@ def _serve(args: argparse.Namespace) -> int:
         ssl_cert_reqs=args.ssl_cert_reqs,
     )
     return serve_app(config, engine, sock, args.shutdown_timeout)
+
+
+def _backend_name(name: str) -> str:
+    """--guided-decoding-backend in vLLM's spellings: auto is the default backend."""
+    backend = name.strip().lower().replace("_", "-")
+    if backend == "auto":
+        return _DEFAULTS.structured_outputs.guided_decoding_backend
+    if backend == "guidance":
+        raise StartupError(
+            "structured outputs backend 'guidance' (llguidance) is not part of tokenmill; use "
+            + ", ".join(get_args(GuidedDecodingBackend))
+        )
+    if backend not in get_args(GuidedDecodingBackend):
+        raise StartupError(
+            f"unknown structured outputs backend {name!r}; use auto or one of "
+            + ", ".join(get_args(GuidedDecodingBackend))
+        )
+    return backend
 
 
 def _server_settings(args: argparse.Namespace) -> ServerSettings:
@@ -585,11 +618,7 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
             logger.warning("%s", warning)
     except RefusedFlag as exc:
         raise StartupError(str(exc)) from None
-    if args.guided_decoding_backend not in get_args(GuidedDecodingBackend):
-        raise StartupError(
-            f"unknown structured outputs backend {args.guided_decoding_backend!r}; use one of "
-            + ", ".join(get_args(GuidedDecodingBackend))
-        )
+    args.guided_decoding_backend = _backend_name(args.guided_decoding_backend)
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         raise StartupError("TLS needs both --ssl-keyfile and --ssl-certfile")
     env_key = os.environ.get("TOKENMILL_API_KEY") or os.environ.get("VLLM_API_KEY")
@@ -617,6 +646,8 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
         docs=not args.disable_fastapi_docs,
         playground=not args.disable_playground,
         prompt_tokens_details=args.enable_prompt_tokens_details,
+        force_include_usage=args.enable_force_include_usage,
+        default_chat_template_kwargs=args.default_chat_template_kwargs,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         tool_call_parser=args.tool_call_parser,
     )

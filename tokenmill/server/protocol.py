@@ -50,7 +50,7 @@ def _is_none(value: Any) -> bool:
 
 
 class StreamOptions(OpenAIBaseModel):
-    include_usage: bool | None = False  # send a final chunk with usage (choices empty)
+    include_usage: bool | None = True  # a final chunk with usage (choices empty); vLLM's default
     continuous_usage_stats: bool | None = False  # vLLM: with include_usage, in every chunk
 
 
@@ -135,6 +135,13 @@ class UnsupportedExtras(OpenAIBaseModel):
     vllm_xargs: dict[str, Any] | None = None
 
 
+class RequestIdExtra(OpenAIBaseModel):
+    """vLLM's request_id: the response's id after its prefix (the X-Request-Id header, when
+    sent, wins)."""
+
+    request_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+
 class StructuredOutputExtras(OpenAIBaseModel):
     """vLLM's structured-output fields; at most one constraint per request (with
     response_format), read by tokenmill.structured.spec_from_request_fields."""
@@ -156,7 +163,7 @@ class StructuredOutputExtras(OpenAIBaseModel):
 Prompt = list[int] | list[list[int]] | str | list[str]
 
 
-class CompletionRequest(SamplingExtras, StructuredOutputExtras, UnsupportedExtras):
+class CompletionRequest(SamplingExtras, StructuredOutputExtras, UnsupportedExtras, RequestIdExtra):
     """POST /v1/completions (fields in the order of OpenAI's reference)."""
 
     model: str | None = None  # None = the first served model name
@@ -333,7 +340,9 @@ class ChatDocument(OpenAIBaseModel):
     text: str
 
 
-class ChatCompletionRequest(SamplingExtras, StructuredOutputExtras, UnsupportedExtras):
+class ChatCompletionRequest(
+    SamplingExtras, StructuredOutputExtras, UnsupportedExtras, RequestIdExtra
+):
     """POST /v1/chat/completions (fields in the order of OpenAI's reference)."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]

@@ -11,7 +11,7 @@ from pydantic import Field
 from tokenmill.server.protocol import (
     ChatDocument,
     ChatMessage,
-    OpenAIBaseModel,
+    RequestIdExtra,
     ResponseModel,
     UsageInfo,
 )
@@ -19,7 +19,7 @@ from tokenmill.server.protocol import (
 EmbeddingInput = list[int] | list[list[int]] | str | list[str]
 
 
-class PoolingExtras(OpenAIBaseModel):
+class PoolingExtras(RequestIdExtra):
     """What both request forms share: OpenAI's fields and vLLM's extras."""
 
     model: str | None = None  # None = the first served model name

@@ -4,7 +4,7 @@ items and the response object; and the request as the Chat Completions request t
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError
 
@@ -35,6 +35,16 @@ CHAT_EXTRAS = (
     "chat_template_kwargs",
     "cache_salt",
     "priority",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+    "structured_outputs",
+    "mm_processor_kwargs",
+    "spaces_between_special_tokens",
+    "truncate_prompt_tokens",
 )
 
 
@@ -74,9 +84,11 @@ class ResponsesRequest(OpenAIBaseModel):
     top_p: float | None = None  # None = 1.0
     truncation: Literal["auto", "disabled"] | None = None  # only "disabled"
     user: str | None = None
+    prompt: Any = None  # a stored prompt template of OpenAI's: not supported (400 when set)
 
     # vLLM-style extras (and those of CHAT_EXTRAS, sent with extra_body)
     seed: Seed | None = None
+    request_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # the id
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,6 +227,11 @@ def to_chat_request(
     }
     extra = request.model_extra or {}
     body.update({name: extra[name] for name in CHAT_EXTRAS if name in extra})
+    chat_fields = ChatCompletionRequest.model_fields
+    for name in sorted(extra.keys() & chat_fields.keys() - set(CHAT_EXTRAS)):
+        unused = (None, chat_fields[name].get_default(call_default_factory=True))
+        if extra[name] not in unused:  # a Chat field this endpoint has no place for
+            raise InvalidRequestError(f"{name} is not supported by /v1/responses", param=name)
     try:
         return ChatCompletionRequest.model_validate(body), conversation
     except ValidationError as exc:
@@ -230,6 +247,8 @@ def check_unsupported(request: ResponsesRequest) -> None:
         "conversation": (request.conversation is not None, "conversations are not supported"),
         "include": (request.include, "include is not supported (only [] or null)"),
         "max_tool_calls": (request.max_tool_calls is not None, "max_tool_calls is not supported"),
+        "prompt": (request.prompt is not None, "stored prompts (prompt) are not supported; "
+                   "send the instructions and input themselves"),
         "top_logprobs": (request.top_logprobs is not None, "top_logprobs is not supported"),
         "truncation": (request.truncation == "auto", "truncation 'auto' is not supported; "
                        "a prompt over the context length is a 400"),

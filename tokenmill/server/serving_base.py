@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -26,6 +27,18 @@ from tokenmill.tokenizer.detokenizer import TokenTexts
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+RequestIds = tuple[str, str]  # (the response's id, the engine's)
+
+
+def request_ids(prefix: str, client_id: str | None) -> RequestIds:
+    """A request's ids as vLLM names it: `prefix-` and the client's id (its X-Request-Id
+    header, else the body's request_id) or a new one. A client's id need not be unique, so
+    the engine's id adds a random part to it."""
+    if not client_id:
+        new = f"{prefix}-{uuid.uuid4().hex}"
+        return new, new
+    given = f"{prefix}-{client_id}"
+    return given, f"{given}-{uuid.uuid4().hex[:12]}"
 
 
 class ServingBase:
@@ -153,26 +166,54 @@ class ServingBase:
         return streams.generate(self.engine, self.metrics, inputs, request_id)
 
 
-# the value of each UnsupportedExtras field that means "not used"
-_UNUSED: dict[str, Any] = {
-    "kv_transfer_params": (None,),
-    "vllm_xargs": (None, {}),
+# OpenAI's and vLLM's fields tokenmill cannot honour: the values that mean "not used"
+# (what clients send when they do not use it), and what a 400 says otherwise
+_UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "kv_transfer_params": ((None,), "is not supported by tokenmill yet"),
+    "vllm_xargs": ((None, {}), "is not supported by tokenmill yet"),
+    "logits_processors": (
+        (None, []),
+        "is not supported: tokenmill runs no code a request names (vLLM needs "
+        "--logits-processor-pattern for it); logit_bias, allowed_token_ids, bad_words and "
+        "structured outputs shape the logits instead",
+    ),
+    "structural_tag": (
+        (None,),
+        "is not supported yet: tools (whose calls xgrammar's structural tags hold to their "
+        "schemas) or a structured_outputs constraint instead",
+    ),
+    "functions": ((None,), "is OpenAI's deprecated form of tools: send tools instead"),
+    "function_call": (
+        (None,),
+        "is OpenAI's deprecated form of tool_choice: send tools and tool_choice instead",
+    ),
+    "audio": ((None,), "is not supported: this server's outputs are text"),
+    "modalities": ((None, ["text"]), "is not supported: this server's outputs are text"),
+    "web_search_options": ((None,), "is not supported: tokenmill runs no search"),
+    "prediction": (
+        (None,),
+        "(predicted outputs) is not supported yet; --speculative-config "
+        '\'{"method": "ngram"}\' speeds up outputs that copy the prompt',
+    ),
+    "verbosity": ((None, "medium"), "is not supported: no served model takes a verbosity"),
+    "prompt_embeds": ((None,), "is not supported yet: send the prompt's text or token ids"),
 }
 
 
-def usage_in_chunks(request: Any) -> tuple[bool, bool]:
-    """(usage in a last chunk, usage in every chunk): stream_options' include_usage, and
-    continuous_usage_stats with it (as vLLM)."""
+def usage_in_chunks(request: Any, forced: bool = False) -> tuple[bool, bool]:
+    """(usage in a last chunk, usage in every chunk): stream_options' include_usage (or
+    --enable-force-include-usage), and continuous_usage_stats with it (as vLLM)."""
     options = request.stream_options
-    final = bool(options and options.include_usage)
-    return final, final and bool(options.continuous_usage_stats)
+    final = forced or bool(options and options.include_usage)
+    return final, final and bool(options and options.continuous_usage_stats)
 
 
 def check_unsupported_fields(request: Any) -> None:
-    """A 400 naming the first vLLM field the request uses that tokenmill cannot honour yet."""
-    for name, unused in _UNUSED.items():
+    """A 400 naming the first OpenAI or vLLM field the request uses that tokenmill cannot
+    honour (a field only sent at its "not used" value passes)."""
+    for name, (unused, why) in _UNSUPPORTED.items():
         if getattr(request, name, None) not in unused:
-            raise InvalidRequestError(f"{name} is not supported by tokenmill yet", param=name)
+            raise InvalidRequestError(f"{name} {why}", param=name)
 
 
 def prompt_list(prompt: Any, param: str) -> list[Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
@@ -34,8 +33,10 @@ from tokenmill.server.protocol import (
     TokenizeChatRequest,
 )
 from tokenmill.server.serving_base import (
+    RequestIds,
     ServingBase,
     check_unsupported_fields,
+    request_ids,
     usage_in_chunks,
 )
 from tokenmill.server.sse import EventStreamResponse, sse_event
@@ -55,16 +56,20 @@ ChatPromptRequest = ChatCompletionRequest | TokenizeChatRequest
 class ChatServer(ServingBase):
     """Serves the Chat Completions API."""
 
-    async def create(self, request: ChatCompletionRequest) -> Response:
+    async def create(
+        self, request: ChatCompletionRequest, header_id: str | None = None
+    ) -> Response:
         model = self.check_model(request.model)
         self.check_alive()
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id, engine_id = request_ids("chatcmpl", header_id or request.request_id)
         inputs = await self.to_engine_inputs(request)
         self.check_admission()
         self.log_request(request_id, inputs)
         if request.stream:
-            return EventStreamResponse(self._stream(request, request_id, model, inputs))
-        response = await self._collect(request, request_id, model, inputs)
+            return EventStreamResponse(
+                self._stream(request, (request_id, engine_id), model, inputs)
+            )
+        response = await self._collect(request, (request_id, engine_id), model, inputs)
         return JSONResponse(response.model_dump(mode="json"))
 
     async def to_engine_inputs(self, request: ChatCompletionRequest) -> list[EngineInput]:
@@ -187,6 +192,11 @@ class ChatServer(ServingBase):
     ) -> tuple[list[int], tuple[ImageInput, ...]]:
         tokenizer, documents = self.engine.tokenizer, request.documents
         template_kwargs = _with_reasoning_effort(request, tokenizer.chat_template)
+        if self.settings.default_chat_template_kwargs:
+            template_kwargs = {
+                **self.settings.default_chat_template_kwargs,
+                **(template_kwargs or {}),
+            }
         if use is not None:
             messages = use.template_messages(messages)
         prompt = render_chat(
@@ -207,13 +217,14 @@ class ChatServer(ServingBase):
         return processor.expand(ids, images, "messages", processor_kwargs)
 
     async def _collect(
-        self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
+        self, request: ChatCompletionRequest, ids: RequestIds, model: str, inputs: list[EngineInput]
     ) -> ChatCompletionResponse:
+        request_id, engine_id = ids
         role, echo = _response_role(request), _echo_text(request)
         splitter = self.chat_output(request, inputs[0])
         tracker = self.tracker(inputs)
         final: RequestOutput | None = None
-        async with aclosing(self.generate(inputs, request_id)) as outputs:
+        async with aclosing(self.generate(inputs, engine_id)) as outputs:
             async for i, output in outputs:
                 tracker.update(i, output)
                 final = output
@@ -260,10 +271,11 @@ class ChatServer(ServingBase):
         )
 
     async def _stream(
-        self, request: ChatCompletionRequest, request_id: str, model: str, inputs: list[EngineInput]
+        self, request: ChatCompletionRequest, ids: RequestIds, model: str, inputs: list[EngineInput]
     ) -> AsyncIterator[str]:
+        request_id, engine_id = ids
         created = int(time.time())
-        include_usage, continuous = usage_in_chunks(request)
+        include_usage, continuous = usage_in_chunks(request, self.settings.force_include_usage)
         exclude = None if include_usage else {"usage"}
         tracker = self.tracker(inputs)
 
@@ -282,7 +294,7 @@ class ChatServer(ServingBase):
         splitter = self.chat_output(request, inputs[0])
         for index in range(request.n):  # the first delta of each choice carries the role
             yield chunk([_stream_choice(index, DeltaMessage(role=role, content=echo))])
-        async with aclosing(self.generate(inputs, request_id)) as outputs:
+        async with aclosing(self.generate(inputs, engine_id)) as outputs:
             async for i, output in outputs:
                 for delta in tracker.update(i, output):
                     if not splitter.is_plain:
@@ -381,14 +393,14 @@ def _check_chat_options(request: ChatCompletionRequest, limits: RequestLimits) -
     """400 for chat options whose feature has not landed yet, and for top_logprobs out of range."""
     check_unsupported_fields(request)
     if request.top_logprobs is not None:
-        if not request.logprobs:
-            raise InvalidRequestError(
-                "when using top_logprobs, logprobs must be set to true", param="top_logprobs"
-            )
         if not 0 <= request.top_logprobs <= limits.max_logprobs:
             raise InvalidRequestError(
                 f"top_logprobs must be in [0, {limits.max_logprobs}]; got {request.top_logprobs}",
                 param="top_logprobs",
+            )
+        if request.top_logprobs > 0 and not request.logprobs:  # (0 asks for nothing: vLLM's)
+            raise InvalidRequestError(
+                "when using top_logprobs, logprobs must be set to true", param="top_logprobs"
             )
 
 

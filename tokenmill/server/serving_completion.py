@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any
@@ -25,9 +24,11 @@ from tokenmill.server.protocol import (
     CompletionStreamResponse,
 )
 from tokenmill.server.serving_base import (
+    RequestIds,
     ServingBase,
     check_unsupported_fields,
     prompt_list,
+    request_ids,
     usage_in_chunks,
 )
 from tokenmill.server.sse import EventStreamResponse, sse_event
@@ -75,18 +76,20 @@ class CompletionServer(ServingBase):
             )
         return fim
 
-    async def create(self, request: CompletionRequest) -> Response:
+    async def create(self, request: CompletionRequest, header_id: str | None = None) -> Response:
         model = self.check_model(request.model)
         check_unsupported_fields(request)
         self.check_alive()
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id, engine_id = request_ids("cmpl", header_id or request.request_id)
         inputs, prompt_texts = await self.to_engine_inputs(request)
         self.check_admission()
         self.log_request(request_id, inputs)
         echoes = prompt_texts if request.echo else [""] * len(inputs)
         if request.stream:
-            return EventStreamResponse(self._stream(request, request_id, model, inputs, echoes))
-        response = await self._collect(request, request_id, model, inputs, echoes)
+            return EventStreamResponse(
+                self._stream(request, (request_id, engine_id), model, inputs, echoes)
+            )
+        response = await self._collect(request, (request_id, engine_id), model, inputs, echoes)
         return JSONResponse(response.model_dump(mode="json"))
 
     async def to_engine_inputs(
@@ -226,14 +229,15 @@ class CompletionServer(ServingBase):
     async def _collect(
         self,
         request: CompletionRequest,
-        request_id: str,
+        ids: RequestIds,
         model: str,
         inputs: list[EngineInput],
         echoes: list[str],
     ) -> CompletionResponse:
+        request_id, engine_id = ids
         tracker = self.tracker(inputs)
         finals: dict[int, RequestOutput] = {}
-        async with aclosing(self.generate(inputs, request_id)) as outputs:
+        async with aclosing(self.generate(inputs, engine_id)) as outputs:
             async for i, output in outputs:
                 tracker.update(i, output)
                 finals[i] = output
@@ -281,17 +285,18 @@ class CompletionServer(ServingBase):
     async def _stream(
         self,
         request: CompletionRequest,
-        request_id: str,
+        ids: RequestIds,
         model: str,
         inputs: list[EngineInput],
         echoes: list[str],
     ) -> AsyncIterator[str]:
+        request_id, engine_id = ids
         created = int(time.time())
-        include_usage, continuous = usage_in_chunks(request)
+        include_usage, continuous = usage_in_chunks(request, self.settings.force_include_usage)
         exclude = None if include_usage else {"usage"}
         tracker = self.tracker(inputs)
         num_chars_sent: dict[int, int] = {}  # per choice, for text_offset
-        async with aclosing(self.generate(inputs, request_id)) as outputs:
+        async with aclosing(self.generate(inputs, engine_id)) as outputs:
             async for i, output in outputs:
                 for delta in tracker.update(i, output):
                     text = (echoes[i] if delta.is_first else "") + delta.text

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import uuid
 from typing import Any, Literal
 
 import torch
@@ -24,7 +23,7 @@ from tokenmill.server.protocol_pooling import (
     PoolingData,
     PoolingResponse,
 )
-from tokenmill.server.serving_base import ServingBase, prompt_list
+from tokenmill.server.serving_base import ServingBase, prompt_list, request_ids
 from tokenmill.server.serving_chat import ChatServer
 
 logger = logging.getLogger(__name__)
@@ -39,10 +38,13 @@ class EmbeddingServer(ServingBase):
         super().__init__(*args, **kwargs)
         self.chat = chat  # renders the `messages` form with the chat template
 
-    async def create(self, request: EmbeddingRequest, endpoint: Endpoint) -> Response:
+    async def create(
+        self, request: EmbeddingRequest, endpoint: Endpoint, header_id: str | None = None
+    ) -> Response:
         model = self.check_model(request.model)
         self.check_alive()
-        request_id = f"{'embd' if endpoint == 'embeddings' else 'pool'}-{uuid.uuid4().hex}"
+        prefix = "embd" if endpoint == "embeddings" else "pool"
+        request_id, engine_id = request_ids(prefix, header_id or request.request_id)
         params = PoolingParams(
             dimensions=request.dimensions,
             normalize=request.normalize,
@@ -59,7 +61,7 @@ class EmbeddingServer(ServingBase):
                 "request %s: %d input(s) to embed, prompt tokens %s",
                 request_id, len(prompts), [len(p) for p in prompts],
             )  # fmt: skip
-        outputs = await self._encode_all(prompts, params, request_id, request.cache_salt)
+        outputs = await self._encode_all(prompts, params, engine_id, request.cache_salt)
         vectors = [_encode_vector(o, request.encoding_format) for o in outputs]
         usage = self._usage(outputs)
         body: EmbeddingResponse | PoolingResponse

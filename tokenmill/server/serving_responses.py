@@ -33,7 +33,7 @@ from tokenmill.server.protocol_responses import (
     to_chat_request,
     to_messages,
 )
-from tokenmill.server.serving_base import ServingBase
+from tokenmill.server.serving_base import ServingBase, check_unsupported_fields
 from tokenmill.server.serving_chat import ChatServer
 from tokenmill.server.sse import EventStreamResponse
 
@@ -94,9 +94,10 @@ class ResponsesServer(ServingBase):
     async def create(self, request: ResponsesRequest) -> Response:
         model = self.check_model(request.model)
         self.check_alive()
+        check_unsupported_fields(request)  # (OpenAI's and vLLM's, as Chat's)
         history = self._history(request.previous_response_id)
         chat_request, conversation = to_chat_request(request, history)
-        response_id = f"resp_{uuid.uuid4().hex}"
+        response_id = request.request_id or f"resp_{uuid.uuid4().hex}"
         before_input = len(chat_request.messages) - len(conversation) + len(history)
         inputs = await self._engine_inputs(chat_request, before_input)
         self.check_admission()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenmill.multimodal.media import MediaPolicy
@@ -58,6 +58,9 @@ class ServerSettings:
     docs: bool = True  # FastAPI's /docs, /redoc and /openapi.json
     playground: bool = True  # the chat page at / (tokenmill/server/playground/)
     prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
+    force_include_usage: bool = False  # every stream ends with usage (stream_options or not)
+    # under every request's chat_template_kwargs (--default-chat-template-kwargs)
+    default_chat_template_kwargs: dict[str, Any] | None = None
     # logprobs name tokens "token_id:{id}" unless a request says otherwise (vLLM's flag)
     return_tokens_as_token_ids: bool = False
     # the tool-call syntax (tokenmill/tools/formats.py; vLLM's --tool-call-parser names);

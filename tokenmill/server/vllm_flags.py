@@ -13,6 +13,7 @@ import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 Kind = Literal["ignore", "refuse"]  # what a value outside `works` gets
@@ -38,6 +39,7 @@ _EMBED_ONLY = (
     "classification, scoring and reward models are not supported"
 )
 _SCHEDULER = "tokenmill's scheduler chunks every prefill within --max-num-batched-tokens"
+_OWN_TOKENIZER = "tokenmill uses the tokenizer in the model's directory or GGUF file"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,16 +105,53 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag(("--max-log-len",), "ignore", "tokenmill never logs prompt text"),
     VllmFlag(("--num-gpu-blocks-override",), "ignore",
              "the KV cache is sized by --kv-cache-memory or --gpu-memory-utilization"),
+    VllmFlag(("--async-scheduling",), "ignore",
+             "tokenmill's engine schedules one step at a time", takes_value=False),
+    VllmFlag(("--prefix-caching-hash-algo",), "ignore",
+             "prefix-cache blocks are keyed by SHA-256 over their parent's key and their "
+             "tokens", works=_is("sha256")),
+    VllmFlag(("--mm-processor-cache-gb",), "ignore",
+             "processed images are not cached across requests", works=_is(0, "0")),
+    VllmFlag(("--enable-log-outputs",), "ignore", "tokenmill never logs prompt or output text",
+             takes_value=False),
+    VllmFlag(("--log-config-file",), "ignore",
+             "tokenmill logs one line per event to stderr; --uvicorn-log-level sets the "
+             "server's level"),
+    VllmFlag(("--enable-server-load-tracking",), "ignore",
+             "tokenmill serves no /load; /metrics has the running and waiting requests",
+             takes_value=False),
+    VllmFlag(("--model-impl",), "ignore",
+             "tokenmill runs its own implementation of each architecture",
+             works=_is("auto", "vllm")),
+    VllmFlag(("--api-server-count",), "ignore",
+             "one server process tokenizes and streams for the engine", works=_is(1, "1")),
+    VllmFlag(("--enable-expert-parallel",), "ignore",
+             "a mixture of experts is split by --tensor-parallel-size like the other layers",
+             takes_value=False),
+    VllmFlag(("--data-parallel-size-local",), "ignore",
+             "every --data-parallel-size engine runs on this machine"),
     # not available: the server does not start, and says what to do instead
     VllmFlag(("--revision",), "refuse", f"{_NO_DOWNLOADS}; serve that revision's directory"),
     VllmFlag(("--tokenizer-revision",), "refuse", _NO_DOWNLOADS),
     VllmFlag(("--code-revision",), "refuse", _NO_DOWNLOADS),
-    VllmFlag(("--tokenizer",), "refuse",
-             "tokenmill uses the tokenizer in the model's directory or GGUF file"),
+    VllmFlag(("--tokenizer",), "refuse", _OWN_TOKENIZER),  # (but see _check_tokenizer)
     VllmFlag(("--enable-lora",), "refuse", _NO_LORA, takes_value=False),
     VllmFlag(("--lora-modules",), "refuse", _NO_LORA),
     VllmFlag(("--max-loras",), "refuse", _NO_LORA),
     VllmFlag(("--max-lora-rank",), "refuse", _NO_LORA),
+    VllmFlag(("--max-cpu-loras",), "refuse", _NO_LORA),
+    VllmFlag(("--enable-sleep-mode",), "refuse",
+             "sleep mode is not supported: stop the server to free its memory",
+             takes_value=False),
+    VllmFlag(("--logits-processor-pattern",), "refuse",
+             "tokenmill runs no logits processors that requests name; logit_bias, "
+             "allowed_token_ids, bad_words and structured outputs shape the logits instead"),
+    VllmFlag(("--tool-parser-plugin",), "refuse",
+             "tokenmill loads no parser plugins from files; --tool-call-parser names a "
+             "built-in one"),
+    VllmFlag(("--logprobs-mode",), "refuse",
+             "logprobs are those of the model's raw logits (vLLM's default, raw_logprobs)",
+             works=_is("raw_logprobs")),
     VllmFlag(("--allowed-local-media-path",), "refuse",
              "image files on the server are not read; send data: URLs or allowed http(s) URLs"),
     VllmFlag(("--cpu-offload-gb",), "refuse", "weights stay on the device they run on",
@@ -125,8 +164,6 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag(("--override-generation-config",), "refuse",
              "edit the model's generation_config.json, or pass --generation-config DIR"),
     VllmFlag(("--otlp-traces-endpoint",), "refuse", "OpenTelemetry tracing is not supported"),
-    VllmFlag(("--enable-force-include-usage",), "refuse",
-             "usage is sent with stream_options.include_usage", takes_value=False),
     VllmFlag(("--middleware",), "refuse", "tokenmill loads no middleware from import paths"),
     VllmFlag(("--disable-sliding-window",), "refuse",
              "sliding windows are honoured in the paged cache; lower --max-model-len instead",
@@ -162,7 +199,7 @@ class RefusedFlag(Exception):
 def check_vllm_flags(args: argparse.Namespace) -> list[str]:
     """The startup warnings of the vLLM flags given; RefusedFlag for one that cannot work.
     Maps vLLM's structured-outputs flags onto --guided-decoding-backend."""
-    warnings = []
+    warnings = _check_tokenizer(args)
     for flag in VLLM_FLAGS:
         value = getattr(args, flag.dest, None)
         if value is None or (flag.works is not None and flag.works(value)):
@@ -187,3 +224,21 @@ def check_vllm_flags(args: argparse.Namespace) -> list[str]:
     if backend is not None:
         args.guided_decoding_backend = backend
     return warnings
+
+
+def _check_tokenizer(args: argparse.Namespace) -> list[str]:
+    """--tokenizer naming the model itself works; beside a GGUF file (vLLM's documented
+    command line, which names the base model's tokenizer) it is ignored with a warning, the
+    file holding that tokenizer; anything else is refused (by the table)."""
+    tokenizer, model = getattr(args, "vllm_tokenizer", None), getattr(args, "model", None)
+    if tokenizer is None or model is None:
+        return []
+    if Path(tokenizer).resolve() == Path(model).resolve():
+        args.vllm_tokenizer = None
+        return []
+    if model.lower().endswith(".gguf"):
+        args.vllm_tokenizer = None
+        return [
+            f"--tokenizer {tokenizer} has no effect here: the GGUF file's own tokenizer is used"
+        ]
+    return []

@@ -25,4 +25,4 @@ async def create_chat_completion(
     request: Request,
     server: Annotated[ChatServer, Depends(chat_server)],
 ) -> Response:
-    return await until_disconnect(request, server.create(body))
+    return await until_disconnect(request, server.create(body, request.headers.get("x-request-id")))

@@ -25,4 +25,4 @@ async def create_completion(
     request: Request,
     server: Annotated[CompletionServer, Depends(completion_server)],
 ) -> Response:
-    return await until_disconnect(request, server.create(body))
+    return await until_disconnect(request, server.create(body, request.headers.get("x-request-id")))

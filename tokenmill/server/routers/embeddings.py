@@ -27,7 +27,9 @@ async def create_embedding(
     request: Request,
     server: Annotated[EmbeddingServer, Depends(embedding_server)],
 ) -> Response:
-    return await until_disconnect(request, server.create(body, "embeddings"))
+    return await until_disconnect(
+        request, server.create(body, "embeddings", request.headers.get("x-request-id"))
+    )
 
 
 @pooling_router.post("/pooling")
@@ -36,4 +38,6 @@ async def create_pooling(
     request: Request,
     server: Annotated[EmbeddingServer, Depends(embedding_server)],
 ) -> Response:
-    return await until_disconnect(request, server.create(body, "pooling"))
+    return await until_disconnect(
+        request, server.create(body, "pooling", request.headers.get("x-request-id"))
+    )
