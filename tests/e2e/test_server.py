@@ -197,6 +197,25 @@ def test_chat_stream_n_and_usage(server: Server) -> None:
     assert usage.total_tokens == usage.prompt_tokens + 6
 
 
+def test_the_clients_request_id_usage_by_default_and_sagemakers_route(server: Server) -> None:
+    """As vLLM: X-Request-Id names the response; stream_options sent at all means usage;
+    POST /invocations serves the body's API."""
+    chunks = list(
+        client(server).chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=3, temperature=0, stream=True,
+            stream_options={}, extra_headers={"X-Request-Id": "trace-42"},
+        )
+    )  # fmt: skip
+    assert {c.id for c in chunks} == {"chatcmpl-trace-42"}
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    body = {"messages": QUESTION, "max_tokens": 3, "temperature": 0}
+    via_sagemaker = httpx.post(f"{server.url}/invocations", json=body, timeout=60)
+    assert via_sagemaker.status_code == 200, via_sagemaker.text
+    chat = client(server).chat.completions.create(model=MODEL, **body)
+    content = via_sagemaker.json()["choices"][0]["message"]["content"]
+    assert content == chat.choices[0].message.content
+
+
 def test_add_generation_prompt(server: Server) -> None:
     with_prompt = tokenize(server, messages=QUESTION)
     without = tokenize(server, messages=QUESTION, add_generation_prompt=False)
