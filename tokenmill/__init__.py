@@ -2,20 +2,30 @@
 
 from typing import TYPE_CHECKING, Any
 
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.pooling_params import PoolingParams
+from tokenmill.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
-    from tokenmill.llm import LLM
+    from tokenmill.llm import LLM, TextPrompt, TokensPrompt
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = [
+    "LLM",
+    "GuidedDecodingParams",
+    "PoolingParams",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "TextPrompt",
+    "TokensPrompt",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:
     # LLM pulls in torch and the model code; import it only when asked for.
-    if name == "LLM":
-        from tokenmill.llm import LLM
+    if name in ("LLM", "TextPrompt", "TokensPrompt"):
+        from tokenmill import llm
 
-        return LLM
+        return getattr(llm, name)
     raise AttributeError(f"module 'tokenmill' has no attribute {name!r}")

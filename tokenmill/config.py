@@ -8,6 +8,7 @@ from typing import Any, Literal
 from tokenmill.errors import ModelLoadError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # CPU weight formats (tokenmill/backends/formats.py says what each is and picks the default);
 # "none" = the dtype's own weights
 Quantization = Literal["gguf", "gguf-float32", "rtn", "fp16"]
@@ -168,6 +169,9 @@ class EngineConfig:
             config.parallel, config.speculative,
         )  # fmt: skip
         for key, value in kwargs.items():
+            if key == "dtype":  # vLLM's other names: "half", "float", torch.float16, ...
+                value = str(value).removeprefix("torch.")
+                value = DTYPE_ALIASES.get(value, value)
             for section in sections:
                 if key in {f.name for f in fields(section)}:
                     setattr(section, key, value)

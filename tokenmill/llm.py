@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
+import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Required, TypedDict
 
 from tqdm import tqdm
 
@@ -16,8 +18,28 @@ from tokenmill.errors import InvalidRequestError, RequestFailedError
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.vllm_options import check_vllm_options
 
-Prompt = str | list[int] | dict[str, Any]
+logger = logging.getLogger(__name__)
+
+
+class TextPrompt(TypedDict, total=False):
+    """vLLM's prompt dict of text (a plain dict works the same)."""
+
+    prompt: Required[str]
+    multi_modal_data: dict[str, Any]
+    mm_processor_kwargs: dict[str, Any]
+
+
+class TokensPrompt(TypedDict, total=False):
+    """vLLM's prompt dict of token ids (a plain dict works the same)."""
+
+    prompt_token_ids: Required[list[int]]
+    multi_modal_data: dict[str, Any]
+    mm_processor_kwargs: dict[str, Any]
+
+
+Prompt = str | list[int] | dict[str, Any]  # (TextPrompt and TokensPrompt are such dicts)
 Message = dict[str, Any]
 
 
@@ -30,10 +52,19 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any):
+        if "seed" in kwargs and kwargs["seed"] is None:  # vLLM's: requests without one vary
+            kwargs["seed"] = secrets.randbits(63)
+        for warning in check_vllm_options(model, kwargs):
+            logger.warning("%s", warning)
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
+        self.llm_engine = self.engine  # (vLLM's name)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
         self._prompts: dict[str, str | None] = {}  # request id -> prompt text, while generating
+
+    def get_tokenizer(self) -> Any:
+        """The Hugging Face tokenizer (apply_chat_template, eos_token_id, ...), as vLLM's."""
+        return self.tokenizer.hf
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The params generate() uses when given none: the model's generation_config.json
@@ -45,6 +76,7 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: Any = None,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in input order.
@@ -54,6 +86,7 @@ class LLM:
         image placeholder of the prompt (a vision model's, e.g. "<image>").
         `priority`: one per prompt, lower first (needs scheduling_policy="priority").
         """
+        _no_lora(lora_request)
         batch = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.engine.default_sampling_params()
@@ -81,10 +114,16 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         pooling_params: PoolingParams | None = None,
         use_tqdm: bool = False,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        lora_request: Any = None,
     ) -> list[PoolingRequestOutput]:
         """One embedding per prompt, in input order (`output.outputs.embedding`), pooled as the
         model's pooler config says; served by the same engine that generates."""
+        _no_lora(lora_request)
         params = pooling_params or PoolingParams()
+        if truncate_prompt_tokens is not None:
+            params = dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
         self.engine.check_pooling_params(params)
         request_ids = []
         for prompt in _as_prompt_list(prompts):
@@ -95,7 +134,26 @@ class LLM:
             self._prompts[request_id] = text
         return self._run(request_ids, {}, "Embedding", use_tqdm)  # type: ignore[return-value]
 
-    encode = embed  # vLLM's name for pooling (`output.outputs.data`, a tensor)
+    def encode(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = False,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        lora_request: Any = None,
+        pooling_task: str | None = None,
+    ) -> list[PoolingRequestOutput]:
+        """vLLM's name for pooling (`output.outputs.data`, a tensor): embed()'s vectors, the one
+        pooling task served here (pooling_task None, "embed" or "encode")."""
+        if pooling_task not in (None, "embed", "encode"):
+            raise ValueError(
+                f"pooling_task={pooling_task!r}: tokenmill's pooling serves embeddings only"
+            )
+        return self.embed(
+            prompts, pooling_params, use_tqdm,
+            truncate_prompt_tokens=truncate_prompt_tokens, lora_request=lora_request,
+        )  # fmt: skip
 
     def _run(
         self,
@@ -125,11 +183,14 @@ class LLM:
         messages: list[Message] | list[list[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: Any = None,
         chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
-        chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the chat template, then generate for all of them.
 
@@ -138,7 +199,9 @@ class LLM:
 
         `tools` (OpenAI's function tools) reach the template as vLLM's LLM.chat gives them (a
         template that renders none gets them in a system message); the output is text (the
-        server parses calls: tokenmill/tools)."""
+        server parses calls: tokenmill/tools). vLLM's argument order;
+        `chat_template_content_format`: "auto" (what the template reads), "string" or
+        "openai" (a list of parts)."""
         from tokenmill.tokenizer.chat_template import render_chat, template_reads_parts
         from tokenmill.tools.formats import detect_format
         from tokenmill.tools.request import tool_use
@@ -146,7 +209,17 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         template = chat_template or self.tokenizer.chat_template
         use = tool_use(tools, "none", None, detect_format(template), max_tools=len(tools or []))
-        as_parts = self.engine.image_processor is not None and template_reads_parts(template)
+        _no_lora(lora_request)
+        if chat_template_content_format not in ("auto", "string", "openai"):
+            raise ValueError(
+                "chat_template_content_format must be auto, string or openai; got "
+                f"{chat_template_content_format!r}"
+            )
+        as_parts = (
+            chat_template_content_format == "openai"
+            if chat_template_content_format != "auto"
+            else self.engine.image_processor is not None and template_reads_parts(template)
+        )
         prompts: list[Prompt] = []
         for conversation in conversations:
             rendered, images = _template_messages(conversation, as_parts)  # type: ignore[arg-type]
@@ -164,6 +237,8 @@ class LLM:
             prompt: dict[str, Any] = {"prompt": text, "add_special_tokens": False}
             if images:
                 prompt["multi_modal_data"] = {"image": images}
+                if mm_processor_kwargs:
+                    prompt["mm_processor_kwargs"] = mm_processor_kwargs
             prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
@@ -211,6 +286,8 @@ def _template_messages(
     messages: list[dict[str, Any]] = []
     images: list[Any] = []
     for i, message in enumerate(conversation):
+        if message.get("role") == "developer":  # OpenAI's newer name for system
+            message = {**message, "role": "system"}
         content = message.get("content")
         if not isinstance(content, list):
             if as_parts and isinstance(content, str):
@@ -236,8 +313,19 @@ def _template_messages(
                 parts.append(part)
                 continue
             parts.append({"type": "image"})
-        messages.append({**message, "content": parts})
+        if not as_parts and all(p.get("type") == "text" for p in parts):  # joined, as the server
+            messages.append({**message, "content": "\n".join(p["text"] for p in parts)})
+        else:
+            messages.append({**message, "content": parts})
     return messages, images
+
+
+def _no_lora(lora_request: Any) -> None:
+    if lora_request is not None:
+        raise ValueError(
+            "LoRA adapters are not supported; merge the adapter into the weights (peft's "
+            "merge_and_unload) and load the merged directory"
+        )
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import math
@@ -72,13 +73,29 @@ class SamplingParams:
     # (vLLM's thinking_token_budget); None = no limit
     thinking_token_budget: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    detokenize: bool = True  # only True: outputs always carry their text
+    extra_args: dict[str, Any] | None = None  # vLLM's, for plugins: tokenmill has none
+    logits_processors: list[Any] | None = None  # only empty: tokenmill runs no such code
+    guided_decoding: Any = None  # older vLLM's name of structured_outputs
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if isinstance(self.structured_outputs, Mapping):
+        self.stop = list(self.stop or [])  # (None, as vLLM takes it: none)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.seed == -1:  # vLLM's "no seed"
+            self.seed = None
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise InvalidRequestError(
+                    "give structured_outputs or guided_decoding, not both", param="guided_decoding"
+                )
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if isinstance(self.structured_outputs, StructuredOutputsParams):
+            self.structured_outputs = self.structured_outputs.spec()
+        elif isinstance(self.structured_outputs, Mapping):
             self.structured_outputs = structured_spec(**self.structured_outputs)
-        self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         if self.top_k == 0:
             self.top_k = -1
         if type(self.output_kind) is int and self.output_kind in iter(RequestOutputKind):
@@ -108,8 +125,17 @@ class SamplingParams:
             return prompt_token_ids
         return prompt_token_ids[-self.truncate_prompt_tokens :]
 
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's)."""
+        return copy.deepcopy(self)
+
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first parameter out of range."""
+        _check(self.detokenize, "detokenize", "detokenize=False is not supported: outputs "
+               "always carry their text")  # fmt: skip
+        _check(not self.logits_processors, "logits_processors", "logits_processors are not "
+               "supported: logit_bias, allowed_token_ids, bad_words and structured_outputs "
+               "shape the logits instead")  # fmt: skip
         self._validate_sampling()
         self._validate_lengths()
         self._validate_outputs()
@@ -302,6 +328,35 @@ def bad_words_token_ids(words: list[str], encode: Callable[..., list[int]]) -> l
         f"bad_words became {len(result)} token sequences; the most allowed is {MAX_NUM_BAD_WORDS}",
     )
     return result
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """vLLM's StructuredOutputsParams (GuidedDecodingParams before): one constraint, for
+    SamplingParams(structured_outputs=...)."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    backend: str | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False  # (tokenmill never falls back to another backend)
+
+    def spec(self) -> StructuredSpec:
+        options: dict[str, Any] = {
+            name: value
+            for name in ("json", "regex", "choice", "grammar", "json_object", "whitespace_pattern")
+            if (value := getattr(self, name)) is not None
+        }
+        if self.disable_any_whitespace:
+            options["disable_any_whitespace"] = True
+        return structured_spec(self.backend, **options)
+
+
+GuidedDecodingParams = StructuredOutputsParams  # older vLLM's name
 
 
 def structured_spec(backend: str | None = None, **options: Any) -> StructuredSpec:

@@ -35,6 +35,14 @@ class CompletionOutput:
     def is_finished(self) -> bool:
         return self.finish_reason is not None
 
+    def finished(self) -> bool:
+        """vLLM's name of is_finished."""
+        return self.finish_reason is not None
+
+    @property
+    def lora_request(self) -> None:
+        return None  # (vLLM's: no LoRA adapters here)
+
 
 @dataclass(slots=True)
 class RequestOutput:
@@ -50,6 +58,13 @@ class RequestOutput:
     error: str | None = None  # set (with finished=True) when the engine failed this request
     # time.monotonic() when the engine first scheduled it (its queue time ends); None before
     first_scheduled_time: float | None = None
+
+    # vLLM's attributes that mean nothing here: no per-request stats object, no LoRA
+    # adapters, no encoder-decoder models
+    metrics = None
+    lora_request = None
+    encoder_prompt = None
+    encoder_prompt_token_ids = None
 
     def add(self, later: RequestOutput, aggregate: bool = True) -> None:
         """Merge a later output of the same request into this one, in place (vLLM's

@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 
+from tokenmill.config import DTYPE_ALIASES
 from tokenmill.errors import ModelLoadError
 from tokenmill.spec_decode.config import SpeculativeConfig
 
@@ -59,8 +60,7 @@ def parse_list(value: str) -> list[str]:
 
 
 def parse_dtype(value: str) -> str:
-    aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    dtype = aliases.get(value, value)
+    dtype = DTYPE_ALIASES.get(value, value)
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise argparse.ArgumentTypeError(
             f"unknown dtype {value!r}: auto, float32 (float), bfloat16, float16 (half)"

@@ -1,0 +1,121 @@
+"""A vLLM offline script runs unchanged: LLM(...)'s vLLM options work, warn or are refused
+with a reason; vLLM's method arguments, SamplingParams forms and result attributes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tokenmill import (
+    LLM,
+    GuidedDecodingParams,
+    PoolingParams,
+    SamplingParams,
+    StructuredOutputsParams,
+    TokensPrompt,
+)
+from tokenmill.errors import InvalidRequestError
+from tokenmill.vllm_options import VLLM_FLAGS, RefusedOption, check_vllm_options, option_name
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+def test_vllm_options_work_warn_or_are_refused_by_the_servers_table() -> None:
+    kwargs = {"trust_remote_code": True, "swap_space": 4, "enable_chunked_prefill": True,
+              "disable_log_stats": True, "task": "embed", "cpu_offload_gb": 0,
+              "enable_lora": False, "load_format": "auto", "max_model_len": 64}  # fmt: skip
+    warnings = check_vllm_options("m.gguf", kwargs)
+    assert kwargs == {"max_model_len": 64}  # tokenmill's own options stay for EngineConfig
+    assert [w.split(" has no effect")[0] for w in warnings] == [
+        "trust_remote_code=True",
+        "swap_space=4",
+    ]
+    with pytest.raises(RefusedOption, match="enable_lora=True: LoRA adapters"):
+        check_vllm_options(None, {"enable_lora": True})
+    with pytest.raises(RefusedOption, match="hf_overrides="):
+        check_vllm_options(None, {"hf_overrides": {"a": 1}})
+    with pytest.raises(RefusedOption, match="tokenizer='other'"):
+        check_vllm_options("model-dir", {"tokenizer": "other"})
+    assert check_vllm_options("model-dir", {"tokenizer": "./model-dir"}) == []
+    (warning,) = check_vllm_options("x.gguf", {"tokenizer": "org/base"})
+    assert "the GGUF file's own tokenizer" in warning
+
+
+def test_no_vllm_option_shadows_an_engine_option() -> None:
+    from dataclasses import fields
+
+    from tokenmill.config import EngineConfig
+
+    config = EngineConfig()
+    engine = {f.name for s in (config.model, config.cache, config.scheduler,
+              config.structured_outputs, config.parallel, config.speculative)
+              for f in fields(s)}  # fmt: skip
+    assert not engine & {option_name(flag) for flag in VLLM_FLAGS}
+
+
+def test_a_vllm_script_runs(bundled_gguf_path: str, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="tokenmill.llm"):
+        llm = LLM(bundled_gguf_path, tokenizer="HuggingFaceTB/SmolLM2-135M-Instruct",
+                  trust_remote_code=True, dtype="half", seed=None, max_model_len=256,
+                  kv_cache_memory=32 << 20, enable_chunked_prefill=True)  # fmt: skip
+    assert "trust_remote_code=True has no effect here" in caplog.text
+    assert llm.llm_engine is llm.engine and llm.engine.config.model.dtype == "float16"
+    tokenizer = llm.get_tokenizer()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert isinstance(text, str) and tokenizer.eos_token_id is not None
+    out = llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], GREEDY, lora_request=None)
+    assert out[0].metrics is None and out[0].lora_request is None
+    assert out[0].outputs[0].finished() and len(out[0].outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="LoRA"):
+        llm.generate("x", GREEDY, lora_request=object())
+    # text parts joined for a text-only template, developer as system: what the server does
+    parts = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]}]  # fmt: skip
+    plain = [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": "What is 2+2?"}]  # fmt: skip
+    got = llm.chat(parts, GREEDY)[0]
+    assert got.outputs[0].token_ids == llm.chat(plain, GREEDY)[0].outputs[0].token_ids
+    assert got.prompt == llm.chat(plain, GREEDY, None, None, None, "string")[0].prompt
+    with pytest.raises(ValueError, match="chat_template_content_format"):
+        llm.chat(plain, GREEDY, chat_template_content_format="jinja")
+    with pytest.raises(ValueError, match="embeddings only"):
+        llm.encode("x", pooling_task="classify")
+    cut = llm.embed("one two three four five six", truncate_prompt_tokens=2)[0]
+    assert len(cut.prompt_token_ids) == 2 and isinstance(PoolingParams(), PoolingParams)
+
+
+def test_llm_seed_none_varies_and_dtype_objects_are_names(bundled_gguf_path: str) -> None:
+    llm = LLM(bundled_gguf_path, seed=None, dtype=torch.float32, max_model_len=128,
+              kv_cache_memory=16 << 20)  # fmt: skip
+    assert llm.engine.config.model.dtype == "float32"
+    assert isinstance(llm.engine.config.model.seed, int)
+
+
+def test_sampling_params_take_vllms_forms() -> None:
+    params = SamplingParams(stop=None, stop_token_ids=None, logit_bias=None, seed=-1)
+    assert (params.stop, params.stop_token_ids, params.logit_bias, params.seed) == (
+        [],
+        [],
+        {},
+        None,
+    )
+    spec = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+    assert spec.structured_outputs is not None and spec.structured_outputs.kind == "choice"
+    old = SamplingParams(guided_decoding=GuidedDecodingParams(regex=r"\d+"))
+    assert old.structured_outputs is not None and old.structured_outputs.kind == "regex"
+    assert old.guided_decoding is None
+    as_dict = SamplingParams(structured_outputs={"json": {"type": "object"}})
+    assert as_dict.structured_outputs is not None and as_dict.structured_outputs.kind == "json"
+    copy = params.clone()
+    assert copy == params and copy is not params
+    assert SamplingParams(extra_args={"plugin": 1}, detokenize=True).extra_args == {"plugin": 1}
+    with pytest.raises(InvalidRequestError, match="detokenize=False"):
+        SamplingParams(detokenize=False)
+    with pytest.raises(InvalidRequestError, match="logits_processors"):
+        SamplingParams(logits_processors=[lambda ids, logits: logits])
+    with pytest.raises(InvalidRequestError, match="not both"):
+        SamplingParams(guided_decoding={"regex": "a"}, structured_outputs={"regex": "b"})
