@@ -3,7 +3,12 @@
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.pooling_params import PoolingParams
-from tokenmill.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
+from tokenmill.sampling_params import (
+    BeamSearchParams,
+    GuidedDecodingParams,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 
 if TYPE_CHECKING:
     from tokenmill.llm import LLM, TextPrompt, TokensPrompt
@@ -12,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
+    "BeamSearchParams",
     "GuidedDecodingParams",
     "PoolingParams",
     "SamplingParams",

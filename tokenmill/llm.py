@@ -17,10 +17,29 @@ from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
 from tokenmill.errors import InvalidRequestError, RequestFailedError
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
-from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from tokenmill.vllm_options import check_vllm_options
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class BeamSearchSequence:
+    """One beam of LLM.beam_search, as vLLM's: `tokens` and `text` hold the prompt's too."""
+
+    tokens: list[int]
+    logprobs: list[Any]
+    cum_logprob: float
+    text: str
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class BeamSearchOutput:
+    """A prompt's beams, best first."""
+
+    sequences: list[BeamSearchSequence]
 
 
 class TextPrompt(TypedDict, total=False):
@@ -108,6 +127,28 @@ class LLM:
                 results[request_id] = immediate
             self._prompts[request_id] = text
         return self._run(request_ids, results, "Generating", use_tqdm)  # type: ignore[return-value]
+
+    def beam_search(
+        self,
+        prompts: Sequence[Prompt],
+        params: BeamSearchParams,
+        lora_request: Any = None,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search entry point: `params.beam_width` beams per prompt, best first,
+        searched as SamplingParams(use_beam_search=True) searches (engine/beam_search.py)."""
+        outputs = self.generate(list(prompts), params.sampling_params(), use_tqdm, lora_request)
+        results = []
+        for output in outputs:
+            sequences = []
+            for beam in output.outputs:
+                tokens = list(output.prompt_token_ids) + list(beam.token_ids)
+                sequences.append(BeamSearchSequence(
+                    tokens, list(beam.logprobs or []), beam.cumulative_logprob or 0.0,
+                    self.tokenizer.decode(tokens), beam.finish_reason, beam.stop_reason,
+                ))  # fmt: skip
+            results.append(BeamSearchOutput(sequences))
+        return results
 
     def embed(
         self,

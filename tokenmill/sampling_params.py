@@ -331,6 +331,28 @@ def bad_words_token_ids(words: list[str], encode: Callable[..., list[int]]) -> l
 
 
 @dataclass(slots=True)
+class BeamSearchParams:
+    """vLLM's parameters of LLM.beam_search: `beam_width` beams, each up to `max_tokens`.
+    Beams are scored by the model's raw logprobs (as vLLM's), whatever `temperature` says."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def sampling_params(self) -> SamplingParams:
+        """The same search as SamplingParams(use_beam_search=True) runs it."""
+        return SamplingParams(
+            n=self.beam_width, use_beam_search=True, temperature=0.0,
+            max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+            length_penalty=self.length_penalty,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )  # fmt: skip
+
+
+@dataclass(slots=True)
 class StructuredOutputsParams:
     """vLLM's StructuredOutputsParams (GuidedDecodingParams before): one constraint, for
     SamplingParams(structured_outputs=...)."""

@@ -119,3 +119,22 @@ def test_sampling_params_take_vllms_forms() -> None:
         SamplingParams(logits_processors=[lambda ids, logits: logits])
     with pytest.raises(InvalidRequestError, match="not both"):
         SamplingParams(guided_decoding={"regex": "a"}, structured_outputs={"regex": "b"})
+
+
+def test_beam_search_is_vllms_entry_point_over_the_same_search(default_llm) -> None:
+    from tokenmill import BeamSearchParams
+
+    prompt = "The capital of France is"
+    (out,) = default_llm.beam_search(
+        [{"prompt": prompt}], BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True)
+    )
+    want = default_llm.generate(
+        prompt, SamplingParams(n=3, use_beam_search=True, max_tokens=5, ignore_eos=True)
+    )[0]
+    assert len(out.sequences) == 3
+    for beam, expected in zip(out.sequences, want.outputs, strict=True):
+        assert beam.tokens == want.prompt_token_ids + expected.token_ids
+        assert beam.cum_logprob == expected.cumulative_logprob
+        assert beam.text.endswith(expected.text) and prompt in beam.text
+    scores = [b.cum_logprob for b in out.sequences]  # (equal lengths: by logprob)
+    assert scores == sorted(scores, reverse=True)
