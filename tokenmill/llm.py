@@ -130,14 +130,15 @@ class LLM:
 
     def beam_search(
         self,
-        prompts: Sequence[Prompt],
+        prompts: Prompt | Sequence[Prompt],
         params: BeamSearchParams,
         lora_request: Any = None,
         use_tqdm: bool = False,
     ) -> list[BeamSearchOutput]:
         """vLLM's beam search entry point: `params.beam_width` beams per prompt, best first,
         searched as SamplingParams(use_beam_search=True) searches (engine/beam_search.py)."""
-        outputs = self.generate(list(prompts), params.sampling_params(), use_tqdm, lora_request)
+        batch = _as_prompt_list(prompts)  # (one prompt alone too)
+        outputs = self.generate(batch, params.sampling_params(), use_tqdm, lora_request)
         results = []
         for output in outputs:
             sequences = []

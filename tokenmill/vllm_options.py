@@ -184,6 +184,8 @@ def check_vllm_options(model: str | None, kwargs: dict[str, Any]) -> list[str]:
     of `kwargs`; RefusedOption for one that cannot work. An option at its unused value (None,
     False for a switch) passes quietly."""
     warnings: list[str] = []
+    if "kv_cache_memory_bytes" in kwargs:  # vLLM's name of kv_cache_memory
+        kwargs["kv_cache_memory"] = kwargs.pop("kv_cache_memory_bytes")
     tokenizer = kwargs.pop("tokenizer", None)
     if tokenizer is not None:
         verdict = tokenizer_verdict(str(tokenizer), model)
@@ -196,7 +198,8 @@ def check_vllm_options(model: str | None, kwargs: dict[str, Any]) -> list[str]:
         if name not in kwargs or name == "tokenizer":
             continue
         value = kwargs.pop(name)
-        unused = value is None or (not flag.takes_value and value is False)
+        switch = not flag.takes_value and not flag.boolean_optional  # (False: not given)
+        unused = value is None or (switch and value is False)
         if unused or (flag.works is not None and flag.works(value)):
             continue
         if flag.kind == "refuse":

@@ -32,6 +32,10 @@ def test_vllm_options_work_warn_or_are_refused_by_the_servers_table() -> None:
         "trust_remote_code=True",
         "swap_space=4",
     ]
+    (warning,) = check_vllm_options(None, {"enable_chunked_prefill": False})
+    assert warning.startswith("enable_chunked_prefill=False has no effect here")
+    aliased = {"kv_cache_memory_bytes": 1 << 30}
+    assert check_vllm_options(None, aliased) == [] and aliased == {"kv_cache_memory": 1 << 30}
     with pytest.raises(RefusedOption, match="enable_lora=True: LoRA adapters"):
         check_vllm_options(None, {"enable_lora": True})
     with pytest.raises(RefusedOption, match="hf_overrides="):
@@ -89,10 +93,13 @@ def test_a_vllm_script_runs(bundled_gguf_path: str, caplog) -> None:
 
 
 def test_llm_seed_none_varies_and_dtype_objects_are_names(bundled_gguf_path: str) -> None:
-    llm = LLM(bundled_gguf_path, seed=None, dtype=torch.float32, max_model_len=128,
-              kv_cache_memory=16 << 20)  # fmt: skip
-    assert llm.engine.config.model.dtype == "float32"
-    assert isinstance(llm.engine.config.model.seed, int)
+    seeds = []
+    for _ in range(2):
+        llm = LLM(bundled_gguf_path, seed=None, dtype=torch.float32, max_model_len=128,
+                  kv_cache_memory=16 << 20)  # fmt: skip
+        assert llm.engine.config.model.dtype == "float32"
+        seeds.append(llm.engine.config.model.seed)
+    assert seeds[0] != seeds[1]
 
 
 def test_sampling_params_take_vllms_forms() -> None:
@@ -125,9 +132,10 @@ def test_beam_search_is_vllms_entry_point_over_the_same_search(default_llm) -> N
     from tokenmill import BeamSearchParams
 
     prompt = "The capital of France is"
-    (out,) = default_llm.beam_search(
-        [{"prompt": prompt}], BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True)
-    )
+    params = BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True)
+    (out,) = default_llm.beam_search([{"prompt": prompt}], params)
+    (alone,) = default_llm.beam_search(prompt, params)  # (one prompt, not its characters)
+    assert alone == out
     want = default_llm.generate(
         prompt, SamplingParams(n=3, use_beam_search=True, max_tokens=5, ignore_eos=True)
     )[0]

@@ -13,7 +13,7 @@ import pytest
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
-from tokenmill.errors import OverloadedError
+from tokenmill.errors import InvalidRequestError, OverloadedError
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -212,3 +212,28 @@ def test_a_step_reaches_every_stream_with_one_wake_up_of_the_event_loop() -> Non
     lengths = run(main())
     assert all(seen == sorted(set(seen)) and seen[-1] == 5 for seen in lengths)
     assert steps_with_outputs >= 5 and wake_ups <= steps_with_outputs
+
+
+def test_a_request_id_already_running_is_refused_and_the_running_one_goes_on() -> None:
+    """Ids come from clients (X-Request-Id): a second request under a running id is a 400,
+    and the first keeps its stream to the end, unaborted."""
+    stub = StubEngine(num_tokens=3)
+    engine = AsyncEngine(stub)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        await engine.start()
+        try:
+            stub.admit.clear()  # the first request waits, its stream open
+            first = engine.generate([1], SamplingParams(), "dup")
+            pending = asyncio.ensure_future(first.__anext__())
+            await wait_until(lambda: "dup" in stub.tokens)
+            with pytest.raises(InvalidRequestError, match="'dup' is already running"):
+                await engine.generate([1], SamplingParams(), "dup").__anext__()
+            stub.admit.set()
+            outputs = [await pending] + [output async for output in first]
+            assert outputs[-1].finished and outputs[-1].outputs[0].text == "xxx"
+            assert engine.stats().num_aborted == 0
+        finally:
+            await engine.shutdown()
+
+    run(main())

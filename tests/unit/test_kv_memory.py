@@ -60,7 +60,8 @@ def test_available_memory_is_the_tightest_of_the_kernel_and_the_cgroups(tmp_path
             "system.slice/app.service/memory.max": "max\n",
             "system.slice/app.service/memory.current": "100\n",
             "system.slice/memory.max": f"{3 << 30}\n",  # the slice's limit binds the service
-            "system.slice/memory.current": f"{1 << 30}\n",
+            "system.slice/memory.current": f"{3 << 29}\n",  # (of which page cache it can drop:)
+            "system.slice/memory.stat": f"anon 1\ninactive_file {1 << 29}\nactive_file 7\n",
         },
     )
     assert available_memory(meminfo, root, membership) == 2 << 30
@@ -68,7 +69,8 @@ def test_available_memory_is_the_tightest_of_the_kernel_and_the_cgroups(tmp_path
         tmp_path / "v1",
         "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n",
         {"memory/docker/abc/memory.limit_in_bytes": f"{1 << 30}\n",
-         "memory/docker/abc/memory.usage_in_bytes": f"{3 << 28}\n"},
+         "memory/docker/abc/memory.usage_in_bytes": f"{3 << 28}\n",
+         "memory/docker/abc/memory.stat": "total_inactive_file 0\n"},
     )  # fmt: skip
     assert available_memory(meminfo, root, membership) == 1 << 28
     assert available_memory(meminfo, root, tmp_path / "missing") == 8000000 * 1024

@@ -321,6 +321,21 @@ async def test_unknown_and_unstored_responses_are_400_and_404():
             assert_error(await http.get(f"/v1/responses/{missing}"), 404)
 
 
+def test_a_response_stored_again_under_its_id_is_counted_once():
+    store = ResponseStore(max_responses=10, max_chars=10_000)
+    for _ in range(50):
+        store.put({"id": "same", "text": "x" * 100}, [])
+    assert store.num_chars < 200 and store.get("same") is not None
+
+
+@pytest.mark.anyio
+async def test_a_request_id_naming_a_stored_response_is_a_400():
+    async with client_for(app_with()) as client:
+        body = {"input": "x", "max_output_tokens": 2, "request_id": "resp_once"}
+        assert (await client.post("/v1/responses", json=body)).status_code == 200
+        assert_error(await client.post("/v1/responses", json=body), 400, "request_id")
+
+
 def test_the_store_drops_the_least_recently_used_past_its_caps():
     store = ResponseStore(max_responses=2, max_chars=10_000)
     for name in ("a", "b"):

@@ -46,7 +46,11 @@ async def test_the_response_id_is_the_clients_header_else_its_request_id(
     r = await client.post("/v1/chat/completions", json=CHAT)
     new = r.json()["id"]
     assert new.startswith("chatcmpl-") and len(new) == len("chatcmpl-") + 32
-    assert_error(await client.post("/v1/chat/completions", json=CHAT | {"request_id": ""}), 400)
+    for bad in ("", "two words", "line\nbreak", "x" * 257):
+        r = await client.post("/v1/chat/completions", json=CHAT | {"request_id": bad})
+        assert_error(r, 400, "request_id")
+    r = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "a b"})
+    assert_error(r, 400, "X-Request-Id")
 
 
 async def _usage_chunks(client: httpx.AsyncClient, body: dict) -> list[dict | None]:
@@ -144,7 +148,11 @@ async def test_invocations_routes_by_the_bodys_shape_as_sagemaker_calls_it(
 
 
 async def test_invocations_needs_the_api_key(engine: FakeAsyncEngine) -> None:
-    async with client_for(make_app(engine, api_key="sk-1")) as client:
+    app = make_app(engine, api_key="sk-1", max_request_body_bytes=1000)
+    async with client_for(app) as client:
         assert (await client.post("/invocations", json=CHAT)).status_code == 401
+        # the key is checked before the body is read: no key, no 413 either
+        r = await client.post("/invocations", content=b"x" * 5000)
+        assert r.status_code == 401
         r = await client.post("/invocations", json=CHAT, headers={"Authorization": "Bearer sk-1"})
         assert r.status_code == 200

@@ -149,6 +149,13 @@ def test_structured_outputs_backend_auto_is_the_default_and_guidance_is_named() 
         _server_settings(parse("--structured-outputs-config.backend", "guidance"))
 
 
+def test_default_chat_template_kwargs_may_not_set_the_renderers_variables() -> None:
+    with pytest.raises(StartupError, match="may not set add_generation_prompt, tools"):
+        _server_settings(
+            parse("--default-chat-template-kwargs", '{"tools": [], "add_generation_prompt": 1}')
+        )
+
+
 def test_every_flag_of_the_table_is_documented() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "server.md").read_text()
     for flag in VLLM_FLAGS:

@@ -83,7 +83,8 @@ def available_memory(
 ) -> int | None:
     """Bytes this process may still take: the kernel's MemAvailable, and the room left under
     the cgroup's memory limit (v2 memory.max, or v1 memory.limit_in_bytes; the tightest along
-    the path); None when neither is known."""
+    the path), its usage less the page cache the kernel can drop (inactive_file: the weights'
+    files just read, as cAdvisor's working set); None when neither is known."""
     room: list[int] = []
     try:
         for line in meminfo.read_text().splitlines():
@@ -92,13 +93,26 @@ def available_memory(
     except (OSError, ValueError, IndexError):
         pass
     for here, v2 in _cgroup_dirs(root, membership, "memory", ("memory",)):
-        limit, used = ("memory.max", "memory.current") if v2 else (
-            "memory.limit_in_bytes", "memory.usage_in_bytes")  # fmt: skip
+        limit, used, cache = ("memory.max", "memory.current", "inactive_file") if v2 else (
+            "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")  # fmt: skip
         try:
-            room.append(int((here / limit).read_text()) - int((here / used).read_text()))
+            usage = int((here / used).read_text()) - _stat(here / "memory.stat", cache)
+            room.append(int((here / limit).read_text()) - usage)
         except (OSError, ValueError):  # ("max": unlimited; v1 writes a huge number instead)
             continue
     return max(0, min(room)) if room else None
+
+
+def _stat(path: Path, key: str) -> int:
+    """A counter of a cgroup's memory.stat; 0 when it is not there."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _cgroup_dirs(

@@ -24,7 +24,12 @@ from tokenmill.config import EngineConfig, SchedulingPolicy
 from tokenmill.engine.client import EngineStats
 from tokenmill.engine.llm_engine import AnyOutput, LLMEngine
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput, take_newest
-from tokenmill.errors import OverloadedError, RequestFailedError, ServiceUnavailableError
+from tokenmill.errors import (
+    InvalidRequestError,
+    OverloadedError,
+    RequestFailedError,
+    ServiceUnavailableError,
+)
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
@@ -198,6 +203,12 @@ class AsyncEngine:
     async def compile_grammar(self, spec: StructuredSpec) -> CompiledGrammar:
         return await self.structured_outputs.compile_async(spec)
 
+    def _check_new(self, request_id: str) -> None:
+        """A request id already running is refused before its stream is touched: the
+        running request keeps its outputs (ids come from clients: X-Request-Id)."""
+        if request_id in self._queues:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -216,6 +227,7 @@ class AsyncEngine:
         compiled (or given, already compiled) before it reaches the engine thread.
         """
         self._check_open()
+        self._check_new(request_id)
         outputs: asyncio.Queue[AnyOutput | BaseException] = asyncio.Queue()
         finished = False
         self._num_submitting += 1
@@ -264,6 +276,7 @@ class AsyncEngine:
         """An embedding request's one output (batched with generation on the engine thread).
         Cancelling the call aborts the request."""
         self._check_open()
+        self._check_new(request_id)
         outputs: asyncio.Queue[AnyOutput | BaseException] = asyncio.Queue()
         finished = False
         self._num_submitting += 1

@@ -28,7 +28,12 @@ from typing import Any
 
 import torch
 
-from tokenmill.backends.device import cgroup_cpu_quota, kv_cache_bytes, resolve_device
+from tokenmill.backends.device import (
+    cgroup_cpu_quota,
+    check_kv_cache_fits,
+    kv_cache_bytes,
+    resolve_device,
+)
 from tokenmill.config import EngineConfig, SchedulingPolicy
 from tokenmill.distributed.process import failure_line, start_child, stop_children
 from tokenmill.engine.async_engine import EngineDeadError
@@ -441,6 +446,7 @@ def _per_engine(config: EngineConfig, size: int) -> EngineConfig:
             model = replace(model, cpu_threads=max(1, threads // (size * ranks)))
         if cache.kv_cache_memory is None:  # each engine's, which its ranks share
             cache = replace(cache, kv_cache_memory=kv_cache_bytes(cache, device) // size)
+        check_kv_cache_fits(kv_cache_bytes(cache, device) * size, device)  # (all engines')
     return replace(config, model=model, cache=cache,
                    parallel=replace(config.parallel, data_parallel_size=1))  # fmt: skip
 

@@ -30,6 +30,7 @@ import torch
 
 from tokenmill.backends.device import (
     cgroup_cpu_quota,
+    check_kv_cache_fits,
     configure_cpu_threads,
     kv_cache_bytes,
     resolve_device,
@@ -299,7 +300,9 @@ def per_rank_share(
         if quota is not None:
             threads = min(threads, max(1, math.ceil(quota)))
         model_config = replace(model_config, cpu_threads=max(1, threads // ranks))
-    budget = kv_cache_bytes(cache_config, device) // ranks
+    total = kv_cache_bytes(cache_config, device)
+    check_kv_cache_fits(total, device)  # (the ranks' caches together)
+    budget = total // ranks
     return model_config, replace(cache_config, kv_cache_memory=budget)
 
 

@@ -39,9 +39,14 @@ def auth_error() -> AuthenticationError:
     )
 
 
-def is_v1(scope: Scope) -> bool:
-    """Whether routing would see a /v1 path (the decoded path, less the root path)."""
+# the routes outside /v1 that run the model, and so need the key as /v1's do
+_KEYED_OUTSIDE_V1 = frozenset({"/pooling", "/invocations"})
+
+
+def needs_key(scope: Scope) -> bool:
+    """Whether routing would see a path that needs the API key (the decoded path, less the
+    root path): /v1 and below, and the model's routes outside it."""
     path, root = scope["path"], scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]
-    return path == "/v1" or path.startswith("/v1/")
+    return path == "/v1" or path.startswith("/v1/") or path.rstrip("/") in _KEYED_OUTSIDE_V1

@@ -592,6 +592,7 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
     from tokenmill.multimodal.media import MediaPolicy
     from tokenmill.server.limits import RequestLimits
     from tokenmill.server.settings import ServerSettings
+    from tokenmill.tokenizer.chat_template import RESERVED_VARIABLES
 
     if args.data_parallel_size < 1:
         raise StartupError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
@@ -619,6 +620,12 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
     except RefusedFlag as exc:
         raise StartupError(str(exc)) from None
     args.guided_decoding_backend = _backend_name(args.guided_decoding_backend)
+    reserved = sorted(RESERVED_VARIABLES & (args.default_chat_template_kwargs or {}).keys())
+    if reserved:
+        raise StartupError(
+            f"--default-chat-template-kwargs may not set {', '.join(reserved)}: reserved for "
+            "the renderer"
+        )
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         raise StartupError("TLS needs both --ssl-keyfile and --ssl-certfile")
     env_key = os.environ.get("TOKENMILL_API_KEY") or os.environ.get("VLLM_API_KEY")

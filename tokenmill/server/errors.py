@@ -17,7 +17,7 @@ from tokenmill.errors import (
     OverloadedError,
     TokenmillError,
 )
-from tokenmill.server.auth import check_api_key, is_v1
+from tokenmill.server.auth import check_api_key, needs_key
 from tokenmill.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ async def _tokenmill_error(request: Request, exc: TokenmillError) -> JSONRespons
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 becomes OpenAI's 400: a body that is not a JSON object says so plainly
     (malformed JSON with its line and column), otherwise the first offending field is named."""
-    if is_v1(request.scope):
+    if needs_key(request.scope):
         try:
             check_api_key(request)  # an unauthenticated client learns nothing about the API
         except AuthenticationError as auth:

@@ -7,20 +7,21 @@ import uuid
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenmill.server.auth import auth_error, is_v1, key_matches
+from tokenmill.server.auth import auth_error, key_matches, needs_key
 from tokenmill.server.errors import error_body, error_response
 from tokenmill.server.metrics import ServerMetrics
 
 
 class APIKeyMiddleware:
-    """401 for a /v1 request without the key, before its body is read (an unauthenticated
-    client cannot make the server buffer or parse anything). CORS preflights pass."""
+    """401 for a request to a keyed route (/v1, /pooling, /invocations) without the key,
+    before its body is read (an unauthenticated client cannot make the server buffer or
+    parse anything). CORS preflights pass."""
 
     def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]):
         self.app, self.api_keys = app, api_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and is_v1(scope):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and needs_key(scope):
             headers = dict(scope["headers"])
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             if not key_matches(authorization, self.api_keys):

@@ -135,11 +135,16 @@ class UnsupportedExtras(OpenAIBaseModel):
     vllm_xargs: dict[str, Any] | None = None
 
 
+# a client's request id: 1 to 256 visible ASCII characters (no space, no line break: it is
+# logged and echoed)
+REQUEST_ID_PATTERN = r"^[\x21-\x7e]{1,256}$"
+
+
 class RequestIdExtra(OpenAIBaseModel):
     """vLLM's request_id: the response's id after its prefix (the X-Request-Id header, when
     sent, wins)."""
 
-    request_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    request_id: Annotated[str, Field(pattern=REQUEST_ID_PATTERN)] | None = None
 
 
 class StructuredOutputExtras(OpenAIBaseModel):

@@ -9,7 +9,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.server.protocol import ChatCompletionRequest, OpenAIBaseModel, ResponseModel, Seed
+from tokenmill.server.protocol import (
+    REQUEST_ID_PATTERN,
+    ChatCompletionRequest,
+    OpenAIBaseModel,
+    ResponseModel,
+    Seed,
+)
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
 
@@ -88,7 +94,7 @@ class ResponsesRequest(OpenAIBaseModel):
 
     # vLLM-style extras (and those of CHAT_EXTRAS, sent with extra_body)
     seed: Seed | None = None
-    request_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # the id
+    request_id: Annotated[str, Field(pattern=REQUEST_ID_PATTERN)] | None = None  # the id
 
 
 # ---------------------------------------------------------------------------------------

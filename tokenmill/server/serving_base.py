@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from tokenmill.server.choices import ChoiceTracker
 from tokenmill.server.logprobs import LogprobFormatter
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.params import AnyRequest, to_sampling_params
+from tokenmill.server.protocol import REQUEST_ID_PATTERN
 from tokenmill.server.settings import ServerSettings
 from tokenmill.structured import CompiledGrammar
 from tokenmill.tokenizer.detokenizer import TokenTexts
@@ -37,6 +39,10 @@ def request_ids(prefix: str, client_id: str | None) -> RequestIds:
     if not client_id:
         new = f"{prefix}-{uuid.uuid4().hex}"
         return new, new
+    if not re.fullmatch(REQUEST_ID_PATTERN, client_id):  # (the header; the body's is checked)
+        raise InvalidRequestError(
+            "X-Request-Id must be 1 to 256 visible ASCII characters", param="X-Request-Id"
+        )
     given = f"{prefix}-{client_id}"
     return given, f"{given}-{uuid.uuid4().hex[:12]}"
 

@@ -67,6 +67,9 @@ class ResponseStore:
         num_chars = len(json.dumps(response)) + len(json.dumps(messages))
         if num_chars > self.max_chars:
             return  # bigger than the whole store: never kept
+        replaced = self._entries.pop(response["id"], None)
+        if replaced is not None:
+            self.num_chars -= replaced.num_chars
         self._entries[response["id"]] = _Stored(response, messages, num_chars)
         self.num_chars += num_chars
         while len(self._entries) > self.max_responses or self.num_chars > self.max_chars:
@@ -98,6 +101,11 @@ class ResponsesServer(ServingBase):
         history = self._history(request.previous_response_id)
         chat_request, conversation = to_chat_request(request, history)
         response_id = request.request_id or f"resp_{uuid.uuid4().hex}"
+        if request.request_id is not None and self.store.get(request.request_id) is not None:
+            raise InvalidRequestError(
+                f"request_id {request.request_id!r} names a stored response already",
+                param="request_id",
+            )
         before_input = len(chat_request.messages) - len(conversation) + len(history)
         inputs = await self._engine_inputs(chat_request, before_input)
         self.check_admission()
@@ -166,7 +174,8 @@ class ResponsesServer(ServingBase):
         finish: str | None = None
         reasoning: str | None
         content: str | None
-        async with aclosing(self.chat.generate(inputs, shell.id)) as outputs:
+        engine_id = f"{shell.id}-{uuid.uuid4().hex[:12]}"  # (a client's id need not be unique)
+        async with aclosing(self.chat.generate(inputs, engine_id)) as outputs:
             async for i, output in outputs:
                 for delta in tracker.update(i, output):
                     if splitter.is_plain:
