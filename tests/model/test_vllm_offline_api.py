@@ -59,7 +59,7 @@ def test_no_vllm_option_shadows_an_engine_option() -> None:
     assert not engine & {option_name(flag) for flag in VLLM_FLAGS}
 
 
-def test_a_vllm_script_runs(bundled_gguf_path: str, caplog) -> None:
+def test_a_vllm_script_runs(bundled_gguf_path: str, caplog, capsys) -> None:
     with caplog.at_level(logging.WARNING, logger="tokenmill.llm"):
         llm = LLM(bundled_gguf_path, tokenizer="HuggingFaceTB/SmolLM2-135M-Instruct",
                   trust_remote_code=True, dtype="half", seed=None, max_model_len=256,
@@ -74,6 +74,7 @@ def test_a_vllm_script_runs(bundled_gguf_path: str, caplog) -> None:
     out = llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], GREEDY, lora_request=None)
     assert out[0].metrics is None and out[0].lora_request is None
     assert out[0].outputs[0].finished() and len(out[0].outputs[0].token_ids) == 4
+    assert "Generating" in capsys.readouterr().err  # vLLM's progress bar, by default
     with pytest.raises(ValueError, match="LoRA"):
         llm.generate("x", GREEDY, lora_request=object())
     # text parts joined for a text-only template, developer as system: what the server does

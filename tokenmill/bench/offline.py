@@ -26,7 +26,7 @@ def run(llm: LLM, num_prompts: int, prompt_words: int, output_len: int) -> dict[
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     prompts = [synthetic_prompt(i, prompt_words) for i in range(num_prompts)]
     started = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - started
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     num_in = sum(len(o.prompt_token_ids) for o in outputs)

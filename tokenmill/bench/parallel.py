@@ -659,11 +659,15 @@ def measure_tp(
     prompts = [synthetic_prompt(i, 24) for i in range(batch)]
     result = TPResult(label, tp, fused, info.cpu_threads, batch, output_len)
     try:
-        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        llm.generate(
+            prompts[:2],
+            SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+            use_tqdm=False,
+        )
         for run in range(runs):
             with timed_collectives() as totals, timed_steps(llm, totals) as steps:
                 started = time.perf_counter()
-                outputs = llm.generate(prompts, params)
+                outputs = llm.generate(prompts, params, use_tqdm=False)
                 seconds = time.perf_counter() - started
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
             decodes = [s for s in steps if s.decode]

@@ -106,7 +106,7 @@ def score(llm: LLM, chunks: list[list[int]], label: str = "") -> Scores:
     out = Scores()
     started = time.perf_counter()
     for i, chunk in enumerate(chunks):
-        (result,) = llm.generate([{"prompt_token_ids": chunk}], params)
+        (result,) = llm.generate([{"prompt_token_ids": chunk}], params, use_tqdm=False)
         entries = result.prompt_logprobs
         assert entries is not None and len(entries) == len(chunk)
         for position in range(first + 1, len(chunk)):  # logits at position-1 score it
@@ -127,7 +127,7 @@ def answer(llm: LLM, question: str, max_tokens: int) -> str:
     if llm.tokenizer.chat_template:
         outputs = llm.chat([{"role": "user", "content": question}], params)
     else:
-        outputs = llm.generate(question, params)
+        outputs = llm.generate(question, params, use_tqdm=False)
     return outputs[0].outputs[0].text
 
 

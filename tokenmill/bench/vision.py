@@ -183,7 +183,7 @@ def timed_generate(llm: LLM, image: Image | None) -> tuple[float, int]:
         prompt["multi_modal_data"] = {"image": [image]}
     params = SamplingParams(temperature=0.0, max_tokens=1)
     started = time.perf_counter()
-    (output,) = llm.generate(prompt, params)
+    (output,) = llm.generate(prompt, params, use_tqdm=False)
     return (time.perf_counter() - started) * 1e3, len(output.prompt_token_ids or [])
 
 
