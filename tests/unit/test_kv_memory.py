@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.unit.test_cpu_threads import _tree
 from tokenmill.backends import device
 from tokenmill.backends.device import available_memory, kv_cache_bytes, zeros
 from tokenmill.config import CacheConfig
@@ -41,19 +42,10 @@ def test_zeros_of_nothing_and_off_the_cpu_are_torch_zeros() -> None:
     assert zeros((2, 3), torch.float16, torch.device("meta")).device.type == "meta"
 
 
-def _cgroup(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Path, Path]:
-    root = tmp_path / "cgroup"
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-    (tmp_path / "membership").write_text(membership)
-    return root, tmp_path / "membership"
-
-
 def test_available_memory_is_the_tightest_of_the_kernel_and_the_cgroups(tmp_path: Path) -> None:
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:  16000000 kB\nMemFree: 1000 kB\nMemAvailable:  8000000 kB\n")
-    root, membership = _cgroup(
+    root, membership = _tree(
         tmp_path / "v2",
         "0::/system.slice/app.service\n",
         {
@@ -65,7 +57,7 @@ def test_available_memory_is_the_tightest_of_the_kernel_and_the_cgroups(tmp_path
         },
     )
     assert available_memory(meminfo, root, membership) == 2 << 30
-    root, membership = _cgroup(
+    root, membership = _tree(
         tmp_path / "v1",
         "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n",
         {"memory/docker/abc/memory.limit_in_bytes": f"{1 << 30}\n",
