@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -323,8 +325,6 @@ def _template_messages(
     """The messages as a chat template takes them, and their images in order. Image parts
     become {"type": "image"}; with `as_parts` (a vision model's template loops over the
     parts) string content becomes one text part too."""
-    from tokenmill.multimodal.media import MediaPolicy, load_data_url
-
     messages: list[dict[str, Any]] = []
     images: list[Any] = []
     for i, message in enumerate(conversation):
@@ -344,13 +344,9 @@ def _template_messages(
             elif kind == "image_url":
                 url = part["image_url"]
                 url = url.get("url") if isinstance(url, dict) else url
-                if not isinstance(url, str) or not url.startswith("data:"):
-                    raise InvalidRequestError(
-                        "LLM.chat takes data: image URLs and PIL images (image_pil); load "
-                        "other images yourself",
-                        param=param,
-                    )
-                images.append(load_data_url(url, MediaPolicy(), param))
+                if not isinstance(url, str):
+                    raise InvalidRequestError("an image_url part needs a URL", param=param)
+                images.append(_load_image(url, param))
             else:
                 parts.append(part)
                 continue
@@ -360,6 +356,17 @@ def _template_messages(
         else:
             messages.append({**message, "content": parts})
     return messages, images
+
+
+def _load_image(url: str, param: str) -> Any:
+    """A data: URL, or an http(s) URL fetched (any host: the caller runs its own script, as
+    with vLLM's LLM.chat; sizes and time still bounded), in a thread of its own so a caller
+    already inside an event loop (a notebook) can call LLM.chat."""
+    from tokenmill.multimodal.media import MediaPolicy, load_image_url
+
+    policy = MediaPolicy(allow_any_domain=True, allow_private_addresses=True)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, load_image_url(url, policy, param)).result()
 
 
 def _no_lora(lora_request: Any) -> None:

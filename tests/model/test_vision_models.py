@@ -10,6 +10,10 @@ another image never does) must not change a token.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -213,6 +217,37 @@ def test_llm_chat_takes_pil_and_data_url_image_parts(llms, references):
     out = llms[family].chat([{"role": "user", "content": content}], GREEDY)[0]
     want = reference(references, family, PLACEMENTS["two"], [IMAGES[0], IMAGES[1]])[1]
     assert list(out.outputs[0].token_ids) == want
+    # an http URL is fetched, as vLLM's LLM.chat does (any host: the script is the caller's)
+    with _serving(buffer.getvalue()) as http_url:
+        content[2] = {"type": "image_url", "image_url": {"url": http_url}}
+        fetched = llms[family].chat([{"role": "user", "content": content}], GREEDY)[0]
+    assert list(fetched.outputs[0].token_ids) == want
+
+
+@contextlib.contextmanager
+def _serving(body: bytes) -> Iterator[str]:
+    """An http URL of `body` (a PNG) on a local server, while the block runs."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/picture.png"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_prompt_ending_in_image_tokens_recomputes_its_last_one_from_the_image(llms, references):

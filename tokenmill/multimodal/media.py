@@ -63,6 +63,9 @@ class MediaPolicy:
     max_redirects: int = 3
     # True only for tests and trusted setups: skip the private/loopback address check.
     allow_private_addresses: bool = False
+    # True only where the caller is trusted (the offline API: it runs the caller's own
+    # script): any host, as vLLM's LLM.chat fetches
+    allow_any_domain: bool = False
 
 
 # --- decoding ----------------------------------------------------------------------------
@@ -344,6 +347,8 @@ def _parse_target(url: str, param: str) -> _Target:
 
 
 def _check_domain(target: _Target, policy: MediaPolicy, param: str) -> None:
+    if policy.allow_any_domain:
+        return
     if policy.allowed_domains is None:
         raise InvalidRequestError(
             "image URLs over http(s) are disabled on this server; its operator can allow "
