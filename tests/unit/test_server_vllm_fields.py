@@ -120,8 +120,11 @@ async def test_those_fields_at_their_unused_values_pass(client: httpx.AsyncClien
               "logits_processors": [], "audio": None}  # fmt: skip
     r = await client.post("/v1/chat/completions", json=CHAT | unused)
     assert r.status_code == 200, r.text
-    r = await client.post("/v1/completions", json={"prompt": "x", "prompt_embeds": "AAAA"})
-    assert "prompt_embeds" in assert_error(r, 400, "prompt_embeds")
+    for body in ({"prompt": "x", "prompt_embeds": "AAAA"}, {"prompt_embeds": "AAAA"}):
+        r = await client.post("/v1/completions", json=body)
+        assert "prompt_embeds" in assert_error(r, 400, "prompt_embeds")
+    r = await client.post("/v1/completions", json={"max_tokens": 2})
+    assert_error(r, 400, "prompt")
 
 
 async def test_top_logprobs_0_needs_no_logprobs(client: httpx.AsyncClient) -> None:

@@ -193,6 +193,15 @@ class CompletionRequest(SamplingExtras, StructuredOutputExtras, UnsupportedExtra
     add_special_tokens: bool = True  # e.g. BOS on top of the prompt
     response_format: ResponseFormat | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _embeds_without_prompt(cls, data: Any) -> Any:
+        """vLLM's prompt_embeds may stand in for the prompt: the 400 then names it (as
+        serving_base's unsupported fields), not a missing prompt."""
+        if isinstance(data, dict) and "prompt" not in data and data.get("prompt_embeds"):
+            return {**data, "prompt": ""}
+        return data
+
 
 # ---------------------------------------------------------------------------------------
 # llama.cpp's /infill (fill-in-the-middle for editor plugins)
