@@ -195,7 +195,7 @@ def check_vllm_options(model: str | None, kwargs: dict[str, Any]) -> list[str]:
             warnings.append(f"tokenizer={tokenizer!r} has no effect here: {verdict}")
     for flag in VLLM_FLAGS:
         name = option_name(flag)
-        if name not in kwargs or name == "tokenizer":
+        if name not in kwargs:  # (tokenizer: taken out above)
             continue
         value = kwargs.pop(name)
         switch = not flag.takes_value and not flag.boolean_optional  # (False: not given)

@@ -90,7 +90,11 @@ def test_a_vllm_script_runs(bundled_gguf_path: str, caplog, capsys) -> None:
     with pytest.raises(ValueError, match="embeddings only"):
         llm.encode("x", pooling_task="classify")
     cut = llm.embed("one two three four five six", truncate_prompt_tokens=2)[0]
-    assert len(cut.prompt_token_ids) == 2 and isinstance(PoolingParams(), PoolingParams)
+    assert len(cut.prompt_token_ids) == 2
+    # the exported PoolingParams is the engine's: normalize=False reaches the pooler
+    raw = llm.embed("one two", PoolingParams(normalize=False))[0].outputs.data
+    unit = llm.embed("one two", PoolingParams(normalize=True))[0].outputs.data
+    assert torch.allclose(raw / raw.norm(), unit) and abs(float(raw.norm()) - 1.0) > 1e-3
 
 
 def test_llm_seed_none_varies_and_dtype_objects_are_names(bundled_gguf_path: str) -> None:

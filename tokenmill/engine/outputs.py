@@ -37,7 +37,7 @@ class CompletionOutput:
 
     def finished(self) -> bool:
         """vLLM's name of is_finished."""
-        return self.finish_reason is not None
+        return self.is_finished
 
     @property
     def lora_request(self) -> None:
