@@ -61,7 +61,8 @@ def _is(*values: object) -> Callable[[Any], bool]:
 
 VLLM_FLAGS: tuple[VllmFlag, ...] = (
     # accepted with the meaning they have in vLLM where tokenmill does the same
-    VllmFlag(("--disable-log-stats",), "ignore", "tokenmill logs no periodic stats",
+    # `tokenmill serve` reads it (no stats line); LLM(...) logs none, as vLLM's by default
+    VllmFlag(("--disable-log-stats",), "ignore", "LLM(...) logs no periodic stats",
              takes_value=False, works=_is(True)),
     VllmFlag(("--enable-log-requests",), "ignore", "a line per request is tokenmill's default",
              takes_value=False, works=_is(True)),
@@ -116,9 +117,9 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     VllmFlag(("--log-config-file",), "ignore",
              "tokenmill logs one line per event to stderr; --uvicorn-log-level sets the "
              "server's level"),
+    # GET /load always counts (a counter per request): the flag changes nothing
     VllmFlag(("--enable-server-load-tracking",), "ignore",
-             "tokenmill serves no /load; /metrics has the running and waiting requests",
-             takes_value=False),
+             "GET /load always tracks the server's load", takes_value=False, works=_is(True)),
     VllmFlag(("--model-impl",), "ignore",
              "tokenmill runs its own implementation of each architecture",
              works=_is("auto", "vllm")),

@@ -20,6 +20,7 @@ import pytest
 API_KEY = "sk-e2e-secret"
 SERVED_NAMES = ["smol", "smol-alias"]
 MAX_MODEL_LEN = 512
+STATS_INTERVAL_S = 0.5  # the open server's stats line (VLLM_LOG_STATS_INTERVAL)
 # The auth server gets --chat-template; tests recognise its output by this marker.
 SERVER_TEMPLATE = (
     "{% for m in messages %}[SERVER-TEMPLATE {{ m['role'] }}]{{ m['content'] }}{% endfor %}"
@@ -85,11 +86,16 @@ def serve_command(*args: str) -> list[str]:
 
 
 def _launch(
-    tmp: Path, name: str, args: list[str], api_key: str | None, served_names: list[str] | None
+    tmp: Path,
+    name: str,
+    args: list[str],
+    api_key: str | None,
+    served_names: list[str] | None,
+    env_extra: dict[str, str] | None = None,
 ) -> Server:
     port = free_port()
     log = tmp / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_API_KEY"}
+    env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_API_KEY"} | (env_extra or {})
     command = serve_command("--host", "127.0.0.1", "--port", str(port), *args)
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -134,8 +140,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
     common = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "256MiB"]
     started = {
         "open": _launch(
-            tmp, "open", [*common, "--served-model-name", *SERVED_NAMES], None, SERVED_NAMES
-        ),
+            tmp,
+            "open",
+            [*common, "--served-model-name", *SERVED_NAMES],
+            None,
+            SERVED_NAMES,
+            {"VLLM_LOG_STATS_INTERVAL": str(STATS_INTERVAL_S)},
+        ),  # fmt: skip
         "auth": _launch(
             tmp,
             "auth",

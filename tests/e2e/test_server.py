@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -419,6 +420,47 @@ def test_metrics_after_traffic(server: Server) -> None:
     # the CPU kernels' thread pool: between one thread and torch's count, never 0
     assert 1 <= metric(server, "tokenmill:cpu_threads") <= max(1, os.cpu_count() or 1)
     assert metric(server, "tokenmill:cpu_thread_reductions_total") >= 0
+    # the tokens of each engine step (tests/unit/test_scheduler.py counts them exactly)
+    steps = metric(server, "vllm:iteration_tokens_total_count")
+    assert 0 < steps == metric(server, "vllm:iteration_tokens_total_bucket", le="+Inf")
+    assert metric(server, "vllm:iteration_tokens_total_sum") >= steps
+    assert metric(server, "vllm:iteration_tokens_total_bucket", le="1.0") <= steps
+    assert metric(server, "vllm:cache_config_info", block_size="16", engine="0") == 1
+
+
+def test_stats_line_and_load(server: Server) -> None:
+    """vLLM's periodic stats line in the log while requests run (VLLM_LOG_STATS_INTERVAL
+    set short for this server); GET /load counts a stream until its end."""
+    client = httpx.Client(base_url=server.url, timeout=60)
+
+    def settles_at(load: int) -> bool:  # (an earlier test's abandoned stream may still end)
+        deadline = time.monotonic() + 30
+        while client.get("/load").json() != {"server_load": load}:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    assert settles_at(0)
+    body = {"model": "smol", "prompt": FRANCE, "max_tokens": 64, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        assert client.get("/load").json() == {"server_load": 1}
+        for _ in lines:
+            pass
+    assert settles_at(0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "Avg generation throughput" not in server.log_text():
+        time.sleep(0.2)
+    line = next(x for x in server.log_text().splitlines() if "Avg generation throughput" in x)
+    assert re.search(
+        r"Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: [\d.]+ tokens/s, "
+        r"Running: \d+ reqs, Waiting: \d+ reqs, KV cache usage: [\d.]+%, "
+        r"Prefix cache hit rate: [\d.]+%",
+        line,
+    ), line
 
 
 # --- Startup ---------------------------------------------------------------------------

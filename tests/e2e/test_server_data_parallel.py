@@ -77,6 +77,10 @@ def test_requests_spread_over_both_engines_and_equal_one_engine(
     assert metric(dp_server, "vllm:num_requests_running") == 0
     text = httpx.get(f"{dp_server.url}/metrics", timeout=10).text
     assert 'vllm:kv_cache_usage_perc{engine="1"' in text
+    for engine in "01":  # each engine's own steps and cache
+        steps = metric(dp_server, "vllm:iteration_tokens_total_count", engine=engine)
+        assert steps >= 16, (engine, steps)  # >= 2 requests of 16 tokens each went there
+        assert metric(dp_server, "vllm:cache_config_info", engine=engine) == 1
 
 
 def test_streaming_chat_and_embeddings(dp_server: Server, server: Server) -> None:

@@ -10,13 +10,14 @@ from typing import Any
 import httpx
 import torch
 
-from tokenmill.engine.client import EngineClient, EngineStats
+from tokenmill.engine.client import CacheInfo, EngineClient, EngineStats
 from tokenmill.engine.outputs import (
     CompletionOutput,
     PoolingOutput,
     PoolingRequestOutput,
     RequestOutput,
 )
+from tokenmill.engine.step_stats import StepTokenCounter
 from tokenmill.errors import InvalidRequestError, OverloadedError, ServiceUnavailableError
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
@@ -88,6 +89,7 @@ class FakeAsyncEngine:
         self.running: set[str] = set()
         self.on_death: Callable[[], None] | None = None
         self.sampling_defaults: dict[str, Any] = {}  # the model's generation config
+        self.step_tokens = StepTokenCounter()  # a "step" per output: the prompt, then n
 
     async def start(self) -> None:
         pass
@@ -117,7 +119,11 @@ class FakeAsyncEngine:
         return [self.stats()]
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.running), 0, 0.25, 0, len(self.aborted))
+        return EngineStats(len(self.running), 0, 0.25, 0, len(self.aborted),
+                           step_tokens=self.step_tokens.snapshot())  # fmt: skip
+
+    def cache_info(self) -> list[CacheInfo]:
+        return [CacheInfo(16, 1024, "float16", True, 0.9, 1024 * 16 * 1024)]
 
     async def generate(
         self,
@@ -140,6 +146,7 @@ class FakeAsyncEngine:
             assert params.max_tokens is not None
             for step in range(params.max_tokens):
                 await asyncio.sleep(self.delay)
+                self.step_tokens.observe(params.n if step else len(prompt_token_ids))
                 if b"FAIL" in bytes(i - 2 for i in prompt_token_ids if i >= 2) and step == 2:
                     raise InvalidRequestError("the fake engine failed", param="prompt")
                 for k, seq in enumerate(seqs):

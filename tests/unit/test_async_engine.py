@@ -13,6 +13,7 @@ import pytest
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.step_stats import StepTokenCounter
 from tokenmill.errors import InvalidRequestError, OverloadedError
 from tokenmill.sampling_params import SamplingParams
 
@@ -25,6 +26,7 @@ class WatchedScheduler:
         self._running: list[str] = []
         self.num_preemptions = 0
         self.speculator = None
+        self.step_tokens = StepTokenCounter()
         self.readers: set[str] = set()
 
     @property

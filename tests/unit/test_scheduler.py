@@ -216,3 +216,28 @@ def test_a_request_ends_at_the_context_it_is_admitted_to() -> None:
     assert not request.check_stop()  # 7 tokens of 8
     request.token_ids.append(7)
     assert request.check_stop() and request.finish_reason == "length"
+
+
+def test_each_step_counts_its_tokens_into_vllms_buckets():
+    """vllm:iteration_tokens_total: a 6-token prompt and a 9-token one chunked at 10, then
+    decodes; a step that schedules nothing counts nothing."""
+    from tokenmill.engine.step_stats import STEP_TOKEN_BUCKETS, StepTokenCounter
+
+    s = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), KVCacheManager(64, BS)
+    )
+    s.add(make("a", 6, max_tokens=3))
+    s.add(make("b", 9, max_tokens=3))
+    per_step = []
+    while s.has_unfinished:
+        per_step.append(run_step(s).num_batched_tokens)
+    assert per_step == [10, 6, 2, 1]  # a 6 + b 4; a 1 + b 5; a 1 + b 1; b 1
+    s.schedule()  # nothing left to run
+    steps = s.step_tokens.snapshot()
+    assert steps.num_steps == 4 and steps.total_tokens == 19
+    at_most = dict(zip(STEP_TOKEN_BUCKETS, steps.cumulative, strict=False))
+    assert (at_most[1], at_most[8], at_most[16]) == (1, 3, 4)
+    assert steps.cumulative[-1] == at_most[16384] == 4
+    counter = StepTokenCounter()
+    counter.observe(20000)  # past the last bucket: only in +Inf
+    assert counter.snapshot().cumulative == (0,) * len(STEP_TOKEN_BUCKETS) + (1,)

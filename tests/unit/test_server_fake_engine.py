@@ -534,6 +534,7 @@ VLLM_METRICS = {
     "vllm:num_preemptions": "counter",
     "vllm:prefix_cache_queries": "counter",
     "vllm:prefix_cache_hits": "counter",
+    "vllm:cache_config_info": "gauge",
     **{
         f"vllm:{name}": "histogram"
         for name in (
@@ -543,6 +544,7 @@ VLLM_METRICS = {
             "request_prefill_time_seconds", "request_decode_time_seconds",
             "request_prompt_tokens", "request_generation_tokens",
             "request_max_num_generation_tokens", "request_params_n", "request_params_max_tokens",
+            "iteration_tokens_total",
         )
     },
 }  # fmt: skip
@@ -616,6 +618,77 @@ async def test_metrics_have_vllms_names_types_and_labels(client: httpx.AsyncClie
     assert _value(text, "vllm:kv_cache_usage_perc") == 0.25
     buckets = [float(labels["le"]) for labels, _ in samples["vllm:request_prompt_tokens_bucket"]]
     assert buckets[:4] == [1, 2, 5, 10]  # vLLM's 1-2-5 series up to max_model_len
+    # the fake's steps: the 3-token prompt, then a token each
+    assert _value(text, "vllm:iteration_tokens_total_count") == 3
+    assert _value(text, "vllm:iteration_tokens_total_sum") == 5
+    assert _value(text, "vllm:iteration_tokens_total_bucket", le="1.0") == 2
+    assert _value(text, "vllm:iteration_tokens_total_bucket", le="8.0") == 3
+    (info,) = samples["vllm:cache_config_info"]
+    assert info == ({"model_name": "fake-model", "engine": "0", "block_size": "16",
+                     "cache_dtype": "float16", "enable_prefix_caching": "True",
+                     "gpu_memory_utilization": "0.9", "num_gpu_blocks": "1024",
+                     "kv_cache_memory_bytes": str(1024 * 16 * 1024)}, 1.0)  # fmt: skip
+
+
+async def test_load_counts_the_models_requests_in_flight() -> None:
+    """GET /load (vLLM's server load): requests to the model's routes until their response
+    ends, streams included; other routes never count."""
+    app = make_app(FakeAsyncEngine(delay=0.05))
+    async with client_for(app) as c:
+        assert (await c.get("/load")).json() == {"server_load": 0}
+        body = {"prompt": "hi", "max_tokens": 10}
+        running = [
+            asyncio.create_task(c.post("/v1/completions", json=body)),
+            asyncio.create_task(c.post("/v1/completions", json={**body, "stream": True})),
+            asyncio.create_task(c.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10})),
+        ]  # fmt: skip
+        await asyncio.sleep(0.2)
+        await c.post("/tokenize", json={"prompt": "hi"})
+        assert (await c.get("/load")).json() == {"server_load": 3}
+        assert all(r.is_success for r in await asyncio.gather(*running))
+        assert (await c.get("/load")).json() == {"server_load": 0}
+        await c.post("/v1/completions", json={"prompt": "x", "temperature": -1})  # a 400
+        assert (await c.get("/load")).json() == {"server_load": 0}
+
+
+def test_stats_line_says_what_vllms_says_and_quiets_when_idle() -> None:
+    import logging
+
+    from tokenmill.server.metrics import ServerMetrics
+    from tokenmill.server.stats_log import StatsLogger
+
+    stats = EngineStats(2, 1, 0.125, 0, 0)
+    metrics = ServerMetrics(lambda: [stats], MODEL, 64)
+    log = StatsLogger(metrics, lambda: stats, 10.0)
+    start = log._last_time
+    metrics.prompt_tokens.inc(300)
+    metrics.generation_tokens.inc(50)
+    metrics.prefix_cache_queries.inc(200)
+    metrics.prefix_cache_hits.inc(50)
+    level, text = log.line(start + 10)
+    assert level == logging.INFO
+    assert text == (
+        "Avg prompt throughput: 30.0 tokens/s, Avg generation throughput: 5.0 tokens/s, "
+        "Running: 2 reqs, Waiting: 1 reqs, KV cache usage: 12.5%, Prefix cache hit rate: 25.0%"
+    )
+    stats = EngineStats(0, 0, 0.0, 0, 0)
+    level, text = log.line(start + 20)  # nothing since: the line after a busy one still shows
+    assert level == logging.INFO and "Avg prompt throughput: 0.0 tokens/s" in text
+    assert log.line(start + 30)[0] == logging.DEBUG  # idle: quiet
+
+
+def test_stats_line_interval_comes_from_vllms_variable(monkeypatch) -> None:
+    from tokenmill.server.stats_log import DEFAULT_INTERVAL_S, interval_from_env
+
+    monkeypatch.delenv("VLLM_LOG_STATS_INTERVAL", raising=False)
+    assert interval_from_env() == DEFAULT_INTERVAL_S
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "2.5")
+    assert interval_from_env() == 2.5
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", bad)
+        with pytest.raises(ValueError, match="VLLM_LOG_STATS_INTERVAL"):
+            interval_from_env()
 
 
 # --- Cancellation --------------------------------------------------------------------

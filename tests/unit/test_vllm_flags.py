@@ -35,7 +35,7 @@ WORKS = [
     "--prefix-caching-hash-algo", "sha256", "--model-impl", "auto", "--api-server-count", "1",
     "--logprobs-mode", "raw_logprobs", "--mm-processor-cache-gb", "0",
     "--enable-force-include-usage", "--disable-uvicorn-access-log",
-    "--default-chat-template-kwargs", '{"enable_thinking": false}',
+    "--enable-server-load-tracking", "--default-chat-template-kwargs", '{"enable_thinking": false}',
 ]  # fmt: skip
 IGNORED = [
     "--trust-remote-code", "--swap-space", "4", "--download-dir", "/tmp/x",
@@ -44,7 +44,7 @@ IGNORED = [
     "--max-num-partial-prefills", "2", "--hf-token", "hf_x", "--max-log-len", "100",
     "--preemption-mode", "swap", "--chat-template-content-format", "openai",
     "--async-scheduling", "--enable-log-outputs", "--log-config-file", "log.json",
-    "--enable-server-load-tracking", "--model-impl", "transformers", "--api-server-count", "4",
+    "--model-impl", "transformers", "--api-server-count", "4",
     "--enable-expert-parallel", "--data-parallel-size-local", "2",
     "--prefix-caching-hash-algo", "builtin", "--mm-processor-cache-gb", "4",
 ]  # fmt: skip
@@ -77,6 +77,9 @@ def test_flags_that_work_start_quietly_and_map_onto_tokenmills() -> None:
     assert settings.force_include_usage
     assert settings.default_chat_template_kwargs == {"enable_thinking": False}
     assert args.disable_uvicorn_access_log
+    assert settings.log_stats_interval_s is None  # --disable-log-stats: no stats line
+    assert _server_settings(parse()).log_stats_interval_s == 10.0  # vLLM's default
+    assert _server_settings(parse("--enable-server-load-tracking")).log_stats_interval_s
     config = _engine_config(args)
     assert config.cache.kv_cache_dtype == "fp8_e5m2" and config.cache.kv_cache_memory == 1 << 30
     assert config.model.enforce_eager and config.model.cuda_graph_sizes == [1, 4, 16]
@@ -105,7 +108,7 @@ def test_scheduling_policy_and_token_ids_defaults_and_bad_values(
 def test_flags_with_no_effect_here_each_get_one_warning() -> None:
     args = parse(*IGNORED)
     warnings = check_vllm_flags(args)
-    assert len(warnings) == 21, warnings
+    assert len(warnings) == 20, warnings
     assert any(w.startswith("--compilation-config 3 has no effect here") for w in warnings)
     assert any(w.startswith("--no-enable-chunked-prefill has no effect") for w in warnings)
     assert any(w.startswith("--trust-remote-code has no effect here: ") for w in warnings)

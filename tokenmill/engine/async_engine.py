@@ -21,9 +21,10 @@ from typing import Any
 
 from tokenmill import kernels
 from tokenmill.config import EngineConfig, SchedulingPolicy
-from tokenmill.engine.client import EngineStats
+from tokenmill.engine.client import CacheInfo, EngineStats
 from tokenmill.engine.llm_engine import AnyOutput, LLMEngine
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput, take_newest
+from tokenmill.engine.step_stats import StepTokens
 from tokenmill.errors import (
     InvalidRequestError,
     OverloadedError,
@@ -79,6 +80,7 @@ class _SchedulerState:
     kv_cache_usage: float  # share of KV blocks in use, 0..1
     num_preemptions: int  # total since start
     spec_decode: SpecDecodeCounts | None  # speculative decoding's totals, when on
+    step_tokens: StepTokens
 
     @classmethod
     def of(cls, engine: LLMEngine) -> _SchedulerState:
@@ -90,6 +92,7 @@ class _SchedulerState:
             kv_cache_usage=engine.core.kv_cache.pool.usage,
             num_preemptions=scheduler.num_preemptions,
             spec_decode=None if scheduler.speculator is None else scheduler.speculator.counts,
+            step_tokens=scheduler.step_tokens.snapshot(),
         )
 
 
@@ -195,10 +198,14 @@ class AsyncEngine:
             num_aborted=self._num_aborted,
             cpu_threads=kernels.cpu_threads_in_use(),
             spec_decode=state.spec_decode,
+            step_tokens=state.step_tokens,
         )
 
     def stats_per_engine(self) -> list[EngineStats]:
         return [self.stats()]
+
+    def cache_info(self) -> list[CacheInfo]:
+        return [CacheInfo.of(self.engine.core)]
 
     async def compile_grammar(self, spec: StructuredSpec) -> CompiledGrammar:
         return await self.structured_outputs.compile_async(spec)

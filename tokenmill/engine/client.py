@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tokenmill.config import SchedulingPolicy
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
+from tokenmill.engine.step_stats import StepTokens
 from tokenmill.errors import ServiceUnavailableError
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.multimodal.processor import ImageProcessor
@@ -19,7 +20,30 @@ from tokenmill.tokenizer.tokenizer import Tokenizer
 from tokenmill.tools.reasoning import ReasoningMarkers
 
 if TYPE_CHECKING:
+    from tokenmill.engine.core import EngineCore
     from tokenmill.spec_decode.speculator import SpecDecodeCounts
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo:
+    """One engine's KV cache as loaded (/metrics' vllm:cache_config_info)."""
+
+    block_size: int  # tokens per block
+    num_blocks: int
+    cache_dtype: str  # as configured; "auto" resolved to the dtype it chose
+    enable_prefix_caching: bool
+    gpu_memory_utilization: float
+    kv_cache_memory_bytes: int
+
+    @classmethod
+    def of(cls, core: EngineCore) -> CacheInfo:
+        """Of a loaded EngineCore (read once, after loading)."""
+        cache, info = core.config.cache, core.info
+        dtype: str = cache.kv_cache_dtype
+        if dtype == "auto":
+            dtype = str(info.kv_cache_dtype).removeprefix("torch.")
+        return cls(cache.block_size, info.num_blocks, dtype, cache.enable_prefix_caching,
+                   cache.gpu_memory_utilization, info.kv_cache_bytes)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +58,7 @@ class EngineStats:
     cpu_threads: tuple[int, int] | None = None  # (in use now, reductions): CPU kernels only
     num_routed: int = 0  # requests the server sent this engine (data parallel), total
     spec_decode: SpecDecodeCounts | None = None  # speculative decoding's totals, when on
+    step_tokens: StepTokens | None = None  # tokens per step so far (None: a test's fake)
 
 
 class EngineClient(Protocol):
@@ -93,6 +118,10 @@ class EngineClient(Protocol):
 
     def stats_per_engine(self) -> list[EngineStats]:
         """One per engine (data parallel: several), for /metrics' `engine` label."""
+        ...
+
+    def cache_info(self) -> list[CacheInfo]:
+        """Each engine's KV cache, in the order of stats_per_engine."""
         ...
 
     def check_capacity(self) -> None:

@@ -37,7 +37,7 @@ from tokenmill.backends.device import (
 from tokenmill.config import EngineConfig, SchedulingPolicy
 from tokenmill.distributed.process import failure_line, start_child, stop_children
 from tokenmill.engine.async_engine import EngineDeadError
-from tokenmill.engine.client import EngineStats
+from tokenmill.engine.client import CacheInfo, EngineStats
 from tokenmill.engine.engine_process import (
     EngineProcessSpec,
     EngineReady,
@@ -48,6 +48,7 @@ from tokenmill.engine.engine_process import (
 from tokenmill.engine.llm_engine import AnyOutput, Frontend
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput, take_newest
 from tokenmill.engine.router import PrefixAffinityRouter
+from tokenmill.engine.step_stats import StepTokenCounter
 from tokenmill.errors import (
     ModelLoadError,
     OverloadedError,
@@ -77,7 +78,7 @@ class _Engine:
     process: Popen[bytes]
     conn: Connection | None = None
     ready: EngineReady | None = None
-    state: EngineState = EngineState(0, 0, 0.0, 0, None, None)
+    state: EngineState = EngineState(0, 0, 0.0, 0, None, None, StepTokenCounter().snapshot())
     in_flight: int = 0  # requests routed here and not finished
     routed: int = 0  # total
     lock: threading.Lock = field(default_factory=threading.Lock)  # serializes sends
@@ -125,7 +126,7 @@ class DataParallelEngine:
         )  # fmt: skip
         slack = max(2, config.scheduler.max_num_seqs // 8)
         self.router = PrefixAffinityRouter(
-            size, ready[0].block_size, min(r.num_blocks for r in ready), slack
+            size, ready[0].cache.block_size, min(r.cache.num_blocks for r in ready), slack
         )
         self.vocab_size = vocab_size
         self.model_name = self.source.name
@@ -263,8 +264,11 @@ class DataParallelEngine:
             unseen = max(0, e.in_flight - s.num_running - s.num_waiting)
             stats.append(EngineStats(s.num_running, s.num_waiting + unseen, s.kv_cache_usage,
                                      s.num_preemptions, 0, s.cpu_threads, e.routed,
-                                     s.spec_decode))  # fmt: skip
+                                     s.spec_decode, s.step_tokens))  # fmt: skip
         return stats
+
+    def cache_info(self) -> list[CacheInfo]:
+        return [e.ready.cache for e in self.engines if e.ready is not None]
 
     def check_capacity(self) -> None:
         limit = self.max_waiting_requests

@@ -29,6 +29,8 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.process import read_spec
+from tokenmill.engine.client import CacheInfo
+from tokenmill.engine.step_stats import StepTokens
 from tokenmill.spec_decode.speculator import SpecDecodeCounts
 
 logger = logging.getLogger(__name__)
@@ -47,8 +49,7 @@ class EngineProcessSpec:
 @dataclass(frozen=True, slots=True)
 class EngineReady:
     max_model_len: int
-    num_blocks: int
-    block_size: int
+    cache: CacheInfo
     pid: int
 
 
@@ -63,6 +64,7 @@ class EngineState:
     num_preemptions: int
     cpu_threads: tuple[int, int] | None
     spec_decode: SpecDecodeCounts | None
+    step_tokens: StepTokens
 
 
 def send(conn: Connection, message: tuple[Any, ...]) -> None:
@@ -94,8 +96,7 @@ def main() -> int:
 
     settle_heap()  # what is loaded lives as long as the process
     core = engine.core
-    ready = EngineReady(core.max_model_len, core.info.num_blocks, spec.config.cache.block_size,
-                        os.getpid())  # fmt: skip
+    ready = EngineReady(core.max_model_len, CacheInfo.of(core), os.getpid())
     send(conn, ("ready", ready))
     try:
         _serve(engine, conn)
@@ -137,6 +138,7 @@ def _serve(engine: Any, conn: Connection) -> None:
             len(scheduler.running), len(scheduler.waiting), engine.core.kv_cache.pool.usage,
             scheduler.num_preemptions, kernels.cpu_threads_in_use(),
             None if scheduler.speculator is None else scheduler.speculator.counts,
+            scheduler.step_tokens.snapshot(),
         )  # fmt: skip
 
     while True:

@@ -27,6 +27,7 @@ from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import FinishReason
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.request_queue import RequestQueue, make_queue
+from tokenmill.engine.step_stats import StepTokenCounter
 from tokenmill.spec_decode.speculator import Speculator
 from tokenmill.worker.inputs import ScheduledSequence
 
@@ -71,6 +72,7 @@ class Scheduler:
         self.waiting: RequestQueue = make_queue(config.scheduling_policy)
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.step_tokens = StepTokenCounter()  # tokens of each step that computed any
 
     @property
     def has_unfinished(self) -> bool:
@@ -86,6 +88,8 @@ class Scheduler:
         budget = self._schedule_running(out, budget)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        if out.scheduled:
+            self.step_tokens.observe(out.num_batched_tokens)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:

@@ -40,6 +40,7 @@ from tokenmill.server.serving_completion import CompletionServer
 from tokenmill.server.serving_embedding import EmbeddingServer
 from tokenmill.server.serving_responses import ResponsesServer
 from tokenmill.server.settings import ServerSettings
+from tokenmill.server.stats_log import StatsLogger
 from tokenmill.tokenizer.template_sandbox import start_renderer
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ ROUTERS: tuple[APIRouter, ...] = (
     ops.router,
     tokenize.router,
 )
+# The routes that run the model: GET /load counts their requests in flight (POSTs).
+LOAD_ROUTERS: tuple[APIRouter, ...] = (
+    completions.router,
+    chat.router,
+    responses.router,
+    embeddings.router,
+    embeddings.pooling_router,
+    infill.router,
+    invocations.router,
+)
 
 
 def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
@@ -65,8 +76,9 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
                                                           openapi_url=None)  # fmt: skip
     app = FastAPI(title="tokenmill", version=server_version(), lifespan=_lifespan, **docs)
     metrics = ServerMetrics(
-        engine.stats_per_engine, settings.served_model_names[0], engine.max_model_len
-    )
+        engine.stats_per_engine, settings.served_model_names[0], engine.max_model_len,
+        engine.cache_info,
+    )  # fmt: skip
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-tokenizer")
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     app.state.executor = executor
@@ -98,7 +110,13 @@ def _add_middleware(
     if settings.api_keys:  # outside the body limit: no key, no body read
         app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys)
     paths = frozenset(getattr(r, "path", "") for router in routers for r in router.routes)
-    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, paths=paths)
+    load_paths = frozenset(
+        getattr(r, "path", "")
+        for router in LOAD_ROUTERS
+        for r in router.routes
+        if "POST" in getattr(r, "methods", ())
+    )
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, paths=paths, load_paths=load_paths)
     if settings.request_id_headers:
         app.add_middleware(RequestIdMiddleware)
 
@@ -113,7 +131,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         "tokenmill ready on %s: model %s, served as %s",
         settings.address, engine.model_name, ", ".join(settings.served_model_names),
     )  # fmt: skip
+    stats_line = None
+    if settings.log_stats_interval_s is not None:
+        stats = StatsLogger(app.state.metrics, engine.stats, settings.log_stats_interval_s)
+        stats_line = asyncio.create_task(stats.run(), name="tokenmill-stats-line")
     try:
         yield
     finally:
+        if stats_line is not None:
+            stats_line.cancel()
         await engine.shutdown()  # the tokenizer executor's idle thread ends with the process

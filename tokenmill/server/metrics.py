@@ -20,11 +20,17 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from tokenmill.engine.client import EngineStats
+from tokenmill.engine.client import CacheInfo, EngineStats
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
+from tokenmill.engine.step_stats import STEP_TOKEN_BUCKETS, StepTokens
 from tokenmill.sampling_params import SamplingParams
 
 _TTFT_BUCKETS = (
@@ -64,6 +70,7 @@ class ServerMetrics:
         engine_stats: Callable[[], list[EngineStats]],  # one per engine (data parallel)
         model_name: str,
         max_model_len: int,
+        cache_info: Callable[[], list[CacheInfo]] = list,  # likewise
     ):
         self.registry = CollectorRegistry(auto_describe=True)
         r, labels, values = self.registry, _LABELS, (model_name, "0")
@@ -97,6 +104,7 @@ class ServerMetrics:
             reason: success.labels(*values, reason) for reason in ("stop", "length", "abort")
         }
         self._success, self._values = success, values
+        self.server_load = 0  # requests to the model's routes in flight (GET /load)
         tokens = buckets_1_2_5(max_model_len)
         self.request_prompt_tokens = histogram(
             "vllm:request_prompt_tokens", "Number of prefill tokens processed.", tokens
@@ -139,9 +147,15 @@ class ServerMetrics:
             for name, doc in phase.items()
         }
         r.register(_EngineCollector(engine_stats, values))
+        r.register(_CacheConfigCollector(cache_info, model_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def total(self, sample: str) -> float:
+        """A counter's value by its sample name (vllm:prompt_tokens_total)."""
+        labels = dict(zip(_LABELS, self._values, strict=True))
+        return self.registry.get_sample_value(sample, labels) or 0.0
 
     def start_request(self, num_prompt_tokens: int, params: SamplingParams) -> RequestTimer:
         self.prompt_tokens.inc(num_prompt_tokens)
@@ -295,6 +309,7 @@ class _EngineCollector(Collector):
             preemptions.add_metric(values, stats.num_preemptions)
         yield from families
         yield preemptions
+        yield from _step_tokens(per_engine, self.model_name)
         yield from self._spec_decode(per_engine)
         if len(per_engine) > 1:
             routed = CounterMetricFamily(
@@ -316,3 +331,50 @@ class _EngineCollector(Collector):
                 "thread fewer because waiting for descheduled threads cost more than they added.",
                 reductions,
             )  # fmt: skip
+
+
+def _step_tokens(per_engine: list[EngineStats], model_name: str) -> Iterator[Metric]:
+    """vllm:iteration_tokens_total: the tokens each engine step computed."""
+    if all(stats.step_tokens is None for stats in per_engine):
+        return
+    family = HistogramMetricFamily(
+        "vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+        labels=_LABELS,
+    )  # fmt: skip
+    bounds = [*(str(float(b)) for b in STEP_TOKEN_BUCKETS), "+Inf"]
+    for index, stats in enumerate(per_engine):
+        steps: StepTokens | None = stats.step_tokens
+        if steps is not None:
+            family.add_metric(
+                [model_name, str(index)], list(zip(bounds, steps.cumulative, strict=True)),
+                sum_value=steps.total_tokens,
+            )  # fmt: skip
+    yield family
+
+
+class _CacheConfigCollector(Collector):
+    """vllm:cache_config_info: 1, labelled with each engine's KV cache settings, as vLLM
+    serves its CacheConfig (an info metric dashboards join on)."""
+
+    def __init__(self, cache_info: Callable[[], list[CacheInfo]], model_name: str):
+        self.cache_info, self.model_name = cache_info, model_name
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            per_engine = self.cache_info()
+        except Exception:  # a dead engine must not break /metrics
+            return
+        if not per_engine:
+            return
+        labels = ["model_name", "engine", "block_size", "cache_dtype", "enable_prefix_caching",
+                  "gpu_memory_utilization", "num_gpu_blocks", "kv_cache_memory_bytes"]  # fmt: skip
+        family = GaugeMetricFamily(
+            "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", labels=labels
+        )
+        for index, info in enumerate(per_engine):
+            family.add_metric(
+                [self.model_name, str(index), str(info.block_size), info.cache_dtype,
+                 str(info.enable_prefix_caching), str(info.gpu_memory_utilization),
+                 str(info.num_blocks), str(info.kv_cache_memory_bytes)], 1.0,
+            )  # fmt: skip
+        yield family

@@ -36,10 +36,17 @@ class APIKeyMiddleware:
 
 class HTTPMetricsMiddleware:
     """Counts requests by handler (route path, or 'none' as the instrumentator vLLM uses
-    says), method and status class ("2xx")."""
+    says), method and status class ("2xx"); and those to `load_paths` in flight, streams
+    until their last byte (GET /load, vLLM's server load)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics, paths: frozenset[str]):
-        self.app, self.metrics, self.paths = app, metrics, paths
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: ServerMetrics,
+        paths: frozenset[str],
+        load_paths: frozenset[str] = frozenset(),
+    ):
+        self.app, self.metrics, self.paths, self.load_paths = app, metrics, paths, load_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,10 +60,13 @@ class HTTPMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        load = path in self.load_paths
+        self.metrics.server_load += load
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            self.metrics.server_load -= load
             handler = path if path in self.paths else "none"
             self.metrics.http_requests.labels(
                 handler=handler, method=scope["method"], status=f"{status // 100}xx"

@@ -50,6 +50,8 @@ class ServerSettings:
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
     disable_log_requests: bool = False
+    # the periodic stats line's interval (server/stats_log.py); None: no stats line
+    log_stats_interval_s: float | None = None
     address: str = ""  # where the server listens, for the ready line
     # caps on one request (each over-cap value is a 400)
     limits: RequestLimits = field(default_factory=_default_limits)

@@ -1,5 +1,5 @@
 """Operational routes, without the API key (health checks and scrapers): /health, /ping,
-/version, /metrics."""
+/version, /metrics, /load."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/load")
+async def load(request: Request) -> dict[str, int]:
+    """vLLM's server load: requests to the model's routes in flight (a router's signal)."""
+    return {"server_load": request.app.state.metrics.server_load}
 
 
 def server_version() -> str:
