@@ -22,14 +22,16 @@ class PoolingParams:
 
     dimensions: int | None = None
     normalize: bool | None = None
-    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: all that fit)
 
     def __post_init__(self) -> None:
         if self.dimensions is not None and self.dimensions < 1:
             raise ValueError(f"dimensions must be at least 1, got {self.dimensions}")
-        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+        keep = self.truncate_prompt_tokens
+        if keep is not None and keep < 1 and keep != -1:  # (as SamplingParams checks it)
             raise ValueError(
-                f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}"
+                "truncate_prompt_tokens must be at least 1, or -1 for max_model_len, got "
+                f"{self.truncate_prompt_tokens}"
             )
 
 

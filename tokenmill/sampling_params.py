@@ -32,6 +32,16 @@ class RequestOutputKind(enum.IntEnum):
     FINAL_ONLY = 2  # one output, when the request finishes
 
 
+def keep_last_tokens(
+    prompt_token_ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int
+) -> list[int]:
+    """The prompt's last truncate_prompt_tokens tokens (-1: max_model_len); None: all."""
+    if truncate_prompt_tokens is None:
+        return prompt_token_ids
+    keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+    return prompt_token_ids[-keep:]
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick each next token and when to stop; vLLM's names, defaults and semantics."""
@@ -62,7 +72,8 @@ class SamplingParams:
     # rest of it; resolved to token sequences with the tokenizer (resolve_bad_words)
     bad_words: list[str] | None = None
     bad_words_token_ids: list[list[int]] | None = None  # internal: bad_words, tokenized
-    truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
+    # keep only the last k prompt tokens; -1: the last max_model_len (vLLM's)
+    truncate_prompt_tokens: int | None = None
     use_beam_search: bool = False  # beam width = best_of (or n); returns the n best beams
     length_penalty: float = 1.0  # beam score = cumulative logprob / length ** length_penalty
     early_stopping: EarlyStopping = False  # beam search: True, False (heuristic) or "never"
@@ -73,7 +84,7 @@ class SamplingParams:
     # (vLLM's thinking_token_budget); None = no limit
     thinking_token_budget: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
-    detokenize: bool = True  # only True: outputs always carry their text
+    detokenize: bool = True  # False: token ids only (no text, no decoded_token in logprobs)
     extra_args: dict[str, Any] | None = None  # vLLM's, for plugins: tokenmill has none
     logits_processors: list[Any] | None = None  # only empty: tokenmill runs no such code
     guided_decoding: Any = None  # older vLLM's name of structured_outputs
@@ -119,11 +130,9 @@ class SamplingParams:
         """Sequences generated for the request: best_of when set, else n."""
         return self.n if self.best_of is None else self.best_of
 
-    def truncate_prompt(self, prompt_token_ids: list[int]) -> list[int]:
+    def truncate_prompt(self, prompt_token_ids: list[int], max_model_len: int) -> list[int]:
         """The prompt as the engine runs it: its last truncate_prompt_tokens tokens, if set."""
-        if self.truncate_prompt_tokens is None:
-            return prompt_token_ids
-        return prompt_token_ids[-self.truncate_prompt_tokens :]
+        return keep_last_tokens(prompt_token_ids, self.truncate_prompt_tokens, max_model_len)
 
     def clone(self) -> SamplingParams:
         """A deep copy (vLLM's)."""
@@ -131,8 +140,10 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first parameter out of range."""
-        _check(self.detokenize, "detokenize", "detokenize=False is not supported: outputs "
-               "always carry their text")  # fmt: skip
+        _check(self.detokenize or not self.stop, "detokenize", "stop strings need text: "
+               "detokenize=False is only allowed without stop (stop_token_ids work)")  # fmt: skip
+        _check(self.detokenize or not self.use_beam_search, "detokenize", "beam search "
+               "ranks texts: detokenize=False is not supported with it")  # fmt: skip
         _check(not self.logits_processors, "logits_processors", "logits_processors are not "
                "supported: logit_bias, allowed_token_ids, bad_words and structured_outputs "
                "shape the logits instead")  # fmt: skip
@@ -213,10 +224,12 @@ class SamplingParams:
             "stop",
             "stop must be a non-empty string or a list of non-empty strings",
         )
+        keep = self.truncate_prompt_tokens
         _check(
-            self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1,
+            keep is None or keep >= 1 or keep == -1,
             "truncate_prompt_tokens",
-            f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}",
+            "truncate_prompt_tokens must be at least 1, or -1 for max_model_len, got "
+            f"{self.truncate_prompt_tokens}",
         )
 
     def _validate_outputs(self) -> None:

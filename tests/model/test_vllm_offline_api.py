@@ -126,11 +126,38 @@ def test_sampling_params_take_vllms_forms() -> None:
     assert copy == params and copy is not params
     assert SamplingParams(extra_args={"plugin": 1}, detokenize=True).extra_args == {"plugin": 1}
     with pytest.raises(InvalidRequestError, match="detokenize=False"):
-        SamplingParams(detokenize=False)
+        SamplingParams(detokenize=False, stop=["."])
+    with pytest.raises(InvalidRequestError, match="detokenize=False"):
+        SamplingParams(detokenize=False, use_beam_search=True, n=2)
     with pytest.raises(InvalidRequestError, match="logits_processors"):
         SamplingParams(logits_processors=[lambda ids, logits: logits])
     with pytest.raises(InvalidRequestError, match="not both"):
         SamplingParams(guided_decoding={"regex": "a"}, structured_outputs={"regex": "b"})
+
+
+def test_detokenize_false_gives_the_same_tokens_without_text(default_llm) -> None:
+    """vLLM's detokenize=False: the same token ids and logprobs, no text, no decoded tokens
+    (the prompt's logprobs likewise); stop_token_ids still stop."""
+    prompt = "The capital of France is"
+    kwargs = dict(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    (text,) = default_llm.generate(prompt, SamplingParams(**kwargs), use_tqdm=False)
+    (ids,) = default_llm.generate(prompt, SamplingParams(**kwargs, detokenize=False),
+                                  use_tqdm=False)  # fmt: skip
+    assert text.outputs[0].text and ids.outputs[0].text == ""
+    assert ids.outputs[0].token_ids == text.outputs[0].token_ids
+    for got, want in zip(ids.outputs[0].logprobs, text.outputs[0].logprobs, strict=True):
+        assert {t: p.logprob for t, p in got.items()} == {t: p.logprob for t, p in want.items()}
+        assert all(p.decoded_token is None for p in got.values())
+        assert all(p.decoded_token for p in want.values())
+    assert ids.prompt_logprobs is not None
+    assert all(p.decoded_token is None for e in ids.prompt_logprobs[1:] for p in e.values())
+    greedy = text.outputs[0].token_ids
+    stop_at = greedy[3]
+    (stopped,) = default_llm.generate(prompt, SamplingParams(
+        temperature=0, max_tokens=8, stop_token_ids=[stop_at], detokenize=False),
+        use_tqdm=False)  # fmt: skip
+    assert stopped.outputs[0].token_ids == greedy[: greedy.index(stop_at) + 1]
+    assert stopped.outputs[0].finish_reason == "stop"
 
 
 def test_beam_search_is_vllms_entry_point_over_the_same_search(default_llm) -> None:

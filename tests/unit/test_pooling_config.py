@@ -60,6 +60,7 @@ def test_pooling_params_ranges():
         PoolingParams(dimensions=0)
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
         PoolingParams(truncate_prompt_tokens=0)
+    assert PoolingParams(truncate_prompt_tokens=-1).truncate_prompt_tokens == -1  # vLLM's "all"
 
 
 def test_vllm_pooling_flags():

@@ -84,6 +84,7 @@ def test_non_finite_floats_are_rejected(body: dict[str, object]) -> None:
         {"prompt": "x", "stream_options": {"include_usage": "sometimes"}},
         {"prompt": "x", "response_format": {"type": "xml"}},
         {"prompt": "x", "truncate_prompt_tokens": 0},
+        {"prompt": "x", "truncate_prompt_tokens": -2},
     ],
 )
 def test_invalid_completion_bodies(body: dict[str, object]) -> None:

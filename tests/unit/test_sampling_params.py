@@ -52,6 +52,7 @@ def test_defaults_are_vllm_s() -> None:
         ({"logprobs": -1}, "logprobs"),
         ({"prompt_logprobs": -1}, "prompt_logprobs"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"early_stopping": True}, "early_stopping"),  # without beam search
         ({"length_penalty": 0.5}, "length_penalty"),  # without beam search
@@ -94,5 +95,8 @@ def test_beam_search_options_are_accepted_with_beam_search() -> None:
 
 
 def test_truncate_prompt_keeps_the_last_tokens() -> None:
-    assert SamplingParams(truncate_prompt_tokens=2).truncate_prompt([1, 2, 3]) == [2, 3]
-    assert SamplingParams().truncate_prompt([1, 2, 3]) == [1, 2, 3]
+    assert SamplingParams(truncate_prompt_tokens=2).truncate_prompt([1, 2, 3], 8) == [2, 3]
+    assert SamplingParams().truncate_prompt([1, 2, 3], 8) == [1, 2, 3]
+    # vLLM's -1: the last max_model_len tokens
+    assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt([1, 2, 3], 2) == [2, 3]
+    assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt([1, 2, 3], 8) == [1, 2, 3]

@@ -139,6 +139,21 @@ async def test_plain_answers_and_tool_choice_none_are_text():
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("choice", ["required", "auto"])
+async def test_an_empty_tools_list_is_no_tools_as_openai_takes_it(choice):
+    """vLLM (after OpenAI): `tools: []` with tool_choice "required" or "auto" answers in text,
+    unconstrained, the template given no tools."""
+    engine = ScriptedEngine("It is sunny.\n")
+    async with client_for(make_app(engine)) as client:
+        response = await client.post(
+            "/v1/chat/completions", json=_body(tools=[], tool_choice=choice)
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "It is sunny.\n"
+    assert engine.grammars == [None]
+
+
+@pytest.mark.anyio
 async def test_templates_get_the_tools_and_earlier_calls():
     engine = ScriptedEngine("ok")
     history = [
@@ -170,7 +185,10 @@ async def test_templates_get_the_tools_and_earlier_calls():
     ("extra", "param"),
     [
         ({"tools": None, "tool_choice": "required"}, "tool_choice"),
+        ({"tools": None, "tool_choice": "auto"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+         "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "x y"}}]}, "tools.0.function.name"),
         ({"response_format": {"type": "json_object"}}, "tool_choice"),
         ({"tools": [WEATHER] * 129}, "tools"),

@@ -321,3 +321,27 @@ async def test_truncate_prompt_tokens_on_chat_keeps_the_rendered_prompts_last_to
     assert whole.json()["usage"]["prompt_tokens"] == len(full_ids) > 3
     assert engine.requests[-1][0] == full_ids[-3:]
     assert cut["usage"]["prompt_tokens"] == 3
+
+
+@pytest.mark.anyio
+async def test_truncate_prompt_tokens_minus_one_keeps_what_fits_in_the_context() -> None:
+    """vLLM's -1: the prompt's last max_model_len tokens (an embedding of a long text);
+    0 and below -1 are 400s naming the field."""
+    from tests.unit.fake_engine import FakeAsyncEngine
+
+    engine = FakeAsyncEngine()  # max_model_len 64; a byte per token
+    text = "x" * 100
+    async with client_for(make_app(engine)) as client:
+        too_long = await client.post("/v1/embeddings", json={"input": text})
+        assert too_long.status_code == 400
+        kept = await client.post(
+            "/v1/embeddings", json={"input": text, "truncate_prompt_tokens": -1}
+        )
+        assert kept.status_code == 200, kept.text
+        assert kept.json()["usage"]["prompt_tokens"] == engine.max_model_len
+        for bad in (0, -2):
+            response = await client.post(
+                "/v1/embeddings", json={"input": text, "truncate_prompt_tokens": bad}
+            )
+            assert response.status_code == 400
+            assert "truncate_prompt_tokens" in response.json()["error"]["message"]

@@ -18,7 +18,7 @@ from tokenmill.engine.outputs import (
 )
 from tokenmill.engine.request import Request
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
-from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, detokenize
+from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, NoText, detokenize
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
 
@@ -27,7 +27,7 @@ class SequenceState:
     """One sampled sequence: its engine request, its text so far and its output."""
 
     request: Request
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | NoText  # NoText: detokenize=False
     index: int
     output: CompletionOutput = field(init=False)
     # output_kind DELTA: how much of the output the client has had (tokens, characters)

@@ -9,7 +9,7 @@ from tokenmill.config import SchedulingPolicy
 from tokenmill.errors import InvalidRequestError
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
-from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams
+from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams, keep_last_tokens
 from tokenmill.structured.interface import CompiledGrammar
 
 
@@ -86,7 +86,7 @@ class InputProcessor:
     ) -> EngineInput:
         """The prompt as the engine will run it (its last truncate_prompt_tokens tokens): not
         empty, within the context, every token id in the vocabulary."""
-        prompt = params.truncate_prompt(list(prompt_token_ids))
+        prompt = params.truncate_prompt(list(prompt_token_ids), self.max_model_len)
         self._check_prompt(prompt, params, prompt_param)
         if images:
             images = _images_after_truncation(images, len(prompt_token_ids) - len(prompt))
@@ -114,9 +114,9 @@ class InputProcessor:
         """An embedding's prompt as the engine runs it (its last truncate_prompt_tokens
         tokens): not empty, within the context (all of it: nothing is generated), every
         token id in the vocabulary."""
-        prompt = list(prompt_token_ids)
-        if params.truncate_prompt_tokens is not None:
-            prompt = prompt[-params.truncate_prompt_tokens :]
+        prompt = keep_last_tokens(
+            list(prompt_token_ids), params.truncate_prompt_tokens, self.max_model_len
+        )
         if not prompt:
             raise InvalidRequestError(
                 f"{prompt_param} must contain at least one token", param=prompt_param

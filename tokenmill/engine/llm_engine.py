@@ -35,7 +35,7 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.interface import CompiledGrammar
 from tokenmill.structured.manager import StructuredOutputManager
 from tokenmill.tokenizer.chat_template import resolve_chat_template
-from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
+from tokenmill.tokenizer.detokenizer import IncrementalDetokenizer, NoText, TokenTexts
 from tokenmill.tokenizer.tokenizer import Tokenizer
 from tokenmill.tools.reasoning import ReasoningMarkers, detect_reasoning
 
@@ -230,7 +230,11 @@ class LLMEngine:
                     child_params.thinking_token_budget,
                 )
                 request.matcher = request.thought.matcher
-            detokenizer = IncrementalDetokenizer(self.tokenizer, child_params, prompt)
+            detokenizer = (
+                IncrementalDetokenizer(self.tokenizer, child_params, prompt)
+                if child_params.detokenize
+                else NoText()
+            )
             sequences.append(SequenceState(request, detokenizer, index))
         group = RequestGroup(request_id, prompt, params, sequences)
         self._submit(group, [s.request for s in sequences])
@@ -378,7 +382,9 @@ class LLMEngine:
         its text and output, up to a stop string; and the prompt's logprobs, once."""
         request, detok, output = seq.request, seq.detokenizer, seq.output
         if group.prompt_logprobs is None and request.params.prompt_logprobs is not None:
-            group.prompt_logprobs = self._named(request.prompt_logprobs)
+            group.prompt_logprobs = request.prompt_logprobs
+            if request.params.detokenize:
+                self._named(request.prompt_logprobs)
         first = len(output.token_ids)
         new = request.token_ids[len(request.prompt_token_ids) + first :]
         ends_on_stop_token = request.finish_reason == "stop" and not isinstance(
@@ -407,7 +413,7 @@ class LLMEngine:
         """The output's logprobs: the request's, but none past a stop string's token; the
         new ones (from output token `first` on) get their tokens' text."""
         entries = request.logprobs
-        for entry in entries[first : len(output.token_ids)]:
+        for entry in entries[first : len(output.token_ids)] if request.params.detokenize else ():
             self._name_tokens(entry)
         if len(entries) > len(output.token_ids):
             entries = entries[: len(output.token_ids)]

@@ -7,6 +7,7 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -20,6 +21,16 @@ logger = logging.getLogger(__name__)
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 Seed = Annotated[int, Field(ge=_INT64_MIN, le=_INT64_MAX)]
+
+
+def _keep_count(value: int) -> int:
+    if value == 0 or value < -1:
+        raise ValueError("must be at least 1, or -1 for max_model_len")
+    return value
+
+
+# vLLM's truncate_prompt_tokens: keep the prompt's last k tokens; -1: max_model_len of them
+TruncatePromptTokens = Annotated[int, AfterValidator(_keep_count)]
 
 
 class OpenAIBaseModel(BaseModel):
@@ -115,7 +126,7 @@ class SamplingExtras(OpenAIBaseModel):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None  # keep the last k tokens
+    truncate_prompt_tokens: TruncatePromptTokens | None = None
     prompt_logprobs: int | None = None  # top logprobs of every prompt token
     allowed_token_ids: list[int] | None = None  # only these tokens may be generated
     bad_words: list[str] | None = None  # never generated (each word's token sequences banned)

@@ -13,6 +13,7 @@ from tokenmill.server.protocol import (
     ChatMessage,
     RequestIdExtra,
     ResponseModel,
+    TruncatePromptTokens,
     UsageInfo,
 )
 
@@ -27,7 +28,7 @@ class PoolingExtras(RequestIdExtra):
     dimensions: Annotated[int, Field(ge=1)] | None = None  # Matryoshka models only
     user: str | None = None
     # vLLM's extras
-    truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None  # keep the last k tokens
+    truncate_prompt_tokens: TruncatePromptTokens | None = None
     normalize: bool | None = None  # None: the model's pooler config says
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 

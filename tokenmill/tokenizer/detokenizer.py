@@ -139,6 +139,20 @@ class IncrementalDetokenizer:
         return max((partial_suffix(self.text, stop) for stop in self._stops), default=0)
 
 
+class NoText:
+    """A sequence with detokenize=False (vLLM's): token ids only, no text, no stop strings."""
+
+    text = ""
+    stop_string: str | None = None
+    is_plain = False  # (the engine's fast path decodes: not this one)
+
+    def add_token(self, token_id: int) -> None:
+        pass
+
+    def visible_text(self, finished: bool) -> str:
+        return ""
+
+
 def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest end of `text` that is a proper start of `marker` (a stop string
     or a marker still arriving)."""

@@ -97,9 +97,12 @@ def tool_use(
     fmt: ToolCallFormat,
     max_tools: int,
 ) -> ToolUse | None:
-    """The request's tools checked (400 naming what is wrong), or None without tools."""
+    """The request's tools checked (400 naming what is wrong), or None without tools. An
+    empty list with tool_choice "auto" or "required" is no tools, as OpenAI and vLLM take
+    it; tool_choice without any tools list is a 400."""
     if not tools:
-        if tool_choice not in (None, "none"):
+        allowed = (None, "none") if tools is None else (None, "none", "auto", "required")
+        if tool_choice not in allowed:
             raise InvalidRequestError(
                 "tool_choice is only allowed when tools are given", param="tool_choice"
             )
