@@ -16,6 +16,7 @@ from tqdm import tqdm
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.outputs import PoolingRequestOutput, RequestOutput
+from tokenmill.engine.scoring import ScoringRequestOutput, check_pairing, pair_scores
 from tokenmill.errors import InvalidRequestError, RequestFailedError
 from tokenmill.multimodal.inputs import ImageInput
 from tokenmill.pooling_params import PoolingParams
@@ -198,6 +199,28 @@ class LLM:
             prompts, pooling_params, use_tqdm,
             truncate_prompt_tokens=truncate_prompt_tokens, lora_request=lora_request,
         )  # fmt: skip
+
+    def score(
+        self,
+        data_1: Prompt | Sequence[Prompt],
+        data_2: Prompt | Sequence[Prompt],
+        /,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+        pooling_params: PoolingParams | None = None,
+        lora_request: Any = None,
+    ) -> list[ScoringRequestOutput]:
+        """vLLM's LLM.score with an embedding model: each pair's cosine similarity
+        (`output.outputs.score`), data_1 one prompt against every data_2, or the two lists
+        pairwise; each prompt embedded once. Cross-encoder models are not served."""
+        firsts, seconds = _as_prompt_list(data_1), _as_prompt_list(data_2)
+        check_pairing(len(firsts), len(seconds), "data_1")
+        embedded = self.embed(
+            [*firsts, *seconds], pooling_params, use_tqdm,
+            truncate_prompt_tokens=truncate_prompt_tokens, lora_request=lora_request,
+        )  # fmt: skip
+        return pair_scores(embedded[: len(firsts)], embedded[len(firsts) :])
 
     def _run(
         self,

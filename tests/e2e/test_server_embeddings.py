@@ -167,3 +167,28 @@ def test_embeddings_count_in_vllm_metrics(tiny: tuple[Server, Path]) -> None:
     assert metric(server, "vllm:request_success_total", finished_reason="stop") == before + 2
     assert metric(server, "vllm:prompt_tokens_total") == prompt_before + 5
     assert metric(server, "vllm:e2e_request_latency_seconds_count") == latency_before + 2
+
+
+def test_score_and_rerank_are_cosines_of_the_served_embeddings(tiny: tuple[Server, Path]) -> None:
+    """vLLM's /score and /rerank with an embedding model: the cosine similarity of the same
+    vectors /v1/embeddings serves; rerank orders the documents by it."""
+    server, _ = tiny
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    vectors = [
+        torch.tensor(d.embedding)
+        for d in client.embeddings.create(model="tiny", input=TEXTS, encoding_format="float").data
+    ]
+    expected = [F.cosine_similarity(vectors[0], v, dim=0).item() for v in vectors[1:]]
+    score = httpx.post(f"{server.url}/v1/score", timeout=60,
+                       json={"model": "tiny", "text_1": TEXTS[0], "text_2": TEXTS[1:]})  # fmt: skip
+    assert score.status_code == 200, score.text
+    assert [d["score"] for d in score.json()["data"]] == pytest.approx(expected, abs=1e-5)
+    rerank = httpx.post(
+        f"{server.url}/rerank",
+        timeout=60,
+        json={"query": TEXTS[0], "documents": TEXTS[1:], "top_n": 1},
+    ).json()
+    (best,) = rerank["results"]
+    assert best["index"] == max(range(2), key=lambda i: expected[i])
+    assert best["relevance_score"] == pytest.approx(max(expected), abs=1e-5)
+    assert best["document"]["text"] == TEXTS[1 + best["index"]]

@@ -178,3 +178,26 @@ def test_beam_search_is_vllms_entry_point_over_the_same_search(default_llm) -> N
         assert beam.text.endswith(expected.text) and prompt in beam.text
     scores = [b.cum_logprob for b in out.sequences]  # (equal lengths: by logprob)
     assert scores == sorted(scores, reverse=True)
+
+
+def test_llm_score_is_the_cosine_of_the_embeddings(default_llm) -> None:
+    """vLLM's LLM.score with an embedding model: one prompt against many, or pairwise; the
+    cosine of embed()'s vectors; vLLM's output types importable from tokenmill."""
+    from tokenmill import CompletionOutput, RequestOutput, ScoringRequestOutput
+
+    texts = ["What is the capital of France?", "Paris is the capital of France.", "Cats purr."]
+    vectors = [o.outputs.data for o in default_llm.embed(texts, use_tqdm=False)]
+    cosines = [torch.nn.functional.cosine_similarity(vectors[0], v, dim=0).item()
+               for v in vectors[1:]]  # fmt: skip
+    one_to_many = default_llm.score(texts[0], texts[1:], use_tqdm=False)
+    assert all(isinstance(o, ScoringRequestOutput) for o in one_to_many)
+    assert [o.outputs.score for o in one_to_many] == pytest.approx(cosines, abs=1e-5)
+    ids = default_llm.get_tokenizer().encode(texts[0]) + default_llm.get_tokenizer().encode(
+        texts[1])  # fmt: skip
+    assert one_to_many[0].prompt_token_ids == ids
+    pairwise = default_llm.score([texts[0], texts[2]], [texts[1], texts[2]], use_tqdm=False)
+    assert [o.outputs.score for o in pairwise] == pytest.approx([cosines[0], 1.0], abs=1e-5)
+    with pytest.raises(InvalidRequestError, match="1:1, 1:N or N:N"):
+        default_llm.score(texts[:2], texts, use_tqdm=False)
+    (out,) = default_llm.generate("Hi", GREEDY, use_tqdm=False)
+    assert isinstance(out, RequestOutput) and isinstance(out.outputs[0], CompletionOutput)

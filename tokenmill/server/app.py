@@ -32,6 +32,7 @@ from tokenmill.server.routers import (
     ops,
     playground,
     responses,
+    score,
     tokenize,
 )
 from tokenmill.server.routers.ops import server_version
@@ -39,6 +40,7 @@ from tokenmill.server.serving_chat import ChatServer
 from tokenmill.server.serving_completion import CompletionServer
 from tokenmill.server.serving_embedding import EmbeddingServer
 from tokenmill.server.serving_responses import ResponsesServer
+from tokenmill.server.serving_score import ScoreServer
 from tokenmill.server.settings import ServerSettings
 from tokenmill.server.stats_log import StatsLogger
 from tokenmill.tokenizer.template_sandbox import start_renderer
@@ -53,6 +55,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     responses.router,
     embeddings.router,
     embeddings.pooling_router,
+    score.router,
     infill.router,
     invocations.router,
     ops.router,
@@ -65,6 +68,7 @@ LOAD_ROUTERS: tuple[APIRouter, ...] = (
     responses.router,
     embeddings.router,
     embeddings.pooling_router,
+    score.router,
     infill.router,
     invocations.router,
 )
@@ -85,6 +89,9 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     app.state.completion = CompletionServer(engine, settings, metrics, executor)
     app.state.chat = ChatServer(engine, settings, metrics, executor)
     app.state.embedding = EmbeddingServer(engine, settings, metrics, executor, chat=app.state.chat)
+    app.state.score = ScoreServer(
+        engine, settings, metrics, executor, embedding=app.state.embedding
+    )
     app.state.responses = ResponsesServer(engine, settings, metrics, executor, chat=app.state.chat)
     routers = ROUTERS + ((playground.router,) if settings.playground else ())
     for router in routers:

@@ -40,7 +40,7 @@ def auth_error() -> AuthenticationError:
 
 
 # the routes outside /v1 that run the model, and so need the key as /v1's do
-_KEYED_OUTSIDE_V1 = frozenset({"/pooling", "/invocations"})
+_KEYED_OUTSIDE_V1 = frozenset({"/pooling", "/invocations", "/score", "/rerank", "/v2/rerank"})
 
 
 def needs_key(scope: Scope) -> bool:

@@ -139,6 +139,12 @@ def check_prompt_limits(prompt: Prompt, limits: RequestLimits) -> None:
     _check_count("prompt", num_chars, limits.max_input_chars, "characters of text")
 
 
+def check_text_limits(texts: list[str], param: str, limits: RequestLimits) -> None:
+    """How many texts a score or rerank request holds, and how much text, before tokenizing."""
+    _check_count(param, len(texts), limits.max_prompts, "texts")
+    _check_count(param, sum(len(t) for t in texts), limits.max_input_chars, "characters of text")
+
+
 def check_chat_limits(request: ChatInputRequest, limits: RequestLimits) -> None:
     """Messages (count and text), documents and the request's own template, before rendering."""
     _check_count("messages", len(request.messages), limits.max_messages, "messages")

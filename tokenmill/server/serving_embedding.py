@@ -61,9 +61,9 @@ class EmbeddingServer(ServingBase):
                 "request %s: %d input(s) to embed, prompt tokens %s",
                 request_id, len(prompts), [len(p) for p in prompts],
             )  # fmt: skip
-        outputs = await self._encode_all(prompts, params, engine_id, request.cache_salt)
+        outputs = await self.encode_all(prompts, params, engine_id, request.cache_salt)
         vectors = [_encode_vector(o, request.encoding_format) for o in outputs]
-        usage = self._usage(outputs)
+        usage = self.usage(outputs)
         body: EmbeddingResponse | PoolingResponse
         if endpoint == "embeddings":
             data = [EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)]
@@ -91,7 +91,7 @@ class EmbeddingServer(ServingBase):
 
         return await self.run_blocking(encode)
 
-    async def _encode_all(
+    async def encode_all(
         self,
         prompts: list[list[int]],
         params: PoolingParams,
@@ -122,7 +122,7 @@ class EmbeddingServer(ServingBase):
         timer.on_pooled(output)
         return output
 
-    def _usage(self, outputs: list[PoolingRequestOutput]) -> UsageInfo:
+    def usage(self, outputs: list[PoolingRequestOutput]) -> UsageInfo:
         num_prompt = sum(len(o.prompt_token_ids) for o in outputs)
         details = None
         if self.settings.prompt_tokens_details:

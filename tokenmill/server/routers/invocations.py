@@ -1,6 +1,7 @@
 """POST /invocations: SageMaker's one inference route, as vLLM serves it. The body's shape
-picks the API: `messages` is a chat completion, `prompt` a completion, `input` an embedding.
-It runs the model, so (unlike vLLM's) it needs the API key when one is set."""
+picks the API: `messages` is a chat completion, `prompt` a completion, `input` an embedding,
+`query` and `documents` a rerank, `text_1` and `text_2` a score. It runs the model, so
+(unlike vLLM's) it needs the API key when one is set."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.server.auth import check_api_key
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.protocol_pooling import EmbeddingRequest
+from tokenmill.server.protocol_score import RerankRequest, ScoreRequest
 from tokenmill.server.streams import until_disconnect
 
 router = APIRouter(dependencies=[Depends(check_api_key)])
@@ -44,10 +46,16 @@ async def invocations(request: Request) -> Response:
             return await until_disconnect(
                 request, state.embedding.create(embedding, "embeddings", header_id)
             )
+        if "query" in body and "documents" in body:
+            rerank = RerankRequest.model_validate(body)
+            return await until_disconnect(request, state.score.rerank(rerank, header_id))
+        if "text_1" in body and "text_2" in body:
+            score = ScoreRequest.model_validate(body)
+            return await until_disconnect(request, state.score.score(score, header_id))
     except ValidationError as exc:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]  # (as FastAPI's)
         raise RequestValidationError(errors, body=body) from None
     raise InvalidRequestError(
-        "/invocations needs messages (a chat completion), prompt (a completion) or input "
-        "(an embedding)"
+        "/invocations needs messages (a chat completion), prompt (a completion), input "
+        "(an embedding), query and documents (a rerank) or text_1 and text_2 (a score)"
     )
