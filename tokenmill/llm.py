@@ -220,7 +220,9 @@ class LLM:
             [*firsts, *seconds], pooling_params, use_tqdm,
             truncate_prompt_tokens=truncate_prompt_tokens, lora_request=lora_request,
         )  # fmt: skip
-        return pair_scores(embedded[: len(firsts)], embedded[len(firsts) :])
+        pad = self.tokenizer.hf.pad_token_id
+        separator = [] if pad is None else [pad]
+        return pair_scores(embedded[: len(firsts)], embedded[len(firsts) :], separator)
 
     def _run(
         self,

@@ -192,9 +192,11 @@ def test_llm_score_is_the_cosine_of_the_embeddings(default_llm) -> None:
     one_to_many = default_llm.score(texts[0], texts[1:], use_tqdm=False)
     assert all(isinstance(o, ScoringRequestOutput) for o in one_to_many)
     assert [o.outputs.score for o in one_to_many] == pytest.approx(cosines, abs=1e-5)
-    ids = default_llm.get_tokenizer().encode(texts[0]) + default_llm.get_tokenizer().encode(
-        texts[1])  # fmt: skip
-    assert one_to_many[0].prompt_token_ids == ids
+    tokenizer = default_llm.get_tokenizer()
+    pad = [] if tokenizer.pad_token_id is None else [tokenizer.pad_token_id]  # (as vLLM's)
+    assert one_to_many[0].prompt_token_ids == (
+        tokenizer.encode(texts[0]) + pad + tokenizer.encode(texts[1]))  # fmt: skip
+    assert "_" in one_to_many[0].request_id
     pairwise = default_llm.score([texts[0], texts[2]], [texts[1], texts[2]], use_tqdm=False)
     assert [o.outputs.score for o in pairwise] == pytest.approx([cosines[0], 1.0], abs=1e-5)
     with pytest.raises(InvalidRequestError, match="1:1, 1:N or N:N"):

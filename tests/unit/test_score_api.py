@@ -48,6 +48,25 @@ async def test_score_pairs_one_to_many_and_pairwise(path: str) -> None:
     assert one_to_one.json()["data"][0]["score"] == pytest.approx(cosine("hi", "hi there"))
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("data_1", "data_2"), ("queries", "documents"), ("queries", "items")],
+)
+async def test_score_takes_each_of_vllms_spellings(first: str, second: str) -> None:
+    body = {first: "abc", second: ["abd", "zzzz"]}
+    async with client_for(make_app()) as client:
+        response = await client.post("/v1/score", json=body)
+        assert response.status_code == 200, response.text
+        scores = [d["score"] for d in response.json()["data"]]
+        assert scores == pytest.approx([cosine("abc", "abd"), cosine("abc", "zzzz")], abs=1e-6)
+        via = await client.post("/invocations", json=body)
+        assert [d["score"] for d in via.json()["data"]] == scores
+        mismatched = await client.post("/score", json={first: ["a", "b"], second: ["a"] * 3})
+        assert_error(mismatched, 400, first)  # named as the client named it
+        half = await client.post("/score", json={first: "a", "text_2": "b"})
+        assert "text_1 and text_2" in assert_error(half, 400)
+
+
 @pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank"])
 async def test_rerank_orders_documents_by_relevance(path: str) -> None:
     documents = ["zzzz", "abd", "abc", "a"]
@@ -65,6 +84,9 @@ async def test_rerank_orders_documents_by_relevance(path: str) -> None:
         assert result["relevance_score"] == pytest.approx(scores[result["index"]], abs=1e-6)
     assert body["usage"] == {"prompt_tokens": 4 + 5 + 4 + 4 + 2, "total_tokens": 19}
     assert [r["index"] for r in top.json()["results"]] == order[:2]
+    async with client_for(make_app()) as client:  # one document as a string
+        one = (await client.post(path, json={"query": "abc", "documents": "abd"})).json()
+    assert [r["document"]["text"] for r in one["results"]] == ["abd"]
 
 
 @pytest.mark.parametrize(
@@ -72,7 +94,7 @@ async def test_rerank_orders_documents_by_relevance(path: str) -> None:
     [
         ("/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "text_1"),
         ("/score", {"text_1": [], "text_2": "a"}, "text_1"),
-        ("/score", {"text_1": "a"}, "text_2"),
+        ("/score", {"text_1": "a"}, None),  # (no second side: a body-level 400)
         ("/score", {"text_1": "a", "text_2": "b", "use_activation": True}, "use_activation"),
         ("/score", {"text_1": "a", "text_2": "b", "softmax": False}, "softmax"),
         ("/score", {"text_1": "a", "text_2": "b", "priority": 1}, "priority"),
@@ -88,13 +110,13 @@ async def test_rerank_orders_documents_by_relevance(path: str) -> None:
     ],
 )  # fmt: skip
 async def test_bad_score_and_rerank_requests_are_400s_naming_the_field(
-    path: str, body: dict, param: str
+    path: str, body: dict, param: str | None
 ) -> None:
     engine = FakeAsyncEngine()
     async with client_for(make_app(engine)) as client:
         response = await client.post(path, json=body)
         status = 404 if param == "model" else 400
-        assert_error(response, status, None if status == 404 else param)
+        assert_error(response, status, param if status == 400 else None)
         assert (await client.post(path, json={"text_1": "a", "text_2": "b"} if "score" in path
                 else {"query": "a", "documents": ["b"]})).status_code == 200  # fmt: skip
     assert not engine.running

@@ -643,7 +643,10 @@ async def test_load_counts_the_models_requests_in_flight() -> None:
             asyncio.create_task(c.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10})),
         ]  # fmt: skip
-        await asyncio.sleep(0.2)
+        for _ in range(400):  # (until all three are in: each lasts 0.5 s)
+            if (await c.get("/load")).json()["server_load"] == 3:
+                break
+            await asyncio.sleep(0.005)
         await c.post("/tokenize", json={"prompt": "hi"})
         assert (await c.get("/load")).json() == {"server_load": 3}
         assert all(r.is_success for r in await asyncio.gather(*running))
@@ -679,16 +682,19 @@ def test_stats_line_says_what_vllms_says_and_quiets_when_idle() -> None:
 
 
 def test_stats_line_interval_comes_from_vllms_variable(monkeypatch) -> None:
+    """As vLLM reads it: not above 0 is the default; not a number is an error."""
     from tokenmill.server.stats_log import DEFAULT_INTERVAL_S, interval_from_env
 
     monkeypatch.delenv("VLLM_LOG_STATS_INTERVAL", raising=False)
     assert interval_from_env() == DEFAULT_INTERVAL_S
     monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "2.5")
     assert interval_from_env() == 2.5
-    for bad in ("0", "-1", "soon", "nan"):
-        monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", bad)
-        with pytest.raises(ValueError, match="VLLM_LOG_STATS_INTERVAL"):
-            interval_from_env()
+    for default in ("0", "-1", "nan"):
+        monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", default)
+        assert interval_from_env() == DEFAULT_INTERVAL_S
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "soon")
+    with pytest.raises(ValueError, match="VLLM_LOG_STATS_INTERVAL must be a number"):
+        interval_from_env()
 
 
 # --- Cancellation --------------------------------------------------------------------
@@ -731,6 +737,7 @@ async def test_disconnect_aborts_the_request(stream: bool) -> None:
     assert {r[2] for r in engine.requests} == engine.aborted and len(engine.aborted) == 2
     assert not engine.running
     async with client_for(app) as c:
+        assert (await c.get("/load")).json() == {"server_load": 0}  # the clients left
         text = (await c.get("/metrics")).text
         assert 'vllm:request_success_total{engine="0",finished_reason="abort"' in text
         assert _value(text, "vllm:request_success_total", finished_reason="abort") == 2

@@ -79,7 +79,6 @@ def test_flags_that_work_start_quietly_and_map_onto_tokenmills() -> None:
     assert args.disable_uvicorn_access_log
     assert settings.log_stats_interval_s is None  # --disable-log-stats: no stats line
     assert _server_settings(parse()).log_stats_interval_s == 10.0  # vLLM's default
-    assert _server_settings(parse("--enable-server-load-tracking")).log_stats_interval_s
     config = _engine_config(args)
     assert config.cache.kv_cache_dtype == "fp8_e5m2" and config.cache.kv_cache_memory == 1 << 30
     assert config.model.enforce_eager and config.model.cuda_graph_sizes == [1, 4, 16]
@@ -89,6 +88,15 @@ def test_flags_that_work_start_quietly_and_map_onto_tokenmills() -> None:
     assert defaults.max_seq_len_to_capture == 8192
     for name in ("fp8", "fp8_e4m3", "bfloat16"):  # vLLM's other names (e4m3: scale 1)
         assert _engine_config(parse("--kv-cache-dtype", name)).cache.kv_cache_dtype == name
+
+
+def test_stats_line_interval_is_read_only_where_the_line_is_on(monkeypatch) -> None:
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "soon")
+    assert _server_settings(parse("--disable-log-stats")).log_stats_interval_s is None
+    with pytest.raises(StartupError, match="VLLM_LOG_STATS_INTERVAL"):
+        _server_settings(parse())
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "0.5")
+    assert _server_settings(parse()).log_stats_interval_s == 0.5
 
 
 def test_scheduling_policy_and_token_ids_defaults_and_bad_values(

@@ -20,12 +20,14 @@ class ScoringOutput:
 
 @dataclass(slots=True)
 class ScoringRequestOutput:
-    """One pair's score (vLLM's ScoringRequestOutput): its prompts' token ids one after the
-    other."""
+    """One pair's score (vLLM's ScoringRequestOutput): its id the two embeddings' joined by
+    "_", its prompts' token ids one after the other (the tokenizer's pad id between, where
+    it has one), as vLLM gives them."""
 
     request_id: str
     outputs: ScoringOutput
     prompt_token_ids: list[int]
+    num_cached_tokens: int = 0
     finished: bool = True
 
 
@@ -39,10 +41,13 @@ def check_pairing(num_firsts: int, num_seconds: int, param: str) -> None:
 
 
 def pair_scores(
-    firsts: Sequence[PoolingRequestOutput], seconds: Sequence[PoolingRequestOutput]
+    firsts: Sequence[PoolingRequestOutput],
+    seconds: Sequence[PoolingRequestOutput],
+    separator: list[int],
 ) -> list[ScoringRequestOutput]:
-    """Each pair's cosine similarity (a single first against every second)."""
-    check_pairing(len(firsts), len(seconds), "data_1")
+    """Each pair's cosine similarity (a single first against every second: the caller
+    checked the pairing); `separator`: the token ids between a pair's prompts."""
+    assert len(firsts) in (1, len(seconds))
     lefts = list(firsts) * len(seconds) if len(firsts) == 1 else list(firsts)
     scored = []
     for left, right in zip(lefts, seconds, strict=True):
@@ -51,7 +56,8 @@ def pair_scores(
         b = right.outputs.data.to(torch.float32)
         score = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
         scored.append(ScoringRequestOutput(
-            f"{left.request_id}-{right.request_id}", ScoringOutput(score),
-            left.prompt_token_ids + right.prompt_token_ids,
+            f"{left.request_id}_{right.request_id}", ScoringOutput(score),
+            left.prompt_token_ids + separator + right.prompt_token_ids,
+            left.num_cached_tokens + right.num_cached_tokens,
         ))  # fmt: skip
     return scored

@@ -629,10 +629,12 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
         )
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         raise StartupError("TLS needs both --ssl-keyfile and --ssl-certfile")
-    try:
-        stats_interval = interval_from_env()
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
+    stats_interval = None  # (VLLM_LOG_STATS_INTERVAL is read only where the line is on)
+    if not args.vllm_disable_log_stats:
+        try:
+            stats_interval = interval_from_env()
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
     env_key = os.environ.get("TOKENMILL_API_KEY") or os.environ.get("VLLM_API_KEY")
     scheme = "https" if args.ssl_certfile else "http"
     address = f"{scheme}://{_url_host(args.host)}:{args.port}{args.root_path}"
@@ -652,7 +654,7 @@ def _server_settings(args: argparse.Namespace) -> ServerSettings:
         allowed_headers=args.allowed_headers,
         allow_credentials=args.allow_credentials,
         disable_log_requests=args.disable_log_requests,
-        log_stats_interval_s=None if args.vllm_disable_log_stats else stats_interval,
+        log_stats_interval_s=stats_interval,
         address=f"unix:{args.uds}" if args.uds else address,
         max_request_body_bytes=args.max_request_body_bytes,
         request_id_headers=args.enable_request_id_headers,

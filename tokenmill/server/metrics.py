@@ -79,8 +79,8 @@ class ServerMetrics:
             ["handler", "method", "status"], registry=r,
         )  # fmt: skip
 
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=r).labels(*values)
+        def counter(name: str, doc: str) -> _Total:
+            return _Total(Counter(name, doc, labels, registry=r).labels(*values))
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...] | list[int]) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*values)
@@ -152,13 +152,7 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def total(self, sample: str) -> float:
-        """A counter's value by its sample name (vllm:prompt_tokens_total)."""
-        labels = dict(zip(_LABELS, self._values, strict=True))
-        return self.registry.get_sample_value(sample, labels) or 0.0
-
     def start_request(self, num_prompt_tokens: int, params: SamplingParams) -> RequestTimer:
-        self.prompt_tokens.inc(num_prompt_tokens)
         self.request_params_n.observe(params.n)
         if params.max_tokens is not None:
             self.request_params_max_tokens.observe(params.max_tokens)
@@ -167,7 +161,6 @@ class ServerMetrics:
 
     def start_pooling(self, num_prompt_tokens: int) -> RequestTimer:
         """An embedding request: prompt tokens only."""
-        self.prompt_tokens.inc(num_prompt_tokens)
         return RequestTimer(self, num_prompt_tokens)
 
     def success(self, reason: str) -> Counter:
@@ -175,6 +168,18 @@ class ServerMetrics:
         if reason not in self.request_success:
             self.request_success[reason] = self._success.labels(*self._values, reason)
         return self.request_success[reason]
+
+
+class _Total:
+    """A counter (one label set) that also keeps its total, for the stats line to read
+    without a scrape."""
+
+    def __init__(self, child: Counter):
+        self.child, self.value = child, 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.child.inc(amount)
+        self.value += amount
 
 
 class RequestTimer:
@@ -189,9 +194,18 @@ class RequestTimer:
         self.first: float | None = None  # first token
         self.last: float | None = None  # latest token
         self.num_tokens = 0
+        self.prefilled = False  # its prompt tokens counted (when the engine first answers)
+
+    def _count_prompt(self) -> None:
+        """vllm:prompt_tokens counts a prompt once the engine has taken it in, as vLLM's
+        does: not a request that waits, nor one that never reaches the engine."""
+        if not self.prefilled:
+            self.prefilled = True
+            self.metrics.prompt_tokens.inc(self.num_prompt_tokens)
 
     def on_output(self, output: RequestOutput) -> None:
         """Record a snapshot (cumulative: its sequences' tokens so far)."""
+        self._count_prompt()
         if self.scheduled is None and output.first_scheduled_time is not None:
             self.scheduled = output.first_scheduled_time
             self.metrics.prefix_cache_queries.inc(self.num_prompt_tokens)
@@ -217,6 +231,7 @@ class RequestTimer:
 
     def on_pooled(self, output: PoolingRequestOutput) -> None:
         """An embedding's one output: its prefill was the whole of it."""
+        self._count_prompt()
         self.scheduled = output.first_scheduled_time
         if self.scheduled is not None:
             self.metrics.prefix_cache_queries.inc(self.num_prompt_tokens)

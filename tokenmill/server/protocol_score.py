@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tokenmill.server.protocol import (
     RequestIdExtra,
@@ -32,19 +32,47 @@ class ScoreExtras(RequestIdExtra):
     mm_processor_kwargs: dict[str, Any] | None = None  # texts only: refused unless unset
 
 
-class ScoreRequest(ScoreExtras):
-    """text_1 against text_2: one to one, one to many (a single text_1), or pairwise (two
-    lists of the same length)."""
+# vLLM's four spellings of a score request's two sides
+PAIR_NAMES = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"),
+              ("queries", "items"))  # fmt: skip
 
-    text_1: _TEXTS
-    text_2: _TEXTS
+
+class ScoreRequest(ScoreExtras):
+    """The first side against the second: one to one, one to many (a single first text), or
+    pairwise (two lists of the same length). The sides are named as in any of vLLM's
+    spellings: text_1/text_2, data_1/data_2, queries/documents, queries/items."""
+
+    text_1: _TEXTS | None = None
+    text_2: _TEXTS | None = None
+    data_1: _TEXTS | None = None
+    data_2: _TEXTS | None = None
+    queries: _TEXTS | None = None
+    documents: _TEXTS | None = None
+    items: _TEXTS | None = None
+
+    @model_validator(mode="after")
+    def _one_spelling(self) -> ScoreRequest:
+        self.sides()
+        return self
+
+    def sides(self) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
+        """Both sides as (the name the client used, its texts)."""
+        for first, second in PAIR_NAMES:
+            a, b = getattr(self, first), getattr(self, second)
+            if a is not None and b is not None:
+                return (first, [a] if isinstance(a, str) else a), (
+                    second, [b] if isinstance(b, str) else b)  # fmt: skip
+        raise ValueError(
+            "a score request needs text_1 and text_2 (or data_1 and data_2, queries and "
+            "documents, queries and items)"
+        )
 
 
 class RerankRequest(ScoreExtras):
     """Documents ranked by relevance to the query; top_n: how many to return (0: all)."""
 
     query: str
-    documents: Annotated[list[str], Field(min_length=1)]
+    documents: _TEXTS  # (a single text: one document)
     top_n: Annotated[int, Field(ge=0)] = 0
 
 

@@ -42,13 +42,15 @@ class ScoreServer(ServingBase):
         self.embedding = embedding  # embeds the texts (and counts them in /metrics)
 
     async def score(self, request: ScoreRequest, header_id: str | None = None) -> Response:
-        """text_1 against text_2: 1:1, 1:N or N:N, a score per pair in text_2's order."""
-        firsts = [request.text_1] if isinstance(request.text_1, str) else request.text_1
-        seconds = [request.text_2] if isinstance(request.text_2, str) else request.text_2
-        check_pairing(len(firsts), len(seconds), "text_1")
+        """The first side against the second: 1:1, 1:N or N:N, a score per pair in the
+        second side's order."""
+        (first_name, firsts), (second_name, seconds) = request.sides()
+        check_pairing(len(firsts), len(seconds), first_name)
         model = self.check_model(request.model)
         request_id, engine_id = request_ids("score", header_id or request.request_id)
-        scores, num_tokens = await self._cosines(request, firsts, seconds, engine_id)
+        scores, num_tokens = await self._cosines(
+            request, (first_name, firsts), (second_name, seconds), engine_id
+        )
         data = [ScoreData(index=i, score=s) for i, s in enumerate(scores)]
         usage = UsageInfo(prompt_tokens=num_tokens, total_tokens=num_tokens)
         body = ScoreResponse(id=request_id, model=model, data=data, usage=usage)
@@ -58,8 +60,10 @@ class ScoreServer(ServingBase):
         """The documents by relevance to the query, most relevant first; top_n of them."""
         model = self.check_model(request.model)
         request_id, engine_id = request_ids("rerank", header_id or request.request_id)
+        documents = [request.documents] if isinstance(request.documents, str) else (
+            request.documents)  # fmt: skip
         scores, num_tokens = await self._cosines(
-            request, [request.query], request.documents, engine_id
+            request, ("query", [request.query]), ("documents", documents), engine_id
         )
         ranked = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
         if request.top_n:
@@ -67,7 +71,7 @@ class ScoreServer(ServingBase):
         results = [
             RerankResult(
                 index=i,
-                document=RerankDocument(text=request.documents[i]),
+                document=RerankDocument(text=documents[i]),
                 relevance_score=scores[i],
             )  # fmt: skip
             for i in ranked
@@ -79,19 +83,22 @@ class ScoreServer(ServingBase):
         return JSONResponse(body.model_dump(mode="json"))
 
     async def _cosines(
-        self, request: ScoreExtras, firsts: list[str], seconds: list[str], engine_id: str
+        self,
+        request: ScoreExtras,
+        first: tuple[str, list[str]],
+        second: tuple[str, list[str]],
+        engine_id: str,
     ) -> tuple[list[float], int]:
         """Each text embedded once; the cosine of each pair (a single first against every
-        second); and the tokens embedded."""
+        second); and the tokens embedded. The sides are (field name, texts)."""
+        (first_param, firsts), (second_param, seconds) = first, second
         _check_extras(request)
-        second_param = "documents" if isinstance(request, RerankRequest) else "text_2"
         check_text_limits(firsts + seconds, second_param, self.settings.limits)
         self.check_alive()
         params = PoolingParams(truncate_prompt_tokens=request.truncate_prompt_tokens)
         tokenizer = self.engine.tokenizer
         texts = firsts + seconds
         ids = await self.run_blocking(lambda: [tokenizer.encode(t) for t in texts])
-        first_param = "query" if isinstance(request, RerankRequest) else "text_1"
         params_of = [first_param] * len(firsts) + [second_param] * len(seconds)
         prompts = [
             self.input_processor.validate_pooling(p, params, param)
@@ -104,7 +111,7 @@ class ScoreServer(ServingBase):
                 engine_id, len(prompts), [len(p) for p in prompts],
             )  # fmt: skip
         outputs = await self.embedding.encode_all(prompts, params, engine_id, None)
-        scored = pair_scores(outputs[: len(firsts)], outputs[len(firsts) :])
+        scored = pair_scores(outputs[: len(firsts)], outputs[len(firsts) :], [])
         return [s.outputs.score for s in scored], sum(len(o.prompt_token_ids) for o in outputs)
 
 

@@ -1,6 +1,6 @@
 """The server's periodic stats line, as vLLM logs it: every VLLM_LOG_STATS_INTERVAL seconds
 (10 by default) while requests come and go, the prompt and generation throughput since the
-last line, the running and waiting requests, the KV cache in use and the prefix cache's hit
+last line (prompt tokens counted as the engine takes them in, not as they arrive), the running and waiting requests, the KV cache in use and the prefix cache's hit
 rate. An idle server logs it at DEBUG, so its log stays quiet. --disable-log-stats turns
 it off."""
 
@@ -22,18 +22,16 @@ DEFAULT_INTERVAL_S = 10.0
 
 
 def interval_from_env() -> float:
-    """VLLM_LOG_STATS_INTERVAL, as vLLM reads it; a value that is not a positive number is
-    an error at startup, not a silent default."""
+    """VLLM_LOG_STATS_INTERVAL, as vLLM reads it (a number; not above 0: the default); a
+    value that is not a number is an error at startup, not a silent default."""
     value = os.environ.get("VLLM_LOG_STATS_INTERVAL")
     if value is None:
         return DEFAULT_INTERVAL_S
     try:
         seconds = float(value)
     except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        raise ValueError(f"VLLM_LOG_STATS_INTERVAL must be a positive number, got {value!r}")
-    return seconds
+        raise ValueError(f"VLLM_LOG_STATS_INTERVAL must be a number, got {value!r}") from None
+    return seconds if seconds > 0 else DEFAULT_INTERVAL_S
 
 
 @dataclass(slots=True)
@@ -57,10 +55,8 @@ class StatsLogger:
 
     def _totals(self) -> _Totals:
         m = self.metrics
-        return _Totals(m.total("vllm:prompt_tokens_total"),
-                       m.total("vllm:generation_tokens_total"),
-                       m.total("vllm:prefix_cache_queries_total"),
-                       m.total("vllm:prefix_cache_hits_total"))  # fmt: skip
+        return _Totals(m.prompt_tokens.value, m.generation_tokens.value,
+                       m.prefix_cache_queries.value, m.prefix_cache_hits.value)  # fmt: skip
 
     def line(self, now: float) -> tuple[int, str]:
         """The level and text of the line for the interval ending `now`; starts the next."""

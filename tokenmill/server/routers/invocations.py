@@ -1,6 +1,7 @@
 """POST /invocations: SageMaker's one inference route, as vLLM serves it. The body's shape
 picks the API: `messages` is a chat completion, `prompt` a completion, `input` an embedding,
-`query` and `documents` a rerank, `text_1` and `text_2` a score. It runs the model, so
+`query` and `documents` a rerank, `text_1` and `text_2` (or another of vLLM's spellings: data_1
+and data_2, queries and documents, queries and items) a score. It runs the model, so
 (unlike vLLM's) it needs the API key when one is set."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.server.auth import check_api_key
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.protocol_pooling import EmbeddingRequest
-from tokenmill.server.protocol_score import RerankRequest, ScoreRequest
+from tokenmill.server.protocol_score import PAIR_NAMES, RerankRequest, ScoreRequest
 from tokenmill.server.streams import until_disconnect
 
 router = APIRouter(dependencies=[Depends(check_api_key)])
@@ -49,7 +50,7 @@ async def invocations(request: Request) -> Response:
         if "query" in body and "documents" in body:
             rerank = RerankRequest.model_validate(body)
             return await until_disconnect(request, state.score.rerank(rerank, header_id))
-        if "text_1" in body and "text_2" in body:
+        if any(first in body and second in body for first, second in PAIR_NAMES):
             score = ScoreRequest.model_validate(body)
             return await until_disconnect(request, state.score.score(score, header_id))
     except ValidationError as exc:
