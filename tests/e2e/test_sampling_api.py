@@ -69,6 +69,34 @@ def test_prompt_logprobs_as_vllm_returns_them(server: Server) -> None:
     assert chat.model_extra["prompt_logprobs"][0] is None
 
 
+def test_prompt_logprobs_stream_in_the_first_chunk_after_the_prefill(server: Server) -> None:
+    """vLLM refuses prompt_logprobs above 0 in a stream; here they stream, once: in a
+    completion choice's first chunk, and at the top of the chat stream's first chunk after
+    the role chunk; the same as without streaming."""
+    c = client(server)
+    whole = complete(server, FRANCE, max_tokens=3, prompt_logprobs=2)
+    stream = c.completions.create(model=MODEL, prompt=FRANCE, max_tokens=3, stream=True,
+                                  extra_body={"prompt_logprobs": 2})  # fmt: skip
+    carried = [ch.choices[0].model_extra.get("prompt_logprobs") for ch in stream if ch.choices]
+    assert carried[0] == whole.choices[0].model_extra["prompt_logprobs"]
+    assert all(lp is None for lp in carried[1:])
+    chat_whole = c.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=3, extra_body={"prompt_logprobs": 0}
+    )
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            max_tokens=3,
+            stream=True,
+            extra_body={"prompt_logprobs": 0},
+        )
+    )
+    with_lp = [ch.model_extra.get("prompt_logprobs") for ch in chunks]
+    assert with_lp[0] is None  # the role chunk comes before the prefill
+    assert [lp for lp in with_lp if lp is not None] == [chat_whole.model_extra["prompt_logprobs"]]
+
+
 def test_chat_logprobs_stream_and_not(server: Server) -> None:
     c = client(server)
     common = dict(model=MODEL, messages=QUESTION, max_tokens=6, temperature=0, logprobs=True)
@@ -157,8 +185,6 @@ def test_cjk_streams_without_broken_characters(server: Server) -> None:
         ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True, "top_logprobs": 21},
          "top_logprobs"),
         ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
-        ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True},
-         "prompt_logprobs"),
         ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
         ("/v1/completions", {"prompt": "x", "early_stopping": True}, "early_stopping"),
         ("/v1/completions", {"prompt": "x", "allowed_token_ids": [10**6]}, "allowed_token_ids"),

@@ -102,7 +102,8 @@ def reject_unsupported(request: AnyRequest) -> None:
 
 
 def _check_streaming(request: AnyRequest, params: SamplingParams) -> None:
-    """What vLLM cannot stream: best_of ranking and prompt logprobs need the whole output."""
+    """What cannot stream: best_of ranking needs the whole output. (Prompt logprobs stream in
+    the first chunk that follows the prefill, where vLLM refuses any but 0.)"""
     if not request.stream:
         return
     if params.num_sequences > params.n and not params.use_beam_search:
@@ -110,10 +111,6 @@ def _check_streaming(request: AnyRequest, params: SamplingParams) -> None:
             "best_of > n is not supported with streaming: the best sequences are known only at "
             "the end",
             param="best_of",
-        )
-    if request.prompt_logprobs is not None:
-        raise InvalidRequestError(
-            "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
         )
 
 

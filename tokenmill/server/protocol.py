@@ -487,6 +487,8 @@ class ChatCompletionStreamResponse(ResponseModel):
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
     prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_is_none)  # 1st chunk
+    # the first chunk after the prefill (the role chunks come before it)
+    prompt_logprobs: PromptLogprobsList | None = Field(default=None, exclude_if=_is_none)
 
 
 # ---------------------------------------------------------------------------------------

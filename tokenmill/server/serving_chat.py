@@ -281,13 +281,20 @@ class ChatServer(ServingBase):
 
         prompt_ids = list(inputs[0].prompt_token_ids) if request.return_token_ids else None
 
-        def chunk(choices: list[ChatCompletionStreamChoice]) -> str:
-            nonlocal prompt_ids
+        prompt_logprobs_due = request.prompt_logprobs is not None
+
+        def chunk(
+            choices: list[ChatCompletionStreamChoice], output: RequestOutput | None = None
+        ) -> str:
+            nonlocal prompt_ids, prompt_logprobs_due
             response = ChatCompletionStreamResponse(
                 id=request_id, created=created, model=model, choices=choices,
                 usage=tracker.usage() if continuous else None, prompt_token_ids=prompt_ids,
             )  # fmt: skip
             prompt_ids = None  # the first chunk only
+            if output is not None and prompt_logprobs_due:  # the first after the prefill
+                response.prompt_logprobs = self.logprobs.prompt(output.prompt_logprobs)
+                prompt_logprobs_due = False
             return sse_event(response, exclude=exclude)
 
         role, echo = _response_role(request), _echo_text(request)
@@ -314,7 +321,7 @@ class ChatServer(ServingBase):
                     choice = _stream_choice(delta.index, message, delta, logprobs)
                     if request.return_token_ids:
                         choice.token_ids = delta.new_token_ids
-                    yield chunk([choice])
+                    yield chunk([choice], output)
         if include_usage:
             usage_chunk = ChatCompletionStreamResponse(
                 id=request_id, created=created, model=model, choices=[], usage=tracker.usage()

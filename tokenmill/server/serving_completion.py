@@ -313,6 +313,11 @@ class CompletionServer(ServingBase):
                             list(output.prompt_token_ids) if with_ids and delta.is_first else None
                         ),
                         token_ids=delta.new_token_ids if with_ids else None,
+                        prompt_logprobs=(
+                            self.logprobs.prompt(output.prompt_logprobs)
+                            if request.prompt_logprobs is not None and delta.is_first
+                            else None
+                        ),
                     )
                     chunk = CompletionStreamResponse(
                         id=request_id, created=created, model=model, choices=[choice],
