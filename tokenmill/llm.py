@@ -224,6 +224,14 @@ class LLM:
         separator = [] if pad is None else [pad]
         return pair_scores(embedded[: len(firsts)], embedded[len(firsts) :], separator)
 
+    def classify(self, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's classification entry point: not served here (the reason, not AttributeError)."""
+        raise NotImplementedError(_NO_CLASSIFIERS)
+
+    def reward(self, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's reward-model entry point: not served here."""
+        raise NotImplementedError(_NO_CLASSIFIERS)
+
     def _run(
         self,
         request_ids: list[str],
@@ -400,6 +408,12 @@ def _no_lora(lora_request: Any) -> None:
             "LoRA adapters are not supported; merge the adapter into the weights (peft's "
             "merge_and_unload) and load the merged directory"
         )
+
+
+_NO_CLASSIFIERS = (
+    "classification and reward models are not supported: tokenmill's pooling serves "
+    "embeddings (LLM.embed, LLM.encode) and their cosine scores (LLM.score)"
+)
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -201,5 +201,8 @@ def test_llm_score_is_the_cosine_of_the_embeddings(default_llm) -> None:
     assert [o.outputs.score for o in pairwise] == pytest.approx([cosines[0], 1.0], abs=1e-5)
     with pytest.raises(InvalidRequestError, match="1:1, 1:N or N:N"):
         default_llm.score(texts[:2], texts, use_tqdm=False)
+    for method in (default_llm.classify, default_llm.reward):  # the reason, not AttributeError
+        with pytest.raises(NotImplementedError, match="classification and reward models"):
+            method(texts)
     (out,) = default_llm.generate("Hi", GREEDY, use_tqdm=False)
     assert isinstance(out, RequestOutput) and isinstance(out.outputs[0], CompletionOutput)

@@ -61,16 +61,9 @@ ROUTERS: tuple[APIRouter, ...] = (
     ops.router,
     tokenize.router,
 )
-# The routes that run the model: GET /load counts their requests in flight (POSTs).
-LOAD_ROUTERS: tuple[APIRouter, ...] = (
-    completions.router,
-    chat.router,
-    responses.router,
-    embeddings.router,
-    embeddings.pooling_router,
-    score.router,
-    infill.router,
-    invocations.router,
+# The routes that run the model (all but these): GET /load counts their requests in flight.
+LOAD_ROUTERS: tuple[APIRouter, ...] = tuple(
+    r for r in ROUTERS if r not in (models.router, ops.router, tokenize.router)
 )
 
 
