@@ -87,6 +87,9 @@ def _model(server: Server) -> str:
         ("OPTIONS", "/v1/models"),
         ("POST", "/v1/completions"),
         ("POST", "/v1/chat/completions"),
+        ("POST", "/score"),  # the model's routes outside /v1 need it too
+        ("POST", "/v2/%72erank"),
+        ("POST", "/pooling/"),
     ],
 )
 def test_no_path_or_method_trick_reaches_v1_without_the_key(
@@ -95,7 +98,8 @@ def test_no_path_or_method_trick_reaches_v1_without_the_key(
     status, body = raw_request(auth_server, method, path)
     assert status != 200 and status < 500, (status, body)
     assert '"object":"list"' not in body.replace(" ", "")  # no model list leaked
-    routed = ("/v1/models", "/v1/%6dodels", "/%76%31/models", "/v1/completions")
+    routed = ("/v1/models", "/v1/%6dodels", "/%76%31/models", "/v1/completions", "/score",
+              "/v2/%72erank")  # fmt: skip
     if method in ("GET", "POST") and path in routed:
         assert status == 401  # the routed path needs the key, however it was spelled
 
