@@ -144,6 +144,8 @@ class SamplingParams:
                "detokenize=False is only allowed without stop (stop_token_ids work)")  # fmt: skip
         _check(self.detokenize or not self.use_beam_search, "detokenize", "beam search "
                "ranks texts: detokenize=False is not supported with it")  # fmt: skip
+        _check(not (self.use_beam_search and self.prompt_logprobs is not None),
+               "prompt_logprobs", "prompt_logprobs are not supported with beam search")  # fmt: skip
         _check(not self.logits_processors, "logits_processors", "logits_processors are not "
                "supported: logit_bias, allowed_token_ids, bad_words and structured_outputs "
                "shape the logits instead")  # fmt: skip

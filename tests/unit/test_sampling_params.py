@@ -58,6 +58,7 @@ def test_defaults_are_vllm_s() -> None:
         ({"length_penalty": 0.5}, "length_penalty"),  # without beam search
         ({"use_beam_search": True, "early_stopping": "sometimes"}, "early_stopping"),
         ({"use_beam_search": True, "length_penalty": float("inf")}, "length_penalty"),
+        ({"use_beam_search": True, "n": 2, "prompt_logprobs": 0}, "prompt_logprobs"),
     ],
 )
 def test_out_of_range_names_the_parameter(kwargs: dict[str, Any], param: str) -> None:

@@ -21,7 +21,7 @@ from tests.unit.fake_engine import (
     sse_events,
 )
 from tokenmill.engine.client import EngineStats
-from tokenmill.sampling_params import RequestOutputKind
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.server.app import build_app
 from tokenmill.server.settings import ServerSettings
 
@@ -679,6 +679,27 @@ def test_stats_line_says_what_vllms_says_and_quiets_when_idle() -> None:
     level, text = log.line(start + 20)  # nothing since: the line after a busy one still shows
     assert level == logging.INFO and "Avg prompt throughput: 0.0 tokens/s" in text
     assert log.line(start + 30)[0] == logging.DEBUG  # idle: quiet
+
+
+def test_prompt_tokens_count_when_the_engine_takes_the_prompt_in() -> None:
+    """As vLLM counts them: at the engine's first output, not while the request waits, nor
+    if it is aborted first; beam search and best_of > n, which answer only at the end, on
+    arrival."""
+    from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+    from tokenmill.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics(lambda: [EngineStats(0, 0, 0.0, 0, 0)], MODEL, 64)
+    timer = metrics.start_request(5, SamplingParams(max_tokens=4))
+    assert metrics.prompt_tokens.value == 0
+    output = CompletionOutput(index=0, text="a", token_ids=[7])
+    timer.on_output(RequestOutput("r", [1] * 5, [output]))
+    timer.on_output(RequestOutput("r", [1] * 5, [output]))
+    assert metrics.prompt_tokens.value == 5  # once
+    metrics.start_request(3, SamplingParams(max_tokens=4)).on_abort()  # left while waiting
+    assert metrics.prompt_tokens.value == 5
+    metrics.start_request(2, SamplingParams(max_tokens=4, n=2, use_beam_search=True))
+    metrics.start_request(4, SamplingParams(max_tokens=4, n=1, best_of=3))
+    assert metrics.prompt_tokens.value == 5 + 2 + 4
 
 
 def test_stats_line_interval_comes_from_vllms_variable(monkeypatch) -> None:

@@ -153,11 +153,14 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
     def start_request(self, num_prompt_tokens: int, params: SamplingParams) -> RequestTimer:
+        timer = RequestTimer(self, num_prompt_tokens)
+        if params.use_beam_search or params.num_sequences > params.n:
+            timer.count_prompt()  # (its outputs come only at the end: counted as it arrives)
         self.request_params_n.observe(params.n)
         if params.max_tokens is not None:
             self.request_params_max_tokens.observe(params.max_tokens)
             self.request_max_num_generation_tokens.observe(params.max_tokens)
-        return RequestTimer(self, num_prompt_tokens)
+        return timer
 
     def start_pooling(self, num_prompt_tokens: int) -> RequestTimer:
         """An embedding request: prompt tokens only."""
@@ -196,16 +199,17 @@ class RequestTimer:
         self.num_tokens = 0
         self.prefilled = False  # its prompt tokens counted (when the engine first answers)
 
-    def _count_prompt(self) -> None:
-        """vllm:prompt_tokens counts a prompt once the engine has taken it in, as vLLM's
-        does: not a request that waits, nor one that never reaches the engine."""
+    def count_prompt(self) -> None:
+        """vllm:prompt_tokens counts a prompt once the engine has taken it in (its first
+        output), as vLLM's does: not a request that waits, nor one that never reaches the
+        engine. (Beam search and best_of > n answer only at the end: counted on arrival.)"""
         if not self.prefilled:
             self.prefilled = True
             self.metrics.prompt_tokens.inc(self.num_prompt_tokens)
 
     def on_output(self, output: RequestOutput) -> None:
         """Record a snapshot (cumulative: its sequences' tokens so far)."""
-        self._count_prompt()
+        self.count_prompt()
         if self.scheduled is None and output.first_scheduled_time is not None:
             self.scheduled = output.first_scheduled_time
             self.metrics.prefix_cache_queries.inc(self.num_prompt_tokens)
@@ -231,7 +235,7 @@ class RequestTimer:
 
     def on_pooled(self, output: PoolingRequestOutput) -> None:
         """An embedding's one output: its prefill was the whole of it."""
-        self._count_prompt()
+        self.count_prompt()
         self.scheduled = output.first_scheduled_time
         if self.scheduled is not None:
             self.metrics.prefix_cache_queries.inc(self.num_prompt_tokens)

@@ -292,7 +292,7 @@ class ChatServer(ServingBase):
                 usage=tracker.usage() if continuous else None, prompt_token_ids=prompt_ids,
             )  # fmt: skip
             prompt_ids = None  # the first chunk only
-            if output is not None and prompt_logprobs_due:  # the first after the prefill
+            if output is not None and prompt_logprobs_due and output.prompt_logprobs is not None:
                 response.prompt_logprobs = self.logprobs.prompt(output.prompt_logprobs)
                 prompt_logprobs_due = False
             return sse_event(response, exclude=exclude)

@@ -22,6 +22,7 @@ from tokenmill.server.protocol import (
     CompletionResponse,
     CompletionResponseChoice,
     CompletionStreamResponse,
+    PromptLogprobsList,
 )
 from tokenmill.server.serving_base import (
     RequestIds,
@@ -296,6 +297,7 @@ class CompletionServer(ServingBase):
         exclude = None if include_usage else {"usage"}
         tracker = self.tracker(inputs)
         num_chars_sent: dict[int, int] = {}  # per choice, for text_offset
+        prompt_logprobs_sent: set[int] = set()  # the choices that have had them
         async with aclosing(self.generate(inputs, engine_id)) as outputs:
             async for i, output in outputs:
                 for delta in tracker.update(i, output):
@@ -313,10 +315,8 @@ class CompletionServer(ServingBase):
                             list(output.prompt_token_ids) if with_ids and delta.is_first else None
                         ),
                         token_ids=delta.new_token_ids if with_ids else None,
-                        prompt_logprobs=(
-                            self.logprobs.prompt(output.prompt_logprobs)
-                            if request.prompt_logprobs is not None and delta.is_first
-                            else None
+                        prompt_logprobs=self._prompt_logprobs_once(
+                            request, output, delta.index, prompt_logprobs_sent
                         ),
                     )
                     chunk = CompletionStreamResponse(
@@ -329,6 +329,15 @@ class CompletionServer(ServingBase):
                 id=request_id, created=created, model=model, choices=[], usage=tracker.usage()
             )
             yield sse_event(chunk)
+
+    def _prompt_logprobs_once(
+        self, request: CompletionRequest, output: RequestOutput, index: int, sent: set[int]
+    ) -> PromptLogprobsList | None:
+        """A choice's prompt logprobs in its first chunk that has them (once)."""
+        if request.prompt_logprobs is None or index in sent or output.prompt_logprobs is None:
+            return None
+        sent.add(index)
+        return self.logprobs.prompt(output.prompt_logprobs)
 
     def _delta_logprobs(
         self, request: CompletionRequest, output: RequestOutput, delta: ChoiceDelta, offset: int

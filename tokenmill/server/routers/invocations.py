@@ -58,5 +58,6 @@ async def invocations(request: Request) -> Response:
         raise RequestValidationError(errors, body=body) from None
     raise InvalidRequestError(
         "/invocations needs messages (a chat completion), prompt (a completion), input "
-        "(an embedding), query and documents (a rerank) or text_1 and text_2 (a score)"
+        "(an embedding), query and documents (a rerank) or text_1 and text_2 (a score; also "
+        "data_1 and data_2, queries and documents, queries and items)"
     )
