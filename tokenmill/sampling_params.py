@@ -32,6 +32,12 @@ class RequestOutputKind(enum.IntEnum):
     FINAL_ONLY = 2  # one output, when the request finishes
 
 
+def valid_truncation(truncate_prompt_tokens: int | None) -> bool:
+    """vLLM's truncate_prompt_tokens values: None, at least 1, or -1 (max_model_len)."""
+    keep = truncate_prompt_tokens
+    return keep is None or keep >= 1 or keep == -1
+
+
 def keep_last_tokens(
     prompt_token_ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int
 ) -> list[int]:
@@ -226,9 +232,8 @@ class SamplingParams:
             "stop",
             "stop must be a non-empty string or a list of non-empty strings",
         )
-        keep = self.truncate_prompt_tokens
         _check(
-            keep is None or keep >= 1 or keep == -1,
+            valid_truncation(self.truncate_prompt_tokens),
             "truncate_prompt_tokens",
             "truncate_prompt_tokens must be at least 1, or -1 for max_model_len, got "
             f"{self.truncate_prompt_tokens}",

@@ -11,7 +11,6 @@ another image never does) must not change a token.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -227,7 +226,9 @@ def test_llm_chat_takes_pil_and_data_url_image_parts(llms, references):
 @contextlib.contextmanager
 def _serving(body: bytes) -> Iterator[str]:
     """An http URL of `body` (a PNG) on a local server, while the block runs."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
+
+    from tests.local_http import serving
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -240,14 +241,8 @@ def _serving(body: bytes) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/picture.png"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as url:
+        yield f"{url}/picture.png"
 
 
 def test_a_prompt_ending_in_image_tokens_recomputes_its_last_one_from_the_image(llms, references):

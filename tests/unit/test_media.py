@@ -9,17 +9,17 @@ import io
 import random
 import socket
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
+from tests.local_http import serving
 from tokenmill.errors import InvalidRequestError
 from tokenmill.multimodal import media
 from tokenmill.multimodal.media import (
@@ -464,24 +464,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that gave up early (a timeout, a body over the limit) is expected
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     """A real HTTP server on 127.0.0.1 (a thread): its base URL."""
-    httpd = _Server(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serving(_Handler) as url:
+        yield url
 
 
 LOCAL = frozenset({"127.0.0.1"})

@@ -413,8 +413,9 @@ class LLMEngine:
         """The output's logprobs: the request's, but none past a stop string's token; the
         new ones (from output token `first` on) get their tokens' text."""
         entries = request.logprobs
-        for entry in entries[first : len(output.token_ids)] if request.params.detokenize else ():
-            self._name_tokens(entry)
+        if request.params.detokenize:  # (detokenize=False: no token texts)
+            for entry in entries[first : len(output.token_ids)]:
+                self._name_tokens(entry)
         if len(entries) > len(output.token_ids):
             entries = entries[: len(output.token_ids)]
             output.logprobs = entries

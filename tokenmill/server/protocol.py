@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+from tokenmill.sampling_params import valid_truncation
+
 logger = logging.getLogger(__name__)
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -24,7 +26,7 @@ Seed = Annotated[int, Field(ge=_INT64_MIN, le=_INT64_MAX)]
 
 
 def _keep_count(value: int) -> int:
-    if value == 0 or value < -1:
+    if not valid_truncation(value):
         raise ValueError("must be at least 1, or -1 for max_model_len")
     return value
 

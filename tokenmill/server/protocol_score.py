@@ -19,6 +19,11 @@ from tokenmill.server.protocol import (
 _TEXTS = Annotated[list[str], Field(min_length=1)] | str
 
 
+def text_list(texts: str | list[str]) -> list[str]:
+    """One text, or several, as a list."""
+    return [texts] if isinstance(texts, str) else texts
+
+
 class ScoreExtras(RequestIdExtra):
     """What score and rerank share: vLLM's extras."""
 
@@ -60,8 +65,7 @@ class ScoreRequest(ScoreExtras):
         for first, second in PAIR_NAMES:
             a, b = getattr(self, first), getattr(self, second)
             if a is not None and b is not None:
-                return (first, [a] if isinstance(a, str) else a), (
-                    second, [b] if isinstance(b, str) else b)  # fmt: skip
+                return (first, text_list(a)), (second, text_list(b))
         raise ValueError(
             "a score request needs text_1 and text_2 (or data_1 and data_2, queries and "
             "documents, queries and items)"

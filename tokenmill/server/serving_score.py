@@ -25,6 +25,7 @@ from tokenmill.server.protocol_score import (
     ScoreExtras,
     ScoreRequest,
     ScoreResponse,
+    text_list,
 )
 from tokenmill.server.serving_base import ServingBase, request_ids
 from tokenmill.server.serving_embedding import EmbeddingServer
@@ -60,8 +61,7 @@ class ScoreServer(ServingBase):
         """The documents by relevance to the query, most relevant first; top_n of them."""
         model = self.check_model(request.model)
         request_id, engine_id = request_ids("rerank", header_id or request.request_id)
-        documents = [request.documents] if isinstance(request.documents, str) else (
-            request.documents)  # fmt: skip
+        documents = text_list(request.documents)
         scores, num_tokens = await self._cosines(
             request, ("query", [request.query]), ("documents", documents), engine_id
         )

@@ -1,8 +1,8 @@
 """The server's periodic stats line, as vLLM logs it: every VLLM_LOG_STATS_INTERVAL seconds
 (10 by default) while requests come and go, the prompt and generation throughput since the
-last line (prompt tokens counted as the engine takes them in, not as they arrive), the running and waiting requests, the KV cache in use and the prefix cache's hit
-rate. An idle server logs it at DEBUG, so its log stays quiet. --disable-log-stats turns
-it off."""
+last line (prompt tokens counted as the engine takes them in, not as they arrive), the
+running and waiting requests, the KV cache in use and the prefix cache's hit rate. An idle
+server logs it at DEBUG, so its log stays quiet. --disable-log-stats turns it off."""
 
 from __future__ import annotations
 
